@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   installs fastnorm into .venv and runs the demo
+#   make test   installs fastnorm with its test extra into .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: demo test lint bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[tbb]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) -m fastnorm.demo
+
+test: $(VENV)/.installed-test
+	$(PY) -m ruff check fastnorm tests benchmarks
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info
+	find . -name __pycache__ -prune -exec rm -rf {} +

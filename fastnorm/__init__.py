@@ -1,0 +1,34 @@
+"""fastnorm: fast, exact, deterministic CPU normalization kernels (BN, LN, IN, GN, RMSNorm).
+
+One parameterized Numba kernel family computes the forward and backward pass
+of every norm; see ``docs/math.md`` for the shared formula.
+
+Public API
+----------
+Functional (``torch.nn.functional`` names and semantics, NumPy arrays):
+:func:`batch_norm`, :func:`instance_norm`, :func:`layer_norm`,
+:func:`group_norm`, :func:`rms_norm`.
+
+Explicit passes: :class:`NormSpec`, :func:`forward`, :func:`forward_inference`,
+:func:`backward`, :class:`Stats`.
+"""
+
+from .core import Stats, backward, forward, forward_inference
+from .functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
+from .spec import NormSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NormSpec",
+    "Stats",
+    "forward",
+    "forward_inference",
+    "backward",
+    "batch_norm",
+    "instance_norm",
+    "layer_norm",
+    "group_norm",
+    "rms_norm",
+    "__version__",
+]

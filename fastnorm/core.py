@@ -1,0 +1,375 @@
+"""Explicit forward / backward API: validation, layout dispatch, kernel calls.
+
+Everything a kernel needs is checked here, before anything is written: on bad
+input these functions raise ``TypeError`` or ``ValueError`` naming the problem
+and leave every argument untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _kernels as K
+from .spec import NormSpec
+
+__all__ = ["Stats", "forward", "forward_inference", "backward"]
+
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Statistics saved by :func:`forward` for :func:`backward`.
+
+    Attributes
+    ----------
+    mean : ndarray of float64
+        Per-group mean (all zeros for RMSNorm, which does not center).
+        Shape ``(C,)`` for BatchNorm, ``(N, C)`` InstanceNorm, ``(N, G)``
+        GroupNorm, ``x.shape[:-normalized_ndim]`` LayerNorm / RMSNorm.
+    rstd : ndarray of float64
+        ``1 / sqrt(var + eps)`` (``1 / sqrt(mean(x**2) + eps)`` for RMSNorm),
+        with the biased (population) variance; same shape as ``mean``.
+    has_bias : bool
+        Whether the forward pass used a bias; :func:`backward` then returns
+        ``dbias``.
+    """
+
+    mean: np.ndarray
+    rstd: np.ndarray
+    has_bias: bool = False
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one call maps onto a kernel (internal)."""
+
+    kspec: K.KernelSpec
+    layout: str  # "cf": x viewed (N, C, S); "cl": x viewed (N, S, C)
+    param_shape: tuple
+    stats_shape: tuple
+    group_size: int  # elements per group
+
+
+def _check_array(value, name):
+    if not isinstance(value, np.ndarray):
+        value = np.asarray(value)
+    if value.dtype.kind != "f" or value.dtype.itemsize not in (4, 8):
+        hint = " (float16/bfloat16 are not supported: cast to float32)" if value.dtype.kind == "f" else ""
+        raise TypeError(
+            f"{name}.dtype={value.dtype} is not supported: fastnorm computes in float32 or "
+            f"float64{hint}; cast with {name}.astype(np.float32)"
+        )
+    if not value.dtype.isnative:
+        value = value.astype(value.dtype.newbyteorder("="))
+    return value
+
+
+def _check_param(value, name, shape, dtype):
+    """Validate weight/bias: real numbers of exactly ``shape``; returns a flat ``dtype`` copy/view."""
+    if value is None:
+        return _EMPTY[dtype]
+    value = np.asarray(value)
+    if value.dtype.kind not in "fiu":
+        raise TypeError(f"{name}.dtype={value.dtype} is not supported: {name} must hold real numbers")
+    if value.shape != tuple(shape):
+        raise ValueError(f"{name}.shape={value.shape} does not match the expected shape {tuple(shape)}")
+    return np.ascontiguousarray(value, dtype=dtype).reshape(-1)
+
+
+def _plan(x, spec, training):
+    """Check ``x`` against ``spec`` and describe the kernel call.
+
+    ``training`` adds the checks of statistics computed from ``x`` (torch's
+    "more than 1 value per channel", no empty groups).
+    """
+    if not isinstance(spec, NormSpec):
+        raise TypeError(f"spec must be a fastnorm.NormSpec, got {type(spec).__name__}")
+    shape = x.shape
+    flags = K.CENTERED if spec.centered else 0
+    if spec.kind in ("layer_norm", "rms_norm"):
+        k = spec.normalized_ndim
+        if x.ndim < k:
+            raise ValueError(
+                f"{spec.kind} over the last {k} dims needs x.ndim >= {k}, got x.shape={shape}"
+            )
+        rows = math.prod(shape[: x.ndim - k])
+        width = math.prod(shape[x.ndim - k :])
+        if training and width == 0 and rows > 0:
+            raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k:]} hold no elements")
+        eps = spec.eps if spec.eps is not None else float(np.finfo(x.dtype).eps)
+        kspec = K.KernelSpec(rows, 1, width, 1, flags | K.PER_ELEMENT, eps)
+        return _Plan(kspec, "cf", tuple(shape[x.ndim - k :]), tuple(shape[: x.ndim - k]), width)
+    if not 2 <= x.ndim <= 5:
+        layout = "(N, *spatial, C)" if spec.channels_last else "(N, C, *spatial)"
+        raise ValueError(
+            f"{spec.kind} expects a 2-D to 5-D input {layout} (spatial rank 0-3), got x.shape={shape}"
+        )
+    if spec.channels_last:
+        n, channels, spatial, layout = shape[0], shape[-1], math.prod(shape[1:-1]), "cl"
+    else:
+        n, channels, spatial = shape[0], shape[1], math.prod(shape[2:])
+        # A logically (N, C, ...) array with channels-last memory runs without a copy.
+        layout = "cl" if x.ndim > 2 and not x.flags.c_contiguous and _is_cl_memory(x) else "cf"
+    if channels == 0:
+        raise ValueError(f"{spec.kind}: x.shape={shape} has no channels")
+    if spec.kind == "batch_norm":
+        groups, flags = channels, flags | K.BATCH
+        group_size = n * spatial
+        stats_shape = (channels,)
+        if training and group_size == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {shape}"
+            )
+    else:
+        groups = channels if spec.kind == "instance_norm" else spec.num_groups
+        if channels % groups:
+            raise ValueError(
+                f"num_groups={groups} does not divide C={channels} channels; "
+                f"choose a divisor of {channels}"
+            )
+        group_size = (channels // groups) * spatial
+        stats_shape = (n, groups)
+        if training and spec.kind == "instance_norm" and spatial == 1:
+            raise ValueError(
+                f"Expected more than 1 spatial element when training, got input size {shape}"
+            )
+    if training and group_size == 0 and math.prod(stats_shape) > 0:
+        raise ValueError(
+            f"{spec.kind}: x.shape={shape} gives groups of 0 elements; their statistics are undefined"
+        )
+    if layout == "cl":
+        flags |= K.CHANNELS_LAST
+    kspec = K.KernelSpec(n, channels, spatial, groups, flags, spec.eps)
+    return _Plan(kspec, layout, (channels,), stats_shape, group_size)
+
+
+def _is_cl_memory(x):
+    return np.moveaxis(x, 1, -1).flags.c_contiguous
+
+
+def _kernel_view(array, plan, spec):
+    """Flat C-order view of ``array`` in the plan's memory order (copies only if needed)."""
+    if plan.layout == "cl" and not spec.channels_last:
+        moved = np.moveaxis(array, 1, -1)
+        return np.ascontiguousarray(moved).reshape(-1)
+    return np.ascontiguousarray(array).reshape(-1)
+
+
+def _output(like, plan, spec, out, name="out"):
+    """Return ``(array to return, flat kernel view)`` for an output shaped like ``like``."""
+    if out is None:
+        if plan.layout == "cl" and not spec.channels_last:
+            moved = np.empty(np.moveaxis(like, 1, -1).shape, like.dtype)
+            return np.moveaxis(moved, -1, 1), moved.reshape(-1)
+        result = np.empty(like.shape, like.dtype)
+        return result, result.reshape(-1)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != like.dtype:
+        raise ValueError(
+            f"{name} has shape {out.shape} and dtype {out.dtype}; expected shape {like.shape} "
+            f"and dtype {like.dtype}"
+        )
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    cl_view = plan.layout == "cl" and not spec.channels_last
+    target = np.moveaxis(out, 1, -1) if cl_view else out
+    if not target.flags.c_contiguous or not out.flags.aligned:
+        order = "channels-last (like x)" if cl_view else "C-contiguous"
+        raise ValueError(f"{name} must be an aligned {order} array to be written in place")
+    return out, target.reshape(-1)
+
+
+def _check_alias(out_flat, inputs, name):
+    """``out`` may be exactly one of ``inputs`` (in place) but must not partly overlap any."""
+    for array in inputs:
+        if np.shares_memory(out_flat, array) and not (
+            out_flat.__array_interface__["data"][0] == array.__array_interface__["data"][0]
+            and out_flat.shape == array.shape
+        ):
+            raise ValueError(f"{name} partly overlaps an input; pass a separate buffer or the input itself")
+
+
+def _prepare_input(x, spec, training=True):
+    x = _check_array(x, "x")
+    plan = _plan(x, spec, training)
+    if not x.flags.aligned:
+        x = x.copy()
+    return x, plan
+
+
+def _stats_arrays(stats, plan):
+    if not isinstance(stats, Stats):
+        raise TypeError(f"stats must be a fastnorm.Stats, got {type(stats).__name__}")
+    arrays = []
+    for name in ("mean", "rstd"):
+        value = np.asarray(getattr(stats, name))
+        if value.dtype.kind != "f":
+            raise TypeError(f"stats.{name}.dtype={value.dtype} must be floating point")
+        if value.shape != plan.stats_shape:
+            raise ValueError(f"stats.{name}.shape={value.shape} does not match {plan.stats_shape} for this x")
+        arrays.append(np.ascontiguousarray(value, dtype=np.float64).reshape(-1))
+    return arrays
+
+
+def forward(x, spec, weight=None, bias=None, *, out=None):
+    """Training forward pass: normalize with the statistics of ``x``.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        ``(N, C, *spatial)`` (``(N, *spatial, C)`` with ``spec.channels_last``)
+        for BN/IN/GN, spatial rank 0-3; any shape ending in the normalized dims
+        for LN/RMS.  Non-contiguous inputs are copied once; channels-last memory
+        is used as is.
+    spec : NormSpec
+        Which norm.
+    weight, bias : array_like, optional
+        Affine parameters, shape ``(C,)`` (BN/IN/GN) or the normalized shape
+        (LN/RMS), cast to ``x.dtype``.
+    out : ndarray, optional
+        Preallocated output with ``x``'s shape, dtype and memory order; may be
+        ``x`` itself (in-place).
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as ``x``.
+    stats : Stats
+        Float64 ``mean`` and ``rstd`` per group, for :func:`backward`.
+
+    Raises
+    ------
+    TypeError
+        Unsupported dtype (integer, complex, float16) or argument type.
+    ValueError
+        Shapes that do not fit ``spec``, BatchNorm with one value per channel,
+        groups of zero elements, an ``out`` of the wrong shape/dtype/order.
+
+    Notes
+    -----
+    ``y = (x - mean) * (rstd * weight) + bias`` with biased variance; see
+    ``docs/math.md``.  Statistics are accumulated in float64 over fixed blocks
+    (Chan et al. merge), so results do not depend on the thread count.
+    """
+    x, plan = _prepare_input(x, spec)
+    weight_flat = _check_param(weight, "weight", plan.param_shape, x.dtype)
+    bias_flat = _check_param(bias, "bias", plan.param_shape, x.dtype)
+    x_flat = _kernel_view(x, plan, spec)
+    y, y_flat = _output(x, plan, spec, out)
+    _check_alias(y_flat, [x_flat], "out")
+    mean = np.empty(plan.stats_shape)
+    rstd = np.empty(plan.stats_shape)
+    if mean.size:
+        kernel = K.forward_train_cl if plan.layout == "cl" else K.forward_train_cf
+        kernel(x_flat, weight_flat, bias_flat, y_flat, mean.reshape(-1), rstd.reshape(-1), plan.kspec)
+    return y, Stats(mean, rstd, bias is not None)
+
+
+def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
+    """Inference forward pass: normalize ``x`` with given statistics.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        As in :func:`forward`.
+    stats : Stats
+        ``mean`` and ``rstd`` of the shape :func:`forward` returns for this
+        ``x`` (for BatchNorm, ``(C,)``: build it from running statistics with
+        ``Stats(running_mean, 1 / np.sqrt(running_var + eps))``).
+    spec, weight, bias, out
+        As in :func:`forward`.
+
+    Returns
+    -------
+    y : ndarray
+        Same shape and dtype as ``x``.
+
+    Notes
+    -----
+    Ioffe & Szegedy (2015), Algorithm 2: ``y = (x - mean) * (weight * rstd) +
+    bias``, one multiply-add per element after the subtraction.
+    """
+    x, plan = _prepare_input(x, spec, training=False)
+    mean, rstd = _stats_arrays(stats, plan)
+    weight_flat = _check_param(weight, "weight", plan.param_shape, x.dtype)
+    bias_flat = _check_param(bias, "bias", plan.param_shape, x.dtype)
+    x_flat = _kernel_view(x, plan, spec)
+    y, y_flat = _output(x, plan, spec, out)
+    _check_alias(y_flat, [x_flat], "out")
+    if y_flat.size:
+        kernel = K.normalize_cl if plan.layout == "cl" else K.normalize_cf
+        kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kspec)
+    return y
+
+
+def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
+    """Backward pass: gradients of the loss with respect to x, weight and bias.
+
+    Parameters
+    ----------
+    dy : ndarray
+        Gradient of the loss with respect to ``y``; same shape and dtype as ``x``.
+    x : ndarray
+        The forward input.
+    stats : Stats
+        What :func:`forward` returned for ``x``.
+    spec : NormSpec
+        The spec of the forward pass.
+    weight : array_like, optional
+        The forward weight. ``dweight`` is returned only when it is given.
+    with_bias : bool, optional
+        Whether to return ``dbias``; by default, whether the forward pass used a
+        bias (``stats.has_bias``).
+    out : ndarray, optional
+        Preallocated ``dx`` (``x``'s shape, dtype and memory order); may be
+        ``dy`` or ``x`` itself.
+
+    Returns
+    -------
+    dx : ndarray
+        Same shape and dtype as ``x``.
+    dweight, dbias : ndarray or None
+        Shape of the parameters, dtype of ``x``; ``None`` when not requested.
+
+    Notes
+    -----
+    With ``g = weight * dy`` and ``xhat = (x - mean) * rstd`` over the ``m``
+    elements of a group: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``
+    (no ``mean(g)`` term for RMSNorm); derived in ``docs/math.md``.
+    """
+    x, plan = _prepare_input(x, spec)
+    dy = _check_array(dy, "dy")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy.shape={dy.shape} does not match x.shape={x.shape}")
+    if dy.dtype != x.dtype:
+        raise TypeError(f"dy.dtype={dy.dtype} does not match x.dtype={x.dtype}")
+    mean, rstd = _stats_arrays(stats, plan)
+    weight_flat = _check_param(weight, "weight", plan.param_shape, x.dtype)
+    if with_bias is None:
+        with_bias = stats.has_bias
+    x_flat = _kernel_view(x, plan, spec)
+    dy_flat = _kernel_view(dy, plan, spec)
+    dx, dx_flat = _output(x, plan, spec, out)
+    _check_alias(dx_flat, [x_flat, dy_flat], "out")
+    dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
+    dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
+    if dx_flat.size:
+        kernel = K.backward_cl if plan.layout == "cl" else K.backward_cf
+        empty = _EMPTY[x.dtype]
+        kernel(
+            dy_flat,
+            x_flat,
+            weight_flat,
+            mean,
+            rstd,
+            dx_flat,
+            empty if dweight is None else dweight.reshape(-1),
+            empty if dbias is None else dbias.reshape(-1),
+            plan.kspec,
+        )
+    return dx, dweight, dbias

@@ -1,0 +1,334 @@
+"""torch.nn.functional-style normalization functions on NumPy arrays.
+
+Same argument names and semantics as ``torch.nn.functional``; each validates
+its arguments, then runs the kernels through :mod:`fastnorm.core`.  Output
+dtype is the input dtype; every function accepts a preallocated ``out=``.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .core import Stats, _check_array, _plan, forward, forward_inference
+from .spec import NormSpec, check_positive_int
+
+__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
+
+
+def _check_momentum(momentum, allow_none):
+    if momentum is None and allow_none:
+        return None
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+        raise TypeError(f"momentum must be a real number{' or None' if allow_none else ''}, got {momentum!r}")
+    momentum = float(momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum={momentum} must be in [0, 1]")
+    return momentum
+
+
+def _check_running(value, name, channels, writeable):
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got {type(value).__name__}")
+    if value.dtype.kind != "f":
+        raise TypeError(f"{name}.dtype={value.dtype} must be floating point")
+    if value.shape != (channels,):
+        raise ValueError(f"{name}.shape={value.shape} does not match the C={channels} channels of x")
+    if writeable and not value.flags.writeable:
+        raise ValueError(f"{name} is read-only but training updates it in place")
+    return value
+
+
+def _running_pair(running_mean, running_var, channels, writeable):
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
+    if running_mean is None:
+        return None
+    return (
+        _check_running(running_mean, "running_mean", channels, writeable),
+        _check_running(running_var, "running_var", channels, writeable),
+    )
+
+
+def _channels(x, channels_last):
+    if x.ndim < 2:
+        raise ValueError(f"expected a 2-D to 5-D input (N, C, *spatial), got x.shape={x.shape}")
+    return x.shape[-1] if channels_last else x.shape[1]
+
+
+def _running_stats(running, eps):
+    running_mean, running_var = running
+    mean = np.asarray(running_mean, np.float64)
+    rstd = 1.0 / np.sqrt(np.asarray(running_var, np.float64) + eps)
+    return Stats(mean, rstd)
+
+
+def _update_running(running, batch_mean, batch_var, count, factor):
+    """``running = (1 - factor) * running + factor * batch`` with the unbiased variance."""
+    running_mean, running_var = running
+    unbiased = batch_var * (count / (count - 1))  # count > 1: checked by _plan in training
+    running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) + factor * batch_mean
+    running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * unbiased
+
+
+def _variance(stats, eps):
+    """Biased variance recovered from ``rstd`` in float64 (never below 0)."""
+    return np.maximum(1.0 / np.square(stats.rstd) - eps, 0.0)
+
+
+def batch_norm(
+    x,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    num_batches_tracked=None,
+    channels_last=False,
+    out=None,
+):
+    """Batch normalization (Ioffe & Szegedy 2015), like ``torch.nn.functional.batch_norm``.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        ``(N, C, *spatial)``, spatial rank 0-3 (``(N, *spatial, C)`` with
+        ``channels_last=True``).
+    running_mean, running_var : ndarray of shape (C,) or None
+        Running statistics.  Required when ``training=False``.  With
+        ``training=True`` they are updated in place (if given):
+        ``new = (1 - momentum) * old + momentum * batch``, with the unbiased
+        batch variance ``m / (m - 1) * var`` (``m = N * prod(spatial)``).
+    weight, bias : array_like of shape (C,), optional
+        Affine parameters.
+    training : bool
+        Normalize with batch statistics (True) or running statistics (False).
+    momentum : float or None
+        Update factor of the running statistics.  ``None`` means a cumulative
+        average over all batches seen (the seed's ``E_B[mu_B]``): factor
+        ``1 / num_batches_tracked`` after incrementing it.
+    eps : float
+        Added to the variance.
+    num_batches_tracked : ndarray of integer dtype, shape () or (1,), optional
+        Batch counter, incremented in place by each training call that updates
+        running statistics (like torch's module buffer).  Required when
+        ``momentum=None`` and running statistics are given.
+    channels_last : bool
+        ``x`` is ``(N, *spatial, C)``.
+    out : ndarray, optional
+        Preallocated output (``x``'s shape, dtype and memory order; may be ``x``).
+
+    Returns
+    -------
+    ndarray
+        Normalized ``x``, same shape and dtype.
+
+    Raises
+    ------
+    ValueError
+        E.g. "Expected more than 1 value per channel when training", missing
+        running statistics in inference, shape mismatches.
+
+    Examples
+    --------
+    >>> import numpy as np, fastnorm
+    >>> x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32)
+    >>> rm, rv = np.zeros(3, np.float32), np.ones(3, np.float32)
+    >>> y = fastnorm.batch_norm(x, rm, rv, training=True)
+    >>> bool(abs(y.mean()) < 1e-5)
+    True
+    """
+    x = _check_array(x, "x")
+    spec = NormSpec.batch_norm(eps=eps, channels_last=channels_last)
+    channels = _channels(x, channels_last)
+    running = _running_pair(running_mean, running_var, channels, writeable=bool(training))
+    if not training:
+        if running is None:
+            raise ValueError("batch_norm with training=False needs running_mean and running_var")
+        return forward_inference(x, _running_stats(running, spec.eps), spec, weight, bias, out=out)
+    momentum = _check_momentum(momentum, allow_none=True)
+    counter = _check_counter(num_batches_tracked, required=momentum is None and running is not None)
+    plan = _plan(x, spec, training=True)  # validate before anything is written
+    y, stats = forward(x, spec, weight, bias, out=out)
+    if counter is not None:
+        counter += 1
+    if running is not None:
+        factor = momentum if momentum is not None else 1.0 / float(counter.reshape(-1)[0])
+        _update_running(running, stats.mean, _variance(stats, spec.eps), plan.group_size, factor)
+    return y
+
+
+def _check_counter(counter, required):
+    if counter is None:
+        if required:
+            raise ValueError(
+                "momentum=None (cumulative average) needs num_batches_tracked, an integer array "
+                "of shape () or (1,) counting the batches seen, e.g. np.zeros((), np.int64)"
+            )
+        return None
+    if not isinstance(counter, np.ndarray) or counter.dtype.kind not in "iu" or counter.size != 1:
+        raise TypeError("num_batches_tracked must be a numpy integer array of shape () or (1,)")
+    if not counter.flags.writeable:
+        raise ValueError("num_batches_tracked is read-only but training increments it")
+    return counter
+
+
+def instance_norm(
+    x,
+    running_mean=None,
+    running_var=None,
+    weight=None,
+    bias=None,
+    use_input_stats=True,
+    momentum=0.1,
+    eps=1e-5,
+    *,
+    channels_last=False,
+    out=None,
+):
+    """Instance normalization (Ulyanov et al. 2016), like ``torch.nn.functional.instance_norm``.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        ``(N, C, *spatial)``, spatial rank 1-3 (``(N, *spatial, C)`` with
+        ``channels_last``).
+    running_mean, running_var : ndarray of shape (C,) or None
+        With ``use_input_stats=True`` and given, updated in place with the
+        average over the batch of the per-instance mean and unbiased variance
+        (as torch).  With ``use_input_stats=False`` they are the statistics
+        used, and are required.
+    weight, bias : array_like of shape (C,), optional
+        Affine parameters.
+    use_input_stats : bool
+        Normalize each (n, c) with its own statistics (True), or every sample
+        with the running statistics (False).
+    momentum : float
+        Update factor of the running statistics.
+    eps : float
+        Added to the variance.
+    channels_last : bool
+        ``x`` is ``(N, *spatial, C)``.
+    out : ndarray, optional
+        Preallocated output.
+
+    Returns
+    -------
+    ndarray
+        Normalized ``x``.
+    """
+    x = _check_array(x, "x")
+    channels = _channels(x, channels_last)
+    running = _running_pair(running_mean, running_var, channels, writeable=bool(use_input_stats))
+    if not use_input_stats:
+        if running is None:
+            raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
+        spec = NormSpec.batch_norm(eps=eps, channels_last=channels_last)
+        return forward_inference(x, _running_stats(running, spec.eps), spec, weight, bias, out=out)
+    spec = NormSpec.instance_norm(eps=eps, channels_last=channels_last)
+    momentum = _check_momentum(momentum, allow_none=False)
+    plan = _plan(x, spec, training=True)
+    y, stats = forward(x, spec, weight, bias, out=out)
+    if running is not None and x.shape[0] > 0:
+        # torch: the batch average of the per-instance mean and unbiased variance.
+        var = _variance(stats, spec.eps)
+        _update_running(running, stats.mean.mean(axis=0), var.mean(axis=0), plan.group_size, momentum)
+    return y
+
+
+def _normalized_ndim(x, normalized_shape):
+    if isinstance(normalized_shape, numbers.Integral):
+        normalized_shape = (normalized_shape,)
+    normalized_shape = tuple(check_positive_int(d, "normalized_shape entry") for d in normalized_shape)
+    k = len(normalized_shape)
+    if k == 0:
+        raise ValueError("normalized_shape must name at least one dim")
+    if x.ndim < k or tuple(x.shape[x.ndim - k :]) != normalized_shape:
+        raise ValueError(
+            f"normalized_shape={normalized_shape} does not match the trailing dims of x.shape={x.shape}"
+        )
+    return k
+
+
+def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+    """Layer normalization (Ba et al. 2016), like ``torch.nn.functional.layer_norm``.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        Any shape ending in ``normalized_shape``.
+    normalized_shape : int or tuple of int
+        The trailing dims to normalize over.
+    weight, bias : array_like of shape ``normalized_shape``, optional
+        Per-element affine parameters.
+    eps : float
+        Added to the variance.
+    out : ndarray, optional
+        Preallocated C-contiguous output; may be ``x``.
+
+    Returns
+    -------
+    ndarray
+        Normalized ``x``.
+    """
+    x = _check_array(x, "x")
+    spec = NormSpec.layer_norm(_normalized_ndim(x, normalized_shape), eps=eps)
+    return forward(x, spec, weight, bias, out=out)[0]
+
+
+def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, channels_last=False, out=None):
+    """Group normalization (Wu & He 2018), like ``torch.nn.functional.group_norm``.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        ``(N, C, *spatial)``, spatial rank 0-3 (``(N, *spatial, C)`` with
+        ``channels_last``).
+    num_groups : int
+        Number of groups; must divide ``C``.
+    weight, bias : array_like of shape (C,), optional
+        Per-channel affine parameters.
+    eps : float
+        Added to the variance.
+    channels_last : bool
+        ``x`` is ``(N, *spatial, C)``.
+    out : ndarray, optional
+        Preallocated output.
+
+    Returns
+    -------
+    ndarray
+        Normalized ``x``.
+    """
+    spec = NormSpec.group_norm(num_groups, eps=eps, channels_last=channels_last)
+    return forward(x, spec, weight, bias, out=out)[0]
+
+
+def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
+    """RMS normalization (Zhang & Sennrich 2019), like ``torch.nn.functional.rms_norm``.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        Any shape ending in ``normalized_shape``.
+    normalized_shape : int or tuple of int
+        The trailing dims to normalize over.
+    weight : array_like of shape ``normalized_shape``, optional
+        Per-element scale.
+    eps : float or None
+        Added to the mean square; ``None`` means ``numpy.finfo(x.dtype).eps``.
+    out : ndarray, optional
+        Preallocated C-contiguous output; may be ``x``.
+
+    Returns
+    -------
+    ndarray
+        ``x / sqrt(mean(x**2) + eps) * weight``.
+    """
+    x = _check_array(x, "x")
+    spec = NormSpec.rms_norm(_normalized_ndim(x, normalized_shape), eps=eps)
+    return forward(x, spec, weight, None, out=out)[0]

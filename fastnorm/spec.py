@@ -1,0 +1,121 @@
+"""`NormSpec`: which normalization to compute, as an immutable value."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+KINDS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm")
+
+
+def check_eps(eps, *, allow_none=False):
+    """Return ``eps`` as a float, or raise ``ValueError``/``TypeError`` naming it."""
+    if eps is None and allow_none:
+        return None
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {eps!r} ({type(eps).__name__})")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps < 0.0:
+        raise ValueError(f"eps={eps!r} must be finite and >= 0 (it is added to the variance)")
+    return eps
+
+
+def check_positive_int(value, name):
+    """Return ``value`` as an int >= 1, or raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name}={value} must be >= 1")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """Which normalization to compute; build it with one of the constructors.
+
+    All five norms view ``x`` of shape ``(N, C, *spatial)`` as ``(N, G, C/G, S)``
+    and normalize over ``(C/G, S)`` for each ``(n, g)`` (and over ``N`` too for
+    BatchNorm).  LayerNorm and RMSNorm normalize the trailing
+    ``normalized_ndim`` dims of any input.
+
+    Attributes
+    ----------
+    kind : str
+        One of ``"batch_norm"``, ``"instance_norm"``, ``"group_norm"``,
+        ``"layer_norm"``, ``"rms_norm"``.
+    eps : float or None
+        Added to the variance (the mean square for RMSNorm).  ``None`` (RMSNorm
+        only) means ``numpy.finfo(x.dtype).eps``, as torch does.
+    num_groups : int or None
+        ``G`` for GroupNorm; ``None`` otherwise.
+    normalized_ndim : int or None
+        Number of trailing dims normalized by LayerNorm / RMSNorm.
+    channels_last : bool
+        BN/IN/GN only: ``x`` has shape ``(N, *spatial, C)``.  A logically
+        ``(N, C, *spatial)`` array whose *memory* is channels-last (for example
+        ``np.moveaxis(nhwc, -1, 1)``) needs ``channels_last=False``: fastnorm
+        detects its strides and runs the channels-last kernel without a copy.
+
+    Examples
+    --------
+    >>> import fastnorm
+    >>> fastnorm.NormSpec.group_norm(4)
+    NormSpec(kind='group_norm', eps=1e-05, num_groups=4, normalized_ndim=None, channels_last=False)
+    """
+
+    kind: str
+    eps: float | None = 1e-5
+    num_groups: int | None = None
+    normalized_ndim: int | None = None
+    channels_last: bool = False
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r} is not one of {KINDS}")
+        object.__setattr__(self, "eps", check_eps(self.eps, allow_none=self.kind == "rms_norm"))
+        if not isinstance(self.channels_last, bool):
+            raise TypeError(f"channels_last must be a bool, got {self.channels_last!r}")
+        if self.kind == "group_norm":
+            object.__setattr__(self, "num_groups", check_positive_int(self.num_groups, "num_groups"))
+        elif self.num_groups is not None:
+            raise ValueError(f"num_groups is only meaningful for group_norm, not {self.kind}")
+        if self.kind in ("layer_norm", "rms_norm"):
+            ndim = check_positive_int(self.normalized_ndim, "normalized_ndim")
+            object.__setattr__(self, "normalized_ndim", ndim)
+            if self.channels_last:
+                raise ValueError(
+                    f"channels_last does not apply to {self.kind}: it normalizes the trailing dims"
+                )
+        elif self.normalized_ndim is not None:
+            raise ValueError(f"normalized_ndim is only meaningful for layer_norm/rms_norm, not {self.kind}")
+
+    @classmethod
+    def batch_norm(cls, eps=1e-5, channels_last=False):
+        """BatchNorm (Ioffe & Szegedy 2015): per channel, across the batch."""
+        return cls("batch_norm", eps=eps, channels_last=channels_last)
+
+    @classmethod
+    def instance_norm(cls, eps=1e-5, channels_last=False):
+        """InstanceNorm (Ulyanov et al. 2016): per sample and channel."""
+        return cls("instance_norm", eps=eps, channels_last=channels_last)
+
+    @classmethod
+    def group_norm(cls, num_groups, eps=1e-5, channels_last=False):
+        """GroupNorm (Wu & He 2018): per sample and group of ``C/num_groups`` channels."""
+        return cls("group_norm", eps=eps, num_groups=num_groups, channels_last=channels_last)
+
+    @classmethod
+    def layer_norm(cls, normalized_ndim, eps=1e-5):
+        """LayerNorm (Ba et al. 2016) over the trailing ``normalized_ndim`` dims."""
+        return cls("layer_norm", eps=eps, normalized_ndim=normalized_ndim)
+
+    @classmethod
+    def rms_norm(cls, normalized_ndim, eps=None):
+        """RMSNorm (Zhang & Sennrich 2019): LayerNorm without centering or bias."""
+        return cls("rms_norm", eps=eps, normalized_ndim=normalized_ndim)
+
+    @property
+    def centered(self):
+        """Whether the mean is subtracted (every kind but RMSNorm)."""
+        return self.kind != "rms_norm"
