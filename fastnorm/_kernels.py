@@ -179,13 +179,14 @@ def _cf_member(spec, nblocks, k, j):
 def _cf_block_moments(x, work, spec, nblocks, blk):
     """Store the mean and centered sum of squares of block ``blk`` in ``work``."""
     off, count, _, _, _ = _cf_block(spec, nblocks, blk)
+    xs = x[off : off + count]
     total = 0.0
-    for i in range(off, off + count):
-        total += x[i]
+    for i in range(count):
+        total += xs[i]
     mean = total / count
     m2 = 0.0
-    for i in range(off, off + count):
-        dev = x[i] - mean
+    for i in range(count):
+        dev = xs[i] - mean
         m2 += dev * dev
     work[2 * blk] = mean
     work[2 * blk + 1] = m2
@@ -216,18 +217,28 @@ def _cf_normalize_block(x, y, weight, bias, stats, spec, nblocks, blk):
     k = _stat_index(spec, n, c)
     mean = stats[2 * k]
     rstd = stats[2 * k + 1]
+    xs = x[off : off + count]
+    ys = y[off : off + count]
     if spec.flags & PER_ELEMENT:
-        has_weight = weight.size > 0
-        has_bias = bias.size > 0
-        for i in range(count):
-            scale = rstd * weight[s0 + i] if has_weight else rstd
-            shift = bias[s0 + i] if has_bias else 0.0
-            y[off + i] = (x[off + i] - mean) * scale + shift
+        ws = weight[s0 : s0 + count]
+        bs = bias[s0 : s0 + count]
+        if weight.size > 0 and bias.size > 0:
+            for i in range(count):
+                ys[i] = (xs[i] - mean) * (rstd * ws[i]) + bs[i]
+        elif weight.size > 0:
+            for i in range(count):
+                ys[i] = (xs[i] - mean) * (rstd * ws[i])
+        elif bias.size > 0:
+            for i in range(count):
+                ys[i] = (xs[i] - mean) * rstd + bs[i]
+        else:
+            for i in range(count):
+                ys[i] = (xs[i] - mean) * rstd
     else:
         scale = rstd * weight[c] if weight.size > 0 else rstd
         shift = bias[c] if bias.size > 0 else 0.0
-        for i in range(off, off + count):
-            y[i] = (x[i] - mean) * scale + shift
+        for i in range(count):
+            ys[i] = (xs[i] - mean) * scale + shift
 
 
 @kernel
@@ -317,17 +328,20 @@ def _cf_block_dots(dy, x, weight, work, coef, spec, nblocks, blk):
     """
     off, count, c, n, s0 = _cf_block(spec, nblocks, blk)
     mean = coef[4 * _stat_index(spec, n, c)]
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
     sum_dy = 0.0
     sum_dy_xc = 0.0
     if spec.flags & PER_ELEMENT and weight.size > 0:
+        ws = weight[s0 : s0 + count]
         for i in range(count):
-            g = dy[off + i] * weight[s0 + i]
+            g = dys[i] * ws[i]
             sum_dy += g
-            sum_dy_xc += g * (x[off + i] - mean)
+            sum_dy_xc += g * (xs[i] - mean)
     else:
-        for i in range(off, off + count):
-            sum_dy += dy[i]
-            sum_dy_xc += dy[i] * (x[i] - mean)
+        for i in range(count):
+            sum_dy += dys[i]
+            sum_dy_xc += dys[i] * (xs[i] - mean)
     work[2 * blk] = sum_dy
     work[2 * blk + 1] = sum_dy_xc
 
@@ -363,15 +377,17 @@ def _cf_dx_block(dy, x, weight, dx, coef, spec, nblocks, blk):
     rstd = coef[4 * k + 1]
     kx = coef[4 * k + 2]
     k0 = coef[4 * k + 3]
-    if spec.flags & PER_ELEMENT:
-        has_weight = weight.size > 0
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    dxs = dx[off : off + count]
+    if spec.flags & PER_ELEMENT and weight.size > 0:
+        ws = weight[s0 : s0 + count]
         for i in range(count):
-            a = rstd * weight[s0 + i] if has_weight else rstd
-            dx[off + i] = a * dy[off + i] - kx * (x[off + i] - mean) - k0
+            dxs[i] = (rstd * ws[i]) * dys[i] - kx * (xs[i] - mean) - k0
     else:
-        a = rstd * weight[c] if weight.size > 0 else rstd
-        for i in range(off, off + count):
-            dx[i] = a * dy[i] - kx * (x[i] - mean) - k0
+        a = rstd * weight[c] if weight.size > 0 and not spec.flags & PER_ELEMENT else rstd
+        for i in range(count):
+            dxs[i] = a * dys[i] - kx * (xs[i] - mean) - k0
 
 
 @kernel
@@ -424,10 +440,13 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
             for n in range(spec.batch):
                 row_mean = coef[4 * n]
                 row_rstd = coef[4 * n + 1]
-                off = n * width
-                for s in range(lo, hi):
-                    acc[s] += dy[off + s]
-                    acc[width + s] += dy[off + s] * (x[off + s] - row_mean) * row_rstd
+                dys = dy[n * width + lo : n * width + hi]
+                xs = x[n * width + lo : n * width + hi]
+                acc_dy = acc[lo:hi]
+                acc_dy_xhat = acc[width + lo : width + hi]
+                for s in range(hi - lo):
+                    acc_dy[s] += dys[s]
+                    acc_dy_xhat[s] += dys[s] * (xs[s] - row_mean) * row_rstd
             for s in range(lo, hi):
                 if dbias.size > 0:
                     dbias[s] = acc[s]
@@ -501,15 +520,15 @@ def _cl_block_moments(x, work, spec, nblocks, blk):
     acc[:] = 0.0
     sq[:] = 0.0
     for r in range(rows):
-        row = off + r * nc
+        xr = x[off + r * nc : off + (r + 1) * nc]
         for c in range(nc):
-            acc[c] += x[row + c]
+            acc[c] += xr[c]
     for c in range(nc):
         acc[c] = acc[c] / rows
     for r in range(rows):
-        row = off + r * nc
+        xr = x[off + r * nc : off + (r + 1) * nc]
         for c in range(nc):
-            dev = x[row + c] - acc[c]
+            dev = xr[c] - acc[c]
             sq[c] += dev * dev
 
 
@@ -559,9 +578,10 @@ def _cl_normalize_block(x, y, coef, spec, nblocks, blk):
     scale = coef[base + nc : base + 2 * nc]
     shift = coef[base + 2 * nc : base + 3 * nc]
     for r in range(rows):
-        row = off + r * nc
+        xr = x[off + r * nc : off + (r + 1) * nc]
+        yr = y[off + r * nc : off + (r + 1) * nc]
         for c in range(nc):
-            y[row + c] = (x[row + c] - mean[c]) * scale[c] + shift[c]
+            yr[c] = (xr[c] - mean[c]) * scale[c] + shift[c]
 
 
 @kernel
@@ -644,11 +664,11 @@ def _cl_block_dots(dy, x, work, coef, spec, nblocks, blk):
     sum_dy[:] = 0.0
     sum_dy_xc[:] = 0.0
     for r in range(rows):
-        row = off + r * nc
+        xr = x[off + r * nc : off + (r + 1) * nc]
+        dyr = dy[off + r * nc : off + (r + 1) * nc]
         for c in range(nc):
-            g = dy[row + c]
-            sum_dy[c] += g
-            sum_dy_xc[c] += g * (x[row + c] - mean[c])
+            sum_dy[c] += dyr[c]
+            sum_dy_xc[c] += dyr[c] * (xr[c] - mean[c])
 
 
 @helper
@@ -691,9 +711,11 @@ def _cl_dx_block(dy, x, dx, coef, spec, nblocks, blk):
     kx = coef[base + 2 * nc : base + 3 * nc]
     k0 = coef[base + 3 * nc : base + 4 * nc]
     for r in range(rows):
-        row = off + r * nc
+        xr = x[off + r * nc : off + (r + 1) * nc]
+        dyr = dy[off + r * nc : off + (r + 1) * nc]
+        dxr = dx[off + r * nc : off + (r + 1) * nc]
         for c in range(nc):
-            dx[row + c] = a[c] * dy[row + c] - kx[c] * (x[row + c] - mean[c]) - k0[c]
+            dxr[c] = a[c] * dyr[c] - kx[c] * (xr[c] - mean[c]) - k0[c]
 
 
 @kernel
