@@ -62,6 +62,9 @@ BLOCK = 4096
 FUSE_MIN_GROUPS = 32
 #: Columns per task of the per-element (LayerNorm) parameter-gradient reduction.
 COLUMN_TILE = 256
+#: Rows per task when LayerNorm's backward accumulates dweight/dbias partials
+#: while computing dx (used from 4 * ROW_CHUNK rows on).
+ROW_CHUNK = 32
 
 KernelSpec = namedtuple(
     "KernelSpec", ["batch", "channels", "spatial", "groups", "flags", "eps"]
@@ -390,6 +393,32 @@ def _cf_dx_block(dy, x, weight, dx, coef, spec, nblocks, blk):
             dxs[i] = a * dys[i] - kx * (xs[i] - mean) - k0
 
 
+@helper
+def _row_dx_and_partials(dy, x, weight, dx, coef, n, width, part_dy, part_dy_xhat):
+    """dx of row ``n`` (per-element affine) and its dy, dy*xhat added to the partials."""
+    mean = coef[4 * n]
+    rstd = coef[4 * n + 1]
+    kx = coef[4 * n + 2]
+    k0 = coef[4 * n + 3]
+    xs = x[n * width : (n + 1) * width]
+    dys = dy[n * width : (n + 1) * width]
+    dxs = dx[n * width : (n + 1) * width]
+    if weight.size > 0:
+        for s in range(width):
+            g = dys[s]
+            xc = xs[s] - mean
+            part_dy[s] += g
+            part_dy_xhat[s] += g * xc * rstd
+            dxs[s] = (rstd * weight[s]) * g - kx * xc - k0
+    else:
+        for s in range(width):
+            g = dys[s]
+            xc = xs[s] - mean
+            part_dy[s] += g
+            part_dy_xhat[s] += g * xc * rstd
+            dxs[s] = rstd * g - kx * xc - k0
+
+
 @kernel
 def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
     """Backward pass on a channels-first buffer.
@@ -429,10 +458,41 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
         coef[4 * k] = mean[k] if spec.flags & CENTERED else 0.0
         coef[4 * k + 1] = rstd[k]
     want_params = dweight.size > 0 or dbias.size > 0
+    width = spec.spatial
+    if want_params and spec.flags & PER_ELEMENT and nstats >= 4 * ROW_CHUNK:
+        # Many rows: each task takes ROW_CHUNK rows, computes their dx and adds
+        # their dy and dy*xhat into its own float64 partial vectors (fixed
+        # chunks, merged in order below: deterministic).
+        nchunks = (nstats + ROW_CHUNK - 1) // ROW_CHUNK
+        partial = np.empty(2 * width * nchunks)
+        for t in prange(nchunks):
+            part_dy = partial[2 * width * t : 2 * width * t + width]
+            part_dy_xhat = partial[2 * width * t + width : 2 * width * (t + 1)]
+            part_dy[:] = 0.0
+            part_dy_xhat[:] = 0.0
+            for n in range(t * ROW_CHUNK, min(nstats, (t + 1) * ROW_CHUNK)):
+                for b in range(nblocks):
+                    _cf_block_dots(dy, x, weight, work, coef, spec, nblocks, n * nblocks + b)
+                _cf_group_coefs(weight, work, coef, spec, nblocks, n)
+                _row_dx_and_partials(dy, x, weight, dx, coef, n, width, part_dy, part_dy_xhat)
+        for tile in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
+            lo = tile * COLUMN_TILE
+            hi = min(width, lo + COLUMN_TILE)
+            for s in range(lo, hi):
+                sum_dy = 0.0
+                sum_dy_xhat = 0.0
+                for t in range(nchunks):
+                    sum_dy += partial[2 * width * t + s]
+                    sum_dy_xhat += partial[2 * width * t + width + s]
+                if dbias.size > 0:
+                    dbias[s] = sum_dy
+                if dweight.size > 0:
+                    dweight[s] = sum_dy_xhat
+        return
     if want_params and spec.flags & PER_ELEMENT:
-        # dweight[s] = sum_n dy*xhat, dbias[s] = sum_n dy: each column tile sums
-        # its rows in order 0..R-1 in float64, before dx so that dx may alias dy.
-        width = spec.spatial
+        # Few rows: dweight[s] = sum_n dy*xhat, dbias[s] = sum_n dy, each column
+        # tile summing its rows in order in float64, before dx so that dx may
+        # alias dy.
         acc = np.zeros(2 * width)
         for t in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
             lo = t * COLUMN_TILE
