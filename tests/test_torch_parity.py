@@ -78,7 +78,8 @@ def test_forward_and_gradients_match_torch(case, layout, dtype, affine):
 def test_batch_norm_running_stats_match_torch(dtype, momentum):
     rng = np.random.default_rng(5)
     channels = 3
-    module = torch.nn.BatchNorm2d(channels, momentum=momentum, dtype=torch.float64 if dtype == np.float64 else None)
+    tdtype = torch.float64 if dtype == np.float64 else torch.float32
+    module = torch.nn.BatchNorm2d(channels, momentum=momentum, dtype=tdtype)
     rm, rv = np.zeros(channels, dtype), np.ones(channels, dtype)
     counter = np.zeros((), np.int64)
     for step in range(3):
