@@ -200,16 +200,17 @@ def assert_close(actual, desired, *, dtype=None, k=32, rtol=None, atol=None, sca
         return
     if atol is None:
         if scale is None:
-            scale = float(np.max(np.abs(d[finite]))) if finite.any() else 1.0
+            scale = float(np.max(np.abs(d[finite])))
             scale = scale if scale > 0 else 1.0
         atol = rtol * scale
-    err = np.where(finite, np.abs(a - d), 0.0)
-    allowed = atol + rtol * np.abs(np.where(finite, d, 0.0))
+    a, d = np.where(finite, a, 0.0), np.where(finite, d, 0.0)
+    err = np.abs(a - d)
+    allowed = atol + rtol * np.abs(d)
     excess = err - allowed
     worst = np.unravel_index(int(np.argmax(excess)), excess.shape) if excess.ndim else ()
     if excess[worst] > 0:
         with np.errstate(divide="ignore", invalid="ignore"):
-            rel = np.where(finite & (d != 0), err / np.abs(d), np.where(err > 0, np.inf, 0.0))
+            rel = np.where(d != 0, err / np.abs(d), np.where(err > 0, np.inf, 0.0))
         nbad = int(np.count_nonzero(excess > 0))
         raise AssertionError(
             f"{err_msg}\nnot close: {nbad} of {a.size} elements exceed "
