@@ -1,0 +1,338 @@
+/*
+ * fastnorm.h -- C ABI of fastnorm: BatchNorm, InstanceNorm, GroupNorm,
+ * LayerNorm and RMSNorm forward / backward on the CPU.
+ *
+ * The library (libfastnorm.so) embeds a CPython interpreter and calls the
+ * very same Numba kernels as the Python package, compiled once as Numba
+ * @cfunc's and loaded from Numba's on-disk cache.  After initialization every
+ * call goes from C straight to native code: no Python frame runs and the GIL
+ * is not taken.
+ *
+ * Build:   python -m fastnorm.capi build            (-> capi/build/libfastnorm.so)
+ * Compile: cc $(python -m fastnorm.capi --cflags) prog.c $(python -m fastnorm.capi --libs)
+ * Docs:    docs/c-api.md
+ *
+ * General rules, valid for every function below
+ * ---------------------------------------------
+ * - Ownership: the library never allocates, frees or keeps any buffer passed
+ *   to it.  Every pointer is owned by the caller and only needs to stay valid
+ *   for the duration of the call.  No pointer is retained after return.
+ * - Buffers are dense, C-contiguous arrays aligned to their element size.
+ *   Data buffers (x, y, dy, dx, weight, bias, dweight, dbias) hold
+ *   desc->dtype elements; mean and rstd are always double.
+ * - Status: every entry point returns a fastnorm_status.  On any status other
+ *   than FASTNORM_OK nothing has been written to any output buffer (all
+ *   validation happens before the first write).  Nothing aborts, exits or
+ *   prints on bad input; fastnorm_last_error() describes the failure.
+ * - Aliasing: only the exact aliases documented on each function are
+ *   allowed (y == x, dx == dy, dx == x).  Any other overlap between an output
+ *   and another buffer is rejected with FASTNORM_OVERLAP.
+ * - Thread safety: every function may be called concurrently from any number
+ *   of threads, on different or identical inputs (outputs must not be shared
+ *   between concurrent calls).  Calls run on Numba's thread-safe threading
+ *   layer (TBB when available, else OpenMP).
+ * - Initialization: fastnorm_init() starts the runtime explicitly; otherwise
+ *   the first call that needs it does (lazy, thread-safe, once per process).
+ *   Pure-C helpers (fastnorm_version, fastnorm_status_string,
+ *   fastnorm_desc_init, fastnorm_num_stats, fastnorm_num_params,
+ *   fastnorm_last_error) never start it.
+ */
+#ifndef FASTNORM_H
+#define FASTNORM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Symbol visibility of the public entry points. */
+#if defined(_WIN32)
+#  ifdef FASTNORM_BUILDING
+#    define FASTNORM_API __declspec(dllexport)
+#  else
+#    define FASTNORM_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__) && __GNUC__ >= 4
+#  define FASTNORM_API __attribute__((visibility("default")))
+#else
+#  define FASTNORM_API
+#endif
+
+/* Version of this header; fastnorm_version() gives the library's. */
+#define FASTNORM_VERSION_MAJOR 0
+#define FASTNORM_VERSION_MINOR 1
+#define FASTNORM_VERSION_PATCH 0
+/* MAJOR * 10000 + MINOR * 100 + PATCH */
+#define FASTNORM_VERSION \
+    (FASTNORM_VERSION_MAJOR * 10000 + FASTNORM_VERSION_MINOR * 100 + FASTNORM_VERSION_PATCH)
+
+/* Largest supported rank of the logical shape (fastnorm_desc.dims). */
+#define FASTNORM_MAX_RANK 8
+
+/* Status codes.  Values are pinned: they never change between versions. */
+typedef enum fastnorm_status {
+    FASTNORM_OK = 0,               /* success */
+    FASTNORM_INVALID_ARGUMENT = 1, /* bad value: dims, rank, enum, eps, groups, alignment */
+    FASTNORM_UNSUPPORTED = 2,      /* valid but not implemented (float16, mixed dtypes, flags) */
+    FASTNORM_NOT_INITIALIZED = 3,  /* the embedded runtime could not be started */
+    FASTNORM_INTERNAL_ERROR = 4,   /* the kernel failed (e.g. out of memory for its workspace) */
+    FASTNORM_NULL_POINTER = 5,     /* a required pointer is NULL */
+    FASTNORM_SIZE_OVERFLOW = 6,    /* the buffer sizes implied by dims overflow int64 bytes */
+    FASTNORM_OVERLAP = 7           /* an output overlaps another buffer (beyond allowed aliases) */
+} fastnorm_status;
+
+/* Which normalization.  0 is deliberately invalid (catches zeroed structs). */
+typedef enum fastnorm_kind {
+    FASTNORM_BATCH_NORM = 1,    /* per channel, across the batch and spatial dims */
+    FASTNORM_INSTANCE_NORM = 2, /* per sample and channel */
+    FASTNORM_GROUP_NORM = 3,    /* per sample and group of C / num_groups channels */
+    FASTNORM_LAYER_NORM = 4,    /* over the trailing normalized_ndim dims */
+    FASTNORM_RMS_NORM = 5       /* LayerNorm without centering */
+} fastnorm_kind;
+
+/* Element type of the data buffers.  mean / rstd are always double. */
+typedef enum fastnorm_dtype {
+    FASTNORM_DTYPE_DEFAULT = 0,  /* only for param_dtype: same as dtype */
+    FASTNORM_FLOAT32 = 1,
+    FASTNORM_FLOAT64 = 2,
+    FASTNORM_FLOAT16 = 3,        /* recognized, returns FASTNORM_UNSUPPORTED */
+    FASTNORM_BFLOAT16 = 4        /* recognized, returns FASTNORM_UNSUPPORTED */
+} fastnorm_dtype;
+
+/* Memory layout of x (and y, dy, dx) for BatchNorm / InstanceNorm / GroupNorm. */
+typedef enum fastnorm_layout {
+    FASTNORM_CHANNELS_FIRST = 0, /* dims = (N, C, *spatial), e.g. NCHW */
+    FASTNORM_CHANNELS_LAST = 1   /* dims = (N, *spatial, C), e.g. NHWC */
+} fastnorm_layout;
+
+/*
+ * What to compute, on which shape.  Fill it with fastnorm_desc_init() and
+ * adjust fields; all fields are plain values (no pointers), so a descriptor
+ * may be copied freely and shared between threads.
+ *
+ * kind            fastnorm_kind.
+ * dtype           fastnorm_dtype of x, y, dy, dx.
+ * param_dtype     dtype of weight, bias, dweight, dbias; FASTNORM_DTYPE_DEFAULT
+ *                 (0) means dtype.  A different dtype is FASTNORM_UNSUPPORTED.
+ * layout          fastnorm_layout; BN/IN/GN only (LN/RMS require
+ *                 FASTNORM_CHANNELS_FIRST: they normalize the trailing dims).
+ * rank, dims      logical shape, every dim >= 1 (a tensor with a 0 dim is
+ *                 rejected: skip the call, there is nothing to normalize).
+ *                 BN/IN/GN: rank 2..5, (N, C, *spatial) or (N, *spatial, C).
+ *                 LN/RMS: rank 1..FASTNORM_MAX_RANK, any leading dims.
+ * num_groups      GroupNorm: G >= 1 dividing C.  Must be 0 for other kinds.
+ * normalized_ndim LN/RMS: number of trailing dims normalized (1..rank).
+ *                 Must be 0 for other kinds.
+ * eps             added to the variance (RMSNorm: to the mean square);
+ *                 finite and >= 0.  torch's RMSNorm default is FLT_EPSILON /
+ *                 DBL_EPSILON of the dtype.
+ * flags           reserved, must be 0 (other bits: FASTNORM_UNSUPPORTED).
+ *
+ * Derived sizes (see fastnorm_num_params / fastnorm_num_stats):
+ *   parameters (weight, bias, dweight, dbias): C for BN/IN/GN, the product of
+ *     the normalized dims for LN/RMS;
+ *   statistics (mean, rstd): C for BN, N*C for IN, N*G for GN, the product of
+ *     the leading (non-normalized) dims for LN/RMS (1 if there are none).
+ */
+typedef struct fastnorm_desc {
+    int32_t kind;
+    int32_t dtype;
+    int32_t param_dtype;
+    int32_t layout;
+    int32_t rank;
+    int32_t normalized_ndim;
+    int64_t num_groups;
+    int64_t dims[FASTNORM_MAX_RANK];
+    double eps;
+    uint64_t flags;
+} fastnorm_desc;
+
+/**
+ * Version of the library as MAJOR * 10000 + MINOR * 100 + PATCH.
+ * @returns the runtime version (compare with FASTNORM_VERSION).
+ * Thread-safe; never starts the runtime.
+ */
+FASTNORM_API int fastnorm_version(void);
+
+/**
+ * Name of a status code, e.g. "FASTNORM_INVALID_ARGUMENT".
+ * @param status any value (unknown values give "FASTNORM_UNKNOWN_STATUS").
+ * @returns a static string owned by the library (never free it).
+ * Thread-safe; never starts the runtime.
+ */
+FASTNORM_API const char *fastnorm_status_string(fastnorm_status status);
+
+/**
+ * Human-readable reason of the last non-OK status returned on the calling
+ * thread ("" if none yet).
+ * @returns a thread-local buffer owned by the library, valid until the next
+ *          fastnorm call on the same thread.
+ * Thread-safe; never starts the runtime.
+ */
+FASTNORM_API const char *fastnorm_last_error(void);
+
+/**
+ * Fill *desc with defaults: the given kind, dtype and shape, channels-first,
+ * param_dtype 0, eps 1e-5, num_groups 0, normalized_ndim 1 for LN/RMS (else
+ * 0), flags 0.  Set num_groups yourself for GroupNorm.
+ * @param desc  output, owned by the caller.
+ * @param kind  fastnorm_kind, stored as is (validated by the compute calls).
+ * @param dtype fastnorm_dtype, stored as is.
+ * @param rank  number of dims, 1..FASTNORM_MAX_RANK.
+ * @param dims  rank values copied into desc->dims (unused entries set to 0).
+ * @returns FASTNORM_OK, FASTNORM_NULL_POINTER (desc or dims NULL) or
+ *          FASTNORM_INVALID_ARGUMENT (rank out of range); *desc is untouched
+ *          on error.
+ * Thread-safe; never starts the runtime.
+ */
+FASTNORM_API fastnorm_status fastnorm_desc_init(fastnorm_desc *desc, int32_t kind, int32_t dtype,
+                                                int32_t rank, const int64_t *dims);
+
+/**
+ * Number of elements of each of weight, bias, dweight, dbias.
+ * @param desc  a descriptor, validated as by the compute calls.
+ * @param count output (caller-owned); written only on FASTNORM_OK.
+ * @returns FASTNORM_OK or the validation status of desc.
+ * Thread-safe; never starts the runtime.
+ */
+FASTNORM_API fastnorm_status fastnorm_num_params(const fastnorm_desc *desc, int64_t *count);
+
+/**
+ * Number of elements of each of mean and rstd (doubles).
+ * @param desc  a descriptor, validated as by the compute calls.
+ * @param count output (caller-owned); written only on FASTNORM_OK.
+ * @returns FASTNORM_OK or the validation status of desc.
+ * Thread-safe; never starts the runtime.
+ */
+FASTNORM_API fastnorm_status fastnorm_num_stats(const fastnorm_desc *desc, int64_t *count);
+
+/**
+ * Start the runtime now: the embedded Python interpreter (if the process has
+ * none), Numba, and the compiled kernels (loaded from Numba's cache; the
+ * very first run compiles them, run `python -m fastnorm.capi --warm` once
+ * to do that ahead of time).  Calling it again is a cheap no-op.
+ *
+ * Environment read at this point: FASTNORM_PYTHONHOME (overrides the Python
+ * home baked in at build time), NUMBA_NUM_THREADS (size of the thread pool),
+ * NUMBA_THREADING_LAYER, NUMBA_CACHE_DIR.  The process's own PYTHONHOME /
+ * PYTHONPATH are not needed.
+ *
+ * @returns FASTNORM_OK, or FASTNORM_NOT_INITIALIZED if the runtime cannot
+ *          start (reason in fastnorm_last_error(); the failure is sticky: later
+ *          calls return FASTNORM_NOT_INITIALIZED too).
+ * Thread-safe: concurrent callers wait for the one initialization.
+ */
+FASTNORM_API fastnorm_status fastnorm_init(void);
+
+/**
+ * Set how many threads each subsequent call (from any thread) may use.
+ * @param num_threads 1..fastnorm_max_threads(), or 0 for all of them (the
+ *                    default).
+ * @returns FASTNORM_OK, FASTNORM_INVALID_ARGUMENT (out of range) or
+ *          FASTNORM_NOT_INITIALIZED.  Starts the runtime if needed.
+ * Thread-safe (process-wide setting; calls already running are unaffected).
+ * Results do not depend on the number of threads (bitwise).
+ */
+FASTNORM_API fastnorm_status fastnorm_set_num_threads(int num_threads);
+
+/**
+ * Current setting of fastnorm_set_num_threads (resolved: never 0).
+ * @param num_threads output (caller-owned), written only on FASTNORM_OK.
+ * @returns FASTNORM_OK, FASTNORM_NULL_POINTER or FASTNORM_NOT_INITIALIZED.
+ * Starts the runtime if needed.  Thread-safe.
+ */
+FASTNORM_API fastnorm_status fastnorm_get_num_threads(int *num_threads);
+
+/**
+ * Size of the thread pool (NUMBA_NUM_THREADS at initialization, by default
+ * the number of CPU cores), and the threading layer name ("tbb", "omp").
+ * @param max_threads output (caller-owned), may be NULL.
+ * @param layer       output: pointer to a static string owned by the
+ *                    library, may be NULL.
+ * @returns FASTNORM_OK or FASTNORM_NOT_INITIALIZED.  Starts the runtime.
+ * Thread-safe.
+ */
+FASTNORM_API fastnorm_status fastnorm_runtime_info(int *max_threads, const char **layer);
+
+/**
+ * Training forward pass: statistics of x, then
+ * y = (x - mean) * (rstd * weight) + bias  (biased variance; RMSNorm: mean 0,
+ * rstd = 1 / sqrt(mean(x^2) + eps)).
+ *
+ * @param desc   descriptor (read only).
+ * @param x      input, product(dims) elements of desc->dtype, laid out as
+ *               desc->dims in desc->layout order.
+ * @param weight fastnorm_num_params elements, or NULL (weight 1).
+ * @param bias   fastnorm_num_params elements, or NULL (bias 0).
+ * @param y      output, same size as x.  May be x itself (in place).
+ * @param mean   output, fastnorm_num_stats doubles (0 for RMSNorm).
+ * @param rstd   output, fastnorm_num_stats doubles, 1 / sqrt(var + eps).
+ * @returns FASTNORM_OK; FASTNORM_NULL_POINTER (desc, x, y, mean or rstd NULL);
+ *          FASTNORM_INVALID_ARGUMENT (bad descriptor, misaligned buffer, or a
+ *          training batch with one value per channel: BatchNorm with N*S == 1,
+ *          InstanceNorm with S == 1, as torch); FASTNORM_UNSUPPORTED;
+ *          FASTNORM_SIZE_OVERFLOW; FASTNORM_OVERLAP; FASTNORM_NOT_INITIALIZED;
+ *          FASTNORM_INTERNAL_ERROR.  Nothing is written unless FASTNORM_OK
+ *          (except after FASTNORM_INTERNAL_ERROR, where outputs are undefined).
+ * Thread-safe.  Deterministic: bitwise identical results for any number of
+ * threads, and identical to fastnorm.forward() in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc, const void *x,
+                                                       const void *weight, const void *bias,
+                                                       void *y, double *mean, double *rstd);
+
+/**
+ * Inference forward pass with given statistics:
+ * y = (x - mean) * (rstd * weight) + bias.  For BatchNorm with running
+ * statistics pass mean = running_mean and rstd = 1 / sqrt(running_var + eps)
+ * (desc->eps is not used by this call).  For RMSNorm mean is ignored (it may
+ * not be NULL; pass rstd).
+ *
+ * @param desc   descriptor (read only).
+ * @param x      input (see fastnorm_forward_training).
+ * @param mean   input, fastnorm_num_stats doubles.
+ * @param rstd   input, fastnorm_num_stats doubles.
+ * @param weight fastnorm_num_params elements, or NULL.
+ * @param bias   fastnorm_num_params elements, or NULL.
+ * @param y      output, same size as x.  May be x itself (in place).
+ * @returns as fastnorm_forward_training (no one-value-per-channel check).
+ * Thread-safe.
+ */
+FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *desc, const void *x,
+                                                        const double *mean, const double *rstd,
+                                                        const void *weight, const void *bias,
+                                                        void *y);
+
+/**
+ * Backward pass.  With g = weight * dy and xhat = (x - mean) * rstd over the
+ * m elements of a group: dx = rstd * (g - mean(g) - xhat * mean(g * xhat))
+ * (no mean(g) term for RMSNorm); dweight = sum(dy * xhat), dbias = sum(dy)
+ * over everything but the channel (the position, for LN/RMS).
+ *
+ * @param desc    descriptor of the forward pass (read only).
+ * @param dy      input, gradient of the loss w.r.t. y, same size as x.
+ * @param x       input, the forward input.
+ * @param mean    input, the mean written by fastnorm_forward_training.
+ * @param rstd    input, the rstd written by fastnorm_forward_training.
+ * @param weight  the forward weight, or NULL if none.
+ * @param dx      output, same size as x.  May be dy or x itself (in place).
+ * @param dweight output, fastnorm_num_params elements, or NULL to skip it
+ *                (allowed with weight == NULL: the gradient at weight = 1).
+ * @param dbias   output, fastnorm_num_params elements, or NULL to skip it.
+ * @returns as fastnorm_forward_training; FASTNORM_NULL_POINTER if desc, dy,
+ *          x, mean, rstd or dx is NULL; the one-value-per-channel check
+ *          applies (statistics of a training batch).
+ * Thread-safe.  Deterministic, identical to fastnorm.backward() in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy,
+                                               const void *x, const double *mean,
+                                               const double *rstd, const void *weight, void *dx,
+                                               void *dweight, void *dbias);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* FASTNORM_H */

@@ -1,0 +1,589 @@
+/*
+ * fastnorm_capi.c -- implementation of fastnorm.h, compiled into
+ * libfastnorm.so by `python -m fastnorm.capi build` (cffi embedding mode).
+ *
+ * This file is the cffi "set_source" preamble: Python.h is already included,
+ * and the build prepends the FASTNORM_BAKED_* string constants (the Python
+ * environment the library was built in).
+ *
+ * Structure
+ *   1. validation of the descriptor and buffers (pure C, before any write);
+ *   2. runtime start: the embedded interpreter (PyConfig, with the baked
+ *      executable so that the build environment's sys.path is found), then
+ *      one call into Python (_fastnorm_py_init, cffi extern "Python") that
+ *      compiles / loads the Numba cfuncs and returns their addresses;
+ *   3. entry points: validate, make sure the runtime is up, set the thread
+ *      count, call the cfunc through a function pointer (no Python, no GIL).
+ */
+#define FASTNORM_BUILDING 1
+#include "fastnorm.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Implemented in Python (embedding init code), see fastnorm/capi/build.py. */
+int _fastnorm_py_init(int64_t *table, int64_t table_len, char *message, int64_t message_len);
+
+/* Kernel flags: must match fastnorm/_kernels.py. */
+enum { K_BATCH = 1, K_CENTERED = 2, K_PER_ELEMENT = 4, K_CHANNELS_LAST = 8 };
+
+/* Slots of the table filled by _fastnorm_py_init. */
+enum {
+    SLOT_FWD_F32 = 0, SLOT_INF_F32, SLOT_BWD_F32,
+    SLOT_FWD_F64, SLOT_INF_F64, SLOT_BWD_F64,
+    SLOT_SET_THREADS, SLOT_GET_THREADS, SLOT_MAX_THREADS,
+    SLOT_COUNT
+};
+
+typedef int32_t (*forward_fn)(const void *x, const void *w, int64_t nw, const void *b, int64_t nb,
+                              void *y, double *mean, double *rstd, int64_t nstats, int64_t batch,
+                              int64_t channels, int64_t spatial, int64_t groups, int64_t flags,
+                              double eps);
+typedef int32_t (*backward_fn)(const void *dy, const void *x, const void *w, int64_t nw,
+                               const double *mean, const double *rstd, int64_t nstats, void *dx,
+                               void *dw, int64_t ndw, void *db, int64_t ndb, int64_t batch,
+                               int64_t channels, int64_t spatial, int64_t groups, int64_t flags,
+                               double eps);
+typedef void (*set_threads_fn)(int);
+typedef int (*get_threads_fn)(void);
+
+/* ------------------------------------------------------------------------ */
+/* Errors                                                                    */
+/* ------------------------------------------------------------------------ */
+
+static __thread char tls_error[1024];
+
+static fastnorm_status fail(fastnorm_status status, const char *fmt, ...)
+{
+    va_list args;
+    va_start(args, fmt);
+    vsnprintf(tls_error, sizeof tls_error, fmt, args);
+    va_end(args);
+    return status;
+}
+
+FASTNORM_API const char *fastnorm_last_error(void) { return tls_error; }
+
+FASTNORM_API int fastnorm_version(void)
+{
+    return FASTNORM_VERSION_MAJOR * 10000 + FASTNORM_VERSION_MINOR * 100 + FASTNORM_VERSION_PATCH;
+}
+
+FASTNORM_API const char *fastnorm_status_string(fastnorm_status status)
+{
+    switch (status) {
+    case FASTNORM_OK: return "FASTNORM_OK";
+    case FASTNORM_INVALID_ARGUMENT: return "FASTNORM_INVALID_ARGUMENT";
+    case FASTNORM_UNSUPPORTED: return "FASTNORM_UNSUPPORTED";
+    case FASTNORM_NOT_INITIALIZED: return "FASTNORM_NOT_INITIALIZED";
+    case FASTNORM_INTERNAL_ERROR: return "FASTNORM_INTERNAL_ERROR";
+    case FASTNORM_NULL_POINTER: return "FASTNORM_NULL_POINTER";
+    case FASTNORM_SIZE_OVERFLOW: return "FASTNORM_SIZE_OVERFLOW";
+    case FASTNORM_OVERLAP: return "FASTNORM_OVERLAP";
+    }
+    return "FASTNORM_UNKNOWN_STATUS";
+}
+
+/* ------------------------------------------------------------------------ */
+/* Descriptor -> kernel call plan                                            */
+/* ------------------------------------------------------------------------ */
+
+typedef struct plan {
+    int dtype_index;   /* 0: float32, 1: float64 */
+    int64_t itemsize;
+    int64_t batch, channels, spatial, groups, flags;
+    int64_t size;      /* elements of x */
+    int64_t nparams;   /* elements of weight / bias */
+    int64_t nstats;    /* elements of mean / rstd */
+    int64_t group_size;
+    double eps;
+} plan;
+
+static const char *kind_name(int32_t kind)
+{
+    static const char *names[] = {"?", "batch_norm", "instance_norm", "group_norm", "layer_norm",
+                                  "rms_norm"};
+    return (kind >= 1 && kind <= 5) ? names[kind] : "?";
+}
+
+/* a * b for positive a, b; returns 0 on overflow of INT64_MAX / limit. */
+static int mul_checked(int64_t a, int64_t b, int64_t limit, int64_t *out)
+{
+    if (a > limit / b) return 0;
+    *out = a * b;
+    return 1;
+}
+
+static fastnorm_status make_plan(const fastnorm_desc *d, int training, plan *p)
+{
+    int32_t k, rank, i;
+    int64_t limit, lead = 1, trail = 1, total = 1;
+
+    if (d == NULL) return fail(FASTNORM_NULL_POINTER, "desc is NULL");
+    k = d->kind;
+    if (k < FASTNORM_BATCH_NORM || k > FASTNORM_RMS_NORM)
+        return fail(FASTNORM_INVALID_ARGUMENT, "desc->kind=%d is not a fastnorm_kind (1..5)", (int)k);
+    switch (d->dtype) {
+    case FASTNORM_FLOAT32: p->dtype_index = 0; p->itemsize = 4; break;
+    case FASTNORM_FLOAT64: p->dtype_index = 1; p->itemsize = 8; break;
+    case FASTNORM_FLOAT16:
+    case FASTNORM_BFLOAT16:
+        return fail(FASTNORM_UNSUPPORTED,
+                    "desc->dtype=%d (16-bit float) is not supported: convert to FASTNORM_FLOAT32",
+                    (int)d->dtype);
+    default:
+        return fail(FASTNORM_INVALID_ARGUMENT, "desc->dtype=%d is not a fastnorm_dtype", (int)d->dtype);
+    }
+    if (d->param_dtype != FASTNORM_DTYPE_DEFAULT && d->param_dtype != d->dtype) {
+        if (d->param_dtype >= FASTNORM_FLOAT32 && d->param_dtype <= FASTNORM_BFLOAT16)
+            return fail(FASTNORM_UNSUPPORTED,
+                        "desc->param_dtype=%d differs from desc->dtype=%d: mixed dtypes are not "
+                        "supported, convert weight/bias to the data dtype",
+                        (int)d->param_dtype, (int)d->dtype);
+        return fail(FASTNORM_INVALID_ARGUMENT, "desc->param_dtype=%d is not a fastnorm_dtype",
+                    (int)d->param_dtype);
+    }
+    if (d->layout != FASTNORM_CHANNELS_FIRST && d->layout != FASTNORM_CHANNELS_LAST)
+        return fail(FASTNORM_INVALID_ARGUMENT, "desc->layout=%d is not a fastnorm_layout", (int)d->layout);
+    if (d->flags != 0)
+        return fail(FASTNORM_UNSUPPORTED, "desc->flags=0x%llx: no flag is defined in this version",
+                    (unsigned long long)d->flags);
+    if (!isfinite(d->eps) || d->eps < 0.0)
+        return fail(FASTNORM_INVALID_ARGUMENT, "desc->eps=%g must be finite and >= 0", d->eps);
+    rank = d->rank;
+    if (k == FASTNORM_GROUP_NORM) {
+        if (d->num_groups < 1)
+            return fail(FASTNORM_INVALID_ARGUMENT, "group_norm: desc->num_groups=%lld must be >= 1",
+                        (long long)d->num_groups);
+    } else if (d->num_groups != 0) {
+        return fail(FASTNORM_INVALID_ARGUMENT, "%s: desc->num_groups=%lld must be 0 (group_norm only)",
+                    kind_name(k), (long long)d->num_groups);
+    }
+    if (k == FASTNORM_LAYER_NORM || k == FASTNORM_RMS_NORM) {
+        if (rank < 1 || rank > FASTNORM_MAX_RANK)
+            return fail(FASTNORM_INVALID_ARGUMENT, "%s: desc->rank=%d must be in 1..%d", kind_name(k),
+                        (int)rank, FASTNORM_MAX_RANK);
+        if (d->normalized_ndim < 1 || d->normalized_ndim > rank)
+            return fail(FASTNORM_INVALID_ARGUMENT, "%s: desc->normalized_ndim=%d must be in 1..rank=%d",
+                        kind_name(k), (int)d->normalized_ndim, (int)rank);
+        if (d->layout != FASTNORM_CHANNELS_FIRST)
+            return fail(FASTNORM_INVALID_ARGUMENT,
+                        "%s: layout must be FASTNORM_CHANNELS_FIRST (it normalizes the trailing dims)",
+                        kind_name(k));
+    } else {
+        if (rank < 2 || rank > 5)
+            return fail(FASTNORM_INVALID_ARGUMENT,
+                        "%s: desc->rank=%d must be in 2..5: (N, C, *spatial) with spatial rank 0-3",
+                        kind_name(k), (int)rank);
+        if (d->normalized_ndim != 0)
+            return fail(FASTNORM_INVALID_ARGUMENT, "%s: desc->normalized_ndim=%d must be 0", kind_name(k),
+                        (int)d->normalized_ndim);
+    }
+    /* Every dim >= 1 and the byte size of every buffer (data: itemsize, stats:
+       8 bytes) must fit in int64. */
+    limit = INT64_MAX / 8;
+    for (i = 0; i < rank; ++i) {
+        if (d->dims[i] < 1)
+            return fail(FASTNORM_INVALID_ARGUMENT,
+                        "desc->dims[%d]=%lld: every dim must be >= 1 (skip empty tensors)", (int)i,
+                        (long long)d->dims[i]);
+    }
+    for (i = 0; i < rank; ++i) {
+        if (!mul_checked(total, d->dims[i], limit, &total))
+            return fail(FASTNORM_SIZE_OVERFLOW, "the product of desc->dims overflows int64 bytes");
+    }
+    p->size = total;
+    p->eps = d->eps;
+    if (k == FASTNORM_LAYER_NORM || k == FASTNORM_RMS_NORM) {
+        for (i = 0; i < rank - d->normalized_ndim; ++i) lead *= d->dims[i];
+        for (i = rank - d->normalized_ndim; i < rank; ++i) trail *= d->dims[i];
+        p->batch = lead;
+        p->channels = 1;
+        p->spatial = trail;
+        p->groups = 1;
+        p->flags = K_PER_ELEMENT | (k == FASTNORM_LAYER_NORM ? K_CENTERED : 0);
+        p->nparams = trail;
+        p->nstats = lead;
+        p->group_size = trail;
+        return FASTNORM_OK;
+    }
+    p->batch = d->dims[0];
+    if (d->layout == FASTNORM_CHANNELS_LAST) {
+        p->channels = d->dims[rank - 1];
+        for (i = 1; i < rank - 1; ++i) trail *= d->dims[i];
+    } else {
+        p->channels = d->dims[1];
+        for (i = 2; i < rank; ++i) trail *= d->dims[i];
+    }
+    p->spatial = trail;
+    p->flags = K_CENTERED | (d->layout == FASTNORM_CHANNELS_LAST ? K_CHANNELS_LAST : 0);
+    p->nparams = p->channels;
+    if (k == FASTNORM_BATCH_NORM) {
+        p->groups = p->channels;
+        p->flags |= K_BATCH;
+        p->nstats = p->channels;
+        p->group_size = p->batch * p->spatial;
+        if (training && p->group_size == 1)
+            return fail(FASTNORM_INVALID_ARGUMENT,
+                        "batch_norm: expected more than 1 value per channel when training (N*S == 1)");
+    } else {
+        p->groups = k == FASTNORM_INSTANCE_NORM ? p->channels : d->num_groups;
+        if (p->channels % p->groups != 0)
+            return fail(FASTNORM_INVALID_ARGUMENT,
+                        "group_norm: num_groups=%lld does not divide C=%lld channels",
+                        (long long)p->groups, (long long)p->channels);
+        p->nstats = p->batch * p->groups;
+        p->group_size = (p->channels / p->groups) * p->spatial;
+        if (training && k == FASTNORM_INSTANCE_NORM && p->spatial == 1)
+            return fail(FASTNORM_INVALID_ARGUMENT,
+                        "instance_norm: expected more than 1 spatial element when training");
+    }
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_desc_init(fastnorm_desc *desc, int32_t kind, int32_t dtype,
+                                                int32_t rank, const int64_t *dims)
+{
+    int32_t i;
+    if (desc == NULL) return fail(FASTNORM_NULL_POINTER, "desc is NULL");
+    if (dims == NULL) return fail(FASTNORM_NULL_POINTER, "dims is NULL");
+    if (rank < 1 || rank > FASTNORM_MAX_RANK)
+        return fail(FASTNORM_INVALID_ARGUMENT, "rank=%d must be in 1..%d", (int)rank, FASTNORM_MAX_RANK);
+    memset(desc, 0, sizeof *desc);
+    desc->kind = kind;
+    desc->dtype = dtype;
+    desc->layout = FASTNORM_CHANNELS_FIRST;
+    desc->rank = rank;
+    desc->normalized_ndim = (kind == FASTNORM_LAYER_NORM || kind == FASTNORM_RMS_NORM) ? 1 : 0;
+    desc->eps = 1e-5;
+    for (i = 0; i < rank; ++i) desc->dims[i] = dims[i];
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_num_params(const fastnorm_desc *desc, int64_t *count)
+{
+    plan p;
+    fastnorm_status st;
+    if (count == NULL) return fail(FASTNORM_NULL_POINTER, "count is NULL");
+    if ((st = make_plan(desc, 0, &p)) != FASTNORM_OK) return st;
+    *count = p.nparams;
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_num_stats(const fastnorm_desc *desc, int64_t *count)
+{
+    plan p;
+    fastnorm_status st;
+    if (count == NULL) return fail(FASTNORM_NULL_POINTER, "count is NULL");
+    if ((st = make_plan(desc, 0, &p)) != FASTNORM_OK) return st;
+    *count = p.nstats;
+    return FASTNORM_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Buffer checks                                                             */
+/* ------------------------------------------------------------------------ */
+
+typedef struct buffer {
+    const char *name;
+    const void *ptr;   /* NULL: absent */
+    int64_t bytes;
+    int output;
+    int64_t align;     /* required alignment: the element size */
+} buffer;
+
+static fastnorm_status check_aligned(const buffer *b, int64_t align)
+{
+    if (b->ptr != NULL && ((uintptr_t)b->ptr % (uintptr_t)align) != 0)
+        return fail(FASTNORM_INVALID_ARGUMENT, "%s=%p is not aligned to %lld bytes", b->name, b->ptr,
+                    (long long)align);
+    return FASTNORM_OK;
+}
+
+static int overlap(const buffer *a, const buffer *b)
+{
+    uintptr_t a0 = (uintptr_t)a->ptr, b0 = (uintptr_t)b->ptr;
+    if (a->ptr == NULL || b->ptr == NULL) return 0;
+    return a0 < b0 + (uintptr_t)b->bytes && b0 < a0 + (uintptr_t)a->bytes;
+}
+
+/* Every output must be disjoint from every other buffer, except the exact
+   aliases listed as (output index, input index) pairs in `allowed`. */
+static fastnorm_status check_overlaps(const buffer *bufs, int n, const int (*allowed)[2], int nallowed)
+{
+    int i, j, a;
+    for (i = 0; i < n; ++i) {
+        if (!bufs[i].output) continue;
+        for (j = 0; j < n; ++j) {
+            int ok = 0;
+            if (j == i || (bufs[j].output && j < i) || !overlap(&bufs[i], &bufs[j])) continue;
+            for (a = 0; a < nallowed; ++a)
+                if (allowed[a][0] == i && allowed[a][1] == j && bufs[i].ptr == bufs[j].ptr) ok = 1;
+            if (!ok)
+                return fail(FASTNORM_OVERLAP, "%s overlaps %s%s", bufs[i].name, bufs[j].name,
+                            nallowed ? " (only the documented exact aliases are allowed)" : "");
+        }
+    }
+    return FASTNORM_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Runtime                                                                   */
+/* ------------------------------------------------------------------------ */
+
+enum { STATE_NONE = 0, STATE_READY = 1, STATE_FAILED = 2 };
+
+static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
+static int runtime_state = STATE_NONE; /* atomic */
+static int64_t runtime_table[SLOT_COUNT];
+static char runtime_message[4096];     /* layer name on success, reason on failure */
+static int max_threads = 1;
+static int wanted_threads = 0;         /* atomic; 0 = max_threads */
+
+static fastnorm_status start_interpreter(void)
+{
+    PyStatus status;
+    PyConfig config;
+    const char *home;
+
+    if (Py_IsInitialized()) return FASTNORM_OK; /* host process already runs Python */
+    PyConfig_InitPythonConfig(&config);
+    config.install_signal_handlers = 0;
+    config.parse_argv = 0;
+    home = getenv("FASTNORM_PYTHONHOME");
+    if (home != NULL && home[0] != '\0')
+        status = PyConfig_SetBytesString(&config, &config.home, home);
+    else
+        /* Start the interpreter as if FASTNORM_BAKED_EXECUTABLE were run: its
+           prefix, virtual environment and site-packages are found as usual. */
+        status = PyConfig_SetBytesString(&config, &config.program_name, FASTNORM_BAKED_EXECUTABLE);
+    if (!PyStatus_Exception(status)) status = Py_InitializeFromConfig(&config);
+    PyConfig_Clear(&config);
+    if (PyStatus_Exception(status)) {
+        snprintf(runtime_message, sizeof runtime_message,
+                 "cannot start the embedded Python interpreter (%s%s%s); built with %s, "
+                 "set FASTNORM_PYTHONHOME to a Python %s prefix",
+                 status.func ? status.func : "", status.func ? ": " : "",
+                 status.err_msg ? status.err_msg : "exit requested", FASTNORM_BAKED_EXECUTABLE,
+                 FASTNORM_BAKED_PY_VERSION);
+        return FASTNORM_NOT_INITIALIZED;
+    }
+    PyEval_SaveThread(); /* release the GIL: cffi and the kernels never need it */
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_init(void)
+{
+    int state = __atomic_load_n(&runtime_state, __ATOMIC_ACQUIRE);
+    if (state == STATE_READY) return FASTNORM_OK;
+    pthread_mutex_lock(&init_lock);
+    state = __atomic_load_n(&runtime_state, __ATOMIC_ACQUIRE);
+    if (state == STATE_NONE) {
+        state = STATE_FAILED;
+        runtime_message[0] = '\0';
+        if (start_interpreter() == FASTNORM_OK) {
+            if (_fastnorm_py_init(runtime_table, SLOT_COUNT, runtime_message,
+                                  (int64_t)sizeof runtime_message) == 1) {
+                int i, ok = 1;
+                for (i = 0; i < SLOT_COUNT; ++i) ok = ok && runtime_table[i] != 0;
+                if (ok) {
+                    max_threads = (int)runtime_table[SLOT_MAX_THREADS];
+                    state = STATE_READY;
+                } else {
+                    snprintf(runtime_message, sizeof runtime_message,
+                             "the Python runtime returned an incomplete function table");
+                }
+            } else if (runtime_message[0] == '\0') {
+                snprintf(runtime_message, sizeof runtime_message,
+                         "the embedded Python init code failed (its traceback went to stderr)");
+            }
+        }
+        __atomic_store_n(&runtime_state, state, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&init_lock);
+    if (state != STATE_READY)
+        return fail(FASTNORM_NOT_INITIALIZED, "fastnorm runtime not available: %s", runtime_message);
+    return FASTNORM_OK;
+}
+
+static fastnorm_status ensure_runtime(void)
+{
+    if (__atomic_load_n(&runtime_state, __ATOMIC_ACQUIRE) == STATE_READY) return FASTNORM_OK;
+    return fastnorm_init();
+}
+
+FASTNORM_API fastnorm_status fastnorm_set_num_threads(int num_threads)
+{
+    fastnorm_status st = ensure_runtime();
+    if (st != FASTNORM_OK) return st;
+    if (num_threads < 0 || num_threads > max_threads)
+        return fail(FASTNORM_INVALID_ARGUMENT, "num_threads=%d must be in 0..%d (NUMBA_NUM_THREADS)",
+                    num_threads, max_threads);
+    __atomic_store_n(&wanted_threads, num_threads, __ATOMIC_RELAXED);
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_get_num_threads(int *num_threads)
+{
+    fastnorm_status st;
+    int n;
+    if (num_threads == NULL) return fail(FASTNORM_NULL_POINTER, "num_threads is NULL");
+    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    n = __atomic_load_n(&wanted_threads, __ATOMIC_RELAXED);
+    *num_threads = n > 0 ? n : max_threads;
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_runtime_info(int *max_threads_out, const char **layer)
+{
+    fastnorm_status st = ensure_runtime();
+    if (st != FASTNORM_OK) return st;
+    if (max_threads_out != NULL) *max_threads_out = max_threads;
+    if (layer != NULL) *layer = runtime_message;
+    return FASTNORM_OK;
+}
+
+/* Numba's thread count is thread-local to the launching thread: set it for
+   this call and restore the caller's value afterwards. */
+static int enter_threads(void)
+{
+    int n = __atomic_load_n(&wanted_threads, __ATOMIC_RELAXED);
+    int previous = ((get_threads_fn)(uintptr_t)runtime_table[SLOT_GET_THREADS])();
+    if (n <= 0) n = max_threads;
+    if (previous != n) ((set_threads_fn)(uintptr_t)runtime_table[SLOT_SET_THREADS])(n);
+    return previous;
+}
+
+static void leave_threads(int previous)
+{
+    int n = ((get_threads_fn)(uintptr_t)runtime_table[SLOT_GET_THREADS])();
+    if (previous >= 1 && previous != n)
+        ((set_threads_fn)(uintptr_t)runtime_table[SLOT_SET_THREADS])(previous);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Entry points                                                              */
+/* ------------------------------------------------------------------------ */
+
+#define REQUIRE(ptr)                                                                   \
+    do {                                                                               \
+        if ((ptr) == NULL) return fail(FASTNORM_NULL_POINTER, "%s is NULL", #ptr);     \
+    } while (0)
+
+static fastnorm_status check_buffers(const buffer *bufs, int n, const int (*allowed)[2], int nallowed)
+{
+    int i;
+    fastnorm_status st;
+    for (i = 0; i < n; ++i)
+        if ((st = check_aligned(&bufs[i], bufs[i].align)) != FASTNORM_OK) return st;
+    return check_overlaps(bufs, n, allowed, nallowed);
+}
+
+FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc, const void *x,
+                                                       const void *weight, const void *bias,
+                                                       void *y, double *mean, double *rstd)
+{
+    static const int allowed[][2] = {{1, 0}}; /* y == x */
+    plan p;
+    fastnorm_status st;
+    int32_t rc;
+    int previous;
+    if ((st = make_plan(desc, 1, &p)) != FASTNORM_OK) return st;
+    REQUIRE(x);
+    REQUIRE(y);
+    REQUIRE(mean);
+    REQUIRE(rstd);
+    {
+        buffer bufs[] = {
+            {"x", x, p.size * p.itemsize, 0, p.itemsize},          {"y", y, p.size * p.itemsize, 1, p.itemsize},
+            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize}, {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
+            {"mean", mean, p.nstats * 8, 1, 8},           {"rstd", rstd, p.nstats * 8, 1, 8},
+        };
+        if ((st = check_buffers(bufs, 6, allowed, 1)) != FASTNORM_OK) return st;
+    }
+    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    previous = enter_threads();
+    rc = ((forward_fn)(uintptr_t)runtime_table[p.dtype_index ? SLOT_FWD_F64 : SLOT_FWD_F32])(
+        x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, mean, rstd, p.nstats,
+        p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
+    leave_threads(previous);
+    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the forward kernel failed (out of memory?)");
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *desc, const void *x,
+                                                        const double *mean, const double *rstd,
+                                                        const void *weight, const void *bias,
+                                                        void *y)
+{
+    static const int allowed[][2] = {{1, 0}}; /* y == x */
+    plan p;
+    fastnorm_status st;
+    int32_t rc;
+    int previous;
+    if ((st = make_plan(desc, 0, &p)) != FASTNORM_OK) return st;
+    REQUIRE(x);
+    REQUIRE(mean);
+    REQUIRE(rstd);
+    REQUIRE(y);
+    {
+        buffer bufs[] = {
+            {"x", x, p.size * p.itemsize, 0, p.itemsize},          {"y", y, p.size * p.itemsize, 1, p.itemsize},
+            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize}, {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
+            {"mean", mean, p.nstats * 8, 0, 8},           {"rstd", rstd, p.nstats * 8, 0, 8},
+        };
+        if ((st = check_buffers(bufs, 6, allowed, 1)) != FASTNORM_OK) return st;
+    }
+    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    previous = enter_threads();
+    rc = ((forward_fn)(uintptr_t)runtime_table[p.dtype_index ? SLOT_INF_F64 : SLOT_INF_F32])(
+        x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, (double *)mean,
+        (double *)rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
+    leave_threads(previous);
+    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the inference kernel failed (out of memory?)");
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy,
+                                               const void *x, const double *mean,
+                                               const double *rstd, const void *weight, void *dx,
+                                               void *dweight, void *dbias)
+{
+    static const int allowed[][2] = {{2, 0}, {2, 1}}; /* dx == dy, dx == x */
+    plan p;
+    fastnorm_status st;
+    int32_t rc;
+    int previous;
+    if ((st = make_plan(desc, 1, &p)) != FASTNORM_OK) return st;
+    REQUIRE(dy);
+    REQUIRE(x);
+    REQUIRE(mean);
+    REQUIRE(rstd);
+    REQUIRE(dx);
+    {
+        buffer bufs[] = {
+            {"dy", dy, p.size * p.itemsize, 0, p.itemsize},
+            {"x", x, p.size * p.itemsize, 0, p.itemsize},
+            {"dx", dx, p.size * p.itemsize, 1, p.itemsize},
+            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
+            {"mean", mean, p.nstats * 8, 0, 8},
+            {"rstd", rstd, p.nstats * 8, 0, 8},
+            {"dweight", dweight, p.nparams * p.itemsize, 1, p.itemsize},
+            {"dbias", dbias, p.nparams * p.itemsize, 1, p.itemsize},
+        };
+        if ((st = check_buffers(bufs, 8, allowed, 2)) != FASTNORM_OK) return st;
+    }
+    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    previous = enter_threads();
+    rc = ((backward_fn)(uintptr_t)runtime_table[p.dtype_index ? SLOT_BWD_F64 : SLOT_BWD_F32])(
+        dy, x, weight, weight ? p.nparams : 0, mean, rstd, p.nstats, dx, dweight,
+        dweight ? p.nparams : 0, dbias, dbias ? p.nparams : 0, p.batch, p.channels, p.spatial,
+        p.groups, p.flags, p.eps);
+    leave_threads(previous);
+    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward kernel failed (out of memory?)");
+    return FASTNORM_OK;
+}

@@ -1,0 +1,72 @@
+/* Helpers shared by the C test programs of the fastnorm C ABI (C99). */
+#ifndef FASTNORM_TEST_COMMON_H
+#define FASTNORM_TEST_COMMON_H
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "fastnorm.h"
+
+#if defined(__GNUC__)
+#define TEST_HELPER static __attribute__((unused))
+#else
+#define TEST_HELPER static
+#endif
+
+static int g_failures = 0;
+
+#define CHECK(cond, ...)                                              \
+    do {                                                              \
+        if (!(cond)) {                                                \
+            ++g_failures;                                             \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);      \
+            fprintf(stderr, __VA_ARGS__);                             \
+            fprintf(stderr, "\n");                                    \
+        }                                                             \
+    } while (0)
+
+TEST_HELPER void *xmalloc(size_t bytes)
+{
+    /* +64 so that size-0 requests and misaligned-pointer tests stay in bounds */
+    void *p = malloc(bytes + 64);
+    if (p == NULL) {
+        fprintf(stderr, "out of memory (%lu bytes)\n", (unsigned long)bytes);
+        exit(2);
+    }
+    return p;
+}
+
+TEST_HELPER void *read_file(const char *path, size_t bytes)
+{
+    void *buf = xmalloc(bytes);
+    FILE *f = fopen(path, "rb");
+    if (f == NULL || fread(buf, 1, bytes, f) != bytes) {
+        fprintf(stderr, "cannot read %lu bytes from %s\n", (unsigned long)bytes, path);
+        exit(2);
+    }
+    fclose(f);
+    return buf;
+}
+
+TEST_HELPER void write_file(const char *path, const void *buf, size_t bytes)
+{
+    FILE *f = fopen(path, "wb");
+    if (f == NULL || fwrite(buf, 1, bytes, f) != bytes) {
+        fprintf(stderr, "cannot write %s\n", path);
+        exit(2);
+    }
+    fclose(f);
+}
+
+TEST_HELPER int64_t desc_elements(const fastnorm_desc *d)
+{
+    int64_t n = 1;
+    int i;
+    for (i = 0; i < d->rank; ++i) n *= d->dims[i];
+    return n;
+}
+
+TEST_HELPER size_t dtype_size(const fastnorm_desc *d) { return d->dtype == FASTNORM_FLOAT64 ? 8 : 4; }
+
+#endif

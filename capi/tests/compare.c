@@ -1,0 +1,131 @@
+/*
+ * compare: run every case of a manifest through the C ABI and write the
+ * outputs next to the inputs, for tests/test_capi.py to compare with the
+ * Python API.  Also checks in C that the in-place variants (y == x,
+ * dx == dy, dx == x) give bitwise the same results as separate buffers.
+ *
+ * Manifest lines:
+ *   prefix kind dtype layout rank d0 .. d(rank-1) num_groups normalized_ndim eps has_weight has_bias
+ * Inputs  prefix.x prefix.dy [prefix.w] [prefix.b] prefix.imean prefix.irstd
+ * Outputs prefix.y prefix.mean prefix.rstd prefix.yinf prefix.dx [prefix.dw] [prefix.db]
+ */
+#include "common.h"
+
+static char path_buf[4096];
+
+static const char *path(const char *prefix, const char *ext)
+{
+    snprintf(path_buf, sizeof path_buf, "%s.%s", prefix, ext);
+    return path_buf;
+}
+
+static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int has_b)
+{
+    int64_t n = desc_elements(d), np_, ns;
+    size_t es = dtype_size(d), bytes;
+    void *x, *dy, *w = NULL, *b = NULL, *y, *yinf, *dx, *dw = NULL, *db = NULL, *tmp;
+    double *mean, *rstd, *imean, *irstd, *m2, *r2;
+    fastnorm_status st;
+
+    if ((st = fastnorm_num_params(d, &np_)) != FASTNORM_OK || (st = fastnorm_num_stats(d, &ns)) != FASTNORM_OK) {
+        fprintf(stderr, "%s: descriptor rejected: %s\n", prefix, fastnorm_last_error());
+        return 1;
+    }
+    bytes = (size_t)n * es;
+    x = read_file(path(prefix, "x"), bytes);
+    dy = read_file(path(prefix, "dy"), bytes);
+    if (has_w) w = read_file(path(prefix, "w"), (size_t)np_ * es);
+    if (has_b) b = read_file(path(prefix, "b"), (size_t)np_ * es);
+    imean = read_file(path(prefix, "imean"), (size_t)ns * 8);
+    irstd = read_file(path(prefix, "irstd"), (size_t)ns * 8);
+    y = xmalloc(bytes);
+    yinf = xmalloc(bytes);
+    dx = xmalloc(bytes);
+    tmp = xmalloc(bytes);
+    mean = xmalloc((size_t)ns * 8);
+    rstd = xmalloc((size_t)ns * 8);
+    m2 = xmalloc((size_t)ns * 8);
+    r2 = xmalloc((size_t)ns * 8);
+    if (has_w) dw = xmalloc((size_t)np_ * es);
+    if (has_b) db = xmalloc((size_t)np_ * es);
+
+    st = fastnorm_forward_training(d, x, w, b, y, mean, rstd);
+    CHECK(st == FASTNORM_OK, "%s forward_training: %s %s", prefix, fastnorm_status_string(st), fastnorm_last_error());
+    st = fastnorm_forward_inference(d, x, imean, irstd, w, b, yinf);
+    CHECK(st == FASTNORM_OK, "%s forward_inference: %s %s", prefix, fastnorm_status_string(st), fastnorm_last_error());
+    st = fastnorm_backward(d, dy, x, mean, rstd, w, dx, dw, db);
+    CHECK(st == FASTNORM_OK, "%s backward: %s %s", prefix, fastnorm_status_string(st), fastnorm_last_error());
+
+    /* in place: y == x */
+    memcpy(tmp, x, bytes);
+    st = fastnorm_forward_training(d, tmp, w, b, tmp, m2, r2);
+    CHECK(st == FASTNORM_OK && memcmp(tmp, y, bytes) == 0 && memcmp(m2, mean, (size_t)ns * 8) == 0
+              && memcmp(r2, rstd, (size_t)ns * 8) == 0,
+          "%s forward_training in place differs (%s)", prefix, fastnorm_status_string(st));
+    memcpy(tmp, x, bytes);
+    st = fastnorm_forward_inference(d, tmp, imean, irstd, w, b, tmp);
+    CHECK(st == FASTNORM_OK && memcmp(tmp, yinf, bytes) == 0, "%s forward_inference in place differs", prefix);
+    /* in place: dx == dy, then dx == x */
+    memcpy(tmp, dy, bytes);
+    st = fastnorm_backward(d, tmp, x, mean, rstd, w, tmp, NULL, NULL);
+    CHECK(st == FASTNORM_OK && memcmp(tmp, dx, bytes) == 0, "%s backward dx == dy differs", prefix);
+    memcpy(tmp, x, bytes);
+    st = fastnorm_backward(d, dy, tmp, mean, rstd, w, tmp, NULL, NULL);
+    CHECK(st == FASTNORM_OK && memcmp(tmp, dx, bytes) == 0, "%s backward dx == x differs", prefix);
+
+    write_file(path(prefix, "y"), y, bytes);
+    write_file(path(prefix, "mean"), mean, (size_t)ns * 8);
+    write_file(path(prefix, "rstd"), rstd, (size_t)ns * 8);
+    write_file(path(prefix, "yinf"), yinf, bytes);
+    write_file(path(prefix, "dx"), dx, bytes);
+    if (has_w) write_file(path(prefix, "dw"), dw, (size_t)np_ * es);
+    if (has_b) write_file(path(prefix, "db"), db, (size_t)np_ * es);
+    free(x); free(dy); free(w); free(b); free(y); free(yinf); free(dx); free(tmp);
+    free(mean); free(rstd); free(m2); free(r2); free(imean); free(irstd); free(dw); free(db);
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    FILE *manifest;
+    char prefix[2048];
+    int cases = 0;
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s MANIFEST\n", argv[0]);
+        return 2;
+    }
+    manifest = fopen(argv[1], "r");
+    if (manifest == NULL) {
+        fprintf(stderr, "cannot open %s\n", argv[1]);
+        return 2;
+    }
+    while (fscanf(manifest, "%2047s", prefix) == 1) {
+        fastnorm_desc d;
+        int kind, dtype, layout, rank, i, nd, has_w, has_b;
+        long long groups, dim;
+        double eps;
+        memset(&d, 0, sizeof d);
+        if (fscanf(manifest, "%d %d %d %d", &kind, &dtype, &layout, &rank) != 4 || rank < 1
+            || rank > FASTNORM_MAX_RANK) {
+            fprintf(stderr, "bad manifest line for %s\n", prefix);
+            return 2;
+        }
+        d.kind = kind;
+        d.dtype = dtype;
+        d.layout = layout;
+        d.rank = rank;
+        for (i = 0; i < rank; ++i) {
+            if (fscanf(manifest, "%lld", &dim) != 1) return 2;
+            d.dims[i] = dim;
+        }
+        if (fscanf(manifest, "%lld %d %lf %d %d", &groups, &nd, &eps, &has_w, &has_b) != 5) return 2;
+        d.num_groups = groups;
+        d.normalized_ndim = nd;
+        d.eps = eps;
+        if (run_case(prefix, &d, has_w, has_b) != 0) ++g_failures;
+        ++cases;
+    }
+    fclose(manifest);
+    printf("compare: %d cases, %d failures\n", cases, g_failures);
+    return g_failures ? 1 : 0;
+}

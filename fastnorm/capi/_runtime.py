@@ -1,0 +1,54 @@
+"""Python side of ``libfastnorm.so``'s initialization (runs in the embedded interpreter).
+
+Called once per process by the cffi init code (see :mod:`fastnorm.capi.build`);
+after it returns, C calls the kernels through the addresses it wrote and no
+Python code runs again.
+"""
+
+from __future__ import annotations
+
+from ._cfuncs import build_cfuncs, threading_addresses
+
+__all__ = ["TABLE_ORDER", "fill_table"]
+
+#: cfunc order of the table slots (must match the SLOT_* enum of fastnorm_capi.c).
+TABLE_ORDER = [
+    (op, dtype)
+    for dtype in ("float32", "float64")
+    for op in ("forward_training", "forward_inference", "backward")
+]
+
+#: Keeps the compiled cfuncs (and their machine code) alive for the process lifetime.
+_KEEP_ALIVE = []
+
+
+def fill_table(table, table_len):
+    """Load the cfuncs and write their addresses into the C table.
+
+    Parameters
+    ----------
+    table : cffi ``int64_t *``
+        Slots: the 6 cfuncs of :data:`TABLE_ORDER`, the threading layer's
+        ``set_num_threads`` and ``get_num_threads``, the thread-pool size.
+    table_len : int
+        Number of slots the C side expects.
+
+    Returns
+    -------
+    str
+        The threading layer name (``"tbb"``, ``"omp"``...).
+
+    Raises
+    ------
+    RuntimeError
+        If the C and Python sides disagree on the table layout.
+    """
+    cfuncs = build_cfuncs()
+    setter, getter, max_threads, layer = threading_addresses()
+    values = [cfuncs[key].address for key in TABLE_ORDER] + [setter, getter, max_threads]
+    if table_len != len(values):
+        raise RuntimeError(f"libfastnorm expects {table_len} table slots, the runtime provides {len(values)}")
+    for index, value in enumerate(values):
+        table[index] = value
+    _KEEP_ALIVE.append(cfuncs)
+    return layer

@@ -1,0 +1,233 @@
+"""Build ``libfastnorm.so``: the C ABI as a cffi embedding-mode shared library.
+
+The library contains ``capi/src/fastnorm_capi.c`` (validation, runtime start,
+dispatch through C function pointers) and a few lines of Python init code that
+cffi runs inside the embedded interpreter on the first call.  The Python
+environment of the build (``sys.executable``, ``sys.prefix``, the
+site-packages directories and the directory holding the ``fastnorm`` package)
+is baked into the library, so a C program needs neither ``PYTHONHOME`` nor
+``PYTHONPATH``; ``FASTNORM_PYTHONHOME`` overrides the baked home at run time.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import site
+import sys
+import sysconfig
+import tempfile
+
+__all__ = [
+    "LIBRARY_NAME",
+    "build",
+    "cflags",
+    "default_build_dir",
+    "libs",
+    "source_dir",
+]
+
+#: File name of the shared library.
+LIBRARY_NAME = "libfastnorm.so"
+
+_PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent  # .../fastnorm
+_REPO_ROOT = _PACKAGE_ROOT.parent
+
+_EMBEDDING_API = (
+    "int _fastnorm_py_init(int64_t *table, int64_t table_len, char *message, int64_t message_len);"
+)
+
+_INIT_CODE = '''
+import os
+import site
+import sys
+
+# Environment baked in at build time: make the build's packages importable even
+# when the interpreter was started with another home (FASTNORM_PYTHONHOME).
+for _path in {site_dirs!r}:
+    if os.path.isdir(_path) and _path not in sys.path:
+        site.addsitedir(_path)
+if {package_parent!r} not in sys.path:
+    sys.path.insert(0, {package_parent!r})
+
+from _fastnorm_capi import ffi
+
+
+@ffi.def_extern()
+def _fastnorm_py_init(table, table_len, message, message_len):
+    try:
+        from fastnorm.capi import _runtime
+
+        text = _runtime.fill_table(table, table_len)
+        status = 1
+    except BaseException:
+        import traceback
+
+        text = traceback.format_exc()
+        status = 0
+    data = text.encode("utf-8", "replace")[: max(0, message_len - 1)]
+    ffi.memmove(message, data, len(data))
+    message[len(data)] = b"\\0"
+    return status
+'''
+
+
+def source_dir():
+    """Return the ``capi/`` directory holding ``fastnorm.h`` and ``src/fastnorm_capi.c``.
+
+    Returns
+    -------
+    pathlib.Path
+
+    Raises
+    ------
+    FileNotFoundError
+        If the C sources are not next to the package (``fastnorm`` installed
+        from a wheel that does not ship them).
+    """
+    path = _REPO_ROOT / "capi"
+    if not (path / "fastnorm.h").is_file() or not (path / "src" / "fastnorm_capi.c").is_file():
+        raise FileNotFoundError(
+            f"the C API sources are not at {path} (fastnorm.h, src/fastnorm_capi.c): build from a "
+            "source checkout or an editable install"
+        )
+    return path
+
+
+def default_build_dir():
+    """Return the default output directory, ``capi/build/`` of the source tree."""
+    return _REPO_ROOT / "capi" / "build"
+
+
+def _c_string(text):
+    """Quote ``text`` as a C string literal (JSON escapes are valid C escapes for ASCII)."""
+    return json.dumps(text, ensure_ascii=True)
+
+
+def _baked_constants():
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return (
+        f"static const char FASTNORM_BAKED_EXECUTABLE[] = {_c_string(sys.executable)};\n"
+        f"static const char FASTNORM_BAKED_PY_VERSION[] = {_c_string(version)};\n"
+    )
+
+
+def _site_dirs():
+    dirs = list(site.getsitepackages())
+    user = site.getusersitepackages()
+    if site.ENABLE_USER_SITE and user:
+        dirs.append(user)
+    return [d for d in dirs if pathlib.Path(d).is_dir()]
+
+
+def cflags(out_dir=None):
+    """Compiler flags for a C program using ``fastnorm.h``.
+
+    Parameters
+    ----------
+    out_dir : path-like, optional
+        Build directory (default :func:`default_build_dir`).
+
+    Returns
+    -------
+    str
+    """
+    out = pathlib.Path(out_dir or default_build_dir()).resolve()
+    return f"-I{out / 'include'}"
+
+
+def libs(out_dir=None):
+    """Linker flags for a C program using ``libfastnorm.so`` (with an rpath to it).
+
+    Parameters
+    ----------
+    out_dir : path-like, optional
+        Build directory (default :func:`default_build_dir`).
+
+    Returns
+    -------
+    str
+    """
+    out = pathlib.Path(out_dir or default_build_dir()).resolve()
+    return f"-L{out} -Wl,-rpath,{out} -lfastnorm"
+
+
+def _write_pkgconfig(out):
+    text = (
+        f"prefix={out}\n"
+        "libdir=${prefix}\n"
+        "includedir=${prefix}/include\n\n"
+        "Name: fastnorm\n"
+        "Description: BatchNorm/InstanceNorm/GroupNorm/LayerNorm/RMSNorm forward and backward "
+        "(C ABI of the fastnorm Numba kernels)\n"
+        "Version: 0.1.0\n"
+        "Cflags: -I${includedir}\n"
+        "Libs: -L${libdir} -Wl,-rpath,${libdir} -lfastnorm\n"
+    )
+    (out / "fastnorm.pc").write_text(text)
+
+
+def build(out_dir=None, verbose=False):
+    """Compile ``libfastnorm.so`` and install it with its header and ``fastnorm.pc``.
+
+    Parameters
+    ----------
+    out_dir : path-like, optional
+        Output directory (default ``capi/build/``).  Receives
+        ``libfastnorm.so``, ``include/fastnorm.h`` and ``fastnorm.pc``.
+    verbose : bool, optional
+        Show the compiler command lines.
+
+    Returns
+    -------
+    pathlib.Path
+        Path of the built library.
+
+    Raises
+    ------
+    ImportError
+        If cffi is not installed.
+    RuntimeError
+        If the interpreter has no shared ``libpython`` to embed.
+    """
+    import cffi
+
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        raise RuntimeError(
+            f"{sys.executable} was built without a shared libpython (Py_ENABLE_SHARED=0); "
+            "embedding needs one"
+        )
+    src = source_dir()
+    out = pathlib.Path(out_dir or default_build_dir()).resolve()
+    (out / "include").mkdir(parents=True, exist_ok=True)
+    libdir = sysconfig.get_config_var("LIBDIR")
+    init_code = _INIT_CODE.format(site_dirs=_site_dirs(), package_parent=str(_PACKAGE_ROOT.parent))
+
+    ffi = cffi.FFI()
+    ffi.embedding_api(_EMBEDDING_API)
+    with tempfile.TemporaryDirectory(prefix="fastnorm-capi-") as tmp:
+        version_script = pathlib.Path(tmp) / "exports.map"
+        version_script.write_text("{ global: fastnorm_*; local: *; };\n")
+        ffi.set_source(
+            "_fastnorm_capi",
+            _baked_constants() + '#include "fastnorm_capi.c"\n',
+            include_dirs=[str(src), str(src / "src")],
+            extra_compile_args=["-O2", "-fvisibility=hidden"],
+            extra_link_args=[
+                f"-Wl,--version-script={version_script}",
+                f"-Wl,-soname,{LIBRARY_NAME}",
+                f"-Wl,-rpath,{libdir}",
+                "-pthread",
+            ],
+        )
+        ffi.embedding_init_code(init_code)
+        built = ffi.compile(tmpdir=tmp, target=LIBRARY_NAME, verbose=verbose)
+        target = out / LIBRARY_NAME
+        tmp_target = out / (LIBRARY_NAME + ".tmp")
+        shutil.copyfile(built, tmp_target)
+        tmp_target.chmod(0o755)
+        tmp_target.replace(target)  # atomic: running programs keep the old inode
+    shutil.copyfile(src / "fastnorm.h", out / "include" / "fastnorm.h")
+    _write_pkgconfig(out)
+    return target
