@@ -38,6 +38,7 @@ shapes, dtypes and contiguity before calling them.
 
 from __future__ import annotations
 
+import types
 from collections import namedtuple
 
 import numpy as np
@@ -89,7 +90,7 @@ eps : float
 
 
 def num_stats(spec):
-    """Number of (mean, rstd) pairs a kernel call produces or consumes."""
+    """Return the number of (mean, rstd) pairs a kernel call produces or consumes."""
     sets = 1 if spec.flags & BATCH else spec.batch
     return sets * spec.groups
 
@@ -120,15 +121,12 @@ def _merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
 def _finish(count, mean, m2, flags, eps):
     """Return the ``(mean, rstd)`` used to normalize a group.
 
-    The variance is the biased (population) one, ``m2 / count``; without
-    ``CENTERED`` (RMSNorm) the mean used is 0 and ``rstd = 1/sqrt(E[x^2]+eps)``
-    with ``E[x^2] = var + mean^2`` (a sum of non-negative terms, no
-    cancellation).
+    ``rstd = 1 / sqrt(m2 / count + eps)``: with ``CENTERED`` ``m2`` is the sum
+    of squared deviations (biased variance ``m2 / count``); without it
+    (RMSNorm) the moments are ``(0, sum(x**2))``, so this is
+    ``1 / sqrt(mean(x**2) + eps)`` and the mean used is 0.
     """
-    var = m2 / count
-    if flags & CENTERED:
-        return mean, 1.0 / np.sqrt(var + eps)
-    return 0.0, 1.0 / np.sqrt(var + mean * mean + eps)
+    return mean, 1.0 / np.sqrt(m2 / count + eps)
 
 
 @helper
@@ -141,16 +139,121 @@ def _stat_index(spec, n, c):
 
 
 @helper
-def _group_members(spec, nblocks, k):
-    """Return ``(first sample, samples, channels per group, blocks)`` of group ``k``.
-
-    A group has ``samples * D * nblocks`` member blocks, enumerated in the fixed
-    order sample, channel, block by :func:`_cf_member`.
-    """
+def _group(spec, k):
+    """Return ``(first sample, samples, first channel, channels)`` of group ``k``."""
     d = spec.channels // spec.groups
+    c0 = (k % spec.groups) * d
     if spec.flags & BATCH:
-        return 0, spec.batch, d, nblocks
-    return k // spec.groups, 1, d, nblocks
+        return 0, spec.batch, c0, d
+    return k // spec.groups, 1, c0, d
+
+
+@helper
+def _moments(x, off, count, centered):
+    """Moments of ``x[off:off+count]`` in float64: ``(mean, sum((x - mean)**2))``.
+
+    Corrected two-pass algorithm (Chan, Golub & LeVeque 1983, eq. 1.7): the
+    second pass also sums the deviations, which corrects the rounding of the
+    first-pass mean, so a constant block has exactly its value as mean and 0
+    as sum of squares.  Without ``centered`` (RMSNorm) returns
+    ``(0, sum(x**2))`` in one pass: no ``inf - inf`` when ``x`` holds an inf.
+    """
+    xs = x[off : off + count]
+    if not centered:
+        sum_sq = 0.0
+        for i in range(count):
+            sum_sq += xs[i] * np.float64(xs[i])
+        return 0.0, sum_sq
+    total = 0.0
+    for i in range(count):
+        total += xs[i]
+    mean = total / count
+    sum_dev = 0.0
+    m2 = 0.0
+    for i in range(count):
+        dev = xs[i] - mean
+        sum_dev += dev
+        m2 += dev * dev
+    return mean + sum_dev / count, m2 - sum_dev * sum_dev / count
+
+
+@helper
+def _dots(dy, x, off, count, mean):
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` over ``[off, off+count)``."""
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    sum_dy = 0.0
+    sum_dy_xc = 0.0
+    for i in range(count):
+        sum_dy += dys[i]
+        sum_dy_xc += dys[i] * (xs[i] - mean)
+    return sum_dy, sum_dy_xc
+
+
+@helper
+def _dots_weighted(dy, x, weight, off, count, s0, mean):
+    """:func:`_dots` of ``g = dy * weight[s0 + i]`` (per-element affine)."""
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    ws = weight[s0 : s0 + count]
+    sum_g = 0.0
+    sum_g_xc = 0.0
+    for i in range(count):
+        g = dys[i] * ws[i]
+        sum_g += g
+        sum_g_xc += g * (xs[i] - mean)
+    return sum_g, sum_g_xc
+
+
+@helper
+def _normalize(x, y, off, count, mean, scale, shift):
+    """``y = (x - mean) * scale + shift`` over ``[off, off+count)``."""
+    xs = x[off : off + count]
+    ys = y[off : off + count]
+    for i in range(count):
+        ys[i] = (xs[i] - mean) * scale + shift
+
+
+@helper
+def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
+    """``y = (x - mean) * (rstd * weight[s]) + bias[s]``, ``s = s0 + i`` (LayerNorm)."""
+    xs = x[off : off + count]
+    ys = y[off : off + count]
+    ws = weight[s0 : s0 + count]
+    bs = bias[s0 : s0 + count]
+    if weight.size > 0 and bias.size > 0:
+        for i in range(count):
+            ys[i] = (xs[i] - mean) * (rstd * ws[i]) + bs[i]
+    elif weight.size > 0:
+        for i in range(count):
+            ys[i] = (xs[i] - mean) * (rstd * ws[i])
+    elif bias.size > 0:
+        for i in range(count):
+            ys[i] = (xs[i] - mean) * rstd + bs[i]
+    else:
+        for i in range(count):
+            ys[i] = (xs[i] - mean) * rstd
+
+
+@helper
+def _dx(dy, x, dx, off, count, a, kx, k0, mean):
+    """``dx = a * dy - kx * (x - mean) - k0`` over ``[off, off+count)``."""
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    dxs = dx[off : off + count]
+    for i in range(count):
+        dxs[i] = a * dys[i] - kx * (xs[i] - mean) - k0
+
+
+@helper
+def _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, kx, k0, mean):
+    """:func:`_dx` with ``a = rstd * weight[s0 + i]`` (per-element affine)."""
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    dxs = dx[off : off + count]
+    ws = weight[s0 : s0 + count]
+    for i in range(count):
+        dxs[i] = (rstd * ws[i]) * dys[i] - kx * (xs[i] - mean) - k0
 
 
 # ---------------------------------------------------------------------------
@@ -159,89 +262,48 @@ def _group_members(spec, nblocks, k):
 
 
 @helper
-def _cf_block(spec, nblocks, blk):
-    """Return ``(offset, count, channel, sample, s0)`` of channels-first block ``blk``."""
-    plane = blk // nblocks
-    s0 = (blk - plane * nblocks) * BLOCK
+def _cf_moments_block(x, work, spec, nblocks, plane, b):
+    """Store the moments of block ``b`` of plane ``plane = n*C + c`` in ``work``."""
+    s0 = b * BLOCK
     count = min(BLOCK, spec.spatial - s0)
-    return plane * spec.spatial + s0, count, plane % spec.channels, plane // spec.channels, s0
+    blk = plane * nblocks + b
+    work[2 * blk], work[2 * blk + 1] = _moments(x, plane * spec.spatial + s0, count, spec.flags & CENTERED)
 
 
 @helper
-def _cf_member(spec, nblocks, k, j):
-    """Block id of the ``j``-th member block of group ``k`` (channels-first)."""
-    n0, _, d, _ = _group_members(spec, nblocks, k)
-    b = j % nblocks
-    t = j // nblocks
-    c = (k % spec.groups) * d + t % d
-    n = n0 + t // d
-    return (n * spec.channels + c) * nblocks + b
+def _cf_merge_group(work, stats, spec, nblocks, k):
+    """Merge group ``k``'s block moments into ``stats[2k], stats[2k+1] = mean, rstd``.
 
-
-@helper
-def _cf_block_moments(x, work, spec, nblocks, blk):
-    """Store the mean and centered sum of squares of block ``blk`` in ``work``."""
-    off, count, _, _, _ = _cf_block(spec, nblocks, blk)
-    xs = x[off : off + count]
-    total = 0.0
-    for i in range(count):
-        total += xs[i]
-    mean = total / count
-    m2 = 0.0
-    for i in range(count):
-        dev = xs[i] - mean
-        m2 += dev * dev
-    work[2 * blk] = mean
-    work[2 * blk + 1] = m2
-
-
-@helper
-def _cf_group_stats(work, stats, spec, nblocks, k):
-    """Merge the member blocks of group ``k`` into ``stats[2k:2k+2] = mean, rstd``."""
-    _, samples, d, _ = _group_members(spec, nblocks, k)
+    Merge order: sample, channel, block (fixed).
+    """
+    n0, samples, c0, d = _group(spec, k)
     count = 0.0
     mean = 0.0
     m2 = 0.0
-    for j in range(samples * d * nblocks):
-        blk = _cf_member(spec, nblocks, k, j)
-        s0 = (blk % nblocks) * BLOCK
-        count, mean, m2 = _merge(
-            count, mean, m2, float(min(BLOCK, spec.spatial - s0)), work[2 * blk], work[2 * blk + 1]
-        )
-    mean_used, rstd = _finish(count, mean, m2, spec.flags, spec.eps)
-    stats[2 * k] = mean_used
-    stats[2 * k + 1] = rstd
+    for n in range(n0, n0 + samples):
+        for c in range(c0, c0 + d):
+            blk0 = (n * spec.channels + c) * nblocks
+            for b in range(nblocks):
+                block_count = float(min(BLOCK, spec.spatial - b * BLOCK))
+                count, mean, m2 = _merge(
+                    count, mean, m2, block_count, work[2 * (blk0 + b)], work[2 * (blk0 + b) + 1]
+                )
+    stats[2 * k], stats[2 * k + 1] = _finish(count, mean, m2, spec.flags, spec.eps)
 
 
 @helper
-def _cf_normalize_block(x, y, weight, bias, stats, spec, nblocks, blk):
-    """``y = (x - mean) * (rstd * weight) + bias`` on block ``blk``."""
-    off, count, c, n, s0 = _cf_block(spec, nblocks, blk)
-    k = _stat_index(spec, n, c)
-    mean = stats[2 * k]
-    rstd = stats[2 * k + 1]
-    xs = x[off : off + count]
-    ys = y[off : off + count]
+def _cf_normalize_block(x, y, weight, bias, spec, mean, rstd, plane, b):
+    """Normalize block ``b`` of plane ``plane`` with its group's ``mean``, ``rstd``."""
+    s0 = b * BLOCK
+    count = min(BLOCK, spec.spatial - s0)
+    off = plane * spec.spatial + s0
     if spec.flags & PER_ELEMENT:
-        ws = weight[s0 : s0 + count]
-        bs = bias[s0 : s0 + count]
-        if weight.size > 0 and bias.size > 0:
-            for i in range(count):
-                ys[i] = (xs[i] - mean) * (rstd * ws[i]) + bs[i]
-        elif weight.size > 0:
-            for i in range(count):
-                ys[i] = (xs[i] - mean) * (rstd * ws[i])
-        elif bias.size > 0:
-            for i in range(count):
-                ys[i] = (xs[i] - mean) * rstd + bs[i]
-        else:
-            for i in range(count):
-                ys[i] = (xs[i] - mean) * rstd
+        _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd)
     else:
+        c = plane % spec.channels
         scale = rstd * weight[c] if weight.size > 0 else rstd
         shift = bias[c] if bias.size > 0 else 0.0
-        for i in range(count):
-            ys[i] = (xs[i] - mean) * scale + shift
+        _normalize(x, y, off, count, mean, scale, shift)
 
 
 @kernel
@@ -272,27 +334,37 @@ def forward_train_cf(x, weight, bias, y, mean, rstd, spec):
     exactly to ``bias``.
     """
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
-    total_blocks = spec.batch * spec.channels * nblocks
+    planes = spec.batch * spec.channels
     nstats = mean.size
-    work = np.empty(2 * total_blocks)
+    work = np.empty(2 * planes * nblocks)
     stats = np.empty(2 * nstats)
     if nstats >= FUSE_MIN_GROUPS:
+        # One task per group: read it once, normalize it while it is in cache.
         for k in prange(nstats):
-            _, samples, d, _ = _group_members(spec, nblocks, k)
-            members = samples * d * nblocks
-            for j in range(members):
-                _cf_block_moments(x, work, spec, nblocks, _cf_member(spec, nblocks, k, j))
-            _cf_group_stats(work, stats, spec, nblocks, k)
-            for j in range(members):
-                blk = _cf_member(spec, nblocks, k, j)
-                _cf_normalize_block(x, y, weight, bias, stats, spec, nblocks, blk)
+            n0, samples, c0, d = _group(spec, k)
+            for n in range(n0, n0 + samples):
+                for c in range(c0, c0 + d):
+                    for b in range(nblocks):
+                        _cf_moments_block(x, work, spec, nblocks, n * spec.channels + c, b)
+            _cf_merge_group(work, stats, spec, nblocks, k)
+            for n in range(n0, n0 + samples):
+                for c in range(c0, c0 + d):
+                    for b in range(nblocks):
+                        plane = n * spec.channels + c
+                        group_mean, group_rstd = stats[2 * k], stats[2 * k + 1]
+                        _cf_normalize_block(x, y, weight, bias, spec, group_mean, group_rstd, plane, b)
     else:
-        for blk in prange(total_blocks):
-            _cf_block_moments(x, work, spec, nblocks, blk)
+        # Few (large) groups: every pass is parallel over blocks.
+        for blk in prange(planes * nblocks):
+            plane = blk // nblocks
+            _cf_moments_block(x, work, spec, nblocks, plane, blk - plane * nblocks)
         for k in prange(nstats):
-            _cf_group_stats(work, stats, spec, nblocks, k)
-        for blk in prange(total_blocks):
-            _cf_normalize_block(x, y, weight, bias, stats, spec, nblocks, blk)
+            _cf_merge_group(work, stats, spec, nblocks, k)
+        for blk in prange(planes * nblocks):
+            plane = blk // nblocks
+            k = _stat_index(spec, plane // spec.channels, plane % spec.channels)
+            b = blk - plane * nblocks
+            _cf_normalize_block(x, y, weight, bias, spec, stats[2 * k], stats[2 * k + 1], plane, b)
     for k in range(nstats):
         mean[k] = stats[2 * k]
         rstd[k] = stats[2 * k + 1]
@@ -312,59 +384,51 @@ def normalize_cf(x, weight, bias, y, mean, rstd, spec):
     ``(x - mean) * scale + bias``.
     """
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
-    total_blocks = spec.batch * spec.channels * nblocks
-    nstats = mean.size
-    stats = np.empty(2 * nstats)
-    for k in range(nstats):
-        stats[2 * k] = mean[k] if spec.flags & CENTERED else 0.0
-        stats[2 * k + 1] = rstd[k]
-    for blk in prange(total_blocks):
-        _cf_normalize_block(x, y, weight, bias, stats, spec, nblocks, blk)
+    centered = spec.flags & CENTERED != 0
+    for blk in prange(spec.batch * spec.channels * nblocks):
+        plane = blk // nblocks
+        k = _stat_index(spec, plane // spec.channels, plane % spec.channels)
+        group_mean = mean[k] if centered else 0.0
+        _cf_normalize_block(x, y, weight, bias, spec, group_mean, rstd[k], plane, blk - plane * nblocks)
 
 
 @helper
-def _cf_block_dots(dy, x, weight, work, coef, spec, nblocks, blk):
-    """Store ``sum(g)`` and ``sum(g * (x - mean))`` of block ``blk`` in ``work``.
+def _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, plane, b, k):
+    """Store block ``b`` of ``plane``'s dot products in ``work``.
 
-    ``g = dy * weight[s]`` with ``PER_ELEMENT`` and a weight, else ``g = dy``
-    (per-channel weights are applied per block later).
+    ``sum(g)`` and ``sum(g * (x - mean))`` with ``g = dy * weight[s]`` for
+    ``PER_ELEMENT`` with a weight, else ``g = dy`` (per-channel weights are
+    applied per plane in :func:`_cf_group_coefs`).
     """
-    off, count, c, n, s0 = _cf_block(spec, nblocks, blk)
-    mean = coef[4 * _stat_index(spec, n, c)]
-    xs = x[off : off + count]
-    dys = dy[off : off + count]
-    sum_dy = 0.0
-    sum_dy_xc = 0.0
+    s0 = b * BLOCK
+    count = min(BLOCK, spec.spatial - s0)
+    off = plane * spec.spatial + s0
+    blk = plane * nblocks + b
     if spec.flags & PER_ELEMENT and weight.size > 0:
-        ws = weight[s0 : s0 + count]
-        for i in range(count):
-            g = dys[i] * ws[i]
-            sum_dy += g
-            sum_dy_xc += g * (xs[i] - mean)
+        work[2 * blk], work[2 * blk + 1] = _dots_weighted(dy, x, weight, off, count, s0, coef[4 * k])
     else:
-        for i in range(count):
-            sum_dy += dys[i]
-            sum_dy_xc += dys[i] * (xs[i] - mean)
-    work[2 * blk] = sum_dy
-    work[2 * blk + 1] = sum_dy_xc
+        work[2 * blk], work[2 * blk + 1] = _dots(dy, x, off, count, coef[4 * k])
 
 
 @helper
 def _cf_group_coefs(weight, work, coef, spec, nblocks, k):
-    """Turn the member dots of group ``k`` into its dx coefficients.
+    """Turn the dot products of group ``k`` into its dx coefficients.
 
     ``dx = rstd*w*dy - kx * (x - mean) - k0`` with ``kx = rstd^3 * sum(g*(x-mean)) / m``
-    and ``k0 = rstd * sum(g) / m`` (0 without ``CENTERED``).
+    and ``k0 = rstd * sum(g) / m`` (0 without ``CENTERED``), stored in
+    ``coef[4k+2], coef[4k+3]``.
     """
-    _, samples, d, _ = _group_members(spec, nblocks, k)
+    n0, samples, c0, d = _group(spec, k)
     per_channel_weight = not (spec.flags & PER_ELEMENT) and weight.size > 0
     sum_g = 0.0
     sum_g_xc = 0.0
-    for j in range(samples * d * nblocks):
-        blk = _cf_member(spec, nblocks, k, j)
-        w = weight[(blk // nblocks) % spec.channels] if per_channel_weight else 1.0
-        sum_g += w * work[2 * blk]
-        sum_g_xc += w * work[2 * blk + 1]
+    for n in range(n0, n0 + samples):
+        for c in range(c0, c0 + d):
+            w = weight[c] if per_channel_weight else 1.0
+            blk0 = (n * spec.channels + c) * nblocks
+            for b in range(nblocks):
+                sum_g += w * work[2 * (blk0 + b)]
+                sum_g_xc += w * work[2 * (blk0 + b) + 1]
     m = float(samples * d * spec.spatial)
     rstd = coef[4 * k + 1]
     coef[4 * k + 2] = rstd * rstd * rstd * sum_g_xc / m
@@ -372,51 +436,29 @@ def _cf_group_coefs(weight, work, coef, spec, nblocks, k):
 
 
 @helper
-def _cf_dx_block(dy, x, weight, dx, coef, spec, nblocks, blk):
-    """Write ``dx`` of block ``blk`` from its group's coefficients."""
-    off, count, c, n, s0 = _cf_block(spec, nblocks, blk)
-    k = _stat_index(spec, n, c)
+def _cf_dx_block(dy, x, weight, dx, coef, spec, plane, b, k):
+    """Write ``dx`` of block ``b`` of ``plane`` from group ``k``'s coefficients."""
+    s0 = b * BLOCK
+    count = min(BLOCK, spec.spatial - s0)
+    off = plane * spec.spatial + s0
     mean = coef[4 * k]
     rstd = coef[4 * k + 1]
-    kx = coef[4 * k + 2]
-    k0 = coef[4 * k + 3]
-    xs = x[off : off + count]
-    dys = dy[off : off + count]
-    dxs = dx[off : off + count]
     if spec.flags & PER_ELEMENT and weight.size > 0:
-        ws = weight[s0 : s0 + count]
-        for i in range(count):
-            dxs[i] = (rstd * ws[i]) * dys[i] - kx * (xs[i] - mean) - k0
+        _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, coef[4 * k + 2], coef[4 * k + 3], mean)
     else:
+        c = plane % spec.channels
         a = rstd * weight[c] if weight.size > 0 and not spec.flags & PER_ELEMENT else rstd
-        for i in range(count):
-            dxs[i] = a * dys[i] - kx * (xs[i] - mean) - k0
+        _dx(dy, x, dx, off, count, a, coef[4 * k + 2], coef[4 * k + 3], mean)
 
 
 @helper
-def _row_dx_and_partials(dy, x, weight, dx, coef, n, width, part_dy, part_dy_xhat):
-    """dx of row ``n`` (per-element affine) and its dy, dy*xhat added to the partials."""
-    mean = coef[4 * n]
-    rstd = coef[4 * n + 1]
-    kx = coef[4 * n + 2]
-    k0 = coef[4 * n + 3]
-    xs = x[n * width : (n + 1) * width]
-    dys = dy[n * width : (n + 1) * width]
-    dxs = dx[n * width : (n + 1) * width]
-    if weight.size > 0:
-        for s in range(width):
-            g = dys[s]
-            xc = xs[s] - mean
-            part_dy[s] += g
-            part_dy_xhat[s] += g * xc * rstd
-            dxs[s] = (rstd * weight[s]) * g - kx * xc - k0
-    else:
-        for s in range(width):
-            g = dys[s]
-            xc = xs[s] - mean
-            part_dy[s] += g
-            part_dy_xhat[s] += g * xc * rstd
-            dxs[s] = rstd * g - kx * xc - k0
+def _param_partials(dy, x, off, count, mean, rstd, part_dy, part_dy_xhat):
+    """Add ``dy`` and ``dy * xhat`` over ``[off, off+count)`` to partial sums."""
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    for s in range(count):
+        part_dy[s] += dys[s]
+        part_dy_xhat[s] += dys[s] * (xs[s] - mean) * rstd
 
 
 @kernel
@@ -432,7 +474,7 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
     mean, rstd : ndarray, float64
         Statistics saved by the forward pass.
     dx : ndarray
-        Output gradient of ``x``; may be ``dy`` itself (in-place).
+        Output gradient of ``x``; may be ``dy`` or ``x`` itself (in-place).
     dweight, dbias : ndarray
         Outputs (length of weight), or empty to skip them.
     spec : KernelSpec
@@ -450,17 +492,18 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
     (position for ``PER_ELEMENT``).  See ``docs/math.md``.
     """
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
-    total_blocks = spec.batch * spec.channels * nblocks
+    planes = spec.batch * spec.channels
     nstats = mean.size
-    work = np.empty(2 * total_blocks)
+    work = np.empty(2 * planes * nblocks)
     coef = np.empty(4 * nstats)
     for k in range(nstats):
         coef[4 * k] = mean[k] if spec.flags & CENTERED else 0.0
         coef[4 * k + 1] = rstd[k]
     want_params = dweight.size > 0 or dbias.size > 0
     width = spec.spatial
-    if want_params and spec.flags & PER_ELEMENT and nstats >= 4 * ROW_CHUNK:
-        # Many rows: each task takes ROW_CHUNK rows, computes their dx and adds
+    per_element_params = want_params and spec.flags & PER_ELEMENT
+    if per_element_params and nstats >= 4 * ROW_CHUNK:
+        # Many rows (LayerNorm/RMSNorm): each task takes ROW_CHUNK rows and adds
         # their dy and dy*xhat into its own float64 partial vectors (fixed
         # chunks, merged in order below: deterministic).
         nchunks = (nstats + ROW_CHUNK - 1) // ROW_CHUNK
@@ -472,13 +515,13 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
             part_dy_xhat[:] = 0.0
             for n in range(t * ROW_CHUNK, min(nstats, (t + 1) * ROW_CHUNK)):
                 for b in range(nblocks):
-                    _cf_block_dots(dy, x, weight, work, coef, spec, nblocks, n * nblocks + b)
+                    _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, n, b, n)
                 _cf_group_coefs(weight, work, coef, spec, nblocks, n)
-                _row_dx_and_partials(dy, x, weight, dx, coef, n, width, part_dy, part_dy_xhat)
+                _param_partials(dy, x, n * width, width, coef[4 * n], coef[4 * n + 1], part_dy, part_dy_xhat)
+                for b in range(nblocks):
+                    _cf_dx_block(dy, x, weight, dx, coef, spec, n, b, n)
         for tile in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
-            lo = tile * COLUMN_TILE
-            hi = min(width, lo + COLUMN_TILE)
-            for s in range(lo, hi):
+            for s in range(tile * COLUMN_TILE, min(width, (tile + 1) * COLUMN_TILE)):
                 sum_dy = 0.0
                 sum_dy_xhat = 0.0
                 for t in range(nchunks):
@@ -489,58 +532,57 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
                 if dweight.size > 0:
                     dweight[s] = sum_dy_xhat
         return
-    if want_params and spec.flags & PER_ELEMENT:
-        # Few rows: dweight[s] = sum_n dy*xhat, dbias[s] = sum_n dy, each column
-        # tile summing its rows in order in float64, before dx so that dx may
-        # alias dy.
+    if per_element_params:
+        # Few rows: each column tile sums its rows in order in float64, before
+        # dx is written so that dx may alias dy.
         acc = np.zeros(2 * width)
-        for t in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
-            lo = t * COLUMN_TILE
+        for tile in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
+            lo = tile * COLUMN_TILE
             hi = min(width, lo + COLUMN_TILE)
             for n in range(spec.batch):
-                row_mean = coef[4 * n]
-                row_rstd = coef[4 * n + 1]
-                dys = dy[n * width + lo : n * width + hi]
-                xs = x[n * width + lo : n * width + hi]
-                acc_dy = acc[lo:hi]
-                acc_dy_xhat = acc[width + lo : width + hi]
-                for s in range(hi - lo):
-                    acc_dy[s] += dys[s]
-                    acc_dy_xhat[s] += dys[s] * (xs[s] - row_mean) * row_rstd
-            for s in range(lo, hi):
-                if dbias.size > 0:
-                    dbias[s] = acc[s]
-                if dweight.size > 0:
-                    dweight[s] = acc[width + s]
+                part_dy = acc[lo:hi]
+                part_dy_xhat = acc[width + lo : width + hi]
+                row_mean, row_rstd = coef[4 * n], coef[4 * n + 1]
+                _param_partials(dy, x, n * width + lo, hi - lo, row_mean, row_rstd, part_dy, part_dy_xhat)
+        for s in range(width):
+            if dbias.size > 0:
+                dbias[s] = acc[s]
+            if dweight.size > 0:
+                dweight[s] = acc[width + s]
     if nstats >= FUSE_MIN_GROUPS:
         for k in prange(nstats):
-            _, samples, d, _ = _group_members(spec, nblocks, k)
-            members = samples * d * nblocks
-            for j in range(members):
-                blk = _cf_member(spec, nblocks, k, j)
-                _cf_block_dots(dy, x, weight, work, coef, spec, nblocks, blk)
+            n0, samples, c0, d = _group(spec, k)
+            for n in range(n0, n0 + samples):
+                for c in range(c0, c0 + d):
+                    for b in range(nblocks):
+                        _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, n * spec.channels + c, b, k)
             _cf_group_coefs(weight, work, coef, spec, nblocks, k)
-            for j in range(members):
-                blk = _cf_member(spec, nblocks, k, j)
-                _cf_dx_block(dy, x, weight, dx, coef, spec, nblocks, blk)
+            for n in range(n0, n0 + samples):
+                for c in range(c0, c0 + d):
+                    for b in range(nblocks):
+                        _cf_dx_block(dy, x, weight, dx, coef, spec, n * spec.channels + c, b, k)
     else:
-        for blk in prange(total_blocks):
-            _cf_block_dots(dy, x, weight, work, coef, spec, nblocks, blk)
+        for blk in prange(planes * nblocks):
+            plane = blk // nblocks
+            k = _stat_index(spec, plane // spec.channels, plane % spec.channels)
+            _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, plane, blk - plane * nblocks, k)
         for k in prange(nstats):
             _cf_group_coefs(weight, work, coef, spec, nblocks, k)
-        for blk in prange(total_blocks):
-            _cf_dx_block(dy, x, weight, dx, coef, spec, nblocks, blk)
+        for blk in prange(planes * nblocks):
+            plane = blk // nblocks
+            k = _stat_index(spec, plane // spec.channels, plane % spec.channels)
+            _cf_dx_block(dy, x, weight, dx, coef, spec, plane, blk - plane * nblocks, k)
     if want_params and not spec.flags & PER_ELEMENT:
         for c in prange(spec.channels):
             sum_dy = 0.0
             sum_dy_xhat = 0.0
             for n in range(spec.batch):
-                partial = 0.0
+                partial_dy_xc = 0.0
+                blk0 = (n * spec.channels + c) * nblocks
                 for b in range(nblocks):
-                    blk = (n * spec.channels + c) * nblocks + b
-                    sum_dy += work[2 * blk]
-                    partial += work[2 * blk + 1]
-                sum_dy_xhat += coef[4 * _stat_index(spec, n, c) + 1] * partial
+                    sum_dy += work[2 * (blk0 + b)]
+                    partial_dy_xc += work[2 * (blk0 + b) + 1]
+                sum_dy_xhat += coef[4 * _stat_index(spec, n, c) + 1] * partial_dy_xc
             if dweight.size > 0:
                 dweight[c] = sum_dy_xhat
             if dbias.size > 0:
@@ -569,35 +611,48 @@ def _cl_block(spec, nblocks, blk):
 
 @helper
 def _cl_block_moments(x, work, spec, nblocks, blk):
-    """Per-channel mean and centered sum of squares of block ``blk``.
+    """Per-channel moments of block ``blk``, as :func:`_moments` (vectorized over C).
 
-    Stored as ``work[blk*2C : blk*2C+C]`` (means) and the next ``C`` (m2).
+    Stored as ``work[3C*blk : 3C*blk+C]`` (means), the next ``C`` (sums of
+    squared deviations; of squares without ``CENTERED``); the last ``C`` are
+    scratch.
     """
     nc = spec.channels
     off, rows, _ = _cl_block(spec, nblocks, blk)
-    acc = work[2 * nc * blk : 2 * nc * blk + nc]
-    sq = work[2 * nc * blk + nc : 2 * nc * (blk + 1)]
-    acc[:] = 0.0
-    sq[:] = 0.0
+    mean = work[3 * nc * blk : 3 * nc * blk + nc]
+    m2 = work[3 * nc * blk + nc : 3 * nc * blk + 2 * nc]
+    sum_dev = work[3 * nc * blk + 2 * nc : 3 * nc * (blk + 1)]
+    mean[:] = 0.0
+    m2[:] = 0.0
+    if not spec.flags & CENTERED:
+        for r in range(rows):
+            xr = x[off + r * nc : off + (r + 1) * nc]
+            for c in range(nc):
+                m2[c] += xr[c] * np.float64(xr[c])
+        return
+    sum_dev[:] = 0.0
     for r in range(rows):
         xr = x[off + r * nc : off + (r + 1) * nc]
         for c in range(nc):
-            acc[c] += xr[c]
+            mean[c] += xr[c]
     for c in range(nc):
-        acc[c] = acc[c] / rows
+        mean[c] = mean[c] / rows
     for r in range(rows):
         xr = x[off + r * nc : off + (r + 1) * nc]
         for c in range(nc):
-            dev = xr[c] - acc[c]
-            sq[c] += dev * dev
+            dev = xr[c] - mean[c]
+            sum_dev[c] += dev
+            m2[c] += dev * dev
+    for c in range(nc):
+        mean[c] += sum_dev[c] / rows
+        m2[c] -= sum_dev[c] * sum_dev[c] / rows
 
 
 @helper
 def _cl_group_stats(work, stats, spec, nblocks, k):
     """Merge group ``k``'s channel partials (order: sample, block, channel)."""
-    n0, samples, d, _ = _group_members(spec, nblocks, k)
+    n0, samples, c0, d = _group(spec, k)
     nc = spec.channels
-    c0 = (k % spec.groups) * d
     rows_per_block = _cl_rows_per_block(spec)
     count = 0.0
     mean = 0.0
@@ -608,7 +663,7 @@ def _cl_group_stats(work, stats, spec, nblocks, k):
             rows = float(min(rows_per_block, spec.spatial - b * rows_per_block))
             for c in range(c0, c0 + d):
                 count, mean, m2 = _merge(
-                    count, mean, m2, rows, work[2 * nc * blk + c], work[2 * nc * blk + nc + c]
+                    count, mean, m2, rows, work[3 * nc * blk + c], work[3 * nc * blk + nc + c]
                 )
     mean_used, rstd = _finish(count, mean, m2, spec.flags, spec.eps)
     stats[2 * k] = mean_used
@@ -656,7 +711,7 @@ def forward_train_cl(x, weight, bias, y, mean, rstd, spec):
     total_blocks = spec.batch * nblocks
     nstats = mean.size
     sets = nstats // spec.groups
-    work = np.empty(2 * spec.channels * total_blocks)
+    work = np.empty(3 * spec.channels * total_blocks)
     stats = np.empty(2 * nstats)
     coef = np.empty(3 * spec.channels * sets)
     if sets >= FUSE_MIN_GROUPS:
@@ -733,14 +788,13 @@ def _cl_block_dots(dy, x, work, coef, spec, nblocks, blk):
 
 @helper
 def _cl_group_coefs(weight, rstd, work, coef, spec, nblocks, k):
-    """dx coefficients of group ``k`` into the per-channel vectors of its set.
+    """Dx coefficients of group ``k`` into the per-channel vectors of its set.
 
     ``coef[4C*set + C*j + c]`` for j = 0 (mean), 1 (rstd*w), 2 (kx), 3 (k0);
     see :func:`_cf_group_coefs`.
     """
-    n0, samples, d, _ = _group_members(spec, nblocks, k)
+    n0, samples, c0, d = _group(spec, k)
     nc = spec.channels
-    c0 = (k % spec.groups) * d
     sum_g = 0.0
     sum_g_xc = 0.0
     for n in range(n0, n0 + samples):
@@ -824,3 +878,56 @@ def backward_cl(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
                 dweight[c] = sum_dy_xhat
             if dbias.size > 0:
                 dbias[c] = sum_dy
+
+
+# ---------------------------------------------------------------------------
+# Serial builds for small tensors and kernel selection
+# ---------------------------------------------------------------------------
+
+#: Tensors of at most this many elements run on one thread: below it a
+#: parallel launch costs more than the work.  The choice depends only on the
+#: shape, so results stay bitwise reproducible.
+SERIAL_MAX_ELEMENTS = 16384
+
+
+def _serial_build(parallel_kernel):
+    """Compile the same source as ``parallel_kernel`` without threads.
+
+    The clone gets its own ``__qualname__`` so that Numba's on-disk cache keeps
+    the two builds apart.
+    """
+    func = parallel_kernel.py_func
+    clone = types.FunctionType(
+        func.__code__, func.__globals__, func.__name__ + "_serial", func.__defaults__, func.__closure__
+    )
+    clone.__qualname__ = func.__qualname__ + "_serial"
+    clone.__doc__ = f"Single-threaded build of :func:`{func.__name__}` (same source)."
+    return helper(clone)
+
+
+forward_train_cf_serial = _serial_build(forward_train_cf)
+forward_train_cl_serial = _serial_build(forward_train_cl)
+normalize_cf_serial = _serial_build(normalize_cf)
+normalize_cl_serial = _serial_build(normalize_cl)
+backward_cf_serial = _serial_build(backward_cf)
+backward_cl_serial = _serial_build(backward_cl)
+
+_KERNELS = {
+    ("forward_train", False): (forward_train_cf, forward_train_cf_serial),
+    ("forward_train", True): (forward_train_cl, forward_train_cl_serial),
+    ("normalize", False): (normalize_cf, normalize_cf_serial),
+    ("normalize", True): (normalize_cl, normalize_cl_serial),
+    ("backward", False): (backward_cf, backward_cf_serial),
+    ("backward", True): (backward_cl, backward_cl_serial),
+}
+
+
+def select(pass_name, spec):
+    """Return the kernel for ``pass_name`` ("forward_train", "normalize", "backward").
+
+    Picks the layout from ``spec.flags`` and the serial build for tensors of at
+    most ``SERIAL_MAX_ELEMENTS`` elements.
+    """
+    parallel, serial = _KERNELS[pass_name, bool(spec.flags & CHANNELS_LAST)]
+    small = spec.batch * spec.channels * spec.spatial <= SERIAL_MAX_ELEMENTS
+    return serial if small else parallel

@@ -265,7 +265,7 @@ def forward(x, spec, weight=None, bias=None, *, out=None):
     mean = np.empty(plan.stats_shape)
     rstd = np.empty(plan.stats_shape)
     if mean.size:
-        kernel = K.forward_train_cl if plan.layout == "cl" else K.forward_train_cf
+        kernel = K.select("forward_train", plan.kspec)
         kernel(x_flat, weight_flat, bias_flat, y_flat, mean.reshape(-1), rstd.reshape(-1), plan.kspec)
     return y, Stats(mean, rstd, bias is not None)
 
@@ -302,8 +302,7 @@ def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
     y, y_flat = _output(x, plan, spec, out)
     _check_alias(y_flat, [x_flat], "out")
     if y_flat.size:
-        kernel = K.normalize_cl if plan.layout == "cl" else K.normalize_cf
-        kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kspec)
+        K.select("normalize", plan.kspec)(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kspec)
     return y
 
 
@@ -359,9 +358,8 @@ def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
     dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
     if dx_flat.size:
-        kernel = K.backward_cl if plan.layout == "cl" else K.backward_cf
         empty = _EMPTY[x.dtype]
-        kernel(
+        K.select("backward", plan.kspec)(
             dy_flat,
             x_flat,
             weight_flat,

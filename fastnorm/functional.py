@@ -30,7 +30,8 @@ def _check_momentum(momentum, allow_none):
 
 def _check_running(value, name, channels, writeable):
     if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got {type(value).__name__}")
+        kind = type(value).__name__
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got {kind}")
     if value.dtype.kind != "f":
         raise TypeError(f"{name}.dtype={value.dtype} must be floating point")
     if value.shape != (channels,):
@@ -65,7 +66,7 @@ def _running_stats(running, eps):
 
 
 def _update_running(running, batch_mean, batch_var, count, factor):
-    """``running = (1 - factor) * running + factor * batch`` with the unbiased variance."""
+    """Update ``running = (1 - factor) * running + factor * batch`` (unbiased variance)."""
     running_mean, running_var = running
     unbiased = batch_var * (count / (count - 1))  # count > 1: checked by _plan in training
     running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) + factor * batch_mean
