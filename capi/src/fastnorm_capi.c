@@ -26,7 +26,8 @@
 #include <string.h>
 
 /* Implemented in Python (embedding init code), see fastnorm/capi/build.py. */
-int _fastnorm_py_init(int64_t *table, int64_t table_len, char *message, int64_t message_len);
+int _fastnorm_py_init(int64_t *table, int64_t table_len, int32_t owns_interpreter, char *message,
+                      int64_t message_len);
 
 /* Kernel flags: must match fastnorm/_kernels.py. */
 enum { K_BATCH = 1, K_CENTERED = 2, K_PER_ELEMENT = 4, K_CHANNELS_LAST = 8 };
@@ -344,6 +345,8 @@ static char runtime_message[4096];     /* layer name on success, reason on failu
 static int max_threads = 1;
 static int wanted_threads = 0;         /* atomic; 0 = max_threads */
 
+static int owns_interpreter = 0;
+
 static fastnorm_status start_interpreter(void)
 {
     PyStatus status;
@@ -351,6 +354,7 @@ static fastnorm_status start_interpreter(void)
     const char *home;
 
     if (Py_IsInitialized()) return FASTNORM_OK; /* host process already runs Python */
+    owns_interpreter = 1;
     PyConfig_InitPythonConfig(&config);
     config.install_signal_handlers = 0;
     config.parse_argv = 0;
@@ -386,7 +390,7 @@ FASTNORM_API fastnorm_status fastnorm_init(void)
         state = STATE_FAILED;
         runtime_message[0] = '\0';
         if (start_interpreter() == FASTNORM_OK) {
-            if (_fastnorm_py_init(runtime_table, SLOT_COUNT, runtime_message,
+            if (_fastnorm_py_init(runtime_table, SLOT_COUNT, owns_interpreter, runtime_message,
                                   (int64_t)sizeof runtime_message) == 1) {
                 int i, ok = 1;
                 for (i = 0; i < SLOT_COUNT; ++i) ok = ok && runtime_table[i] != 0;

@@ -14,7 +14,7 @@
 #define TEST_HELPER static
 #endif
 
-static int g_failures = 0;
+TEST_HELPER int g_failures = 0;
 
 #define CHECK(cond, ...)                                              \
     do {                                                              \

@@ -2,6 +2,10 @@
  * threads: 8 POSIX threads call the C ABI concurrently (every kind, both
  * dtypes and layouts, forward / inference / backward, repeated) and must get
  * bitwise the results of the same calls made serially beforehand.
+ *
+ * With --lazy-init the threads run first, in a process where nothing has
+ * initialized the library yet (concurrent lazy initialization), and their
+ * results are compared with serial calls made afterwards.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
@@ -99,6 +103,20 @@ static int same(int c, const result *a, const result *b)
            && memcmp(a->rstd, b->rstd, (size_t)ns * 8) == 0;
 }
 
+static result lazy_results[NTHREADS][NCASES];
+
+static void *lazy_worker(void *arg)
+{
+    long id = (long)arg, failed = 0;
+    int j;
+    for (j = 0; j < NCASES; ++j) {
+        int c = (int)((j + id) % NCASES);
+        alloc_result(c, &lazy_results[id][c]);
+        if (!run(c, &lazy_results[id][c])) ++failed;
+    }
+    return (void *)failed;
+}
+
 static void *worker(void *arg)
 {
     long id = (long)arg;
@@ -116,11 +134,11 @@ static void *worker(void *arg)
     return (void *)mismatches;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
     pthread_t threads[NTHREADS];
     long t, total = 0;
-    int c;
+    int c, lazy = argc > 1 && strcmp(argv[1], "--lazy-init") == 0;
     make_cases();
     for (c = 0; c < NCASES; ++c) {
         int64_t n = desc_elements(&cases[c]), np_ = 0;
@@ -134,11 +152,27 @@ int main(void)
         fill(inputs_dy[c], n, cases[c].dtype, 3u * (unsigned)c + 2u);
         fill(inputs_w[c], np_, cases[c].dtype, 3u * (unsigned)c + 3u);
         fill(inputs_b[c], np_, cases[c].dtype, 3u * (unsigned)c + 4u);
+    }
+    if (lazy) {
+        for (t = 0; t < NTHREADS; ++t)
+            CHECK(pthread_create(&threads[t], NULL, lazy_worker, (void *)t) == 0, "pthread_create");
+        for (t = 0; t < NTHREADS; ++t) {
+            void *ret = NULL;
+            pthread_join(threads[t], &ret);
+            CHECK(ret == NULL, "thread %ld: %ld failed calls during lazy initialization", t, (long)ret);
+        }
+    }
+    for (c = 0; c < NCASES; ++c) {
         alloc_result(c, &serial[c]);
         CHECK(run(c, &serial[c]), "serial case %d: %s", c, fastnorm_last_error());
     }
-    /* no fastnorm_init() in the threads: the runtime is already up (serial
-       run); threads.c --cold-start covers concurrent lazy init. */
+    if (lazy) {
+        for (t = 0; t < NTHREADS; ++t)
+            for (c = 0; c < NCASES; ++c) {
+                if (!same(c, &lazy_results[t][c], &serial[c])) ++total;
+                free_result(&lazy_results[t][c]);
+            }
+    }
     for (t = 0; t < NTHREADS; ++t)
         CHECK(pthread_create(&threads[t], NULL, worker, (void *)t) == 0, "pthread_create");
     for (t = 0; t < NTHREADS; ++t) {
@@ -147,7 +181,7 @@ int main(void)
         total += (long)ret;
     }
     CHECK(total == 0, "%ld concurrent results differ from the serial ones", total);
-    printf("threads: %d threads x %d repeats x %d cases, %ld mismatches, %d failures\n", NTHREADS, REPEATS,
-           NCASES, total, g_failures);
+    printf("threads%s: %d threads x %d repeats x %d cases, %ld mismatches, %d failures\n",
+           lazy ? " (lazy init)" : "", NTHREADS, REPEATS, NCASES, total, g_failures);
     return g_failures ? 1 : 0;
 }

@@ -35,7 +35,8 @@ _PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent  # .../fastnorm
 _REPO_ROOT = _PACKAGE_ROOT.parent
 
 _EMBEDDING_API = (
-    "int _fastnorm_py_init(int64_t *table, int64_t table_len, char *message, int64_t message_len);"
+    "int _fastnorm_py_init(int64_t *table, int64_t table_len, int32_t owns_interpreter, "
+    "char *message, int64_t message_len);"
 )
 
 _INIT_CODE = '''
@@ -55,11 +56,11 @@ from _fastnorm_capi import ffi
 
 
 @ffi.def_extern()
-def _fastnorm_py_init(table, table_len, message, message_len):
+def _fastnorm_py_init(table, table_len, owns_interpreter, message, message_len):
     try:
         from fastnorm.capi import _runtime
 
-        text = _runtime.fill_table(table, table_len)
+        text = _runtime.fill_table(table, table_len, bool(owns_interpreter))
         status = 1
     except BaseException:
         import traceback
@@ -168,7 +169,7 @@ def _write_pkgconfig(out):
     (out / "fastnorm.pc").write_text(text)
 
 
-def build(out_dir=None, verbose=False):
+def build(out_dir=None, verbose=False, extra_cflags=(), extra_ldflags=()):
     """Compile ``libfastnorm.so`` and install it with its header and ``fastnorm.pc``.
 
     Parameters
@@ -178,6 +179,8 @@ def build(out_dir=None, verbose=False):
         ``libfastnorm.so``, ``include/fastnorm.h`` and ``fastnorm.pc``.
     verbose : bool, optional
         Show the compiler command lines.
+    extra_cflags, extra_ldflags : sequence of str, optional
+        Additional compiler / linker flags (e.g. ``-fsanitize=address``).
 
     Returns
     -------
@@ -213,12 +216,13 @@ def build(out_dir=None, verbose=False):
             "_fastnorm_capi",
             _baked_constants() + '#include "fastnorm_capi.c"\n',
             include_dirs=[str(src), str(src / "src")],
-            extra_compile_args=["-O2", "-fvisibility=hidden"],
+            extra_compile_args=["-O2", "-fvisibility=hidden", *extra_cflags],
             extra_link_args=[
                 f"-Wl,--version-script={version_script}",
                 f"-Wl,-soname,{LIBRARY_NAME}",
                 f"-Wl,-rpath,{libdir}",
                 "-pthread",
+                *extra_ldflags,
             ],
         )
         ffi.embedding_init_code(init_code)
