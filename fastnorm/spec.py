@@ -10,7 +10,19 @@ KINDS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm")
 
 
 def check_eps(eps, *, allow_none=False):
-    """Return ``eps`` as a float, or raise ``ValueError``/``TypeError`` naming it."""
+    """Return ``eps`` as a float, or raise ``ValueError``/``TypeError`` naming it.
+
+    Parameters
+    ----------
+    eps : real number or None
+        The value to check: finite and ``>= 0``.
+    allow_none : bool
+        Accept ``None`` (returned as is).
+
+    Returns
+    -------
+    float or None
+    """
     if eps is None and allow_none:
         return None
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
@@ -22,7 +34,19 @@ def check_eps(eps, *, allow_none=False):
 
 
 def check_positive_int(value, name):
-    """Return ``value`` as an int >= 1, or raise naming ``name``."""
+    """Return ``value`` as an int >= 1, or raise naming ``name``.
+
+    Parameters
+    ----------
+    value : integer
+        The value to check (``bool`` is refused).
+    name : str
+        Its name, for the error message.
+
+    Returns
+    -------
+    int
+    """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < 1:
@@ -92,27 +116,69 @@ class NormSpec:
 
     @classmethod
     def batch_norm(cls, eps=1e-5, channels_last=False):
-        """BatchNorm (Ioffe & Szegedy 2015): per channel, across the batch."""
+        """BatchNorm (Ioffe & Szegedy 2015): per channel, across the batch.
+
+        Parameters
+        ----------
+        eps : float
+            Added to the variance.
+        channels_last : bool
+            ``x`` has shape ``(N, *spatial, C)``.
+        """
         return cls("batch_norm", eps=eps, channels_last=channels_last)
 
     @classmethod
     def instance_norm(cls, eps=1e-5, channels_last=False):
-        """InstanceNorm (Ulyanov et al. 2016): per sample and channel."""
+        """InstanceNorm (Ulyanov et al. 2016): per sample and channel.
+
+        Parameters
+        ----------
+        eps : float
+            Added to the variance.
+        channels_last : bool
+            ``x`` has shape ``(N, *spatial, C)``.
+        """
         return cls("instance_norm", eps=eps, channels_last=channels_last)
 
     @classmethod
     def group_norm(cls, num_groups, eps=1e-5, channels_last=False):
-        """GroupNorm (Wu & He 2018): per sample and group of ``C/num_groups`` channels."""
+        """GroupNorm (Wu & He 2018): per sample and group of ``C/num_groups`` channels.
+
+        Parameters
+        ----------
+        num_groups : int
+            ``G``, must divide the number of channels of ``x``.
+        eps : float
+            Added to the variance.
+        channels_last : bool
+            ``x`` has shape ``(N, *spatial, C)``.
+        """
         return cls("group_norm", eps=eps, num_groups=num_groups, channels_last=channels_last)
 
     @classmethod
     def layer_norm(cls, normalized_ndim, eps=1e-5):
-        """LayerNorm (Ba et al. 2016) over the trailing ``normalized_ndim`` dims."""
+        """LayerNorm (Ba et al. 2016) over the trailing ``normalized_ndim`` dims.
+
+        Parameters
+        ----------
+        normalized_ndim : int
+            Number of trailing dims normalized together (>= 1).
+        eps : float
+            Added to the variance.
+        """
         return cls("layer_norm", eps=eps, normalized_ndim=normalized_ndim)
 
     @classmethod
     def rms_norm(cls, normalized_ndim, eps=None):
-        """RMSNorm (Zhang & Sennrich 2019): LayerNorm without centering or bias."""
+        """RMSNorm (Zhang & Sennrich 2019): LayerNorm without centering or bias.
+
+        Parameters
+        ----------
+        normalized_ndim : int
+            Number of trailing dims normalized together (>= 1).
+        eps : float or None
+            Added to the mean square; ``None`` means ``numpy.finfo(x.dtype).eps``.
+        """
         return cls("rms_norm", eps=eps, normalized_ndim=normalized_ndim)
 
     @property
