@@ -1,0 +1,44 @@
+"""pytest-benchmark suite: every kind x pass x layout x dtype x size, for fastnorm, torch and memcpy.
+
+Not collected by the normal test run (``testpaths = ["tests"]`` and
+``--benchmark-skip`` in pyproject.toml).  Run::
+
+    python -m pytest benchmarks --benchmark-only
+    python -m pytest benchmarks --benchmark-only -k "mid and f32" --benchmark-group-by=group
+
+Each benchmark's group is its case id, so fastnorm, torch and the memcpy of the
+same tensor (the physical floor) are listed together.  The cases, data and
+callables are those of ``python -m fastnorm.bench`` (``fastnorm/bench.py``):
+GroupNorm uses 32 groups (``bench.group_count``), fastnorm writes into
+preallocated ``out=`` buffers, torch's backward times only
+``torch.autograd.grad`` on a graph built beforehand.
+"""
+
+import pytest
+
+from fastnorm import bench
+
+CASES = bench.all_cases()
+IMPLEMENTATIONS = ("fastnorm", "torch", "memcpy")
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("case", CASES, ids=[f"{case.size}-{case.id}" for case in CASES])
+def test_norm(benchmark, case, impl, bench_threads):
+    if impl == "torch" and bench.optional_torch() is None:
+        pytest.skip("torch is not installed")
+    workload = bench.make_workload(case, with_torch=impl == "torch")
+    fn = getattr(workload, impl)
+    fn()  # warm-up: Numba compilation (or cache load) and first touch are not timed
+    benchmark.group = case.id
+    benchmark.extra_info.update(
+        kind=bench.KINDS[case.kind],
+        pass_=case.pass_,
+        layout=case.layout,
+        dtype=case.dtype,
+        size=case.size,
+        shape=list(case.shape),
+        nbytes=case.nbytes,
+        threads=bench_threads,
+    )
+    benchmark(fn)
