@@ -23,7 +23,7 @@ demo: $(VENV)/.installed
 	$(PY) -m fastnorm.demo
 
 test: $(VENV)/.installed-test
-	$(PY) -m ruff check fastnorm tests benchmarks
+	$(PY) -m ruff check .
 	$(PY) -m pytest
 
 clean:
