@@ -125,3 +125,22 @@ def test_rms_norm_default_eps_matches_torch():
     y = fastnorm.rms_norm(x, 8)
     yt = F.rms_norm(torch.from_numpy(x), (8,))
     np.testing.assert_allclose(y, yt.numpy(), rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_rows_match_torch(kind, bad):
+    """NaN / inf in one row: same NaN/inf/zero pattern as torch, other rows unaffected."""
+    x = np.random.default_rng(8).standard_normal((3, 6))
+    x[1, 2] = bad
+    xt = torch.from_numpy(x.copy())
+    if kind == "layer_norm":
+        y, yt = fastnorm.layer_norm(x, 6), F.layer_norm(xt, (6,))
+    else:
+        y, yt = fastnorm.rms_norm(x, 6, eps=1e-6), F.rms_norm(xt, (6,), eps=1e-6)
+    yt = yt.numpy()
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(yt))
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(yt))
+    finite = np.isfinite(yt)
+    np.testing.assert_allclose(y[finite], yt[finite], rtol=1e-11, atol=1e-11)
+    assert np.all(np.isfinite(y[[0, 2]]))
