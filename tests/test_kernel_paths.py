@@ -1,0 +1,188 @@
+"""Every internal code path of the kernels, against the float64 reference.
+
+The kernels pick a strategy from the shape alone: serial build (at most
+``SERIAL_MAX_ELEMENTS``) or parallel; fused per group (>= ``FUSE_MIN_GROUPS``
+groups) or split into block / group / block phases; one or many ``BLOCK``s per
+plane; LayerNorm's row-chunk parameter gradients (>= ``4 * ROW_CHUNK`` rows) or
+column tiles; and the one-pass block moments' fallback to two passes when the
+shift is far from the mean.  Each case below is built to land on one of them
+(the test asserts which), then checked forward and backward, including
+in-place outputs.
+"""
+
+from __future__ import annotations
+
+import naive
+import numpy as np
+import pytest
+
+import fastnorm
+from fastnorm import _kernels as K
+from fastnorm.core import _plan
+
+CASES = {
+    # name: (kind, shape, groups/normalized_ndim, channels_last)
+    "bn-fused-cf": ("batch_norm", (3, 40, 5, 7), None, False),
+    "bn-split-cf-multiblock": ("batch_norm", (2, 3, 70, 70), None, False),
+    "bn-split-cl": ("batch_norm", (4, 9, 9, 6), None, True),
+    "bn-cl-multiblock": ("batch_norm", (2, 70, 70, 3), None, True),
+    "in-fused-cf": ("instance_norm", (4, 10, 33), None, False),
+    "in-split-cf-multiblock": ("instance_norm", (1, 2, 9000), None, False),
+    "in-fused-cl": ("instance_norm", (40, 17, 3), None, True),
+    "gn-split-cl-multiblock": ("group_norm", (2, 5000, 6), 3, True),
+    "gn-fused-cf": ("group_norm", (9, 8, 11), 4, False),
+    "ln-rowchunk": ("layer_norm", (130, 33), 1, False),
+    "ln-rowchunk-multiblock": ("layer_norm", (129, 4100), 1, False),
+    "ln-columns-fused": ("layer_norm", (40, 70), 1, False),
+    "ln-columns-split-multiblock": ("layer_norm", (3, 9001), 1, False),
+    "rms-rowchunk": ("rms_norm", (131, 20), 1, False),
+    "rms-columns-split-multiblock": ("rms_norm", (5, 5000), 1, False),
+}
+
+
+def _spec(kind, arg, channels_last):
+    if kind == "batch_norm":
+        return fastnorm.NormSpec.batch_norm(channels_last=channels_last)
+    if kind == "instance_norm":
+        return fastnorm.NormSpec.instance_norm(channels_last=channels_last)
+    if kind == "group_norm":
+        return fastnorm.NormSpec.group_norm(arg, channels_last=channels_last)
+    if kind == "layer_norm":
+        return fastnorm.NormSpec.layer_norm(arg)
+    return fastnorm.NormSpec.rms_norm(arg)
+
+
+def _ref_kwargs(kind, arg, channels_last):
+    return {
+        "num_groups": arg if kind == "group_norm" else None,
+        "normalized_ndim": arg if kind in ("layer_norm", "rms_norm") else None,
+        "channels_last": channels_last,
+    }
+
+
+def _data(kind, shape, arg, channels_last, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 2.0 + 3.0).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    if kind in ("layer_norm", "rms_norm"):
+        pshape = shape[len(shape) - arg :]
+    else:
+        pshape = (shape[-1] if channels_last else shape[1],)
+    weight = rng.uniform(0.5, 1.5, pshape).astype(dtype)
+    bias = rng.uniform(-1, 1, pshape).astype(dtype) if kind != "rms_norm" else None
+    return x, dy, weight, bias
+
+
+def _path(kspec):
+    """Describe the strategy the kernels take for this geometry."""
+    nstats = K.num_stats(kspec)
+    small = kspec.batch * kspec.channels * kspec.spatial <= K.SERIAL_MAX_ELEMENTS
+    if kspec.flags & K.CHANNELS_LAST:
+        sets = nstats // kspec.groups
+        fused = sets >= K.FUSE_MIN_GROUPS
+        rows_per_block = max(1, K.BLOCK // kspec.channels)
+        blocks = -(-kspec.spatial // rows_per_block)
+    else:
+        fused = nstats >= K.FUSE_MIN_GROUPS
+        blocks = -(-kspec.spatial // K.BLOCK)
+    rowchunk = bool(kspec.flags & K.PER_ELEMENT) and nstats >= 4 * K.ROW_CHUNK
+    return {"serial": small, "fused": fused, "multiblock": blocks > 1, "rowchunk": rowchunk}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_case_lands_on_its_path(name):
+    kind, shape, arg, cl = CASES[name]
+    spec = _spec(kind, arg, cl)
+    path = _path(_plan(np.empty(shape, np.float32), spec, True).kspec)
+    assert path["fused"] == ("fused" in name or "rowchunk" in name)
+    assert path["multiblock"] == ("multiblock" in name)
+    assert path["rowchunk"] == ("rowchunk" in name)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_backward_against_reference(name, dtype):
+    kind, shape, arg, cl = CASES[name]
+    spec = _spec(kind, arg, cl)
+    x, dy, weight, bias = _data(kind, shape, arg, cl, dtype)
+    kw = _ref_kwargs(kind, arg, cl)
+    y, stats = fastnorm.forward(x, spec, weight, bias)
+    y_ref, mean_ref, rstd_ref = naive.forward(x, kind, weight, bias, spec.eps, **kw)
+    naive.assert_close(y, y_ref, dtype=dtype, k=64, err_msg=f"{name} y")
+    naive.assert_close(stats.mean, mean_ref, dtype=np.float64, k=1e4, err_msg=f"{name} mean")
+    naive.assert_close(stats.rstd, rstd_ref, dtype=np.float64, k=1e4, err_msg=f"{name} rstd")
+    dx, dweight, dbias = fastnorm.backward(dy, x, stats, spec, weight)
+    dx_ref, dw_ref, db_ref, scale = naive.backward(dy, x, kind, weight, spec.eps, return_scale=True, **kw)
+    naive.assert_close(dx, dx_ref, dtype=dtype, k=256, scale=scale, err_msg=f"{name} dx")
+    naive.assert_close(dweight, dw_ref, dtype=dtype, k=256, scale=np.abs(dy).sum() / dw_ref.size,
+                       err_msg=f"{name} dweight")
+    if bias is not None:
+        naive.assert_close(dbias, db_ref, dtype=dtype, k=256, scale=np.abs(dy).sum() / db_ref.size,
+                           err_msg=f"{name} dbias")
+    else:
+        assert dbias is None
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_in_place_matches_out_of_place(name):
+    """``out=x`` forward and ``out=dy`` / ``out=x`` backward equal the out-of-place results bitwise."""
+    kind, shape, arg, cl = CASES[name]
+    spec = _spec(kind, arg, cl)
+    x, dy, weight, bias = _data(kind, shape, arg, cl, np.float64, seed=1)
+    y, stats = fastnorm.forward(x, spec, weight, bias)
+    dx, dweight, dbias = fastnorm.backward(dy, x, stats, spec, weight)
+    x_inplace = x.copy()
+    y2, stats2 = fastnorm.forward(x_inplace, spec, weight, bias, out=x_inplace)
+    assert y2 is x_inplace
+    np.testing.assert_array_equal(y2, y)
+    np.testing.assert_array_equal(stats2.mean, stats.mean)
+    dy_inplace = dy.copy()
+    dx2, dweight2, dbias2 = fastnorm.backward(dy_inplace, x, stats, spec, weight, out=dy_inplace)
+    assert dx2 is dy_inplace
+    np.testing.assert_array_equal(dx2, dx)
+    np.testing.assert_array_equal(dweight2, dweight)
+    x_inplace = x.copy()
+    dx3, _, _ = fastnorm.backward(dy, x_inplace, stats, spec, weight, out=x_inplace)
+    np.testing.assert_array_equal(dx3, dx)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("position", ["first", "middle"])
+def test_one_pass_moments_fall_back_on_cancellation(channels_last, position):
+    """A block whose first element is far from its mean takes the two-pass fallback.
+
+    The result must match the float64 reference to 1e-12 either way.
+    """
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((2, 3, 5000))
+    index = 0 if position == "first" else 2500
+    x[:, :, index] = 1e8
+    spec = fastnorm.NormSpec.instance_norm(channels_last=channels_last)
+    if position == "first":
+        # Shifted by x[0], the one-pass sums would cancel more than the limit
+        # allows, so the two-pass fallback must run for these blocks.
+        dev = x[0, 0, : K.BLOCK] - x[0, 0, 0]
+        m2 = ((dev - dev.mean()) ** 2).sum()
+        assert (dev * dev).sum() > K.CANCELLATION_LIMIT * m2
+    xin = np.ascontiguousarray(np.moveaxis(x, 1, -1)) if channels_last else x
+    y, stats = fastnorm.forward(xin, spec)
+    y_ref, _, rstd_ref = naive.forward(xin, "instance_norm", None, None, 1e-5, channels_last=channels_last)
+    naive.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    naive.assert_close(stats.rstd, rstd_ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_serial_and_parallel_builds_agree(dtype):
+    """Same source, two builds: results agree to rounding (each shape always uses one)."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(2 * 6 * 50).astype(dtype)
+    y1, y2 = np.empty_like(x), np.empty_like(x)
+    kspec = K.KernelSpec(2, 6, 50, 3, K.CENTERED, 1e-5)
+    stats = [np.empty(6) for _ in range(4)]
+    empty = np.empty(0, dtype)
+    K.forward_train_cf(x, empty, empty, y1, stats[0], stats[1], kspec)
+    K.forward_train_cf_serial(x, empty, empty, y2, stats[2], stats[3], kspec)
+    naive.assert_close(y2, y1, dtype=dtype, k=4)
+    assert K.select("forward_train", kspec) is K.forward_train_cf_serial
+    big = K.KernelSpec(64, 64, 64, 32, K.CENTERED | K.CHANNELS_LAST, 1e-5)
+    assert K.select("backward", big) is K.backward_cl
