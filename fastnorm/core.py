@@ -72,6 +72,14 @@ def _check_param(value, name, shape, dtype):
     """Validate weight/bias: real numbers of exactly ``shape``; returns a flat ``dtype`` copy/view."""
     if value is None:
         return _EMPTY[dtype]
+    if (
+        type(value) is np.ndarray
+        and value.dtype == dtype
+        and value.shape == shape
+        and value.flags.c_contiguous
+        and value.flags.aligned
+    ):
+        return value.reshape(-1)  # fast path: already what the kernel takes
     value = np.asarray(value)
     if value.dtype.kind not in "fiu":
         raise TypeError(f"{name}.dtype={value.dtype} is not supported: {name} must hold real numbers")
@@ -80,7 +88,29 @@ def _check_param(value, name, shape, dtype):
     return np.ascontiguousarray(value, dtype=dtype).reshape(-1)
 
 
+#: Plans by (shape, strides, dtype, spec, training); a plan depends on nothing else.
+_PLAN_CACHE = {}
+_PLAN_CACHE_SIZE = 512
+
+
 def _plan(x, spec, training):
+    """Check ``x`` against ``spec`` and describe the kernel call (cached).
+
+    Invalid combinations raise every time (only valid plans are cached).
+    """
+    try:
+        key = (x.shape, x.strides, x.dtype.char, spec, training)
+        return _PLAN_CACHE[key]
+    except (KeyError, TypeError):
+        pass
+    plan = _make_plan(x, spec, training)
+    if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.clear()
+    _PLAN_CACHE[key] = plan
+    return plan
+
+
+def _make_plan(x, spec, training):
     """Check ``x`` against ``spec`` and describe the kernel call.
 
     ``training`` adds the checks of statistics computed from ``x`` (torch's
@@ -261,7 +291,8 @@ def forward(x, spec, weight=None, bias=None, *, out=None):
     bias_flat = _check_param(bias, "bias", plan.param_shape, x.dtype)
     x_flat = _kernel_view(x, plan, spec)
     y, y_flat = _output(x, plan, spec, out)
-    _check_alias(y_flat, [x_flat], "out")
+    if out is not None:
+        _check_alias(y_flat, [x_flat], "out")
     mean = np.empty(plan.stats_shape)
     rstd = np.empty(plan.stats_shape)
     if mean.size:
@@ -300,7 +331,8 @@ def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
     bias_flat = _check_param(bias, "bias", plan.param_shape, x.dtype)
     x_flat = _kernel_view(x, plan, spec)
     y, y_flat = _output(x, plan, spec, out)
-    _check_alias(y_flat, [x_flat], "out")
+    if out is not None:
+        _check_alias(y_flat, [x_flat], "out")
     if y_flat.size:
         K.select("normalize", plan.kspec)(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kspec)
     return y
@@ -354,7 +386,8 @@ def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
     x_flat = _kernel_view(x, plan, spec)
     dy_flat = _kernel_view(dy, plan, spec)
     dx, dx_flat = _output(x, plan, spec, out)
-    _check_alias(dx_flat, [x_flat, dy_flat], "out")
+    if out is not None:
+        _check_alias(dx_flat, [x_flat, dy_flat], "out")
     dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
     if dx_flat.size:

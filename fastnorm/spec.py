@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass
@@ -125,7 +126,7 @@ class NormSpec:
         channels_last : bool
             ``x`` has shape ``(N, *spatial, C)``.
         """
-        return cls("batch_norm", eps=eps, channels_last=channels_last)
+        return _make(cls, "batch_norm", eps=eps, channels_last=channels_last)
 
     @classmethod
     def instance_norm(cls, eps=1e-5, channels_last=False):
@@ -138,7 +139,7 @@ class NormSpec:
         channels_last : bool
             ``x`` has shape ``(N, *spatial, C)``.
         """
-        return cls("instance_norm", eps=eps, channels_last=channels_last)
+        return _make(cls, "instance_norm", eps=eps, channels_last=channels_last)
 
     @classmethod
     def group_norm(cls, num_groups, eps=1e-5, channels_last=False):
@@ -153,7 +154,7 @@ class NormSpec:
         channels_last : bool
             ``x`` has shape ``(N, *spatial, C)``.
         """
-        return cls("group_norm", eps=eps, num_groups=num_groups, channels_last=channels_last)
+        return _make(cls, "group_norm", eps=eps, num_groups=num_groups, channels_last=channels_last)
 
     @classmethod
     def layer_norm(cls, normalized_ndim, eps=1e-5):
@@ -166,7 +167,7 @@ class NormSpec:
         eps : float
             Added to the variance.
         """
-        return cls("layer_norm", eps=eps, normalized_ndim=normalized_ndim)
+        return _make(cls, "layer_norm", eps=eps, normalized_ndim=normalized_ndim)
 
     @classmethod
     def rms_norm(cls, normalized_ndim, eps=None):
@@ -179,9 +180,22 @@ class NormSpec:
         eps : float or None
             Added to the mean square; ``None`` means ``numpy.finfo(x.dtype).eps``.
         """
-        return cls("rms_norm", eps=eps, normalized_ndim=normalized_ndim)
+        return _make(cls, "rms_norm", eps=eps, normalized_ndim=normalized_ndim)
 
     @property
     def centered(self):
         """Whether the mean is subtracted (every kind but RMSNorm)."""
         return self.kind != "rms_norm"
+
+
+@functools.lru_cache(maxsize=256, typed=True)
+def _cached(cls, kind, eps, num_groups, normalized_ndim, channels_last):
+    return cls(kind, eps, num_groups, normalized_ndim, channels_last)
+
+
+def _make(cls, kind, eps=1e-5, num_groups=None, normalized_ndim=None, channels_last=False):
+    """Build (or reuse: specs are immutable) a validated spec."""
+    try:
+        return _cached(cls, kind, eps, num_groups, normalized_ndim, channels_last)
+    except TypeError:  # unhashable arguments: let the constructor name the problem
+        return cls(kind, eps, num_groups, normalized_ndim, channels_last)
