@@ -475,6 +475,45 @@ def _cf_dx_block(dy, x, weight, dx, coef, spec, plane, b, k):
 
 
 @helper
+def _row_dots_and_partials(dy, x, weight, work, coef, spec, nblocks, n, b, part_dy, part_dy_xhat):
+    """Run :func:`_cf_dots_block` on block ``b`` of row ``n`` and accumulate its partials.
+
+    Per-element affine only; the same pass adds the block's ``dy`` and
+    ``dy * xhat`` to the per-position partial sums.
+    """
+    s0 = b * BLOCK
+    count = min(BLOCK, spec.spatial - s0)
+    off = n * spec.spatial + s0
+    mean = coef[4 * n]
+    rstd = coef[4 * n + 1]
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    acc_dy = part_dy[s0 : s0 + count]
+    acc_dy_xhat = part_dy_xhat[s0 : s0 + count]
+    sum_g = 0.0
+    sum_g_xc = 0.0
+    if weight.size > 0:
+        ws = weight[s0 : s0 + count]
+        for i in range(count):
+            xc = xs[i] - mean
+            acc_dy[i] += dys[i]
+            acc_dy_xhat[i] += dys[i] * xc * rstd
+            g = dys[i] * ws[i]
+            sum_g += g
+            sum_g_xc += g * xc
+    else:
+        for i in range(count):
+            xc = xs[i] - mean
+            acc_dy[i] += dys[i]
+            acc_dy_xhat[i] += dys[i] * xc * rstd
+            sum_g += dys[i]
+            sum_g_xc += dys[i] * xc
+    blk = n * nblocks + b
+    work[2 * blk] = sum_g
+    work[2 * blk + 1] = sum_g_xc
+
+
+@helper
 def _param_partials(dy, x, off, count, mean, rstd, part_dy, part_dy_xhat):
     """Add ``dy`` and ``dy * xhat`` over ``[off, off+count)`` to partial sums."""
     xs = x[off : off + count]
@@ -538,9 +577,10 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
             part_dy_xhat[:] = 0.0
             for n in range(t * ROW_CHUNK, min(nstats, (t + 1) * ROW_CHUNK)):
                 for b in range(nblocks):
-                    _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, n, b, n)
+                    _row_dots_and_partials(
+                        dy, x, weight, work, coef, spec, nblocks, n, b, part_dy, part_dy_xhat
+                    )
                 _cf_group_coefs(weight, work, coef, spec, nblocks, n)
-                _param_partials(dy, x, n * width, width, coef[4 * n], coef[4 * n + 1], part_dy, part_dy_xhat)
                 for b in range(nblocks):
                     _cf_dx_block(dy, x, weight, dx, coef, spec, n, b, n)
         for tile in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
