@@ -186,3 +186,17 @@ def test_serial_and_parallel_builds_agree(dtype):
     assert K.select("forward_train", kspec) is K.forward_train_cf_serial
     big = K.KernelSpec(64, 64, 64, 32, K.CENTERED | K.CHANNELS_LAST, 1e-5)
     assert K.select("backward", big) is K.backward_cl
+
+
+@pytest.mark.parametrize("kind", ["batch_norm", "layer_norm", "rms_norm"])
+def test_float32_near_1e30_does_not_overflow(kind):
+    """float32 inputs near 1e30 (pytorch#162489): the float64 sums do not overflow to inf."""
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((4, 8, 16)) * 1e30).astype(np.float32)
+    assert np.isfinite(x).all() and (x.astype(np.float64) ** 2).max() > np.finfo(np.float32).max
+    spec = _spec(kind, 1, False)
+    y, stats = fastnorm.forward(x, spec)
+    assert np.isfinite(y).all() and np.isfinite(stats.rstd).all() and (stats.rstd > 0).all()
+    kw = _ref_kwargs(kind, 1, False)
+    y_ref, _, _ = naive.forward(x, kind, None, None, spec.eps, **kw)
+    naive.assert_close(y, y_ref, dtype=np.float32, k=64)
