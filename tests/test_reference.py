@@ -218,3 +218,33 @@ def test_in_place(case, dtype):
     xb = x.copy()
     dx2, _, _ = fastnorm.backward(dy, xb, stats, spec, w, out=xb)
     np.testing.assert_array_equal(dx2, dx_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize(("case", "layout"), with_layouts(EDGES))
+def test_in_place_backward_every_strategy(case, layout, dtype):
+    """``out=dy`` / ``out=x`` in backward and ``out=x`` in forward are bitwise the out-of-place results,
+    on the shapes that reach every kernel strategy (fused/split, multi-block, LN row chunks)."""
+    x_cf, dy_cf, w, b = data(case, dtype, key=("inplace",))
+    x, cl = arrange(x_cf, layout, case)
+    dy, _ = arrange(dy_cf, layout, case)
+    spec = case.spec(cl)
+    y_ref, stats = fastnorm.forward(x, spec, w, b)
+    ref = fastnorm.backward(dy, x, stats, spec, w)
+
+    def fresh(a):
+        buf = empty_like_layout(a)
+        buf[...] = a
+        return buf
+
+    for target in ("dy", "x"):
+        xb, dyb = fresh(x), fresh(dy)
+        out = dyb if target == "dy" else xb
+        got = fastnorm.backward(dyb, xb, stats, spec, w, out=out)
+        assert got[0] is out
+        for r, g in zip(ref, got, strict=True):
+            if r is not None:
+                np.testing.assert_array_equal(g, r, err_msg=f"backward out={target}")
+    xb = fresh(x)
+    y, _ = fastnorm.forward(xb, spec, w, b, out=xb)
+    np.testing.assert_array_equal(y, y_ref, err_msg="forward out=x")
