@@ -564,10 +564,11 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
     want_params = dweight.size > 0 or dbias.size > 0
     width = spec.spatial
     per_element_params = want_params and spec.flags & PER_ELEMENT
-    if per_element_params and nstats >= 4 * ROW_CHUNK:
+    if spec.flags & PER_ELEMENT and nstats >= 4 * ROW_CHUNK:
         # Many rows (LayerNorm/RMSNorm): each task takes ROW_CHUNK rows and adds
         # their dy and dy*xhat into its own float64 partial vectors (fixed
-        # chunks, merged in order below: deterministic).
+        # chunks, merged in order below: deterministic).  Taken whether or not
+        # dweight/dbias are wanted, so that dx never depends on that choice.
         nchunks = (nstats + ROW_CHUNK - 1) // ROW_CHUNK
         partial = np.empty(2 * width * nchunks)
         for t in prange(nchunks):
@@ -583,6 +584,8 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
                 _cf_group_coefs(weight, work, coef, spec, nblocks, n)
                 for b in range(nblocks):
                     _cf_dx_block(dy, x, weight, dx, coef, spec, n, b, n)
+        if not want_params:
+            return
         for tile in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
             for s in range(tile * COLUMN_TILE, min(width, (tile + 1) * COLUMN_TILE)):
                 sum_dy = 0.0

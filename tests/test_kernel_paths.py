@@ -200,3 +200,16 @@ def test_float32_near_1e30_does_not_overflow(kind):
     kw = _ref_kwargs(kind, 1, False)
     y_ref, _, _ = naive.forward(x, kind, None, None, spec.eps, **kw)
     naive.assert_close(y, y_ref, dtype=np.float32, k=64)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dx_does_not_depend_on_which_parameter_gradients_are_requested(name):
+    """dx is bitwise the same whether or not dweight/dbias are computed (C callers may skip them)."""
+    kind, shape, arg, cl = CASES[name]
+    spec = _spec(kind, arg, cl)
+    x, dy, _, _ = _data(kind, shape, arg, cl, np.float64, seed=2)
+    _, stats = fastnorm.forward(x, spec)
+    dx_with, _, dbias = fastnorm.backward(dy, x, stats, spec, with_bias=True)
+    dx_without, _, none = fastnorm.backward(dy, x, stats, spec, with_bias=False)
+    assert dbias is not None and none is None
+    np.testing.assert_array_equal(dx_with, dx_without)
