@@ -4,7 +4,9 @@
  * usage: capi_overhead KIND DTYPE ITERS REPEATS d0 d1 ...
  *   KIND 1..5 (fastnorm_kind), DTYPE 1 (f32) / 2 (f64); GroupNorm uses 8 groups,
  *   LN/RMS normalize the last dim.  Prints the best-of-REPEATS mean time per
- *   call, in microseconds, of forward_training, forward_inference, backward.
+ *   call, in microseconds, of forward_training, forward_inference, backward,
+ *   and of a rejected call (x == NULL: descriptor validation only, no kernel).
+ *   The environment variable BENCH_THREADS=n calls fastnorm_set_num_threads(n).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <stdio.h>
@@ -27,7 +29,8 @@ int main(int argc, char **argv)
     int rank = argc - 5, iters, repeats, r, op, k;
     size_t es;
     void *x, *y, *dy, *dx, *w, *b, *dw, *db;
-    double *mean, *rstd, best[3] = {1e30, 1e30, 1e30};
+    double *mean, *rstd, best[4] = {1e30, 1e30, 1e30, 1e30};
+    const char *threads = getenv("BENCH_THREADS");
     if (argc < 7 || rank > FASTNORM_MAX_RANK) {
         fprintf(stderr, "usage: %s KIND DTYPE ITERS REPEATS d0 d1 ...\n", argv[0]);
         return 2;
@@ -58,21 +61,27 @@ int main(int argc, char **argv)
         fprintf(stderr, "%s\n", fastnorm_last_error());
         return 1;
     }
+    if (threads != NULL && fastnorm_set_num_threads(atoi(threads)) != FASTNORM_OK) {
+        fprintf(stderr, "%s\n", fastnorm_last_error());
+        return 1;
+    }
     for (r = 0; r < repeats; ++r) {
-        for (op = 0; op < 3; ++op) {
+        for (op = 0; op < 4; ++op) {
             double t0 = now(), t;
             for (k = 0; k < iters; ++k) {
                 fastnorm_status st;
                 if (op == 0) st = fastnorm_forward_training(&d, x, w, b, y, mean, rstd);
                 else if (op == 1) st = fastnorm_forward_inference(&d, x, mean, rstd, w, b, y);
-                else st = fastnorm_backward(&d, dy, x, mean, rstd, w, dx, dw, db);
+                else if (op == 2) st = fastnorm_backward(&d, dy, x, mean, rstd, w, dx, dw, db);
+                else st = fastnorm_forward_training(&d, NULL, w, b, y, mean, rstd) == FASTNORM_NULL_POINTER
+                              ? FASTNORM_OK : FASTNORM_INTERNAL_ERROR;
                 if (st != FASTNORM_OK) return 1;
             }
             t = (now() - t0) / iters;
             if (t < best[op]) best[op] = t;
         }
     }
-    printf("forward_training %.3f\nforward_inference %.3f\nbackward %.3f\n", best[0] * 1e6, best[1] * 1e6,
-           best[2] * 1e6);
+    printf("forward_training %.3f\nforward_inference %.3f\nbackward %.3f\nrejected_call %.3f\n",
+           best[0] * 1e6, best[1] * 1e6, best[2] * 1e6, best[3] * 1e6);
     return 0;
 }

@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numba
 import numpy as np
 
 import fastnorm
@@ -67,9 +68,10 @@ def python_times(shape, iters, repeats):
     return times, kernel
 
 
-def c_times(exe, shape, iters, repeats):
+def c_times(exe, shape, iters, repeats, threads=None):
     cmd = [str(exe), "3", "1", str(iters), str(repeats), *map(str, shape)]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=_clean_env())
+    env = _clean_env() if threads is None else {**_clean_env(), "BENCH_THREADS": str(threads)}
+    result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     return {k: float(v) for k, v in (line.split() for line in result.stdout.splitlines())}
 
 
@@ -98,11 +100,17 @@ def main():
     print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     tiny, big = (1, 64, 8, 8), (32, 64, 56, 56)
     print(f"\n1) per call on {tiny} float32 GroupNorm(8), microseconds (best of 5 x 2000 calls)")
-    ct = c_times(bench, tiny, 2000, 5)
-    pt, kernel = python_times(tiny, 2000, 5)
-    for op in ct:
-        print(f"   {op:18s} C {ct[op]:8.2f}   Python API {pt[op]:8.2f}")
-    print(f"   bare kernel dispatch from Python (forward_train_cf): {kernel:.2f}")
+    for threads in (None, 1):
+        label = "all threads" if threads is None else "1 thread"
+        numba.set_num_threads(threads or numba.config.NUMBA_NUM_THREADS)
+        ct = c_times(bench, tiny, 2000, 5, threads)
+        pt, kernel = python_times(tiny, 2000, 5)
+        print(f"   [{label}]")
+        for op in ("forward_training", "forward_inference", "backward"):
+            print(f"   {op:18s} C {ct[op]:8.2f}   Python API {pt[op]:8.2f}")
+        print(f"   bare kernel from Python (forward_train_cf dispatch): {kernel:8.2f}")
+        print(f"   rejected C call (validation only, no kernel):        {ct['rejected_call']:8.3f}")
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
 
     print(f"\n2) cold start of a fresh C process (env -i), first call, {args.cold_runs} runs, seconds")
     cold = []
@@ -115,7 +123,7 @@ def main():
     print(f"\n3) steady state on {big} float32 GroupNorm(8), milliseconds (best of 3 x 5 calls)")
     ct = c_times(bench, big, 5, 3)
     pt, _ = python_times(big, 5, 3)
-    for op in ct:
+    for op in ("forward_training", "forward_inference", "backward"):
         print(f"   {op:18s} C {ct[op] / 1e3:8.3f}   Python API {pt[op] / 1e3:8.3f}")
 
 
