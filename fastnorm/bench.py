@@ -885,8 +885,8 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last_step = -1
 
-    def update(self, label, advance=1):
-        """Advance by ``advance`` steps and show ``label``."""
+    def update(self, label, advance=1, force=False):
+        """Advance by ``advance`` steps and show ``label`` (``force``: write a line even between steps)."""
         self.done = min(self.done + advance, self.total)
         frac = self.done / self.total
         filled = int(round(frac * self.width))
@@ -901,7 +901,7 @@ class Progress:
             self.stream.flush()
         else:
             step = int(frac * 20)
-            if step != self._last_step:
+            if step != self._last_step or force:
                 self._last_step = step
                 self.stream.write(line + "\n")
                 self.stream.flush()
@@ -1167,10 +1167,12 @@ def write_plot(path, cases, measurements, title=None):
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0].set_yticks(y)
     axes[0].set_yticklabels(ids, fontsize=7)
-    axes[0].invert_yaxis()
+    axes[0].set_ylim(len(ids) - 0.5, -0.5)  # first case on top, no margins
+    for ax in axes:
+        ax.tick_params(axis="x", which="both", labeltop=True)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / height))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -1328,6 +1330,11 @@ def build_parser():
     )
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write all results as JSON")
+    out.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="do not measure: print and write the outputs (--markdown, --plot...) of a --json file",
+    )
     out.add_argument("--markdown", metavar="PATH", help="write the results table as Markdown")
     out.add_argument("--plot", metavar="PATH", help="draw both ratios per case into a PNG (needs matplotlib)")
     out.add_argument("--write-thresholds", metavar="PATH", help="write a thresholds file from this run")
@@ -1357,6 +1364,43 @@ def _default_thresholds_path():
 def _positive(parser, name, value):
     if value is not None and value <= 0:
         parser.error(f"{name} must be positive, got {value}")
+
+
+def _render_saved(args, cases):
+    """Print and write the outputs of a saved ``--json`` file (``--from-json``)."""
+    try:
+        data = json.loads(Path(args.from_json).read_text(encoding="utf-8"))
+        saved = {entry["id"]: entry for entry in data["cases"]}
+        meta = data["meta"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: cannot read --from-json {args.from_json}: {exc!r}", file=sys.stderr)
+        return 2
+    cases = [c for c in cases if c.id in saved]
+    if not cases:
+        print(f"error: {args.from_json} holds none of the selected cases", file=sys.stderr)
+        return 2
+    measurements = {
+        c.id: Measurement(
+            c.id,
+            saved[c.id]["time_s"],
+            saved[c.id]["fastnorm_over_memcpy"],
+            saved[c.id]["fastnorm_over_torch"],
+            saved[c.id]["rounds"],
+            saved[c.id].get("time_min_s", {}),
+        )
+        for c in cases
+    }
+    scaling = data.get("scaling")
+    command = "python -m fastnorm.bench " + " ".join(meta.get("argv", []))
+    print(format_table(cases, measurements))
+    if args.json:
+        write_json(args.json, cases, measurements, meta, scaling)
+    if args.markdown:
+        write_markdown(args.markdown, cases, measurements, meta, scaling, command=command.strip())
+    if args.plot:
+        title = f"fastnorm, {meta.get('threads')} threads ({meta.get('platform')})"
+        write_plot(args.plot, cases, measurements, title=title)
+    return 0
 
 
 def main(argv=None):
@@ -1445,6 +1489,8 @@ def main(argv=None):
     if args.plot and _require_matplotlib() is None:
         print("error: --plot needs matplotlib: pip install 'fastnorm[plot]' (or matplotlib)", file=sys.stderr)
         return 2
+    if args.from_json:
+        return _render_saved(args, cases)
 
     rounds = args.rounds or settings.get("rounds") or (7 if args.quick else 11)
     target_s = (args.target_ms or settings.get("target_ms") or 1.0) / 1e3
@@ -1483,7 +1529,7 @@ def main(argv=None):
         def on_progress(case, attempt):
             if attempt:
                 progress.total += 1
-                progress.update(f"re-measure {attempt}/{rechecks}: {case.id}")
+                progress.update(f"re-measure {attempt}/{rechecks}: {case.id}", force=True)
             else:
                 progress.update(case.id)
 

@@ -413,3 +413,31 @@ def test_workload_computes_the_same_as_torch(smoke):
     assert len(got) == len(expected)
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, fake_cli, capsys):
+    monkeypatch.setattr(bench, "_require_matplotlib", lambda: None)
+    fake_cli.update({CASE: [(2.0, 0.5)]})
+    assert bench.main(["--cases", CASE, "--threads", "1", "--plot", str(tmp_path / "p.png")]) == 2
+    assert "--plot needs matplotlib" in capsys.readouterr().err
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_write_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    cases = bench.select_cases(ids=[CASE, OTHER])
+    path = tmp_path / "p.png"
+    bench.write_plot(path, cases, {CASE: m(CASE, 2.0, 0.5), OTHER: m(OTHER, 4.0, None)}, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_main_renders_saved_json(tmp_path, capsys):
+    cases = bench.select_cases(ids=[CASE, OTHER])
+    measurements = {CASE: m(CASE, 2.0, 0.5), OTHER: m(OTHER, 4.0, None)}
+    saved = tmp_path / "run.json"
+    bench.write_json(saved, cases, measurements, {"threads": 2, "argv": ["--quick"]})
+    md = tmp_path / "table.md"
+    assert bench.main(["--from-json", str(saved), "--markdown", str(md), "--kinds", "bn"]) == 0
+    text = md.read_text()
+    assert CASE in text and OTHER not in text and "python -m fastnorm.bench --quick" in text
+    assert bench.main(["--from-json", str(tmp_path / "missing.json")]) == 2
