@@ -24,9 +24,10 @@ Caching
 -------
 The cfuncs are compiled with ``cache=True``.  Numba keys a cache entry on the
 cfunc's own source file only, not on the functions it calls, so each cfunc is
-a closure over :data:`DEPS_KEY`, a hash of ``_kernels.py``, ``_config.py`` and
-this file: Numba hashes closure variables into the cache index key, so editing
-a kernel invalidates the cached cfuncs instead of silently reusing stale code.
+a closure over :data:`DEPS_KEY`, a hash of ``fastnorm/_*.py`` (``_kernels.py``,
+``_config.py``...) and this file: Numba hashes closure variables into the
+cache index key, so editing a kernel invalidates the cached cfuncs instead of
+silently reusing stale code.
 """
 
 from __future__ import annotations
@@ -47,9 +48,16 @@ _PKG = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _deps_key():
-    """Hash of every source file whose code ends up inside the cfuncs."""
+    """Hash of every source file whose code can end up inside the cfuncs.
+
+    That is this file and the package's private modules (``fastnorm/_*.py``:
+    ``_kernels.py``, ``_config.py`` and any helper module the kernels may be
+    split into later), so that no kernel edit can leave stale machine code.
+    """
     digest = hashlib.sha256()
-    for path in (_PKG / "_kernels.py", _PKG / "_config.py", pathlib.Path(__file__).resolve()):
+    paths = sorted(p for p in _PKG.glob("_*.py") if p.name != "__init__.py")
+    for path in [*paths, pathlib.Path(__file__).resolve()]:
+        digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return int(digest.hexdigest()[:15], 16)
 
