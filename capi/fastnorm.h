@@ -77,7 +77,8 @@ typedef enum fastnorm_status {
     FASTNORM_INVALID_ARGUMENT = 1, /* bad value: dims, rank, enum, eps, groups, alignment */
     FASTNORM_UNSUPPORTED = 2,      /* valid but not implemented (float16, mixed dtypes, flags) */
     FASTNORM_NOT_INITIALIZED = 3,  /* the embedded runtime could not be started */
-    FASTNORM_INTERNAL_ERROR = 4,   /* the kernel failed (e.g. out of memory for its workspace) */
+    FASTNORM_INTERNAL_ERROR = 4,   /* the kernel raised (only: out of memory for its workspace;
+                                      Numba then writes the exception to stderr) */
     FASTNORM_NULL_POINTER = 5,     /* a required pointer is NULL */
     FASTNORM_SIZE_OVERFLOW = 6,    /* the buffer sizes implied by dims overflow int64 bytes */
     FASTNORM_OVERLAP = 7           /* an output overlaps another buffer (beyond allowed aliases) */
