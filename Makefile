@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test capi clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# Build capi/build/libfastnorm.so (+ fastnorm.pc) and warm the Numba cache (docs/c-api.md).
+capi: $(VENV)/.installed-test
+	$(PY) -m fastnorm.capi build
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -104,7 +104,12 @@ def _make_forward_training(key):
         ba = carray(b, nb)
         ma = carray(mean, nstats)
         ra = carray(rstd, nstats)
-        if flags & K.CHANNELS_LAST:
+        if size <= K.SERIAL_MAX_ELEMENTS:  # the same builds as K.select picks for Python
+            if flags & K.CHANNELS_LAST:
+                K.forward_train_cl_serial(xa, wa, ba, ya, ma, ra, spec)
+            else:
+                K.forward_train_cf_serial(xa, wa, ba, ya, ma, ra, spec)
+        elif flags & K.CHANNELS_LAST:
             K.forward_train_cl(xa, wa, ba, ya, ma, ra, spec)
         else:
             K.forward_train_cf(xa, wa, ba, ya, ma, ra, spec)
@@ -127,7 +132,12 @@ def _make_forward_inference(key):
         ba = carray(b, nb)
         ma = carray(mean, nstats)
         ra = carray(rstd, nstats)
-        if flags & K.CHANNELS_LAST:
+        if size <= K.SERIAL_MAX_ELEMENTS:  # the same builds as K.select picks for Python
+            if flags & K.CHANNELS_LAST:
+                K.normalize_cl_serial(xa, wa, ba, ya, ma, ra, spec)
+            else:
+                K.normalize_cf_serial(xa, wa, ba, ya, ma, ra, spec)
+        elif flags & K.CHANNELS_LAST:
             K.normalize_cl(xa, wa, ba, ya, ma, ra, spec)
         else:
             K.normalize_cf(xa, wa, ba, ya, ma, ra, spec)
@@ -153,7 +163,12 @@ def _make_backward(key):
         dba = carray(db, ndb)
         ma = carray(mean, nstats)
         ra = carray(rstd, nstats)
-        if flags & K.CHANNELS_LAST:
+        if size <= K.SERIAL_MAX_ELEMENTS:  # the same builds as K.select picks for Python
+            if flags & K.CHANNELS_LAST:
+                K.backward_cl_serial(dya, xa, wa, ma, ra, dxa, dwa, dba, spec)
+            else:
+                K.backward_cf_serial(dya, xa, wa, ma, ra, dxa, dwa, dba, spec)
+        elif flags & K.CHANNELS_LAST:
             K.backward_cl(dya, xa, wa, ma, ra, dxa, dwa, dba, spec)
         else:
             K.backward_cf(dya, xa, wa, ma, ra, dxa, dwa, dba, spec)
