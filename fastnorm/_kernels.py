@@ -285,6 +285,18 @@ def _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, kx, k0, mean):
 
 
 @helper
+def _cf_fused(spec, nstats):
+    """Whether a channels-first pass runs one fused task per group.
+
+    Only for groups that are contiguous in memory (not ``BATCH``): a BatchNorm
+    group is ``N`` planes far apart, and reading it plane after plane defeats
+    the hardware prefetcher (measured 3.6x slower than streaming the whole
+    tensor twice in the split phases).
+    """
+    return nstats >= FUSE_MIN_GROUPS and not spec.flags & BATCH
+
+
+@helper
 def _cf_moments_block(x, work, spec, nblocks, plane, b):
     """Store the moments of block ``b`` of plane ``plane = n*C + c`` in ``work``."""
     s0 = b * BLOCK
@@ -361,7 +373,7 @@ def forward_train_cf(x, weight, bias, y, mean, rstd, spec):
     nstats = mean.size
     work = np.empty(2 * planes * nblocks)
     stats = np.empty(2 * nstats)
-    if nstats >= FUSE_MIN_GROUPS:
+    if _cf_fused(spec, nstats):
         # One task per group: read it once, normalize it while it is in cache.
         for k in prange(nstats):
             n0, samples, c0, d = _group(spec, k)
@@ -615,7 +627,7 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
                 dbias[s] = acc[s]
             if dweight.size > 0:
                 dweight[s] = acc[width + s]
-    if nstats >= FUSE_MIN_GROUPS:
+    if _cf_fused(spec, nstats):
         for k in prange(nstats):
             n0, samples, c0, d = _group(spec, k)
             for n in range(n0, n0 + samples):

@@ -22,7 +22,7 @@ from fastnorm.core import _plan
 
 CASES = {
     # name: (kind, shape, groups/normalized_ndim, channels_last)
-    "bn-fused-cf": ("batch_norm", (3, 40, 5, 7), None, False),
+    "bn-split-cf-many-channels": ("batch_norm", (3, 40, 5, 7), None, False),
     "bn-split-cf-multiblock": ("batch_norm", (2, 3, 70, 70), None, False),
     "bn-split-cl": ("batch_norm", (4, 9, 9, 6), None, True),
     "bn-cl-multiblock": ("batch_norm", (2, 70, 70, 3), None, True),
@@ -83,7 +83,7 @@ def _path(kspec):
         rows_per_block = max(1, K.BLOCK // kspec.channels)
         blocks = -(-kspec.spatial // rows_per_block)
     else:
-        fused = nstats >= K.FUSE_MIN_GROUPS
+        fused = nstats >= K.FUSE_MIN_GROUPS and not kspec.flags & K.BATCH
         blocks = -(-kspec.spatial // K.BLOCK)
     rowchunk = bool(kspec.flags & K.PER_ELEMENT) and nstats >= 4 * K.ROW_CHUNK
     return {"serial": small, "fused": fused, "multiblock": blocks > 1, "rowchunk": rowchunk}
