@@ -575,7 +575,6 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
         coef[4 * k + 1] = rstd[k]
     want_params = dweight.size > 0 or dbias.size > 0
     width = spec.spatial
-    per_element_params = want_params and spec.flags & PER_ELEMENT
     if spec.flags & PER_ELEMENT and nstats >= 4 * ROW_CHUNK:
         # Many rows (LayerNorm/RMSNorm): each task takes ROW_CHUNK rows and adds
         # their dy and dy*xhat into its own float64 partial vectors (fixed
@@ -610,23 +609,40 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
                 if dweight.size > 0:
                     dweight[s] = sum_dy_xhat
         return
-    if per_element_params:
-        # Few rows: each column tile sums its rows in order in float64, before
-        # dx is written so that dx may alias dy.
-        acc = np.zeros(2 * width)
+    if spec.flags & PER_ELEMENT:
+        # Few (long) rows: dot products in parallel over (row, block), then dx
+        # and the parameter partials in parallel over column tiles, each tile
+        # walking the rows in order (float64, deterministic) while its segment
+        # of x and dy is in L1.  The partials read dy before dx is written, so
+        # dx may alias dy.
+        for blk in prange(nstats * nblocks):
+            n = blk // nblocks
+            _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, n, blk - n * nblocks, n)
+        for k in prange(nstats):
+            _cf_group_coefs(weight, work, coef, spec, nblocks, k)
+        acc = np.zeros(2 * width if want_params else 0)
         for tile in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
             lo = tile * COLUMN_TILE
             hi = min(width, lo + COLUMN_TILE)
-            for n in range(spec.batch):
-                part_dy = acc[lo:hi]
-                part_dy_xhat = acc[width + lo : width + hi]
+            for n in range(nstats):
+                off = n * width + lo
                 row_mean, row_rstd = coef[4 * n], coef[4 * n + 1]
-                _param_partials(dy, x, n * width + lo, hi - lo, row_mean, row_rstd, part_dy, part_dy_xhat)
-        for s in range(width):
-            if dbias.size > 0:
-                dbias[s] = acc[s]
-            if dweight.size > 0:
-                dweight[s] = acc[width + s]
+                if want_params:
+                    part_dy = acc[lo:hi]
+                    part_dy_xhat = acc[width + lo : width + hi]
+                    _param_partials(dy, x, off, hi - lo, row_mean, row_rstd, part_dy, part_dy_xhat)
+                kx, k0 = coef[4 * n + 2], coef[4 * n + 3]
+                if weight.size > 0:
+                    _dx_per_element(dy, x, weight, dx, off, hi - lo, lo, row_rstd, kx, k0, row_mean)
+                else:
+                    _dx(dy, x, dx, off, hi - lo, row_rstd, kx, k0, row_mean)
+            if want_params:
+                for s in range(lo, hi):
+                    if dbias.size > 0:
+                        dbias[s] = acc[s]
+                    if dweight.size > 0:
+                        dweight[s] = acc[width + s]
+        return
     if _cf_fused(spec, nstats):
         for k in prange(nstats):
             n0, samples, c0, d = _group(spec, k)
