@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test capi clean
+.PHONY: demo test capi bench bench-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ test: $(VENV)/.installed-test
 # Build capi/build/libfastnorm.so (+ fastnorm.pc) and warm the Numba cache (docs/c-api.md).
 capi: $(VENV)/.installed-test
 	$(PY) -m fastnorm.capi build
+
+# Benchmarks (docs/benchmarks.md): a quick table, and the ratio-based regression gate.
+bench: $(VENV)/.installed-test
+	$(PY) -m fastnorm.bench --quick
+
+bench-check: $(VENV)/.installed-test
+	$(PY) -m fastnorm.bench --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info
