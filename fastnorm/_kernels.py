@@ -940,28 +940,49 @@ def _cl_block_dots(dy, x, work, coef, spec, nblocks, blk):
 
 
 @helper
-def _cl_group_coefs(weight, rstd, work, coef, spec, nblocks, k):
+def _cl_sum_set(work, chan, spec, nblocks, set_index):
+    """Per-channel sums of one set's block dot products, vectorized over C.
+
+    Order: sample, block.  ``chan[2C*set : +C]`` gets ``sum(dy)`` and the next
+    ``C`` get ``sum(dy * (x - mean))``.
+    """
+    nc = spec.channels
+    n0, samples = (0, spec.batch) if spec.flags & BATCH else (set_index, 1)
+    sum_dy = chan[2 * nc * set_index : 2 * nc * set_index + nc]
+    sum_dy_xc = chan[2 * nc * set_index + nc : 2 * nc * (set_index + 1)]
+    sum_dy[:] = 0.0
+    sum_dy_xc[:] = 0.0
+    for n in range(n0, n0 + samples):
+        for b in range(nblocks):
+            blk = n * nblocks + b
+            block_dy = work[2 * nc * blk : 2 * nc * blk + nc]
+            block_dy_xc = work[2 * nc * blk + nc : 2 * nc * (blk + 1)]
+            for c in range(nc):
+                sum_dy[c] += block_dy[c]
+                sum_dy_xc[c] += block_dy_xc[c]
+
+
+@helper
+def _cl_group_coefs(weight, rstd, chan, coef, spec, k):
     """Dx coefficients of group ``k`` into the per-channel vectors of its set.
 
     ``coef[4C*set + C*j + c]`` for j = 0 (mean), 1 (rstd*w), 2 (kx), 3 (k0);
     see :func:`_cf_group_coefs`.
     """
-    n0, samples, c0, d = _group(spec, k)
+    _, samples, c0, d = _group(spec, k)
     nc = spec.channels
+    set_index = k // spec.groups
     sum_g = 0.0
     sum_g_xc = 0.0
-    for n in range(n0, n0 + samples):
-        for b in range(nblocks):
-            blk = n * nblocks + b
-            for c in range(c0, c0 + d):
-                w = weight[c] if weight.size > 0 else 1.0
-                sum_g += w * work[2 * nc * blk + c]
-                sum_g_xc += w * work[2 * nc * blk + nc + c]
+    for c in range(c0, c0 + d):
+        w = weight[c] if weight.size > 0 else 1.0
+        sum_g += w * chan[2 * nc * set_index + c]
+        sum_g_xc += w * chan[2 * nc * set_index + nc + c]
     m = float(samples * d * spec.spatial)
     r = rstd[k]
     kx = r * r * r * sum_g_xc / m
     k0 = r * sum_g / m if spec.flags & CENTERED else 0.0
-    base = 4 * nc * (k // spec.groups)
+    base = 4 * nc * set_index
     for c in range(c0, c0 + d):
         coef[base + nc + c] = r * weight[c] if weight.size > 0 else r
         coef[base + 2 * nc + c] = kx
@@ -997,14 +1018,16 @@ def backward_cl(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
     nstats = mean.size
     sets = nstats // spec.groups
     work = np.empty(2 * nc * total_blocks)
+    chan = np.empty(2 * nc * sets)
     coef = np.empty(4 * nc * sets)
     if sets >= FUSE_MIN_GROUPS:
         for n in prange(sets):
             _cl_set_means(mean, coef, spec, n)
             for b in range(nblocks):
                 _cl_block_dots(dy, x, work, coef, spec, nblocks, n * nblocks + b)
+            _cl_sum_set(work, chan, spec, nblocks, n)
             for g in range(spec.groups):
-                _cl_group_coefs(weight, rstd, work, coef, spec, nblocks, n * spec.groups + g)
+                _cl_group_coefs(weight, rstd, chan, coef, spec, n * spec.groups + g)
             for b in range(nblocks):
                 _cl_dx_block(dy, x, dx, coef, spec, nblocks, n * nblocks + b)
     else:
@@ -1012,21 +1035,21 @@ def backward_cl(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
             _cl_set_means(mean, coef, spec, s)
         for blk in prange(total_blocks):
             _cl_block_dots(dy, x, work, coef, spec, nblocks, blk)
+        for s in prange(sets):
+            _cl_sum_set(work, chan, spec, nblocks, s)
         for k in prange(nstats):
-            _cl_group_coefs(weight, rstd, work, coef, spec, nblocks, k)
+            _cl_group_coefs(weight, rstd, chan, coef, spec, k)
         for blk in prange(total_blocks):
             _cl_dx_block(dy, x, dx, coef, spec, nblocks, blk)
     if dweight.size > 0 or dbias.size > 0:
+        # dweight[c] = sum over sets of rstd * sum(dy * (x - mean)), dbias[c] = sum(dy).
+        d = nc // spec.groups
         for c in prange(nc):
             sum_dy = 0.0
             sum_dy_xhat = 0.0
-            for n in range(spec.batch):
-                partial = 0.0
-                for b in range(nblocks):
-                    blk = n * nblocks + b
-                    sum_dy += work[2 * nc * blk + c]
-                    partial += work[2 * nc * blk + nc + c]
-                sum_dy_xhat += rstd[_stat_index(spec, n, c)] * partial
+            for set_index in range(sets):
+                sum_dy += chan[2 * nc * set_index + c]
+                sum_dy_xhat += rstd[set_index * spec.groups + c // d] * chan[2 * nc * set_index + nc + c]
             if dweight.size > 0:
                 dweight[c] = sum_dy_xhat
             if dbias.size > 0:
