@@ -232,6 +232,20 @@ def _prepare_input(x, spec, training=True):
     return x, plan
 
 
+def _prepare_forward(x, plan, spec, weight, bias, out):
+    """Check the parameters and ``out`` of a forward pass; return the kernel views.
+
+    Returns ``(weight_flat, bias_flat, x_flat, y, y_flat)``.
+    """
+    weight_flat = _check_param(weight, "weight", plan.param_shape, x.dtype)
+    bias_flat = _check_param(bias, "bias", plan.param_shape, x.dtype)
+    x_flat = _kernel_view(x, plan, spec)
+    y, y_flat = _output(x, plan, spec, out)
+    if out is not None:
+        _check_alias(y_flat, [x_flat], "out")
+    return weight_flat, bias_flat, x_flat, y, y_flat
+
+
 def _stats_arrays(stats, plan):
     if not isinstance(stats, Stats):
         raise TypeError(f"stats must be a fastnorm.Stats, got {type(stats).__name__}")
@@ -287,12 +301,7 @@ def forward(x, spec, weight=None, bias=None, *, out=None):
     (Chan et al. merge), so results do not depend on the thread count.
     """
     x, plan = _prepare_input(x, spec)
-    weight_flat = _check_param(weight, "weight", plan.param_shape, x.dtype)
-    bias_flat = _check_param(bias, "bias", plan.param_shape, x.dtype)
-    x_flat = _kernel_view(x, plan, spec)
-    y, y_flat = _output(x, plan, spec, out)
-    if out is not None:
-        _check_alias(y_flat, [x_flat], "out")
+    weight_flat, bias_flat, x_flat, y, y_flat = _prepare_forward(x, plan, spec, weight, bias, out)
     mean = np.empty(plan.stats_shape)
     rstd = np.empty(plan.stats_shape)
     if mean.size:
@@ -327,12 +336,7 @@ def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
     """
     x, plan = _prepare_input(x, spec, training=False)
     mean, rstd = _stats_arrays(stats, plan)
-    weight_flat = _check_param(weight, "weight", plan.param_shape, x.dtype)
-    bias_flat = _check_param(bias, "bias", plan.param_shape, x.dtype)
-    x_flat = _kernel_view(x, plan, spec)
-    y, y_flat = _output(x, plan, spec, out)
-    if out is not None:
-        _check_alias(y_flat, [x_flat], "out")
+    weight_flat, bias_flat, x_flat, y, y_flat = _prepare_forward(x, plan, spec, weight, bias, out)
     if y_flat.size:
         K.select("normalize", plan.kspec)(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kspec)
     return y
