@@ -175,6 +175,14 @@ def _check_counter(counter, required):
         raise TypeError("num_batches_tracked must be a numpy integer array of shape () or (1,)")
     if not counter.flags.writeable:
         raise ValueError("num_batches_tracked is read-only but training increments it")
+    count = int(counter.reshape(-1)[0])
+    if count < 0:
+        raise ValueError(f"num_batches_tracked={count} must be >= 0 (it counts the batches seen)")
+    if count >= np.iinfo(counter.dtype).max:
+        raise ValueError(
+            f"num_batches_tracked={count} would overflow its dtype {counter.dtype} when incremented; "
+            "use an int64 counter"
+        )
     return counter
 
 
