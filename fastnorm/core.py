@@ -214,8 +214,15 @@ def _output(like, plan, spec, out, name="out"):
     return out, target.reshape(-1)
 
 
-def _check_alias(out_flat, inputs, name):
-    """``out`` may be exactly one of ``inputs`` (in place) but must not partly overlap any."""
+def _check_alias(out_flat, inputs, name, others=()):
+    """``out`` may be exactly one of ``inputs`` (in place) but must not partly overlap any.
+
+    Nor may it overlap any of ``others`` (weight, bias, statistics: read again after
+    ``out`` has been partly written).
+    """
+    for array in others:
+        if np.shares_memory(out_flat, array):
+            raise ValueError(f"{name} overlaps weight, bias or the statistics; pass a separate buffer")
     for array in inputs:
         if np.shares_memory(out_flat, array) and not (
             out_flat.__array_interface__["data"][0] == array.__array_interface__["data"][0]
@@ -232,7 +239,7 @@ def _prepare_input(x, spec, training=True):
     return x, plan
 
 
-def _prepare_forward(x, plan, spec, weight, bias, out):
+def _prepare_forward(x, plan, spec, weight, bias, out, stats_flat=()):
     """Check the parameters and ``out`` of a forward pass; return the kernel views.
 
     Returns ``(weight_flat, bias_flat, x_flat, y, y_flat)``.
@@ -242,7 +249,7 @@ def _prepare_forward(x, plan, spec, weight, bias, out):
     x_flat = _kernel_view(x, plan, spec)
     y, y_flat = _output(x, plan, spec, out)
     if out is not None:
-        _check_alias(y_flat, [x_flat], "out")
+        _check_alias(y_flat, [x_flat], "out", [weight_flat, bias_flat, *stats_flat])
     return weight_flat, bias_flat, x_flat, y, y_flat
 
 
@@ -336,7 +343,8 @@ def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
     """
     x, plan = _prepare_input(x, spec, training=False)
     mean, rstd = _stats_arrays(stats, plan)
-    weight_flat, bias_flat, x_flat, y, y_flat = _prepare_forward(x, plan, spec, weight, bias, out)
+    prepared = _prepare_forward(x, plan, spec, weight, bias, out, (mean, rstd))
+    weight_flat, bias_flat, x_flat, y, y_flat = prepared
     if y_flat.size:
         K.select("normalize", plan.kspec)(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kspec)
     return y
@@ -391,7 +399,7 @@ def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
     dy_flat = _kernel_view(dy, plan, spec)
     dx, dx_flat = _output(x, plan, spec, out)
     if out is not None:
-        _check_alias(dx_flat, [x_flat, dy_flat], "out")
+        _check_alias(dx_flat, [x_flat, dy_flat], "out", [weight_flat, mean, rstd])
     dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
     if dx_flat.size:

@@ -73,6 +73,13 @@ def _update_running(running, batch_mean, batch_var, count, factor):
     running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * unbiased
 
 
+def _check_out_not_running(out, running):
+    """Training writes ``out`` before it updates the running statistics: they must not overlap."""
+    if isinstance(out, np.ndarray) and running is not None:
+        if any(np.shares_memory(out, r) for r in running):
+            raise ValueError("out overlaps running_mean or running_var; pass a separate buffer")
+
+
 def _variance(stats, eps):
     """Biased variance recovered from ``rstd`` in float64 (never below 0)."""
     return np.maximum(1.0 / np.square(stats.rstd) - eps, 0.0)
@@ -154,6 +161,7 @@ def batch_norm(
     momentum = _check_momentum(momentum, allow_none=True)
     counter = _check_counter(num_batches_tracked, required=momentum is None and running is not None)
     plan = _plan(x, spec, training=True)  # validate before anything is written
+    _check_out_not_running(out, running)
     y, stats = forward(x, spec, weight, bias, out=out)
     if counter is not None:
         counter += 1
@@ -241,6 +249,7 @@ def instance_norm(
     spec = NormSpec.instance_norm(eps=eps, channels_last=channels_last)
     momentum = _check_momentum(momentum, allow_none=False)
     plan = _plan(x, spec, training=True)
+    _check_out_not_running(out, running)
     y, stats = forward(x, spec, weight, bias, out=out)
     if running is not None and x.shape[0] > 0:
         # torch: the batch average of the per-instance mean and unbiased variance.
