@@ -53,7 +53,7 @@ def _running_pair(running_mean, running_var, channels, writeable):
 
 
 def _channels(x, channels_last):
-    if x.ndim < 2:
+    if not 2 <= x.ndim <= 5:  # before C is read from x.shape (and compared with running stats)
         raise ValueError(f"expected a 2-D to 5-D input (N, C, *spatial), got x.shape={x.shape}")
     return x.shape[-1] if channels_last else x.shape[1]
 
@@ -239,6 +239,8 @@ def instance_norm(
         Normalized ``x``.
     """
     x = _check_array(x, "x")
+    # validates eps and channels_last before channels_last is used to find C
+    spec = NormSpec.instance_norm(eps=eps, channels_last=channels_last)
     channels = _channels(x, channels_last)
     running = _running_pair(running_mean, running_var, channels, writeable=bool(use_input_stats))
     if not use_input_stats:
@@ -246,7 +248,6 @@ def instance_norm(
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
         spec = NormSpec.batch_norm(eps=eps, channels_last=channels_last)
         return forward_inference(x, _running_stats(running, spec.eps), spec, weight, bias, out=out)
-    spec = NormSpec.instance_norm(eps=eps, channels_last=channels_last)
     momentum = _check_momentum(momentum, allow_none=False)
     plan = _plan(x, spec, training=True)
     _check_out_not_running(out, running)
