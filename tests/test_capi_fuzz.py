@@ -1,0 +1,104 @@
+"""Fuzz the C ABI: ``capi/tests/fuzz.c`` under AddressSanitizer + UBSan.
+
+The harness makes >= 10**5 random calls of the three compute entry points
+(random descriptors, NULL / misaligned / aliased / overlapping buffers, valid
+calls mixed in), checks each status against the rules of docs/c-api.md, that
+invalid calls write nothing, and valid results against a float64 reference
+(see the comment at the top of fuzz.c and docs/c-api.md#fuzzing).
+
+The library is built with ``-fsanitize=address,undefined`` into a temporary
+directory, like ``tests/test_capi.py::test_c_tests_under_address_sanitizer``;
+the Numba cache is warmed first (``python -m fastnorm.capi --warm``, a no-op
+when it is warm already).  The program runs in a clean environment.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from test_capi import CAPI, CFLAGS, GCC, _have_cffi, run
+
+SANITIZE = "-fsanitize=address,undefined"
+# LeakSanitizer is the only thing disabled: the embedded CPython interpreter,
+# Numba's JIT and the TBB pool are intentionally never torn down at exit.
+ASAN_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+}
+MIN_CALLS = 100_000
+
+
+@pytest.fixture(scope="module")
+def fuzz_exe(tmp_path_factory):
+    """Build the sanitized library and compile fuzz.c against it; returns the program path."""
+    if GCC is None:
+        pytest.skip("gcc is not available: cannot compile the C API fuzzer")
+    if not _have_cffi():
+        pytest.skip("cffi is not installed: cannot build libfastnorm.so")
+    out = tmp_path_factory.mktemp("capi-fuzz")
+    warm = subprocess.run(
+        [sys.executable, "-m", "fastnorm.capi", "--warm"], capture_output=True, text=True, timeout=1200
+    )
+    assert warm.returncode == 0, warm.stdout + warm.stderr
+    lib = out / "asan"
+    built = subprocess.run(
+        [sys.executable, "-c", "import sys; from fastnorm.capi.build import build; "
+         f"build(sys.argv[1], extra_cflags=['{SANITIZE}', '-fno-omit-frame-pointer'], "
+         f"extra_ldflags=['{SANITIZE}'])", str(lib)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    exe = out / "fuzz"
+    cc = subprocess.run(
+        [GCC, *CFLAGS, SANITIZE, "-fno-omit-frame-pointer", str(CAPI / "tests" / "fuzz.c"), "-o", str(exe),
+         f"-I{lib / 'include'}", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lfastnorm", "-lm", "-pthread"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert cc.returncode == 0, cc.stderr
+    return exe
+
+
+def _summary(stdout):
+    match = re.search(r"^fuzz: seed=(\d+) calls=(\d+) failures=(\d+)$", stdout, re.MULTILINE)
+    assert match, stdout
+    return int(match.group(2)), int(match.group(3))
+
+
+def test_fuzz_entry_points_under_sanitizers(fuzz_exe):
+    result = run([fuzz_exe, "--calls", str(MIN_CALLS + 20_000)], timeout=600, **ASAN_ENV)
+    report = result.stdout + result.stderr[-6000:]
+    assert result.returncode == 0, report
+    assert "ERROR: AddressSanitizer" not in result.stderr and "runtime error" not in result.stderr, report
+    assert "FAIL" not in result.stderr, report
+    calls, failures = _summary(result.stdout)
+    assert calls >= MIN_CALLS and failures == 0, report
+    # Every entry point ran, with valid and rejected calls of every kind of error.
+    for entry in ("forward_training", "forward_inference", "backward"):
+        line = re.search(rf"^fuzz: {entry}: (\d+) calls:(.*)$", result.stdout, re.MULTILINE)
+        assert line and int(line.group(1)) > MIN_CALLS // 5, report
+        for status in ("OK", "INVALID_ARGUMENT", "UNSUPPORTED", "NULL_POINTER", "SIZE_OVERFLOW", "OVERLAP"):
+            assert re.search(rf"FASTNORM_{status}=[1-9]", line.group(2)), (entry, status, report)
+        # Nothing else: no NOT_INITIALIZED, INTERNAL_ERROR or unknown value.
+        assert not re.search(r"FASTNORM_(NOT_INITIALIZED|INTERNAL_ERROR)|other=", line.group(2)), report
+    pattern = r"valid=(\d+) \(checked against the reference (\d+),.* right after an invalid call (\d+)\)"
+    valid = re.search(pattern, result.stdout)
+    assert valid and int(valid.group(2)) > MIN_CALLS // 10 and int(valid.group(3)) > 1000, report
+
+
+def test_fuzz_seed_and_replay_arguments(fuzz_exe):
+    """Another seed gives other calls; --first K --calls 1 replays call K alone."""
+    a = run([fuzz_exe, "--seed", "7", "--calls", "300", "--verbose"], timeout=300, **ASAN_ENV)
+    b = run([fuzz_exe, "--seed", "7", "--first", "123", "--calls", "1", "--verbose"], timeout=300, **ASAN_ENV)
+    c = run([fuzz_exe, "--seed", "8", "--calls", "300", "--verbose"], timeout=300, **ASAN_ENV)
+    for result in (a, b, c):
+        assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert "fuzz: seed=7 calls=300 failures=0" in a.stdout
+    calls_a = [line for line in a.stdout.splitlines() if line.startswith("call ")]
+    calls_b = [line for line in b.stdout.splitlines() if line.startswith("call ")]
+    calls_c = [line for line in c.stdout.splitlines() if line.startswith("call ")]
+    assert len(calls_a) == 300 and calls_b == [calls_a[123]]
+    assert calls_a != calls_c
+    assert run([fuzz_exe, "--bogus"], timeout=60).returncode == 2
