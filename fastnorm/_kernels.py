@@ -377,6 +377,18 @@ def forward_train_cf(x, weight, bias, y, mean, rstd, spec):
         # One task per group: read it once, normalize it while it is in cache.
         for k in prange(nstats):
             n0, samples, c0, d = _group(spec, k)
+            if samples * d * nblocks == 1:
+                # A one-block group (short LayerNorm row, small InstanceNorm
+                # plane): the same arithmetic as below without the workspace.
+                plane = n0 * spec.channels + c0
+                centered = spec.flags & CENTERED
+                block_mean, block_m2 = _moments(x, plane * spec.spatial, spec.spatial, centered)
+                count = float(spec.spatial)
+                group_mean, group_rstd = _finish(count, block_mean, block_m2, spec.flags, spec.eps)
+                stats[2 * k] = group_mean
+                stats[2 * k + 1] = group_rstd
+                _cf_normalize_block(x, y, weight, bias, spec, group_mean, group_rstd, plane, 0)
+                continue
             for n in range(n0, n0 + samples):
                 for c in range(c0, c0 + d):
                     for b in range(nblocks):
