@@ -65,7 +65,7 @@ FUSE_MIN_GROUPS = 32
 #: to cancellation is recomputed with two passes.
 CANCELLATION_LIMIT = 1024.0
 #: Columns per task of the per-element (LayerNorm) parameter-gradient reduction.
-COLUMN_TILE = 256
+COLUMN_TILE = 2048
 #: Rows per task when LayerNorm's backward accumulates dweight/dbias partials
 #: while computing dx (used from 4 * ROW_CHUNK rows on).
 ROW_CHUNK = 32
