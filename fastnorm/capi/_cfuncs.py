@@ -90,8 +90,10 @@ SIGNATURES = {
 }
 
 
-def _make_forward_training(key):
-    def forward_training(
+def _make_forward(key, training):
+    """Forward cfunc: training statistics (``training``) or given statistics."""
+
+    def forward(
         x, w, nw, b, nb, y, mean, rstd, nstats, batch, channels, spatial, groups, flags, eps
     ):
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
@@ -104,46 +106,29 @@ def _make_forward_training(key):
         ba = carray(b, nb)
         ma = carray(mean, nstats)
         ra = carray(rstd, nstats)
-        if size <= K.SERIAL_MAX_ELEMENTS:  # the same builds as K.select picks for Python
-            if flags & K.CHANNELS_LAST:
+        # The same builds as K.select picks for the Python API.
+        small = size <= K.SERIAL_MAX_ELEMENTS
+        channels_last = flags & K.CHANNELS_LAST
+        if training:
+            if small and channels_last:
                 K.forward_train_cl_serial(xa, wa, ba, ya, ma, ra, spec)
-            else:
+            elif small:
                 K.forward_train_cf_serial(xa, wa, ba, ya, ma, ra, spec)
-        elif flags & K.CHANNELS_LAST:
-            K.forward_train_cl(xa, wa, ba, ya, ma, ra, spec)
-        else:
-            K.forward_train_cf(xa, wa, ba, ya, ma, ra, spec)
-        return 1
-
-    return forward_training
-
-
-def _make_forward_inference(key):
-    def forward_inference(
-        x, w, nw, b, nb, y, mean, rstd, nstats, batch, channels, spatial, groups, flags, eps
-    ):
-        if key < 0:  # never true: ties the cache entry to DEPS_KEY
-            return 0
-        spec = K.KernelSpec(batch, channels, spatial, groups, flags, eps)
-        size = batch * channels * spatial
-        xa = carray(x, size)
-        ya = carray(y, size)
-        wa = carray(w, nw)
-        ba = carray(b, nb)
-        ma = carray(mean, nstats)
-        ra = carray(rstd, nstats)
-        if size <= K.SERIAL_MAX_ELEMENTS:  # the same builds as K.select picks for Python
-            if flags & K.CHANNELS_LAST:
-                K.normalize_cl_serial(xa, wa, ba, ya, ma, ra, spec)
+            elif channels_last:
+                K.forward_train_cl(xa, wa, ba, ya, ma, ra, spec)
             else:
-                K.normalize_cf_serial(xa, wa, ba, ya, ma, ra, spec)
-        elif flags & K.CHANNELS_LAST:
+                K.forward_train_cf(xa, wa, ba, ya, ma, ra, spec)
+        elif small and channels_last:
+            K.normalize_cl_serial(xa, wa, ba, ya, ma, ra, spec)
+        elif small:
+            K.normalize_cf_serial(xa, wa, ba, ya, ma, ra, spec)
+        elif channels_last:
             K.normalize_cl(xa, wa, ba, ya, ma, ra, spec)
         else:
             K.normalize_cf(xa, wa, ba, ya, ma, ra, spec)
         return 1
 
-    return forward_inference
+    return forward
 
 
 def _make_backward(key):
@@ -178,8 +163,8 @@ def _make_backward(key):
 
 
 _FACTORIES = {
-    "forward_training": _make_forward_training,
-    "forward_inference": _make_forward_inference,
+    "forward_training": lambda key: _make_forward(key, True),
+    "forward_inference": lambda key: _make_forward(key, False),
     "backward": _make_backward,
 }
 
