@@ -80,7 +80,7 @@ typedef enum fastnorm_status {
     FASTNORM_INTERNAL_ERROR = 4,   /* the kernel raised (only: out of memory for its workspace;
                                       Numba then writes the exception to stderr) */
     FASTNORM_NULL_POINTER = 5,     /* a required pointer is NULL */
-    FASTNORM_SIZE_OVERFLOW = 6,    /* the buffer sizes implied by dims overflow int64 bytes */
+    FASTNORM_SIZE_OVERFLOW = 6,    /* element count of dims times 8 bytes overflows int64 */
     FASTNORM_OVERLAP = 7           /* an output overlaps another buffer (beyond allowed aliases) */
 } fastnorm_status;
 
