@@ -487,16 +487,18 @@ static fastnorm_status check_buffers(const buffer *bufs, int n, const int (*allo
     return check_overlaps(bufs, n, allowed, nallowed);
 }
 
-FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc, const void *x,
-                                                       const void *weight, const void *bias,
-                                                       void *y, double *mean, double *rstd)
+/* Shared body of the two forward entry points: training (mean/rstd are outputs)
+ * and inference (mean/rstd are inputs). */
+static fastnorm_status forward_common(const fastnorm_desc *desc, int training, const void *x,
+                                      const void *weight, const void *bias, void *y,
+                                      const double *mean, const double *rstd)
 {
     static const int allowed[][2] = {{1, 0}}; /* y == x */
     plan p;
     fastnorm_status st;
     int32_t rc;
     int previous;
-    if ((st = make_plan(desc, 1, &p)) != FASTNORM_OK) return st;
+    if ((st = make_plan(desc, training, &p)) != FASTNORM_OK) return st;
     REQUIRE(x);
     REQUIRE(y);
     REQUIRE(mean);
@@ -505,18 +507,28 @@ FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc
         buffer bufs[] = {
             {"x", x, p.size * p.itemsize, 0, p.itemsize},          {"y", y, p.size * p.itemsize, 1, p.itemsize},
             {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize}, {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
-            {"mean", mean, p.nstats * 8, 1, 8},           {"rstd", rstd, p.nstats * 8, 1, 8},
+            {"mean", mean, p.nstats * 8, training, 8},    {"rstd", rstd, p.nstats * 8, training, 8},
         };
         if ((st = check_buffers(bufs, 6, allowed, 1)) != FASTNORM_OK) return st;
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads();
-    rc = ((forward_fn)(uintptr_t)runtime_table[p.dtype_index ? SLOT_FWD_F64 : SLOT_FWD_F32])(
-        x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, mean, rstd, p.nstats,
-        p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
+    rc = ((forward_fn)(uintptr_t)runtime_table[training ? (p.dtype_index ? SLOT_FWD_F64 : SLOT_FWD_F32)
+                                                         : (p.dtype_index ? SLOT_INF_F64 : SLOT_INF_F32)])(
+        x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, (double *)mean,
+        (double *)rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
     leave_threads(previous);
-    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the forward kernel failed (out of memory?)");
+    if (rc != 1)
+        return fail(FASTNORM_INTERNAL_ERROR, "the %s kernel failed (out of memory?)",
+                    training ? "forward" : "inference");
     return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc, const void *x,
+                                                       const void *weight, const void *bias,
+                                                       void *y, double *mean, double *rstd)
+{
+    return forward_common(desc, 1, x, weight, bias, y, mean, rstd);
 }
 
 FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *desc, const void *x,
@@ -524,32 +536,7 @@ FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *des
                                                         const void *weight, const void *bias,
                                                         void *y)
 {
-    static const int allowed[][2] = {{1, 0}}; /* y == x */
-    plan p;
-    fastnorm_status st;
-    int32_t rc;
-    int previous;
-    if ((st = make_plan(desc, 0, &p)) != FASTNORM_OK) return st;
-    REQUIRE(x);
-    REQUIRE(mean);
-    REQUIRE(rstd);
-    REQUIRE(y);
-    {
-        buffer bufs[] = {
-            {"x", x, p.size * p.itemsize, 0, p.itemsize},          {"y", y, p.size * p.itemsize, 1, p.itemsize},
-            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize}, {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
-            {"mean", mean, p.nstats * 8, 0, 8},           {"rstd", rstd, p.nstats * 8, 0, 8},
-        };
-        if ((st = check_buffers(bufs, 6, allowed, 1)) != FASTNORM_OK) return st;
-    }
-    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
-    previous = enter_threads();
-    rc = ((forward_fn)(uintptr_t)runtime_table[p.dtype_index ? SLOT_INF_F64 : SLOT_INF_F32])(
-        x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, (double *)mean,
-        (double *)rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
-    leave_threads(previous);
-    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the inference kernel failed (out of memory?)");
-    return FASTNORM_OK;
+    return forward_common(desc, 0, x, weight, bias, y, mean, rstd);
 }
 
 FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy,
