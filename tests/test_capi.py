@@ -52,6 +52,38 @@ def clean_env(**extra):
     return env
 
 
+SANITIZE = "-fsanitize=address,undefined"
+# LeakSanitizer is the only thing disabled: the embedded CPython interpreter,
+# Numba's JIT and the TBB pool are intentionally never torn down at exit.
+ASAN_ENV = {
+    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
+    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+}
+
+
+def build_sanitized_library(out):
+    """Build libfastnorm.so with ``SANITIZE`` into ``out``; returns ``out``."""
+    built = subprocess.run(
+        [sys.executable, "-c", "import sys; from fastnorm.capi.build import build; "
+         f"build(sys.argv[1], extra_cflags=['{SANITIZE}', '-fno-omit-frame-pointer'], "
+         f"extra_ldflags=['{SANITIZE}'])", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    return out
+
+
+def compile_sanitized(source, exe, lib):
+    """Compile the C test program ``source`` with ``SANITIZE`` against the library in ``lib``."""
+    cc = subprocess.run(
+        [GCC, *CFLAGS, SANITIZE, "-fno-omit-frame-pointer", str(source), "-o", str(exe),
+         f"-I{lib / 'include'}", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lfastnorm", "-lm", "-pthread"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert cc.returncode == 0, cc.stderr
+    return exe
+
+
 def run(cmd, timeout=600, **extra_env):
     return subprocess.run(
         [str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, env=clean_env(**extra_env)
@@ -300,29 +332,10 @@ def test_c_tests_under_address_sanitizer(capi, tmp_path):
     interpreter, Numba's JIT and the TBB pool are intentionally never torn
     down at exit.  Every other ASan/UBSan report fails the test.
     """
-    out = tmp_path / "asan"
-    sanitize = "-fsanitize=address,undefined"
-    built = subprocess.run(
-        [sys.executable, "-c", "import sys; from fastnorm.capi.build import build; "
-         f"build(sys.argv[1], extra_cflags=['{sanitize}', '-fno-omit-frame-pointer'], "
-         f"extra_ldflags=['{sanitize}'])", str(out)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr
-    flags = [f"-I{out / 'include'}", f"-L{out}", f"-Wl,-rpath,{out}", "-lfastnorm"]
+    lib = build_sanitized_library(tmp_path / "asan")
     for name in ("errors", "threads"):
-        exe = tmp_path / name
-        cc = subprocess.run(
-            [GCC, *CFLAGS, sanitize, "-fno-omit-frame-pointer", str(CAPI / "tests" / f"{name}.c"), "-o",
-             str(exe), *flags, "-lm", "-pthread"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        assert cc.returncode == 0, cc.stderr
-        result = run(
-            [exe],
-            ASAN_OPTIONS="detect_leaks=0:abort_on_error=0:halt_on_error=1",
-            UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
-        )
+        exe = compile_sanitized(CAPI / "tests" / f"{name}.c", tmp_path / name, lib)
+        result = run([exe], **ASAN_ENV)
         assert result.returncode == 0, result.stdout + result.stderr[-4000:]
         assert "ERROR: AddressSanitizer" not in result.stderr and "runtime error" not in result.stderr
 

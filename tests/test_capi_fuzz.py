@@ -19,15 +19,8 @@ import subprocess
 import sys
 
 import pytest
-from test_capi import CAPI, CFLAGS, GCC, _have_cffi, run
+from test_capi import ASAN_ENV, CAPI, GCC, _have_cffi, build_sanitized_library, compile_sanitized, run
 
-SANITIZE = "-fsanitize=address,undefined"
-# LeakSanitizer is the only thing disabled: the embedded CPython interpreter,
-# Numba's JIT and the TBB pool are intentionally never torn down at exit.
-ASAN_ENV = {
-    "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1",
-    "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
-}
 MIN_CALLS = 100_000
 
 
@@ -43,22 +36,8 @@ def fuzz_exe(tmp_path_factory):
         [sys.executable, "-m", "fastnorm.capi", "--warm"], capture_output=True, text=True, timeout=1200
     )
     assert warm.returncode == 0, warm.stdout + warm.stderr
-    lib = out / "asan"
-    built = subprocess.run(
-        [sys.executable, "-c", "import sys; from fastnorm.capi.build import build; "
-         f"build(sys.argv[1], extra_cflags=['{SANITIZE}', '-fno-omit-frame-pointer'], "
-         f"extra_ldflags=['{SANITIZE}'])", str(lib)],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr
-    exe = out / "fuzz"
-    cc = subprocess.run(
-        [GCC, *CFLAGS, SANITIZE, "-fno-omit-frame-pointer", str(CAPI / "tests" / "fuzz.c"), "-o", str(exe),
-         f"-I{lib / 'include'}", f"-L{lib}", f"-Wl,-rpath,{lib}", "-lfastnorm", "-lm", "-pthread"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    assert cc.returncode == 0, cc.stderr
-    return exe
+    lib = build_sanitized_library(out / "asan")
+    return compile_sanitized(CAPI / "tests" / "fuzz.c", out / "fuzz", lib)
 
 
 def _summary(stdout):
