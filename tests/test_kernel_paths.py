@@ -2,8 +2,9 @@
 
 The kernels pick a strategy from the shape alone: serial build (at most
 ``SERIAL_MAX_ELEMENTS``) or parallel; fused per group (>= ``FUSE_MIN_GROUPS``
-groups) or split into block / group / block phases; one or many ``BLOCK``s per
-plane; LayerNorm's row-chunk parameter gradients (>= ``4 * ROW_CHUNK`` rows) or
+groups) or split into block / group / block phases; one or many blocks per
+plane (``BLOCK`` elements channels-first, ``max(BLOCK // C, CL_MIN_ROWS)``
+rows channels-last); LayerNorm's row-chunk parameter gradients (>= ``4 * ROW_CHUNK`` rows) or
 column tiles; and the one-pass block moments' fallback to two passes when the
 shift is far from the mean.  Each case below is built to land on one of them
 (the test asserts which), then checked forward and backward, including
@@ -30,6 +31,7 @@ CASES = {
     "in-split-cf-multiblock": ("instance_norm", (1, 2, 9000), None, False),
     "in-fused-cl": ("instance_norm", (40, 17, 3), None, True),
     "gn-split-cl-multiblock": ("group_norm", (2, 5000, 6), 3, True),
+    "gn-split-cl-wide-multiblock": ("group_norm", (2, 300, 512), 32, True),
     "gn-fused-cf": ("group_norm", (9, 8, 11), 4, False),
     "ln-rowchunk": ("layer_norm", (130, 33), 1, False),
     "ln-rowchunk-multiblock": ("layer_norm", (129, 4100), 1, False),
@@ -80,7 +82,7 @@ def _path(kspec):
     if kspec.flags & K.CHANNELS_LAST:
         sets = nstats // kspec.groups
         fused = sets >= K.FUSE_MIN_GROUPS
-        rows_per_block = max(1, K.BLOCK // kspec.channels)
+        rows_per_block = max(K.BLOCK // kspec.channels, K.CL_MIN_ROWS)
         blocks = -(-kspec.spatial // rows_per_block)
     else:
         fused = nstats >= K.FUSE_MIN_GROUPS and not kspec.flags & K.BATCH
