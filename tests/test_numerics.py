@@ -78,6 +78,54 @@ def test_accuracy_vs_float64_reference(case, layout, dtype, dataset):
         _within(db, rdb, bound, f"{case} dbias")
 
 
+#: float32 elementwise passes run in float32 (mean split hi + lo): bound in units
+#: of float32 eps of the terms, see docs/guarantees.md.
+ULP_Y = 4
+ULP_DX = 8
+
+
+@pytest.mark.parametrize("dataset", list(DATASETS))
+@pytest.mark.parametrize(
+    ("case", "layout"),
+    [
+        pytest.param(c, lay, id=f"{c}-{lay}")
+        for c in CASES
+        for lay in (("cf", "cl") if c.per_channel else ("cf",))
+    ],
+)
+def test_float32_elementwise_within_few_ulp_of_the_terms(case, layout, dataset):
+    """float32 ``y`` within ``ULP_Y`` eps of ``|xhat * w| + |b|`` at every element.
+
+    Also ``dx`` within ``ULP_DX`` eps of the size of its terms.  A lost low part
+    of the mean (e.g. re-associated away) fails this on the offset datasets.
+    """
+    dtype = np.dtype(np.float32)
+    eps = float(np.finfo(dtype).eps)
+    x_cf, dy_cf, w, b = data(case, dtype, key=("ulp", dataset), **DATASETS[dataset])
+    if case.kind == "rms_norm":
+        b = None
+    x, cl = arrange(x_cf, layout, case)
+    dy, _ = arrange(dy_cf, layout, case)
+    spec = case.spec(cl)
+    ref = case.ref_kwargs(cl)
+    y, stats = fastnorm.forward(x, spec, w, b)
+    ry, _, rrstd = naive.forward(x, case.kind, w, b, **ref)
+    ry_scaled, _, _ = naive.forward(x, case.kind, w, None, **ref)  # xhat * w
+    terms = np.abs(ry_scaled) + np.abs(ry - ry_scaled)
+    for what, actual in (("y", y), ("inference y", fastnorm.forward_inference(x, stats, spec, w, b))):
+        err = np.abs(actual.astype(np.float64) - ry)
+        worst = np.unravel_index(np.argmax(err / terms), err.shape)
+        assert np.all(err <= ULP_Y * eps * terms), (
+            f"{case} {what}: error {err[worst]:.3g} = {err[worst] / (eps * terms[worst]):.2f} eps of the "
+            f"terms at {worst} (x={x[worst]!r}, y={actual[worst]!r}, reference={ry[worst]!r})"
+        )
+    dx, _, _ = fastnorm.backward(dy, x, stats, spec, w)
+    rdx, _, _, scale = naive.backward(dy, x, case.kind, w, return_scale=True, **ref)
+    xhat_max = float(np.max(np.abs(naive.forward(x, case.kind, None, None, **ref)[0])))
+    naive.assert_close(dx, rdx, rtol=ULP_DX * eps, atol=ULP_DX * eps * scale * (1.0 + xhat_max),
+                       err_msg=f"{case} dx")
+
+
 def _huge_group(kind, dtype, n):
     """One group of n elements: LN over the whole vector, or GN with N=1, G=1."""
     rng = np.random.default_rng(11)
