@@ -404,7 +404,7 @@ def _cf_normalize_block(x, y, weight, bias, spec, mean, rstd, plane, b):
 
 
 @kernel
-def forward_train_cf(x, weight, bias, y, mean, rstd, spec):
+def forward_train_cf(x, weight, bias, y, mean, rstd, params):
     """Training forward pass on a channels-first buffer.
 
     Parameters
@@ -419,8 +419,9 @@ def forward_train_cf(x, weight, bias, y, mean, rstd, spec):
     mean, rstd : ndarray, 1-D, float64, length :func:`num_stats`
         Outputs: the per-group mean (0 without ``CENTERED``) and
         ``1 / sqrt(var + eps)``.
-    spec : KernelSpec
-        Geometry and flags.
+    params : tuple
+        The fields of a :class:`KernelSpec` (a ``KernelSpec`` itself, or a
+        plain tuple: Numba dispatches a plain tuple about 0.7 us faster).
 
     Notes
     -----
@@ -430,6 +431,7 @@ def forward_train_cf(x, weight, bias, y, mean, rstd, spec):
     ``(x - mean) * (rstd * weight) + bias`` so that constant groups map
     exactly to ``bias``.
     """
+    spec = KernelSpec(*params)
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
     planes = spec.batch * spec.channels
     nstats = mean.size
@@ -480,7 +482,7 @@ def forward_train_cf(x, weight, bias, y, mean, rstd, spec):
 
 
 @kernel
-def normalize_cf(x, weight, bias, y, mean, rstd, spec):
+def normalize_cf(x, weight, bias, y, mean, rstd, params):
     """Inference forward pass (given statistics) on a channels-first buffer.
 
     Parameters are those of :func:`forward_train_cf`, except that ``mean`` and
@@ -492,6 +494,7 @@ def normalize_cf(x, weight, bias, y, mean, rstd, spec):
     with ``scale = weight * rstd``, written in the centered form
     ``(x - mean) * scale + bias``.
     """
+    spec = KernelSpec(*params)
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
     centered = spec.flags & CENTERED != 0
     for blk in prange(spec.batch * spec.channels * nblocks):
@@ -610,7 +613,7 @@ def _param_partials(dy, x, off, count, mean, rstd, part_dy, part_dy_xhat):
 
 
 @kernel
-def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
+def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     """Backward pass on a channels-first buffer.
 
     Parameters
@@ -625,8 +628,9 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
         Output gradient of ``x``; may be ``dy`` or ``x`` itself (in-place).
     dweight, dbias : ndarray
         Outputs (length of weight), or empty to skip them.
-    spec : KernelSpec
-        Geometry and flags.
+    params : tuple
+        The fields of a :class:`KernelSpec` (a ``KernelSpec`` itself, or a
+        plain tuple: Numba dispatches a plain tuple about 0.7 us faster).
 
     Notes
     -----
@@ -639,6 +643,7 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
     ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)`` over all but the channel
     (position for ``PER_ELEMENT``).  See ``docs/math.md``.
     """
+    spec = KernelSpec(*params)
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
     planes = spec.batch * spec.channels
     nstats = mean.size
@@ -909,13 +914,14 @@ def _cl_normalize_block(x, y, coef, spec, nblocks, blk):
 
 
 @kernel
-def forward_train_cl(x, weight, bias, y, mean, rstd, spec):
+def forward_train_cl(x, weight, bias, y, mean, rstd, params):
     """Training forward pass on a channels-last (N, S, C) buffer.
 
     Parameters and Notes as :func:`forward_train_cf`; here a block is up to
     ``max(BLOCK // C, CL_MIN_ROWS)`` rows of one sample, reduced per channel (vectorized over
     ``C``), and channel partials are merged per group in a fixed order.
     """
+    spec = KernelSpec(*params)
     nblocks = (spec.spatial + _cl_rows_per_block(spec) - 1) // _cl_rows_per_block(spec)
     total_blocks = spec.batch * nblocks
     nstats = mean.size
@@ -951,11 +957,12 @@ def forward_train_cl(x, weight, bias, y, mean, rstd, spec):
 
 
 @kernel
-def normalize_cl(x, weight, bias, y, mean, rstd, spec):
+def normalize_cl(x, weight, bias, y, mean, rstd, params):
     """Inference forward pass (given statistics) on a channels-last buffer.
 
     See :func:`normalize_cf`.
     """
+    spec = KernelSpec(*params)
     nblocks = (spec.spatial + _cl_rows_per_block(spec) - 1) // _cl_rows_per_block(spec)
     nstats = mean.size
     sets = nstats // spec.groups
@@ -1072,11 +1079,12 @@ def _cl_dx_block(dy, x, dx, coef, spec, nblocks, blk):
 
 
 @kernel
-def backward_cl(dy, x, weight, mean, rstd, dx, dweight, dbias, spec):
+def backward_cl(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     """Backward pass on a channels-last (N, S, C) buffer.
 
     Parameters and Notes as :func:`backward_cf`.
     """
+    spec = KernelSpec(*params)
     nc = spec.channels
     nblocks = (spec.spatial + _cl_rows_per_block(spec) - 1) // _cl_rows_per_block(spec)
     total_blocks = spec.batch * nblocks
