@@ -45,18 +45,52 @@ class Stats:
 
 @dataclass(frozen=True)
 class _Plan:
-    """How one call maps onto a kernel (internal)."""
+    """Everything about one call that depends only on the input's geometry (internal).
+
+    Built once per ``(x.shape, x.strides, x.dtype, spec, training)`` by
+    :func:`_make_plan` and cached, so that a repeated call costs one dict lookup.
+
+    Attributes
+    ----------
+    kspec : KernelSpec
+        The kernel geometry and flags.
+    forward_kernel, normalize_kernel, backward_kernel : callable
+        ``_kernels.select`` of each pass for ``kspec``.
+    kernel_axes : tuple of int or None
+        Axis order of ``x`` whose C order is the kernel's buffer order
+        (channels-last memory seen as ``(N, C, *spatial)``); ``None`` when it
+        is ``x``'s own order.
+    output_axes : tuple of int or None
+        Inverse of ``kernel_axes``: turns a buffer in kernel order back into
+        ``x``'s axis order.
+    kernel_shape : tuple of int
+        ``x.shape`` in kernel order.
+    param_shape : tuple of int
+        Shape of weight and bias.
+    stats_shape : tuple of int
+        Shape of mean and rstd.
+    stats_size : int
+        Number of (mean, rstd) pairs.
+    group_size : int
+        Elements per group.
+    """
 
     kspec: K.KernelSpec
-    layout: str  # "cf": x viewed (N, C, S); "cl": x viewed (N, S, C)
+    forward_kernel: object
+    normalize_kernel: object
+    backward_kernel: object
+    kernel_axes: tuple | None
+    output_axes: tuple | None
+    kernel_shape: tuple
     param_shape: tuple
     stats_shape: tuple
-    group_size: int  # elements per group
+    stats_size: int
+    group_size: int
 
 
 def _check_array(value, name):
-    if not isinstance(value, np.ndarray):
-        value = np.asarray(value)
+    if type(value) is not np.ndarray:
+        value = np.asarray(value)  # also a subclass: the kernels see plain arrays
     if value.dtype.kind != "f" or value.dtype.itemsize not in (4, 8):
         hint = " (float16/bfloat16 are not supported: cast to float32)" if value.dtype.kind == "f" else ""
         raise TypeError(
@@ -68,46 +102,65 @@ def _check_array(value, name):
     return value
 
 
-def _check_param(value, name, shape, dtype):
-    """Validate weight/bias: real numbers of exactly ``shape``; returns a flat ``dtype`` copy/view."""
+def _check_param(value, name, plan, dtype):
+    """Validate weight/bias: real numbers of shape ``plan.param_shape``; return a flat ``dtype`` array."""
     if value is None:
         return _EMPTY[dtype]
-    if (
-        type(value) is np.ndarray
-        and value.dtype == dtype
-        and value.shape == shape
-        and value.flags.c_contiguous
-        and value.flags.aligned
-    ):
-        return value.reshape(-1)  # fast path: already what the kernel takes
+    if type(value) is np.ndarray and value.dtype == dtype and value.shape == plan.param_shape:
+        flags = value.flags
+        if flags.c_contiguous and flags.aligned:
+            return value.ravel()  # fast path: already what the kernel takes
     value = np.asarray(value)
     if value.dtype.kind not in "fiu":
         raise TypeError(f"{name}.dtype={value.dtype} is not supported: {name} must hold real numbers")
-    if value.shape != tuple(shape):
-        raise ValueError(f"{name}.shape={value.shape} does not match the expected shape {tuple(shape)}")
+    if value.shape != plan.param_shape:
+        raise ValueError(f"{name}.shape={value.shape} does not match the expected shape {plan.param_shape}")
     return np.ascontiguousarray(value, dtype=dtype).reshape(-1)
 
 
 #: Plans by (shape, strides, dtype, spec, training); a plan depends on nothing else.
+#: Only valid plans of native float32/float64 arrays are stored, so a hit proves
+#: that ``x`` passed every check that does not depend on its values.
 _PLAN_CACHE = {}
 _PLAN_CACHE_SIZE = 512
 
 
 def _plan(x, spec, training):
-    """Check ``x`` against ``spec`` and describe the kernel call (cached).
+    """Check ``x`` (a validated ndarray) against ``spec`` and describe the kernel call (cached).
 
     Invalid combinations raise every time (only valid plans are cached).
     """
     try:
-        key = (x.shape, x.strides, x.dtype.char, spec, training)
+        key = (x.shape, x.strides, x.dtype, spec, training)
         return _PLAN_CACHE[key]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError):  # new geometry, or an unhashable spec (_make_plan names it)
         pass
     plan = _make_plan(x, spec, training)
-    if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.clear()
-    _PLAN_CACHE[key] = plan
+    if x.dtype in _EMPTY:  # native float32/float64 only: see _PLAN_CACHE
+        if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = plan
     return plan
+
+
+def _prepare_input(x, spec, training=True):
+    """Validate ``x`` against ``spec``: return it as an aligned native ndarray, and its plan.
+
+    A plain ndarray whose geometry was seen before costs one dict lookup;
+    anything else takes the full checks of :func:`_check_array` and :func:`_plan`.
+    """
+    plan = None
+    if type(x) is np.ndarray:
+        try:
+            plan = _PLAN_CACHE.get((x.shape, x.strides, x.dtype, spec, training))
+        except TypeError:  # unhashable spec
+            pass
+    if plan is None:
+        x = _check_array(x, "x")
+        plan = _plan(x, spec, training)
+    if not x.flags.aligned:
+        x = x.copy(order="K")  # keeps the memory order, hence the plan's layout
+    return x, plan
 
 
 def _make_plan(x, spec, training):
@@ -132,18 +185,24 @@ def _make_plan(x, spec, training):
             raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k:]} hold no elements")
         eps = spec.eps if spec.eps is not None else float(np.finfo(x.dtype).eps)
         kspec = K.KernelSpec(rows, 1, width, 1, flags | K.PER_ELEMENT, eps)
-        return _Plan(kspec, "cf", tuple(shape[x.ndim - k :]), tuple(shape[: x.ndim - k]), width)
+        return _new_plan(kspec, shape, None, tuple(shape[x.ndim - k :]), tuple(shape[: x.ndim - k]), width)
     if not 2 <= x.ndim <= 5:
         layout = "(N, *spatial, C)" if spec.channels_last else "(N, C, *spatial)"
         raise ValueError(
             f"{spec.kind} expects a 2-D to 5-D input {layout} (spatial rank 0-3), got x.shape={shape}"
         )
+    kernel_axes = None
     if spec.channels_last:
-        n, channels, spatial, layout = shape[0], shape[-1], math.prod(shape[1:-1]), "cl"
+        n, channels, spatial = shape[0], shape[-1], math.prod(shape[1:-1])
+        flags |= K.CHANNELS_LAST
     else:
         n, channels, spatial = shape[0], shape[1], math.prod(shape[2:])
         # A logically (N, C, ...) array with channels-last memory runs without a copy.
-        layout = "cl" if x.ndim > 2 and not x.flags.c_contiguous and _is_cl_memory(x) else "cf"
+        if x.ndim > 2 and not x.flags.c_contiguous:
+            to_channels_last = (0, *range(2, x.ndim), 1)
+            if x.transpose(to_channels_last).flags.c_contiguous:
+                kernel_axes = to_channels_last
+                flags |= K.CHANNELS_LAST
     if channels == 0:
         raise ValueError(f"{spec.kind}: x.shape={shape} has no channels")
     if spec.kind == "batch_norm":
@@ -171,32 +230,45 @@ def _make_plan(x, spec, training):
         raise ValueError(
             f"{spec.kind}: x.shape={shape} gives groups of 0 elements; their statistics are undefined"
         )
-    if layout == "cl":
-        flags |= K.CHANNELS_LAST
     kspec = K.KernelSpec(n, channels, spatial, groups, flags, spec.eps)
-    return _Plan(kspec, layout, (channels,), stats_shape, group_size)
+    return _new_plan(kspec, shape, kernel_axes, (channels,), stats_shape, group_size)
 
 
-def _is_cl_memory(x):
-    return np.moveaxis(x, 1, -1).flags.c_contiguous
+def _new_plan(kspec, shape, kernel_axes, param_shape, stats_shape, group_size):
+    """Complete a :class:`_Plan` with what follows from its geometry (kernels, axis orders)."""
+    if kernel_axes is None:
+        output_axes, kernel_shape = None, tuple(shape)
+    else:
+        output_axes = tuple(int(i) for i in np.argsort(kernel_axes))
+        kernel_shape = tuple(shape[i] for i in kernel_axes)
+    return _Plan(
+        kspec,
+        K.select("forward_train", kspec),
+        K.select("normalize", kspec),
+        K.select("backward", kspec),
+        kernel_axes,
+        output_axes,
+        kernel_shape,
+        tuple(param_shape),
+        tuple(stats_shape),
+        math.prod(stats_shape),
+        group_size,
+    )
 
 
-def _kernel_view(array, plan, spec):
+def _kernel_view(array, plan):
     """Flat C-order view of ``array`` in the plan's memory order (copies only if needed)."""
-    if plan.layout == "cl" and not spec.channels_last:
-        moved = np.moveaxis(array, 1, -1)
-        return np.ascontiguousarray(moved).reshape(-1)
-    return np.ascontiguousarray(array).reshape(-1)
+    if plan.kernel_axes is not None:
+        array = array.transpose(plan.kernel_axes)
+    return array.ravel()  # a view when already contiguous in that order, else a C-order copy
 
 
-def _output(like, plan, spec, out, name="out"):
+def _output(like, plan, out, name="out"):
     """Return ``(array to return, flat kernel view)`` for an output shaped like ``like``."""
     if out is None:
-        if plan.layout == "cl" and not spec.channels_last:
-            moved = np.empty(np.moveaxis(like, 1, -1).shape, like.dtype)
-            return np.moveaxis(moved, -1, 1), moved.reshape(-1)
-        result = np.empty(like.shape, like.dtype)
-        return result, result.reshape(-1)
+        buffer = np.empty(plan.kernel_shape, like.dtype)
+        result = buffer if plan.output_axes is None else buffer.transpose(plan.output_axes)
+        return result, buffer.ravel()
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != like.shape or out.dtype != like.dtype:
@@ -206,10 +278,9 @@ def _output(like, plan, spec, out, name="out"):
         )
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    cl_view = plan.layout == "cl" and not spec.channels_last
-    target = np.moveaxis(out, 1, -1) if cl_view else out
+    target = out if plan.kernel_axes is None else out.transpose(plan.kernel_axes)
     if not target.flags.c_contiguous or not out.flags.aligned:
-        order = "channels-last (like x)" if cl_view else "C-contiguous"
+        order = "C-contiguous" if plan.kernel_axes is None else "channels-last (like x)"
         raise ValueError(f"{name} must be an aligned {order} array to be written in place")
     return out, target.reshape(-1)
 
@@ -231,40 +302,38 @@ def _check_alias(out_flat, inputs, name, others=()):
             raise ValueError(f"{name} partly overlaps an input; pass a separate buffer or the input itself")
 
 
-def _prepare_input(x, spec, training=True):
-    x = _check_array(x, "x")
-    plan = _plan(x, spec, training)
-    if not x.flags.aligned:
-        x = x.copy()
-    return x, plan
-
-
-def _prepare_forward(x, plan, spec, weight, bias, out, stats_flat=()):
+def _prepare_forward(x, plan, weight, bias, out, stats_flat=()):
     """Check the parameters and ``out`` of a forward pass; return the kernel views.
 
     Returns ``(weight_flat, bias_flat, x_flat, y, y_flat)``.
     """
-    weight_flat = _check_param(weight, "weight", plan.param_shape, x.dtype)
-    bias_flat = _check_param(bias, "bias", plan.param_shape, x.dtype)
-    x_flat = _kernel_view(x, plan, spec)
-    y, y_flat = _output(x, plan, spec, out)
+    weight_flat = _check_param(weight, "weight", plan, x.dtype)
+    bias_flat = _check_param(bias, "bias", plan, x.dtype)
+    x_flat = _kernel_view(x, plan)
+    y, y_flat = _output(x, plan, out)
     if out is not None:
         _check_alias(y_flat, [x_flat], "out", [weight_flat, bias_flat, *stats_flat])
     return weight_flat, bias_flat, x_flat, y, y_flat
 
 
 def _stats_arrays(stats, plan):
+    """Flat float64 ``(mean, rstd)`` of ``stats``, checked against the plan's statistics shape."""
     if not isinstance(stats, Stats):
         raise TypeError(f"stats must be a fastnorm.Stats, got {type(stats).__name__}")
-    arrays = []
-    for name in ("mean", "rstd"):
-        value = np.asarray(getattr(stats, name))
-        if value.dtype.kind != "f":
-            raise TypeError(f"stats.{name}.dtype={value.dtype} must be floating point")
-        if value.shape != plan.stats_shape:
-            raise ValueError(f"stats.{name}.shape={value.shape} does not match {plan.stats_shape} for this x")
-        arrays.append(np.ascontiguousarray(value, dtype=np.float64).reshape(-1))
-    return arrays
+    return _stats_array(stats.mean, "mean", plan), _stats_array(stats.rstd, "rstd", plan)
+
+
+def _stats_array(value, name, plan):
+    if type(value) is np.ndarray and value.dtype == np.float64 and value.shape == plan.stats_shape:
+        flags = value.flags
+        if flags.c_contiguous and flags.aligned:
+            return value.ravel()  # fast path: already what the kernel takes
+    value = np.asarray(value)
+    if value.dtype.kind != "f":
+        raise TypeError(f"stats.{name}.dtype={value.dtype} must be floating point")
+    if value.shape != plan.stats_shape:
+        raise ValueError(f"stats.{name}.shape={value.shape} does not match {plan.stats_shape} for this x")
+    return np.ascontiguousarray(value, dtype=np.float64).reshape(-1)
 
 
 def forward(x, spec, weight=None, bias=None, *, out=None):
@@ -308,12 +377,11 @@ def forward(x, spec, weight=None, bias=None, *, out=None):
     (Chan et al. merge), so results do not depend on the thread count.
     """
     x, plan = _prepare_input(x, spec)
-    weight_flat, bias_flat, x_flat, y, y_flat = _prepare_forward(x, plan, spec, weight, bias, out)
+    weight_flat, bias_flat, x_flat, y, y_flat = _prepare_forward(x, plan, weight, bias, out)
     mean = np.empty(plan.stats_shape)
     rstd = np.empty(plan.stats_shape)
-    if mean.size:
-        kernel = K.select("forward_train", plan.kspec)
-        kernel(x_flat, weight_flat, bias_flat, y_flat, mean.reshape(-1), rstd.reshape(-1), plan.kspec)
+    if plan.stats_size:
+        plan.forward_kernel(x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), plan.kspec)
     return y, Stats(mean, rstd, bias is not None)
 
 
@@ -343,10 +411,10 @@ def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
     """
     x, plan = _prepare_input(x, spec, training=False)
     mean, rstd = _stats_arrays(stats, plan)
-    prepared = _prepare_forward(x, plan, spec, weight, bias, out, (mean, rstd))
+    prepared = _prepare_forward(x, plan, weight, bias, out, (mean, rstd))
     weight_flat, bias_flat, x_flat, y, y_flat = prepared
     if y_flat.size:
-        K.select("normalize", plan.kspec)(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kspec)
+        plan.normalize_kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kspec)
     return y
 
 
@@ -386,33 +454,34 @@ def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
     (no ``mean(g)`` term for RMSNorm); derived in ``docs/math.md``.
     """
     x, plan = _prepare_input(x, spec)
-    dy = _check_array(dy, "dy")
-    if dy.shape != x.shape:
-        raise ValueError(f"dy.shape={dy.shape} does not match x.shape={x.shape}")
-    if dy.dtype != x.dtype:
-        raise TypeError(f"dy.dtype={dy.dtype} does not match x.dtype={x.dtype}")
+    if not (type(dy) is np.ndarray and dy.dtype == x.dtype and dy.shape == x.shape):
+        dy = _check_array(dy, "dy")
+        if dy.shape != x.shape:
+            raise ValueError(f"dy.shape={dy.shape} does not match x.shape={x.shape}")
+        if dy.dtype != x.dtype:
+            raise TypeError(f"dy.dtype={dy.dtype} does not match x.dtype={x.dtype}")
     mean, rstd = _stats_arrays(stats, plan)
-    weight_flat = _check_param(weight, "weight", plan.param_shape, x.dtype)
+    weight_flat = _check_param(weight, "weight", plan, x.dtype)
     if with_bias is None:
         with_bias = stats.has_bias
-    x_flat = _kernel_view(x, plan, spec)
-    dy_flat = _kernel_view(dy, plan, spec)
-    dx, dx_flat = _output(x, plan, spec, out)
+    x_flat = _kernel_view(x, plan)
+    dy_flat = _kernel_view(dy if dy.flags.aligned else dy.copy(order="K"), plan)
+    dx, dx_flat = _output(x, plan, out)
     if out is not None:
         _check_alias(dx_flat, [x_flat, dy_flat], "out", [weight_flat, mean, rstd])
     dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
     if dx_flat.size:
         empty = _EMPTY[x.dtype]
-        K.select("backward", plan.kspec)(
+        plan.backward_kernel(
             dy_flat,
             x_flat,
             weight_flat,
             mean,
             rstd,
             dx_flat,
-            empty if dweight is None else dweight.reshape(-1),
-            empty if dbias is None else dbias.reshape(-1),
+            empty if dweight is None else dweight.ravel(),
+            empty if dbias is None else dbias.ravel(),
             plan.kspec,
         )
     return dx, dweight, dbias

@@ -20,7 +20,8 @@ __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"
 def _check_momentum(momentum, allow_none):
     if momentum is None and allow_none:
         return None
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+    # an exact float skips the (slow) abstract-class check
+    if type(momentum) is not float and (isinstance(momentum, bool) or not isinstance(momentum, numbers.Real)):
         raise TypeError(f"momentum must be a real number{' or None' if allow_none else ''}, got {momentum!r}")
     momentum = float(momentum)
     if not 0.0 <= momentum <= 1.0:
@@ -260,7 +261,7 @@ def instance_norm(
 
 
 def _normalized_ndim(x, normalized_shape):
-    if isinstance(normalized_shape, numbers.Integral):
+    if type(normalized_shape) is int or isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (normalized_shape,)
     normalized_shape = tuple(check_positive_int(d, "normalized_shape entry") for d in normalized_shape)
     k = len(normalized_shape)

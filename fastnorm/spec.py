@@ -48,7 +48,8 @@ def check_positive_int(value, name):
     -------
     int
     """
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    # an exact int skips the (slow) abstract-class check
+    if type(value) is not int and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < 1:
         raise ValueError(f"{name}={value} must be >= 1")

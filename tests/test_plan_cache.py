@@ -1,0 +1,179 @@
+"""The plan cache of ``fastnorm.core``: a hit is only a shortcut, never a way around a check.
+
+A plan is cached per ``(x.shape, x.strides, x.dtype, spec, training)``.  These
+tests warm the cache with a valid call, then make calls that differ in exactly
+one of the things a plan must not be shared across (or in something outside
+the key: values, alignment, parameters, ``out``) and check they still raise or
+compute what an uncached call would.
+"""
+
+from __future__ import annotations
+
+import naive
+import numpy as np
+import pytest
+from test_bad_input import _misaligned, rejected
+
+import fastnorm
+from fastnorm import NormSpec, Stats, core
+
+
+@pytest.fixture(autouse=True)
+def _cold_cache():
+    core._PLAN_CACHE.clear()
+    yield
+    core._PLAN_CACHE.clear()
+
+
+def _x(shape, dtype=np.float64, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def test_repeated_call_hits_the_cache_and_gives_the_same_result():
+    x, w = _x((1, 8, 4, 4)), np.linspace(0.5, 1.5, 8)
+    spec = NormSpec.group_norm(4)
+    first, stats = fastnorm.forward(x, spec, w)
+    assert len(core._PLAN_CACHE) == 1
+    again, stats_again = fastnorm.forward(x, spec, w)
+    assert len(core._PLAN_CACHE) == 1
+    np.testing.assert_array_equal(again, first)
+    np.testing.assert_array_equal(stats_again.rstd, stats.rstd)
+
+
+def test_training_checks_are_not_skipped_by_an_inference_plan():
+    """Same geometry and spec: the inference plan must not serve a training call."""
+    x = _x((1, 6))  # one value per channel: fine for inference, not for training
+    spec = NormSpec.batch_norm()
+    stats = Stats(np.zeros(6), np.ones(6))
+    np.testing.assert_allclose(fastnorm.forward_inference(x, stats, spec), x)
+    rejected(ValueError, "more than 1 value per channel", lambda: fastnorm.forward(x, spec), x)
+    rejected(ValueError, "more than 1 value per channel", lambda: fastnorm.forward(x, spec), x)
+
+
+def test_another_spec_is_checked_again():
+    x = _x((2, 6, 5))
+    fastnorm.forward(x, NormSpec.group_norm(3))
+    rejected(
+        ValueError, "num_groups=4 does not divide C=6", lambda: fastnorm.forward(x, NormSpec.group_norm(4)), x
+    )
+    rejected(TypeError, "spec must be a fastnorm.NormSpec", lambda: fastnorm.forward(x, "group_norm"), x)
+    rejected(TypeError, "spec must be a fastnorm.NormSpec", lambda: fastnorm.forward(x, ["group_norm"]), x)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "match"), [(np.int64, "x.dtype=int64"), (np.complex64, "x.dtype=complex64")]
+)
+def test_bad_dtype_with_the_strides_of_a_cached_plan(dtype, match):
+    """An int64 / complex64 array with exactly the shape and strides of a cached float64 plan."""
+    good = _x((3, 4, 2))
+    fastnorm.forward(good, NormSpec.layer_norm(1))
+    bad = np.zeros(good.shape, dtype)
+    assert bad.strides == good.strides
+    rejected(TypeError, match, lambda: fastnorm.forward(bad, NormSpec.layer_norm(1)), bad)
+
+
+def test_dtypes_do_not_share_a_plan():
+    """RMSNorm's default eps depends on the dtype; float32 and float64 views with equal strides."""
+    x64 = _x((2, 4))
+    x32 = _x((2, 8), np.float32)[:, ::2]
+    assert x32.strides == x64.strides
+    spec = NormSpec.rms_norm(1)
+    assert core._plan(x64, spec, True).kspec.eps == np.finfo(np.float64).eps
+    assert core._plan(x32, spec, True).kspec.eps == np.finfo(np.float32).eps
+    y32 = fastnorm.rms_norm(x32, 4)
+    x = x32.astype(np.float64)
+    eps32 = float(np.finfo(np.float32).eps)
+    naive.assert_close(y32, x / np.sqrt(np.mean(x**2, axis=1, keepdims=True) + eps32), dtype=np.float32)
+
+
+def test_big_endian_input_is_converted_after_a_native_call():
+    x = _x((2, 4, 3))
+    spec = NormSpec.group_norm(2)
+    expected, _ = fastnorm.forward(x, spec)
+    big = x.astype(">f8")
+    core._plan(big, spec, True)  # planning a big-endian array must not cache it as kernel-ready
+    y, _ = fastnorm.forward(big, spec)
+    assert y.dtype == np.float64 and y.dtype.isnative
+    np.testing.assert_array_equal(y, expected)
+    assert all(key[2].isnative for key in core._PLAN_CACHE)
+
+
+def test_strides_do_not_share_a_plan():
+    """Same shape, channels-last memory: its own plan (channels-last kernel), same values."""
+    spec = NormSpec.group_norm(2)
+    nchw = _x((2, 4, 3, 5))
+    nhwc_memory = np.ascontiguousarray(np.moveaxis(nchw, 1, -1))
+    as_nchw = np.moveaxis(nhwc_memory, -1, 1)
+    y, stats = fastnorm.forward(nchw, spec)
+    y_cl, stats_cl = fastnorm.forward(as_nchw, spec)
+    assert len(core._PLAN_CACHE) == 2
+    assert not core._plan(nchw, spec, True).kspec.flags & fastnorm._kernels.CHANNELS_LAST
+    assert core._plan(as_nchw, spec, True).kspec.flags & fastnorm._kernels.CHANNELS_LAST
+    np.testing.assert_allclose(y_cl, y, rtol=1e-12, atol=1e-12)
+    assert np.moveaxis(y_cl, 1, -1).flags.c_contiguous  # output in the memory order of x
+    np.testing.assert_allclose(stats_cl.mean, stats.mean, rtol=1e-12, atol=1e-12)
+    # a strided view of the same shape: copied, not read with a cached contiguous plan
+    strided = _x((2, 8, 3, 5))[:, ::2]
+    y_strided, _ = fastnorm.forward(strided, spec)
+    np.testing.assert_array_equal(y_strided, fastnorm.forward(np.ascontiguousarray(strided), spec)[0])
+
+
+def test_misaligned_input_after_an_aligned_call():
+    x = _x((3, 4, 5))
+    spec = NormSpec.group_norm(2)
+    expected, stats = fastnorm.forward(x, spec)
+    dy = _x((3, 4, 5), seed=1)
+    dx, dw, _ = fastnorm.backward(dy, x, stats, spec, np.ones(4))
+    y, _ = fastnorm.forward(_misaligned(x), spec)
+    np.testing.assert_array_equal(y, expected)
+    dx_mis, dw_mis, _ = fastnorm.backward(_misaligned(dy), _misaligned(x), stats, spec, np.ones(4))
+    np.testing.assert_array_equal(dx_mis, dx)
+    np.testing.assert_array_equal(dw_mis, dw)
+
+
+def test_array_likes_take_the_full_path_after_a_cached_call():
+    x = _x((2, 4))
+    spec = NormSpec.layer_norm(1)
+    expected, _ = fastnorm.forward(x, spec)
+    np.testing.assert_array_equal(fastnorm.forward(x.tolist(), spec)[0], expected)
+    rejected(TypeError, "x.dtype=<U", lambda: fastnorm.forward([["a"] * 4] * 2, spec))
+
+
+def test_bad_arguments_beside_a_cached_plan_still_raise_and_modify_nothing():
+    x, dy = _x((2, 4, 3)), _x((2, 4, 3), seed=1)
+    spec = NormSpec.group_norm(2)
+    w, b = np.ones(4), np.zeros(4)
+    _, stats = fastnorm.forward(x, spec, w, b)
+    fastnorm.backward(dy, x, stats, spec, w)
+    out = np.zeros_like(x)
+    rejected(
+        ValueError, r"weight.shape=\(3,\)", lambda: fastnorm.forward(x, spec, np.ones(3), out=out), x, out
+    )
+    rejected(
+        TypeError, "bias.dtype=complex128", lambda: fastnorm.forward(x, spec, w, b + 0j, out=out), x, out
+    )
+    rejected(ValueError, "out has shape", lambda: fastnorm.forward(x, spec, w, b, out=out[:1]), x, out)
+    rejected(
+        ValueError, "overlaps weight", lambda: fastnorm.forward(x, spec, out.reshape(-1)[:4], out=out), x, out
+    )
+    bad_stats = Stats(stats.mean[:1], stats.rstd)
+    rejected(
+        ValueError, r"stats.mean.shape=\(1, 2\)", lambda: fastnorm.forward_inference(x, bad_stats, spec), x
+    )
+    rejected(
+        TypeError, "stats must be a fastnorm.Stats", lambda: fastnorm.forward_inference(x, (1, 2), spec), x
+    )
+    rejected(
+        ValueError, r"dy.shape=\(2, 4, 2\)", lambda: fastnorm.backward(dy[..., :2], x, stats, spec), x, dy
+    )
+    rejected(
+        TypeError, "dy.dtype=float32", lambda: fastnorm.backward(dy.astype(np.float32), x, stats, spec), x
+    )
+    rejected(TypeError, "dy.dtype=int64", lambda: fastnorm.backward(dy.astype(np.int64), x, stats, spec), x)
+
+
+def test_cache_size_is_bounded():
+    spec = NormSpec.layer_norm(1)
+    for width in range(1, core._PLAN_CACHE_SIZE + 20):
+        fastnorm.forward(np.ones((1, width)), spec)
+        assert len(core._PLAN_CACHE) <= core._PLAN_CACHE_SIZE
