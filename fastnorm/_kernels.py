@@ -826,8 +826,8 @@ def _cl_block_moments(x, work, spec, nblocks, blk):
                 mean[c] += d0 + d1
                 m2[c] += d0 * d0 + d1 * d1
             r += 2
-    for r in range(r, rows):
-        xr = x[off + r * nc : off + (r + 1) * nc]
+    for row in range(r, rows):
+        xr = x[off + row * nc : off + (row + 1) * nc]
         for c in range(nc):
             dev = xr[c] - shift[c]
             mean[c] += dev

@@ -54,6 +54,9 @@ class _Plan:
     ----------
     kspec : KernelSpec
         The kernel geometry and flags.
+    kernel_params : tuple
+        ``tuple(kspec)``, what the kernels are called with: Numba dispatches a
+        plain tuple about 0.7 us faster than the namedtuple.
     forward_kernel, normalize_kernel, backward_kernel : callable
         ``_kernels.select`` of each pass for ``kspec``.
     kernel_axes : tuple of int or None
@@ -76,6 +79,7 @@ class _Plan:
     """
 
     kspec: K.KernelSpec
+    kernel_params: tuple
     forward_kernel: object
     normalize_kernel: object
     backward_kernel: object
@@ -243,6 +247,7 @@ def _new_plan(kspec, shape, kernel_axes, param_shape, stats_shape, group_size):
         kernel_shape = tuple(shape[i] for i in kernel_axes)
     return _Plan(
         kspec,
+        tuple(kspec),
         K.select("forward_train", kspec),
         K.select("normalize", kspec),
         K.select("backward", kspec),
@@ -381,7 +386,9 @@ def forward(x, spec, weight=None, bias=None, *, out=None):
     mean = np.empty(plan.stats_shape)
     rstd = np.empty(plan.stats_shape)
     if plan.stats_size:
-        plan.forward_kernel(x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), plan.kspec)
+        plan.forward_kernel(
+            x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), plan.kernel_params
+        )
     return y, Stats(mean, rstd, bias is not None)
 
 
@@ -414,7 +421,7 @@ def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
     prepared = _prepare_forward(x, plan, weight, bias, out, (mean, rstd))
     weight_flat, bias_flat, x_flat, y, y_flat = prepared
     if y_flat.size:
-        plan.normalize_kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kspec)
+        plan.normalize_kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kernel_params)
     return y
 
 
@@ -482,6 +489,6 @@ def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
             dx_flat,
             empty if dweight is None else dweight.ravel(),
             empty if dbias is None else dbias.ravel(),
-            plan.kspec,
+            plan.kernel_params,
         )
     return dx, dweight, dbias

@@ -1,7 +1,8 @@
 """Numba ``@cfunc`` entry points of the C ABI, built from the kernels of :mod:`fastnorm._kernels`.
 
-Each cfunc wraps raw pointers into arrays with :func:`numba.carray`, builds the
-:class:`~fastnorm._kernels.KernelSpec` and calls the *same* kernel functions as
+Each cfunc wraps raw pointers into arrays with :func:`numba.carray`, passes
+the :class:`~fastnorm._kernels.KernelSpec` fields as a plain tuple (as
+:mod:`fastnorm.core` does) and calls the *same* kernel functions as
 the Python API (there is no second implementation).  The C side
 (``capi/fastnorm_capi.c``) has already validated every argument; the cfuncs
 trust their inputs.
@@ -98,7 +99,7 @@ def _make_forward(key, training):
     ):
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
-        spec = K.KernelSpec(batch, channels, spatial, groups, flags, eps)
+        spec = (batch, channels, spatial, groups, flags, eps)  # KernelSpec fields, as core passes them
         size = batch * channels * spatial
         xa = carray(x, size)
         ya = carray(y, size)
@@ -138,7 +139,7 @@ def _make_backward(key):
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
-        spec = K.KernelSpec(batch, channels, spatial, groups, flags, eps)
+        spec = (batch, channels, spatial, groups, flags, eps)  # KernelSpec fields, as core passes them
         size = batch * channels * spatial
         dya = carray(dy, size)
         xa = carray(x, size)
