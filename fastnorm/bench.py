@@ -508,16 +508,7 @@ def _time_block(fn, inner):
     return (time.perf_counter() - start) / inner
 
 
-#: Pause before each turn of :func:`interleaved`.  torch's OpenMP workers keep
-#: spinning for about 8 ms after each torch call (measured with
-#: ``time.process_time`` around a sleep); a fastnorm turn that starts while they
-#: spin shares the cores with them.  Measured on ``ln-fwd-nchw-f32-4096x768``,
-#: 3 repetitions of 7 rounds: fastnorm 1086/1035/929 us without the pause,
-#: 608/520/515 us with 25 ms (torch 561/507/492 and 640/503/493 us).
-SETTLE_S = 0.025
-
-
-def interleaved(entries, rounds, target_s=0.001, repeats=3, max_inner=10000, settle_s=SETTLE_S):
+def interleaved(entries, rounds, target_s=0.001, repeats=3, max_inner=10000):
     """Time several callables interleaved in rounds.
 
     Parameters
@@ -535,10 +526,6 @@ def interleaved(entries, rounds, target_s=0.001, repeats=3, max_inner=10000, set
         blocks is the least disturbed.
     max_inner : int
         Upper bound of calls per block.
-    settle_s : float
-        Sleep before every turn (so that the previous entry's idle worker
-        threads stop spinning), followed by one untimed call that wakes this
-        entry's threads; see :data:`SETTLE_S`.
 
     Returns
     -------
@@ -558,9 +545,6 @@ def interleaved(entries, rounds, target_s=0.001, repeats=3, max_inner=10000, set
         for name, fn, threads in entries[shift:] + entries[:shift]:
             if threads is not None:
                 set_threads(threads)
-            if settle_s:
-                time.sleep(settle_s)
-            fn()
             samples[name].append(min(_time_block(fn, inner[name]) for _ in range(repeats)))
     return samples
 
