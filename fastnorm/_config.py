@@ -43,6 +43,18 @@ def helper(func):
     return numba.njit(**JIT_OPTIONS)(func)
 
 
+def glue(func):
+    """Compile a small serial helper inlined into its callers at Numba IR level.
+
+    For the per-block glue (index arithmetic, coefficient set-up, dispatch to
+    a loop helper): as a separate function every call passes each array as a
+    7-field struct, which measured 29 ns per 4-element LayerNorm row against
+    16 ns inlined.  Helpers holding the vectorized loops stay plain
+    :func:`helper` functions, so compile time barely grows.
+    """
+    return numba.njit(inline="always", **JIT_OPTIONS)(func)
+
+
 def kernel(func):
     """Compile a parallel top-level kernel (``prange`` loops run multithreaded)."""
     return numba.njit(parallel=True, **JIT_OPTIONS)(func)

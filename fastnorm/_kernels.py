@@ -45,7 +45,7 @@ from collections import namedtuple
 import numpy as np
 from numba import prange
 
-from ._config import helper, kernel
+from ._config import glue, helper, kernel
 
 #: Statistics are shared by all samples of the batch (BatchNorm).
 BATCH = 1
@@ -129,7 +129,7 @@ def _merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     return count, mean_a + delta * frac, m2_a + m2_b + delta * delta * count_a * frac
 
 
-@helper
+@glue
 def _finish(count, mean, m2, flags, eps):
     """Return the ``(mean, rstd)`` used to normalize a group.
 
@@ -141,7 +141,7 @@ def _finish(count, mean, m2, flags, eps):
     return mean, 1.0 / np.sqrt(m2 / count + eps)
 
 
-@helper
+@glue
 def _stat_index(spec, n, c):
     """Index of the statistics that apply to sample ``n``, channel ``c``."""
     group = c // (spec.channels // spec.groups)
@@ -150,9 +150,35 @@ def _stat_index(spec, n, c):
     return n * spec.groups + group
 
 
-@helper
+@glue
+def _plane_stat_index(spec, plane):
+    """:func:`_stat_index` of plane ``plane = n * C + c``.
+
+    Without integer division for one channel (LayerNorm / RMSNorm rows): two
+    64-bit divisions cost as much as normalizing a row of a few elements.
+    """
+    if spec.channels == 1:
+        return 0 if spec.flags & BATCH else np.int64(plane)
+    n = plane // spec.channels
+    return _stat_index(spec, n, plane - n * spec.channels)
+
+
+@glue
+def _block_plane(blk, nblocks):
+    """``(plane, block)`` of flat block index ``blk`` (no division for one block per plane)."""
+    if nblocks == 1:
+        return np.int64(blk), 0
+    plane = np.int64(blk) // nblocks
+    return plane, np.int64(blk) - plane * nblocks
+
+
+@glue
 def _group(spec, k):
     """Return ``(first sample, samples, first channel, channels)`` of group ``k``."""
+    if spec.groups == 1:  # no division (LayerNorm / RMSNorm rows)
+        if spec.flags & BATCH:
+            return 0, spec.batch, 0, spec.channels
+        return np.int64(k), 1, 0, spec.channels
     d = spec.channels // spec.groups
     c0 = (k % spec.groups) * d
     if spec.flags & BATCH:
@@ -237,7 +263,7 @@ def _dots_weighted(dy, x, weight, off, count, s0, mean):
     return sum_g, sum_g_xc
 
 
-@helper
+@glue
 def _split(like, value):
     """Round the float64 ``value`` to ``like``'s dtype as ``hi + lo`` (both that dtype).
 
@@ -248,7 +274,7 @@ def _split(like, value):
     return hi, like.dtype.type(value - hi)
 
 
-@helper
+@glue
 def _fold(constant, factor, mean_lo, like):
     """``constant - factor * mean_lo`` rounded to ``like``'s dtype.
 
@@ -348,7 +374,7 @@ def _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, kx, k0, mean):
 # ---------------------------------------------------------------------------
 
 
-@helper
+@glue
 def _cf_fused(spec, nstats):
     """Whether a channels-first pass runs one fused task per group.
 
@@ -360,7 +386,7 @@ def _cf_fused(spec, nstats):
     return nstats >= FUSE_MIN_GROUPS and not spec.flags & BATCH
 
 
-@helper
+@glue
 def _cf_moments_block(x, work, spec, nblocks, plane, b):
     """Store the moments of block ``b`` of plane ``plane = n*C + c`` in ``work``."""
     s0 = b * BLOCK
@@ -370,27 +396,27 @@ def _cf_moments_block(x, work, spec, nblocks, plane, b):
 
 
 @helper
-def _cf_merge_group(work, stats, spec, nblocks, k):
-    """Merge group ``k``'s block moments into ``stats[2k], stats[2k+1] = mean, rstd``.
+def _cf_merge_group(work, mean, rstd, spec, nblocks, k):
+    """Merge group ``k``'s block moments into ``mean[k], rstd[k]``.
 
     Merge order: sample, channel, block (fixed).
     """
     n0, samples, c0, d = _group(spec, k)
     count = 0.0
-    mean = 0.0
+    group_mean = 0.0
     m2 = 0.0
     for n in range(n0, n0 + samples):
         for c in range(c0, c0 + d):
             blk0 = (n * spec.channels + c) * nblocks
             for b in range(nblocks):
                 block_count = float(min(BLOCK, spec.spatial - b * BLOCK))
-                count, mean, m2 = _merge(
-                    count, mean, m2, block_count, work[2 * (blk0 + b)], work[2 * (blk0 + b) + 1]
+                count, group_mean, m2 = _merge(
+                    count, group_mean, m2, block_count, work[2 * (blk0 + b)], work[2 * (blk0 + b) + 1]
                 )
-    stats[2 * k], stats[2 * k + 1] = _finish(count, mean, m2, spec.flags, spec.eps)
+    mean[k], rstd[k] = _finish(count, group_mean, m2, spec.flags, spec.eps)
 
 
-@helper
+@glue
 def _cf_normalize_block(x, y, weight, bias, spec, mean, rstd, plane, b):
     """Normalize block ``b`` of plane ``plane`` with its group's ``mean``, ``rstd``."""
     s0 = b * BLOCK
@@ -437,13 +463,16 @@ def forward_train_cf(x, weight, bias, y, mean, rstd, params):
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
     planes = spec.batch * spec.channels
     nstats = mean.size
-    work = np.empty(2 * planes * nblocks)
-    stats = np.empty(2 * nstats)
-    if _cf_fused(spec, nstats):
+    fused = _cf_fused(spec, nstats)
+    # Statistics go straight to mean/rstd; one-block groups need no workspace
+    # (a (rows,)-sized staging buffer cost page faults on millions of short rows).
+    one_block = fused and (spec.channels // spec.groups) * nblocks == 1
+    work = np.empty(0 if one_block else 2 * planes * nblocks)
+    if fused:
         # One task per group: read it once, normalize it while it is in cache.
         for k in prange(nstats):
             n0, samples, c0, d = _group(spec, k)
-            if samples * d * nblocks == 1:
+            if one_block:
                 # A one-block group (short LayerNorm row, small InstanceNorm
                 # plane): the same arithmetic as below without the workspace.
                 plane = n0 * spec.channels + c0
@@ -451,36 +480,31 @@ def forward_train_cf(x, weight, bias, y, mean, rstd, params):
                 block_mean, block_m2 = _moments(x, plane * spec.spatial, spec.spatial, centered)
                 count = float(spec.spatial)
                 group_mean, group_rstd = _finish(count, block_mean, block_m2, spec.flags, spec.eps)
-                stats[2 * k] = group_mean
-                stats[2 * k + 1] = group_rstd
+                mean[k] = group_mean
+                rstd[k] = group_rstd
                 _cf_normalize_block(x, y, weight, bias, spec, group_mean, group_rstd, plane, 0)
                 continue
             for n in range(n0, n0 + samples):
                 for c in range(c0, c0 + d):
                     for b in range(nblocks):
                         _cf_moments_block(x, work, spec, nblocks, n * spec.channels + c, b)
-            _cf_merge_group(work, stats, spec, nblocks, k)
+            _cf_merge_group(work, mean, rstd, spec, nblocks, k)
             for n in range(n0, n0 + samples):
                 for c in range(c0, c0 + d):
                     for b in range(nblocks):
                         plane = n * spec.channels + c
-                        group_mean, group_rstd = stats[2 * k], stats[2 * k + 1]
-                        _cf_normalize_block(x, y, weight, bias, spec, group_mean, group_rstd, plane, b)
+                        _cf_normalize_block(x, y, weight, bias, spec, mean[k], rstd[k], plane, b)
     else:
         # Few (large) groups: every pass is parallel over blocks.
         for blk in prange(planes * nblocks):
-            plane = blk // nblocks
-            _cf_moments_block(x, work, spec, nblocks, plane, blk - plane * nblocks)
+            plane, b = _block_plane(blk, nblocks)
+            _cf_moments_block(x, work, spec, nblocks, plane, b)
         for k in prange(nstats):
-            _cf_merge_group(work, stats, spec, nblocks, k)
+            _cf_merge_group(work, mean, rstd, spec, nblocks, k)
         for blk in prange(planes * nblocks):
-            plane = blk // nblocks
-            k = _stat_index(spec, plane // spec.channels, plane % spec.channels)
-            b = blk - plane * nblocks
-            _cf_normalize_block(x, y, weight, bias, spec, stats[2 * k], stats[2 * k + 1], plane, b)
-    for k in range(nstats):
-        mean[k] = stats[2 * k]
-        rstd[k] = stats[2 * k + 1]
+            plane, b = _block_plane(blk, nblocks)
+            k = _plane_stat_index(spec, plane)
+            _cf_normalize_block(x, y, weight, bias, spec, mean[k], rstd[k], plane, b)
 
 
 @kernel
@@ -500,13 +524,13 @@ def normalize_cf(x, weight, bias, y, mean, rstd, params):
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
     centered = spec.flags & CENTERED != 0
     for blk in prange(spec.batch * spec.channels * nblocks):
-        plane = blk // nblocks
-        k = _stat_index(spec, plane // spec.channels, plane % spec.channels)
+        plane, b = _block_plane(blk, nblocks)
+        k = _plane_stat_index(spec, plane)
         group_mean = mean[k] if centered else 0.0
-        _cf_normalize_block(x, y, weight, bias, spec, group_mean, rstd[k], plane, blk - plane * nblocks)
+        _cf_normalize_block(x, y, weight, bias, spec, group_mean, rstd[k], plane, b)
 
 
-@helper
+@glue
 def _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, plane, b, k):
     """Store block ``b`` of ``plane``'s dot products in ``work``.
 
@@ -549,7 +573,7 @@ def _cf_group_coefs(weight, work, coef, spec, nblocks, k):
     coef[4 * k + 3] = rstd * sum_g / m if spec.flags & CENTERED else 0.0
 
 
-@helper
+@glue
 def _cf_dx_block(dy, x, weight, dx, coef, spec, plane, b, k):
     """Write ``dx`` of block ``b`` of ``plane`` from group ``k``'s coefficients."""
     s0 = b * BLOCK
@@ -738,15 +762,15 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
                         _cf_dx_block(dy, x, weight, dx, coef, spec, n * spec.channels + c, b, k)
     else:
         for blk in prange(planes * nblocks):
-            plane = blk // nblocks
-            k = _stat_index(spec, plane // spec.channels, plane % spec.channels)
-            _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, plane, blk - plane * nblocks, k)
+            plane, b = _block_plane(blk, nblocks)
+            k = _plane_stat_index(spec, plane)
+            _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, plane, b, k)
         for k in prange(nstats):
             _cf_group_coefs(weight, work, coef, spec, nblocks, k)
         for blk in prange(planes * nblocks):
-            plane = blk // nblocks
-            k = _stat_index(spec, plane // spec.channels, plane % spec.channels)
-            _cf_dx_block(dy, x, weight, dx, coef, spec, plane, blk - plane * nblocks, k)
+            plane, b = _block_plane(blk, nblocks)
+            k = _plane_stat_index(spec, plane)
+            _cf_dx_block(dy, x, weight, dx, coef, spec, plane, b, k)
     if want_params and not spec.flags & PER_ELEMENT:
         for c in prange(spec.channels):
             sum_dy = 0.0
@@ -769,7 +793,7 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
 # ---------------------------------------------------------------------------
 
 
-@helper
+@glue
 def _cl_rows_per_block(spec):
     """Rows of one channels-last block: ``BLOCK // C``, at least ``CL_MIN_ROWS``.
 
@@ -779,7 +803,7 @@ def _cl_rows_per_block(spec):
     return max(BLOCK // spec.channels, CL_MIN_ROWS)
 
 
-@helper
+@glue
 def _cl_block(spec, nblocks, blk):
     """Return ``(offset, rows, sample)`` of channels-last block ``blk``."""
     rows_per_block = _cl_rows_per_block(spec)
