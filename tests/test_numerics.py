@@ -38,6 +38,24 @@ DATASETS = {
 }
 
 
+#: Every case in each of its layouts (channels-last only for per-channel norms).
+CASE_LAYOUTS = [
+    pytest.param(c, lay, id=f"{c}-{lay}")
+    for c in CASES
+    for lay in (("cf", "cl") if c.per_channel else ("cf",))
+]
+
+
+def _inputs(case, layout, dtype, dataset, key):
+    """``(x, dy, weight, bias, spec, reference kwargs)`` of ``case`` on ``dataset`` (no bias for RMSNorm)."""
+    x_cf, dy_cf, w, b = data(case, dtype, key=(key, dataset), **DATASETS[dataset])
+    if case.kind == "rms_norm":
+        b = None
+    x, cl = arrange(x_cf, layout, case)
+    dy, _ = arrange(dy_cf, layout, case)
+    return x, dy, w, b, case.spec(cl), case.ref_kwargs(cl)
+
+
 def _within(actual, desired, bound, what, scale=None):
     """``|a - d| <= bound * (|d| + scale)``, scale = max(1, max|d|) by default."""
     if scale is None:
@@ -47,24 +65,11 @@ def _within(actual, desired, bound, what, scale=None):
 
 @pytest.mark.parametrize("dataset", list(DATASETS))
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize(
-    ("case", "layout"),
-    [
-        pytest.param(c, lay, id=f"{c}-{lay}")
-        for c in CASES
-        for lay in (("cf", "cl") if c.per_channel else ("cf",))
-    ],
-)
+@pytest.mark.parametrize(("case", "layout"), CASE_LAYOUTS)
 def test_accuracy_vs_float64_reference(case, layout, dtype, dataset):
     dtype = np.dtype(dtype)
     bound = BOUND[dtype]
-    x_cf, dy_cf, w, b = data(case, dtype, key=("numerics", dataset), **DATASETS[dataset])
-    if case.kind == "rms_norm":
-        b = None
-    x, cl = arrange(x_cf, layout, case)
-    dy, _ = arrange(dy_cf, layout, case)
-    spec = case.spec(cl)
-    ref = case.ref_kwargs(cl)
+    x, dy, w, b, spec, ref = _inputs(case, layout, dtype, dataset, "numerics")
     y, stats = fastnorm.forward(x, spec, w, b)
     ry, rmean, rrstd = naive.forward(x, case.kind, w, b, **ref)
     _within(y, ry, bound, f"{case} y")
@@ -85,14 +90,7 @@ ULP_DX = 8
 
 
 @pytest.mark.parametrize("dataset", list(DATASETS))
-@pytest.mark.parametrize(
-    ("case", "layout"),
-    [
-        pytest.param(c, lay, id=f"{c}-{lay}")
-        for c in CASES
-        for lay in (("cf", "cl") if c.per_channel else ("cf",))
-    ],
-)
+@pytest.mark.parametrize(("case", "layout"), CASE_LAYOUTS)
 def test_float32_elementwise_within_few_ulp_of_the_terms(case, layout, dataset):
     """float32 ``y`` within ``ULP_Y`` eps of ``|xhat * w| + |b|`` at every element.
 
@@ -101,15 +99,9 @@ def test_float32_elementwise_within_few_ulp_of_the_terms(case, layout, dataset):
     """
     dtype = np.dtype(np.float32)
     eps = float(np.finfo(dtype).eps)
-    x_cf, dy_cf, w, b = data(case, dtype, key=("ulp", dataset), **DATASETS[dataset])
-    if case.kind == "rms_norm":
-        b = None
-    x, cl = arrange(x_cf, layout, case)
-    dy, _ = arrange(dy_cf, layout, case)
-    spec = case.spec(cl)
-    ref = case.ref_kwargs(cl)
+    x, dy, w, b, spec, ref = _inputs(case, layout, dtype, dataset, "ulp")
     y, stats = fastnorm.forward(x, spec, w, b)
-    ry, _, rrstd = naive.forward(x, case.kind, w, b, **ref)
+    ry, _, _ = naive.forward(x, case.kind, w, b, **ref)
     ry_scaled, _, _ = naive.forward(x, case.kind, w, None, **ref)  # xhat * w
     terms = np.abs(ry_scaled) + np.abs(ry - ry_scaled)
     for what, actual in (("y", y), ("inference y", fastnorm.forward_inference(x, stats, spec, w, b))):
