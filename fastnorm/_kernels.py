@@ -337,6 +337,13 @@ def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
             ys[i] = ((xs[i] - mean_hi) - mean_lo) * rstd_x
 
 
+@glue
+def _dx_constants(like, mean, kx, k0):
+    """``(mean_hi, kx, k0 - kx * mean_lo)`` of :func:`_dx` in ``like``'s dtype."""
+    mean_hi, mean_lo = _split(like, mean)
+    return mean_hi, like.dtype.type(kx), _fold(k0, kx, mean_lo, like)
+
+
 @helper
 def _dx(dy, x, dx, off, count, a, kx, k0, mean):
     """``dx = a * dy - kx * (x - mean) - k0`` over ``[off, off+count)``, in ``x``'s dtype.
@@ -346,10 +353,8 @@ def _dx(dy, x, dx, off, count, a, kx, k0, mean):
     xs = x[off : off + count]
     dys = dy[off : off + count]
     dxs = dx[off : off + count]
-    mean_hi, mean_lo = _split(xs, mean)
+    mean_hi, kx_x, k0_x = _dx_constants(xs, mean, kx, k0)
     a_x = xs.dtype.type(a)
-    kx_x = xs.dtype.type(kx)
-    k0_x = _fold(k0, kx, mean_lo, xs)
     for i in range(count):
         dxs[i] = a_x * dys[i] - kx_x * (xs[i] - mean_hi) - k0_x
 
@@ -361,10 +366,8 @@ def _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, kx, k0, mean):
     dys = dy[off : off + count]
     dxs = dx[off : off + count]
     ws = weight[s0 : s0 + count]
-    mean_hi, mean_lo = _split(xs, mean)
+    mean_hi, kx_x, k0_x = _dx_constants(xs, mean, kx, k0)
     rstd_x = xs.dtype.type(rstd)
-    kx_x = xs.dtype.type(kx)
-    k0_x = _fold(k0, kx, mean_lo, xs)
     for i in range(count):
         dxs[i] = (rstd_x * ws[i]) * dys[i] - kx_x * (xs[i] - mean_hi) - k0_x
 
@@ -1089,13 +1092,12 @@ def _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k):
     r = rstd[k]
     kx = r * r * r * sum_g_xc / m
     k0 = r * sum_g / m if spec.flags & CENTERED else 0.0
-    mean_hi, mean_lo = _split(coef, mean[k] if spec.flags & CENTERED else 0.0)
-    k0_x = _fold(k0, kx, mean_lo, coef)
+    mean_hi, kx_x, k0_x = _dx_constants(coef, mean[k] if spec.flags & CENTERED else 0.0, kx, k0)
     base = 4 * nc * set_index
     for c in range(c0, c0 + d):
         coef[base + c] = mean_hi
         coef[base + nc + c] = r * weight[c] if weight.size > 0 else r
-        coef[base + 2 * nc + c] = kx
+        coef[base + 2 * nc + c] = kx_x
         coef[base + 3 * nc + c] = k0_x
 
 
