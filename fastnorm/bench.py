@@ -288,8 +288,26 @@ def select_cases(kinds=None, passes=None, layouts=None, dtypes=None, sizes=None,
 # --------------------------------------------------------------------------- workloads
 
 
+#: ``GOMP_SPINCOUNT`` the bench gives torch's OpenMP runtime (libgomp) unless
+#: the environment sets one.  With libgomp's default, torch's idle workers
+#: busy-wait for milliseconds after every torch call and take a core from
+#: whatever runs next -- in an interleaved round, fastnorm's turn: measured on
+#: ``ln-fwd-nchw-f32-4096x768``, fastnorm 0.80-1.01 ms after torch with the
+#: default and 0.46-0.48 ms with 10000 spins, torch's own times unchanged
+#: (``docs/benchmarks.md``).  10000 spins (tens of microseconds) still cover
+#: the gap between torch's back-to-back calls inside its timed block.
+TORCH_SPINCOUNT = "10000"
+
+
 def optional_torch():
-    """Return the ``torch`` module, or ``None`` when it is not importable."""
+    """Return the ``torch`` module, or ``None`` when it is not importable.
+
+    Sets ``GOMP_SPINCOUNT`` to :data:`TORCH_SPINCOUNT` before the import when
+    the environment does not set it.  libgomp reads it once, when it is
+    loaded, so it has no effect if torch was imported before.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("GOMP_SPINCOUNT", TORCH_SPINCOUNT)
     try:
         import torch
     except ImportError:
@@ -1023,6 +1041,7 @@ def environment(threads):
         "numba": numba.__version__,
         "numpy": np.__version__,
         "torch": None if torch is None else torch.__version__,
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
     }
 
 
@@ -1095,7 +1114,8 @@ def write_markdown(path, cases, measurements, meta, scaling=None, command=None):
     lines += [
         f"Machine: {meta.get('platform')}, {meta.get('cpu_count')} CPUs, {meta.get('threads')} threads "
         f"(Numba threading layer {meta.get('numba_threading_layer')}); numba {meta.get('numba')}, "
-        f"numpy {meta.get('numpy')}, torch {meta.get('torch')}.",
+        f"numpy {meta.get('numpy')}, torch {meta.get('torch')} "
+        f"(GOMP_SPINCOUNT={meta.get('gomp_spincount')}).",
         "",
     ]
     rows = table_rows(cases, measurements)

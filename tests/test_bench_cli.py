@@ -441,3 +441,26 @@ def test_main_renders_saved_json(tmp_path, capsys):
     text = md.read_text()
     assert CASE in text and OTHER not in text and "python -m fastnorm.bench --quick" in text
     assert bench.main(["--from-json", str(tmp_path / "missing.json")]) == 2
+
+
+def _spincount_after_optional_torch(env):
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys; from fastnorm import bench; "
+        "assert 'torch' not in sys.modules; bench.optional_torch(); "
+        "print(os.environ.get('GOMP_SPINCOUNT')); "
+        "print(bench.environment(1)['gomp_spincount'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def test_torch_is_imported_with_a_short_openmp_spin():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    assert _spincount_after_optional_torch(env) == [bench.TORCH_SPINCOUNT] * 2
+    env["GOMP_SPINCOUNT"] = "777"  # the user's own setting wins
+    assert _spincount_after_optional_torch(env) == ["777"] * 2
