@@ -4,7 +4,8 @@ The kernels pick a strategy from the shape alone: serial build (at most
 ``SERIAL_MAX_ELEMENTS``) or parallel; fused per group (>= ``FUSE_MIN_GROUPS``
 groups) or split into block / group / block phases; one or many blocks per
 plane (``BLOCK`` elements channels-first, ``max(BLOCK // C, CL_MIN_ROWS)``
-rows channels-last); LayerNorm's row-chunk parameter gradients (>= ``4 * ROW_CHUNK`` rows) or
+rows channels-last); LayerNorm's row-chunk parameter gradients (>= ``4 * ROW_CHUNK`` rows; chunks longer than
+``ROW_CHUNK`` beyond ``ROW_CHUNK * ROW_TASKS`` rows) or
 column tiles; and the one-pass block moments' fallback to two passes when the
 shift is far from the mean.  Each case below is built to land on one of them
 (the test asserts which), then checked forward and backward, including
@@ -35,6 +36,8 @@ CASES = {
     "gn-fused-cf": ("group_norm", (9, 8, 11), 4, False),
     "ln-rowchunk": ("layer_norm", (130, 33), 1, False),
     "ln-rowchunk-multiblock": ("layer_norm", (129, 4100), 1, False),
+    # > ROW_CHUNK * ROW_TASKS rows: chunks of 35 rows, a last chunk of 15
+    "ln-rowchunk-longchunks": ("layer_norm", (1100, 20), 1, False),
     "ln-columns-fused": ("layer_norm", (40, 70), 1, False),
     "ln-columns-split-multiblock": ("layer_norm", (3, 9001), 1, False),
     "rms-rowchunk": ("rms_norm", (131, 20), 1, False),
@@ -88,7 +91,14 @@ def _path(kspec):
         fused = nstats >= K.FUSE_MIN_GROUPS and not kspec.flags & K.BATCH
         blocks = -(-kspec.spatial // K.BLOCK)
     rowchunk = bool(kspec.flags & K.PER_ELEMENT) and nstats >= 4 * K.ROW_CHUNK
-    return {"serial": small, "fused": fused, "multiblock": blocks > 1, "rowchunk": rowchunk}
+    longchunks = rowchunk and nstats > K.ROW_CHUNK * K.ROW_TASKS
+    return {
+        "serial": small,
+        "fused": fused,
+        "multiblock": blocks > 1,
+        "rowchunk": rowchunk,
+        "longchunks": longchunks,
+    }
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -99,6 +109,7 @@ def test_case_lands_on_its_path(name):
     assert path["fused"] == ("fused" in name or "rowchunk" in name)
     assert path["multiblock"] == ("multiblock" in name)
     assert path["rowchunk"] == ("rowchunk" in name)
+    assert path["longchunks"] == ("longchunks" in name)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
