@@ -54,7 +54,7 @@ EDGES = [
     inorm(33, 3, 1500),  # channels-last fused with 2 blocks per sample
     ln(1, 40, 5000),
     rms(1, 33, 4500),
-    # >= 128 rows: LayerNorm / RMSNorm backward accumulates dweight/dbias per 32-row chunk (odd tail)
+    # >= 128 rows: LayerNorm / RMSNorm backward accumulates dweight/dbias per chunk of >= 32 rows (odd tail)
     ln(1, 300, 70),
     rms(2, 130, 3, 5),
     ln(2, 129, 1, 33),
