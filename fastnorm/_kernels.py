@@ -30,8 +30,10 @@ cancel too many bits, see :func:`_moments`), and blocks are merged with Chan et
 al.'s pairwise update in a fixed order.  Block boundaries and merge order
 depend only on the shape, never on the number of threads, so results are
 bitwise reproducible for any ``numba.set_num_threads``.  The strategy (fused
-per group vs. split into block / group / block phases) is also chosen from
-the shape alone.
+per group vs. split into block / group / block phases) is chosen from the
+shape alone, except that channels-last training passes also fuse when asked
+to by ``FUSE_SETS`` (from the thread count): the same arithmetic in the same
+order either way.
 
 The kernels validate nothing: the public layer (:mod:`fastnorm.core`) checks
 shapes, dtypes and contiguity before calling them.
@@ -55,6 +57,12 @@ CENTERED = 2
 PER_ELEMENT = 4
 #: The buffer is (N, S, C) instead of (N, C, S).
 CHANNELS_LAST = 8
+#: Channels-last training passes: one fused task per statistics set even below
+#: ``FUSE_MIN_GROUPS`` sets.  Set per call by :mod:`fastnorm.core` from 4 sets
+#: per thread on (a kernel cannot ask for the thread count and stay cacheable);
+#: both ways do the same arithmetic in the same order, so the results are
+#: bitwise identical.
+FUSE_SETS = 16
 
 #: Elements per reduction block. Fixed, so results never depend on threads.
 BLOCK = 4096
@@ -982,7 +990,7 @@ def forward_train_cl(x, weight, bias, y, mean, rstd, params):
     chan = np.empty(2 * spec.channels * sets)
     stats = np.empty(2 * nstats)
     coef = np.empty(3 * spec.channels * sets, x.dtype)
-    if sets >= FUSE_MIN_GROUPS:
+    if sets >= FUSE_MIN_GROUPS or spec.flags & FUSE_SETS:
         for n in prange(sets):
             for b in range(nblocks):
                 _cl_block_moments(x, work, spec, nblocks, n * nblocks + b)
@@ -1145,7 +1153,7 @@ def backward_cl(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     chan = np.empty(2 * nc * sets)
     chan_mean = np.empty(nc * sets)
     coef = np.empty(4 * nc * sets, x.dtype)
-    if sets >= FUSE_MIN_GROUPS:
+    if sets >= FUSE_MIN_GROUPS or spec.flags & FUSE_SETS:
         for n in prange(sets):
             _cl_set_means(mean, chan_mean, spec, n)
             for b in range(nblocks):

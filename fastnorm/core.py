@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from . import _kernels as K
@@ -57,6 +58,13 @@ class _Plan:
     kernel_params : tuple
         ``tuple(kspec)``, what the kernels are called with: Numba dispatches a
         plain tuple about 0.7 us faster than the namedtuple.
+    fused_params : tuple or None
+        ``kernel_params`` with ``K.FUSE_SETS`` for a parallel channels-last
+        plan with fewer than ``K.FUSE_MIN_GROUPS`` statistics sets (else
+        ``None``): the training passes use it when there are at least 4 sets
+        per thread (see :func:`_training_params`).
+    sets : int
+        Statistics sets (samples; 1 for BatchNorm).
     forward_kernel, normalize_kernel, backward_kernel : callable
         ``_kernels.select`` of each pass for ``kspec``.
     kernel_axes : tuple of int or None
@@ -80,6 +88,8 @@ class _Plan:
 
     kspec: K.KernelSpec
     kernel_params: tuple
+    fused_params: tuple | None
+    sets: int
     forward_kernel: object
     normalize_kernel: object
     backward_kernel: object
@@ -245,9 +255,15 @@ def _new_plan(kspec, shape, kernel_axes, param_shape, stats_shape, group_size):
     else:
         output_axes = tuple(int(i) for i in np.argsort(kernel_axes))
         kernel_shape = tuple(shape[i] for i in kernel_axes)
+    sets = 1 if kspec.flags & (K.BATCH | K.PER_ELEMENT) else kspec.batch
+    parallel = kspec.batch * kspec.channels * kspec.spatial > K.SERIAL_MAX_ELEMENTS
+    fusable = kspec.flags & K.CHANNELS_LAST and parallel and 1 < sets < K.FUSE_MIN_GROUPS
+    fused = kspec._replace(flags=kspec.flags | K.FUSE_SETS)
     return _Plan(
         kspec,
         tuple(kspec),
+        tuple(fused) if fusable else None,
+        sets,
         K.select("forward_train", kspec),
         K.select("normalize", kspec),
         K.select("backward", kspec),
@@ -259,6 +275,22 @@ def _new_plan(kspec, shape, kernel_axes, param_shape, stats_shape, group_size):
         math.prod(stats_shape),
         group_size,
     )
+
+
+def _training_params(plan):
+    """Kernel parameters of a training pass (forward or backward).
+
+    Channels-last passes with few statistics sets run one fused task per set
+    from 4 sets per thread on: a thread's sample is then still in L3 when it
+    is read again (measured at (8, 64*64, 256) float32 on 2 threads,
+    interleaved in one process, InstanceNorm and GroupNorm(32), two runs:
+    forward 3.14-3.68 -> 2.78-3.17 ms, backward 3.50-5.05 -> 3.22-4.95 ms,
+    7-16% and 2-8% faster in each pair).  With fewer sets per thread the
+    split phases keep every core busy.  Results are bitwise the same either way.
+    """
+    if plan.fused_params is not None and plan.sets >= 4 * numba.get_num_threads():
+        return plan.fused_params
+    return plan.kernel_params
 
 
 def _kernel_view(array, plan):
@@ -387,7 +419,7 @@ def forward(x, spec, weight=None, bias=None, *, out=None):
     rstd = np.empty(plan.stats_shape)
     if plan.stats_size:
         plan.forward_kernel(
-            x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), plan.kernel_params
+            x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), _training_params(plan)
         )
     return y, Stats(mean, rstd, bias is not None)
 
@@ -489,6 +521,6 @@ def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
             dx_flat,
             empty if dweight is None else dweight.ravel(),
             empty if dbias is None else dbias.ravel(),
-            plan.kernel_params,
+            _training_params(plan),
         )
     return dx, dweight, dbias

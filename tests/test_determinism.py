@@ -18,6 +18,7 @@ CASES = [
     gn(2, 2, 4, 5003),  # split
     gn(4, 32, 8, 1100),  # fused (cf: 128 groups; cl: 32 samples)
     inorm(33, 3, 1500),  # fused, 2 blocks per sample in cl
+    gn(2, 6, 8, 3000),  # cl: 6 samples, fused on 1 thread (>= 4 per thread), split on 2
     ln(1, 3, 9001),  # split
     ln(1, 40, 5000),  # fused
     rms(1, 200, 300),  # many rows (chunked parameter-gradient path)
@@ -49,13 +50,6 @@ def _assert_bitwise(a_list, b_list, what):
     for i, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert a.tobytes() == b.tobytes(), f"{what}: output {i} differs bitwise"
-
-
-@pytest.fixture
-def restore_threads():
-    n = numba.get_num_threads()
-    yield
-    numba.set_num_threads(n)
 
 
 @pytest.mark.parametrize(("case", "layout", "dtype"), PARAMS)

@@ -15,12 +15,13 @@ in-place outputs.
 from __future__ import annotations
 
 import naive
+import numba
 import numpy as np
 import pytest
 
 import fastnorm
 from fastnorm import _kernels as K
-from fastnorm.core import _plan
+from fastnorm.core import _plan, _training_params
 
 CASES = {
     # name: (kind, shape, groups/normalized_ndim, channels_last)
@@ -226,3 +227,41 @@ def test_dx_does_not_depend_on_which_parameter_gradients_are_requested(name):
     dx_without, _, none = fastnorm.backward(dy, x, stats, spec, with_bias=False)
     assert dbias is not None and none is None
     np.testing.assert_array_equal(dx_with, dx_without)
+
+
+def test_channels_last_fused_sets_are_bitwise_the_split_phases(restore_threads):
+    """``FUSE_SETS`` (chosen per call from the thread count) changes the schedule, not the bits."""
+    spec = fastnorm.NormSpec.group_norm(2, channels_last=True)
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((6, 3000, 8)) * 3 + 5).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    weight = rng.standard_normal(8).astype(np.float32)
+    plan = _plan(x, spec, True)
+    assert plan.sets == 6 and plan.fused_params is not None
+    assert plan.fused_params[4] == plan.kernel_params[4] | K.FUSE_SETS
+    results = []
+    for params in (plan.kernel_params, plan.fused_params):
+        y, mean, rstd = np.empty(x.size, np.float32), np.empty(12), np.empty(12)
+        plan.forward_kernel(x.ravel(), weight, weight, y, mean, rstd, params)
+        dx, dweight, dbias = np.empty(x.size, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
+        plan.backward_kernel(dy.ravel(), x.ravel(), weight, mean, rstd, dx, dweight, dbias, params)
+        results.append([y, mean, rstd, dx, dweight, dbias])
+    for split, fused in zip(*results, strict=True):
+        assert split.tobytes() == fused.tobytes()
+    numba.set_num_threads(1)
+    assert _training_params(plan) is plan.fused_params  # 6 sets >= 4 per thread
+    if numba.config.NUMBA_NUM_THREADS >= 2:
+        numba.set_num_threads(2)
+        assert _training_params(plan) is plan.kernel_params
+
+
+def test_only_parallel_channels_last_plans_with_few_sets_can_fuse():
+    def fused(shape, spec):
+        return _plan(np.empty(shape, np.float32), spec, True).fused_params is not None
+
+    gn_cl = fastnorm.NormSpec.group_norm(2, channels_last=True)
+    assert fused((6, 3000, 8), gn_cl)
+    assert not fused((6, 30, 8), gn_cl)  # serial build
+    assert not fused((40, 300, 8), gn_cl)  # >= FUSE_MIN_GROUPS sets: always fused
+    assert not fused((6, 8, 3000), fastnorm.NormSpec.group_norm(2))  # channels-first
+    assert not fused((6, 3000, 8), fastnorm.NormSpec.batch_norm(channels_last=True))  # one set
