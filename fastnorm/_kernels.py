@@ -816,6 +816,16 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
 
 
 @glue
+def _cl_fused(spec, sets):
+    """Whether a channels-last training pass runs one fused task per statistics set.
+
+    From ``FUSE_MIN_GROUPS`` sets on, or when the caller asks for it with
+    ``FUSE_SETS`` (see :func:`fastnorm.core._training_params`).
+    """
+    return sets >= FUSE_MIN_GROUPS or spec.flags & FUSE_SETS
+
+
+@glue
 def _cl_rows_per_block(spec):
     """Rows of one channels-last block: ``BLOCK // C``, at least ``CL_MIN_ROWS``.
 
@@ -990,7 +1000,7 @@ def forward_train_cl(x, weight, bias, y, mean, rstd, params):
     chan = np.empty(2 * spec.channels * sets)
     stats = np.empty(2 * nstats)
     coef = np.empty(3 * spec.channels * sets, x.dtype)
-    if sets >= FUSE_MIN_GROUPS or spec.flags & FUSE_SETS:
+    if _cl_fused(spec, sets):
         for n in prange(sets):
             for b in range(nblocks):
                 _cl_block_moments(x, work, spec, nblocks, n * nblocks + b)
@@ -1153,7 +1163,7 @@ def backward_cl(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     chan = np.empty(2 * nc * sets)
     chan_mean = np.empty(nc * sets)
     coef = np.empty(4 * nc * sets, x.dtype)
-    if sets >= FUSE_MIN_GROUPS or spec.flags & FUSE_SETS:
+    if _cl_fused(spec, sets):
         for n in prange(sets):
             _cl_set_means(mean, chan_mean, spec, n)
             for b in range(nblocks):
@@ -1238,5 +1248,9 @@ def select(pass_name, spec):
     most ``SERIAL_MAX_ELEMENTS`` elements.
     """
     parallel, serial = _KERNELS[pass_name, bool(spec.flags & CHANNELS_LAST)]
-    small = spec.batch * spec.channels * spec.spatial <= SERIAL_MAX_ELEMENTS
-    return serial if small else parallel
+    return serial if runs_serial(spec) else parallel
+
+
+def runs_serial(spec):
+    """Whether :func:`select` picks the serial build (at most ``SERIAL_MAX_ELEMENTS`` elements)."""
+    return spec.batch * spec.channels * spec.spatial <= SERIAL_MAX_ELEMENTS

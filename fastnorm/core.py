@@ -255,14 +255,13 @@ def _new_plan(kspec, shape, kernel_axes, param_shape, stats_shape, group_size):
     else:
         output_axes = tuple(int(i) for i in np.argsort(kernel_axes))
         kernel_shape = tuple(shape[i] for i in kernel_axes)
-    sets = 1 if kspec.flags & (K.BATCH | K.PER_ELEMENT) else kspec.batch
-    parallel = kspec.batch * kspec.channels * kspec.spatial > K.SERIAL_MAX_ELEMENTS
-    fusable = kspec.flags & K.CHANNELS_LAST and parallel and 1 < sets < K.FUSE_MIN_GROUPS
-    fused = kspec._replace(flags=kspec.flags | K.FUSE_SETS)
+    stats_size = math.prod(stats_shape)
+    sets = stats_size // kspec.groups  # as the kernels count them
+    fusable = kspec.flags & K.CHANNELS_LAST and not K.runs_serial(kspec) and 1 < sets < K.FUSE_MIN_GROUPS
     return _Plan(
         kspec,
         tuple(kspec),
-        tuple(fused) if fusable else None,
+        tuple(kspec._replace(flags=kspec.flags | K.FUSE_SETS)) if fusable else None,
         sets,
         K.select("forward_train", kspec),
         K.select("normalize", kspec),
@@ -272,7 +271,7 @@ def _new_plan(kspec, shape, kernel_axes, param_shape, stats_shape, group_size):
         kernel_shape,
         tuple(param_shape),
         tuple(stats_shape),
-        math.prod(stats_shape),
+        stats_size,
         group_size,
     )
 
