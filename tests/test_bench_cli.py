@@ -7,6 +7,9 @@ that fastnorm and torch compute the same thing.
 
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -444,9 +447,6 @@ def test_main_renders_saved_json(tmp_path, capsys):
 
 
 def _spincount_after_optional_torch(env):
-    import subprocess
-    import sys
-
     code = (
         "import os, sys; from fastnorm import bench; "
         "assert 'torch' not in sys.modules; bench.optional_torch(); "
@@ -458,8 +458,6 @@ def _spincount_after_optional_torch(env):
 
 
 def test_torch_is_imported_with_a_short_openmp_spin():
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
     assert _spincount_after_optional_torch(env) == [bench.TORCH_SPINCOUNT] * 2
     env["GOMP_SPINCOUNT"] = "777"  # the user's own setting wins
