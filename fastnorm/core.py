@@ -44,6 +44,20 @@ class Stats:
     has_bias: bool = False
 
 
+def _new_stats(mean, rstd, has_bias):
+    """``Stats(mean, rstd, has_bias)`` without the frozen dataclass's ``__init__``.
+
+    The forward pass builds one per call; the generated ``__init__`` sets each
+    field through ``object.__setattr__`` (0.44 us against 0.21 us here).
+    """
+    stats = object.__new__(Stats)
+    fields = stats.__dict__
+    fields["mean"] = mean
+    fields["rstd"] = rstd
+    fields["has_bias"] = has_bias
+    return stats
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Everything about one call that depends only on the input's geometry (internal).
@@ -123,7 +137,8 @@ def _check_param(value, name, plan, dtype):
     if type(value) is np.ndarray and value.dtype == dtype and value.shape == plan.param_shape:
         flags = value.flags
         if flags.c_contiguous and flags.aligned:
-            return value.ravel()  # fast path: already what the kernel takes
+            # fast path: already what the kernel takes
+            return value if len(plan.param_shape) == 1 else value.ravel()
     value = np.asarray(value)
     if value.dtype.kind not in "fiu":
         raise TypeError(f"{name}.dtype={value.dtype} is not supported: {name} must hold real numbers")
@@ -420,7 +435,7 @@ def forward(x, spec, weight=None, bias=None, *, out=None):
         plan.forward_kernel(
             x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), _training_params(plan)
         )
-    return y, Stats(mean, rstd, bias is not None)
+    return y, _new_stats(mean, rstd, bias is not None)
 
 
 def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):

@@ -177,3 +177,63 @@ def test_cache_size_is_bounded():
     for width in range(1, core._PLAN_CACHE_SIZE + 20):
         fastnorm.forward(np.ones((1, width)), spec)
         assert len(core._PLAN_CACHE) <= core._PLAN_CACHE_SIZE
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        NormSpec.batch_norm(),
+        NormSpec.group_norm(4, eps=1e-3, channels_last=True),
+        NormSpec.layer_norm(2),
+        NormSpec.rms_norm(1),
+        NormSpec("instance_norm", 0.5),
+    ],
+)
+def test_spec_hash_is_that_of_its_fields_and_survives_pickling(spec):
+    """Specs key the plan cache with a hash computed once: equal specs, equal hashes."""
+    import copy
+    import dataclasses
+    import pickle
+
+    twin = NormSpec(spec.kind, spec.eps, spec.num_groups, spec.normalized_ndim, spec.channels_last)
+    assert twin is not spec and twin == spec and hash(twin) == hash(spec)
+    other = dataclasses.replace(spec, eps=0.25)
+    assert other != spec and hash(other) == hash(
+        (other.kind, 0.25, other.num_groups, other.normalized_ndim, other.channels_last)
+    )
+    for copied in (pickle.loads(pickle.dumps(spec)), copy.copy(spec), copy.deepcopy(spec)):
+        assert copied == spec and hash(copied) == hash(spec)
+
+
+def test_pickled_spec_hashes_right_in_another_process():
+    """The hash of a string changes between processes: an unpickled spec must recompute it."""
+    import pickle
+    import subprocess
+    import sys
+
+    spec = NormSpec.group_norm(4)
+    code = (
+        "import pickle, sys; from fastnorm import NormSpec; "
+        "spec = pickle.loads(sys.stdin.buffer.read()); "
+        "fresh = NormSpec.group_norm(4); "
+        "assert hash(spec) == hash(fresh) and {spec: 1}[fresh] == 1, 'stale hash'"
+    )
+    env = {"PYTHONHASHSEED": "12345", "PATH": ""}
+    result = subprocess.run(
+        [sys.executable, "-c", code], input=pickle.dumps(spec), capture_output=True, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def test_forward_stats_are_ordinary_frozen_stats():
+    """forward builds its Stats without the dataclass __init__: it must still be a normal value."""
+    import dataclasses
+
+    x = _x((3, 8))
+    y, stats = fastnorm.forward(x, NormSpec.layer_norm(1), bias=np.zeros(8))
+    built = Stats(stats.mean, stats.rstd, True)
+    assert type(stats) is Stats and stats == built and stats.has_bias is True
+    assert dataclasses.fields(stats) == dataclasses.fields(built)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.mean = np.zeros(3)
+    assert fastnorm.forward(x, NormSpec.layer_norm(1))[1].has_bias is False
