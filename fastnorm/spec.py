@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 KINDS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm")
 
@@ -119,7 +119,8 @@ class NormSpec:
         object.__setattr__(self, "_hash", hash(self._fields()))
 
     def _fields(self):
-        return (self.kind, self.eps, self.num_groups, self.normalized_ndim, self.channels_last)
+        """Return the field values in declaration order (what the generated ``__eq__`` compares)."""
+        return tuple(getattr(self, field.name) for field in fields(self))
 
     def __hash__(self):
         return self._hash

@@ -233,7 +233,7 @@ def test_forward_stats_are_ordinary_frozen_stats():
     y, stats = fastnorm.forward(x, NormSpec.layer_norm(1), bias=np.zeros(8))
     built = Stats(stats.mean, stats.rstd, True)
     assert type(stats) is Stats and stats == built and stats.has_bias is True
-    assert dataclasses.fields(stats) == dataclasses.fields(built)
+    assert set(vars(stats)) == {field.name for field in dataclasses.fields(Stats)}  # every field set
     with pytest.raises(dataclasses.FrozenInstanceError):
         stats.mean = np.zeros(3)
     assert fastnorm.forward(x, NormSpec.layer_norm(1))[1].has_bias is False
