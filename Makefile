@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test capi bench bench-check clean
+.PHONY: demo test capi bench bench-check bench-ci clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench: $(VENV)/.installed-test
 
 bench-check: $(VENV)/.installed-test
 	$(PY) -m fastnorm.bench --check
+
+# The short gate of .ci/run: mid-size cases, 1 thread, fastnorm/memcpy only (about 5 s).
+bench-ci: $(VENV)/.installed-test
+	$(PY) -m fastnorm.bench --check --thresholds benchmarks/ci-thresholds.toml --no-torch
 
 clean:
 	rm -rf $(VENV) build *.egg-info

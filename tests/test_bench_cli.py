@@ -131,11 +131,28 @@ def test_load_thresholds_rejects(tmp_path, text, message):
     assert str(path) in str(info.value)
 
 
-def test_committed_thresholds_are_valid():
-    path = Path(__file__).parent.parent / "benchmarks" / "thresholds.toml"
-    settings, thresholds = bench.load_thresholds(path)
-    assert thresholds, "benchmarks/thresholds.toml lists no case"
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.mark.parametrize("name", ["thresholds.toml", "ci-thresholds.toml"])
+def test_committed_thresholds_are_valid(name):
+    settings, thresholds = bench.load_thresholds(ROOT / "benchmarks" / name)
+    assert thresholds, f"benchmarks/{name} lists no case"
     assert set(settings) <= {"rounds", "threads", "rechecks", "target_ms"}
+
+
+def test_ci_gate_is_short_single_threaded_and_needs_no_torch():
+    """The gate .ci/run runs: mid-size cases at 1 thread, memcpy limits only, rechecks on."""
+    settings, thresholds = bench.load_thresholds(ROOT / "benchmarks" / "ci-thresholds.toml")
+    assert settings["threads"] == 1
+    assert settings["rechecks"] >= 2
+    mid = {c.id for c in bench.select_cases(sizes=["mid"])}
+    assert set(thresholds) == mid
+    assert all(t.max_vs_memcpy is not None and t.max_vs_torch is None for t in thresholds.values())
+    command = "fastnorm.bench --check --thresholds benchmarks/ci-thresholds.toml --no-torch"
+    assert command in (ROOT / "Makefile").read_text(encoding="utf-8")
+    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert ci_lines.index("make test") < ci_lines.index("make bench-ci")
 
 
 def test_format_thresholds_round_trip(tmp_path):
