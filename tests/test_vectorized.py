@@ -1,0 +1,134 @@
+"""The kernels' inner loops compile to SIMD code: LLVM's loop vectorizer takes every one of them.
+
+Each loop helper of ``fastnorm._kernels`` is compiled afresh (same options as the
+package, no cache, so that its LLVM IR is available) for float32 and float64
+data, and the vectorized loops of its optimized IR are counted: LLVM names the
+body of every loop it vectorizes ``vector.body``.  Loops of helpers that LLVM
+inlines (``_moments_two_pass`` into ``_moments`` and ``_cl_block_moments``)
+count too.  ``VECTOR_LOOPS`` holds the counts of Numba 0.68 (LLVM 20) on
+x86-64; a change that turns one of these loops scalar (a branch in the loop
+body, an integer division, a lost ``reassoc`` flag on a reduction) lowers the
+count and fails here, naming the helper.  ``docs/benchmarks.md`` ("Vectorized
+inner loops") lists the loops and their vector widths.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numba
+import pytest
+from numba import types
+
+from fastnorm import _kernels as K
+from fastnorm._config import JIT_OPTIONS
+
+#: helper -> vectorized loops (``vector.body`` blocks) in its optimized IR, both dtypes.
+VECTOR_LOOPS = {
+    # shifted one-pass sums, uncentered sum of squares, the inlined two-pass fallback (2)
+    "_moments": 4,
+    "_moments_two_pass": 2,
+    "_dots": 1,
+    "_dots_weighted": 1,
+    "_normalize": 1,
+    # one loop per combination of weight and bias present / absent
+    "_normalize_per_element": 4,
+    "_dx": 1,
+    "_dx_per_element": 1,
+    # with and without weight
+    "_row_dots_and_partials": 2,
+    "_param_partials": 1,
+    # the row loops over channels (two rows per step, one row per step), the shift
+    # copy and the inlined two-pass fallback, as LLVM versions them
+    "_cl_block_moments": 12,
+    "_cl_merge_set": 6,
+    "_cl_normalize_block": 1,
+    "_cl_block_dots": 1,
+    "_cl_sum_set": 1,
+    "_cl_dx_block": 1,
+}
+
+_VECTOR_BODY = re.compile(r"^vector\.body[\d.]*:", re.MULTILINE)
+_VECTOR_OP = re.compile(r"= (?:fadd|fsub|fmul|fdiv|fpext|fptrunc|call)[^=\n]*?<(\d+) x (float|double)>")
+
+
+def _signature(name, dtype):
+    data = types.Array(dtype, 1, "C")
+    work = types.Array(types.float64, 1, "C")
+    i64, f64 = types.int64, types.float64
+    spec = numba.typeof(K.KernelSpec(1, 1, 1, 1, 0, 1e-5))
+    return {
+        "_moments": (data, i64, i64, i64),
+        "_moments_two_pass": (data, i64),
+        "_dots": (data, data, i64, i64, f64),
+        "_dots_weighted": (data, data, data, i64, i64, i64, f64),
+        "_normalize": (data, data, i64, i64, f64, f64, f64),
+        "_normalize_per_element": (data, data, data, data, i64, i64, i64, f64, f64),
+        "_dx": (data, data, data, i64, i64, f64, f64, f64, f64),
+        "_dx_per_element": (data, data, data, data, i64, i64, i64, f64, f64, f64, f64),
+        "_row_dots_and_partials": (data, data, data, work, work, spec, i64, i64, i64, work, work),
+        "_param_partials": (data, data, i64, i64, f64, f64, work, work),
+        "_cl_block_moments": (data, work, spec, i64, i64),
+        "_cl_merge_set": (work, work, spec, i64, i64),
+        "_cl_normalize_block": (data, data, data, spec, i64, i64),
+        "_cl_block_dots": (data, data, work, work, spec, i64, i64),
+        "_cl_sum_set": (work, work, spec, i64, i64),
+        "_cl_dx_block": (data, data, data, data, spec, i64, i64),
+    }[name]
+
+
+def _optimized_ir(name, dtype, **overrides):
+    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False, **overrides})(getattr(K, name).py_func)
+    signature = _signature(name, dtype)
+    dispatcher.compile(signature)
+    return dispatcher.inspect_llvm(signature)
+
+
+def _vector_loops(ir):
+    """Return (number of vectorized loops, widest vector per element type) of an LLVM module."""
+    widths = {}
+    for lanes, element in _VECTOR_OP.findall(ir):
+        widths[element] = max(widths.get(element, 0), int(lanes))
+    return len(_VECTOR_BODY.findall(ir)), widths
+
+
+def test_every_loop_helper_is_listed():
+    """A new loop helper must be added to VECTOR_LOOPS (helpers with a ``for`` loop)."""
+    import inspect
+
+    helpers = set()
+    for name, obj in vars(K).items():
+        func = getattr(obj, "py_func", None)
+        if func is None or getattr(obj, "targetoptions", {}).get("inline") == "always":
+            continue
+        if name.endswith("_serial") or obj.targetoptions.get("parallel"):
+            continue
+        if re.search(r"^\s+for .+ in range\(", inspect.getsource(func), re.MULTILINE):
+            helpers.add(name)
+    assert set(VECTOR_LOOPS) <= helpers, sorted(set(VECTOR_LOOPS) - helpers)
+    # the group merges loop over a handful of channels or blocks, not over data
+    assert helpers - set(VECTOR_LOOPS) <= {
+        "_cf_merge_group",
+        "_cf_group_coefs",
+        "_cl_group_stats",
+        "_cl_set_coefs",
+        "_cl_set_means",
+        "_cl_group_coefs",
+    }, sorted(helpers - set(VECTOR_LOOPS))
+
+
+@pytest.mark.parametrize("dtype", [types.float32, types.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", sorted(VECTOR_LOOPS))
+def test_inner_loops_are_vectorized(name, dtype):
+    loops, widths = _vector_loops(_optimized_ir(name, dtype))
+    assert loops >= VECTOR_LOOPS[name], (
+        f"{name} ({dtype}): {loops} vectorized loops, expected {VECTOR_LOOPS[name]}; vector widths {widths}"
+    )
+    # at least 256-bit vectors: 8 float32 or 4 float64 lanes (x86-64 with AVX or better)
+    assert widths.get("float", 0) >= 8 or widths.get("double", 0) >= 4, f"{name} ({dtype}): {widths}"
+
+
+def test_the_check_sees_a_scalar_loop():
+    """Control: without reassociation a float64 reduction cannot vectorize, and the count shows it."""
+    assert _vector_loops(_optimized_ir("_dots", types.float32))[0] == 1
+    assert _vector_loops(_optimized_ir("_dots", types.float32, fastmath=set()))[0] == 0
