@@ -39,18 +39,27 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 
 def helper(func):
-    """Compile a serial helper (inlined into the kernels that call it)."""
+    """Compile a serial helper called as a function (LLVM may still inline it).
+
+    For code whose call cost is amortized: the rare two-pass moments fallback,
+    the channels-last block helpers (a block is at least ``CL_MIN_ROWS`` rows),
+    the column tiles of long LayerNorm rows; and for the serial builds of the
+    kernels.
+    """
     return numba.njit(**JIT_OPTIONS)(func)
 
 
 def glue(func):
-    """Compile a small serial helper inlined into its callers at Numba IR level.
+    """Compile a serial helper inlined into its callers at Numba IR level.
 
-    For the per-block glue (index arithmetic, coefficient set-up, dispatch to
-    a loop helper): as a separate function every call passes each array as a
-    7-field struct, which measured 29 ns per 4-element LayerNorm row against
-    16 ns inlined.  Helpers holding the vectorized loops stay plain
-    :func:`helper` functions, so compile time barely grows.
+    For everything a kernel runs once per block or group: index arithmetic,
+    coefficient set-up, and the loops over a block themselves.  As a separate
+    function every call passes each array as a 7-field struct and takes its
+    slices with reference-count updates that only inlining lets Numba remove:
+    the LayerNorm forward kernel over 262144 rows of 16 elements took 46 ns of
+    thread time per row with the block loops called, 29 ns with them inlined
+    (same process, interleaved; 2 threads).  The price is compile time:
+    building every kernel for both dtypes took 148 s instead of 99 s.
     """
     return numba.njit(inline="always", **JIT_OPTIONS)(func)
 

@@ -199,7 +199,7 @@ def _group(spec, k):
     return k // spec.groups, 1, c0, d
 
 
-@helper
+@glue
 def _moments(x, off, count, centered):
     """Moments of ``x[off:off+count]`` in float64: ``(mean, sum((x - mean)**2))``.
 
@@ -248,7 +248,7 @@ def _moments_two_pass(xs, count):
     return mean + sum_dev / count, m2 - sum_dev * sum_dev / count
 
 
-@helper
+@glue
 def _dots(dy, x, off, count, mean):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` over ``[off, off+count)``."""
     xs = x[off : off + count]
@@ -261,7 +261,7 @@ def _dots(dy, x, off, count, mean):
     return sum_dy, sum_dy_xc
 
 
-@helper
+@glue
 def _dots_weighted(dy, x, weight, off, count, s0, mean):
     """:func:`_dots` of ``g = dy * weight[s0 + i]`` (per-element affine)."""
     xs = x[off : off + count]
@@ -309,7 +309,7 @@ def _fold(constant, factor, mean_lo, like):
 # docs/guarantees.md); for float64 data ``lo`` is 0 and nothing changes.
 
 
-@helper
+@glue
 def _normalize(x, y, off, count, mean, scale, shift):
     """``y = (x - mean) * scale + shift`` over ``[off, off+count)``, in ``x``'s dtype.
 
@@ -324,7 +324,7 @@ def _normalize(x, y, off, count, mean, scale, shift):
         ys[i] = (xs[i] - mean_hi) * scale_x + shift_x
 
 
-@helper
+@glue
 def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
     """``y = (x - mean) * (rstd * weight[s]) + bias[s]``, ``s = s0 + i`` (LayerNorm).
 
@@ -357,7 +357,7 @@ def _dx_constants(like, mean, kx, k0):
     return mean_hi, like.dtype.type(kx), _fold(k0, kx, mean_lo, like)
 
 
-@helper
+@glue
 def _dx(dy, x, dx, off, count, a, kx, k0, mean):
     """``dx = a * dy - kx * (x - mean) - k0`` over ``[off, off+count)``, in ``x``'s dtype.
 
@@ -372,7 +372,7 @@ def _dx(dy, x, dx, off, count, a, kx, k0, mean):
         dxs[i] = a_x * dys[i] - kx_x * (xs[i] - mean_hi) - k0_x
 
 
-@helper
+@glue
 def _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, kx, k0, mean):
     """:func:`_dx` with ``a = rstd * weight[s0 + i]`` (per-element affine)."""
     xs = x[off : off + count]
@@ -411,7 +411,7 @@ def _cf_moments_block(x, work, spec, nblocks, plane, b):
     work[2 * blk], work[2 * blk + 1] = _moments(x, plane * spec.spatial + s0, count, spec.flags & CENTERED)
 
 
-@helper
+@glue
 def _cf_merge_group(work, mean, rstd, spec, nblocks, k):
     """Merge group ``k``'s block moments into ``mean[k], rstd[k]``.
 
@@ -564,7 +564,19 @@ def _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, plane, b, k):
         work[2 * blk], work[2 * blk + 1] = _dots(dy, x, off, count, coef[4 * k])
 
 
-@helper
+@glue
+def _dx_coefs(sum_g, sum_g_xc, rstd, m, flags):
+    """``(kx, k0)`` of :func:`_dx` for a group of ``m`` elements.
+
+    ``kx = rstd^3 * sum(g * (x - mean)) / m`` and ``k0 = rstd * sum(g) / m``
+    (0 without ``CENTERED``), with ``g = weight * dy``.
+    """
+    kx = rstd * rstd * rstd * sum_g_xc / m
+    k0 = rstd * sum_g / m if flags & CENTERED else 0.0
+    return kx, k0
+
+
+@glue
 def _cf_group_coefs(weight, work, coef, spec, nblocks, k):
     """Turn the dot products of group ``k`` into its dx coefficients.
 
@@ -584,30 +596,33 @@ def _cf_group_coefs(weight, work, coef, spec, nblocks, k):
                 sum_g += w * work[2 * (blk0 + b)]
                 sum_g_xc += w * work[2 * (blk0 + b) + 1]
     m = float(samples * d * spec.spatial)
-    rstd = coef[4 * k + 1]
-    coef[4 * k + 2] = rstd * rstd * rstd * sum_g_xc / m
-    coef[4 * k + 3] = rstd * sum_g / m if spec.flags & CENTERED else 0.0
+    coef[4 * k + 2], coef[4 * k + 3] = _dx_coefs(sum_g, sum_g_xc, coef[4 * k + 1], m, spec.flags)
 
 
 @glue
-def _cf_dx_block(dy, x, weight, dx, coef, spec, plane, b, k):
-    """Write ``dx`` of block ``b`` of ``plane`` from group ``k``'s coefficients."""
+def _cf_dx_block(dy, x, weight, dx, spec, plane, b, mean, rstd, kx, k0):
+    """Write ``dx`` of block ``b`` of ``plane`` from its group's coefficients."""
     s0 = b * BLOCK
     count = min(BLOCK, spec.spatial - s0)
     off = plane * spec.spatial + s0
-    mean = coef[4 * k]
-    rstd = coef[4 * k + 1]
     if spec.flags & PER_ELEMENT and weight.size > 0:
-        _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, coef[4 * k + 2], coef[4 * k + 3], mean)
+        _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, kx, k0, mean)
     else:
         c = plane % spec.channels
         a = rstd * weight[c] if weight.size > 0 and not spec.flags & PER_ELEMENT else rstd
-        _dx(dy, x, dx, off, count, a, coef[4 * k + 2], coef[4 * k + 3], mean)
+        _dx(dy, x, dx, off, count, a, kx, k0, mean)
 
 
-@helper
-def _row_dots_and_partials(dy, x, weight, work, coef, spec, nblocks, n, b, part_dy, part_dy_xhat):
-    """Run :func:`_cf_dots_block` on block ``b`` of row ``n`` and accumulate its partials.
+@glue
+def _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, k):
+    """:func:`_cf_dx_block` with group ``k``'s coefficients ``coef[4k : 4k+4]``."""
+    mean, rstd, kx, k0 = coef[4 * k], coef[4 * k + 1], coef[4 * k + 2], coef[4 * k + 3]
+    _cf_dx_block(dy, x, weight, dx, spec, plane, b, mean, rstd, kx, k0)
+
+
+@glue
+def _row_dots_and_partials(dy, x, weight, spec, n, b, mean, rstd, part_dy, part_dy_xhat):
+    """Return :func:`_cf_dots_block`'s sums of block ``b`` of row ``n`` and accumulate its partials.
 
     Per-element affine only; the same pass adds the block's ``dy`` and
     ``dy * xhat`` to the per-position partial sums.
@@ -615,8 +630,6 @@ def _row_dots_and_partials(dy, x, weight, work, coef, spec, nblocks, n, b, part_
     s0 = b * BLOCK
     count = min(BLOCK, spec.spatial - s0)
     off = n * spec.spatial + s0
-    mean = coef[4 * n]
-    rstd = coef[4 * n + 1]
     xs = x[off : off + count]
     dys = dy[off : off + count]
     acc_dy = part_dy[s0 : s0 + count]
@@ -639,9 +652,7 @@ def _row_dots_and_partials(dy, x, weight, work, coef, spec, nblocks, n, b, part_
             acc_dy_xhat[i] += dys[i] * xc * rstd
             sum_g += dys[i]
             sum_g_xc += dys[i] * xc
-    blk = n * nblocks + b
-    work[2 * blk] = sum_g
-    work[2 * blk + 1] = sum_g_xc
+    return sum_g, sum_g_xc
 
 
 @helper
@@ -689,11 +700,6 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
     planes = spec.batch * spec.channels
     nstats = mean.size
-    work = np.empty(2 * planes * nblocks)
-    coef = np.empty(4 * nstats)
-    for k in range(nstats):
-        coef[4 * k] = mean[k] if spec.flags & CENTERED else 0.0
-        coef[4 * k + 1] = rstd[k]
     want_params = dweight.size > 0 or dbias.size > 0
     width = spec.spatial
     if spec.flags & PER_ELEMENT and nstats >= 4 * ROW_CHUNK:
@@ -701,27 +707,32 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
         # their dy and dy*xhat into its own float64 partial vectors (fixed
         # chunks, merged in order below: deterministic).  Taken whether or not
         # dweight/dbias are wanted, so that dx never depends on that choice.
+        # A row's dx follows its dot products while it is in L1; no per-row
+        # workspace (at millions of short rows, allocating one cost more than
+        # the arithmetic).  dx may alias dy: a row is read before it is written.
         chunk = max(ROW_CHUNK, (nstats + ROW_TASKS - 1) // ROW_TASKS)
         nchunks = (nstats + chunk - 1) // chunk
         partial = np.empty(2 * width * nchunks)
+        m = float(width)
         for t in prange(nchunks):
             part_dy = partial[2 * width * t : 2 * width * t + width]
             part_dy_xhat = partial[2 * width * t + width : 2 * width * (t + 1)]
             part_dy[:] = 0.0
             part_dy_xhat[:] = 0.0
-            # Dot products and partials of every row of the chunk first, then dx
-            # of every row (rows still in L2): measured 5-10% faster than dx right
-            # after each row's dots, and dx may alias dy either way.
-            rows = range(t * chunk, min(nstats, (t + 1) * chunk))
-            for n in rows:
+            for n in range(t * chunk, min(nstats, (t + 1) * chunk)):
+                row_mean = mean[n] if spec.flags & CENTERED else 0.0
+                row_rstd = rstd[n]
+                sum_g = 0.0
+                sum_g_xc = 0.0
                 for b in range(nblocks):
-                    _row_dots_and_partials(
-                        dy, x, weight, work, coef, spec, nblocks, n, b, part_dy, part_dy_xhat
+                    block_g, block_g_xc = _row_dots_and_partials(
+                        dy, x, weight, spec, n, b, row_mean, row_rstd, part_dy, part_dy_xhat
                     )
-                _cf_group_coefs(weight, work, coef, spec, nblocks, n)
-            for n in rows:
+                    sum_g += block_g
+                    sum_g_xc += block_g_xc
+                kx, k0 = _dx_coefs(sum_g, sum_g_xc, row_rstd, m, spec.flags)
                 for b in range(nblocks):
-                    _cf_dx_block(dy, x, weight, dx, coef, spec, n, b, n)
+                    _cf_dx_block(dy, x, weight, dx, spec, n, b, row_mean, row_rstd, kx, k0)
         if not want_params:
             return
         for tile in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
@@ -736,6 +747,11 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
                 if dweight.size > 0:
                     dweight[s] = sum_dy_xhat
         return
+    work = np.empty(2 * planes * nblocks)
+    coef = np.empty(4 * nstats)
+    for k in range(nstats):
+        coef[4 * k] = mean[k] if spec.flags & CENTERED else 0.0
+        coef[4 * k + 1] = rstd[k]
     if spec.flags & PER_ELEMENT:
         # Few (long) rows: dot products in parallel over (row, block), then dx
         # and the parameter partials in parallel over column tiles, each tile
@@ -781,7 +797,7 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
             for n in range(n0, n0 + samples):
                 for c in range(c0, c0 + d):
                     for b in range(nblocks):
-                        _cf_dx_block(dy, x, weight, dx, coef, spec, n * spec.channels + c, b, k)
+                        _cf_dx_block_k(dy, x, weight, dx, coef, spec, n * spec.channels + c, b, k)
     else:
         for blk in prange(planes * nblocks):
             plane, b = _block_plane(blk, nblocks)
@@ -792,7 +808,7 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
         for blk in prange(planes * nblocks):
             plane, b = _block_plane(blk, nblocks)
             k = _plane_stat_index(spec, plane)
-            _cf_dx_block(dy, x, weight, dx, coef, spec, plane, b, k)
+            _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, k)
     if want_params and not spec.flags & PER_ELEMENT:
         for c in prange(spec.channels):
             sum_dy = 0.0
@@ -1119,8 +1135,7 @@ def _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k):
         sum_g_xc += w * chan[2 * nc * set_index + nc + c]
     m = float(samples * d * spec.spatial)
     r = rstd[k]
-    kx = r * r * r * sum_g_xc / m
-    k0 = r * sum_g / m if spec.flags & CENTERED else 0.0
+    kx, k0 = _dx_coefs(sum_g, sum_g_xc, r, m, spec.flags)
     mean_hi, kx_x, k0_x = _dx_constants(coef, mean[k] if spec.flags & CENTERED else 0.0, kx, k0)
     base = 4 * nc * set_index
     for c in range(c0, c0 + d):

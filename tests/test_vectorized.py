@@ -1,7 +1,8 @@
 """The kernels' inner loops compile to SIMD code: LLVM's loop vectorizer takes every one of them.
 
-Each loop helper of ``fastnorm._kernels`` is compiled afresh (same options as the
-package, no cache, so that its LLVM IR is available) for float32 and float64
+Each loop helper of ``fastnorm._kernels`` (most are inlined into the kernels at
+Numba IR level, see :func:`fastnorm._config.glue`) is compiled on its own (same
+options as the package, no cache, so that its LLVM IR is available) for float32 and float64
 data, and the vectorized loops of its optimized IR are counted: LLVM names the
 body of every loop it vectorizes ``vector.body``.  Loops of helpers that LLVM
 inlines (``_moments_two_pass`` into ``_moments`` and ``_cl_block_moments``)
@@ -66,7 +67,7 @@ def _signature(name, dtype):
         "_normalize_per_element": (data, data, data, data, i64, i64, i64, f64, f64),
         "_dx": (data, data, data, i64, i64, f64, f64, f64, f64),
         "_dx_per_element": (data, data, data, data, i64, i64, i64, f64, f64, f64, f64),
-        "_row_dots_and_partials": (data, data, data, work, work, spec, i64, i64, i64, work, work),
+        "_row_dots_and_partials": (data, data, data, spec, i64, i64, f64, f64, work, work),
         "_param_partials": (data, data, i64, i64, f64, f64, work, work),
         "_cl_block_moments": (data, work, spec, i64, i64),
         "_cl_merge_set": (work, work, spec, i64, i64),
@@ -93,15 +94,13 @@ def _vector_loops(ir):
 
 
 def test_every_loop_helper_is_listed():
-    """A new loop helper must be added to VECTOR_LOOPS (helpers with a ``for`` loop)."""
+    """A new loop helper (inlined or not) must be added to VECTOR_LOOPS."""
     import inspect
 
     helpers = set()
     for name, obj in vars(K).items():
         func = getattr(obj, "py_func", None)
-        if func is None or getattr(obj, "targetoptions", {}).get("inline") == "always":
-            continue
-        if name.endswith("_serial") or obj.targetoptions.get("parallel"):
+        if func is None or name.endswith("_serial") or obj.targetoptions.get("parallel"):
             continue
         if re.search(r"^\s+for .+ in range\(", inspect.getsource(func), re.MULTILINE):
             helpers.add(name)
@@ -126,6 +125,35 @@ def test_inner_loops_are_vectorized(name, dtype):
     )
     # at least 256-bit vectors: 8 float32 or 4 float64 lanes (x86-64 with AVX or better)
     assert widths.get("float", 0) >= 8 or widths.get("double", 0) >= 4, f"{name} ({dtype}): {widths}"
+
+
+#: kernel -> vectorized loops of its single-threaded build (every inlined block loop counts).
+KERNEL_VECTOR_LOOPS = {
+    "forward_train_cf": 23,
+    "normalize_cf": 5,
+    "backward_cf": 31,
+    "forward_train_cl": 20,
+    "normalize_cl": 3,
+    "backward_cl": 11,
+}
+
+
+@pytest.mark.parametrize("name", sorted(KERNEL_VECTOR_LOOPS))
+def test_kernels_keep_their_vectorized_loops(name):
+    """The loops stay vectorized once inlined into the kernels (float32; float64 counts the same)."""
+    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(getattr(K, name).py_func)
+    data = types.Array(types.float32, 1, "C")
+    stats = types.Array(types.float64, 1, "C")
+    params = types.Tuple((types.int64,) * 5 + (types.float64,))
+    if name.startswith("backward"):
+        signature = (data, data, data, stats, stats, data, data, data, params)
+    else:
+        signature = (data, data, data, data, stats, stats, params)
+    dispatcher.compile(signature)
+    loops, widths = _vector_loops(dispatcher.inspect_llvm(signature))
+    assert loops >= KERNEL_VECTOR_LOOPS[name], (
+        f"{name}: {loops} vectorized loops, expected {KERNEL_VECTOR_LOOPS[name]}; vector widths {widths}"
+    )
 
 
 def test_the_check_sees_a_scalar_loop():
