@@ -358,31 +358,39 @@ def _dx_constants(like, mean, kx, k0):
 
 
 @glue
-def _dx(dy, x, dx, off, count, a, kx, k0, mean):
-    """``dx = a * dy - kx * (x - mean) - k0`` over ``[off, off+count)``, in ``x``'s dtype.
+def _dx_span(dys, xs, dxs, a, kx, k0, mean):
+    """``dx = a * dy - kx * (x - mean) - k0`` over equal-length spans, in ``x``'s dtype.
 
     Computed as ``a * dy - kx * (x - mean_hi) - (k0 - kx * mean_lo)``.
     """
-    xs = x[off : off + count]
-    dys = dy[off : off + count]
-    dxs = dx[off : off + count]
     mean_hi, kx_x, k0_x = _dx_constants(xs, mean, kx, k0)
     a_x = xs.dtype.type(a)
-    for i in range(count):
+    for i in range(xs.size):
         dxs[i] = a_x * dys[i] - kx_x * (xs[i] - mean_hi) - k0_x
 
 
 @glue
-def _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, kx, k0, mean):
-    """:func:`_dx` with ``a = rstd * weight[s0 + i]`` (per-element affine)."""
-    xs = x[off : off + count]
-    dys = dy[off : off + count]
-    dxs = dx[off : off + count]
-    ws = weight[s0 : s0 + count]
+def _dx_per_element_span(dys, xs, ws, dxs, rstd, kx, k0, mean):
+    """:func:`_dx_span` with ``a = rstd * ws[i]`` (per-element affine)."""
     mean_hi, kx_x, k0_x = _dx_constants(xs, mean, kx, k0)
     rstd_x = xs.dtype.type(rstd)
-    for i in range(count):
+    for i in range(xs.size):
         dxs[i] = (rstd_x * ws[i]) * dys[i] - kx_x * (xs[i] - mean_hi) - k0_x
+
+
+@glue
+def _dx(dy, x, dx, off, count, a, kx, k0, mean):
+    """:func:`_dx_span` over ``[off, off+count)``."""
+    xs = x[off : off + count]
+    _dx_span(dy[off : off + count], xs, dx[off : off + count], a, kx, k0, mean)
+
+
+@glue
+def _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, kx, k0, mean):
+    """:func:`_dx_per_element_span` over ``[off, off+count)``, weights from ``s0``."""
+    xs = x[off : off + count]
+    ws = weight[s0 : s0 + count]
+    _dx_per_element_span(dy[off : off + count], xs, ws, dx[off : off + count], rstd, kx, k0, mean)
 
 
 # ---------------------------------------------------------------------------
@@ -621,24 +629,17 @@ def _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, k):
 
 
 @glue
-def _row_dots_and_partials(dy, x, weight, spec, n, b, mean, rstd, part_dy, part_dy_xhat):
-    """Return :func:`_cf_dots_block`'s sums of block ``b`` of row ``n`` and accumulate its partials.
+def _row_dots_and_partials(dys, xs, ws, acc_dy, acc_dy_xhat, mean, rstd):
+    """Return :func:`_cf_dots_block`'s sums over a span of a row and accumulate its partials.
 
-    Per-element affine only; the same pass adds the block's ``dy`` and
-    ``dy * xhat`` to the per-position partial sums.
+    Per-element affine only (``ws`` the span's weights, empty for none); the
+    same pass adds the span's ``dy`` and ``dy * xhat`` to the per-position
+    partial sums ``acc_dy``, ``acc_dy_xhat``.
     """
-    s0 = b * BLOCK
-    count = min(BLOCK, spec.spatial - s0)
-    off = n * spec.spatial + s0
-    xs = x[off : off + count]
-    dys = dy[off : off + count]
-    acc_dy = part_dy[s0 : s0 + count]
-    acc_dy_xhat = part_dy_xhat[s0 : s0 + count]
     sum_g = 0.0
     sum_g_xc = 0.0
-    if weight.size > 0:
-        ws = weight[s0 : s0 + count]
-        for i in range(count):
+    if ws.size > 0:
+        for i in range(xs.size):
             xc = xs[i] - mean
             acc_dy[i] += dys[i]
             acc_dy_xhat[i] += dys[i] * xc * rstd
@@ -646,13 +647,28 @@ def _row_dots_and_partials(dy, x, weight, spec, n, b, mean, rstd, part_dy, part_
             sum_g += g
             sum_g_xc += g * xc
     else:
-        for i in range(count):
+        for i in range(xs.size):
             xc = xs[i] - mean
             acc_dy[i] += dys[i]
             acc_dy_xhat[i] += dys[i] * xc * rstd
             sum_g += dys[i]
             sum_g_xc += dys[i] * xc
     return sum_g, sum_g_xc
+
+
+@glue
+def _row_backward(dys, xs, ws, dxs, acc_dy, acc_dy_xhat, mean, rstd, flags):
+    """Backward of one whole row (one block): dot products and partials, then ``dx``.
+
+    The row is sliced once and the weights and partials are used whole: on
+    short rows, slicing them per call cost more than the arithmetic.
+    """
+    sum_g, sum_g_xc = _row_dots_and_partials(dys, xs, ws, acc_dy, acc_dy_xhat, mean, rstd)
+    kx, k0 = _dx_coefs(sum_g, sum_g_xc, rstd, float(xs.size), flags)
+    if ws.size > 0:
+        _dx_per_element_span(dys, xs, ws, dxs, rstd, kx, k0, mean)
+    else:
+        _dx_span(dys, xs, dxs, rstd, kx, k0, mean)
 
 
 @helper
@@ -722,11 +738,23 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
             for n in range(t * chunk, min(nstats, (t + 1) * chunk)):
                 row_mean = mean[n] if spec.flags & CENTERED else 0.0
                 row_rstd = rstd[n]
+                off = n * width
+                if nblocks == 1:
+                    xs = x[off : off + width]
+                    dys = dy[off : off + width]
+                    dxs = dx[off : off + width]
+                    _row_backward(dys, xs, weight, dxs, part_dy, part_dy_xhat, row_mean, row_rstd, spec.flags)
+                    continue
                 sum_g = 0.0
                 sum_g_xc = 0.0
                 for b in range(nblocks):
+                    s0 = b * BLOCK
+                    s1 = min(width, s0 + BLOCK)
+                    xs = x[off + s0 : off + s1]
+                    dys = dy[off + s0 : off + s1]
+                    ws = weight[s0:s1] if weight.size > 0 else weight
                     block_g, block_g_xc = _row_dots_and_partials(
-                        dy, x, weight, spec, n, b, row_mean, row_rstd, part_dy, part_dy_xhat
+                        dys, xs, ws, part_dy[s0:s1], part_dy_xhat[s0:s1], row_mean, row_rstd
                     )
                     sum_g += block_g
                     sum_g_xc += block_g_xc

@@ -34,8 +34,8 @@ VECTOR_LOOPS = {
     "_normalize": 1,
     # one loop per combination of weight and bias present / absent
     "_normalize_per_element": 4,
-    "_dx": 1,
-    "_dx_per_element": 1,
+    "_dx_span": 1,
+    "_dx_per_element_span": 1,
     # with and without weight
     "_row_dots_and_partials": 2,
     "_param_partials": 1,
@@ -65,9 +65,9 @@ def _signature(name, dtype):
         "_dots_weighted": (data, data, data, i64, i64, i64, f64),
         "_normalize": (data, data, i64, i64, f64, f64, f64),
         "_normalize_per_element": (data, data, data, data, i64, i64, i64, f64, f64),
-        "_dx": (data, data, data, i64, i64, f64, f64, f64, f64),
-        "_dx_per_element": (data, data, data, data, i64, i64, i64, f64, f64, f64, f64),
-        "_row_dots_and_partials": (data, data, data, spec, i64, i64, f64, f64, work, work),
+        "_dx_span": (data, data, data, f64, f64, f64, f64),
+        "_dx_per_element_span": (data, data, data, data, f64, f64, f64, f64),
+        "_row_dots_and_partials": (data, data, data, work, work, f64, f64),
         "_param_partials": (data, data, i64, i64, f64, f64, work, work),
         "_cl_block_moments": (data, work, spec, i64, i64),
         "_cl_merge_set": (work, work, spec, i64, i64),
@@ -131,7 +131,7 @@ def test_inner_loops_are_vectorized(name, dtype):
 KERNEL_VECTOR_LOOPS = {
     "forward_train_cf": 23,
     "normalize_cf": 5,
-    "backward_cf": 31,
+    "backward_cf": 35,
     "forward_train_cl": 20,
     "normalize_cl": 3,
     "backward_cl": 11,
