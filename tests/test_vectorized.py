@@ -15,6 +15,7 @@ inner loops") lists the loops and their vector widths.
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import numba
@@ -95,8 +96,6 @@ def _vector_loops(ir):
 
 def test_every_loop_helper_is_listed():
     """A new loop helper (inlined or not) must be added to VECTOR_LOOPS."""
-    import inspect
-
     helpers = set()
     for name, obj in vars(K).items():
         func = getattr(obj, "py_func", None)
