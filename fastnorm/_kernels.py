@@ -352,7 +352,7 @@ def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
 
 @glue
 def _dx_constants(like, mean, kx, k0):
-    """``(mean_hi, kx, k0 - kx * mean_lo)`` of :func:`_dx` in ``like``'s dtype."""
+    """``(mean_hi, kx, k0 - kx * mean_lo)`` of :func:`_dx_span` in ``like``'s dtype."""
     mean_hi, mean_lo = _split(like, mean)
     return mean_hi, like.dtype.type(kx), _fold(k0, kx, mean_lo, like)
 
@@ -379,18 +379,12 @@ def _dx_per_element_span(dys, xs, ws, dxs, rstd, kx, k0, mean):
 
 
 @glue
-def _dx(dy, x, dx, off, count, a, kx, k0, mean):
-    """:func:`_dx_span` over ``[off, off+count)``."""
-    xs = x[off : off + count]
-    _dx_span(dy[off : off + count], xs, dx[off : off + count], a, kx, k0, mean)
-
-
-@glue
-def _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, kx, k0, mean):
-    """:func:`_dx_per_element_span` over ``[off, off+count)``, weights from ``s0``."""
-    xs = x[off : off + count]
-    ws = weight[s0 : s0 + count]
-    _dx_per_element_span(dy[off : off + count], xs, ws, dx[off : off + count], rstd, kx, k0, mean)
+def _dx_row_span(dys, xs, ws, dxs, rstd, kx, k0, mean):
+    """``dx`` over a span of a LayerNorm/RMSNorm row: ``ws`` its weights, or empty for none."""
+    if ws.size > 0:
+        _dx_per_element_span(dys, xs, ws, dxs, rstd, kx, k0, mean)
+    else:
+        _dx_span(dys, xs, dxs, rstd, kx, k0, mean)
 
 
 # ---------------------------------------------------------------------------
@@ -574,7 +568,7 @@ def _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, plane, b, k):
 
 @glue
 def _dx_coefs(sum_g, sum_g_xc, rstd, m, flags):
-    """``(kx, k0)`` of :func:`_dx` for a group of ``m`` elements.
+    """``(kx, k0)`` of :func:`_dx_span` for a group of ``m`` elements.
 
     ``kx = rstd^3 * sum(g * (x - mean)) / m`` and ``k0 = rstd * sum(g) / m``
     (0 without ``CENTERED``), with ``g = weight * dy``.
@@ -613,12 +607,15 @@ def _cf_dx_block(dy, x, weight, dx, spec, plane, b, mean, rstd, kx, k0):
     s0 = b * BLOCK
     count = min(BLOCK, spec.spatial - s0)
     off = plane * spec.spatial + s0
-    if spec.flags & PER_ELEMENT and weight.size > 0:
-        _dx_per_element(dy, x, weight, dx, off, count, s0, rstd, kx, k0, mean)
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    dxs = dx[off : off + count]
+    if spec.flags & PER_ELEMENT:
+        _dx_row_span(dys, xs, weight[s0 : s0 + count], dxs, rstd, kx, k0, mean)
     else:
         c = plane % spec.channels
-        a = rstd * weight[c] if weight.size > 0 and not spec.flags & PER_ELEMENT else rstd
-        _dx(dy, x, dx, off, count, a, kx, k0, mean)
+        a = rstd * weight[c] if weight.size > 0 else rstd
+        _dx_span(dys, xs, dxs, a, kx, k0, mean)
 
 
 @glue
@@ -665,10 +662,7 @@ def _row_backward(dys, xs, ws, dxs, acc_dy, acc_dy_xhat, mean, rstd, flags):
     """
     sum_g, sum_g_xc = _row_dots_and_partials(dys, xs, ws, acc_dy, acc_dy_xhat, mean, rstd)
     kx, k0 = _dx_coefs(sum_g, sum_g_xc, rstd, float(xs.size), flags)
-    if ws.size > 0:
-        _dx_per_element_span(dys, xs, ws, dxs, rstd, kx, k0, mean)
-    else:
-        _dx_span(dys, xs, dxs, rstd, kx, k0, mean)
+    _dx_row_span(dys, xs, ws, dxs, rstd, kx, k0, mean)
 
 
 @helper
@@ -752,9 +746,8 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
                     s1 = min(width, s0 + BLOCK)
                     xs = x[off + s0 : off + s1]
                     dys = dy[off + s0 : off + s1]
-                    ws = weight[s0:s1] if weight.size > 0 else weight
                     block_g, block_g_xc = _row_dots_and_partials(
-                        dys, xs, ws, part_dy[s0:s1], part_dy_xhat[s0:s1], row_mean, row_rstd
+                        dys, xs, weight[s0:s1], part_dy[s0:s1], part_dy_xhat[s0:s1], row_mean, row_rstd
                     )
                     sum_g += block_g
                     sum_g_xc += block_g_xc
@@ -803,10 +796,10 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
                     part_dy_xhat = acc[width + lo : width + hi]
                     _param_partials(dy, x, off, hi - lo, row_mean, row_rstd, part_dy, part_dy_xhat)
                 kx, k0 = coef[4 * n + 2], coef[4 * n + 3]
-                if weight.size > 0:
-                    _dx_per_element(dy, x, weight, dx, off, hi - lo, lo, row_rstd, kx, k0, row_mean)
-                else:
-                    _dx(dy, x, dx, off, hi - lo, row_rstd, kx, k0, row_mean)
+                span = hi - lo
+                xs = x[off : off + span]
+                dys = dy[off : off + span]
+                _dx_row_span(dys, xs, weight[lo:hi], dx[off : off + span], row_rstd, kx, k0, row_mean)
             if want_params:
                 for s in range(lo, hi):
                     if dbias.size > 0:
@@ -1150,7 +1143,7 @@ def _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k):
 
     ``coef`` (the input's dtype) gets ``coef[4C*set + C*j + c]`` for j = 0
     (``mean_hi``), 1 (rstd*w), 2 (kx), 3 (``k0 - kx * mean_lo``): the
-    arithmetic of :func:`_dx`; see :func:`_cf_group_coefs` for kx and k0.
+    arithmetic of :func:`_dx_span`; see :func:`_cf_group_coefs` for kx and k0.
     """
     _, samples, c0, d = _group(spec, k)
     nc = spec.channels
