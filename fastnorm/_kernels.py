@@ -635,21 +635,26 @@ def _row_dots_and_partials(dys, xs, ws, acc_dy, acc_dy_xhat, mean, rstd):
     """
     sum_g = 0.0
     sum_g_xc = 0.0
+    # Each input element is loaded once, before the stores: Numba tells LLVM
+    # nothing about aliasing, so a `dys[i]` written after `acc_dy[i] += ...`
+    # is loaded (and converted to float64) again.
     if ws.size > 0:
         for i in range(xs.size):
+            dy_i = dys[i]
             xc = xs[i] - mean
-            acc_dy[i] += dys[i]
-            acc_dy_xhat[i] += dys[i] * xc * rstd
-            g = dys[i] * ws[i]
+            g = dy_i * ws[i]
+            acc_dy[i] += dy_i
+            acc_dy_xhat[i] += dy_i * xc * rstd
             sum_g += g
             sum_g_xc += g * xc
     else:
         for i in range(xs.size):
+            dy_i = dys[i]
             xc = xs[i] - mean
-            acc_dy[i] += dys[i]
-            acc_dy_xhat[i] += dys[i] * xc * rstd
-            sum_g += dys[i]
-            sum_g_xc += dys[i] * xc
+            acc_dy[i] += dy_i
+            acc_dy_xhat[i] += dy_i * xc * rstd
+            sum_g += dy_i
+            sum_g_xc += dy_i * xc
     return sum_g, sum_g_xc
 
 
@@ -671,8 +676,9 @@ def _param_partials(dy, x, off, count, mean, rstd, part_dy, part_dy_xhat):
     xs = x[off : off + count]
     dys = dy[off : off + count]
     for s in range(count):
-        part_dy[s] += dys[s]
-        part_dy_xhat[s] += dys[s] * (xs[s] - mean) * rstd
+        dy_s = dys[s]  # loaded once: see _row_dots_and_partials
+        part_dy[s] += dy_s
+        part_dy_xhat[s] += dy_s * (xs[s] - mean) * rstd
 
 
 @kernel
@@ -1110,8 +1116,9 @@ def _cl_block_dots(dy, x, work, chan_mean, spec, nblocks, blk):
         xr = x[off + r * nc : off + (r + 1) * nc]
         dyr = dy[off + r * nc : off + (r + 1) * nc]
         for c in range(nc):
-            sum_dy[c] += dyr[c]
-            sum_dy_xc[c] += dyr[c] * (xr[c] - mean[c])
+            dy_c = dyr[c]  # loaded once: see _row_dots_and_partials
+            sum_dy[c] += dy_c
+            sum_dy_xc[c] += dy_c * (xr[c] - mean[c])
 
 
 @helper
