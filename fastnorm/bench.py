@@ -10,6 +10,15 @@ write of the tensor).  It reports the medians and two ratios per case:
 * ``fastnorm/torch`` -- the median over rounds of the per-round ratio;
 * ``fastnorm/memcpy`` -- likewise against the copy.
 
+With ``--floor`` it also times the pass's *traffic floor*: a parallel Numba
+kernel, on the same threads, that reads every input of the pass once and
+writes its output once and does nothing else (forward and inference: ``y =
+x``; backward: ``dx = x + dy``), and reports ``fastnorm/floor``.  No schedule
+of the pass moves less memory, so this ratio says how far a case is from the
+memory-bandwidth floor of this machine.  ``--scaling`` reports the floor's own
+1 -> N thread speed-up beside fastnorm's: the speed-up the memory system
+allows.
+
 In each round, each implementation's time is the fastest of 3 short blocks of
 calls (about 1 ms each, at least one call): preemption by other processes
 only ever adds time, so this keeps a shared machine's noise out of the rounds,
@@ -57,6 +66,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numba import prange
+
+from ._config import helper, kernel
 
 __all__ = [
     "Case",
@@ -68,7 +80,10 @@ __all__ = [
     "all_cases",
     "select_cases",
     "make_workload",
+    "floor_copy",
+    "floor_add",
     "measure_case",
+    "measure_scaling",
     "load_thresholds",
     "evaluate",
     "run_check",
@@ -349,11 +364,74 @@ class Workload:
         ``np.copyto`` of the input tensor into a preallocated buffer.
     torch : callable or None
         The same work in ``torch.nn.functional``; ``None`` without torch.
+    floor : callable or None
+        The pass's traffic floor (:func:`floor_copy` or :func:`floor_add`)
+        on the same tensors, writing into the memcpy buffer.
     """
 
     fastnorm: Callable[[], object]
     memcpy: Callable[[], object]
     torch: Callable[[], object] | None = None
+    floor: Callable[[], object] | None = None
+
+
+#: Fixed chunks of the traffic-floor kernels (independent of the thread count).
+FLOOR_CHUNKS = 64
+
+
+@helper
+def _copy_span(src, dst):
+    for i in range(src.size):
+        dst[i] = src[i]
+
+
+@helper
+def _add_span(a, b, out):
+    for i in range(a.size):
+        out[i] = a[i] + b[i]
+
+
+@kernel
+def floor_copy(src, dst):
+    """Copy 1-D ``src`` into ``dst`` in parallel: the traffic of a forward pass.
+
+    Parameters
+    ----------
+    src, dst : ndarray, 1-D, same size and dtype
+
+    Notes
+    -----
+    One read and one write of the tensor, split into ``FLOOR_CHUNKS`` fixed
+    chunks run by the Numba threads (the same threading layer and thread count
+    as fastnorm's kernels); no pass over the whole tensor can move less memory.
+    """
+    size = src.size
+    step = (size + FLOOR_CHUNKS - 1) // FLOOR_CHUNKS
+    for t in prange(FLOOR_CHUNKS):
+        lo = min(size, t * step)
+        hi = min(size, lo + step)
+        _copy_span(src[lo:hi], dst[lo:hi])
+
+
+@kernel
+def floor_add(a, b, out):
+    """``out = a + b`` on 1-D arrays in parallel: the traffic of a backward pass.
+
+    Parameters
+    ----------
+    a, b, out : ndarray, 1-D, same size and dtype
+
+    Notes
+    -----
+    Two reads and one write (``x`` and ``dy`` in, ``dx`` out), chunked as
+    :func:`floor_copy`.
+    """
+    size = a.size
+    step = (size + FLOOR_CHUNKS - 1) // FLOOR_CHUNKS
+    for t in prange(FLOOR_CHUNKS):
+        lo = min(size, t * step)
+        hi = min(size, lo + step)
+        _add_span(a[lo:hi], b[lo:hi], out[lo:hi])
 
 
 def _spec(case):
@@ -429,7 +507,18 @@ def make_workload(case, seed=0, with_torch=True):
         def fast():
             return fastnorm.backward(dy, x, stats, spec, weight, out=out)
 
-    workload = Workload(fastnorm=fast, memcpy=memcpy)
+    x_flat, dy_flat, scratch = x.reshape(-1), dy.reshape(-1), copy_buffer.reshape(-1)
+    if case.pass_ == "bwd":
+
+        def floor():
+            floor_add(x_flat, dy_flat, scratch)
+
+    else:
+
+        def floor():
+            floor_copy(x_flat, scratch)
+
+    workload = Workload(fastnorm=fast, memcpy=memcpy, floor=floor)
     torch = optional_torch() if with_torch else None
     if torch is not None:
         workload.torch = _torch_callable(torch, case, x_logical, dy_logical, weight, bias, stats)
@@ -509,6 +598,8 @@ class Measurement:
     min_times : dict of str to float
         Fastest round of each implementation (seconds per call); load on a
         shared machine only ever adds time, so these are the least disturbed.
+    vs_floor : float or None
+        Median over rounds of fastnorm / traffic floor; ``None`` unless measured.
     """
 
     case_id: str
@@ -517,6 +608,7 @@ class Measurement:
     vs_torch: float | None
     rounds: int
     min_times: dict = dataclasses.field(default_factory=dict)
+    vs_floor: float | None = None
 
 
 def _time_block(fn, inner):
@@ -571,8 +663,8 @@ def _median_ratio(numerator, denominator):
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
-def measure_case(case, rounds=11, threads=None, target_s=0.001, with_torch=True, seed=0):
-    """Measure fastnorm, torch and memcpy for ``case``, interleaved.
+def measure_case(case, rounds=11, threads=None, target_s=0.001, with_torch=True, seed=0, with_floor=False):
+    """Measure fastnorm, torch and memcpy (and the traffic floor) for ``case``, interleaved.
 
     Parameters
     ----------
@@ -585,6 +677,8 @@ def measure_case(case, rounds=11, threads=None, target_s=0.001, with_torch=True,
     with_torch : bool
         Include torch when it is importable.
     seed : int
+    with_floor : bool
+        Also time the pass's traffic floor (:func:`floor_copy`, :func:`floor_add`).
 
     Returns
     -------
@@ -594,16 +688,19 @@ def measure_case(case, rounds=11, threads=None, target_s=0.001, with_torch=True,
     entries = [("fastnorm", workload.fastnorm, threads), ("memcpy", workload.memcpy, threads)]
     if workload.torch is not None:
         entries.append(("torch", workload.torch, threads))
+    if with_floor:
+        entries.append(("floor", workload.floor, threads))
     samples = interleaved(entries, rounds, target_s)
     times = {name: statistics.median(values) for name, values in samples.items()}
     vs_torch = _median_ratio(samples["fastnorm"], samples["torch"]) if "torch" in samples else None
     vs_memcpy = _median_ratio(samples["fastnorm"], samples["memcpy"])
+    vs_floor = _median_ratio(samples["fastnorm"], samples["floor"]) if with_floor else None
     min_times = {name: min(values) for name, values in samples.items()}
-    return Measurement(case.id, times, vs_memcpy, vs_torch, rounds, min_times)
+    return Measurement(case.id, times, vs_memcpy, vs_torch, rounds, min_times, vs_floor)
 
 
 def measure_scaling(case, threads, rounds=5, target_s=0.001, with_torch=True, seed=0):
-    """Speed-up from 1 to ``threads`` threads of fastnorm (and torch), interleaved.
+    """Speed-up from 1 to ``threads`` threads of fastnorm, its traffic floor (and torch), interleaved.
 
     Parameters
     ----------
@@ -616,17 +713,21 @@ def measure_scaling(case, threads, rounds=5, target_s=0.001, with_torch=True, se
     Returns
     -------
     dict
-        ``case``, ``threads``, ``fastnorm`` and ``torch`` (``None`` without
-        torch): median over rounds of ``time(1 thread) / time(threads)``.
+        ``case``, ``threads``, ``nbytes``, and ``fastnorm``, ``floor`` and
+        ``torch`` (``None`` without torch): median over rounds of ``time(1
+        thread) / time(threads)``.  ``floor`` is the speed-up of the pass's
+        traffic floor (:func:`floor_copy`, :func:`floor_add`): what the memory
+        system allows a pass of this size.
     """
     workload = make_workload(case, seed=seed, with_torch=with_torch)
     entries = [("fastnorm@1", workload.fastnorm, 1), (f"fastnorm@{threads}", workload.fastnorm, threads)]
+    entries += [("floor@1", workload.floor, 1), (f"floor@{threads}", workload.floor, threads)]
     if workload.torch is not None:
         entries += [("torch@1", workload.torch, 1), (f"torch@{threads}", workload.torch, threads)]
     samples = interleaved(entries, rounds, target_s)
     set_threads(threads)
     result = {"case": case.id, "threads": threads, "nbytes": case.nbytes, "torch": None}
-    for impl in ("fastnorm", "torch"):
+    for impl in ("fastnorm", "floor", "torch"):
         if f"{impl}@1" in samples:
             result[impl] = _median_ratio(samples[f"{impl}@1"], samples[f"{impl}@{threads}"])
     return result
@@ -946,6 +1047,10 @@ def _fmt_ratio(value):
     return "-" if value is None else f"{value:.2f}"
 
 
+#: Ratios of a :class:`Measurement`: (name in tables and summaries, attribute).
+_METRICS = (("fastnorm/torch", "vs_torch"), ("fastnorm/memcpy", "vs_memcpy"), ("fastnorm/floor", "vs_floor"))
+
+
 def summarize(measurements):
     """Worst and median of each ratio.
 
@@ -956,12 +1061,12 @@ def summarize(measurements):
     Returns
     -------
     dict
-        ``{"fastnorm/torch": {"worst", "median", "worst_case"}, "fastnorm/memcpy": {...}}``
-        (a metric without any value is left out).
+        ``{"fastnorm/torch": {"worst", "median", "worst_case"}, "fastnorm/memcpy": {...},
+        "fastnorm/floor": {...}}`` (a metric without any value is left out).
     """
     measurements = list(measurements)
     summary = {}
-    for metric, attr in (("fastnorm/torch", "vs_torch"), ("fastnorm/memcpy", "vs_memcpy")):
+    for metric, attr in _METRICS:
         values = [(getattr(m, attr), m.case_id) for m in measurements if getattr(m, attr) is not None]
         if values:
             worst = max(values)
@@ -974,20 +1079,27 @@ def summarize(measurements):
 
 
 def table_rows(cases, measurements):
-    """Rows (lists of str) of the results table, with a header row first."""
+    """Rows (lists of str) of the results table, with a header row first.
+
+    The ``floor`` and ``fastnorm/floor`` columns are there when any case has them.
+    """
+    floors = any(measurements[c.id].vs_floor is not None for c in cases)
     rows = [["case", "MB", "fastnorm", "torch", "fastnorm/torch", "fastnorm/memcpy"]]
+    if floors:
+        rows[0] += ["floor", "fastnorm/floor"]
     for case in cases:
         m = measurements[case.id]
-        rows.append(
-            [
-                case.id,
-                f"{case.nbytes / 1e6:.2f}",
-                format_time(m.times.get("fastnorm")),
-                format_time(m.times.get("torch")),
-                _fmt_ratio(m.vs_torch),
-                _fmt_ratio(m.vs_memcpy),
-            ]
-        )
+        row = [
+            case.id,
+            f"{case.nbytes / 1e6:.2f}",
+            format_time(m.times.get("fastnorm")),
+            format_time(m.times.get("torch")),
+            _fmt_ratio(m.vs_torch),
+            _fmt_ratio(m.vs_memcpy),
+        ]
+        if floors:
+            row += [format_time(m.times.get("floor")), _fmt_ratio(m.vs_floor)]
+        rows.append(row)
     return rows
 
 
@@ -1065,6 +1177,7 @@ def results_dict(cases, measurements, meta, scaling=None):
                 "time_min_s": dict(m.min_times),
                 "fastnorm_over_torch": m.vs_torch,
                 "fastnorm_over_memcpy": m.vs_memcpy,
+                "fastnorm_over_floor": m.vs_floor,
             }
         )
     result = {"meta": meta, "cases": out_cases, "summary": summarize(measurements[c.id] for c in cases)}
@@ -1090,8 +1203,9 @@ def write_json(path, cases, measurements, meta, scaling=None):
     -----
     Layout: ``{"meta": {...}, "cases": [{"id", "kind", "pass", "layout",
     "dtype", "size", "shape", "nbytes", "rounds", "time_s": {"fastnorm",
-    "memcpy", "torch"}, "fastnorm_over_torch", "fastnorm_over_memcpy"}, ...],
-    "summary": {...}, "scaling": [...]}``; times are median seconds per call.
+    "memcpy", "torch", "floor"}, "fastnorm_over_torch", "fastnorm_over_memcpy",
+    "fastnorm_over_floor"}, ...], "summary": {...}, "scaling": [...]}``; times
+    are median seconds per call; a ratio not measured is ``null``.
     """
     data = results_dict(cases, measurements, meta, scaling)
     Path(path).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -1127,11 +1241,15 @@ def write_markdown(path, cases, measurements, meta, scaling=None, command=None):
     for metric, s in summarize(measurements[c.id] for c in cases).items():
         lines.append(f"- {metric}: median {s['median']:.2f}, worst {s['worst']:.2f} (`{s['worst_case']}`)")
     if scaling:
-        lines += ["", "| case | MB | fastnorm speed-up | torch speed-up |", "|---|---:|---:|---:|"]
+        lines += [
+            "",
+            "| case | MB | fastnorm speed-up | floor speed-up | torch speed-up |",
+            "|---|---:|---:|---:|---:|",
+        ]
         for s in scaling:
             lines.append(
                 f"| {s['case']} | {s['nbytes'] / 1e6:.1f} | {_fmt_ratio(s['fastnorm'])} "
-                f"| {_fmt_ratio(s['torch'])} |"
+                f"| {_fmt_ratio(s.get('floor'))} | {_fmt_ratio(s['torch'])} |"
             )
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -1148,7 +1266,7 @@ def _require_matplotlib():
 
 
 def write_plot(path, cases, measurements, title=None):
-    """Draw both ratios of every case (log scale) into a PNG.
+    """Draw the ratios of every case (log scale) into a PNG: one panel per ratio measured.
 
     Parameters
     ----------
@@ -1170,11 +1288,14 @@ def write_plot(path, cases, measurements, title=None):
     ids = [c.id for c in cases]
     y = np.arange(len(ids))
     height = max(3.0, 0.16 * len(ids) + 1.2)
-    fig, axes = plt.subplots(1, 2, figsize=(13, height), sharey=True)
-    panels = (
+    panels = [
         ("fastnorm / torch (< 1: fastnorm faster)", [measurements[i].vs_torch for i in ids], "tab:blue"),
         ("fastnorm / memcpy (1 = copy speed)", [measurements[i].vs_memcpy for i in ids], "tab:orange"),
-    )
+    ]
+    if any(measurements[i].vs_floor is not None for i in ids):
+        floors = [measurements[i].vs_floor for i in ids]
+        panels.append(("fastnorm / traffic floor (1 = bandwidth floor)", floors, "tab:green"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), height), sharey=True)
     for ax, (label, values, color) in zip(axes, panels, strict=True):
         vals = np.array([np.nan if v is None else v for v in values], dtype=float)
         ax.barh(y, vals, color=color, height=0.7)
@@ -1344,9 +1465,17 @@ def build_parser():
     run.add_argument("--no-torch", action="store_true", help="do not import or time torch")
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     run.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time each pass's traffic floor (parallel y = x, or dx = x + dy); report fastnorm/floor",
+    )
+    run.add_argument(
         "--scaling",
         action="store_true",
-        help=f"also report the 1 -> N thread speed-up of cases >= {SCALING_MIN_BYTES >> 20} MB",
+        help=(
+            f"also report the 1 -> N thread speed-up of cases >= {SCALING_MIN_BYTES >> 20} MB "
+            "(fastnorm, its traffic floor and torch)"
+        ),
     )
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write all results as JSON")
@@ -1356,7 +1485,7 @@ def build_parser():
         help="do not measure: print and write the outputs (--markdown, --plot...) of a --json file",
     )
     out.add_argument("--markdown", metavar="PATH", help="write the results table as Markdown")
-    out.add_argument("--plot", metavar="PATH", help="draw both ratios per case into a PNG (needs matplotlib)")
+    out.add_argument("--plot", metavar="PATH", help="draw the ratios per case into a PNG (needs matplotlib)")
     out.add_argument("--write-thresholds", metavar="PATH", help="write a thresholds file from this run")
     out.add_argument("--headroom", type=float, default=2.0, help="factor of --write-thresholds (default 2.0)")
     out.add_argument(
@@ -1407,6 +1536,7 @@ def _render_saved(args, cases):
             saved[c.id]["fastnorm_over_torch"],
             saved[c.id]["rounds"],
             saved[c.id].get("time_min_s", {}),
+            saved[c.id].get("fastnorm_over_floor"),
         )
         for c in cases
     }
@@ -1536,6 +1666,7 @@ def main(argv=None):
             target_s=target_s,
             with_torch=with_torch,
             seed=args.seed + attempt,
+            with_floor=args.floor,
         )
 
     scaling_cases = [c for c in cases if c.nbytes >= SCALING_MIN_BYTES] if args.scaling else []
@@ -1571,8 +1702,8 @@ def main(argv=None):
     if scaling:
         print(f"\n1 -> {threads} thread speed-up (tensors >= {SCALING_MIN_BYTES >> 20} MB)")
         for s in scaling:
-            fast, torch_speedup = _fmt_ratio(s["fastnorm"]), _fmt_ratio(s["torch"])
-            print(f"  {s['case']:<34} fastnorm {fast}x   torch {torch_speedup}x")
+            fast, floor, torch_speedup = (_fmt_ratio(s[k]) for k in ("fastnorm", "floor", "torch"))
+            print(f"  {s['case']:<34} fastnorm {fast}x   floor {floor}x   torch {torch_speedup}x")
     meta = environment(threads)
     argv_used = list(sys.argv[1:] if argv is None else argv)
     meta.update({"rounds": rounds, "target_ms": target_s * 1e3, "argv": argv_used})

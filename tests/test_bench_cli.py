@@ -27,11 +27,13 @@ def write(tmp_path, text, name="thresholds.toml"):
     return path
 
 
-def m(case_id, vs_memcpy, vs_torch=None, rounds=7):
+def m(case_id, vs_memcpy, vs_torch=None, rounds=7, vs_floor=None):
     times = {"fastnorm": vs_memcpy * 1e-3, "memcpy": 1e-3}
     if vs_torch is not None:
         times["torch"] = vs_memcpy * 1e-3 / vs_torch
-    return bench.Measurement(case_id, times, vs_memcpy, vs_torch, rounds)
+    if vs_floor is not None:
+        times["floor"] = vs_memcpy * 1e-3 / vs_floor
+    return bench.Measurement(case_id, times, vs_memcpy, vs_torch, rounds, {}, vs_floor)
 
 
 def case(case_id):
@@ -285,9 +287,62 @@ def test_write_json_and_markdown(tmp_path):
     text = md_path.read_text()
     assert f"| {CASE} | 2.10 |" in text and "| 0.50 | 2.00 |" in text
     assert "fastnorm/memcpy: median 3.00, worst 4.00" in text
-    assert "| 1.80 | 1.50 |" in text
+    assert "| 1.80 | - | 1.50 |" in text  # a scaling entry without the floor's speed-up
     table = bench.format_table(cases, measurements)
     assert CASE in table and OTHER in table
+
+
+def test_floor_ratio_in_json_markdown_and_table(tmp_path):
+    cases = bench.select_cases(ids=[CASE, OTHER])
+    measurements = {CASE: m(CASE, 2.0, 0.5, vs_floor=1.5), OTHER: m(OTHER, 4.0, None, vs_floor=3.0)}
+    meta = {"date": "2026-01-01", "threads": 2, "platform": "test"}
+    scaling = [{"case": CASE, "threads": 2, "nbytes": 2097152, "fastnorm": 1.8, "floor": 1.25, "torch": 1.5}]
+    json_path = tmp_path / "r.json"
+    bench.write_json(json_path, cases, measurements, meta, scaling)
+    data = json.loads(json_path.read_text())
+    assert [c["fastnorm_over_floor"] for c in data["cases"]] == [1.5, 3.0]
+    assert data["summary"]["fastnorm/floor"] == {"worst": 3.0, "worst_case": OTHER, "median": 2.25}
+    md_path = tmp_path / "r.md"
+    bench.write_markdown(md_path, cases, measurements, meta, scaling)
+    text = md_path.read_text()
+    assert "| floor | fastnorm/floor |" in text and "| 0.50 | 2.00 | 1.33 ms | 1.50 |" in text
+    assert "fastnorm/floor: median 2.25, worst 3.00" in text
+    assert "| fastnorm speed-up | floor speed-up | torch speed-up |" in text
+    assert "| 1.80 | 1.25 | 1.50 |" in text
+    assert "fastnorm/floor" in bench.format_table(cases, measurements)
+    # without floors (older results) neither the column nor the summary line appears
+    plain = {CASE: m(CASE, 2.0, 0.5), OTHER: m(OTHER, 4.0, None)}
+    assert "floor" not in bench.format_table(cases, plain)
+    old_scaling = [{"case": CASE, "threads": 2, "nbytes": 2097152, "fastnorm": 1.8, "torch": 1.5}]
+    bench.write_markdown(md_path, cases, plain, meta, old_scaling)
+    assert "| 1.80 | - | 1.50 |" in md_path.read_text()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 100_003])
+def test_floor_kernels_copy_and_add(dtype, size):
+    """The traffic-floor kernels do the whole pass's reads and writes (every chunk, odd sizes)."""
+    rng = np.random.default_rng(size)
+    a = rng.standard_normal(size).astype(dtype)
+    b = rng.standard_normal(size).astype(dtype)
+    out = np.full(size, np.nan, dtype)
+    bench.floor_copy(a, out)
+    np.testing.assert_array_equal(out, a)
+    out[:] = np.nan
+    bench.floor_add(a, b, out)
+    np.testing.assert_array_equal(out, a + b)
+
+
+def test_measure_with_floor_and_scaling():
+    """A real (tiny, one-round) measurement carries the floor ratio and the floor's speed-up."""
+    tiny = case("ln-bwd-nchw-f64-1x768")
+    got = bench.measure_case(tiny, rounds=1, threads=1, target_s=1e-5, with_torch=False, with_floor=True)
+    assert set(got.times) == {"fastnorm", "memcpy", "floor"}
+    assert got.vs_floor > 0 and got.vs_torch is None
+    assert bench.measure_case(tiny, rounds=1, threads=1, target_s=1e-5, with_torch=False).vs_floor is None
+    threads = min(2, bench.max_threads())
+    scaling = bench.measure_scaling(tiny, threads, rounds=1, target_s=1e-5, with_torch=False)
+    assert scaling["floor"] > 0 and scaling["fastnorm"] > 0 and scaling["torch"] is None
 
 
 def test_progress_plain_text():
@@ -315,10 +370,10 @@ def fake_cli(monkeypatch):
     """Replace the timing in main() by scripted ratios (attempt = seed offset)."""
     script = {}
 
-    def measure_case(case, rounds=7, threads=None, target_s=0.005, with_torch=True, seed=0):
+    def measure_case(case, rounds=7, threads=None, target_s=0.005, with_torch=True, seed=0, with_floor=False):
         values = script[case.id]
         vs_memcpy, vs_torch = values[min(seed, len(values) - 1)]
-        return m(case.id, vs_memcpy, vs_torch, rounds)
+        return m(case.id, vs_memcpy, vs_torch, rounds, vs_floor=vs_memcpy / 2 if with_floor else None)
 
     monkeypatch.setattr(bench, "measure_case", measure_case)
     return script
@@ -385,6 +440,20 @@ def test_main_writes_thresholds_from_json(tmp_path, capsys):
     assert settings == {"rounds": 11, "threads": 2, "target_ms": 1.0, "rechecks": 2}
 
 
+def test_main_floor_option(tmp_path, fake_cli, capsys):
+    fake_cli.update({CASE: [(2.0, 0.5)]})
+    json_path = tmp_path / "r.json"
+    assert bench.main(["--cases", CASE, "--threads", "1", "--floor", "--json", str(json_path)]) == 0
+    out = capsys.readouterr().out
+    assert "fastnorm/floor" in out and "fastnorm/floor: median 1.00, worst 1.00" in out
+    assert json.loads(json_path.read_text())["cases"][0]["fastnorm_over_floor"] == 1.0
+    md = tmp_path / "r.md"
+    assert bench.main(["--from-json", str(json_path), "--markdown", str(md)]) == 0
+    assert "| fastnorm/floor |" in md.read_text()
+    assert bench.main(["--cases", CASE, "--threads", "1", "--json", str(json_path)]) == 0
+    assert json.loads(json_path.read_text())["cases"][0]["fastnorm_over_floor"] is None
+
+
 def test_main_full_run_with_fake_timing(tmp_path, fake_cli, capsys):
     fake_cli.update({CASE: [(2.0, 0.5)]})
     target = tmp_path / "t.toml"
@@ -417,6 +486,7 @@ def test_workload_computes_the_same_as_torch(smoke):
     """Each workload runs, and fastnorm and torch do the same work (same results)."""
     workload = bench.make_workload(smoke)
     workload.memcpy()
+    workload.floor()
     result = workload.fastnorm()
     if workload.torch is None:
         pytest.skip("torch is not installed")
