@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: every kind x pass x layout x dtype x size, for fastnorm, torch and memcpy.
+"""pytest-benchmark suite: every kind x pass x layout x dtype x size, for fastnorm, torch, memcpy, floor.
 
 Not collected by the normal test run (``testpaths = ["tests"]`` and
 ``--benchmark-skip`` in pyproject.toml).  Run::
@@ -6,8 +6,10 @@ Not collected by the normal test run (``testpaths = ["tests"]`` and
     python -m pytest benchmarks --benchmark-only
     python -m pytest benchmarks --benchmark-only -k "mid and f32" --benchmark-group-by=group
 
-Each benchmark's group is its case id, so fastnorm, torch and the memcpy of the
-same tensor (the physical floor) are listed together.  The cases, data and
+Each benchmark's group is its case id, so fastnorm, torch, the memcpy of the
+same tensor (``np.copyto``, one thread) and the pass's traffic floor (a
+parallel kernel that only reads the inputs and writes the output once:
+``bench.floor_copy`` / ``bench.floor_add``) are listed together.  The cases, data and
 callables are those of ``python -m fastnorm.bench`` (``fastnorm/bench.py``):
 GroupNorm uses 32 groups (``bench.group_count``), fastnorm writes into
 preallocated ``out=`` buffers, torch's backward times only
@@ -19,7 +21,7 @@ import pytest
 from fastnorm import bench
 
 CASES = bench.all_cases()
-IMPLEMENTATIONS = ("fastnorm", "torch", "memcpy")
+IMPLEMENTATIONS = ("fastnorm", "torch", "memcpy", "floor")
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
