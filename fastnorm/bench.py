@@ -84,6 +84,7 @@ __all__ = [
     "floor_add",
     "measure_case",
     "measure_scaling",
+    "summarize_scaling",
     "load_thresholds",
     "evaluate",
     "run_check",
@@ -1047,6 +1048,27 @@ def _fmt_ratio(value):
     return "-" if value is None else f"{value:.2f}"
 
 
+def summarize_scaling(scaling):
+    """Median speed-up of fastnorm, its traffic floor and torch over :func:`measure_scaling` results.
+
+    Parameters
+    ----------
+    scaling : list of dict
+
+    Returns
+    -------
+    str
+        One line, e.g. ``"median speed-up over 3 cases: fastnorm 1.45, floor 1.38,
+        torch 1.64"`` (an implementation never measured is left out).
+    """
+    parts = []
+    for impl in ("fastnorm", "floor", "torch"):
+        values = [s[impl] for s in scaling if s.get(impl) is not None]
+        if values:
+            parts.append(f"{impl} {statistics.median(values):.2f}")
+    return f"median speed-up over {len(scaling)} cases: {', '.join(parts)}"
+
+
 #: Ratios of a :class:`Measurement`: (name in tables and summaries, attribute).
 _METRICS = (("fastnorm/torch", "vs_torch"), ("fastnorm/memcpy", "vs_memcpy"), ("fastnorm/floor", "vs_floor"))
 
@@ -1251,6 +1273,7 @@ def write_markdown(path, cases, measurements, meta, scaling=None, command=None):
                 f"| {s['case']} | {s['nbytes'] / 1e6:.1f} | {_fmt_ratio(s['fastnorm'])} "
                 f"| {_fmt_ratio(s.get('floor'))} | {_fmt_ratio(s['torch'])} |"
             )
+        lines += ["", f"- {summarize_scaling(scaling)}"]
     Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
@@ -1704,6 +1727,7 @@ def main(argv=None):
         for s in scaling:
             fast, floor, torch_speedup = (_fmt_ratio(s[k]) for k in ("fastnorm", "floor", "torch"))
             print(f"  {s['case']:<34} fastnorm {fast}x   floor {floor}x   torch {torch_speedup}x")
+        print(summarize_scaling(scaling))
     meta = environment(threads)
     argv_used = list(sys.argv[1:] if argv is None else argv)
     meta.update({"rounds": rounds, "target_ms": target_s * 1e3, "argv": argv_used})

@@ -309,6 +309,7 @@ def test_floor_ratio_in_json_markdown_and_table(tmp_path):
     assert "fastnorm/floor: median 2.25, worst 3.00" in text
     assert "| fastnorm speed-up | floor speed-up | torch speed-up |" in text
     assert "| 1.80 | 1.25 | 1.50 |" in text
+    assert "- median speed-up over 1 cases: fastnorm 1.80, floor 1.25, torch 1.50" in text
     assert "fastnorm/floor" in bench.format_table(cases, measurements)
     # without floors (older results) neither the column nor the summary line appears
     plain = {CASE: m(CASE, 2.0, 0.5), OTHER: m(OTHER, 4.0, None)}
@@ -316,6 +317,7 @@ def test_floor_ratio_in_json_markdown_and_table(tmp_path):
     old_scaling = [{"case": CASE, "threads": 2, "nbytes": 2097152, "fastnorm": 1.8, "torch": 1.5}]
     bench.write_markdown(md_path, cases, plain, meta, old_scaling)
     assert "| 1.80 | - | 1.50 |" in md_path.read_text()
+    assert "median speed-up over 1 cases: fastnorm 1.80, torch 1.50" in md_path.read_text()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
