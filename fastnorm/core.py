@@ -427,6 +427,15 @@ def forward(x, spec, weight=None, bias=None, *, out=None):
     ``docs/math.md``.  Statistics are accumulated in float64 over fixed blocks
     (Chan et al. merge), so results do not depend on the thread count.
     """
+    y, mean, rstd = _forward(x, spec, weight, bias, out)
+    return y, _new_stats(mean, rstd, bias is not None)
+
+
+def _forward(x, spec, weight, bias, out):
+    """:func:`forward` without building its :class:`Stats`: ``(y, mean, rstd)``.
+
+    The functional API returns only ``y``; a ``Stats`` costs 0.25 us a call.
+    """
     x, plan = _prepare_input(x, spec)
     weight_flat, bias_flat, x_flat, y, y_flat = _prepare_forward(x, plan, weight, bias, out)
     mean = np.empty(plan.stats_shape)
@@ -435,7 +444,7 @@ def forward(x, spec, weight=None, bias=None, *, out=None):
         plan.forward_kernel(
             x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), _training_params(plan)
         )
-    return y, _new_stats(mean, rstd, bias is not None)
+    return y, mean, rstd
 
 
 def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):

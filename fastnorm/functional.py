@@ -11,7 +11,7 @@ import numbers
 
 import numpy as np
 
-from .core import Stats, _check_array, _plan, forward, forward_inference
+from .core import Stats, _check_array, _forward, _plan, forward, forward_inference
 from .spec import NormSpec, check_positive_int
 
 __all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
@@ -261,9 +261,29 @@ def instance_norm(
 
 
 def _normalized_ndim(x, normalized_shape):
+    """Return how many trailing dims of ``x`` ``normalized_shape`` names (checked)."""
+    shape = x.shape
+    # Fast path (0.15-0.3 us instead of 0.7-0.9): a plain int, or a tuple of plain
+    # ints, equal to the trailing dims of x, none of them 0.  Anything else (other
+    # integer types, lists, mismatches) takes the checks below.
+    if type(normalized_shape) is int:
+        if shape and shape[-1] == normalized_shape and normalized_shape > 0:
+            return 1
+    elif type(normalized_shape) is tuple and 0 < len(normalized_shape) <= len(shape):
+        k = len(normalized_shape)
+        if shape[len(shape) - k :] == normalized_shape and 0 not in normalized_shape:
+            dims = normalized_shape
+            if type(dims[0]) is int if k == 1 else all(type(d) is int for d in dims):
+                return k
     if type(normalized_shape) is int or isinstance(normalized_shape, numbers.Integral):
         normalized_shape = (normalized_shape,)
-    normalized_shape = tuple(check_positive_int(d, "normalized_shape entry") for d in normalized_shape)
+    try:
+        entries = tuple(normalized_shape)
+    except TypeError:
+        raise TypeError(
+            f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+        ) from None
+    normalized_shape = tuple(check_positive_int(d, "normalized_shape entry") for d in entries)
     k = len(normalized_shape)
     if k == 0:
         raise ValueError("normalized_shape must name at least one dim")
@@ -295,9 +315,10 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     ndarray
         Normalized ``x``.
     """
-    x = _check_array(x, "x")
+    if type(x) is not np.ndarray:  # forward checks the dtype of a plain ndarray itself
+        x = _check_array(x, "x")
     spec = NormSpec.layer_norm(_normalized_ndim(x, normalized_shape), eps=eps)
-    return forward(x, spec, weight, bias, out=out)[0]
+    return _forward(x, spec, weight, bias, out)[0]
 
 
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, channels_last=False, out=None):
@@ -325,7 +346,7 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, channels_last
         Normalized ``x``.
     """
     spec = NormSpec.group_norm(num_groups, eps=eps, channels_last=channels_last)
-    return forward(x, spec, weight, bias, out=out)[0]
+    return _forward(x, spec, weight, bias, out)[0]
 
 
 def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
@@ -349,6 +370,7 @@ def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
     ndarray
         ``x / sqrt(mean(x**2) + eps) * weight``.
     """
-    x = _check_array(x, "x")
+    if type(x) is not np.ndarray:  # forward checks the dtype of a plain ndarray itself
+        x = _check_array(x, "x")
     spec = NormSpec.rms_norm(_normalized_ndim(x, normalized_shape), eps=eps)
-    return forward(x, spec, weight, None, out=out)[0]
+    return _forward(x, spec, weight, None, out)[0]

@@ -232,6 +232,20 @@ def test_normalized_shape_not_matching(normalized_shape):
     rejected(ValueError, "normalized_shape", lambda: fastnorm.rms_norm(x, normalized_shape), x)
 
 
+@pytest.mark.parametrize("normalized_shape", [5.0, (5.0,), (3.0, 5), True, (True,), (3, True)])
+def test_normalized_shape_entries_must_be_integers(normalized_shape):
+    """Values equal to the dims but not integers are refused (also past the functional fast path)."""
+    x = _x((2, 3, 5)) if normalized_shape not in (True, (True,), (3, True)) else _x((2, 3, 1))
+    rejected(TypeError, "normalized_shape", lambda: fastnorm.layer_norm(x, normalized_shape), x)
+    rejected(TypeError, "normalized_shape", lambda: fastnorm.rms_norm(x, normalized_shape), x)
+
+
+@pytest.mark.parametrize("dims", [(0,), 0, (3, 0)])
+def test_normalized_shape_zero_dims_are_refused(dims):
+    x = _x((2, 3, 0))
+    rejected(ValueError, "normalized_shape", lambda: fastnorm.layer_norm(x, dims), x)
+
+
 def test_normalized_shape_empty():
     x = _x((2, 3))
     rejected(ValueError, "normalized_shape", lambda: fastnorm.layer_norm(x, ()), x)

@@ -148,6 +148,12 @@ def test_rms_norm_eps_none_uses_finfo_eps(dtype):
 def test_layer_norm_normalized_shape_int_and_tuple():
     x = _rng(11).standard_normal((2, 3, 4))
     np.testing.assert_array_equal(fastnorm.layer_norm(x, 4), fastnorm.layer_norm(x, (4,)))
+    # other integer types and sequences (past the fast path for plain ints) give the same
+    for same in (np.int64(4), [4], (np.int32(4),), np.array([4])):
+        np.testing.assert_array_equal(fastnorm.layer_norm(x, same), fastnorm.layer_norm(x, 4))
+        np.testing.assert_array_equal(fastnorm.rms_norm(x, same), fastnorm.rms_norm(x, 4))
+    # a list input (not an ndarray) is converted before its trailing dims are read
+    np.testing.assert_array_equal(fastnorm.layer_norm(x.tolist(), (3, 4)), fastnorm.layer_norm(x, (3, 4)))
     naive.assert_close(fastnorm.layer_norm(x, (3, 4)), naive.forward(x, "layer_norm", normalized_ndim=2)[0])
 
 
