@@ -34,7 +34,10 @@ CASES = {
     "in-fused-cl": ("instance_norm", (40, 17, 3), None, True),
     "gn-split-cl-multiblock": ("group_norm", (2, 5000, 6), 3, True),
     "gn-split-cl-wide-multiblock": ("group_norm", (2, 300, 512), 32, True),
-    "gn-fused-cf": ("group_norm", (9, 8, 11), 4, False),
+    # a fused group of 2 planes of 11: one block for the whole group, no merge
+    "gn-fused-cf-groupblock": ("group_norm", (9, 8, 11), 4, False),
+    # a fused group of 2 planes of 2500 (5000 > BLOCK): one block per plane, merged
+    "gn-fused-cf-planeblocks": ("group_norm", (1, 64, 50, 50), 32, False),
     "ln-rowchunk": ("layer_norm", (130, 33), 1, False),
     "ln-rowchunk-multiblock": ("layer_norm", (129, 4100), 1, False),
     # > ROW_CHUNK * ROW_TASKS rows: chunks of 35 rows, a last chunk of 15
@@ -91,6 +94,13 @@ def _path(kspec):
     else:
         fused = nstats >= K.FUSE_MIN_GROUPS and not kspec.flags & K.BATCH
         blocks = -(-kspec.spatial // K.BLOCK)
+    planes_per_group = kspec.channels // kspec.groups
+    groupblock = (
+        fused
+        and not kspec.flags & K.CHANNELS_LAST
+        and planes_per_group > 1
+        and planes_per_group * kspec.spatial <= K.BLOCK
+    )
     rowchunk = bool(kspec.flags & K.PER_ELEMENT) and nstats >= 4 * K.ROW_CHUNK
     longchunks = rowchunk and nstats > K.ROW_CHUNK * K.ROW_TASKS
     return {
@@ -99,6 +109,7 @@ def _path(kspec):
         "multiblock": blocks > 1,
         "rowchunk": rowchunk,
         "longchunks": longchunks,
+        "groupblock": groupblock,
     }
 
 
@@ -111,6 +122,7 @@ def test_case_lands_on_its_path(name):
     assert path["multiblock"] == ("multiblock" in name)
     assert path["rowchunk"] == ("rowchunk" in name)
     assert path["longchunks"] == ("longchunks" in name)
+    assert path["groupblock"] == ("groupblock" in name)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -135,6 +147,30 @@ def test_forward_backward_against_reference(name, dtype):
                            err_msg=f"{name} dbias")
     else:
         assert dbias is None
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(1, 64, 8, 8), (1, 64, 50, 50)])
+def test_group_norm_groups_of_channels_far_apart(shape, dtype):
+    """A group whose channels sit 1e4 apart: one block per group or per plane, same accuracy."""
+    rng = np.random.default_rng(7)
+    offsets = np.where(np.arange(shape[1]) % 2 == 0, 1e4, -1e4).reshape(1, -1, 1, 1)
+    x = (rng.standard_normal(shape) + offsets).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    weight = rng.uniform(0.5, 1.5, shape[1]).astype(dtype)
+    spec = fastnorm.NormSpec.group_norm(32)
+    y, stats = fastnorm.forward(x, spec, weight)
+    y_ref, mean_ref, rstd_ref = naive.forward(x, "group_norm", weight, None, spec.eps, num_groups=32)
+    naive.assert_close(y, y_ref, dtype=dtype, k=64, err_msg="y")
+    # the group means are near 0 while the data are near +-1e4: errors against the data's size
+    scale = float(np.abs(x).max())
+    naive.assert_close(stats.mean, mean_ref, dtype=np.float64, k=64, scale=scale, err_msg="mean")
+    naive.assert_close(stats.rstd, rstd_ref, dtype=np.float64, k=1e4, err_msg="rstd")
+    dx = fastnorm.backward(dy, x, stats, spec, weight)[0]
+    dx_ref, _, _, scale = naive.backward(
+        dy, x, "group_norm", weight, spec.eps, return_scale=True, num_groups=32
+    )
+    naive.assert_close(dx, dx_ref, dtype=dtype, k=256, scale=scale, err_msg="dx")
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
