@@ -676,11 +676,9 @@ def _row_backward(dys, xs, ws, dxs, acc_dy, acc_dy_xhat, mean, rstd, flags):
 
 
 @helper
-def _param_partials(dy, x, off, count, mean, rstd, part_dy, part_dy_xhat):
-    """Add ``dy`` and ``dy * xhat`` over ``[off, off+count)`` to partial sums."""
-    xs = x[off : off + count]
-    dys = dy[off : off + count]
-    for s in range(count):
+def _param_partials(dys, xs, mean, rstd, part_dy, part_dy_xhat):
+    """Add ``dy`` and ``dy * xhat`` over equal-length spans to the partial sums."""
+    for s in range(xs.size):
         dy_s = dys[s]  # loaded once: see _row_dots_and_partials
         part_dy[s] += dy_s
         part_dy_xhat[s] += dy_s * (xs[s] - mean) * rstd
@@ -801,15 +799,13 @@ def backward_cf(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
             hi = min(width, lo + COLUMN_TILE)
             for n in range(nstats):
                 off = n * width + lo
-                row_mean, row_rstd = coef[4 * n], coef[4 * n + 1]
-                if want_params:
-                    part_dy = acc[lo:hi]
-                    part_dy_xhat = acc[width + lo : width + hi]
-                    _param_partials(dy, x, off, hi - lo, row_mean, row_rstd, part_dy, part_dy_xhat)
-                kx, k0 = coef[4 * n + 2], coef[4 * n + 3]
                 span = hi - lo
                 xs = x[off : off + span]
                 dys = dy[off : off + span]
+                row_mean, row_rstd = coef[4 * n], coef[4 * n + 1]
+                if want_params:
+                    _param_partials(dys, xs, row_mean, row_rstd, acc[lo:hi], acc[width + lo : width + hi])
+                kx, k0 = coef[4 * n + 2], coef[4 * n + 3]
                 _dx_row_span(dys, xs, weight[lo:hi], dx[off : off + span], row_rstd, kx, k0, row_mean)
             if want_params:
                 for s in range(lo, hi):

@@ -69,7 +69,7 @@ def _signature(name, dtype):
         "_dx_span": (data, data, data, f64, f64, f64, f64),
         "_dx_per_element_span": (data, data, data, data, f64, f64, f64, f64),
         "_row_dots_and_partials": (data, data, data, work, work, f64, f64),
-        "_param_partials": (data, data, i64, i64, f64, f64, work, work),
+        "_param_partials": (data, data, f64, f64, work, work),
         "_cl_block_moments": (data, work, spec, i64, i64),
         "_cl_merge_set": (work, work, spec, i64, i64),
         "_cl_normalize_block": (data, data, data, spec, i64, i64),
