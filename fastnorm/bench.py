@@ -68,7 +68,7 @@ from pathlib import Path
 import numpy as np
 from numba import prange
 
-from ._config import helper, kernel
+from ._config import glue, helper, kernel
 
 __all__ = [
     "Case",
@@ -380,6 +380,14 @@ class Workload:
 FLOOR_CHUNKS = 64
 
 
+@glue
+def _floor_chunk(size, t):
+    """``(lo, hi)`` of fixed chunk ``t`` of ``FLOOR_CHUNKS`` over ``size`` elements."""
+    step = (size + FLOOR_CHUNKS - 1) // FLOOR_CHUNKS
+    lo = min(size, t * step)
+    return lo, min(size, lo + step)
+
+
 @helper
 def _copy_span(src, dst):
     for i in range(src.size):
@@ -406,11 +414,8 @@ def floor_copy(src, dst):
     chunks run by the Numba threads (the same threading layer and thread count
     as fastnorm's kernels); no pass over the whole tensor can move less memory.
     """
-    size = src.size
-    step = (size + FLOOR_CHUNKS - 1) // FLOOR_CHUNKS
     for t in prange(FLOOR_CHUNKS):
-        lo = min(size, t * step)
-        hi = min(size, lo + step)
+        lo, hi = _floor_chunk(src.size, t)
         _copy_span(src[lo:hi], dst[lo:hi])
 
 
@@ -427,11 +432,8 @@ def floor_add(a, b, out):
     Two reads and one write (``x`` and ``dy`` in, ``dx`` out), chunked as
     :func:`floor_copy`.
     """
-    size = a.size
-    step = (size + FLOOR_CHUNKS - 1) // FLOOR_CHUNKS
     for t in prange(FLOOR_CHUNKS):
-        lo = min(size, t * step)
-        hi = min(size, lo + step)
+        lo, hi = _floor_chunk(a.size, t)
         _add_span(a[lo:hi], b[lo:hi], out[lo:hi])
 
 
