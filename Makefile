@@ -30,9 +30,9 @@ test: $(VENV)/.installed-test
 capi: $(VENV)/.installed-test
 	$(PY) -m fastnorm.capi build
 
-# Benchmarks (docs/benchmarks.md): a quick table (with the traffic floor), and the ratio-based regression gate.
+# Benchmarks (docs/benchmarks.md): a quick table (with the traffic floor and oneDNN), and the ratio-based regression gate.
 bench: $(VENV)/.installed-test
-	$(PY) -m fastnorm.bench --quick --floor
+	$(PY) -m fastnorm.bench --quick --floor --onednn
 
 bench-check: $(VENV)/.installed-test
 	$(PY) -m fastnorm.bench --check

@@ -1,4 +1,4 @@
-"""pytest-benchmark suite: every kind x pass x layout x dtype x size, for fastnorm, torch, memcpy, floor.
+"""pytest-benchmark suite: every kind x pass x layout x dtype x size, for fastnorm and its baselines.
 
 Not collected by the normal test run (``testpaths = ["tests"]`` and
 ``--benchmark-skip`` in pyproject.toml).  Run::
@@ -13,7 +13,11 @@ parallel kernel that only reads the inputs and writes the output once:
 callables are those of ``python -m fastnorm.bench`` (``fastnorm/bench.py``):
 GroupNorm uses 32 groups (``bench.group_count``), fastnorm writes into
 preallocated ``out=`` buffers, torch's backward times only
-``torch.autograd.grad`` on a graph built beforehand.
+``torch.autograd.grad`` on a graph built beforehand, and oneDNN (where
+oneDNN 3.2 has the case and ``onednn-cpu-gomp`` is installed) runs on
+preallocated buffers too.  The session makes glibc reuse freed memory
+(``bench.reuse_freed_memory``), so that torch's output allocations do not
+page-fault on every call.
 """
 
 import pytest
@@ -21,7 +25,17 @@ import pytest
 from fastnorm import bench
 
 CASES = bench.all_cases()
-IMPLEMENTATIONS = ("fastnorm", "torch", "memcpy", "floor")
+IMPLEMENTATIONS = ("fastnorm", "torch", "memcpy", "floor", "onednn")
+
+
+def _onednn_available():
+    from fastnorm import _onednn
+
+    try:
+        _onednn.load()
+    except _onednn.OneDNNError:
+        return False
+    return True
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -29,8 +43,12 @@ IMPLEMENTATIONS = ("fastnorm", "torch", "memcpy", "floor")
 def test_norm(benchmark, case, impl, bench_threads):
     if impl == "torch" and bench.optional_torch() is None:
         pytest.skip("torch is not installed")
-    workload = bench.make_workload(case, with_torch=impl == "torch")
+    if impl == "onednn" and not _onednn_available():
+        pytest.skip("oneDNN is not installed (pip install onednn-cpu-gomp)")
+    workload = bench.make_workload(case, with_torch=impl == "torch", with_onednn=impl == "onednn")
     fn = getattr(workload, impl)
+    if fn is None:
+        pytest.skip("oneDNN 3.2 has no primitive for this case")
     fn()  # warm-up: Numba compilation (or cache load) and first touch are not timed
     benchmark.group = case.id
     benchmark.extra_info.update(

@@ -41,6 +41,19 @@ and have no channels-last variant.  GroupNorm uses 32 groups when 32 divides
 ``dx``, ``dweight`` and ``dbias``).  Every fastnorm call writes into a
 preallocated ``out=``.
 
+With ``--onednn`` it also times oneDNN's primitives (``libdnnl`` from the
+``onednn-cpu-gomp`` wheel, through :mod:`fastnorm._onednn`) on preallocated
+buffers, where oneDNN 3.2 has one: BatchNorm (both layouts), InstanceNorm
+(NCHW) and LayerNorm, float32; it reports ``fastnorm/onednn``.
+
+torch's functional calls allocate their outputs.  glibc serves an
+allocation above its mmap threshold (at most 32 MiB) with fresh pages, and
+first-touching them costs more than the kernel (about 10 ms for 33.5 MB
+here), a cost fastnorm's ``out=`` calls never pay.  So that the benchmark
+compares kernels and not page faults, the CLI first asks glibc to keep freed
+memory for reuse (:func:`reuse_freed_memory`; ``--fresh-pages`` leaves the
+allocator alone); the JSON records which was used.
+
 The torch baseline of ``inf`` is ``F.batch_norm(training=False)`` for
 BatchNorm; torch has no given-statistics path for the other norms, whose
 inference is the same call as training, so their ``inf`` baseline is the
@@ -82,6 +95,7 @@ __all__ = [
     "make_workload",
     "floor_copy",
     "floor_add",
+    "reuse_freed_memory",
     "measure_case",
     "measure_scaling",
     "summarize_scaling",
@@ -332,7 +346,7 @@ def optional_torch():
 
 
 def set_threads(threads):
-    """Use ``threads`` threads in Numba and, when it is loaded, torch.
+    """Use ``threads`` threads in Numba and, when they are loaded, torch and oneDNN.
 
     Parameters
     ----------
@@ -344,6 +358,36 @@ def set_threads(threads):
     numba.set_num_threads(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
+    onednn = sys.modules.get(__package__ + "._onednn")
+    if onednn is not None and onednn._LIBRARY is not None:
+        onednn._LIBRARY.set_threads(threads)
+
+
+def reuse_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of returning it to the system.
+
+    Sets ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` to 1 GiB with
+    ``mallopt``: large allocations then come from the heap, and a freed
+    output's pages, already touched, serve the next call's output.  Without
+    it, torch pays first-touch page faults on every output above glibc's
+    mmap threshold (at most 32 MiB), which fastnorm's ``out=`` calls do not.
+
+    Returns
+    -------
+    bool
+        Whether the setting took effect (``False`` off glibc).
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 1 << 30))
 
 
 def max_threads():
@@ -368,12 +412,16 @@ class Workload:
     floor : callable or None
         The pass's traffic floor (:func:`floor_copy` or :func:`floor_add`)
         on the same tensors, writing into the memcpy buffer.
+    onednn : callable or None
+        The same pass in oneDNN on preallocated buffers (:mod:`fastnorm._onednn`);
+        ``None`` when not asked for or oneDNN has no primitive for the case.
     """
 
     fastnorm: Callable[[], object]
     memcpy: Callable[[], object]
     torch: Callable[[], object] | None = None
     floor: Callable[[], object] | None = None
+    onednn: Callable[[], object] | None = None
 
 
 #: Fixed chunks of the traffic-floor kernels (independent of the thread count).
@@ -453,7 +501,7 @@ def _spec(case):
     return fastnorm.NormSpec.rms_norm(1, RMS_EPS)
 
 
-def make_workload(case, seed=0, with_torch=True):
+def make_workload(case, seed=0, with_torch=True, with_onednn=False):
     """Build the data and the callables of ``case``.
 
     Parameters
@@ -463,6 +511,14 @@ def make_workload(case, seed=0, with_torch=True):
         Seed of the random data (activations with per-channel scales and offsets).
     with_torch : bool
         Also build the torch callable (when torch is importable).
+    with_onednn : bool
+        Also build the oneDNN callable when oneDNN has the case
+        (:func:`fastnorm._onednn.supports`).
+
+    Raises
+    ------
+    fastnorm._onednn.OneDNNError
+        ``with_onednn`` and oneDNN cannot be loaded.
 
     Returns
     -------
@@ -525,7 +581,39 @@ def make_workload(case, seed=0, with_torch=True):
     torch = optional_torch() if with_torch else None
     if torch is not None:
         workload.torch = _torch_callable(torch, case, x_logical, dy_logical, weight, bias, stats)
+    if with_onednn:
+        workload.onednn = _onednn_callable(case, x, dy, weight, bias, stats)
     return workload
+
+
+def _onednn_callable(case, x, dy, weight, bias, stats):
+    """Build the oneDNN callable of ``case`` on its own output buffers, or ``None``."""
+    from . import _onednn
+
+    kind = KINDS[case.kind]
+    if not _onednn.supports(kind, case.layout, case.dtype):
+        return None
+    repeat = case.shape[0] if kind == "instance_norm" else 1
+    weight_v, bias_v = np.tile(weight, repeat), np.tile(bias, repeat)
+    mean = np.asarray(stats.mean, np.float32).reshape(-1)
+    variance = (1.0 / np.square(np.asarray(stats.rstd, np.float64)) - EPS).astype(np.float32).reshape(-1)
+    out = np.empty_like(x)
+    x2d = x.reshape(case.shape) if kind == "layer_norm" else x
+    grads = (np.empty_like(weight_v), np.empty_like(bias_v))
+    return _onednn.normalization(
+        kind,
+        case.pass_,
+        case.layout,
+        x2d,
+        out.reshape(x2d.shape),
+        weight_v,
+        bias_v,
+        mean,
+        variance,
+        EPS,
+        dy=dy.reshape(x2d.shape),
+        grads=grads,
+    )
 
 
 def _torch_callable(torch, case, x_logical, dy_logical, weight, bias, stats):
@@ -603,6 +691,8 @@ class Measurement:
         shared machine only ever adds time, so these are the least disturbed.
     vs_floor : float or None
         Median over rounds of fastnorm / traffic floor; ``None`` unless measured.
+    vs_onednn : float or None
+        Median over rounds of fastnorm / oneDNN; ``None`` unless measured.
     """
 
     case_id: str
@@ -612,6 +702,7 @@ class Measurement:
     rounds: int
     min_times: dict = dataclasses.field(default_factory=dict)
     vs_floor: float | None = None
+    vs_onednn: float | None = None
 
 
 def _time_block(fn, inner):
@@ -666,8 +757,17 @@ def _median_ratio(numerator, denominator):
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
-def measure_case(case, rounds=11, threads=None, target_s=0.001, with_torch=True, seed=0, with_floor=False):
-    """Measure fastnorm, torch and memcpy (and the traffic floor) for ``case``, interleaved.
+def measure_case(
+    case,
+    rounds=11,
+    threads=None,
+    target_s=0.001,
+    with_torch=True,
+    seed=0,
+    with_floor=False,
+    with_onednn=False,
+):
+    """Measure fastnorm, torch and memcpy (and the traffic floor, oneDNN) for ``case``, interleaved.
 
     Parameters
     ----------
@@ -682,24 +782,29 @@ def measure_case(case, rounds=11, threads=None, target_s=0.001, with_torch=True,
     seed : int
     with_floor : bool
         Also time the pass's traffic floor (:func:`floor_copy`, :func:`floor_add`).
+    with_onednn : bool
+        Also time oneDNN where it has the case (see :func:`make_workload`).
 
     Returns
     -------
     Measurement
     """
-    workload = make_workload(case, seed=seed, with_torch=with_torch)
+    workload = make_workload(case, seed=seed, with_torch=with_torch, with_onednn=with_onednn)
     entries = [("fastnorm", workload.fastnorm, threads), ("memcpy", workload.memcpy, threads)]
     if workload.torch is not None:
         entries.append(("torch", workload.torch, threads))
     if with_floor:
         entries.append(("floor", workload.floor, threads))
+    if workload.onednn is not None:
+        entries.append(("onednn", workload.onednn, threads))
     samples = interleaved(entries, rounds, target_s)
     times = {name: statistics.median(values) for name, values in samples.items()}
     vs_torch = _median_ratio(samples["fastnorm"], samples["torch"]) if "torch" in samples else None
     vs_memcpy = _median_ratio(samples["fastnorm"], samples["memcpy"])
     vs_floor = _median_ratio(samples["fastnorm"], samples["floor"]) if with_floor else None
+    vs_onednn = _median_ratio(samples["fastnorm"], samples["onednn"]) if "onednn" in samples else None
     min_times = {name: min(values) for name, values in samples.items()}
-    return Measurement(case.id, times, vs_memcpy, vs_torch, rounds, min_times, vs_floor)
+    return Measurement(case.id, times, vs_memcpy, vs_torch, rounds, min_times, vs_floor, vs_onednn)
 
 
 def measure_scaling(case, threads, rounds=5, target_s=0.001, with_torch=True, seed=0):
@@ -1072,7 +1177,12 @@ def summarize_scaling(scaling):
 
 
 #: Ratios of a :class:`Measurement`: (name in tables and summaries, attribute).
-_METRICS = (("fastnorm/torch", "vs_torch"), ("fastnorm/memcpy", "vs_memcpy"), ("fastnorm/floor", "vs_floor"))
+_METRICS = (
+    ("fastnorm/torch", "vs_torch"),
+    ("fastnorm/memcpy", "vs_memcpy"),
+    ("fastnorm/floor", "vs_floor"),
+    ("fastnorm/onednn", "vs_onednn"),
+)
 
 
 def summarize(measurements):
@@ -1086,7 +1196,8 @@ def summarize(measurements):
     -------
     dict
         ``{"fastnorm/torch": {"worst", "median", "worst_case"}, "fastnorm/memcpy": {...},
-        "fastnorm/floor": {...}}`` (a metric without any value is left out).
+        "fastnorm/floor": {...}, "fastnorm/onednn": {...}}`` (a metric without any
+        value is left out).
     """
     measurements = list(measurements)
     summary = {}
@@ -1105,12 +1216,16 @@ def summarize(measurements):
 def table_rows(cases, measurements):
     """Rows (lists of str) of the results table, with a header row first.
 
-    The ``floor`` and ``fastnorm/floor`` columns are there when any case has them.
+    The ``floor``/``fastnorm/floor`` and ``onednn``/``fastnorm/onednn`` columns
+    are there when any case has them.
     """
     floors = any(measurements[c.id].vs_floor is not None for c in cases)
+    onednn = any(measurements[c.id].vs_onednn is not None for c in cases)
     rows = [["case", "MB", "fastnorm", "torch", "fastnorm/torch", "fastnorm/memcpy"]]
     if floors:
         rows[0] += ["floor", "fastnorm/floor"]
+    if onednn:
+        rows[0] += ["onednn", "fastnorm/onednn"]
     for case in cases:
         m = measurements[case.id]
         row = [
@@ -1123,6 +1238,8 @@ def table_rows(cases, measurements):
         ]
         if floors:
             row += [format_time(m.times.get("floor")), _fmt_ratio(m.vs_floor)]
+        if onednn:
+            row += [format_time(m.times.get("onednn")), _fmt_ratio(m.vs_onednn)]
         rows.append(row)
     return rows
 
@@ -1178,7 +1295,16 @@ def environment(threads):
         "numpy": np.__version__,
         "torch": None if torch is None else torch.__version__,
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
+        "onednn": _onednn_version(),
     }
+
+
+def _onednn_version():
+    """``"major.minor.patch"`` of the oneDNN loaded in this process, or ``None``."""
+    onednn = sys.modules.get(__package__ + "._onednn")
+    if onednn is None or onednn._LIBRARY is None:
+        return None
+    return ".".join(str(v) for v in onednn._LIBRARY.version)
 
 
 def results_dict(cases, measurements, meta, scaling=None):
@@ -1202,6 +1328,7 @@ def results_dict(cases, measurements, meta, scaling=None):
                 "fastnorm_over_torch": m.vs_torch,
                 "fastnorm_over_memcpy": m.vs_memcpy,
                 "fastnorm_over_floor": m.vs_floor,
+                "fastnorm_over_onednn": m.vs_onednn,
             }
         )
     result = {"meta": meta, "cases": out_cases, "summary": summarize(measurements[c.id] for c in cases)}
@@ -1227,8 +1354,9 @@ def write_json(path, cases, measurements, meta, scaling=None):
     -----
     Layout: ``{"meta": {...}, "cases": [{"id", "kind", "pass", "layout",
     "dtype", "size", "shape", "nbytes", "rounds", "time_s": {"fastnorm",
-    "memcpy", "torch", "floor"}, "fastnorm_over_torch", "fastnorm_over_memcpy",
-    "fastnorm_over_floor"}, ...], "summary": {...}, "scaling": [...]}``; times
+    "memcpy", "torch", "floor", "onednn"}, "fastnorm_over_torch",
+    "fastnorm_over_memcpy", "fastnorm_over_floor", "fastnorm_over_onednn"},
+    ...], "summary": {...}, "scaling": [...]}``; times
     are median seconds per call; a ratio not measured is ``null``.
     """
     data = results_dict(cases, measurements, meta, scaling)
@@ -1253,7 +1381,14 @@ def write_markdown(path, cases, measurements, meta, scaling=None, command=None):
         f"Machine: {meta.get('platform')}, {meta.get('cpu_count')} CPUs, {meta.get('threads')} threads "
         f"(Numba threading layer {meta.get('numba_threading_layer')}); numba {meta.get('numba')}, "
         f"numpy {meta.get('numpy')}, torch {meta.get('torch')} "
-        f"(GOMP_SPINCOUNT={meta.get('gomp_spincount')}).",
+        f"(GOMP_SPINCOUNT={meta.get('gomp_spincount')})"
+        + (f", oneDNN {meta['onednn']}" if meta.get("onednn") else "")
+        + (
+            f"; freed memory {'reused' if meta['reused_freed_memory'] else 'returned to the system'}"
+            if "reused_freed_memory" in meta
+            else ""
+        )
+        + ".",
         "",
     ]
     rows = table_rows(cases, measurements)
@@ -1320,6 +1455,9 @@ def write_plot(path, cases, measurements, title=None):
     if any(measurements[i].vs_floor is not None for i in ids):
         floors = [measurements[i].vs_floor for i in ids]
         panels.append(("fastnorm / traffic floor (1 = bandwidth floor)", floors, "tab:green"))
+    if any(measurements[i].vs_onednn is not None for i in ids):
+        onednn = [measurements[i].vs_onednn for i in ids]
+        panels.append(("fastnorm / oneDNN (< 1: fastnorm faster)", onednn, "tab:purple"))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), height), sharey=True)
     for ax, (label, values, color) in zip(axes, panels, strict=True):
         vals = np.array([np.nan if v is None else v for v in values], dtype=float)
@@ -1488,6 +1626,16 @@ def build_parser():
     run.add_argument("--rounds", type=int, help="interleaved rounds per case (default 11, --quick 7)")
     run.add_argument("--target-ms", type=float, help="duration of a timed block of calls (default 1)")
     run.add_argument("--no-torch", action="store_true", help="do not import or time torch")
+    run.add_argument(
+        "--onednn",
+        action="store_true",
+        help="also time oneDNN 3.2 (onednn-cpu-gomp) where it has the case; report fastnorm/onednn",
+    )
+    run.add_argument(
+        "--fresh-pages",
+        action="store_true",
+        help="do not make glibc reuse freed memory: torch's outputs then page-fault on every call",
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     run.add_argument(
         "--floor",
@@ -1562,6 +1710,7 @@ def _render_saved(args, cases):
             saved[c.id]["rounds"],
             saved[c.id].get("time_min_s", {}),
             saved[c.id].get("fastnorm_over_floor"),
+            saved[c.id].get("fastnorm_over_onednn"),
         )
         for c in cases
     }
@@ -1678,9 +1827,21 @@ def main(argv=None):
             return 2
         print(f"note: thresholds ask for {threads} threads, only {available} available", file=sys.stderr)
         threads = available
+    reused = False if args.fresh_pages else reuse_freed_memory()
+    if not args.fresh_pages and not reused:
+        print("note: cannot make the allocator reuse freed memory (not glibc)", file=sys.stderr)
     with_torch = not args.no_torch and optional_torch() is not None
     if not args.no_torch and not with_torch:
         print("note: torch is not importable: fastnorm/torch is not measured", file=sys.stderr)
+    if args.onednn:
+        from . import _onednn
+
+        os.environ.setdefault("GOMP_SPINCOUNT", TORCH_SPINCOUNT)
+        try:
+            _onednn.load()
+        except _onednn.OneDNNError as exc:
+            print(f"error: --onednn: {exc}", file=sys.stderr)
+            return 2
     set_threads(threads)
 
     def measure(case, attempt=0):
@@ -1692,6 +1853,7 @@ def main(argv=None):
             with_torch=with_torch,
             seed=args.seed + attempt,
             with_floor=args.floor,
+            with_onednn=args.onednn,
         )
 
     scaling_cases = [c for c in cases if c.nbytes >= SCALING_MIN_BYTES] if args.scaling else []
@@ -1722,7 +1884,8 @@ def main(argv=None):
         scaling.append(measure_scaling(case, threads, max(3, rounds - 2), target_s, with_torch, args.seed))
     progress.close()
 
-    print(f"fastnorm vs torch vs memcpy, {threads} threads, {rounds} interleaved rounds, medians")
+    others = "torch vs memcpy" + (" vs oneDNN" if args.onednn else "")
+    print(f"fastnorm vs {others}, {threads} threads, {rounds} interleaved rounds, medians")
     print(format_table(cases, measurements))
     if scaling:
         print(f"\n1 -> {threads} thread speed-up (tensors >= {SCALING_MIN_BYTES >> 20} MB)")
@@ -1732,7 +1895,9 @@ def main(argv=None):
         print(summarize_scaling(scaling))
     meta = environment(threads)
     argv_used = list(sys.argv[1:] if argv is None else argv)
-    meta.update({"rounds": rounds, "target_ms": target_s * 1e3, "argv": argv_used})
+    meta.update(
+        {"rounds": rounds, "target_ms": target_s * 1e3, "argv": argv_used, "reused_freed_memory": reused}
+    )
     command = "python -m fastnorm.bench " + " ".join(meta["argv"])
     if args.json:
         write_json(args.json, cases, measurements, meta, scaling or None)

@@ -27,13 +27,15 @@ def write(tmp_path, text, name="thresholds.toml"):
     return path
 
 
-def m(case_id, vs_memcpy, vs_torch=None, rounds=7, vs_floor=None):
+def m(case_id, vs_memcpy, vs_torch=None, rounds=7, vs_floor=None, vs_onednn=None):
     times = {"fastnorm": vs_memcpy * 1e-3, "memcpy": 1e-3}
     if vs_torch is not None:
         times["torch"] = vs_memcpy * 1e-3 / vs_torch
     if vs_floor is not None:
         times["floor"] = vs_memcpy * 1e-3 / vs_floor
-    return bench.Measurement(case_id, times, vs_memcpy, vs_torch, rounds, {}, vs_floor)
+    if vs_onednn is not None:
+        times["onednn"] = vs_memcpy * 1e-3 / vs_onednn
+    return bench.Measurement(case_id, times, vs_memcpy, vs_torch, rounds, {}, vs_floor, vs_onednn)
 
 
 def case(case_id):
@@ -372,12 +374,22 @@ def fake_cli(monkeypatch):
     """Replace the timing in main() by scripted ratios (attempt = seed offset)."""
     script = {}
 
-    def measure_case(case, rounds=7, threads=None, target_s=0.005, with_torch=True, seed=0, with_floor=False):
+    def measure_case(case, rounds=7, threads=None, target_s=0.005, with_torch=True, seed=0, **options):
+        with_floor, with_onednn = options.get("with_floor", False), options.get("with_onednn", False)
         values = script[case.id]
         vs_memcpy, vs_torch = values[min(seed, len(values) - 1)]
-        return m(case.id, vs_memcpy, vs_torch, rounds, vs_floor=vs_memcpy / 2 if with_floor else None)
+        return m(
+            case.id,
+            vs_memcpy,
+            vs_torch,
+            rounds,
+            vs_floor=vs_memcpy / 2 if with_floor else None,
+            vs_onednn=vs_memcpy / 4 if with_onednn else None,
+        )
 
     monkeypatch.setattr(bench, "measure_case", measure_case)
+    # main() would change this process's allocator (see test_reuse_freed_memory_...)
+    monkeypatch.setattr(bench, "reuse_freed_memory", lambda: True)
     return script
 
 
@@ -454,6 +466,72 @@ def test_main_floor_option(tmp_path, fake_cli, capsys):
     assert "| fastnorm/floor |" in md.read_text()
     assert bench.main(["--cases", CASE, "--threads", "1", "--json", str(json_path)]) == 0
     assert json.loads(json_path.read_text())["cases"][0]["fastnorm_over_floor"] is None
+
+
+def test_onednn_ratio_in_json_markdown_table_and_plot(tmp_path):
+    cases = bench.select_cases(ids=[CASE, OTHER])
+    measurements = {CASE: m(CASE, 2.0, 0.5, vs_onednn=0.8), OTHER: m(OTHER, 4.0, None)}
+    meta = {"date": "2026-01-01", "threads": 2, "platform": "test", "onednn": "3.2.0"}
+    meta["reused_freed_memory"] = True
+    json_path = tmp_path / "r.json"
+    bench.write_json(json_path, cases, measurements, meta)
+    data = json.loads(json_path.read_text())
+    assert [c["fastnorm_over_onednn"] for c in data["cases"]] == [0.8, None]
+    assert data["summary"]["fastnorm/onednn"] == {"worst": 0.8, "worst_case": CASE, "median": 0.8}
+    md_path = tmp_path / "r.md"
+    bench.write_markdown(md_path, cases, measurements, meta)
+    text = md_path.read_text()
+    assert "| onednn | fastnorm/onednn |" in text and "| 2.50 ms | 0.80 |" in text and "| - | - |" in text
+    assert "oneDNN 3.2.0; freed memory reused." in text
+    assert "fastnorm/onednn: median 0.80" in bench.format_table(cases, measurements)
+    assert "onednn" not in bench.format_table(cases, {CASE: m(CASE, 2.0), OTHER: m(OTHER, 4.0)})
+    if bench._require_matplotlib() is not None:
+        bench.write_plot(tmp_path / "p.png", cases, measurements)
+        assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_main_onednn_option_and_freed_memory_setting(tmp_path, fake_cli, capsys):
+    fake_cli.update({CASE: [(2.0, 0.5)]})
+    json_path = tmp_path / "r.json"
+    args = ["--cases", CASE, "--threads", "1", "--json", str(json_path)]
+    assert bench.main([*args, "--onednn"]) == 0
+    assert "fastnorm/onednn: median 0.50, worst 0.50" in capsys.readouterr().out
+    data = json.loads(json_path.read_text())
+    assert data["cases"][0]["fastnorm_over_onednn"] == 0.5
+    assert data["meta"]["reused_freed_memory"] is True
+    assert bench.main([*args, "--fresh-pages"]) == 0
+    data = json.loads(json_path.read_text())
+    assert data["cases"][0]["fastnorm_over_onednn"] is None
+    assert data["meta"]["reused_freed_memory"] is False
+
+
+def test_main_onednn_missing_is_a_usage_error(tmp_path, fake_cli, capsys, monkeypatch):
+    from fastnorm import _onednn
+
+    def fail():
+        raise _onednn.OneDNNError("cannot load oneDNN (test)")
+
+    monkeypatch.setattr(_onednn, "load", fail)
+    fake_cli.update({CASE: [(2.0, 0.5)]})
+    assert bench.main(["--cases", CASE, "--threads", "1", "--onednn"]) == 2
+    assert "error: --onednn: cannot load oneDNN (test)" in capsys.readouterr().err
+
+
+def test_reuse_freed_memory_keeps_large_blocks_in_the_heap():
+    """After the call, a freed 40 MB block is handed out again (glibc), so its pages are not faulted anew."""
+    code = (
+        "import ctypes, sys\n"
+        "from fastnorm import bench\n"
+        "print(bench.reuse_freed_memory())\n"
+        "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.malloc.argtypes = [ctypes.c_size_t]; libc.free.argtypes = [ctypes.c_void_p]\n"
+        "a = libc.malloc(40 << 20); libc.free(a); b = libc.malloc(40 << 20)\n"
+        "print(a == b)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    if done.stdout.split()[0] == "False":
+        pytest.skip("not glibc: mallopt is unavailable")
+    assert done.stdout.split() == ["True", "True"]
 
 
 def test_main_full_run_with_fake_timing(tmp_path, fake_cli, capsys):
