@@ -6,7 +6,9 @@ groups) or split into block / group / block phases; one or many blocks per
 plane (``BLOCK`` elements channels-first, ``max(BLOCK // C, CL_MIN_ROWS)``
 rows channels-last); LayerNorm's row-chunk parameter gradients (>= ``4 * ROW_CHUNK`` rows; chunks longer than
 ``ROW_CHUNK`` beyond ``ROW_CHUNK * ROW_TASKS`` rows) or
-column tiles; and the one-pass block moments' fallback to two passes when the
+column tiles; LayerNorm's software-pipelined training forward (rows of
+``PIPELINE_MIN_WIDTH`` elements to ``PIPELINE_MAX_ROW_BYTES`` bytes, with weight
+and bias); and the one-pass block moments' fallback to two passes when the
 shift is far from the mean.  Each case below is built to land on one of them
 (the test asserts which), then checked forward and backward, including
 in-place outputs.
@@ -43,6 +45,9 @@ CASES = {
     # > ROW_CHUNK * ROW_TASKS rows: chunks of 35 rows, a last chunk of 15
     "ln-rowchunk-longchunks": ("layer_norm", (1100, 20), 1, False),
     "ln-columns-fused": ("layer_norm", (40, 70), 1, False),
+    # 70 rows in tasks of 3 (ROW_TASKS): pipelined tasks of 3 rows and a last task of 1
+    "ln-pipelined-fused": ("layer_norm", (70, 300), 1, False),
+    "ln-pipelined-fused-rowchunk": ("layer_norm", (200, 256), 1, False),
     "ln-columns-split-multiblock": ("layer_norm", (3, 9001), 1, False),
     "rms-rowchunk": ("rms_norm", (131, 20), 1, False),
     "rms-columns-split-multiblock": ("rms_norm", (5, 5000), 1, False),
@@ -82,8 +87,8 @@ def _data(kind, shape, arg, channels_last, dtype, seed=0):
     return x, dy, weight, bias
 
 
-def _path(kspec):
-    """Describe the strategy the kernels take for this geometry."""
+def _path(kspec, itemsize=4):
+    """Describe the strategy the kernels take for this geometry (``itemsize``: 4 float32, 8 float64)."""
     nstats = K.num_stats(kspec)
     small = kspec.batch * kspec.channels * kspec.spatial <= K.SERIAL_MAX_ELEMENTS
     if kspec.flags & K.CHANNELS_LAST:
@@ -102,6 +107,14 @@ def _path(kspec):
         and planes_per_group * kspec.spatial <= K.BLOCK
     )
     rowchunk = bool(kspec.flags & K.PER_ELEMENT) and nstats >= 4 * K.ROW_CHUNK
+    # LayerNorm with weight and bias (every LayerNorm case here)
+    pipelined = (
+        bool(kspec.flags & K.PER_ELEMENT and kspec.flags & K.CENTERED)
+        and fused
+        and blocks == 1
+        and K.PIPELINE_MIN_WIDTH <= kspec.spatial
+        and kspec.spatial * itemsize <= K.PIPELINE_MAX_ROW_BYTES
+    )
     longchunks = rowchunk and nstats > K.ROW_CHUNK * K.ROW_TASKS
     return {
         "serial": small,
@@ -110,6 +123,7 @@ def _path(kspec):
         "rowchunk": rowchunk,
         "longchunks": longchunks,
         "groupblock": groupblock,
+        "pipelined": pipelined,
     }
 
 
@@ -123,6 +137,7 @@ def test_case_lands_on_its_path(name):
     assert path["rowchunk"] == ("rowchunk" in name)
     assert path["longchunks"] == ("longchunks" in name)
     assert path["groupblock"] == ("groupblock" in name)
+    assert path["pipelined"] == ("pipelined" in name)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -219,6 +234,44 @@ def test_one_pass_moments_fall_back_on_cancellation(channels_last, position):
     y_ref, _, rstd_ref = naive.forward(xin, "instance_norm", None, None, 1e-5, channels_last=channels_last)
     naive.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
     naive.assert_close(stats.rstd, rstd_ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_pipelined_layer_norm_rows_are_independent(dtype):
+    """The pipelined LayerNorm forward sums row k+1 in the loop that writes row k: nothing leaks between rows.
+
+    Rows whose first element is far from their mean take the two-pass fallback
+    from the pipelined sums (rows 1 and 6 are not the first of their task), a
+    NaN and an inf poison only their own rows, and every row equals the same
+    row normalized alone, bitwise (one row takes the unpipelined path), also in place.
+    """
+    rows, width = 64, 512
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((rows, width)) * 2.0 + 3.0).astype(dtype)
+    weight = rng.uniform(0.5, 1.5, width).astype(dtype)
+    bias = rng.uniform(-1, 1, width).astype(dtype)
+    x[1, 0] = x[6, 0] = 1e8
+    x[9, 7] = np.nan
+    x[20, 3] = np.inf
+    spec = fastnorm.NormSpec.layer_norm(1)
+    assert _path(_plan(x, spec, True).kspec, x.itemsize)["pipelined"]  # float64 rows of 512: 4 KB
+    y, stats = fastnorm.forward(x, spec, weight, bias)
+    assert np.isnan(y[9]).all() and np.isnan(y[20]).all()
+    finite = np.ones(rows, bool)
+    finite[[9, 20]] = False
+    assert np.isfinite(y[finite]).all()
+    y_ref, _, rstd_ref = naive.forward(x[finite], "layer_norm", weight, bias, spec.eps, normalized_ndim=1)
+    # rows 1 and 6 hold 1e8 among values near 3: float64 errors of a few hundred ulps, as on one row alone
+    naive.assert_close(y[finite], y_ref, dtype=dtype, k=64 if dtype == np.float32 else 4096)
+    naive.assert_close(stats.rstd[finite], rstd_ref, dtype=np.float64, k=1e4)
+    for k in (0, 1, 2, 6, 9, 20, rows - 1):
+        y_row, stats_row = fastnorm.forward(x[k : k + 1], spec, weight, bias)
+        np.testing.assert_array_equal(y_row[0], y[k])
+        np.testing.assert_array_equal(stats_row.rstd[0], stats.rstd[k])
+    x_inplace = x.copy()
+    y_inplace, stats_inplace = fastnorm.forward(x_inplace, spec, weight, bias, out=x_inplace)
+    np.testing.assert_array_equal(y_inplace, y)
+    np.testing.assert_array_equal(stats_inplace.rstd, stats.rstd)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
