@@ -93,6 +93,13 @@ class _Version(ctypes.Structure):
     ]
 
 
+def _desc_args(memory_descs, hint):
+    """Argument types of a normalization primitive-descriptor constructor of oneDNN's C API."""
+    vp = ctypes.c_void_p
+    head = [ctypes.POINTER(vp), vp, ctypes.c_int] + [vp] * memory_descs
+    return head + [ctypes.c_float, ctypes.c_uint] + ([vp] if hint else []) + [vp]
+
+
 class _Library:
     """A loaded ``libdnnl`` with one CPU engine and one in-order stream."""
 
@@ -113,52 +120,11 @@ class _Library:
                 ctypes.c_int,
             ],
             "dnnl_memory_create": [pvp, vp, vp, vp],
-            "dnnl_batch_normalization_forward_primitive_desc_create": [
-                pvp,
-                vp,
-                ctypes.c_int,
-                vp,
-                vp,
-                ctypes.c_float,
-                ctypes.c_uint,
-                vp,
-            ],
-            "dnnl_batch_normalization_backward_primitive_desc_create": [
-                pvp,
-                vp,
-                ctypes.c_int,
-                vp,
-                vp,
-                vp,
-                ctypes.c_float,
-                ctypes.c_uint,
-                vp,
-                vp,
-            ],
-            "dnnl_layer_normalization_forward_primitive_desc_create": [
-                pvp,
-                vp,
-                ctypes.c_int,
-                vp,
-                vp,
-                vp,
-                ctypes.c_float,
-                ctypes.c_uint,
-                vp,
-            ],
-            "dnnl_layer_normalization_backward_primitive_desc_create": [
-                pvp,
-                vp,
-                ctypes.c_int,
-                vp,
-                vp,
-                vp,
-                vp,
-                ctypes.c_float,
-                ctypes.c_uint,
-                vp,
-                vp,
-            ],
+            # (descriptor*, engine, prop_kind, memory descriptors..., epsilon, flags, [hint], attr)
+            "dnnl_batch_normalization_forward_primitive_desc_create": _desc_args(2, hint=False),
+            "dnnl_batch_normalization_backward_primitive_desc_create": _desc_args(3, hint=True),
+            "dnnl_layer_normalization_forward_primitive_desc_create": _desc_args(3, hint=False),
+            "dnnl_layer_normalization_backward_primitive_desc_create": _desc_args(4, hint=True),
             "dnnl_primitive_create": [pvp, vp],
             "dnnl_primitive_execute": [vp, vp, ctypes.c_int, ctypes.POINTER(_ExecArg)],
         }

@@ -35,6 +35,11 @@ VECTOR_LOOPS = {
     "_normalize": 1,
     # one loop per combination of weight and bias present / absent
     "_normalize_per_element": 4,
+    # LayerNorm's pipelined forward: one row normalized while the next one's moments are summed
+    # (8 lanes: the float64 sums set the width), and the rows loop with its inlined first
+    # moments (shifted sums, two-pass fallback), last normalize (4) and the pipelined loop
+    "_normalize_row_sum_next": 1,
+    "_rows_forward": 8,
     "_dx_span": 1,
     "_dx_per_element_span": 1,
     # with and without weight
@@ -66,6 +71,8 @@ def _signature(name, dtype):
         "_dots_weighted": (data, data, data, i64, i64, i64, f64),
         "_normalize": (data, data, i64, i64, f64, f64, f64),
         "_normalize_per_element": (data, data, data, data, i64, i64, i64, f64, f64),
+        "_normalize_row_sum_next": (data, data, data, data, f64, f64, data, f64),
+        "_rows_forward": (data, data, data, data, spec, work, work, i64, i64),
         "_dx_span": (data, data, data, f64, f64, f64, f64),
         "_dx_per_element_span": (data, data, data, data, f64, f64, f64, f64),
         "_row_dots_and_partials": (data, data, data, work, work, f64, f64),
