@@ -94,7 +94,7 @@ ROW_TASKS = 32
 #: Shortest LayerNorm row whose training forward is software-pipelined (normalize
 #: a row while summing the next one's moments: :func:`_rows_forward`).  Kernel
 #: A/B, float32, 2 threads, same process: (512, 768) 0.82-0.93x, (4096, 768)
-#: 0.81-1.08x (memory-bound, noisy), rows of 128 and 56 0.92-1.04x, rows of 16
+#: 0.73-1.08x (memory-bound, noisy), rows of 128 and 56 0.92-1.04x, rows of 16
 #: 1.06-1.12x.
 PIPELINE_MIN_WIDTH = 256
 #: Longest such row, in bytes: two input rows, an output row and the weights
