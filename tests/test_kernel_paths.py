@@ -275,6 +275,41 @@ def test_pipelined_layer_norm_rows_are_independent(dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [3, 16, 32])
+def test_channels_last_elementwise_steps_of_several_rows_are_bitwise_one_row_steps(channels, dtype):
+    """BatchNorm's channels-last normalize and dx over several rows per step equal one row per step.
+
+    Blocks of 301 rows (a partial last step) and of a whole block; the tiled
+    coefficients are the per-channel ones repeated (``_cl_tile``).
+    """
+    rng = np.random.default_rng(3)
+    n, spatial = 2, 301 + max(4096 // channels, K.CL_MIN_ROWS)
+    x = rng.standard_normal(n * spatial * channels).astype(dtype)
+    dy = rng.standard_normal(x.size).astype(dtype)
+    spec = K.KernelSpec(n, channels, spatial, channels, K.CENTERED | K.BATCH | K.CHANNELS_LAST, 1e-5)
+    rows_per_block = K._cl_rows_per_block(spec)
+    nblocks = -(-spatial // rows_per_block)
+    tile_rows = K._cl_tile_rows(spec, x, 1)
+    assert tile_rows == K.CL_TILE_BYTES // x.itemsize // channels > 1
+    assert rows_per_block % tile_rows != 0 or (spatial - rows_per_block) % tile_rows != 0
+    for vectors, run in ((3, K._cl_normalize_block), (4, K._cl_dx_block)):
+        coef = rng.standard_normal(vectors * channels).astype(dtype)
+        tiled = K._cl_tile(coef, vectors, channels, tile_rows)
+        assert tiled.size == vectors * channels * tile_rows
+        outs = []
+        for c, rows in ((coef, 1), (tiled, tile_rows)):
+            out = np.full_like(x, np.nan)
+            for blk in range(n * nblocks):
+                if vectors == 3:
+                    run(x, out, c, spec, nblocks, blk, rows)
+                else:
+                    run(dy, x, out, c, spec, nblocks, blk, rows)
+            outs.append(out)
+        assert not np.isnan(outs[0]).any()
+        assert outs[0].tobytes() == outs[1].tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_serial_and_parallel_builds_agree(dtype):
     """Same source, two builds: results agree to rounding (each shape always uses one)."""
     rng = np.random.default_rng(3)
