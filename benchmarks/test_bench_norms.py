@@ -43,8 +43,10 @@ def _onednn_available():
 def test_norm(benchmark, case, impl, bench_threads):
     if impl == "torch" and bench.optional_torch() is None:
         pytest.skip("torch is not installed")
-    if impl == "onednn" and not _onednn_available():
-        pytest.skip("oneDNN is not installed (pip install onednn-cpu-gomp)")
+    if impl == "onednn":
+        if not _onednn_available():
+            pytest.skip("oneDNN is not installed (pip install onednn-cpu-gomp)")
+        bench.set_threads(bench_threads)  # oneDNN is loaded lazily, after the session fixture
     workload = bench.make_workload(case, with_torch=impl == "torch", with_onednn=impl == "onednn")
     fn = getattr(workload, impl)
     if fn is None:
