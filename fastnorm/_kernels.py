@@ -1145,13 +1145,24 @@ def _cl_tile(coef, vectors, nc, tile_rows):
     return tiled
 
 
+@glue
+def _cl_steps(spec, nblocks, blk, tile_rows, vectors):
+    """Return ``(offset, rows, base, span)`` of block ``blk`` for an elementwise pass.
+
+    ``span = tile_rows * C`` elements per step; the pass's ``vectors``
+    coefficient vectors of the block's set start at ``coef[base]``, each
+    ``span`` long (:func:`_cl_tile`).
+    """
+    span = tile_rows * spec.channels
+    off, rows, n = _cl_block(spec, nblocks, blk)
+    return off, rows, (0 if spec.flags & BATCH else vectors * span * n), span
+
+
 @helper
 def _cl_normalize_block(x, y, coef, spec, nblocks, blk, tile_rows):
     """Normalize block ``blk``, ``tile_rows`` rows per step (``coef`` tiled by :func:`_cl_tile`)."""
     nc = spec.channels
-    span = tile_rows * nc
-    off, rows, n = _cl_block(spec, nblocks, blk)
-    base = 0 if spec.flags & BATCH else 3 * span * n
+    off, rows, base, span = _cl_steps(spec, nblocks, blk, tile_rows, 3)
     mean = coef[base : base + span]
     scale = coef[base + span : base + 2 * span]
     shift = coef[base + 2 * span : base + 3 * span]
@@ -1319,9 +1330,7 @@ def _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k):
 def _cl_dx_block(dy, x, dx, coef, spec, nblocks, blk, tile_rows):
     """``dx`` of block ``blk``, ``tile_rows`` rows per step (``coef`` tiled by :func:`_cl_tile`)."""
     nc = spec.channels
-    span = tile_rows * nc
-    off, rows, n = _cl_block(spec, nblocks, blk)
-    base = 0 if spec.flags & BATCH else 4 * span * n
+    off, rows, base, span = _cl_steps(spec, nblocks, blk, tile_rows, 4)
     mean = coef[base : base + span]
     a = coef[base + span : base + 2 * span]
     kx = coef[base + 2 * span : base + 3 * span]
