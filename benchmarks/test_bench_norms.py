@@ -32,7 +32,7 @@ def _onednn_available():
     from fastnorm import _onednn
 
     try:
-        _onednn.load()
+        bench.load_onednn()
     except _onednn.OneDNNError:
         return False
     return True

@@ -206,8 +206,8 @@ def load():
     Notes
     -----
     oneDNN's OpenMP threads spin after each parallel region for
-    ``GOMP_SPINCOUNT`` iterations; the benchmark sets that variable (see
-    :func:`fastnorm.bench.optional_torch`) before this loads the runtime, so
+    ``GOMP_SPINCOUNT`` iterations; the benchmark loads oneDNN through
+    :func:`fastnorm.bench.load_onednn`, which sets that variable first, so
     idle oneDNN threads do not steal the cores of the next timed call.
     """
     global _LIBRARY

@@ -95,6 +95,7 @@ __all__ = [
     "make_workload",
     "floor_copy",
     "floor_add",
+    "load_onednn",
     "reuse_freed_memory",
     "measure_case",
     "measure_scaling",
@@ -329,20 +330,54 @@ def select_cases(kinds=None, passes=None, layouts=None, dtypes=None, sizes=None,
 TORCH_SPINCOUNT = "10000"
 
 
+def _short_openmp_spin():
+    """Set ``GOMP_SPINCOUNT`` to :data:`TORCH_SPINCOUNT` unless the environment sets it.
+
+    libgomp reads it once, when it is loaded: call this before importing torch
+    or loading oneDNN (which links its own libgomp).
+    """
+    os.environ.setdefault("GOMP_SPINCOUNT", TORCH_SPINCOUNT)
+
+
 def optional_torch():
     """Return the ``torch`` module, or ``None`` when it is not importable.
 
     Sets ``GOMP_SPINCOUNT`` to :data:`TORCH_SPINCOUNT` before the import when
-    the environment does not set it.  libgomp reads it once, when it is
-    loaded, so it has no effect if torch was imported before.
+    the environment does not set it (:func:`_short_openmp_spin`); it has no
+    effect if torch was imported before.
     """
     if "torch" not in sys.modules:
-        os.environ.setdefault("GOMP_SPINCOUNT", TORCH_SPINCOUNT)
+        _short_openmp_spin()
     try:
         import torch
     except ImportError:
         return None
     return torch
+
+
+def load_onednn():
+    """Load oneDNN for the benchmark (:func:`fastnorm._onednn.load`) with the same short OpenMP spin as torch.
+
+    Returns
+    -------
+    The loaded library.
+
+    Raises
+    ------
+    fastnorm._onednn.OneDNNError
+        oneDNN cannot be loaded (``pip install onednn-cpu-gomp``).
+    """
+    from . import _onednn
+
+    if _onednn._LIBRARY is None:
+        _short_openmp_spin()
+    return _onednn.load()
+
+
+def _loaded_onednn():
+    """Return the oneDNN library loaded in this process, or ``None`` (never loads it)."""
+    module = sys.modules.get(__package__ + "._onednn")
+    return None if module is None else module._LIBRARY
 
 
 def set_threads(threads):
@@ -358,9 +393,9 @@ def set_threads(threads):
     numba.set_num_threads(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
-    onednn = sys.modules.get(__package__ + "._onednn")
-    if onednn is not None and onednn._LIBRARY is not None:
-        onednn._LIBRARY.set_threads(threads)
+    onednn = _loaded_onednn()
+    if onednn is not None:
+        onednn.set_threads(threads)
 
 
 def reuse_freed_memory():
@@ -593,6 +628,7 @@ def _onednn_callable(case, x, dy, weight, bias, stats):
     kind = KINDS[case.kind]
     if not _onednn.supports(kind, case.layout, case.dtype):
         return None
+    load_onednn()
     repeat = case.shape[0] if kind == "instance_norm" else 1
     weight_v, bias_v = np.tile(weight, repeat), np.tile(bias, repeat)
     mean = np.asarray(stats.mean, np.float32).reshape(-1)
@@ -1301,10 +1337,8 @@ def environment(threads):
 
 def _onednn_version():
     """``"major.minor.patch"`` of the oneDNN loaded in this process, or ``None``."""
-    onednn = sys.modules.get(__package__ + "._onednn")
-    if onednn is None or onednn._LIBRARY is None:
-        return None
-    return ".".join(str(v) for v in onednn._LIBRARY.version)
+    onednn = _loaded_onednn()
+    return None if onednn is None else ".".join(str(v) for v in onednn.version)
 
 
 def results_dict(cases, measurements, meta, scaling=None):
@@ -1836,9 +1870,8 @@ def main(argv=None):
     if args.onednn:
         from . import _onednn
 
-        os.environ.setdefault("GOMP_SPINCOUNT", TORCH_SPINCOUNT)
         try:
-            _onednn.load()
+            load_onednn()
         except _onednn.OneDNNError as exc:
             print(f"error: --onednn: {exc}", file=sys.stderr)
             return 2

@@ -160,3 +160,14 @@ def test_bench_workload_has_a_onednn_baseline_where_onednn_has_the_case():
     (case,) = bench.select_cases(ids=["ln-fwd-nchw-f32-1x768"])
     got = bench.measure_case(case, rounds=1, threads=1, target_s=1e-5, with_torch=False, with_onednn=True)
     assert got.vs_onednn > 0 and "onednn" in got.times
+
+
+def test_bench_loads_onednn_with_a_short_openmp_spin():
+    """oneDNN's libgomp reads GOMP_SPINCOUNT when it loads: the bench sets it first, as for torch."""
+    code = (
+        "import os\nfrom fastnorm import bench\n"
+        "bench.load_onednn()\nprint(os.environ.get('GOMP_SPINCOUNT'), bench.environment(1)['onednn'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == [bench.TORCH_SPINCOUNT, "3.2.0"]
