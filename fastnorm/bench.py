@@ -1212,6 +1212,19 @@ def summarize_scaling(scaling):
     return f"median speed-up over {len(scaling)} cases: {', '.join(parts)}"
 
 
+#: Baselines measured only on request: (time key, ratio attribute, plot label, plot colour).
+#: Their table columns and plot panels appear when any case has them.
+_OPTIONAL_BASELINES = (
+    ("floor", "vs_floor", "fastnorm / traffic floor (1 = bandwidth floor)", "tab:green"),
+    ("onednn", "vs_onednn", "fastnorm / oneDNN (< 1: fastnorm faster)", "tab:purple"),
+)
+
+
+def _measured_baselines(ids, measurements):
+    """Return the entries of :data:`_OPTIONAL_BASELINES` that any of the cases ``ids`` has a ratio for."""
+    return [b for b in _OPTIONAL_BASELINES if any(getattr(measurements[i], b[1]) is not None for i in ids)]
+
+
 #: Ratios of a :class:`Measurement`: (name in tables and summaries, attribute).
 _METRICS = (
     ("fastnorm/torch", "vs_torch"),
@@ -1255,13 +1268,10 @@ def table_rows(cases, measurements):
     The ``floor``/``fastnorm/floor`` and ``onednn``/``fastnorm/onednn`` columns
     are there when any case has them.
     """
-    floors = any(measurements[c.id].vs_floor is not None for c in cases)
-    onednn = any(measurements[c.id].vs_onednn is not None for c in cases)
+    optional = _measured_baselines([c.id for c in cases], measurements)
     rows = [["case", "MB", "fastnorm", "torch", "fastnorm/torch", "fastnorm/memcpy"]]
-    if floors:
-        rows[0] += ["floor", "fastnorm/floor"]
-    if onednn:
-        rows[0] += ["onednn", "fastnorm/onednn"]
+    for key, _, _, _ in optional:
+        rows[0] += [key, f"fastnorm/{key}"]
     for case in cases:
         m = measurements[case.id]
         row = [
@@ -1272,10 +1282,8 @@ def table_rows(cases, measurements):
             _fmt_ratio(m.vs_torch),
             _fmt_ratio(m.vs_memcpy),
         ]
-        if floors:
-            row += [format_time(m.times.get("floor")), _fmt_ratio(m.vs_floor)]
-        if onednn:
-            row += [format_time(m.times.get("onednn")), _fmt_ratio(m.vs_onednn)]
+        for key, attr, _, _ in optional:
+            row += [format_time(m.times.get(key)), _fmt_ratio(getattr(m, attr))]
         rows.append(row)
     return rows
 
@@ -1486,12 +1494,8 @@ def write_plot(path, cases, measurements, title=None):
         ("fastnorm / torch (< 1: fastnorm faster)", [measurements[i].vs_torch for i in ids], "tab:blue"),
         ("fastnorm / memcpy (1 = copy speed)", [measurements[i].vs_memcpy for i in ids], "tab:orange"),
     ]
-    if any(measurements[i].vs_floor is not None for i in ids):
-        floors = [measurements[i].vs_floor for i in ids]
-        panels.append(("fastnorm / traffic floor (1 = bandwidth floor)", floors, "tab:green"))
-    if any(measurements[i].vs_onednn is not None for i in ids):
-        onednn = [measurements[i].vs_onednn for i in ids]
-        panels.append(("fastnorm / oneDNN (< 1: fastnorm faster)", onednn, "tab:purple"))
+    for _, attr, label, color in _measured_baselines(ids, measurements):
+        panels.append((label, [getattr(measurements[i], attr) for i in ids], color))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), height), sharey=True)
     for ax, (label, values, color) in zip(axes, panels, strict=True):
         vals = np.array([np.nan if v is None else v for v in values], dtype=float)
