@@ -49,6 +49,21 @@ def helper(func):
     return numba.njit(**JIT_OPTIONS)(func)
 
 
+def typed_helper(signatures):
+    """Return a decorator compiling a serial helper for exactly ``signatures``, eagerly.
+
+    For a helper the public layer calls with arrays that may be read-only:
+    with array arguments declared read-only, writable and read-only arrays
+    match the same compiled version (Numba would otherwise compile a version
+    per combination on first use).
+    """
+
+    def decorate(func):
+        return numba.njit(signatures, **JIT_OPTIONS)(func)
+
+    return decorate
+
+
 def glue(func):
     """Compile a serial helper inlined into its callers at Numba IR level.
 

@@ -12,13 +12,17 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from numba import types
 
 from . import _kernels as K
+from ._config import glue, typed_helper
 from .spec import NormSpec
 
 __all__ = ["Stats", "forward", "forward_inference", "backward"]
 
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
+#: Stands for the statistics in :func:`_check_alias` when a pass has none to check.
+_NO_STATS = _EMPTY[np.dtype(np.float64)]
 
 
 @dataclass(frozen=True)
@@ -205,13 +209,11 @@ def _make_plan(x, spec, training):
     if spec.kind in ("layer_norm", "rms_norm"):
         k = spec.normalized_ndim
         if x.ndim < k:
-            raise ValueError(
-                f"{spec.kind} over the last {k} dims needs x.ndim >= {k}, got x.shape={shape}"
-            )
+            raise ValueError(f"{spec.kind} over the last {k} dims needs x.ndim >= {k}, got x.shape={shape}")
         rows = math.prod(shape[: x.ndim - k])
         width = math.prod(shape[x.ndim - k :])
         if training and width == 0 and rows > 0:
-            raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k:]} hold no elements")
+            raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k :]} hold no elements")
         eps = spec.eps if spec.eps is not None else float(np.finfo(x.dtype).eps)
         kspec = K.KernelSpec(rows, 1, width, 1, flags | K.PER_ELEMENT, eps)
         return _new_plan(kspec, shape, None, tuple(shape[x.ndim - k :]), tuple(shape[: x.ndim - k]), width)
@@ -239,22 +241,17 @@ def _make_plan(x, spec, training):
         group_size = n * spatial
         stats_shape = (channels,)
         if training and group_size == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {shape}"
-            )
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
     else:
         groups = channels if spec.kind == "instance_norm" else spec.num_groups
         if channels % groups:
             raise ValueError(
-                f"num_groups={groups} does not divide C={channels} channels; "
-                f"choose a divisor of {channels}"
+                f"num_groups={groups} does not divide C={channels} channels; choose a divisor of {channels}"
             )
         group_size = (channels // groups) * spatial
         stats_shape = (n, groups)
         if training and spec.kind == "instance_norm" and spatial == 1:
-            raise ValueError(
-                f"Expected more than 1 spatial element when training, got input size {shape}"
-            )
+            raise ValueError(f"Expected more than 1 spatial element when training, got input size {shape}")
     if training and group_size == 0 and math.prod(stats_shape) > 0:
         raise ValueError(
             f"{spec.kind}: x.shape={shape} gives groups of 0 elements; their statistics are undefined"
@@ -327,30 +324,76 @@ def _output(like, plan, out, name="out"):
             f"{name} has shape {out.shape} and dtype {out.dtype}; expected shape {like.shape} "
             f"and dtype {like.dtype}"
         )
-    if not out.flags.writeable:
+    flags = out.flags
+    if not flags.writeable:
         raise ValueError(f"{name} is read-only")
-    target = out if plan.kernel_axes is None else out.transpose(plan.kernel_axes)
-    if not target.flags.c_contiguous or not out.flags.aligned:
+    target_flags = flags if plan.kernel_axes is None else out.transpose(plan.kernel_axes).flags
+    if not target_flags.c_contiguous or not flags.aligned:
         order = "C-contiguous" if plan.kernel_axes is None else "channels-last (like x)"
         raise ValueError(f"{name} must be an aligned {order} array to be written in place")
-    return out, target.reshape(-1)
+    return out, _kernel_view(out, plan)  # a view: contiguous in the kernel's order
 
 
-def _check_alias(out_flat, inputs, name, others=()):
-    """``out`` may be exactly one of ``inputs`` (in place) but must not partly overlap any.
+def _overlap_signature(dtype):
+    data = types.Array(dtype, 1, "C", readonly=True)
+    stats = types.Array(types.float64, 1, "C", readonly=True)
+    return types.int64(data, data, data, data, data, stats, stats)
 
-    Nor may it overlap any of ``others`` (weight, bias, statistics: read again after
-    ``out`` has been partly written).
+
+@glue
+def _extent_overlap(a, b):
+    """Whether the memory of two 1-D contiguous arrays overlaps (never for an empty one)."""
+    if a.size == 0 or b.size == 0:
+        return False
+    a_lo = a.ctypes.data
+    b_lo = b.ctypes.data
+    return a_lo < b_lo + b.size * b.itemsize and b_lo < a_lo + a.size * a.itemsize
+
+
+@glue
+def _same_memory(a, b):
+    """Whether two 1-D contiguous arrays of one dtype are views of exactly the same memory."""
+    return a.ctypes.data == b.ctypes.data and a.size == b.size
+
+
+@typed_helper([_overlap_signature(types.float32), _overlap_signature(types.float64)])
+def _overlap_status(out, first, second, weight, bias, mean, rstd):
+    """Classify how ``out`` overlaps the other arrays of a kernel call (one compiled call).
+
+    Every argument is a 1-D C-contiguous kernel view, so that its memory is
+    exactly ``[data, data + nbytes)``.  Returns 0 when ``out`` overlaps
+    nothing, or is exactly ``first`` or ``second`` (in place); 1 when it
+    overlaps ``weight``, ``bias``, ``mean`` or ``rstd``; 2 when it partly
+    overlaps ``first`` or ``second``.  Pass an input twice, or an empty array,
+    for an argument a pass does not have.
     """
-    for array in others:
-        if np.shares_memory(out_flat, array):
-            raise ValueError(f"{name} overlaps weight, bias or the statistics; pass a separate buffer")
-    for array in inputs:
-        if np.shares_memory(out_flat, array) and not (
-            out_flat.__array_interface__["data"][0] == array.__array_interface__["data"][0]
-            and out_flat.shape == array.shape
-        ):
-            raise ValueError(f"{name} partly overlaps an input; pass a separate buffer or the input itself")
+    if (
+        _extent_overlap(out, weight)
+        or _extent_overlap(out, bias)
+        or _extent_overlap(out, mean)
+        or _extent_overlap(out, rstd)
+    ):
+        return 1
+    if _extent_overlap(out, first) and not _same_memory(out, first):
+        return 2
+    if _extent_overlap(out, second) and not _same_memory(out, second):
+        return 2
+    return 0
+
+
+def _check_alias(out_flat, first, second, weight_flat, bias_flat, mean, rstd, name="out"):
+    """``out`` may be exactly ``first`` or ``second`` (in place) but must not partly overlap either.
+
+    Nor may it overlap ``weight_flat``, ``bias_flat``, ``mean`` or ``rstd``
+    (read again after ``out`` has been partly written).  All are flat
+    contiguous kernel views (:func:`_overlap_status`): one compiled call
+    instead of a ``numpy.shares_memory`` per array (about 0.2 us each).
+    """
+    status = _overlap_status(out_flat, first, second, weight_flat, bias_flat, mean, rstd)
+    if status == 1:
+        raise ValueError(f"{name} overlaps weight, bias or the statistics; pass a separate buffer")
+    if status == 2:
+        raise ValueError(f"{name} partly overlaps an input; pass a separate buffer or the input itself")
 
 
 def _prepare_forward(x, plan, weight, bias, out, stats_flat=()):
@@ -363,7 +406,8 @@ def _prepare_forward(x, plan, weight, bias, out, stats_flat=()):
     x_flat = _kernel_view(x, plan)
     y, y_flat = _output(x, plan, out)
     if out is not None:
-        _check_alias(y_flat, [x_flat], "out", [weight_flat, bias_flat, *stats_flat])
+        mean, rstd = stats_flat if stats_flat else (_NO_STATS, _NO_STATS)
+        _check_alias(y_flat, x_flat, x_flat, weight_flat, bias_flat, mean, rstd)
     return weight_flat, bias_flat, x_flat, y, y_flat
 
 
@@ -530,7 +574,7 @@ def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
     dy_flat = _kernel_view(dy if dy.flags.aligned else dy.copy(order="K"), plan)
     dx, dx_flat = _output(x, plan, out)
     if out is not None:
-        _check_alias(dx_flat, [x_flat, dy_flat], "out", [weight_flat, mean, rstd])
+        _check_alias(dx_flat, x_flat, dy_flat, weight_flat, _EMPTY[x.dtype], mean, rstd)
     dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
     if dx_flat.size:

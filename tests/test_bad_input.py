@@ -571,6 +571,43 @@ def test_backward_out_partly_overlapping_dy():
     rejected(ValueError, "partly overlaps", lambda: fastnorm.backward(dy, x, stats, spec, out=out), buf, x)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_overlap_status_classifies_every_argument(dtype):
+    """The compiled overlap check behind every ``out=``: each slot, each boundary, read-only views."""
+    from fastnorm.core import _overlap_status
+
+    buf = np.zeros(64, dtype)
+    none = np.empty(0, dtype)
+    no_stats = np.empty(0)
+    out = buf[16:32]
+
+    def status(first=None, second=None, weight=none, bias=none, mean=no_stats, rstd=no_stats, target=out):
+        first = buf[40:56] if first is None else first
+        second = first if second is None else second
+        return _overlap_status(target, first, second, weight, bias, mean, rstd)
+
+    assert status() == 0
+    assert status(first=out) == 0  # in place
+    assert status(first=buf[32:48], second=buf[0:16]) == 0  # touching both ends, no shared byte
+    assert status(first=buf[31:47]) == 2  # one shared element
+    assert status(second=buf[15:31]) == 2
+    assert status(first=buf[16:31]) == 2  # same start, shorter
+    assert status(first=buf[16:32][::-1].copy()) == 0  # a copy is separate memory
+    for slot in ("weight", "bias"):
+        assert status(**{slot: buf[31:33]}) == 1
+        assert status(**{slot: buf[32:34]}) == 0
+    stats_buf = np.zeros(8)
+    view = stats_buf.view(dtype)
+    for slot in ("mean", "rstd"):
+        assert status(target=view, **{slot: stats_buf[3:4]}) == 1
+        assert status(**{slot: stats_buf}) == 0
+    assert status(target=buf[16:16]) == 0  # an empty out overlaps nothing
+    read_only = buf[40:56]
+    read_only.flags.writeable = False
+    assert status(first=read_only, weight=read_only[:0]) == 0
+    assert status(target=read_only, first=read_only) == 0
+
+
 def test_out_misaligned():
     x = _x((2, 4, 3))
     raw = np.zeros(x.nbytes + 1, np.uint8)
