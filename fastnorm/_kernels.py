@@ -79,8 +79,14 @@ CANCELLATION_LIMIT = 1024.0
 #: of accumulation, so at C=256 blocks of ``BLOCK // C = 16`` rows spent a
 #: third of the moments pass finishing blocks (measured fwd 8.2 -> 4.9 ms).
 CL_MIN_ROWS = 256
-#: Widest channels-last rows whose moments are accumulated two rows per step.
-CL_PAIR_MAX_CHANNELS = 128
+#: Widest channels-last rows whose per-channel reductions take several rows per
+#: step (moments four, backward dot products two): fewer float64 accumulator
+#: loads and stores per element.  Kernel A/B against two rows / one row per
+#: step, float32, 2 threads, same process: forward (8,16,64,64) 0.80-0.86x,
+#: (8,64,32,32) 0.92-0.96x, (32,64,56,56) 0.93-0.98x; backward (8,32,64,32)
+#: 0.86-0.87x, (8,16,64,64) 0.88x, (8,64,32,32) 0.89-0.97x, (32,64,56,56)
+#: 0.92-1.01x.  Four rows per step in the dots measured 0.93-1.03x of two.
+CL_MULTIROW_MAX_CHANNELS = 128
 #: Channels-last elementwise passes (normalize, dx) over at most this many
 #: channels, with one statistics set (BatchNorm), step over several rows at
 #: once: a row of C <= 32 elements is too short for the per-row cost of a
@@ -1010,21 +1016,24 @@ def _cl_block_moments(x, work, spec, nblocks, blk):
         first = x[off : off + nc]
         for c in range(nc):
             shift[c] = first[c]
-    # Up to 128 channels, two rows per step halve the accumulator traffic
-    # (measured 1.6x faster at C=64); wider rows take one row per step (two
-    # were 1.7x slower at C=256), and more rows per step touch too many arrays
-    # for LLVM's runtime alias checks (the loop stays scalar).
+    # Up to 128 channels, four rows per step cut the accumulator traffic
+    # (two rows per step were 1.6x faster than one at C=64, four 0.69-0.72x of
+    # two in cache); wider rows take one row per step (two were 1.7x slower at
+    # C=256).  The four rows are one slice of x: as four slices they needed
+    # more runtime alias checks than LLVM allows, and the loop stayed scalar.
     r = 0
-    if nc <= CL_PAIR_MAX_CHANNELS:
-        while r + 2 <= rows:
-            x0 = x[off + r * nc : off + (r + 1) * nc]
-            x1 = x[off + (r + 1) * nc : off + (r + 2) * nc]
+    if nc <= CL_MULTIROW_MAX_CHANNELS:
+        while r + 4 <= rows:
+            x4 = x[off + r * nc : off + (r + 4) * nc]
             for c in range(nc):
-                d0 = x0[c] - shift[c]
-                d1 = x1[c] - shift[c]
-                mean[c] += d0 + d1
-                m2[c] += d0 * d0 + d1 * d1
-            r += 2
+                shift_c = shift[c]
+                d0 = x4[c] - shift_c
+                d1 = x4[nc + c] - shift_c
+                d2 = x4[2 * nc + c] - shift_c
+                d3 = x4[3 * nc + c] - shift_c
+                mean[c] += (d0 + d1) + (d2 + d3)
+                m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            r += 4
     for row in range(r, rows):
         xr = x[off + row * nc : off + (row + 1) * nc]
         for c in range(nc):
@@ -1262,10 +1271,23 @@ def _cl_block_dots(dy, x, work, chan_mean, spec, nblocks, blk):
     sum_dy_xc = work[2 * nc * blk + nc : 2 * nc * (blk + 1)]
     sum_dy[:] = 0.0
     sum_dy_xc[:] = 0.0
-    # One row per step (see _cl_block_moments: stays vectorized).
-    for r in range(rows):
-        xr = x[off + r * nc : off + (r + 1) * nc]
-        dyr = dy[off + r * nc : off + (r + 1) * nc]
+    # Up to 128 channels, two rows per step (each a single slice of x and of
+    # dy, see _cl_block_moments) halve the accumulator traffic.
+    r = 0
+    if nc <= CL_MULTIROW_MAX_CHANNELS:
+        while r + 2 <= rows:
+            x2 = x[off + r * nc : off + (r + 2) * nc]
+            dy2 = dy[off + r * nc : off + (r + 2) * nc]
+            for c in range(nc):
+                mean_c = mean[c]
+                dy0 = dy2[c]  # loaded once: see _row_dots_and_partials
+                dy1 = dy2[nc + c]
+                sum_dy[c] += dy0 + dy1
+                sum_dy_xc[c] += dy0 * (x2[c] - mean_c) + dy1 * (x2[nc + c] - mean_c)
+            r += 2
+    for row in range(r, rows):
+        xr = x[off + row * nc : off + (row + 1) * nc]
+        dyr = dy[off + row * nc : off + (row + 1) * nc]
         for c in range(nc):
             dy_c = dyr[c]  # loaded once: see _row_dots_and_partials
             sum_dy[c] += dy_c

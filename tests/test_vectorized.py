@@ -45,12 +45,15 @@ VECTOR_LOOPS = {
     # with and without weight
     "_row_dots_and_partials": 2,
     "_param_partials": 1,
-    # the row loops over channels (two rows per step, one row per step), the shift
-    # copy and the inlined two-pass fallback, as LLVM versions them
-    "_cl_block_moments": 12,
+    # the row loops over channels (four rows per step, one row per step), the shift
+    # copy and the inlined two-pass fallback (2).  With two rows per step LLVM
+    # unrolled the outer loop into 8 vectorized copies (12 loops); four rows per step
+    # are one vectorized loop of 4 x 8 lanes.
+    "_cl_block_moments": 5,
     "_cl_merge_set": 6,
     "_cl_normalize_block": 1,
-    "_cl_block_dots": 1,
+    # two rows per step, one row per step
+    "_cl_block_dots": 2,
     "_cl_sum_set": 1,
     "_cl_dx_block": 1,
 }
@@ -139,9 +142,9 @@ KERNEL_VECTOR_LOOPS = {
     "forward_train_cf": 23,
     "normalize_cf": 5,
     "backward_cf": 35,
-    "forward_train_cl": 20,
+    "forward_train_cl": 14,
     "normalize_cl": 3,
-    "backward_cl": 11,
+    "backward_cl": 18,
 }
 
 
