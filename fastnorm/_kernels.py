@@ -84,7 +84,7 @@ CL_MIN_ROWS = 256
 #: loads and stores per element.  Kernel A/B against two rows / one row per
 #: step, float32, 2 threads, same process: forward (8,16,64,64) 0.80-0.86x,
 #: (8,64,32,32) 0.92-0.96x, (32,64,56,56) 0.93-0.98x; backward (8,32,64,32)
-#: 0.86-0.87x, (8,16,64,64) 0.88x, (8,64,32,32) 0.89-0.97x, (32,64,56,56)
+#: 0.86-0.87x, (8,16,64,64) 0.88x, (8,64,32,32) 0.89-0.99x, (32,64,56,56)
 #: 0.92-1.01x.  Four rows per step in the dots measured 0.93-1.03x of two.
 CL_MULTIROW_MAX_CHANNELS = 128
 #: Channels-last elementwise passes (normalize, dx) over at most this many
