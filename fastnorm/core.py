@@ -342,6 +342,7 @@ def _output(like, plan, out, name="out"):
 
 
 def _overlap_signature(dtype):
+    """Numba signature of :func:`_overlap_status` for ``dtype`` data (writable arrays match too)."""
     data = types.Array(dtype, 1, "C", readonly=True)
     stats = types.Array(types.float64, 1, "C", readonly=True)
     return types.int64(data, data, data, data, data, stats, stats)
