@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test capi bench bench-check bench-ci clean
+.PHONY: demo test coverage capi bench bench-check bench-ci clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m pytest
+
+# Line and branch coverage of fastnorm/ by the whole suite, kernels included: with
+# NUMBA_DISABLE_JIT=1 they run as Python (tests marked jit or slow are skipped).
+coverage: $(VENV)/.installed-test
+	NUMBA_DISABLE_JIT=1 $(PY) -m coverage run -m pytest -q -m "not slow"
+	$(PY) -m coverage report
 
 # Build capi/build/libfastnorm.so (+ fastnorm.pc) and warm the Numba cache (docs/c-api.md).
 capi: $(VENV)/.installed-test

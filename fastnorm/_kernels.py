@@ -1437,7 +1437,8 @@ def _serial_build(parallel_kernel):
     The clone gets its own ``__qualname__`` so that Numba's on-disk cache keeps
     the two builds apart.
     """
-    func = parallel_kernel.py_func
+    # With NUMBA_DISABLE_JIT=1 the decorators return the plain function.
+    func = getattr(parallel_kernel, "py_func", parallel_kernel)
     clone = types.FunctionType(
         func.__code__, func.__globals__, func.__name__ + "_serial", func.__defaults__, func.__closure__
     )

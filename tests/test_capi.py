@@ -20,6 +20,9 @@ import pytest
 
 import fastnorm
 
+# C ABI / LLVM IR: needs the compiled kernels (skipped under NUMBA_DISABLE_JIT=1, see conftest.py).
+pytestmark = pytest.mark.jit
+
 REPO = Path(__file__).resolve().parent.parent
 CAPI = REPO / "capi"
 GCC = shutil.which("gcc")

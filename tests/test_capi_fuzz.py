@@ -21,6 +21,9 @@ import sys
 import pytest
 from test_capi import ASAN_ENV, CAPI, GCC, _have_cffi, build_sanitized_library, compile_sanitized, run
 
+# C ABI / LLVM IR: needs the compiled kernels (skipped under NUMBA_DISABLE_JIT=1, see conftest.py).
+pytestmark = pytest.mark.jit
+
 MIN_CALLS = 100_000
 
 

@@ -25,6 +25,9 @@ from numba import types
 from fastnorm import _kernels as K
 from fastnorm._config import JIT_OPTIONS
 
+# C ABI / LLVM IR: needs the compiled kernels (skipped under NUMBA_DISABLE_JIT=1, see conftest.py).
+pytestmark = pytest.mark.jit
+
 #: helper -> vectorized loops (``vector.body`` blocks) in its optimized IR, both dtypes.
 VECTOR_LOOPS = {
     # shifted one-pass sums, uncentered sum of squares, the inlined two-pass fallback (2)
