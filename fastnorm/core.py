@@ -23,6 +23,7 @@ __all__ = ["Stats", "forward", "forward_inference", "backward"]
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
 #: Stands for the statistics in :func:`_check_alias` when a pass has none to check.
 _NO_STATS = _EMPTY[np.dtype(np.float64)]
+_FLOAT64 = np.dtype(np.float64)
 
 
 @dataclass(frozen=True)
@@ -427,10 +428,13 @@ def _stats_arrays(stats, plan):
 
 
 def _stats_array(value, name, plan):
-    if type(value) is np.ndarray and value.dtype == np.float64 and value.shape == plan.stats_shape:
+    # Fast path: already what the kernel takes.  Built-in dtypes are
+    # singletons, so ``is`` stands for ``==`` here (anything else takes the
+    # full path); a 1-D array needs no ravel view.
+    if type(value) is np.ndarray and value.dtype is _FLOAT64 and value.shape == plan.stats_shape:
         flags = value.flags
         if flags.c_contiguous and flags.aligned:
-            return value.ravel()  # fast path: already what the kernel takes
+            return value if value.ndim == 1 else value.ravel()
     value = np.asarray(value)
     if value.dtype.kind != "f":
         raise TypeError(f"stats.{name}.dtype={value.dtype} must be floating point")

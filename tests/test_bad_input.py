@@ -724,6 +724,39 @@ def test_batch_norm_functional_empty_batch_training_raises_and_changes_nothing()
 # ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "form",
+    ["big-endian", "float32", "strided view", "fortran order", "list"],
+)
+@pytest.mark.parametrize("spec", [NormSpec.batch_norm(), NormSpec.instance_norm()], ids=["bn", "in"])
+def test_stats_in_any_float_form_give_the_same_result(form, spec):
+    """Statistics that are not native C-contiguous float64 arrays are converted, never misread."""
+    x, dy = _x((3, 4, 5)), _x((3, 4, 5), seed=1)
+    _, stats = fastnorm.forward(x, spec)
+    mean, rstd = stats.mean, stats.rstd.astype(np.float32).astype(np.float64)  # float32-exact rstd
+
+    def convert(a):
+        if form == "big-endian":
+            return a.astype(a.dtype.newbyteorder(">"))
+        if form == "float32":
+            return a.astype(np.float32)
+        if form == "strided view":
+            return np.repeat(a, 2, axis=-1)[..., ::2]
+        if form == "fortran order":
+            return np.asfortranarray(a)
+        return a.tolist()
+
+    odd = Stats(convert(mean), convert(rstd))
+    if form == "float32":
+        mean = mean.astype(np.float32).astype(np.float64)
+    native = Stats(mean, rstd)
+    np.testing.assert_array_equal(
+        fastnorm.forward_inference(x, odd, spec), fastnorm.forward_inference(x, native, spec)
+    )
+    for got, want in zip(fastnorm.backward(dy, x, odd, spec), fastnorm.backward(dy, x, native, spec)):
+        np.testing.assert_array_equal(got, want)
+
+
 def _check_all_passes(x, dy, w, b, spec, kind, **ref):
     """Forward, inference and backward on (possibly odd) arrays vs the reference on clean copies."""
     xc = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
