@@ -184,8 +184,15 @@ def _finish(count, mean, m2, flags, eps):
 
 @glue
 def _stat_index(spec, n, c):
-    """Index of the statistics that apply to sample ``n``, channel ``c``."""
-    group = c // (spec.channels // spec.groups)
+    """Index of the statistics that apply to sample ``n``, channel ``c``.
+
+    No division for one channel per group (BatchNorm, InstanceNorm): a 64-bit
+    division per plane was about 2.5 ns of a 9-20 ns per-plane overhead.
+    """
+    if spec.groups == spec.channels:
+        group = np.int64(c)
+    else:
+        group = np.int64(c) // (spec.channels // spec.groups)
     if spec.flags & BATCH:
         return group
     return n * spec.groups + group
@@ -200,6 +207,8 @@ def _plane_stat_index(spec, plane):
     """
     if spec.channels == 1:
         return 0 if spec.flags & BATCH else np.int64(plane)
+    if spec.groups == spec.channels and not spec.flags & BATCH:
+        return np.int64(plane)  # InstanceNorm: one statistics pair per plane
     n = plane // spec.channels
     return _stat_index(spec, n, plane - n * spec.channels)
 
@@ -527,10 +536,17 @@ def _cf_normalize_block(x, y, weight, bias, spec, mean, rstd, plane, b):
     if spec.flags & PER_ELEMENT:
         _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd)
     else:
-        c = plane % spec.channels
-        scale = rstd * weight[c] if weight.size > 0 else rstd
-        shift = bias[c] if bias.size > 0 else 0.0
+        scale, shift = _cf_plane_coefs(weight, bias, spec, rstd, plane)
         _normalize(x, y, off, count, mean, scale, shift)
+
+
+@glue
+def _cf_plane_coefs(weight, bias, spec, rstd, plane):
+    """``(scale, shift)`` of a per-channel plane: ``rstd * weight[c]`` and ``bias[c]``."""
+    c = plane % spec.channels
+    scale = rstd * weight[c] if weight.size > 0 else rstd
+    shift = bias[c] if bias.size > 0 else 0.0
+    return scale, shift
 
 
 @glue
@@ -653,11 +669,26 @@ def normalize_cf(x, weight, bias, y, mean, rstd, params):
     spec = KernelSpec(*params)
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
     centered = spec.flags & CENTERED != 0
-    for blk in prange(spec.batch * spec.channels * nblocks):
-        plane, b = _block_plane(blk, nblocks)
-        k = _plane_stat_index(spec, plane)
-        group_mean = mean[k] if centered else 0.0
-        _cf_normalize_block(x, y, weight, bias, spec, group_mean, rstd[k], plane, b)
+    # One loop per kind of parameters, each calling its elementwise loop
+    # directly: through _cf_normalize_block, whose branch sits inside the
+    # loop, a plane of 64 float32 elements cost about twice the time (BN
+    # (1, 64, 64): 1.48 -> 0.66-0.83 us, serial build; about 20 -> 9-12 ns
+    # per plane of 4).
+    if spec.flags & PER_ELEMENT:
+        for blk in prange(spec.batch * spec.channels * nblocks):
+            plane, b = _block_plane(blk, nblocks)
+            k = _plane_stat_index(spec, plane)
+            s0 = b * BLOCK
+            off, count = plane * spec.spatial + s0, min(BLOCK, spec.spatial - s0)
+            _normalize_per_element(x, y, weight, bias, off, count, s0, mean[k] if centered else 0.0, rstd[k])
+    else:
+        for blk in prange(spec.batch * spec.channels * nblocks):
+            plane, b = _block_plane(blk, nblocks)
+            k = _plane_stat_index(spec, plane)
+            s0 = b * BLOCK
+            scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
+            off, count = plane * spec.spatial + s0, min(BLOCK, spec.spatial - s0)
+            _normalize(x, y, off, count, mean[k] if centered else 0.0, scale, shift)
 
 
 @glue
