@@ -550,6 +550,51 @@ def _cf_plane_coefs(weight, bias, spec, rstd, plane):
 
 
 @glue
+def _cf_group_one_block(x, mean, rstd, spec, k):
+    """Moments of fused group ``k``, contiguous and of at most ``BLOCK`` elements, in one pass.
+
+    Stores its ``mean[k]`` and ``rstd[k]``; returns its first plane and both.
+    """
+    n0, _, c0, d = _group(spec, k)
+    plane = n0 * spec.channels + c0
+    count = d * spec.spatial
+    block_mean, block_m2 = _moments(x, plane * spec.spatial, count, spec.flags & CENTERED)
+    group_mean, group_rstd = _finish(float(count), block_mean, block_m2, spec.flags, spec.eps)
+    mean[k] = group_mean
+    rstd[k] = group_rstd
+    return plane, group_mean, group_rstd
+
+
+@glue
+def _cf_normalize_planes(x, weight, bias, y, mean, rstd, spec):
+    """Normalize every block of every plane with its group's statistics (parallel over blocks).
+
+    One loop per kind of parameters, each calling its elementwise loop
+    directly: through :func:`_cf_normalize_block`, whose branch sits inside
+    the loop, a plane of 64 float32 elements cost about twice the time (BN
+    (1, 64, 64): 1.48 -> 0.66-0.83 us, serial build; about 20 -> 9-12 ns per
+    plane of 4).
+    """
+    nblocks = (spec.spatial + BLOCK - 1) // BLOCK
+    centered = spec.flags & CENTERED != 0
+    if spec.flags & PER_ELEMENT:
+        for blk in prange(spec.batch * spec.channels * nblocks):
+            plane, b = _block_plane(blk, nblocks)
+            k = _plane_stat_index(spec, plane)
+            s0 = b * BLOCK
+            off, count = plane * spec.spatial + s0, min(BLOCK, spec.spatial - s0)
+            _normalize_per_element(x, y, weight, bias, off, count, s0, mean[k] if centered else 0.0, rstd[k])
+    else:
+        for blk in prange(spec.batch * spec.channels * nblocks):
+            plane, b = _block_plane(blk, nblocks)
+            k = _plane_stat_index(spec, plane)
+            s0 = b * BLOCK
+            scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
+            off, count = plane * spec.spatial + s0, min(BLOCK, spec.spatial - s0)
+            _normalize(x, y, off, count, mean[k] if centered else 0.0, scale, shift)
+
+
+@glue
 def _pipelined_rows(x, y, weight, bias, spec):
     """Whether :func:`_rows_forward` serves these rows.
 
@@ -610,26 +655,29 @@ def forward_train_cf(x, weight, bias, y, mean, rstd, params):
         for t in prange((nstats + chunk - 1) // chunk):
             _rows_forward(x, y, weight, bias, spec, mean, rstd, t * chunk, min(nstats, (t + 1) * chunk))
         return
-    work = np.empty(0 if one_block else 2 * planes * nblocks)
+    if one_block:
+        # One task per one-block group (short LayerNorm row, small
+        # InstanceNorm plane, the few small planes of a GroupNorm group): the
+        # moments of the whole group in one pass, no workspace, then its
+        # planes normalized while in cache.  One loop per kind of parameters,
+        # as in _cf_normalize_planes.
+        if spec.flags & PER_ELEMENT:
+            for k in prange(nstats):
+                row, group_mean, group_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
+                off = row * spec.spatial
+                _normalize_per_element(x, y, weight, bias, off, spec.spatial, 0, group_mean, group_rstd)
+        else:
+            for k in prange(nstats):
+                plane, group_mean, group_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
+                for c in range(plane, plane + spec.channels // spec.groups):
+                    scale, shift = _cf_plane_coefs(weight, bias, spec, group_rstd, c)
+                    _normalize(x, y, c * spec.spatial, spec.spatial, group_mean, scale, shift)
+        return
+    work = np.empty(2 * planes * nblocks)
     if fused:
         # One task per group: read it once, normalize it while it is in cache.
         for k in prange(nstats):
             n0, samples, c0, d = _group(spec, k)
-            if one_block:
-                # A one-block group (short LayerNorm row, small InstanceNorm
-                # plane, the few small planes of a GroupNorm group): the
-                # moments of the whole group in one pass, no workspace.
-                plane = n0 * spec.channels + c0
-                centered = spec.flags & CENTERED
-                count = d * spec.spatial
-                block_mean, block_m2 = _moments(x, plane * spec.spatial, count, centered)
-                group_mean, group_rstd = _finish(float(count), block_mean, block_m2, spec.flags, spec.eps)
-                mean[k] = group_mean
-                rstd[k] = group_rstd
-                _cf_normalize_block(x, y, weight, bias, spec, group_mean, group_rstd, plane, 0)
-                for c in range(1, d):  # a loop around the first call cost 8-12 % on rows of 4-16
-                    _cf_normalize_block(x, y, weight, bias, spec, group_mean, group_rstd, plane + c, 0)
-                continue
             for n in range(n0, n0 + samples):
                 for c in range(c0, c0 + d):
                     for b in range(nblocks):
@@ -647,10 +695,7 @@ def forward_train_cf(x, weight, bias, y, mean, rstd, params):
             _cf_moments_block(x, work, spec, nblocks, plane, b)
         for k in prange(nstats):
             _cf_merge_group(work, mean, rstd, spec, nblocks, k)
-        for blk in prange(planes * nblocks):
-            plane, b = _block_plane(blk, nblocks)
-            k = _plane_stat_index(spec, plane)
-            _cf_normalize_block(x, y, weight, bias, spec, mean[k], rstd[k], plane, b)
+        _cf_normalize_planes(x, weight, bias, y, mean, rstd, spec)
 
 
 @kernel
@@ -666,29 +711,7 @@ def normalize_cf(x, weight, bias, y, mean, rstd, params):
     with ``scale = weight * rstd``, written in the centered form
     ``(x - mean) * scale + bias``.
     """
-    spec = KernelSpec(*params)
-    nblocks = (spec.spatial + BLOCK - 1) // BLOCK
-    centered = spec.flags & CENTERED != 0
-    # One loop per kind of parameters, each calling its elementwise loop
-    # directly: through _cf_normalize_block, whose branch sits inside the
-    # loop, a plane of 64 float32 elements cost about twice the time (BN
-    # (1, 64, 64): 1.48 -> 0.66-0.83 us, serial build; about 20 -> 9-12 ns
-    # per plane of 4).
-    if spec.flags & PER_ELEMENT:
-        for blk in prange(spec.batch * spec.channels * nblocks):
-            plane, b = _block_plane(blk, nblocks)
-            k = _plane_stat_index(spec, plane)
-            s0 = b * BLOCK
-            off, count = plane * spec.spatial + s0, min(BLOCK, spec.spatial - s0)
-            _normalize_per_element(x, y, weight, bias, off, count, s0, mean[k] if centered else 0.0, rstd[k])
-    else:
-        for blk in prange(spec.batch * spec.channels * nblocks):
-            plane, b = _block_plane(blk, nblocks)
-            k = _plane_stat_index(spec, plane)
-            s0 = b * BLOCK
-            scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
-            off, count = plane * spec.spatial + s0, min(BLOCK, spec.spatial - s0)
-            _normalize(x, y, off, count, mean[k] if centered else 0.0, scale, shift)
+    _cf_normalize_planes(x, weight, bias, y, mean, rstd, KernelSpec(*params))
 
 
 @glue
