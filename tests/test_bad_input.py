@@ -753,8 +753,9 @@ def test_stats_in_any_float_form_give_the_same_result(form, spec):
     np.testing.assert_array_equal(
         fastnorm.forward_inference(x, odd, spec), fastnorm.forward_inference(x, native, spec)
     )
-    for got, want in zip(fastnorm.backward(dy, x, odd, spec), fastnorm.backward(dy, x, native, spec)):
-        np.testing.assert_array_equal(got, want)
+    got, want = fastnorm.backward(dy, x, odd, spec), fastnorm.backward(dy, x, native, spec)
+    for got_array, want_array in zip(got, want, strict=True):
+        np.testing.assert_array_equal(got_array, want_array)
 
 
 def _check_all_passes(x, dy, w, b, spec, kind, **ref):
