@@ -570,10 +570,12 @@ def _cf_normalize_planes(x, weight, bias, y, mean, rstd, spec):
     """Normalize every block of every plane with its group's statistics (parallel over blocks).
 
     One loop per kind of parameters, each calling its elementwise loop
-    directly: through :func:`_cf_normalize_block`, whose branch sits inside
-    the loop, a plane of 64 float32 elements cost about twice the time (BN
-    (1, 64, 64): 1.48 -> 0.66-0.83 us, serial build; about 20 -> 9-12 ns per
-    plane of 4).
+    directly.  Through :func:`_cf_normalize_block`, whose branch sits inside
+    the loop, every plane cost about 20 ns more, whatever its size: the
+    compiled loop called Numba's reference-count functions per iteration.
+    Serial build, BatchNorm (1, 64, 64) float32: 1.48 us before, 0.83-1.04 us
+    with these loops, 0.65 us once :func:`_stat_index` also skipped its
+    division (docs/benchmarks.md, stop 14).
     """
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
     centered = spec.flags & CENTERED != 0
