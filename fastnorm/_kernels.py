@@ -498,12 +498,21 @@ def _cf_fused(spec, nstats):
 
 
 @glue
+def _cf_block_span(spec, plane, b):
+    """``(off, count, s0)`` of block ``b`` of plane ``plane``.
+
+    Its offset in the buffer, its length, and its first position in the plane.
+    """
+    s0 = b * BLOCK
+    return plane * spec.spatial + s0, min(BLOCK, spec.spatial - s0), s0
+
+
+@glue
 def _cf_moments_block(x, work, spec, nblocks, plane, b):
     """Store the moments of block ``b`` of plane ``plane = n*C + c`` in ``work``."""
-    s0 = b * BLOCK
-    count = min(BLOCK, spec.spatial - s0)
+    off, count, _ = _cf_block_span(spec, plane, b)
     blk = plane * nblocks + b
-    work[2 * blk], work[2 * blk + 1] = _moments(x, plane * spec.spatial + s0, count, spec.flags & CENTERED)
+    work[2 * blk], work[2 * blk + 1] = _moments(x, off, count, spec.flags & CENTERED)
 
 
 @glue
@@ -530,9 +539,7 @@ def _cf_merge_group(work, mean, rstd, spec, nblocks, k):
 @glue
 def _cf_normalize_block(x, y, weight, bias, spec, mean, rstd, plane, b):
     """Normalize block ``b`` of plane ``plane`` with its group's ``mean``, ``rstd``."""
-    s0 = b * BLOCK
-    count = min(BLOCK, spec.spatial - s0)
-    off = plane * spec.spatial + s0
+    off, count, s0 = _cf_block_span(spec, plane, b)
     if spec.flags & PER_ELEMENT:
         _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd)
     else:
@@ -583,16 +590,14 @@ def _cf_normalize_planes(x, weight, bias, y, mean, rstd, spec):
         for blk in prange(spec.batch * spec.channels * nblocks):
             plane, b = _block_plane(blk, nblocks)
             k = _plane_stat_index(spec, plane)
-            s0 = b * BLOCK
-            off, count = plane * spec.spatial + s0, min(BLOCK, spec.spatial - s0)
+            off, count, s0 = _cf_block_span(spec, plane, b)
             _normalize_per_element(x, y, weight, bias, off, count, s0, mean[k] if centered else 0.0, rstd[k])
     else:
         for blk in prange(spec.batch * spec.channels * nblocks):
             plane, b = _block_plane(blk, nblocks)
             k = _plane_stat_index(spec, plane)
-            s0 = b * BLOCK
+            off, count, _ = _cf_block_span(spec, plane, b)
             scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
-            off, count = plane * spec.spatial + s0, min(BLOCK, spec.spatial - s0)
             _normalize(x, y, off, count, mean[k] if centered else 0.0, scale, shift)
 
 
@@ -724,9 +729,7 @@ def _cf_dots_block(dy, x, weight, work, coef, spec, nblocks, plane, b, k):
     ``PER_ELEMENT`` with a weight, else ``g = dy`` (per-channel weights are
     applied per plane in :func:`_cf_group_coefs`).
     """
-    s0 = b * BLOCK
-    count = min(BLOCK, spec.spatial - s0)
-    off = plane * spec.spatial + s0
+    off, count, s0 = _cf_block_span(spec, plane, b)
     blk = plane * nblocks + b
     if spec.flags & PER_ELEMENT and weight.size > 0:
         work[2 * blk], work[2 * blk + 1] = _dots_weighted(dy, x, weight, off, count, s0, coef[4 * k])
@@ -772,9 +775,7 @@ def _cf_group_coefs(weight, work, coef, spec, nblocks, k):
 @glue
 def _cf_dx_block(dy, x, weight, dx, spec, plane, b, mean, rstd, kx, k0):
     """Write ``dx`` of block ``b`` of ``plane`` from its group's coefficients."""
-    s0 = b * BLOCK
-    count = min(BLOCK, spec.spatial - s0)
-    off = plane * spec.spatial + s0
+    off, count, s0 = _cf_block_span(spec, plane, b)
     xs = x[off : off + count]
     dys = dy[off : off + count]
     dxs = dx[off : off + count]
