@@ -20,10 +20,10 @@ from .spec import NormSpec
 
 __all__ = ["Stats", "forward", "forward_inference", "backward"]
 
-_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), np.dtype(np.float64): np.empty(0, np.float64)}
-#: Stands for the statistics in :func:`_check_alias` when a pass has none to check.
-_NO_STATS = _EMPTY[np.dtype(np.float64)]
 _FLOAT64 = np.dtype(np.float64)
+_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), _FLOAT64: np.empty(0, np.float64)}
+#: Stands for the statistics in :func:`_check_alias` when a pass has none to check.
+_NO_STATS = _EMPTY[_FLOAT64]
 
 
 @dataclass(frozen=True)
