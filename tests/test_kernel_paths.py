@@ -4,12 +4,15 @@ The kernels pick a strategy from the shape alone: serial build (at most
 ``SERIAL_MAX_ELEMENTS``) or parallel; fused per group (>= ``FUSE_MIN_GROUPS``
 groups) or split into block / group / block phases; one or many blocks per
 plane (``BLOCK`` elements channels-first, ``max(BLOCK // C, CL_MIN_ROWS)``
-rows channels-last); LayerNorm's row-chunk parameter gradients (>= ``4 * ROW_CHUNK`` rows; chunks longer than
-``ROW_CHUNK`` beyond ``ROW_CHUNK * ROW_TASKS`` rows) or
-column tiles; LayerNorm's software-pipelined training forward (rows of
-``PIPELINE_MIN_WIDTH`` elements to ``PIPELINE_MAX_ROW_BYTES`` bytes, with weight
-and bias); and the one-pass block moments' fallback to two passes when the
-shift is far from the mean.  Each case below is built to land on one of them
+rows channels-last); channels-last reductions over more than
+``CL_MULTIROW_MAX_CHANNELS`` channels, four rows per step from the quarters of
+a block, with the rows left over; LayerNorm's row-chunk parameter gradients
+(>= ``4 * ROW_CHUNK`` rows; chunks longer than ``ROW_CHUNK`` beyond
+``ROW_CHUNK * ROW_TASKS`` rows) or column tiles; LayerNorm's
+software-pipelined training forward (rows of ``PIPELINE_MIN_WIDTH`` elements
+to ``PIPELINE_MAX_ROW_BYTES`` bytes, with weight and bias); and the one-pass
+block moments' fallback to two passes when the shift is far from the mean.
+Each case below is built to land on one of them
 (the test asserts which), then checked forward and backward, including
 in-place outputs.
 """
@@ -35,7 +38,13 @@ CASES = {
     "in-split-cf-multiblock": ("instance_norm", (1, 2, 9000), None, False),
     "in-fused-cl": ("instance_norm", (40, 17, 3), None, True),
     "gn-split-cl-multiblock": ("group_norm", (2, 5000, 6), 3, True),
-    "gn-split-cl-wide-multiblock": ("group_norm", (2, 300, 512), 32, True),
+    # more than CL_MULTIROW_MAX_CHANNELS channels: four rows per step, one from each
+    # quarter of a block; blocks of 256 and 44 rows (quarters of 64 and 11)
+    "gn-split-cl-wide-quarters-multiblock": ("group_norm", (2, 300, 512), 32, True),
+    # blocks of 256 and 6 rows: quarters of 1 row and 2 rows left over
+    "in-split-cl-quarters-multiblock": ("instance_norm", (2, 262, 136), None, True),
+    # blocks of 256 and 3 rows: a block too short for quarters (every row left over)
+    "bn-cl-quarters-multiblock": ("batch_norm", (3, 259, 144), None, True),
     # a fused group of 2 planes of 11: one block for the whole group, no merge
     "gn-fused-cf-groupblock": ("group_norm", (9, 8, 11), 4, False),
     # a fused group of 2 planes of 2500 (5000 > BLOCK): one block per plane, merged
@@ -116,6 +125,7 @@ def _path(kspec, itemsize=4):
         and kspec.spatial * itemsize <= K.PIPELINE_MAX_ROW_BYTES
     )
     longchunks = rowchunk and nstats > K.ROW_CHUNK * K.ROW_TASKS
+    quarters = bool(kspec.flags & K.CHANNELS_LAST) and kspec.channels > K.CL_MULTIROW_MAX_CHANNELS
     return {
         "serial": small,
         "fused": fused,
@@ -124,6 +134,7 @@ def _path(kspec, itemsize=4):
         "longchunks": longchunks,
         "groupblock": groupblock,
         "pipelined": pipelined,
+        "quarters": quarters,
     }
 
 
@@ -138,6 +149,7 @@ def test_case_lands_on_its_path(name):
     assert path["longchunks"] == ("longchunks" in name)
     assert path["groupblock"] == ("groupblock" in name)
     assert path["pipelined"] == ("pipelined" in name)
+    assert path["quarters"] == ("quarters" in name)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -48,16 +48,17 @@ VECTOR_LOOPS = {
     # with and without weight
     "_row_dots_and_partials": 2,
     "_param_partials": 1,
-    # the row loops over channels (four rows per step, one row per step), each
-    # versioned by LLVM for centered and uncentered sums (the shift is a select on
-    # CENTERED), and the inlined two-pass fallback (2).  With two rows per step
-    # LLVM unrolled the outer loop into 8 vectorized copies (12 loops); four rows
-    # per step are one vectorized loop of 4 x 8 lanes.
-    "_cl_block_moments": 6,
+    # the row loops over channels (four consecutive rows per step, four rows from
+    # the block's quarters per step, one row per step), each versioned by LLVM for
+    # centered and uncentered sums (the shift is a select on CENTERED), and the
+    # inlined two-pass fallback (2).  With two rows per step LLVM unrolled the
+    # outer loop into 8 vectorized copies (12 loops); four rows per step are one
+    # vectorized loop of 4 x 8 lanes.
+    "_cl_block_moments": 8,
     "_cl_merge_set": 6,
     "_cl_normalize_block": 1,
-    # two rows per step, one row per step
-    "_cl_block_dots": 2,
+    # two consecutive rows per step, four rows from the block's quarters per step, one row per step
+    "_cl_block_dots": 3,
     "_cl_sum_set": 1,
     "_cl_dx_block": 1,
 }
