@@ -79,21 +79,24 @@ CANCELLATION_LIMIT = 1024.0
 #: of accumulation, so at C=256 blocks of ``BLOCK // C = 16`` rows spent a
 #: third of the moments pass finishing blocks (measured fwd 8.2 -> 4.9 ms).
 CL_MIN_ROWS = 256
-#: Widest channels-last rows whose per-channel reductions take several
-#: consecutive rows per step (moments four, backward dot products two): fewer
-#: float64 accumulator loads and stores per element.  Kernel A/B against two
-#: rows / one row per step, float32, 2 threads, same process: forward
-#: (8,16,64,64) 0.80-0.86x, (8,64,32,32) 0.92-0.96x, (32,64,56,56) 0.93-0.98x;
-#: backward (8,32,64,32) 0.86-0.87x, (8,16,64,64) 0.88x, (8,64,32,32)
-#: 0.89-0.99x, (32,64,56,56) 0.92-1.01x.  Four rows per step in the dots
-#: measured 0.93-1.03x of two.  Wider rows take four rows per step too, but one
-#: from each quarter of the block: four consecutive rows of 1 KB or more read
-#: from memory at 0.38-0.52 ns per element on one thread against 0.24-0.32 for
-#: one row per step, while four quarter streams took 0.15-0.20 (C = 256 and
-#: 512 float32, 33.5 MB; in cache 0.12-0.13 against 0.19).  Kernel A/B, 2
-#: threads: forward 0.77-0.95x at (8,4096,256), (4,4096,512), (2,1024,1024),
-#: backward 0.72x at (2,1024,1024), 0.93-1.00x at the larger shapes.
-CL_MULTIROW_MAX_CHANNELS = 128
+#: Longest channels-last row, in bytes, whose moments take four consecutive
+#: rows per step; the backward dot products, and the moments of longer rows,
+#: take four rows per step too, but one from each quarter of the block.  Either
+#: way the float64 accumulators are loaded and stored once per four rows (two
+#: rows per step were 1.6x faster than one at C=64, four 0.69-0.72x of two in
+#: cache).  Four consecutive rows of 512 bytes or more read memory slowly: one
+#: thread, 33.5 MB, moments per element, consecutive / quarters / one row per
+#: step: float32 C=128 0.45 / 0.18 ns, C=256 0.52 / 0.20 / 0.32 ns, C=512 0.35 /
+#: 0.19 / 0.32 ns; float64 C=64 0.60 / 0.28 ns, C=128 0.59 / 0.23 ns.  Up to 256
+#: bytes consecutive rows were as fast or faster (float32 C=64 0.19 / 0.20, C=32
+#: 0.19 / 0.22, C=16 0.21 / 0.26 ns; float64 C=32 0.31 / 0.30 ns).  Kernel A/B
+#: against the one-row (wider than 128 channels) and consecutive-row loops of
+#: before, 2 threads, same process: forward float32 (16,4096,128) 0.71x,
+#: (8,4096,256) 0.91-0.95x, (4,4096,512) 0.77-0.94x, (2,1024,1024) 0.82-0.85x,
+#: float64 (32,3136,64) 0.80-0.84x; backward (8,4096,16) 0.78x, (8,2048,32)
+#: 0.88x, (16,4096,128) 0.83-0.84x, (32,3136,64) 0.95x, float64 (32,3136,64)
+#: 0.86-0.89x, (2,1024,1024) 0.72x.
+CL_CONSECUTIVE_ROW_BYTES = 256
 #: Channels-last elementwise passes (normalize, dx) over at most this many
 #: channels, with one statistics set (BatchNorm), step over several rows at
 #: once: a row of C <= 32 elements is too short for the per-row cost of a
@@ -1084,14 +1087,13 @@ def _cl_block_moments(x, work, spec, nblocks, blk):
     # single-threaded loop of this helper alone showed no difference, so the
     # cause is not pinned down.
     first = x[off : off + nc]
-    # Four rows per step cut the accumulator traffic (two rows per step were
-    # 1.6x faster than one at C=64, four 0.69-0.72x of two in cache).  Up to
-    # CL_MULTIROW_MAX_CHANNELS channels they are four consecutive rows; wider
-    # rows take one row from each quarter of the block (see that constant).
-    # The rows are read through one slice of x: as four slices they needed
-    # more runtime alias checks than LLVM allows, and the loop stayed scalar.
+    # Four rows per step cut the accumulator traffic: four consecutive rows of
+    # at most CL_CONSECUTIVE_ROW_BYTES, else one row from each quarter of the
+    # block (see that constant).  The rows are read through one slice of x: as
+    # four slices they needed more runtime alias checks than LLVM allows, and
+    # the loop stayed scalar.
     r = 0
-    if nc <= CL_MULTIROW_MAX_CHANNELS:
+    if nc * x.itemsize <= CL_CONSECUTIVE_ROW_BYTES:
         while r + 4 <= rows:
             x4 = x[off + r * nc : off + (r + 4) * nc]
             for c in range(nc):
@@ -1357,42 +1359,28 @@ def _cl_block_dots(dy, x, work, chan_mean, spec, nblocks, blk):
     sum_dy_xc = work[2 * nc * blk + nc : 2 * nc * (blk + 1)]
     sum_dy[:] = 0.0
     sum_dy_xc[:] = 0.0
-    # Up to CL_MULTIROW_MAX_CHANNELS channels, two consecutive rows per step
-    # (each a single slice of x and of dy, see _cl_block_moments) halve the
-    # accumulator traffic; wider rows take one row from each quarter of the block.
-    r = 0
-    if nc <= CL_MULTIROW_MAX_CHANNELS:
-        while r + 2 <= rows:
-            x2 = x[off + r * nc : off + (r + 2) * nc]
-            dy2 = dy[off + r * nc : off + (r + 2) * nc]
-            for c in range(nc):
-                mean_c = mean[c]
-                dy0 = dy2[c]  # loaded once: see _row_dots_and_partials
-                dy1 = dy2[nc + c]
-                sum_dy[c] += dy0 + dy1
-                sum_dy_xc[c] += dy0 * (x2[c] - mean_c) + dy1 * (x2[nc + c] - mean_c)
-            r += 2
-    else:
-        quarter = rows // 4
-        xb = x[off : off + rows * nc]
-        dyb = dy[off : off + rows * nc]
-        for j in range(quarter):
-            o0 = j * nc
-            o1 = o0 + quarter * nc
-            o2 = o1 + quarter * nc
-            o3 = o2 + quarter * nc
-            for c in range(nc):
-                mean_c = mean[c]
-                dy0 = dyb[o0 + c]
-                dy1 = dyb[o1 + c]
-                dy2 = dyb[o2 + c]
-                dy3 = dyb[o3 + c]
-                sum_dy[c] += (dy0 + dy1) + (dy2 + dy3)
-                sum_dy_xc[c] += (dy0 * (xb[o0 + c] - mean_c) + dy1 * (xb[o1 + c] - mean_c)) + (
-                    dy2 * (xb[o2 + c] - mean_c) + dy3 * (xb[o3 + c] - mean_c)
-                )
-        r = 4 * quarter
-    for row in range(r, rows):
+    # Four rows per step, one from each quarter of the block (each array read
+    # through one slice, see _cl_block_moments): the accumulators are loaded
+    # and stored once per four rows (CL_CONSECUTIVE_ROW_BYTES).
+    quarter = rows // 4
+    xb = x[off : off + rows * nc]
+    dyb = dy[off : off + rows * nc]
+    for j in range(quarter):
+        o0 = j * nc
+        o1 = o0 + quarter * nc
+        o2 = o1 + quarter * nc
+        o3 = o2 + quarter * nc
+        for c in range(nc):
+            mean_c = mean[c]
+            dy0 = dyb[o0 + c]
+            dy1 = dyb[o1 + c]
+            dy2 = dyb[o2 + c]
+            dy3 = dyb[o3 + c]
+            sum_dy[c] += (dy0 + dy1) + (dy2 + dy3)
+            sum_dy_xc[c] += (dy0 * (xb[o0 + c] - mean_c) + dy1 * (xb[o1 + c] - mean_c)) + (
+                dy2 * (xb[o2 + c] - mean_c) + dy3 * (xb[o3 + c] - mean_c)
+            )
+    for row in range(4 * quarter, rows):
         xr = x[off + row * nc : off + (row + 1) * nc]
         dyr = dy[off + row * nc : off + (row + 1) * nc]
         for c in range(nc):

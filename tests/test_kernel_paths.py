@@ -4,9 +4,9 @@ The kernels pick a strategy from the shape alone: serial build (at most
 ``SERIAL_MAX_ELEMENTS``) or parallel; fused per group (>= ``FUSE_MIN_GROUPS``
 groups) or split into block / group / block phases; one or many blocks per
 plane (``BLOCK`` elements channels-first, ``max(BLOCK // C, CL_MIN_ROWS)``
-rows channels-last); channels-last reductions over more than
-``CL_MULTIROW_MAX_CHANNELS`` channels, four rows per step from the quarters of
-a block, with the rows left over; LayerNorm's row-chunk parameter gradients
+rows channels-last); channels-last moments over rows longer than
+``CL_CONSECUTIVE_ROW_BYTES``, four rows per step from the quarters of a block
+(as the backward dot products always), with the rows left over; LayerNorm's row-chunk parameter gradients
 (>= ``4 * ROW_CHUNK`` rows; chunks longer than ``ROW_CHUNK`` beyond
 ``ROW_CHUNK * ROW_TASKS`` rows) or column tiles; LayerNorm's
 software-pipelined training forward (rows of ``PIPELINE_MIN_WIDTH`` elements
@@ -38,8 +38,8 @@ CASES = {
     "in-split-cf-multiblock": ("instance_norm", (1, 2, 9000), None, False),
     "in-fused-cl": ("instance_norm", (40, 17, 3), None, True),
     "gn-split-cl-multiblock": ("group_norm", (2, 5000, 6), 3, True),
-    # more than CL_MULTIROW_MAX_CHANNELS channels: four rows per step, one from each
-    # quarter of a block; blocks of 256 and 44 rows (quarters of 64 and 11)
+    # rows longer than CL_CONSECUTIVE_ROW_BYTES: moments over four rows per step, one
+    # from each quarter of a block; blocks of 256 and 44 rows (quarters of 64 and 11)
     "gn-split-cl-wide-quarters-multiblock": ("group_norm", (2, 300, 512), 32, True),
     # blocks of 256 and 6 rows: quarters of 1 row and 2 rows left over
     "in-split-cl-quarters-multiblock": ("instance_norm", (2, 262, 136), None, True),
@@ -125,7 +125,7 @@ def _path(kspec, itemsize=4):
         and kspec.spatial * itemsize <= K.PIPELINE_MAX_ROW_BYTES
     )
     longchunks = rowchunk and nstats > K.ROW_CHUNK * K.ROW_TASKS
-    quarters = bool(kspec.flags & K.CHANNELS_LAST) and kspec.channels > K.CL_MULTIROW_MAX_CHANNELS
+    quarters = bool(kspec.flags & K.CHANNELS_LAST) and kspec.channels * itemsize > K.CL_CONSECUTIVE_ROW_BYTES
     return {
         "serial": small,
         "fused": fused,

@@ -57,8 +57,8 @@ VECTOR_LOOPS = {
     "_cl_block_moments": 8,
     "_cl_merge_set": 6,
     "_cl_normalize_block": 1,
-    # two consecutive rows per step, four rows from the block's quarters per step, one row per step
-    "_cl_block_dots": 3,
+    # four rows from the block's quarters per step, one row per step (the rows left over)
+    "_cl_block_dots": 2,
     "_cl_sum_set": 1,
     "_cl_dx_block": 1,
 }
