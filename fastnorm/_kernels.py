@@ -86,16 +86,18 @@ CL_MIN_ROWS = 256
 #: rows per step were 1.6x faster than one at C=64, four 0.69-0.72x of two in
 #: cache).  Four consecutive rows of 512 bytes or more read memory slowly: one
 #: thread, 33.5 MB, moments per element, consecutive / quarters / one row per
-#: step: float32 C=128 0.45 / 0.18 ns, C=256 0.52 / 0.20 / 0.32 ns, C=512 0.35 /
-#: 0.19 / 0.32 ns; float64 C=64 0.60 / 0.28 ns, C=128 0.59 / 0.23 ns.  Up to 256
-#: bytes consecutive rows were as fast or faster (float32 C=64 0.19 / 0.20, C=32
-#: 0.19 / 0.22, C=16 0.21 / 0.26 ns; float64 C=32 0.31 / 0.30 ns).  Kernel A/B
+#: step: float32 C=128 0.45 / 0.18 ns, C=256 0.38-0.52 / 0.15-0.20 / 0.24-0.32
+#: ns, C=512 0.33-0.35 / 0.16-0.19 / 0.27-0.38 ns; float64 C=64 0.60 / 0.28 ns,
+#: C=128 0.59 / 0.23 ns.  Up to 256 bytes consecutive rows were as fast or faster
+#: (float32 C=64 0.19 / 0.20, C=32 0.19 / 0.22, C=16 0.21 / 0.26 ns; float64 C=32
+#: 0.31 / 0.30 ns).  Kernel A/B
 #: against the one-row (wider than 128 channels) and consecutive-row loops of
-#: before, 2 threads, same process: forward float32 (16,4096,128) 0.71x,
-#: (8,4096,256) 0.91-0.95x, (4,4096,512) 0.77-0.94x, (2,1024,1024) 0.82-0.85x,
-#: float64 (32,3136,64) 0.80-0.84x; backward (8,4096,16) 0.78x, (8,2048,32)
-#: 0.88x, (16,4096,128) 0.83-0.84x, (32,3136,64) 0.95x, float64 (32,3136,64)
-#: 0.86-0.89x, (2,1024,1024) 0.72x.
+#: before (stop 14), 2 threads, same process: forward float32 (16,4096,128)
+#: 0.70x, (8,4096,256) 0.87-0.97x, (2,1024,1024) 0.89x, (32,3136,64) 1.02-1.04x
+#: (its moments unchanged), float64 (32,3136,64) 0.82-0.83x; backward float32
+#: (16,4096,128) 0.79x, (8,4096,16) 0.85x, (8,2048,32) 0.89x, (2,1024,1024)
+#: 0.83x, (8,4096,256) and (32,3136,64) 1.00-1.04x, float64 (32,3136,64)
+#: 0.84-0.88x (docs/benchmarks.md, stop 15).
 CL_CONSECUTIVE_ROW_BYTES = 256
 #: Channels-last elementwise passes (normalize, dx) over at most this many
 #: channels, with one statistics set (BatchNorm), step over several rows at
@@ -1063,6 +1065,17 @@ def _cl_block(spec, nblocks, blk):
     return (n * spec.spatial + row0) * spec.channels, rows, n
 
 
+@glue
+def _quarter_rows(j, quarter, nc):
+    """Offsets, within a block of rows of ``nc`` elements, of row ``j`` of each of its four quarters.
+
+    A quarter is ``quarter`` rows long (the block's rows past ``4 * quarter`` are left over).
+    """
+    o0 = j * nc
+    step = quarter * nc
+    return o0, o0 + step, o0 + 2 * step, o0 + 3 * step
+
+
 @helper
 def _cl_block_moments(x, work, spec, nblocks, blk):
     """Per-channel moments of block ``blk``, as :func:`_moments` (vectorized over C).
@@ -1109,10 +1122,7 @@ def _cl_block_moments(x, work, spec, nblocks, blk):
         quarter = rows // 4
         xb = x[off : off + rows * nc]
         for j in range(quarter):
-            o0 = j * nc
-            o1 = o0 + quarter * nc
-            o2 = o1 + quarter * nc
-            o3 = o2 + quarter * nc
+            o0, o1, o2, o3 = _quarter_rows(j, quarter, nc)
             for c in range(nc):
                 shift_c = np.float64(first[c]) if centered else 0.0
                 d0 = xb[o0 + c] - shift_c
@@ -1366,10 +1376,7 @@ def _cl_block_dots(dy, x, work, chan_mean, spec, nblocks, blk):
     xb = x[off : off + rows * nc]
     dyb = dy[off : off + rows * nc]
     for j in range(quarter):
-        o0 = j * nc
-        o1 = o0 + quarter * nc
-        o2 = o1 + quarter * nc
-        o3 = o2 + quarter * nc
+        o0, o1, o2, o3 = _quarter_rows(j, quarter, nc)
         for c in range(nc):
             mean_c = mean[c]
             dy0 = dyb[o0 + c]
