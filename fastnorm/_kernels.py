@@ -90,14 +90,13 @@ CL_MIN_ROWS = 256
 #: ns, C=512 0.33-0.35 / 0.16-0.19 / 0.27-0.38 ns; float64 C=64 0.60 / 0.28 ns,
 #: C=128 0.59 / 0.23 ns.  Up to 256 bytes consecutive rows were as fast or faster
 #: (float32 C=64 0.19 / 0.20, C=32 0.19 / 0.22, C=16 0.21 / 0.26 ns; float64 C=32
-#: 0.31 / 0.30 ns).  Kernel A/B
-#: against the one-row (wider than 128 channels) and consecutive-row loops of
-#: before (stop 14), 2 threads, same process: forward float32 (16,4096,128)
-#: 0.70x, (8,4096,256) 0.87-0.97x, (2,1024,1024) 0.89x, (32,3136,64) 1.02-1.04x
-#: (its moments unchanged), float64 (32,3136,64) 0.82-0.83x; backward float32
-#: (16,4096,128) 0.79x, (8,4096,16) 0.85x, (8,2048,32) 0.89x, (2,1024,1024)
-#: 0.83x, (8,4096,256) and (32,3136,64) 1.00-1.04x, float64 (32,3136,64)
-#: 0.84-0.88x (docs/benchmarks.md, stop 15).
+#: 0.31 / 0.30 ns).  Kernel A/B against the one-row (wider than 128 channels)
+#: and consecutive-row loops of before (stop 14), 2 threads, same process:
+#: forward float32 (16,4096,128) 0.70x, (8,4096,256) 0.87-0.97x, (2,1024,1024)
+#: 0.89x, (32,3136,64) 1.02-1.04x (its moments unchanged), float64 (32,3136,64)
+#: 0.82-0.83x; backward float32 (16,4096,128) 0.79x, (8,4096,16) 0.85x,
+#: (8,2048,32) 0.89x, (2,1024,1024) 0.83x, (8,4096,256) and (32,3136,64)
+#: 1.00-1.04x, float64 (32,3136,64) 0.84-0.88x (docs/benchmarks.md, stop 15).
 CL_CONSECUTIVE_ROW_BYTES = 256
 #: Channels-last elementwise passes (normalize, dx) over at most this many
 #: channels, with one statistics set (BatchNorm), step over several rows at
@@ -1066,13 +1065,19 @@ def _cl_block(spec, nblocks, blk):
 
 
 @glue
-def _quarter_rows(j, quarter, nc):
-    """Offsets, within a block of rows of ``nc`` elements, of row ``j`` of each of its four quarters.
+def _four_rows(j, quarter, nc, consecutive):
+    """Offsets, within a block of rows of ``nc`` elements, of the four rows of step ``j``.
 
-    A quarter is ``quarter`` rows long (the block's rows past ``4 * quarter`` are left over).
+    Rows ``4j .. 4j+3`` when ``consecutive``; otherwise row ``j`` of each of the
+    block's four quarters of ``quarter`` rows.  Either way ``quarter`` steps
+    cover the first ``4 * quarter`` rows; the rest are left over.
     """
-    o0 = j * nc
-    step = quarter * nc
+    if consecutive:
+        o0 = 4 * j * nc
+        step = nc
+    else:
+        o0 = j * nc
+        step = quarter * nc
     return o0, o0 + step, o0 + 2 * step, o0 + 3 * step
 
 
@@ -1102,37 +1107,23 @@ def _cl_block_moments(x, work, spec, nblocks, blk):
     first = x[off : off + nc]
     # Four rows per step cut the accumulator traffic: four consecutive rows of
     # at most CL_CONSECUTIVE_ROW_BYTES, else one row from each quarter of the
-    # block (see that constant).  The rows are read through one slice of x: as
-    # four slices they needed more runtime alias checks than LLVM allows, and
-    # the loop stayed scalar.
-    r = 0
-    if nc * x.itemsize <= CL_CONSECUTIVE_ROW_BYTES:
-        while r + 4 <= rows:
-            x4 = x[off + r * nc : off + (r + 4) * nc]
-            for c in range(nc):
-                shift_c = np.float64(first[c]) if centered else 0.0
-                d0 = x4[c] - shift_c
-                d1 = x4[nc + c] - shift_c
-                d2 = x4[2 * nc + c] - shift_c
-                d3 = x4[3 * nc + c] - shift_c
-                mean[c] += (d0 + d1) + (d2 + d3)
-                m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-            r += 4
-    else:
-        quarter = rows // 4
-        xb = x[off : off + rows * nc]
-        for j in range(quarter):
-            o0, o1, o2, o3 = _quarter_rows(j, quarter, nc)
-            for c in range(nc):
-                shift_c = np.float64(first[c]) if centered else 0.0
-                d0 = xb[o0 + c] - shift_c
-                d1 = xb[o1 + c] - shift_c
-                d2 = xb[o2 + c] - shift_c
-                d3 = xb[o3 + c] - shift_c
-                mean[c] += (d0 + d1) + (d2 + d3)
-                m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        r = 4 * quarter
-    for row in range(r, rows):
+    # block (see that constant).  The rows are read through one slice of the
+    # block: as four slices they needed more runtime alias checks than LLVM
+    # allows, and the loop stayed scalar.
+    quarter = rows // 4
+    consecutive = nc * x.itemsize <= CL_CONSECUTIVE_ROW_BYTES
+    xb = x[off : off + rows * nc]
+    for j in range(quarter):
+        o0, o1, o2, o3 = _four_rows(j, quarter, nc, consecutive)
+        for c in range(nc):
+            shift_c = np.float64(first[c]) if centered else 0.0
+            d0 = xb[o0 + c] - shift_c
+            d1 = xb[o1 + c] - shift_c
+            d2 = xb[o2 + c] - shift_c
+            d3 = xb[o3 + c] - shift_c
+            mean[c] += (d0 + d1) + (d2 + d3)
+            m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for row in range(4 * quarter, rows):
         xr = x[off + row * nc : off + (row + 1) * nc]
         for c in range(nc):
             dev = xr[c] - (np.float64(first[c]) if centered else 0.0)
@@ -1376,7 +1367,7 @@ def _cl_block_dots(dy, x, work, chan_mean, spec, nblocks, blk):
     xb = x[off : off + rows * nc]
     dyb = dy[off : off + rows * nc]
     for j in range(quarter):
-        o0, o1, o2, o3 = _quarter_rows(j, quarter, nc)
+        o0, o1, o2, o3 = _four_rows(j, quarter, nc, False)
         for c in range(nc):
             mean_c = mean[c]
             dy0 = dyb[o0 + c]

@@ -6,14 +6,14 @@ groups) or split into block / group / block phases; one or many blocks per
 plane (``BLOCK`` elements channels-first, ``max(BLOCK // C, CL_MIN_ROWS)``
 rows channels-last); channels-last moments over rows longer than
 ``CL_CONSECUTIVE_ROW_BYTES``, four rows per step from the quarters of a block
-(as the backward dot products always), with the rows left over; LayerNorm's row-chunk parameter gradients
-(>= ``4 * ROW_CHUNK`` rows; chunks longer than ``ROW_CHUNK`` beyond
-``ROW_CHUNK * ROW_TASKS`` rows) or column tiles; LayerNorm's
-software-pipelined training forward (rows of ``PIPELINE_MIN_WIDTH`` elements
-to ``PIPELINE_MAX_ROW_BYTES`` bytes, with weight and bias); and the one-pass
-block moments' fallback to two passes when the shift is far from the mean.
-Each case below is built to land on one of them
-(the test asserts which), then checked forward and backward, including
+(as the backward dot products always), with the rows left over; LayerNorm's
+row-chunk parameter gradients (>= ``4 * ROW_CHUNK`` rows; chunks longer than
+``ROW_CHUNK`` beyond ``ROW_CHUNK * ROW_TASKS`` rows) or column tiles;
+LayerNorm's software-pipelined training forward (rows of
+``PIPELINE_MIN_WIDTH`` elements to ``PIPELINE_MAX_ROW_BYTES`` bytes, with
+weight and bias); and the one-pass block moments' fallback to two passes when
+the shift is far from the mean.  Each case below is built to land on one of
+them (the test asserts which), then checked forward and backward, including
 in-place outputs.
 """
 

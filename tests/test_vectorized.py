@@ -48,13 +48,13 @@ VECTOR_LOOPS = {
     # with and without weight
     "_row_dots_and_partials": 2,
     "_param_partials": 1,
-    # the row loops over channels (four consecutive rows per step, four rows from
-    # the block's quarters per step, one row per step), each versioned by LLVM for
-    # centered and uncentered sums (the shift is a select on CENTERED), and the
-    # inlined two-pass fallback (2).  With two rows per step LLVM unrolled the
-    # outer loop into 8 vectorized copies (12 loops); four rows per step are one
-    # vectorized loop of 4 x 8 lanes.
-    "_cl_block_moments": 8,
+    # the row loops over channels (four rows per step, consecutive or from the
+    # block's quarters, then one row per step for the rows left over), each
+    # versioned by LLVM for centered and uncentered sums (the shift is a select on
+    # CENTERED), and the inlined two-pass fallback (2).  With two rows per step
+    # LLVM unrolled the outer loop into 8 vectorized copies (12 loops); four rows
+    # per step are one vectorized loop of 4 x 8 lanes.
+    "_cl_block_moments": 6,
     "_cl_merge_set": 6,
     "_cl_normalize_block": 1,
     # four rows from the block's quarters per step, one row per step (the rows left over)
