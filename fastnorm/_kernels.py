@@ -131,9 +131,7 @@ PIPELINE_MIN_WIDTH = 256
 #: 0.97-1.08x at 768 (6 KB), 1.00-1.17x from 1024 on.
 PIPELINE_MAX_ROW_BYTES = 4096
 
-KernelSpec = namedtuple(
-    "KernelSpec", ["batch", "channels", "spatial", "groups", "flags", "eps"]
-)
+KernelSpec = namedtuple("KernelSpec", ["batch", "channels", "spatial", "groups", "flags", "eps"])
 KernelSpec.__doc__ = """Geometry and options of one kernel call.
 
 Parameters

@@ -210,13 +210,11 @@ def _make_plan(x, spec, training):
     if spec.kind in ("layer_norm", "rms_norm"):
         k = spec.normalized_ndim
         if x.ndim < k:
-            raise ValueError(
-                f"{spec.kind} over the last {k} dims needs x.ndim >= {k}, got x.shape={shape}"
-            )
+            raise ValueError(f"{spec.kind} over the last {k} dims needs x.ndim >= {k}, got x.shape={shape}")
         rows = math.prod(shape[: x.ndim - k])
         width = math.prod(shape[x.ndim - k :])
         if training and width == 0 and rows > 0:
-            raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k:]} hold no elements")
+            raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k :]} hold no elements")
         eps = spec.eps if spec.eps is not None else float(np.finfo(x.dtype).eps)
         kspec = K.KernelSpec(rows, 1, width, 1, flags | K.PER_ELEMENT, eps)
         return _new_plan(kspec, shape, None, tuple(shape[x.ndim - k :]), tuple(shape[: x.ndim - k]), width)
@@ -244,22 +242,17 @@ def _make_plan(x, spec, training):
         group_size = n * spatial
         stats_shape = (channels,)
         if training and group_size == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {shape}"
-            )
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {shape}")
     else:
         groups = channels if spec.kind == "instance_norm" else spec.num_groups
         if channels % groups:
             raise ValueError(
-                f"num_groups={groups} does not divide C={channels} channels; "
-                f"choose a divisor of {channels}"
+                f"num_groups={groups} does not divide C={channels} channels; choose a divisor of {channels}"
             )
         group_size = (channels // groups) * spatial
         stats_shape = (n, groups)
         if training and spec.kind == "instance_norm" and spatial == 1:
-            raise ValueError(
-                f"Expected more than 1 spatial element when training, got input size {shape}"
-            )
+            raise ValueError(f"Expected more than 1 spatial element when training, got input size {shape}")
     if training and group_size == 0 and math.prod(stats_shape) > 0:
         raise ValueError(
             f"{spec.kind}: x.shape={shape} gives groups of 0 elements; their statistics are undefined"

@@ -35,8 +35,10 @@ def main():
     rng = np.random.default_rng(0)
     n, c, h, w = 32, 64, 56, 56  # a ResNet stage-1 activation batch
     # Activations with per-channel offsets and scales, as after a convolution.
-    x = (rng.standard_normal((n, c, h, w), np.float32) * rng.uniform(0.5, 3.0, (1, c, 1, 1))
-         + rng.uniform(-2, 2, (1, c, 1, 1))).astype(np.float32)
+    x = (
+        rng.standard_normal((n, c, h, w), np.float32) * rng.uniform(0.5, 3.0, (1, c, 1, 1))
+        + rng.uniform(-2, 2, (1, c, 1, 1))
+    ).astype(np.float32)
     weight = rng.uniform(0.5, 1.5, c).astype(np.float32)
     bias = rng.uniform(-0.5, 0.5, c).astype(np.float32)
     wb = weight[:, None, None], bias[:, None, None]
@@ -44,16 +46,31 @@ def main():
     out = np.empty_like(x)
     print(f"fastnorm {fastnorm.__version__}: x = {x.shape} float32 ({x.nbytes / 1e6:.1f} MB)")
     cases = [
-        ("batch_norm", lambda: fastnorm.batch_norm(x, None, None, weight, bias, training=True, out=out),
-         lambda: _numpy_norm(x, (0, 2, 3), *wb)),
-        ("instance_norm", lambda: fastnorm.instance_norm(x, weight=weight, bias=bias, out=out),
-         lambda: _numpy_norm(x, (2, 3), *wb)),
-        ("group_norm(8)", lambda: fastnorm.group_norm(x, 8, weight, bias, out=out),
-         lambda: (_numpy_norm(x.reshape(n, 8, -1), (2,), 1.0, 0.0).reshape(x.shape) * wb[0] + wb[1])),
-        ("layer_norm(C,H,W)", lambda: fastnorm.layer_norm(x, (c, h, w), ln_weight, out=out),
-         lambda: _numpy_norm(x, (1, 2, 3), ln_weight, 0.0)),
-        ("rms_norm(W)", lambda: fastnorm.rms_norm(x, (w,), eps=1e-5, out=out),
-         lambda: _numpy_norm(x, (3,), 1.0, 0.0, centered=False)),
+        (
+            "batch_norm",
+            lambda: fastnorm.batch_norm(x, None, None, weight, bias, training=True, out=out),
+            lambda: _numpy_norm(x, (0, 2, 3), *wb),
+        ),
+        (
+            "instance_norm",
+            lambda: fastnorm.instance_norm(x, weight=weight, bias=bias, out=out),
+            lambda: _numpy_norm(x, (2, 3), *wb),
+        ),
+        (
+            "group_norm(8)",
+            lambda: fastnorm.group_norm(x, 8, weight, bias, out=out),
+            lambda: _numpy_norm(x.reshape(n, 8, -1), (2,), 1.0, 0.0).reshape(x.shape) * wb[0] + wb[1],
+        ),
+        (
+            "layer_norm(C,H,W)",
+            lambda: fastnorm.layer_norm(x, (c, h, w), ln_weight, out=out),
+            lambda: _numpy_norm(x, (1, 2, 3), ln_weight, 0.0),
+        ),
+        (
+            "rms_norm(W)",
+            lambda: fastnorm.rms_norm(x, (w,), eps=1e-5, out=out),
+            lambda: _numpy_norm(x, (3,), 1.0, 0.0, centered=False),
+        ),
     ]
     copy_time = _best_of(lambda: np.copyto(out, x))
     print(f"{'norm':<20}{'fastnorm ms':>12}{'numpy ms':>10}{'speed-up':>10}{'max |diff|':>12}")

@@ -71,8 +71,9 @@ def _eps(kind, eps, dtype):
 # ---------------------------------------------------------------------------
 
 
-def forward(x, kind, weight=None, bias=None, eps=1e-5, *, num_groups=None, normalized_ndim=None,
-            channels_last=False):
+def forward(
+    x, kind, weight=None, bias=None, eps=1e-5, *, num_groups=None, normalized_ndim=None, channels_last=False
+):
     """Reference training forward pass.
 
     Returns ``(y, mean, rstd)`` in float64; ``mean``/``rstd`` have the shapes of
@@ -97,8 +98,18 @@ def forward(x, kind, weight=None, bias=None, eps=1e-5, *, num_groups=None, norma
     return y, mean.reshape(stats_shape), rstd.reshape(stats_shape)
 
 
-def backward(dy, x, kind, weight=None, eps=1e-5, *, num_groups=None, normalized_ndim=None,
-             channels_last=False, return_scale=False):
+def backward(
+    dy,
+    x,
+    kind,
+    weight=None,
+    eps=1e-5,
+    *,
+    num_groups=None,
+    normalized_ndim=None,
+    channels_last=False,
+    return_scale=False,
+):
     """Reference backward pass (closed form). Returns ``(dx, dweight, dbias)`` in float64.
 
     With ``return_scale``, also returns ``max|rstd * g|``, the size of the terms

@@ -341,4 +341,3 @@ def test_c_tests_under_address_sanitizer(capi, tmp_path):
         result = run([exe], **ASAN_ENV)
         assert result.returncode == 0, result.stdout + result.stderr[-4000:]
         assert "ERROR: AddressSanitizer" not in result.stderr and "runtime error" not in result.stderr
-

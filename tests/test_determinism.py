@@ -63,8 +63,11 @@ def test_bitwise_identical_across_runs_and_thread_counts(case, layout, dtype, re
 
 def test_concurrent_python_threads_match_serial():
     """8 threads calling forward/backward at once on different data give the serial results."""
-    jobs = [(c, lay, dt) for c in (bn(2, 3, 70, 70), gn(4, 32, 8, 1100), ln(1, 40, 5000), inorm(2, 4, 50))
-            for lay, dt in (("cf", np.float32), ("cl", np.float64))][:8]
+    jobs = [
+        (c, lay, dt)
+        for c in (bn(2, 3, 70, 70), gn(4, 32, 8, 1100), ln(1, 40, 5000), inorm(2, 4, 50))
+        for lay, dt in (("cf", np.float32), ("cl", np.float64))
+    ][:8]
     assert len(jobs) == 8
     serial = [_run(*job) for job in jobs]
     results = [None] * len(jobs)

@@ -74,8 +74,12 @@ class Call:
     def __init__(self, d, slots):
         # the arguments this call gets an invalid value for: none (about half the calls), one or two
         n = d(st.sampled_from([0, 0, 0, 0, 1, 1, 1, 2]), label="number of mutations")
-        self.slots = set(d(st.lists(st.sampled_from(slots), min_size=n, max_size=n, unique=True),
-                           label="mutated arguments"))
+        self.slots = set(
+            d(
+                st.lists(st.sampled_from(slots), min_size=n, max_size=n, unique=True),
+                label="mutated arguments",
+            )
+        )
         self.invalid = []  # regexes: the call must raise and name one of them
         self.may_fail = []  # regexes: the call may raise (natural errors of the geometry)
         self.watched = {}  # name -> array argument (snapshotted)
@@ -184,8 +188,13 @@ def _eps(d, call, kind, group_min):
 
 def _param(d, call, name, shape, dtype, rng):
     """Weight/bias argument: (argument, float64 values the kernel must use or None)."""
-    choice = call.choose(d, name, ["none", "exact", "exact", "view", "other-float", "int", "list"],
-                         ["bad-shape", "bad-dtype"], name)
+    choice = call.choose(
+        d,
+        name,
+        ["none", "exact", "exact", "view", "other-float", "int", "list"],
+        ["bad-shape", "bad-dtype"],
+        name,
+    )
     base = rng.uniform(0.5, 1.5, shape) if name == "weight" else rng.standard_normal(shape)
     if choice == "none":
         return None, None
@@ -226,8 +235,14 @@ def _out(d, call, x, shape, dtype, kind, cl, *, allow_dy=None):
 
     def ok(a):
         layout = np.moveaxis(a, 1, -1).flags.c_contiguous if need_cl else a.flags.c_contiguous
-        return (a.shape == tuple(shape) and a.dtype == native and a.dtype.isnative and a.flags.writeable
-                and a.flags.aligned and layout)
+        return (
+            a.shape == tuple(shape)
+            and a.dtype == native
+            and a.dtype.isnative
+            and a.flags.writeable
+            and a.flags.aligned
+            and layout
+        )
 
     call.fresh_out = fresh
     if mode == "none":
@@ -433,8 +448,9 @@ def _run(call, fn, check):
     out = call.watched.get("out")
     skip = {"out", "running_mean", "running_var", "num_batches_tracked"}
     if isinstance(out, np.ndarray):
-        skip |= {name for name, a in call.watched.items() if isinstance(a, np.ndarray)
-                 and np.shares_memory(a, out)}
+        skip |= {
+            name for name, a in call.watched.items() if isinstance(a, np.ndarray) and np.shares_memory(a, out)
+        }
     _unchanged(call, before, skip)
     check(result)
     COUNTS["valid"] += 1
@@ -459,6 +475,7 @@ def _check_output(y, x_arg, out, dtype, kind, cl, ref, *, k=None, scale=None, wh
 
 def _y_scale(values, mean, rstd, w):
     """Size of the terms of y: rounding x - mean costs eps * |x| * rstd * |w| (constant groups)."""
+
     def top(a):
         return float(np.max(np.abs(a), initial=0.0)) if a is not None else 1.0
 
@@ -511,8 +528,9 @@ def _x(d, call, kind, functional, cl_allowed=True):
     if mutation == "channels0" and kind in TRAILING:
         mutation = "dtype"
     if mutation == "dtype":
-        bad = d(st.sampled_from([np.int32, np.int64, np.uint8, np.bool_, np.complex128, np.float16, object,
-                                 "U4"]))
+        bad = d(
+            st.sampled_from([np.int32, np.int64, np.uint8, np.bool_, np.complex128, np.float16, object, "U4"])
+        )
         p["x"] = values.astype(bad)
         call.bad(f"x.dtype={np.dtype(bad)}", r"x\.dtype")
     elif mutation == "rank" and kind in PER_CHANNEL:
@@ -554,13 +572,18 @@ def _channels_last_arg(d, call, p):
 def fuzz_functional(d):
     kind = d(st.sampled_from(["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]))
     slots = ["x", "eps", "weight", "out", "channels_last", "alias"]
-    slots += {"batch_norm": ["bias", "running", "momentum", "num_batches_tracked"],
-              "instance_norm": ["bias", "running", "momentum"], "group_norm": ["bias", "num_groups"],
-              "layer_norm": ["bias", "normalized_shape"], "rms_norm": ["normalized_shape"]}[kind]
+    slots += {
+        "batch_norm": ["bias", "running", "momentum", "num_batches_tracked"],
+        "instance_norm": ["bias", "running", "momentum"],
+        "group_norm": ["bias", "num_groups"],
+        "layer_norm": ["bias", "normalized_shape"],
+        "rms_norm": ["normalized_shape"],
+    }[kind]
     call = Call(d, slots)
     p = _x(d, call, kind, functional=True)
-    cl, shape, k, groups, dtype, rng, values = (p[n] for n in ("cl", "shape", "k", "groups", "dtype", "rng",
-                                                                "values"))
+    cl, shape, k, groups, dtype, rng, values = (
+        p[n] for n in ("cl", "shape", "k", "groups", "dtype", "rng", "values")
+    )
     eps, eps_ref = _eps(d, call, kind, _group_min_of(p, kind))
     param_shape = shape[len(shape) - k :] if kind in TRAILING else ((shape[-1] if cl else shape[1]),)
     weight, w = _param(d, call, "weight", param_shape, dtype, rng)
@@ -622,8 +645,13 @@ def fuzz_functional(d):
     normalized_shape = None
     if kind in TRAILING:
         normalized_shape = tuple(shape[len(shape) - k :])
-        how = call.choose(d, "normalized_shape", ["tuple", "tuple", "list", "int"],
-                          ["wrong", "empty", "bad-entry"], "normalized_shape")
+        how = call.choose(
+            d,
+            "normalized_shape",
+            ["tuple", "tuple", "list", "int"],
+            ["wrong", "empty", "bad-entry"],
+            "normalized_shape",
+        )
         if how == "list":
             normalized_shape = list(normalized_shape)
         elif how == "int" and k == 1:
@@ -638,8 +666,13 @@ def fuzz_functional(d):
             normalized_shape = normalized_shape[:-1] + (d(st.sampled_from([0, -1, 2.0, True, "3"])),)
             call.bad("normalized_shape entry", r"normalized_shape")
     if kind == "group_norm":
-        how = call.choose(d, "num_groups", ["ok", "ok", "npint"],
-                          ["non-divisor", "zero", "negative", "bool", "float"], "num_groups")
+        how = call.choose(
+            d,
+            "num_groups",
+            ["ok", "ok", "npint"],
+            ["non-divisor", "zero", "negative", "bool", "float"],
+            "num_groups",
+        )
         c = shape[-1] if cl else shape[1]
         if how == "non-divisor":
             nd = [g for g in range(2, 2 * c + 2) if c % g]
@@ -659,11 +692,13 @@ def fuzz_functional(d):
     def fn():
         if kind == "batch_norm":
             kw = {} if counter is None else {"num_batches_tracked": counter}
-            return fastnorm.batch_norm(x, rm, rv, weight, bias, training, momentum, eps, channels_last=cl_arg,
-                                       out=out, **kw)
+            return fastnorm.batch_norm(
+                x, rm, rv, weight, bias, training, momentum, eps, channels_last=cl_arg, out=out, **kw
+            )
         if kind == "instance_norm":
-            return fastnorm.instance_norm(x, rm, rv, weight, bias, training, momentum, eps,
-                                          channels_last=cl_arg, out=out)
+            return fastnorm.instance_norm(
+                x, rm, rv, weight, bias, training, momentum, eps, channels_last=cl_arg, out=out
+            )
         if kind == "group_norm":
             return fastnorm.group_norm(x, groups_arg, weight, bias, eps, channels_last=cl_arg, out=out)
         if kind == "layer_norm":
@@ -751,11 +786,13 @@ def _check_running(call, kind, values, cl, momentum, counter_before, running_bef
         mean = flat.mean(axis=-1).mean(axis=0)
         var = (flat.var(axis=-1) * (m / (m - 1))).mean(axis=0)
     factor = float(momentum) if momentum is not None else 1.0 / new_count
-    for name, a, old, batch in zip(("running_mean", "running_var"), call.running, running_before,
-                                   (mean, var), strict=True):
+    for name, a, old, batch in zip(
+        ("running_mean", "running_var"), call.running, running_before, (mean, var), strict=True
+    ):
         expected = (1.0 - factor) * old + factor * batch
-        naive.assert_close(a, expected, dtype=a.dtype, k=64, scale=max(1.0, float(np.abs(expected).max())),
-                           err_msg=name)
+        naive.assert_close(
+            a, expected, dtype=a.dtype, k=64, scale=max(1.0, float(np.abs(expected).max())), err_msg=name
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -840,8 +877,9 @@ def fuzz_explicit(d):
     slots += {"forward": ["bias"], "forward_inference": ["bias", "stats"], "backward": ["stats", "dy"]}[api]
     call = Call(d, slots)
     p = _x(d, call, kind, functional=False)
-    cl, shape, k, groups, dtype, rng, values = (p[n] for n in ("cl", "shape", "k", "groups", "dtype", "rng",
-                                                                "values"))
+    cl, shape, k, groups, dtype, rng, values = (
+        p[n] for n in ("cl", "shape", "k", "groups", "dtype", "rng", "values")
+    )
     training = api != "forward_inference"
     eps, eps_ref = _eps(d, call, kind, _group_min_of(p, kind))
     make_spec = _spec(d, call, kind, p, eps)
@@ -859,7 +897,7 @@ def fuzz_explicit(d):
         with _quiet():
             ry, rmean, rrstd = naive.forward(values, kind, w, b, **_ref_kwargs(kind, ref_eps, cl, k, groups))
     else:
-        stats_shape = (_stats_shape(kind, shape, cl, k, groups))
+        stats_shape = _stats_shape(kind, shape, cl, k, groups)
         ry, rmean, rrstd = None, np.zeros(stats_shape), np.ones(stats_shape)
     dy = dyl = None
     if api == "backward":
@@ -922,8 +960,14 @@ def fuzz_explicit(d):
             assert isinstance(st_, Stats) and st_.has_bias == (bias is not None)
             for name, got, want in (("mean", st_.mean, rmean), ("rstd", st_.rstd, rrstd)):
                 assert got.dtype == np.float64 and got.shape == want.shape, f"stats.{name} shape/dtype"
-            naive.assert_close(st_.mean, rmean, dtype=np.float64, k=256,
-                               scale=max(1.0, float(np.max(np.abs(values), initial=0.0))), err_msg="mean")
+            naive.assert_close(
+                st_.mean,
+                rmean,
+                dtype=np.float64,
+                k=256,
+                scale=max(1.0, float(np.max(np.abs(values), initial=0.0))),
+                err_msg="mean",
+            )
             naive.assert_close(st_.rstd, rrstd, dtype=np.float64, k=256, atol=0.0, err_msg="rstd")
             return
         if api == "forward_inference":
@@ -933,9 +977,17 @@ def fuzz_explicit(d):
         dx, dw, db = result
         with _quiet():
             rdx, rdw, rdb, scale = naive.backward(dyl, values, kind, w, return_scale=True, **ref_kw)
-        _check_output(dx, x, out, dtype, kind, cl, rdx, scale=max(1.0, scale, float(np.max(np.abs(rdx),
-                                                                                             initial=0))),
-                      what="dx")
+        _check_output(
+            dx,
+            x,
+            out,
+            dtype,
+            kind,
+            cl,
+            rdx,
+            scale=max(1.0, scale, float(np.max(np.abs(rdx), initial=0))),
+            what="dx",
+        )
         pscale = max(1.0, float(np.abs(dyl).sum()))
         wants_bias = stats.has_bias if with_bias is None else with_bias
         grads = (("dweight", dw, rdw, weight is not None), ("dbias", db, rdb, wants_bias))

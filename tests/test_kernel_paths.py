@@ -167,11 +167,13 @@ def test_forward_backward_against_reference(name, dtype):
     dx, dweight, dbias = fastnorm.backward(dy, x, stats, spec, weight)
     dx_ref, dw_ref, db_ref, scale = naive.backward(dy, x, kind, weight, spec.eps, return_scale=True, **kw)
     naive.assert_close(dx, dx_ref, dtype=dtype, k=256, scale=scale, err_msg=f"{name} dx")
-    naive.assert_close(dweight, dw_ref, dtype=dtype, k=256, scale=np.abs(dy).sum() / dw_ref.size,
-                       err_msg=f"{name} dweight")
+    naive.assert_close(
+        dweight, dw_ref, dtype=dtype, k=256, scale=np.abs(dy).sum() / dw_ref.size, err_msg=f"{name} dweight"
+    )
     if bias is not None:
-        naive.assert_close(dbias, db_ref, dtype=dtype, k=256, scale=np.abs(dy).sum() / db_ref.size,
-                           err_msg=f"{name} dbias")
+        naive.assert_close(
+            dbias, db_ref, dtype=dtype, k=256, scale=np.abs(dy).sum() / db_ref.size, err_msg=f"{name} dbias"
+        )
     else:
         assert dbias is None
 

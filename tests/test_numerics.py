@@ -112,8 +112,9 @@ def test_float32_elementwise_within_few_ulp_of_the_terms(case, layout, dataset):
     dx, _, _ = fastnorm.backward(dy, x, stats, spec, w)
     rdx, _, _, scale = naive.backward(dy, x, case.kind, w, return_scale=True, **ref)
     xhat_max = float(np.max(np.abs(naive.forward(x, case.kind, None, None, **ref)[0])))
-    naive.assert_close(dx, rdx, rtol=ULP_DX * eps, atol=ULP_DX * eps * scale * (1.0 + xhat_max),
-                       err_msg=f"{case} dx")
+    naive.assert_close(
+        dx, rdx, rtol=ULP_DX * eps, atol=ULP_DX * eps * scale * (1.0 + xhat_max), err_msg=f"{case} dx"
+    )
 
 
 def _huge_group(kind, dtype, n):
@@ -157,6 +158,7 @@ CONSTANT_CASES = [
     ln(1, 3, 9),
     ln(1, 2, 9001),
 ]
+
 
 def _check_constant(case, layout, dtype, value, exact):
     dtype = np.dtype(dtype)
@@ -233,6 +235,7 @@ NAN_CASES = [
     rms(1, 4, 9),
     gn(2, 2, 4, 5000),
 ]
+
 
 def _nan_params():
     for c in NAN_CASES:

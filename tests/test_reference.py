@@ -18,11 +18,23 @@ K = {np.dtype(np.float32): 16, np.dtype(np.float64): 64}
 
 # kind x spatial rank (0..3 where the kind allows it; IN needs spatial size > 1)
 MATRIX = [
-    bn(3, 5), bn(2, 4, 7), bn(2, 3, 5, 3), bn(2, 3, 2, 3, 2),
-    inorm(2, 4, 7), inorm(2, 3, 5, 3), inorm(2, 3, 2, 3, 2),
-    gn(3, 2, 6), gn(2, 2, 6, 5), gn(3, 2, 6, 3, 5), gn(2, 2, 4, 2, 3, 2),
-    ln(1, 3, 7), ln(2, 2, 3, 5), ln(3, 2, 2, 3, 4),
-    rms(1, 3, 7), rms(2, 2, 3, 5), rms(3, 2, 2, 3, 4),
+    bn(3, 5),
+    bn(2, 4, 7),
+    bn(2, 3, 5, 3),
+    bn(2, 3, 2, 3, 2),
+    inorm(2, 4, 7),
+    inorm(2, 3, 5, 3),
+    inorm(2, 3, 2, 3, 2),
+    gn(3, 2, 6),
+    gn(2, 2, 6, 5),
+    gn(3, 2, 6, 3, 5),
+    gn(2, 2, 4, 2, 3, 2),
+    ln(1, 3, 7),
+    ln(2, 2, 3, 5),
+    ln(3, 2, 2, 3, 4),
+    rms(1, 3, 7),
+    rms(2, 2, 3, 5),
+    rms(3, 2, 2, 3, 4),
 ]
 
 # Edge shapes and shapes that reach the fused (>= 32 groups) and split (< 32)
@@ -92,8 +104,14 @@ def check_case(case, dtype, layout, affine, key=()):
     naive.assert_close(y, ry, k=k, err_msg=f"{case} {layout} y")
     assert stats.mean.dtype == np.float64 and stats.rstd.dtype == np.float64
     assert stats.mean.shape == rmean.shape and stats.rstd.shape == rrstd.shape
-    naive.assert_close(stats.mean, rmean, dtype=np.float64, k=256, scale=max(1.0, float(np.abs(x).max())),
-                       err_msg=f"{case} mean")
+    naive.assert_close(
+        stats.mean,
+        rmean,
+        dtype=np.float64,
+        k=256,
+        scale=max(1.0, float(np.abs(x).max())),
+        err_msg=f"{case} mean",
+    )
     naive.assert_close(stats.rstd, rrstd, dtype=np.float64, k=256, atol=0.0, err_msg=f"{case} rstd")
     assert stats.has_bias == (b is not None)
 

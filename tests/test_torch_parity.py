@@ -16,11 +16,23 @@ pytestmark = pytest.mark.torch
 TOL = {np.dtype(np.float32): dict(rtol=2e-5, atol=2e-5), np.dtype(np.float64): dict(rtol=1e-11, atol=1e-11)}
 
 CASES = [
-    bn(4, 3), bn(3, 4, 5), bn(2, 3, 4, 5), bn(2, 3, 2, 3, 4),
-    inorm(2, 3, 5), inorm(2, 3, 4, 5), inorm(2, 2, 2, 3, 4),
-    gn(2, 2, 6), gn(3, 2, 6, 7), gn(2, 3, 4, 3, 5), gn(1, 2, 2, 2, 3, 2),
-    ln(1, 4, 7), ln(2, 2, 3, 5), ln(3, 2, 2, 3, 4),
-    rms(1, 4, 7), rms(2, 2, 3, 5), rms(1, 3, 6, eps=1e-6),
+    bn(4, 3),
+    bn(3, 4, 5),
+    bn(2, 3, 4, 5),
+    bn(2, 3, 2, 3, 4),
+    inorm(2, 3, 5),
+    inorm(2, 3, 4, 5),
+    inorm(2, 2, 2, 3, 4),
+    gn(2, 2, 6),
+    gn(3, 2, 6, 7),
+    gn(2, 3, 4, 3, 5),
+    gn(1, 2, 2, 2, 3, 2),
+    ln(1, 4, 7),
+    ln(2, 2, 3, 5),
+    ln(3, 2, 2, 3, 4),
+    rms(1, 4, 7),
+    rms(2, 2, 3, 5),
+    rms(1, 3, 6, eps=1e-6),
 ]
 
 
@@ -94,7 +106,8 @@ def test_batch_norm_running_stats_match_torch(dtype, momentum):
     module.eval()
     x = rng.standard_normal((2, channels, 4, 4)).astype(dtype)
     np.testing.assert_allclose(
-        fastnorm.batch_norm(x, rm, rv, training=False), module(torch.from_numpy(x)).detach().numpy(),
+        fastnorm.batch_norm(x, rm, rv, training=False),
+        module(torch.from_numpy(x)).detach().numpy(),
         **TOL[np.dtype(dtype)],
     )
 

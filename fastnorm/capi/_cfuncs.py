@@ -73,9 +73,7 @@ _p64 = types.CPointer(types.float64)
 
 def _signatures(dtype):
     pt = types.CPointer(dtype)
-    forward = types.int32(
-        pt, pt, _i64, pt, _i64, pt, _p64, _p64, _i64, _i64, _i64, _i64, _i64, _i64, _f64
-    )
+    forward = types.int32(pt, pt, _i64, pt, _i64, pt, _p64, _p64, _i64, _i64, _i64, _i64, _i64, _i64, _f64)
     inference = forward
     backward = types.int32(
         pt, pt, pt, _i64, _p64, _p64, _i64, pt, pt, _i64, pt, _i64, _i64, _i64, _i64, _i64, _i64, _f64
@@ -94,9 +92,7 @@ SIGNATURES = {
 def _make_forward(key, training):
     """Forward cfunc: training statistics (``training``) or given statistics."""
 
-    def forward(
-        x, w, nw, b, nb, y, mean, rstd, nstats, batch, channels, spatial, groups, flags, eps
-    ):
+    def forward(x, w, nw, b, nb, y, mean, rstd, nstats, batch, channels, spatial, groups, flags, eps):
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
         spec = (batch, channels, spatial, groups, flags, eps)  # KernelSpec fields, as core passes them

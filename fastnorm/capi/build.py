@@ -39,7 +39,7 @@ _EMBEDDING_API = (
     "char *message, int64_t message_len);"
 )
 
-_INIT_CODE = '''
+_INIT_CODE = """
 import os
 import site
 import sys
@@ -71,7 +71,7 @@ def _fastnorm_py_init(table, table_len, owns_interpreter, message, message_len):
     ffi.memmove(message, data, len(data))
     message[len(data)] = b"\\0"
     return status
-'''
+"""
 
 
 def source_dir():
@@ -198,8 +198,7 @@ def build(out_dir=None, verbose=False, extra_cflags=(), extra_ldflags=()):
 
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         raise RuntimeError(
-            f"{sys.executable} was built without a shared libpython (Py_ENABLE_SHARED=0); "
-            "embedding needs one"
+            f"{sys.executable} was built without a shared libpython (Py_ENABLE_SHARED=0); embedding needs one"
         )
     src = source_dir()
     out = pathlib.Path(out_dir or default_build_dir()).resolve()
