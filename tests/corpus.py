@@ -1,0 +1,168 @@
+"""A fixed corpus of kernel calls whose outputs are pinned bitwise by their SHA-256 digests.
+
+Every kind x layout x dtype, odd shapes, every schedule the kernels can take
+(the cases of ``test_kernel_paths.py``), and every pass: training forward,
+inference, backward with and without the parameter gradients, in-place
+outputs.  ``tests/data/corpus.json`` holds one digest per case, written by::
+
+    python tests/corpus.py --write
+
+A refactor of the kernels, the planner or the dispatch must leave every
+digest unchanged (``tests/test_corpus.py``); the C ABI must produce the same
+bytes (``tests/test_capi.py``).  The digests depend on the machine code, so
+they are tied to the CPU they were written on (``host_cpu`` in the file):
+LLVM vectorizes reductions for the host's vector width, and a different
+width sums in a different order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from cases import Case, arrange, rng_for  # noqa: E402
+from test_kernel_paths import CASES as PATH_CASES  # noqa: E402
+
+import fastnorm  # noqa: E402
+
+DIGEST_FILE = HERE / "data" / "corpus.json"
+DTYPES = (np.float32, np.float64)
+
+#: Parameters of a call: (weight, bias) present?
+AFFINE = {"wb": (True, True), "w": (True, False), "none": (False, False)}
+
+
+def _odd_cases():
+    """Odd shapes of every kind, spatial rank 0..3 (logical channels-first shapes)."""
+    return [
+        Case("batch_norm", (3, 5, 7, 3)),
+        Case("batch_norm", (5, 6)),
+        Case("batch_norm", (2, 3, 70, 70)),
+        Case("batch_norm", (2, 40, 4100)),
+        Case("batch_norm", (2, 17, 3, 5, 7)),
+        Case("instance_norm", (3, 5, 7, 3)),
+        Case("instance_norm", (33, 3, 1500)),
+        Case("instance_norm", (2, 7, 2, 3, 5)),
+        Case("group_norm", (3, 6, 5, 7), num_groups=3),
+        Case("group_norm", (2, 4, 5003), num_groups=2),
+        Case("group_norm", (4, 32, 8, 1100), num_groups=8),
+        Case("group_norm", (6, 8, 3000), num_groups=2),
+        Case("group_norm", (1, 320, 9, 11), num_groups=32),
+        Case("layer_norm", (7, 33), normalized_ndim=1),
+        Case("layer_norm", (3, 5, 6), normalized_ndim=2),
+        Case("layer_norm", (3, 9001), normalized_ndim=1),
+        Case("layer_norm", (40, 5000), normalized_ndim=1),
+        Case("layer_norm", (70, 300), normalized_ndim=1),
+        Case("rms_norm", (200, 300), normalized_ndim=1, eps=None),
+        Case("rms_norm", (5, 4, 7), normalized_ndim=2, eps=1e-6),
+    ]
+
+
+def _path_cases():
+    """The cases of ``test_kernel_paths.py``, one per schedule, as :class:`Case` values."""
+    cases = []
+    for name in sorted(PATH_CASES):
+        kind, shape, arg, channels_last = PATH_CASES[name]
+        if channels_last:  # given as (N, *spatial, C): back to the logical (N, C, *spatial)
+            shape = (shape[0], shape[-1], *shape[1:-1])
+        cases.append(
+            Case(
+                kind,
+                tuple(shape),
+                num_groups=arg if kind == "group_norm" else None,
+                normalized_ndim=arg if kind in ("layer_norm", "rms_norm") else None,
+                eps=None if kind == "rms_norm" else 1e-5,
+            )
+        )
+    return cases
+
+
+def corpus():
+    """Return ``{name: (case, layout, dtype, affine)}`` of every corpus entry."""
+    entries = {}
+    for case in [*_odd_cases(), *_path_cases()]:
+        layouts = ("cf", "cl", "cl_memory") if case.per_channel else ("cf",)
+        for layout in layouts:
+            for dtype in DTYPES:
+                for affine in AFFINE:
+                    if affine == "w" and layout == "cl_memory":
+                        continue  # the same kernel call as "cl"
+                    if case.kind == "rms_norm" and affine == "wb":
+                        continue
+                    name = f"{case}-{layout}-{np.dtype(dtype).name}-{affine}"
+                    entries[name] = (case, layout, dtype, affine)
+    return entries
+
+
+def outputs(case, layout, dtype, affine):
+    """Run every pass of one corpus entry; return the list of output arrays, in a fixed order."""
+    rng = rng_for("corpus", case, layout, np.dtype(dtype).name, affine)
+    x_cf = (rng.standard_normal(case.shape) * 2.0 + 3.0).astype(dtype)
+    dy_cf = rng.standard_normal(case.shape).astype(dtype)
+    has_weight, has_bias = AFFINE[affine]
+    weight = rng.uniform(0.5, 1.5, case.param_shape).astype(dtype) if has_weight else None
+    bias = rng.standard_normal(case.param_shape).astype(dtype) if has_bias else None
+    x, channels_last = arrange(x_cf, layout, case)
+    dy, _ = arrange(dy_cf, layout, case)
+    spec = case.spec(channels_last)
+    y, stats = fastnorm.forward(x, spec, weight, bias)
+    given = fastnorm.Stats(
+        rng.standard_normal(stats.mean.shape), rng.uniform(0.5, 2.0, stats.rstd.shape), has_bias
+    )
+    y_inference = fastnorm.forward_inference(x, given, spec, weight, bias)
+    dx, dweight, dbias = fastnorm.backward(dy, x, stats, spec, weight)
+    dx_alone, _, _ = fastnorm.backward(dy, x, stats, spec, None, with_bias=False)
+    x_inplace = x.copy(order="K")
+    y_inplace, _ = fastnorm.forward(x_inplace, spec, weight, bias, out=x_inplace)
+    dy_inplace = dy.copy(order="K")
+    dx_inplace, _, _ = fastnorm.backward(dy_inplace, x, stats, spec, weight, out=dy_inplace)
+    arrays = [y, stats.mean, stats.rstd, y_inference, dx, dweight, dbias, dx_alone, y_inplace, dx_inplace]
+    return [a for a in arrays if a is not None]
+
+
+def digest(arrays):
+    """SHA-256 (first 16 hex digits) of the arrays' bytes, each in its own memory order."""
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(str(a.dtype).encode())
+        h.update(np.ascontiguousarray(a.reshape(-1, order="A")).tobytes())
+    return h.hexdigest()[:16]
+
+
+def host_cpu():
+    """The LLVM name of the host CPU the machine code is compiled for."""
+    import llvmlite.binding as llvm
+
+    return llvm.get_host_cpu_name()
+
+
+def compute():
+    """Digests of the whole corpus: ``{name: digest}``."""
+    return {name: digest(outputs(*entry)) for name, entry in corpus().items()}
+
+
+def main(argv):
+    """Write ``tests/data/corpus.json`` (``--write``) or print mismatches against it."""
+    digests = compute()
+    if "--write" in argv:
+        DIGEST_FILE.parent.mkdir(exist_ok=True)
+        text = json.dumps({"host_cpu": host_cpu(), "digests": digests}, indent=1, sort_keys=True)
+        DIGEST_FILE.write_text(text + "\n")
+        print(f"wrote {len(digests)} digests to {DIGEST_FILE}")
+        return 0
+    pinned = json.loads(DIGEST_FILE.read_text())["digests"]
+    bad = sorted(n for n in digests if pinned.get(n) != digests[n])
+    print(f"{len(digests)} cases, {len(bad)} differ" + "".join(f"\n  {n}" for n in bad))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
