@@ -10,6 +10,12 @@ Notes
   propagate through every kernel.
 * ``error_model='numpy'`` removes Python's division-by-zero checks (a zero
   variance with ``eps=0`` gives ``inf`` like NumPy, never an exception).
+* Numba's cache keys a compiled function on its own source file only, not
+  on the functions it calls in other modules (numba#1833).  Every function
+  compiled here is keyed on :data:`DEPS_KEY` too, a hash of every file of
+  ``fastnorm/_kernels/`` and of this file, so that an edit to any kernel file
+  recompiles every kernel instead of loading stale machine code; the C ABI's
+  cfuncs use the same key.
 * The threading layer defaults to ``'threadsafe'`` (TBB when the ``tbb`` package
   is installed, otherwise OpenMP), never ``workqueue``, which aborts on
   concurrent launches from several threads.  An explicit
@@ -18,9 +24,13 @@ Notes
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import numba
+from numba.core.caching import FunctionCache
+from numba.core.dispatcher import Dispatcher
 
 #: Fastmath flags of every kernel: reassociation and contraction only.
 FASTMATH = frozenset({"reassoc", "contract"})
@@ -37,6 +47,49 @@ JIT_OPTIONS = {
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "threadsafe"
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def kernel_sources():
+    """Return the source files whose code can end up inside a compiled kernel."""
+    return [*sorted((_PACKAGE / "_kernels").glob("*.py")), _PACKAGE / "_config.py"]
+
+
+def deps_key(paths=None):
+    """Hash of the kernel sources (names and contents), as a non-negative int.
+
+    Parameters
+    ----------
+    paths : list of path-like, optional
+        The files to hash; :func:`kernel_sources` by default.
+    """
+    digest = hashlib.sha256()
+    for path in paths if paths is not None else kernel_sources():
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
+    return int(digest.hexdigest()[:15], 16)
+
+
+#: Cache key of every compiled kernel and of the C ABI's cfuncs (see the Notes above).
+DEPS_KEY = deps_key()
+
+
+class _KeyedFunctionCache(FunctionCache):
+    """Numba's function cache with :data:`DEPS_KEY` in every index key."""
+
+    def _index_key(self, sig, codegen):
+        return (*super()._index_key(sig, codegen), DEPS_KEY)
+
+
+def _jit(func, signatures=(), **options):
+    """``numba.njit(**options)(func)`` whose on-disk cache is keyed on :data:`DEPS_KEY`."""
+    dispatcher = numba.njit(**options)(func)
+    if isinstance(dispatcher, Dispatcher):  # not under NUMBA_DISABLE_JIT=1
+        dispatcher._cache = _KeyedFunctionCache(dispatcher.py_func)
+        for signature in signatures:
+            dispatcher.compile(signature)
+    return dispatcher
+
 
 def helper(func):
     """Compile a serial helper called as a function (LLVM may still inline it).
@@ -46,7 +99,7 @@ def helper(func):
     the column tiles of long LayerNorm rows; and for the serial builds of the
     kernels.
     """
-    return numba.njit(**JIT_OPTIONS)(func)
+    return _jit(func, **JIT_OPTIONS)
 
 
 def typed_helper(signatures):
@@ -59,7 +112,7 @@ def typed_helper(signatures):
     """
 
     def decorate(func):
-        return numba.njit(signatures, **JIT_OPTIONS)(func)
+        return _jit(func, signatures, **JIT_OPTIONS)
 
     return decorate
 
@@ -71,14 +124,13 @@ def glue(func):
     coefficient set-up, and the loops over a block themselves.  As a separate
     function every call passes each array as a 7-field struct and takes its
     slices with reference-count updates that only inlining lets Numba remove:
-    the LayerNorm forward kernel over 262144 rows of 16 elements took 46 ns of
-    thread time per row with the block loops called, 29 ns with them inlined
-    (same process, interleaved; 2 threads).  The price is compile time:
-    building every kernel for both dtypes took 148 s instead of 99 s.
+    a short LayerNorm row cost about 1.6x the time with its block loops called
+    (docs/perf-notes/per-plane-overhead-and-inlining.md).  The price is
+    compile time.
     """
-    return numba.njit(inline="always", **JIT_OPTIONS)(func)
+    return _jit(func, inline="always", **JIT_OPTIONS)
 
 
 def kernel(func):
     """Compile a parallel top-level kernel (``prange`` loops run multithreaded)."""
-    return numba.njit(parallel=True, **JIT_OPTIONS)(func)
+    return _jit(func, parallel=True, **JIT_OPTIONS)

@@ -75,17 +75,16 @@ class _Plan:
     kspec : KernelSpec
         The kernel geometry and flags.
     kernel_params : tuple
-        ``tuple(kspec)``, what the kernels are called with: Numba dispatches a
-        plain tuple about 0.7 us faster than the namedtuple.
-    fused_params : tuple or None
-        ``kernel_params`` with ``K.FUSE_SETS`` for a parallel channels-last
-        plan with fewer than ``K.FUSE_MIN_GROUPS`` statistics sets (else
-        ``None``): the training passes use it when there are at least 4 sets
-        per thread (see :func:`_training_params`).
-    sets : int
-        Statistics sets (samples; 1 for BatchNorm).
-    forward_kernel, normalize_kernel, backward_kernel : callable
-        ``_kernels.select`` of each pass for ``kspec``.
+        ``tuple(kspec)``; a kernel gets it followed by its schedule's fields.
+    itemsize : int
+        Bytes per element of ``x``.
+    thread_dependent : tuple of bool
+        Per pass (``K.FORWARD``, ``K.INFERENCE``, ``K.BACKWARD``): whether
+        :func:`~fastnorm._kernels.plan_schedule` gives another schedule for
+        another thread count (then a call looks the thread count up).
+    calls : dict
+        ``{(pass, has_weight, has_bias, in_place, threads): (kernel, params)}``,
+        filled by :func:`_kernel_call`.
     kernel_axes : tuple of int or None
         Axis order of ``x`` whose C order is the kernel's buffer order
         (channels-last memory seen as ``(N, C, *spatial)``); ``None`` when it
@@ -107,11 +106,9 @@ class _Plan:
 
     kspec: K.KernelSpec
     kernel_params: tuple
-    fused_params: tuple | None
-    sets: int
-    forward_kernel: object
-    normalize_kernel: object
-    backward_kernel: object
+    itemsize: int
+    thread_dependent: tuple
+    calls: dict
     kernel_axes: tuple | None
     output_axes: tuple | None
     kernel_shape: tuple
@@ -217,7 +214,8 @@ def _make_plan(x, spec, training):
             raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k :]} hold no elements")
         eps = spec.eps if spec.eps is not None else float(np.finfo(x.dtype).eps)
         kspec = K.KernelSpec(rows, 1, width, 1, flags | K.PER_ELEMENT, eps)
-        return _new_plan(kspec, shape, None, tuple(shape[x.ndim - k :]), tuple(shape[: x.ndim - k]), width)
+        param_shape = tuple(shape[x.ndim - k :])
+        return _new_plan(kspec, x, None, param_shape, tuple(shape[: x.ndim - k]), width)
     if not 2 <= x.ndim <= 5:
         layout = "(N, *spatial, C)" if spec.channels_last else "(N, C, *spatial)"
         raise ValueError(
@@ -258,51 +256,57 @@ def _make_plan(x, spec, training):
             f"{spec.kind}: x.shape={shape} gives groups of 0 elements; their statistics are undefined"
         )
     kspec = K.KernelSpec(n, channels, spatial, groups, flags, spec.eps)
-    return _new_plan(kspec, shape, kernel_axes, (channels,), stats_shape, group_size)
+    return _new_plan(kspec, x, kernel_axes, (channels,), stats_shape, group_size)
 
 
-def _new_plan(kspec, shape, kernel_axes, param_shape, stats_shape, group_size):
-    """Complete a :class:`_Plan` with what follows from its geometry (kernels, axis orders)."""
+def _new_plan(kspec, x, kernel_axes, param_shape, stats_shape, group_size):
+    """Complete a :class:`_Plan` with what follows from its geometry (axis orders, schedules)."""
+    shape = x.shape
     if kernel_axes is None:
         output_axes, kernel_shape = None, tuple(shape)
     else:
         output_axes = tuple(int(i) for i in np.argsort(kernel_axes))
         kernel_shape = tuple(shape[i] for i in kernel_axes)
-    stats_size = math.prod(stats_shape)
-    sets = stats_size // kspec.groups  # as the kernels count them
-    fusable = kspec.flags & K.CHANNELS_LAST and not K.runs_serial(kspec) and 1 < sets < K.FUSE_MIN_GROUPS
+    params = tuple(kspec)
+    itemsize = x.dtype.itemsize
+    thread_dependent = tuple(
+        K.plan_schedule(params, pass_id, 1, itemsize, True, True, False)
+        != K.plan_schedule(params, pass_id, 1 << 20, itemsize, True, True, False)
+        for pass_id in (K.FORWARD, K.INFERENCE, K.BACKWARD)
+    )
     return _Plan(
         kspec,
-        tuple(kspec),
-        tuple(kspec._replace(flags=kspec.flags | K.FUSE_SETS)) if fusable else None,
-        sets,
-        K.select("forward_train", kspec),
-        K.select("normalize", kspec),
-        K.select("backward", kspec),
+        params,
+        itemsize,
+        thread_dependent,
+        {},
         kernel_axes,
         output_axes,
         kernel_shape,
         tuple(param_shape),
         tuple(stats_shape),
-        stats_size,
+        math.prod(stats_shape),
         group_size,
     )
 
 
-def _training_params(plan):
-    """Kernel parameters of a training pass (forward or backward).
+def _kernel_call(plan, pass_id, has_weight, has_bias, in_place=False):
+    """Return ``(kernel, params)`` of one call: the schedule of :func:`~fastnorm._kernels.plan_schedule`.
 
-    Channels-last passes with few statistics sets run one fused task per set
-    from 4 sets per thread on: a thread's sample is then still in L3 when it
-    is read again (measured at (8, 64*64, 256) float32 on 2 threads,
-    interleaved in one process, InstanceNorm and GroupNorm(32), two runs:
-    forward 3.14-3.68 -> 2.78-3.17 ms, backward 3.50-5.05 -> 3.22-4.95 ms,
-    7-16% and 2-8% faster in each pair).  With fewer sets per thread the
-    split phases keep every core busy.  Results are bitwise the same either way.
+    ``params`` is the kernel spec followed by the schedule, a plain tuple.
+    Cached per plan and call variant; the thread count is looked up (about
+    0.7 us) only when the plan's schedule depends on it.
     """
-    if plan.fused_params is not None and plan.sets >= 4 * numba.get_num_threads():
-        return plan.fused_params
-    return plan.kernel_params
+    threads = numba.get_num_threads() if plan.thread_dependent[pass_id] else 0
+    key = (pass_id, has_weight, has_bias, in_place, threads)
+    call = plan.calls.get(key)
+    if call is None:
+        schedule = K.plan_schedule(
+            plan.kernel_params, pass_id, max(threads, 1), plan.itemsize, has_weight, has_bias, in_place
+        )
+        params = plan.kernel_params + tuple(schedule)
+        call = plan.calls[key] = (K.select(pass_id, params), params)
+    return call
 
 
 def _kernel_view(array, plan):
@@ -364,8 +368,8 @@ def _overlap_status(out, first, second, weight, bias, mean, rstd):
 
     Every argument is a 1-D C-contiguous kernel view, so that its memory is
     exactly ``[data, data + nbytes)``.  Returns 0 when ``out`` overlaps
-    nothing, or is exactly ``first`` or ``second`` (in place); 1 when it
-    overlaps ``weight``, ``bias``, ``mean`` or ``rstd``; 2 when it partly
+    nothing; 3 when it is exactly ``first`` or ``second`` (in place); 1 when
+    it overlaps ``weight``, ``bias``, ``mean`` or ``rstd``; 2 when it partly
     overlaps ``first`` or ``second``.  Pass an input twice, or an empty array,
     for an argument a pass does not have.
     """
@@ -380,6 +384,8 @@ def _overlap_status(out, first, second, weight, bias, mean, rstd):
         return 2
     if _extent_overlap(out, second) and not _same_memory(out, second):
         return 2
+    if _extent_overlap(out, first) or _extent_overlap(out, second):
+        return 3
     return 0
 
 
@@ -390,27 +396,30 @@ def _check_alias(out_flat, first, second, weight_flat, bias_flat, mean, rstd, na
     (read again after ``out`` has been partly written).  All are flat
     contiguous kernel views (:func:`_overlap_status`): one compiled call
     instead of a ``numpy.shares_memory`` per array (about 0.2 us each).
+    Returns whether ``out`` is ``first`` or ``second`` (in place).
     """
     status = _overlap_status(out_flat, first, second, weight_flat, bias_flat, mean, rstd)
     if status == 1:
         raise ValueError(f"{name} overlaps weight, bias or the statistics; pass a separate buffer")
     if status == 2:
         raise ValueError(f"{name} partly overlaps an input; pass a separate buffer or the input itself")
+    return status == 3
 
 
 def _prepare_forward(x, plan, weight, bias, out, stats_flat=()):
     """Check the parameters and ``out`` of a forward pass; return the kernel views.
 
-    Returns ``(weight_flat, bias_flat, x_flat, y, y_flat)``.
+    Returns ``(weight_flat, bias_flat, x_flat, y, y_flat, in_place)``.
     """
     weight_flat = _check_param(weight, "weight", plan, x.dtype)
     bias_flat = _check_param(bias, "bias", plan, x.dtype)
     x_flat = _kernel_view(x, plan)
     y, y_flat = _output(x, plan, out)
+    in_place = False
     if out is not None:
         mean, rstd = stats_flat if stats_flat else (_NO_STATS, _NO_STATS)
-        _check_alias(y_flat, x_flat, x_flat, weight_flat, bias_flat, mean, rstd)
-    return weight_flat, bias_flat, x_flat, y, y_flat
+        in_place = _check_alias(y_flat, x_flat, x_flat, weight_flat, bias_flat, mean, rstd)
+    return weight_flat, bias_flat, x_flat, y, y_flat, in_place
 
 
 def _stats_arrays(stats, plan):
@@ -486,13 +495,12 @@ def _forward(x, spec, weight, bias, out):
     The functional API returns only ``y``; a ``Stats`` costs 0.25 us a call.
     """
     x, plan = _prepare_input(x, spec)
-    weight_flat, bias_flat, x_flat, y, y_flat = _prepare_forward(x, plan, weight, bias, out)
+    weight_flat, bias_flat, x_flat, y, y_flat, in_place = _prepare_forward(x, plan, weight, bias, out)
     mean = np.empty(plan.stats_shape)
     rstd = np.empty(plan.stats_shape)
     if plan.stats_size:
-        plan.forward_kernel(
-            x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), _training_params(plan)
-        )
+        kernel, params = _kernel_call(plan, K.FORWARD, weight_flat.size > 0, bias_flat.size > 0, in_place)
+        kernel(x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), params)
     return y, mean, rstd
 
 
@@ -523,9 +531,10 @@ def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
     x, plan = _prepare_input(x, spec, training=False)
     mean, rstd = _stats_arrays(stats, plan)
     prepared = _prepare_forward(x, plan, weight, bias, out, (mean, rstd))
-    weight_flat, bias_flat, x_flat, y, y_flat = prepared
+    weight_flat, bias_flat, x_flat, y, y_flat, in_place = prepared
     if y_flat.size:
-        plan.normalize_kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, plan.kernel_params)
+        kernel, params = _kernel_call(plan, K.INFERENCE, weight_flat.size > 0, bias_flat.size > 0, in_place)
+        kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, params)
     return y
 
 
@@ -578,13 +587,15 @@ def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
     x_flat = _kernel_view(x, plan)
     dy_flat = _kernel_view(dy if dy.flags.aligned else dy.copy(order="K"), plan)
     dx, dx_flat = _output(x, plan, out)
+    in_place = False
     if out is not None:
-        _check_alias(dx_flat, x_flat, dy_flat, weight_flat, _EMPTY[x.dtype], mean, rstd)
+        in_place = _check_alias(dx_flat, x_flat, dy_flat, weight_flat, _EMPTY[x.dtype], mean, rstd)
     dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
     if dx_flat.size:
         empty = _EMPTY[x.dtype]
-        plan.backward_kernel(
+        kernel, params = _kernel_call(plan, K.BACKWARD, weight_flat.size > 0, False, in_place)
+        kernel(
             dy_flat,
             x_flat,
             weight_flat,
@@ -593,6 +604,6 @@ def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
             dx_flat,
             empty if dweight is None else dweight.ravel(),
             empty if dbias is None else dbias.ravel(),
-            _training_params(plan),
+            params,
         )
     return dx, dweight, dbias

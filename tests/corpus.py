@@ -29,12 +29,47 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from cases import Case, arrange, rng_for  # noqa: E402
-from test_kernel_paths import CASES as PATH_CASES  # noqa: E402
 
 import fastnorm  # noqa: E402
 
 DIGEST_FILE = HERE / "data" / "corpus.json"
 DTYPES = (np.float32, np.float64)
+
+#: One case per schedule of the kernels (``test_kernel_paths.py`` checks which each takes):
+#: name -> (kind, shape, groups or normalized_ndim, channels_last).
+PATH_CASES = {
+    # name: (kind, shape, groups/normalized_ndim, channels_last)
+    "bn-split-cf-many-channels": ("batch_norm", (3, 40, 5, 7), None, False),
+    "bn-split-cf-multiblock": ("batch_norm", (2, 3, 70, 70), None, False),
+    "bn-split-cl": ("batch_norm", (4, 9, 9, 6), None, True),
+    "bn-cl-multiblock": ("batch_norm", (2, 70, 70, 3), None, True),
+    "in-fused-cf": ("instance_norm", (4, 10, 33), None, False),
+    "in-split-cf-multiblock": ("instance_norm", (1, 2, 9000), None, False),
+    "in-fused-cl": ("instance_norm", (40, 17, 3), None, True),
+    "gn-split-cl-multiblock": ("group_norm", (2, 5000, 6), 3, True),
+    # rows longer than CL_CONSECUTIVE_ROW_BYTES: moments over four rows per step, one
+    # from each quarter of a block; blocks of 256 and 44 rows (quarters of 64 and 11)
+    "gn-split-cl-wide-quarters-multiblock": ("group_norm", (2, 300, 512), 32, True),
+    # blocks of 256 and 6 rows: quarters of 1 row and 2 rows left over
+    "in-split-cl-quarters-multiblock": ("instance_norm", (2, 262, 136), None, True),
+    # blocks of 256 and 3 rows: a block too short for quarters (every row left over)
+    "bn-cl-quarters-multiblock": ("batch_norm", (3, 259, 144), None, True),
+    # a fused group of 2 planes of 11: one block for the whole group, no merge
+    "gn-fused-cf-groupblock": ("group_norm", (9, 8, 11), 4, False),
+    # a fused group of 2 planes of 2500 (5000 > BLOCK): one block per plane, merged
+    "gn-fused-cf-planeblocks": ("group_norm", (1, 64, 50, 50), 32, False),
+    "ln-rowchunk": ("layer_norm", (130, 33), 1, False),
+    "ln-rowchunk-multiblock": ("layer_norm", (129, 4100), 1, False),
+    # > ROW_CHUNK * ROW_TASKS rows: chunks of 35 rows, a last chunk of 15
+    "ln-rowchunk-longchunks": ("layer_norm", (1100, 20), 1, False),
+    "ln-columns-fused": ("layer_norm", (40, 70), 1, False),
+    # 70 rows in tasks of 3 (ROW_TASKS): pipelined tasks of 3 rows and a last task of 1
+    "ln-pipelined-fused": ("layer_norm", (70, 300), 1, False),
+    "ln-pipelined-fused-rowchunk": ("layer_norm", (200, 256), 1, False),
+    "ln-columns-split-multiblock": ("layer_norm", (3, 9001), 1, False),
+    "rms-rowchunk": ("rms_norm", (131, 20), 1, False),
+    "rms-columns-split-multiblock": ("rms_norm", (5, 5000), 1, False),
+}
 
 #: Parameters of a call: (weight, bias) present?
 AFFINE = {"wb": (True, True), "w": (True, False), "none": (False, False)}

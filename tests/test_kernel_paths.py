@@ -1,20 +1,15 @@
-"""Every internal code path of the kernels, against the float64 reference.
+"""Every schedule of the kernels, against the float64 reference.
 
-The kernels pick a strategy from the shape alone: serial build (at most
-``SERIAL_MAX_ELEMENTS``) or parallel; fused per group (>= ``FUSE_MIN_GROUPS``
-groups) or split into block / group / block phases; one or many blocks per
-plane (``BLOCK`` elements channels-first, ``max(BLOCK // C, CL_MIN_ROWS)``
-rows channels-last); channels-last moments over rows longer than
-``CL_CONSECUTIVE_ROW_BYTES``, four rows per step from the quarters of a block
-(as the backward dot products always), with the rows left over; LayerNorm's
-row-chunk parameter gradients (>= ``4 * ROW_CHUNK`` rows; chunks longer than
-``ROW_CHUNK`` beyond ``ROW_CHUNK * ROW_TASKS`` rows) or column tiles;
-LayerNorm's software-pipelined training forward (rows of
-``PIPELINE_MIN_WIDTH`` elements to ``PIPELINE_MAX_ROW_BYTES`` bytes, with
-weight and bias); and the one-pass block moments' fallback to two passes when
-the shift is far from the mean.  Each case below is built to land on one of
-them (the test asserts which), then checked forward and backward, including
-in-place outputs.
+:func:`fastnorm._kernels.plan_schedule` chooses, from the shape alone (and
+the thread count for channels-last training passes): the serial or parallel
+build; fused per group, one block per group, software-pipelined rows, or split
+into block / group / block phases; one or many blocks per plane or row; the
+channels-last moments' four rows per step, consecutive or from the quarters of
+a block; the row backward's chunks of whole rows (chunks longer than
+``ROW_CHUNK`` beyond ``ROW_CHUNK * ROW_TASKS`` rows) or column tiles.  Each
+case of ``corpus.PATH_CASES`` is built to land on one of them (the test reads
+the plan's schedule), then checked forward and backward, including in-place
+outputs, and the one-pass block moments' fallback to two passes is forced.
 """
 
 from __future__ import annotations
@@ -23,44 +18,14 @@ import naive
 import numba
 import numpy as np
 import pytest
+from corpus import PATH_CASES
 
 import fastnorm
 from fastnorm import _kernels as K
-from fastnorm.core import _plan, _training_params
+from fastnorm._kernels import channels_last, planes
+from fastnorm.core import _kernel_call, _plan
 
-CASES = {
-    # name: (kind, shape, groups/normalized_ndim, channels_last)
-    "bn-split-cf-many-channels": ("batch_norm", (3, 40, 5, 7), None, False),
-    "bn-split-cf-multiblock": ("batch_norm", (2, 3, 70, 70), None, False),
-    "bn-split-cl": ("batch_norm", (4, 9, 9, 6), None, True),
-    "bn-cl-multiblock": ("batch_norm", (2, 70, 70, 3), None, True),
-    "in-fused-cf": ("instance_norm", (4, 10, 33), None, False),
-    "in-split-cf-multiblock": ("instance_norm", (1, 2, 9000), None, False),
-    "in-fused-cl": ("instance_norm", (40, 17, 3), None, True),
-    "gn-split-cl-multiblock": ("group_norm", (2, 5000, 6), 3, True),
-    # rows longer than CL_CONSECUTIVE_ROW_BYTES: moments over four rows per step, one
-    # from each quarter of a block; blocks of 256 and 44 rows (quarters of 64 and 11)
-    "gn-split-cl-wide-quarters-multiblock": ("group_norm", (2, 300, 512), 32, True),
-    # blocks of 256 and 6 rows: quarters of 1 row and 2 rows left over
-    "in-split-cl-quarters-multiblock": ("instance_norm", (2, 262, 136), None, True),
-    # blocks of 256 and 3 rows: a block too short for quarters (every row left over)
-    "bn-cl-quarters-multiblock": ("batch_norm", (3, 259, 144), None, True),
-    # a fused group of 2 planes of 11: one block for the whole group, no merge
-    "gn-fused-cf-groupblock": ("group_norm", (9, 8, 11), 4, False),
-    # a fused group of 2 planes of 2500 (5000 > BLOCK): one block per plane, merged
-    "gn-fused-cf-planeblocks": ("group_norm", (1, 64, 50, 50), 32, False),
-    "ln-rowchunk": ("layer_norm", (130, 33), 1, False),
-    "ln-rowchunk-multiblock": ("layer_norm", (129, 4100), 1, False),
-    # > ROW_CHUNK * ROW_TASKS rows: chunks of 35 rows, a last chunk of 15
-    "ln-rowchunk-longchunks": ("layer_norm", (1100, 20), 1, False),
-    "ln-columns-fused": ("layer_norm", (40, 70), 1, False),
-    # 70 rows in tasks of 3 (ROW_TASKS): pipelined tasks of 3 rows and a last task of 1
-    "ln-pipelined-fused": ("layer_norm", (70, 300), 1, False),
-    "ln-pipelined-fused-rowchunk": ("layer_norm", (200, 256), 1, False),
-    "ln-columns-split-multiblock": ("layer_norm", (3, 9001), 1, False),
-    "rms-rowchunk": ("rms_norm", (131, 20), 1, False),
-    "rms-columns-split-multiblock": ("rms_norm", (5, 5000), 1, False),
-}
+CASES = PATH_CASES
 
 
 def _spec(kind, arg, channels_last):
@@ -96,45 +61,21 @@ def _data(kind, shape, arg, channels_last, dtype, seed=0):
     return x, dy, weight, bias
 
 
-def _path(kspec, itemsize=4):
-    """Describe the strategy the kernels take for this geometry (``itemsize``: 4 float32, 8 float64)."""
-    nstats = K.num_stats(kspec)
-    small = kspec.batch * kspec.channels * kspec.spatial <= K.SERIAL_MAX_ELEMENTS
-    if kspec.flags & K.CHANNELS_LAST:
-        sets = nstats // kspec.groups
-        fused = sets >= K.FUSE_MIN_GROUPS
-        rows_per_block = max(K.BLOCK // kspec.channels, K.CL_MIN_ROWS)
-        blocks = -(-kspec.spatial // rows_per_block)
-    else:
-        fused = nstats >= K.FUSE_MIN_GROUPS and not kspec.flags & K.BATCH
-        blocks = -(-kspec.spatial // K.BLOCK)
-    planes_per_group = kspec.channels // kspec.groups
-    groupblock = (
-        fused
-        and not kspec.flags & K.CHANNELS_LAST
-        and planes_per_group > 1
-        and planes_per_group * kspec.spatial <= K.BLOCK
-    )
-    rowchunk = bool(kspec.flags & K.PER_ELEMENT) and nstats >= 4 * K.ROW_CHUNK
-    # LayerNorm with weight and bias (every LayerNorm case here)
-    pipelined = (
-        bool(kspec.flags & K.PER_ELEMENT and kspec.flags & K.CENTERED)
-        and fused
-        and blocks == 1
-        and K.PIPELINE_MIN_WIDTH <= kspec.spatial
-        and kspec.spatial * itemsize <= K.PIPELINE_MAX_ROW_BYTES
-    )
-    longchunks = rowchunk and nstats > K.ROW_CHUNK * K.ROW_TASKS
-    quarters = bool(kspec.flags & K.CHANNELS_LAST) and kspec.channels * itemsize > K.CL_CONSECUTIVE_ROW_BYTES
+def _path(plan, in_place=False):
+    """Read the schedules the plan gives a call with weight and bias on this thread count."""
+    forward = K.schedule_of(_kernel_call(plan, K.FORWARD, True, True, in_place)[1])
+    backward = K.schedule_of(_kernel_call(plan, K.BACKWARD, True, False)[1])
     return {
-        "serial": small,
-        "fused": fused,
-        "multiblock": blocks > 1,
-        "rowchunk": rowchunk,
-        "longchunks": longchunks,
-        "groupblock": groupblock,
-        "pipelined": pipelined,
-        "quarters": quarters,
+        "serial": not forward.parallel,
+        "fused": forward.strategy in (K.FUSED, K.ONE_BLOCK, K.PIPELINED),
+        "multiblock": forward.nblocks > 1,
+        "rowchunk": backward.strategy == K.ROW_CHUNKS,
+        "longchunks": backward.chunk > K.ROW_CHUNK,
+        "groupblock": forward.view == K.PLANES
+        and forward.strategy == K.ONE_BLOCK
+        and plan.kspec.channels > plan.kspec.groups,
+        "pipelined": forward.strategy == K.PIPELINED,
+        "quarters": bool(forward.quarters),
     }
 
 
@@ -142,7 +83,7 @@ def _path(kspec, itemsize=4):
 def test_case_lands_on_its_path(name):
     kind, shape, arg, cl = CASES[name]
     spec = _spec(kind, arg, cl)
-    path = _path(_plan(np.empty(shape, np.float32), spec, True).kspec)
+    path = _path(_plan(np.empty(shape, np.float32), spec, True))
     assert path["fused"] == ("fused" in name or "rowchunk" in name)
     assert path["multiblock"] == ("multiblock" in name)
     assert path["rowchunk"] == ("rowchunk" in name)
@@ -268,7 +209,8 @@ def test_pipelined_layer_norm_rows_are_independent(dtype):
     x[9, 7] = np.nan
     x[20, 3] = np.inf
     spec = fastnorm.NormSpec.layer_norm(1)
-    assert _path(_plan(x, spec, True).kspec, x.itemsize)["pipelined"]  # float64 rows of 512: 4 KB
+    assert _path(_plan(x, spec, True))["pipelined"]  # float64 rows of 512: 4 KB
+    assert not _path(_plan(x, spec, True), in_place=True)["pipelined"]
     y, stats = fastnorm.forward(x, spec, weight, bias)
     assert np.isnan(y[9]).all() and np.isnan(y[20]).all()
     finite = np.ones(rows, bool)
@@ -288,6 +230,11 @@ def test_pipelined_layer_norm_rows_are_independent(dtype):
     np.testing.assert_array_equal(stats_inplace.rstd, stats.rstd)
 
 
+def _schedule(kspec, pass_id, threads=1, itemsize=4):
+    params = tuple(kspec)
+    return K.Schedule(*K.plan_schedule(params, pass_id, threads, itemsize, True, True, False))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("channels", [3, 16, 32])
 def test_channels_last_elementwise_steps_of_several_rows_are_bitwise_one_row_steps(channels, dtype):
@@ -301,23 +248,23 @@ def test_channels_last_elementwise_steps_of_several_rows_are_bitwise_one_row_ste
     x = rng.standard_normal(n * spatial * channels).astype(dtype)
     dy = rng.standard_normal(x.size).astype(dtype)
     spec = K.KernelSpec(n, channels, spatial, channels, K.CENTERED | K.BATCH | K.CHANNELS_LAST, 1e-5)
-    rows_per_block = K._cl_rows_per_block(spec)
-    nblocks = -(-spatial // rows_per_block)
-    tile_rows = K._cl_tile_rows(spec, x, 1)
+    schedule = _schedule(spec, K.INFERENCE, itemsize=x.itemsize)
+    rows_per_block, nblocks, tile_rows = schedule.block, schedule.nblocks, schedule.tile_rows
+    assert nblocks > 1 and rows_per_block == max(4096 // channels, K.CL_MIN_ROWS)
     assert tile_rows == K.CL_TILE_BYTES // x.itemsize // channels > 1
     assert rows_per_block % tile_rows != 0 or (spatial - rows_per_block) % tile_rows != 0
-    for vectors, run in ((3, K._cl_normalize_block), (4, K._cl_dx_block)):
+    for vectors, run in ((3, channels_last._cl_normalize_block), (4, channels_last._cl_dx_block)):
         coef = rng.standard_normal(vectors * channels).astype(dtype)
-        tiled = K._cl_tile(coef, vectors, channels, tile_rows)
+        tiled = channels_last._cl_tile(coef, vectors, channels, tile_rows)
         assert tiled.size == vectors * channels * tile_rows
         outs = []
         for c, rows in ((coef, 1), (tiled, tile_rows)):
             out = np.full_like(x, np.nan)
             for blk in range(n * nblocks):
                 if vectors == 3:
-                    run(x, out, c, spec, nblocks, blk, rows)
+                    run(x, out, c, spec, schedule, blk, rows)
                 else:
-                    run(dy, x, out, c, spec, nblocks, blk, rows)
+                    run(dy, x, out, c, spec, schedule, blk, rows)
             outs.append(out)
         assert not np.isnan(outs[0]).any()
         assert outs[0].tobytes() == outs[1].tobytes()
@@ -330,14 +277,55 @@ def test_serial_and_parallel_builds_agree(dtype):
     x = rng.standard_normal(2 * 6 * 50).astype(dtype)
     y1, y2 = np.empty_like(x), np.empty_like(x)
     kspec = K.KernelSpec(2, 6, 50, 3, K.CENTERED, 1e-5)
+    params = tuple(kspec) + tuple(_schedule(kspec, K.FORWARD, itemsize=x.itemsize))
     stats = [np.empty(6) for _ in range(4)]
     empty = np.empty(0, dtype)
-    K.forward_train_cf(x, empty, empty, y1, stats[0], stats[1], kspec)
-    K.forward_train_cf_serial(x, empty, empty, y2, stats[2], stats[3], kspec)
+    planes.planes_forward(x, empty, empty, y1, stats[0], stats[1], params)
+    K.dispatch.planes_forward_serial(x, empty, empty, y2, stats[2], stats[3], params)
     naive.assert_close(y2, y1, dtype=dtype, k=4)
-    assert K.select("forward_train", kspec) is K.forward_train_cf_serial
+    assert K.select(K.FORWARD, params) is K.dispatch.planes_forward_serial
     big = K.KernelSpec(64, 64, 64, 32, K.CENTERED | K.CHANNELS_LAST, 1e-5)
-    assert K.select("backward", big) is K.backward_cl
+    big_params = tuple(big) + tuple(_schedule(big, K.BACKWARD))
+    assert K.select(K.BACKWARD, big_params) is channels_last.channels_last_backward
+
+
+def test_dispatch_table_covers_every_pass_view_and_build():
+    """Every (pass, view, parallel) has a kernel, and each kernel serves exactly one of them."""
+    keys = {
+        (p, v, b)
+        for p in (K.FORWARD, K.INFERENCE, K.BACKWARD)
+        for v in (K.ROWS, K.PLANES, K.CHANNELS_LAST_VIEW)
+        for b in (0, 1)
+    }
+    assert set(K.KERNELS) == keys
+    assert len(set(map(id, K.KERNELS.values()))) == len(keys)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compiled_dispatch_runs_the_kernel_of_the_table(name):
+    """``run_forward`` / ``run_backward`` (the C ABI's dispatch) give the table's kernels' bits."""
+    kind, shape, arg, cl = CASES[name]
+    spec = _spec(kind, arg, cl)
+    x, dy, weight, bias = _data(kind, shape, arg, cl, np.float64, seed=4)
+    plan = _plan(x, spec, True)
+    for pass_id in (K.FORWARD, K.INFERENCE):
+        kernel, params = _kernel_call(plan, pass_id, True, bias is not None)
+        outputs = []
+        for run in (kernel, lambda *a, p=pass_id: K.run_forward(p, *a)):
+            y, mean, rstd = np.empty(x.size), np.empty(plan.stats_size), np.empty(plan.stats_size)
+            if pass_id == K.INFERENCE:
+                mean[:], rstd[:] = 0.25, 1.5
+            run(x.ravel(), weight, weight if bias is None else bias, y, mean, rstd, params)
+            outputs.append(np.concatenate([y, mean, rstd]))
+        assert outputs[0].tobytes() == outputs[1].tobytes()
+    kernel, params = _kernel_call(plan, K.BACKWARD, True, False)
+    mean, rstd = np.full(plan.stats_size, 0.25), np.full(plan.stats_size, 1.5)
+    outputs = []
+    for run in (kernel, K.run_backward):
+        dx, dweight, dbias = np.empty(x.size), np.empty(weight.size), np.empty(weight.size)
+        run(dy.ravel(), x.ravel(), weight.ravel(), mean, rstd, dx, dweight.ravel(), dbias.ravel(), params)
+        outputs.append(np.concatenate([dx, dweight.ravel(), dbias.ravel()]))
+    assert outputs[0].tobytes() == outputs[1].tobytes()
 
 
 @pytest.mark.parametrize("kind", ["batch_norm", "layer_norm", "rms_norm"])
@@ -368,38 +356,55 @@ def test_dx_does_not_depend_on_which_parameter_gradients_are_requested(name):
 
 
 def test_channels_last_fused_sets_are_bitwise_the_split_phases(restore_threads):
-    """``FUSE_SETS`` (chosen per call from the thread count) changes the schedule, not the bits."""
+    """The thread count picks FUSED or SPLIT for few channels-last sets: another schedule, the same bits."""
     spec = fastnorm.NormSpec.group_norm(2, channels_last=True)
     rng = np.random.default_rng(7)
     x = (rng.standard_normal((6, 3000, 8)) * 3 + 5).astype(np.float32)
     dy = rng.standard_normal(x.shape).astype(np.float32)
     weight = rng.standard_normal(8).astype(np.float32)
     plan = _plan(x, spec, True)
-    assert plan.sets == 6 and plan.fused_params is not None
-    assert plan.fused_params[4] == plan.kernel_params[4] | K.FUSE_SETS
+    assert plan.thread_dependent == (True, False, True)
     results = []
-    for params in (plan.kernel_params, plan.fused_params):
+    for threads, strategy in ((1, K.FUSED), (2, K.SPLIT)):  # 6 sets: fused from 4 sets per thread
+        params = {}
+        for pass_id in (K.FORWARD, K.BACKWARD):
+            schedule = _schedule(plan.kspec, pass_id, threads)
+            assert schedule.strategy == strategy
+            params[pass_id] = plan.kernel_params + tuple(schedule)
         y, mean, rstd = np.empty(x.size, np.float32), np.empty(12), np.empty(12)
-        plan.forward_kernel(x.ravel(), weight, weight, y, mean, rstd, params)
+        K.select(K.FORWARD, params[K.FORWARD])(x.ravel(), weight, weight, y, mean, rstd, params[K.FORWARD])
         dx, dweight, dbias = np.empty(x.size, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
-        plan.backward_kernel(dy.ravel(), x.ravel(), weight, mean, rstd, dx, dweight, dbias, params)
+        backward = K.select(K.BACKWARD, params[K.BACKWARD])
+        backward(dy.ravel(), x.ravel(), weight, mean, rstd, dx, dweight, dbias, params[K.BACKWARD])
         results.append([y, mean, rstd, dx, dweight, dbias])
     for split, fused in zip(*results, strict=True):
         assert split.tobytes() == fused.tobytes()
     numba.set_num_threads(1)
-    assert _training_params(plan) is plan.fused_params  # 6 sets >= 4 per thread
+    assert K.schedule_of(_kernel_call(plan, K.FORWARD, True, True)[1]).strategy == K.FUSED
     if numba.config.NUMBA_NUM_THREADS >= 2:
         numba.set_num_threads(2)
-        assert _training_params(plan) is plan.kernel_params
+        assert K.schedule_of(_kernel_call(plan, K.FORWARD, True, True)[1]).strategy == K.SPLIT
 
 
-def test_only_parallel_channels_last_plans_with_few_sets_can_fuse():
-    def fused(shape, spec):
-        return _plan(np.empty(shape, np.float32), spec, True).fused_params is not None
+def test_only_parallel_channels_last_plans_with_few_sets_depend_on_threads():
+    def thread_dependent(shape, spec):
+        return _plan(np.empty(shape, np.float32), spec, True).thread_dependent
 
     gn_cl = fastnorm.NormSpec.group_norm(2, channels_last=True)
-    assert fused((6, 3000, 8), gn_cl)
-    assert not fused((6, 30, 8), gn_cl)  # serial build
-    assert not fused((40, 300, 8), gn_cl)  # >= FUSE_MIN_GROUPS sets: always fused
-    assert not fused((6, 8, 3000), fastnorm.NormSpec.group_norm(2))  # channels-first
-    assert not fused((6, 3000, 8), fastnorm.NormSpec.batch_norm(channels_last=True))  # one set
+    assert thread_dependent((6, 3000, 8), gn_cl) == (True, False, True)
+    none = (False, False, False)
+    assert thread_dependent((6, 30, 8), gn_cl) == none  # serial build
+    assert thread_dependent((40, 300, 8), gn_cl) == none  # >= FUSE_MIN_GROUPS sets: always fused
+    assert thread_dependent((6, 8, 3000), fastnorm.NormSpec.group_norm(2)) == none  # channels-first
+    assert thread_dependent((6, 3000, 8), fastnorm.NormSpec.batch_norm(channels_last=True)) == none  # one set
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_thread_dependence_does_not_vary_with_the_call_variant(name):
+    """The plan probes the thread dependence with weight, bias and out of place; no variant differs."""
+    kind, shape, arg, cl = CASES[name]
+    plan = _plan(np.empty(shape, np.float32), _spec(kind, arg, cl), True)
+    for pass_id in (K.FORWARD, K.INFERENCE, K.BACKWARD):
+        for variant in [(w, b, p) for w in (False, True) for b in (False, True) for p in (False, True)]:
+            at = [K.plan_schedule(plan.kernel_params, pass_id, t, 4, *variant) for t in (1, 2, 3, 64)]
+            assert (len(set(at)) > 1) == plan.thread_dependent[pass_id], (pass_id, variant)

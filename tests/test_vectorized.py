@@ -24,6 +24,7 @@ from numba import types
 
 from fastnorm import _kernels as K
 from fastnorm._config import JIT_OPTIONS
+from fastnorm._kernels import channels_last, epilogue, numerics, planes, rows
 
 # C ABI / LLVM IR: needs the compiled kernels (skipped under NUMBA_DISABLE_JIT=1, see conftest.py).
 pytestmark = pytest.mark.jit
@@ -42,7 +43,7 @@ VECTOR_LOOPS = {
     # (8 lanes: the float64 sums set the width), and the rows loop with its inlined first
     # moments (shifted sums, two-pass fallback), last normalize (4) and the pipelined loop
     "_normalize_row_sum_next": 1,
-    "_rows_forward": 8,
+    "_pipelined_task": 8,
     "_dx_span": 1,
     "_dx_per_element_span": 1,
     # with and without weight
@@ -72,6 +73,7 @@ def _signature(name, dtype):
     work = types.Array(types.float64, 1, "C")
     i64, f64 = types.int64, types.float64
     spec = numba.typeof(K.KernelSpec(1, 1, 1, 1, 0, 1e-5))
+    schedule = numba.typeof(K.Schedule(0, 0, 0, 1, 1, 1, 0, 0))
     return {
         "_moments": (data, i64, i64, i64),
         "_moments_two_pass": (data, i64),
@@ -80,22 +82,34 @@ def _signature(name, dtype):
         "_normalize": (data, data, i64, i64, f64, f64, f64),
         "_normalize_per_element": (data, data, data, data, i64, i64, i64, f64, f64),
         "_normalize_row_sum_next": (data, data, data, data, f64, f64, data, f64),
-        "_rows_forward": (data, data, data, data, spec, work, work, i64, i64),
+        "_pipelined_task": (data, data, data, data, spec, work, work, i64, i64),
         "_dx_span": (data, data, data, f64, f64, f64, f64),
         "_dx_per_element_span": (data, data, data, data, f64, f64, f64, f64),
         "_row_dots_and_partials": (data, data, data, work, work, f64, f64),
         "_param_partials": (data, data, f64, f64, work, work),
-        "_cl_block_moments": (data, work, spec, i64, i64),
-        "_cl_merge_set": (work, work, spec, i64, i64),
-        "_cl_normalize_block": (data, data, data, spec, i64, i64, i64),
-        "_cl_block_dots": (data, data, work, work, spec, i64, i64),
-        "_cl_sum_set": (work, work, spec, i64, i64),
-        "_cl_dx_block": (data, data, data, data, spec, i64, i64, i64),
+        "_cl_block_moments": (data, work, spec, schedule, i64),
+        "_cl_merge_set": (work, work, spec, schedule, i64),
+        "_cl_normalize_block": (data, data, data, spec, schedule, i64, i64),
+        "_cl_block_dots": (data, data, work, work, spec, schedule, i64),
+        "_cl_sum_set": (work, work, spec, schedule, i64),
+        "_cl_dx_block": (data, data, data, data, spec, schedule, i64, i64),
     }[name]
 
 
+#: The modules of the kernel family, in which the helpers and kernels are looked up by name.
+MODULES = (numerics, epilogue, rows, planes, channels_last, K.dispatch)
+
+
+def _compiled(name):
+    """The compiled function ``name`` of the kernel family."""
+    for module in MODULES:
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise KeyError(name)
+
+
 def _optimized_ir(name, dtype, **overrides):
-    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False, **overrides})(getattr(K, name).py_func)
+    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False, **overrides})(_compiled(name).py_func)
     signature = _signature(name, dtype)
     dispatcher.compile(signature)
     return dispatcher.inspect_llvm(signature)
@@ -110,14 +124,20 @@ def _vector_loops(ir):
 
 
 def test_every_loop_helper_is_listed():
-    """A new loop helper (inlined or not) must be added to VECTOR_LOOPS."""
+    """A new loop helper (inlined or not) must be added to VECTOR_LOOPS.
+
+    Strategy helpers (with a ``prange`` loop) are parts of a kernel: their
+    loops count in KERNEL_VECTOR_LOOPS.
+    """
     helpers = set()
-    for name, obj in vars(K).items():
-        func = getattr(obj, "py_func", None)
-        if func is None or name.endswith("_serial") or obj.targetoptions.get("parallel"):
-            continue
-        if re.search(r"^\s+for .+ in range\(", inspect.getsource(func), re.MULTILINE):
-            helpers.add(name)
+    for module in MODULES:
+        for name, obj in vars(module).items():
+            func = getattr(obj, "py_func", None)
+            if func is None or name.endswith("_serial") or obj.targetoptions.get("parallel"):
+                continue
+            source = inspect.getsource(func)
+            if "prange(" not in source and re.search(r"^\s+for .+ in range\(", source, re.MULTILINE):
+                helpers.add(name)
     assert set(VECTOR_LOOPS) <= helpers, sorted(set(VECTOR_LOOPS) - helpers)
     # the group merges loop over a handful of channels or blocks, not over data
     assert helpers - set(VECTOR_LOOPS) <= {
@@ -128,6 +148,9 @@ def test_every_loop_helper_is_listed():
         "_cl_set_means",
         "_cl_group_coefs",
         "_cl_tile",  # repeats a few per-channel vectors, once per call
+        "_cl_set_stats",
+        "_group_coef_table",
+        "_row_chunk",  # calls the row loops of _row_dots_and_partials and _dx_*_span
     }, sorted(helpers - set(VECTOR_LOOPS))
 
 
@@ -144,23 +167,26 @@ def test_inner_loops_are_vectorized(name, dtype):
 
 #: kernel -> vectorized loops of its single-threaded build (every inlined block loop counts).
 KERNEL_VECTOR_LOOPS = {
-    "forward_train_cf": 23,
-    "normalize_cf": 5,
-    "backward_cf": 35,
-    "forward_train_cl": 14,
-    "normalize_cl": 3,
-    "backward_cl": 18,
+    "rows_forward": 26,
+    "rows_inference": 4,
+    "rows_backward": 24,
+    "planes_forward": 11,
+    "planes_inference": 1,
+    "planes_backward": 15,
+    "channels_last_forward": 15,
+    "channels_last_inference": 8,
+    "channels_last_backward": 18,
 }
 
 
 @pytest.mark.parametrize("name", sorted(KERNEL_VECTOR_LOOPS))
 def test_kernels_keep_their_vectorized_loops(name):
     """The loops stay vectorized once inlined into the kernels (float32; float64 counts the same)."""
-    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(getattr(K, name).py_func)
+    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(_compiled(name).py_func)
     data = types.Array(types.float32, 1, "C")
     stats = types.Array(types.float64, 1, "C")
-    params = types.Tuple((types.int64,) * 5 + (types.float64,))
-    if name.startswith("backward"):
+    params = types.Tuple((types.int64,) * 5 + (types.float64,) + (types.int64,) * len(K.Schedule._fields))
+    if name.endswith("backward"):
         signature = (data, data, data, stats, stats, data, data, data, params)
     else:
         signature = (data, data, data, data, stats, stats, params)

@@ -1,22 +1,23 @@
 """Numba ``@cfunc`` entry points of the C ABI, built from the kernels of :mod:`fastnorm._kernels`.
 
-Each cfunc wraps raw pointers into arrays with :func:`numba.carray`, passes
-the :class:`~fastnorm._kernels.KernelSpec` fields as a plain tuple (as
-:mod:`fastnorm.core` does) and calls the *same* kernel functions as
-the Python API (there is no second implementation).  The C side
-(``capi/fastnorm_capi.c``) has already validated every argument; the cfuncs
-trust their inputs.
+Each cfunc wraps raw pointers into arrays with :func:`numba.carray`, asks
+:func:`fastnorm._kernels.plan_schedule` for the schedule -- the same compiled
+function the Python API calls, with the same arguments -- and runs the kernel
+through :func:`fastnorm._kernels.run_forward` / ``run_backward``, which pick
+from the same table as the Python API (there is no second implementation and
+no second choice of schedule).  The C side (``capi/src/fastnorm_capi.c``) has
+already validated every argument; the cfuncs trust their inputs.
 
 Conventions
 -----------
-* One cfunc per (operation, dtype); the layout is chosen at run time from the
-  ``CHANNELS_LAST`` flag, so 6 cfuncs cover 3 operations x 2 dtypes x 2 layouts.
+* One cfunc per (operation, dtype); 6 cfuncs cover 3 operations x 2 dtypes.
 * Data buffers are ``T*`` (``float32`` or ``float64``); ``mean``/``rstd`` are
   ``double*``.  An absent weight/bias/dweight/dbias is passed with length 0
   (its pointer may be NULL) and becomes an empty array, as the kernels expect.
-* The thread count is not an argument: the C layer calls the threading
-  layer's own ``set_num_threads`` (see :func:`threading_addresses`), because
-  ``numba.set_num_threads`` inside a cfunc makes it uncachable.
+* The last argument is the thread count of the call: the C layer sets it
+  with the threading layer's own ``set_num_threads`` (see
+  :func:`threading_addresses`) and passes it, because a compiled function
+  that asks Numba for the thread count cannot be cached.
 * Every cfunc returns ``1`` on success.  A Numba cfunc that raises (only
   possible on memory exhaustion in a kernel's workspace allocation) returns
   ``0`` instead, which the C layer reports as ``FASTNORM_INTERNAL_ERROR``.
@@ -25,46 +26,24 @@ Caching
 -------
 The cfuncs are compiled with ``cache=True``.  Numba keys a cache entry on the
 cfunc's own source file only, not on the functions it calls, so each cfunc is
-a closure over :data:`DEPS_KEY`, a hash of ``fastnorm/_*.py`` (``_kernels.py``,
-``_config.py``...) and this file: Numba hashes closure variables into the
-cache index key, so editing a kernel invalidates the cached cfuncs instead of
-silently reusing stale code.
+a closure over :data:`DEPS_KEY` (:data:`fastnorm._config.DEPS_KEY`, a hash of
+every kernel file): Numba hashes closure variables into the cache index key,
+so editing a kernel invalidates the cached cfuncs instead of silently reusing
+stale code.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import pathlib
 
 import numba
 import numpy as np
 from numba import carray, cfunc, types
 
 from .. import _kernels as K
+from .._config import DEPS_KEY
 
 __all__ = ["DEPS_KEY", "SIGNATURES", "build_cfuncs", "threading_addresses"]
-
-_PKG = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _deps_key():
-    """Hash of every source file whose code can end up inside the cfuncs.
-
-    That is this file and the package's private modules (``fastnorm/_*.py``:
-    ``_kernels.py``, ``_config.py`` and any helper module the kernels may be
-    split into later), so that no kernel edit can leave stale machine code.
-    """
-    digest = hashlib.sha256()
-    paths = sorted(p for p in _PKG.glob("_*.py") if p.name != "__init__.py")
-    for path in [*paths, pathlib.Path(__file__).resolve()]:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return int(digest.hexdigest()[:15], 16)
-
-
-#: Cache-invalidation key (see the module docstring).
-DEPS_KEY = _deps_key()
 
 _i64 = types.int64
 _f64 = types.float64
@@ -73,12 +52,10 @@ _p64 = types.CPointer(types.float64)
 
 def _signatures(dtype):
     pt = types.CPointer(dtype)
-    forward = types.int32(pt, pt, _i64, pt, _i64, pt, _p64, _p64, _i64, _i64, _i64, _i64, _i64, _i64, _f64)
-    inference = forward
-    backward = types.int32(
-        pt, pt, pt, _i64, _p64, _p64, _i64, pt, pt, _i64, pt, _i64, _i64, _i64, _i64, _i64, _i64, _f64
-    )
-    return {"forward_training": forward, "forward_inference": inference, "backward": backward}
+    spec = (_i64, _i64, _i64, _i64, _i64, _f64)  # KernelSpec fields
+    forward = types.int32(pt, pt, _i64, pt, _i64, pt, _p64, _p64, _i64, *spec, _i64)
+    backward = types.int32(pt, pt, pt, _i64, _p64, _p64, _i64, pt, pt, _i64, pt, _i64, *spec, _i64)
+    return {"forward_training": forward, "forward_inference": forward, "backward": backward}
 
 
 #: ``{(operation, dtype name): numba signature}`` of every cfunc.
@@ -89,40 +66,24 @@ SIGNATURES = {
 }
 
 
-def _make_forward(key, training):
-    """Forward cfunc: training statistics (``training``) or given statistics."""
+def _make_forward(key, pass_id):
+    """Forward cfunc: training statistics (``K.FORWARD``) or given statistics (``K.INFERENCE``)."""
 
-    def forward(x, w, nw, b, nb, y, mean, rstd, nstats, batch, channels, spatial, groups, flags, eps):
+    def forward(
+        x, w, nw, b, nb, y, mean, rstd, nstats, batch, channels, spatial, groups, flags, eps, num_threads
+    ):
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
         spec = (batch, channels, spatial, groups, flags, eps)  # KernelSpec fields, as core passes them
         size = batch * channels * spatial
         xa = carray(x, size)
         ya = carray(y, size)
-        wa = carray(w, nw)
-        ba = carray(b, nb)
-        ma = carray(mean, nstats)
-        ra = carray(rstd, nstats)
-        # The same builds as K.select picks for the Python API.
-        small = size <= K.SERIAL_MAX_ELEMENTS
-        channels_last = flags & K.CHANNELS_LAST
-        if training:
-            if small and channels_last:
-                K.forward_train_cl_serial(xa, wa, ba, ya, ma, ra, spec)
-            elif small:
-                K.forward_train_cf_serial(xa, wa, ba, ya, ma, ra, spec)
-            elif channels_last:
-                K.forward_train_cl(xa, wa, ba, ya, ma, ra, spec)
-            else:
-                K.forward_train_cf(xa, wa, ba, ya, ma, ra, spec)
-        elif small and channels_last:
-            K.normalize_cl_serial(xa, wa, ba, ya, ma, ra, spec)
-        elif small:
-            K.normalize_cf_serial(xa, wa, ba, ya, ma, ra, spec)
-        elif channels_last:
-            K.normalize_cl(xa, wa, ba, ya, ma, ra, spec)
-        else:
-            K.normalize_cf(xa, wa, ba, ya, ma, ra, spec)
+        in_place = xa.ctypes.data == ya.ctypes.data
+        schedule = K.plan_schedule(spec, pass_id, num_threads, xa.itemsize, nw > 0, nb > 0, in_place)
+        params = spec + schedule
+        K.run_forward(
+            pass_id, xa, carray(w, nw), carray(b, nb), ya, carray(mean, nstats), carray(rstd, nstats), params
+        )
         return 1
 
     return forward
@@ -131,37 +92,31 @@ def _make_forward(key, training):
 def _make_backward(key):
     def backward(
         dy, x, w, nw, mean, rstd, nstats, dx, dw, ndw, db, ndb,
-        batch, channels, spatial, groups, flags, eps,
+        batch, channels, spatial, groups, flags, eps, num_threads,
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
         spec = (batch, channels, spatial, groups, flags, eps)  # KernelSpec fields, as core passes them
         size = batch * channels * spatial
-        dya = carray(dy, size)
         xa = carray(x, size)
+        dya = carray(dy, size)
         dxa = carray(dx, size)
+        in_place = dxa.ctypes.data == dya.ctypes.data or dxa.ctypes.data == xa.ctypes.data
+        schedule = K.plan_schedule(spec, K.BACKWARD, num_threads, xa.itemsize, nw > 0, False, in_place)
+        params = spec + schedule
         wa = carray(w, nw)
-        dwa = carray(dw, ndw)
-        dba = carray(db, ndb)
-        ma = carray(mean, nstats)
-        ra = carray(rstd, nstats)
-        if size <= K.SERIAL_MAX_ELEMENTS:  # the same builds as K.select picks for Python
-            if flags & K.CHANNELS_LAST:
-                K.backward_cl_serial(dya, xa, wa, ma, ra, dxa, dwa, dba, spec)
-            else:
-                K.backward_cf_serial(dya, xa, wa, ma, ra, dxa, dwa, dba, spec)
-        elif flags & K.CHANNELS_LAST:
-            K.backward_cl(dya, xa, wa, ma, ra, dxa, dwa, dba, spec)
-        else:
-            K.backward_cf(dya, xa, wa, ma, ra, dxa, dwa, dba, spec)
+        K.run_backward(
+            dya, xa, wa, carray(mean, nstats), carray(rstd, nstats), dxa,
+            carray(dw, ndw), carray(db, ndb), params,
+        )  # fmt: skip
         return 1
 
     return backward
 
 
 _FACTORIES = {
-    "forward_training": lambda key: _make_forward(key, True),
-    "forward_inference": lambda key: _make_forward(key, False),
+    "forward_training": lambda key: _make_forward(key, K.FORWARD),
+    "forward_inference": lambda key: _make_forward(key, K.INFERENCE),
     "backward": _make_backward,
 }
 

@@ -1,0 +1,506 @@
+"""Channels-last: BatchNorm, InstanceNorm and GroupNorm on an (N, S, C) buffer.
+
+A reduction block is ``Schedule.block`` rows (``max(BLOCK // C,
+CL_MIN_ROWS)``) of one sample, reduced per channel and vectorized over ``C``;
+channel partials are merged per statistics set (a sample, or the whole batch
+for BatchNorm) and then per group, in a fixed order.  The strategies
+(:mod:`.schedule`): ``FUSED`` -- one task per statistics set; ``SPLIT`` --
+parallel over blocks, then sets, then blocks.  The elementwise passes use
+per-channel coefficient vectors (in the input's dtype), tiled over several
+rows per step for few channels (``Schedule.tile_rows``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from .._config import glue, helper, kernel
+from .epilogue import _dx_constants, _fold, _split
+from .numerics import CANCELLATION_LIMIT, _dx_coefs, _finish, _group, _merge, _moments_two_pass
+from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule
+
+# ---------------------------------------------------------------------------
+# Blocks of rows
+# ---------------------------------------------------------------------------
+
+
+@glue
+def _cl_block(spec, schedule, blk):
+    """Return ``(offset, rows, sample)`` of channels-last block ``blk``."""
+    rows_per_block = schedule.block
+    n = blk // schedule.nblocks
+    row0 = (blk - n * schedule.nblocks) * rows_per_block
+    rows = min(rows_per_block, spec.spatial - row0)
+    return (n * spec.spatial + row0) * spec.channels, rows, n
+
+
+@glue
+def _four_rows(j, quarter, nc, consecutive):
+    """Offsets, within a block of rows of ``nc`` elements, of the four rows of step ``j``.
+
+    Rows ``4j .. 4j+3`` when ``consecutive``; otherwise row ``j`` of each of the
+    block's four quarters of ``quarter`` rows.  Either way ``quarter`` steps
+    cover the first ``4 * quarter`` rows; the rest are left over.
+    """
+    if consecutive:
+        o0 = 4 * j * nc
+        step = nc
+    else:
+        o0 = j * nc
+        step = quarter * nc
+    return o0, o0 + step, o0 + 2 * step, o0 + 3 * step
+
+
+@helper
+def _cl_block_moments(x, work, spec, schedule, blk):
+    """Per-channel moments of block ``blk``, as :func:`_moments` (vectorized over C).
+
+    One pass with sums shifted by the block's first row; a channel that lost
+    too many bits to cancellation is recomputed with two passes.  Stored as
+    ``work[2C*blk : 2C*blk+C]`` (means) and the next ``C`` (sums of squared
+    deviations; of squares without ``CENTERED``).
+    """
+    nc = spec.channels
+    off, rows, _ = _cl_block(spec, schedule, blk)
+    mean = work[2 * nc * blk : 2 * nc * blk + nc]
+    m2 = work[2 * nc * blk + nc : 2 * nc * (blk + 1)]
+    mean[:] = 0.0
+    m2[:] = 0.0
+    centered = spec.flags & CENTERED != 0
+    # The shift is read from the block's first row of x (in L1), not from a
+    # float64 copy (docs/perf-notes/channels-last-row-streams.md).
+    first = x[off : off + nc]
+    # Four rows per step cut the accumulator traffic: four consecutive short
+    # rows, or one row from each quarter of the block (schedule.quarters;
+    # docs/perf-notes/channels-last-row-streams.md).  The rows are read
+    # through one slice of the block: as four slices they need more runtime
+    # alias checks than LLVM allows.
+    quarter = rows // 4
+    consecutive = schedule.quarters == 0
+    xb = x[off : off + rows * nc]
+    for j in range(quarter):
+        o0, o1, o2, o3 = _four_rows(j, quarter, nc, consecutive)
+        for c in range(nc):
+            shift_c = np.float64(first[c]) if centered else 0.0
+            d0 = xb[o0 + c] - shift_c
+            d1 = xb[o1 + c] - shift_c
+            d2 = xb[o2 + c] - shift_c
+            d3 = xb[o3 + c] - shift_c
+            mean[c] += (d0 + d1) + (d2 + d3)
+            m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for row in range(4 * quarter, rows):
+        xr = x[off + row * nc : off + (row + 1) * nc]
+        for c in range(nc):
+            dev = xr[c] - (np.float64(first[c]) if centered else 0.0)
+            mean[c] += dev
+            m2[c] += dev * dev
+    if not centered:
+        mean[:] = 0.0
+        return
+    for c in range(nc):
+        sum_dev = mean[c]
+        sum_sq = m2[c]
+        m2[c] = sum_sq - sum_dev * sum_dev / rows
+        mean[c] = first[c] + sum_dev / rows
+        if sum_sq > CANCELLATION_LIMIT * m2[c]:
+            mean[c], m2[c] = _moments_two_pass(x[off + c : off + rows * nc : nc], rows)
+
+
+@helper
+def _cl_merge_set(work, chan, spec, schedule, set_index):
+    """Merge the block moments of one statistics set per channel, vectorized over C.
+
+    Order: sample, block.  Writes the per-channel mean and sum of squared
+    deviations to ``chan[2C*set : 2C*set + 2C]`` and returns the per-channel
+    element count.
+    """
+    nc = spec.channels
+    rows_per_block = schedule.block
+    nblocks = schedule.nblocks
+    n0, samples = (0, spec.batch) if spec.flags & BATCH else (set_index, 1)
+    mean = chan[2 * nc * set_index : 2 * nc * set_index + nc]
+    m2 = chan[2 * nc * set_index + nc : 2 * nc * (set_index + 1)]
+    count = 0.0
+    for n in range(n0, n0 + samples):
+        for b in range(nblocks):
+            blk = n * nblocks + b
+            rows = float(min(rows_per_block, spec.spatial - b * rows_per_block))
+            block_mean = work[2 * nc * blk : 2 * nc * blk + nc]
+            block_m2 = work[2 * nc * blk + nc : 2 * nc * (blk + 1)]
+            if count == 0.0:
+                mean[:] = block_mean
+                m2[:] = block_m2
+            else:
+                # Chan et al. update (see _merge) with one division per block.
+                frac = rows / (count + rows)
+                weight = count * frac
+                for c in range(nc):
+                    delta = block_mean[c] - mean[c]
+                    mean[c] += delta * frac
+                    m2[c] += block_m2[c] + delta * delta * weight
+            count += rows
+    return count
+
+
+@helper
+def _cl_group_stats(chan, count, stats, spec, k):
+    """Merge the channels of group ``k`` (equal counts, in order) into its stats."""
+    _, _, c0, d = _group(spec, k)
+    base = 2 * spec.channels * (k // spec.groups)
+    total = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for c in range(c0, c0 + d):
+        total, mean, m2 = _merge(total, mean, m2, count, chan[base + c], chan[base + spec.channels + c])
+    stats[2 * k], stats[2 * k + 1] = _finish(total, mean, m2, spec.flags, spec.eps)
+
+
+@helper
+def _cl_set_coefs(weight, bias, stats, coef, spec, set_index):
+    """Per-channel ``mean_hi, scale, shift - mean_lo * scale`` vectors of one set.
+
+    ``coef`` has the input's dtype: ``y = (x - mean_hi) * scale + shift'`` is
+    :func:`_normalize`'s arithmetic, per channel.
+    """
+    nc = spec.channels
+    d = nc // spec.groups
+    base = 3 * nc * set_index
+    for c in range(nc):
+        k = set_index * spec.groups + c // d
+        mean_hi, mean_lo = _split(coef, stats[2 * k])
+        rstd = stats[2 * k + 1]
+        scale = rstd * weight[c] if weight.size > 0 else rstd
+        coef[base + c] = mean_hi
+        coef[base + nc + c] = scale
+        coef[base + 2 * nc + c] = _fold(bias[c] if bias.size > 0 else 0.0, scale, mean_lo, coef)
+
+
+@helper
+def _cl_tile(coef, vectors, nc, tile_rows):
+    """``coef`` (``vectors`` per-channel vectors of one set) with each vector repeated ``tile_rows`` times.
+
+    A compiled call, not inlined: inside a parallel kernel Numba would turn
+    each slice copy into a parallel loop of its own
+    (docs/perf-notes/channels-last-small-channel-tiles.md).
+    """
+    if tile_rows == 1:
+        return coef
+    span = tile_rows * nc
+    tiled = np.empty(vectors * span, coef.dtype)
+    for j in range(vectors):
+        for r in range(tile_rows):
+            tiled[j * span + r * nc : j * span + (r + 1) * nc] = coef[j * nc : (j + 1) * nc]
+    return tiled
+
+
+@glue
+def _cl_steps(spec, schedule, blk, tile_rows, vectors):
+    """Return ``(offset, rows, base, span)`` of block ``blk`` for an elementwise pass.
+
+    ``span = tile_rows * C`` elements per step; the pass's ``vectors``
+    coefficient vectors of the block's set start at ``coef[base]``, each
+    ``span`` long (:func:`_cl_tile`).
+    """
+    span = tile_rows * spec.channels
+    off, rows, n = _cl_block(spec, schedule, blk)
+    return off, rows, (0 if spec.flags & BATCH else vectors * span * n), span
+
+
+@helper
+def _cl_normalize_block(x, y, coef, spec, schedule, blk, tile_rows):
+    """Normalize block ``blk``, ``tile_rows`` rows per step (``coef`` tiled by :func:`_cl_tile`)."""
+    nc = spec.channels
+    off, rows, base, span = _cl_steps(spec, schedule, blk, tile_rows, 3)
+    mean = coef[base : base + span]
+    scale = coef[base + span : base + 2 * span]
+    shift = coef[base + 2 * span : base + 3 * span]
+    for r0 in range(0, rows, tile_rows):
+        o = off + r0 * nc
+        count = min(tile_rows, rows - r0) * nc
+        xs = x[o : o + count]
+        ys = y[o : o + count]
+        for i in range(count):
+            ys[i] = (xs[i] - mean[i]) * scale[i] + shift[i]
+
+
+# ---------------------------------------------------------------------------
+# Training forward and inference
+# ---------------------------------------------------------------------------
+
+
+@glue
+def _cl_set_stats(work, chan, stats, spec, schedule, set_index):
+    """Merge one set's block moments per channel, then per group into ``stats``."""
+    count = _cl_merge_set(work, chan, spec, schedule, set_index)
+    for g in range(spec.groups):
+        _cl_group_stats(chan, count, stats, spec, set_index * spec.groups + g)
+
+
+@glue
+def _cl_forward_fused(x, weight, bias, y, work, chan, stats, coef, spec, schedule):
+    """``FUSED``: one task per statistics set: block moments, merges, coefficients, normalize."""
+    for n in prange(stats.size // 2 // spec.groups):
+        for b in range(schedule.nblocks):
+            _cl_block_moments(x, work, spec, schedule, n * schedule.nblocks + b)
+        _cl_set_stats(work, chan, stats, spec, schedule, n)
+        _cl_set_coefs(weight, bias, stats, coef, spec, n)
+        for b in range(schedule.nblocks):
+            _cl_normalize_block(x, y, coef, spec, schedule, n * schedule.nblocks + b, 1)
+
+
+@glue
+def _cl_forward_split(x, weight, bias, y, work, chan, stats, coef, spec, schedule):
+    """``SPLIT``: block moments in parallel, set and group merges, then the normalize pass."""
+    sets = stats.size // 2 // spec.groups
+    for blk in prange(spec.batch * schedule.nblocks):
+        _cl_block_moments(x, work, spec, schedule, blk)
+    for s in prange(sets):
+        _cl_set_stats(work, chan, stats, spec, schedule, s)
+    for s in range(sets):
+        _cl_set_coefs(weight, bias, stats, coef, spec, s)
+    _cl_normalize(x, y, coef, spec, schedule)
+
+
+@glue
+def _cl_normalize(x, y, coef, spec, schedule):
+    """Normalize every block with the sets' coefficients, ``schedule.tile_rows`` rows per step."""
+    tiled = _cl_tile(coef, 3, spec.channels, schedule.tile_rows)
+    for blk in prange(spec.batch * schedule.nblocks):
+        _cl_normalize_block(x, y, tiled, spec, schedule, blk, schedule.tile_rows)
+
+
+@kernel
+def channels_last_forward(x, weight, bias, y, mean, rstd, params):
+    """Training forward pass of BatchNorm / InstanceNorm / GroupNorm on an (N, S, C) buffer.
+
+    Parameters and Notes as :func:`~.planes.planes_forward`.
+    """
+    spec = KernelSpec(*params[:6])
+    schedule = Schedule(*params[6:])
+    nstats = mean.size
+    sets = nstats // spec.groups
+    work = np.empty(2 * spec.channels * spec.batch * schedule.nblocks)
+    chan = np.empty(2 * spec.channels * sets)
+    stats = np.empty(2 * nstats)
+    coef = np.empty(3 * spec.channels * sets, x.dtype)
+    if schedule.strategy == FUSED:
+        _cl_forward_fused(x, weight, bias, y, work, chan, stats, coef, spec, schedule)
+    else:
+        _cl_forward_split(x, weight, bias, y, work, chan, stats, coef, spec, schedule)
+    for k in range(nstats):
+        mean[k] = stats[2 * k]
+        rstd[k] = stats[2 * k + 1]
+
+
+@kernel
+def channels_last_inference(x, weight, bias, y, mean, rstd, params):
+    """Inference forward pass (given statistics) on an (N, S, C) buffer.
+
+    See :func:`~.planes.planes_inference`.
+    """
+    spec = KernelSpec(*params[:6])
+    nstats = mean.size
+    sets = nstats // spec.groups
+    stats = np.empty(2 * nstats)
+    for k in range(nstats):
+        stats[2 * k] = mean[k] if spec.flags & CENTERED else 0.0
+        stats[2 * k + 1] = rstd[k]
+    coef = np.empty(3 * spec.channels * sets, x.dtype)
+    for s in range(sets):
+        _cl_set_coefs(weight, bias, stats, coef, spec, s)
+    _cl_normalize(x, y, coef, spec, Schedule(*params[6:]))
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+
+
+@helper
+def _cl_set_means(mean, chan_mean, spec, set_index):
+    """Fill the per-channel float64 mean vector (``chan_mean[C*set : +C]``) of one set."""
+    nc = spec.channels
+    d = nc // spec.groups
+    base = nc * set_index
+    for c in range(nc):
+        chan_mean[base + c] = mean[set_index * spec.groups + c // d] if spec.flags & CENTERED else 0.0
+
+
+@helper
+def _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk):
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` of block ``blk``."""
+    nc = spec.channels
+    off, rows, n = _cl_block(spec, schedule, blk)
+    base = 0 if spec.flags & BATCH else nc * n
+    mean = chan_mean[base : base + nc]
+    sum_dy = work[2 * nc * blk : 2 * nc * blk + nc]
+    sum_dy_xc = work[2 * nc * blk + nc : 2 * nc * (blk + 1)]
+    sum_dy[:] = 0.0
+    sum_dy_xc[:] = 0.0
+    # Four rows per step, one from each quarter of the block (each array read
+    # through one slice, see _cl_block_moments): the accumulators are loaded
+    # and stored once per four rows (docs/perf-notes/channels-last-row-streams.md).
+    quarter = rows // 4
+    xb = x[off : off + rows * nc]
+    dyb = dy[off : off + rows * nc]
+    for j in range(quarter):
+        o0, o1, o2, o3 = _four_rows(j, quarter, nc, False)
+        for c in range(nc):
+            mean_c = mean[c]
+            dy0 = dyb[o0 + c]
+            dy1 = dyb[o1 + c]
+            dy2 = dyb[o2 + c]
+            dy3 = dyb[o3 + c]
+            sum_dy[c] += (dy0 + dy1) + (dy2 + dy3)
+            sum_dy_xc[c] += (dy0 * (xb[o0 + c] - mean_c) + dy1 * (xb[o1 + c] - mean_c)) + (
+                dy2 * (xb[o2 + c] - mean_c) + dy3 * (xb[o3 + c] - mean_c)
+            )
+    for row in range(4 * quarter, rows):
+        xr = x[off + row * nc : off + (row + 1) * nc]
+        dyr = dy[off + row * nc : off + (row + 1) * nc]
+        for c in range(nc):
+            dy_c = dyr[c]  # loaded once: see _row_dots_and_partials
+            sum_dy[c] += dy_c
+            sum_dy_xc[c] += dy_c * (xr[c] - mean[c])
+
+
+@helper
+def _cl_sum_set(work, chan, spec, schedule, set_index):
+    """Per-channel sums of one set's block dot products, vectorized over C.
+
+    Order: sample, block.  ``chan[2C*set : +C]`` gets ``sum(dy)`` and the next
+    ``C`` get ``sum(dy * (x - mean))``.
+    """
+    nc = spec.channels
+    n0, samples = (0, spec.batch) if spec.flags & BATCH else (set_index, 1)
+    sum_dy = chan[2 * nc * set_index : 2 * nc * set_index + nc]
+    sum_dy_xc = chan[2 * nc * set_index + nc : 2 * nc * (set_index + 1)]
+    sum_dy[:] = 0.0
+    sum_dy_xc[:] = 0.0
+    for n in range(n0, n0 + samples):
+        for b in range(schedule.nblocks):
+            blk = n * schedule.nblocks + b
+            block_dy = work[2 * nc * blk : 2 * nc * blk + nc]
+            block_dy_xc = work[2 * nc * blk + nc : 2 * nc * (blk + 1)]
+            for c in range(nc):
+                sum_dy[c] += block_dy[c]
+                sum_dy_xc[c] += block_dy_xc[c]
+
+
+@helper
+def _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k):
+    """Dx coefficients of group ``k`` into the per-channel vectors of its set.
+
+    ``coef`` (the input's dtype) gets ``coef[4C*set + C*j + c]`` for j = 0
+    (``mean_hi``), 1 (rstd*w), 2 (kx), 3 (``k0 - kx * mean_lo``): the
+    arithmetic of :func:`_dx_span`; see :func:`_cf_group_coefs` for kx and k0.
+    """
+    _, samples, c0, d = _group(spec, k)
+    nc = spec.channels
+    set_index = k // spec.groups
+    sum_g = 0.0
+    sum_g_xc = 0.0
+    for c in range(c0, c0 + d):
+        w = weight[c] if weight.size > 0 else 1.0
+        sum_g += w * chan[2 * nc * set_index + c]
+        sum_g_xc += w * chan[2 * nc * set_index + nc + c]
+    m = float(samples * d * spec.spatial)
+    r = rstd[k]
+    kx, k0 = _dx_coefs(sum_g, sum_g_xc, r, m, spec.flags)
+    mean_hi, kx_x, k0_x = _dx_constants(coef, mean[k] if spec.flags & CENTERED else 0.0, kx, k0)
+    base = 4 * nc * set_index
+    for c in range(c0, c0 + d):
+        coef[base + c] = mean_hi
+        coef[base + nc + c] = r * weight[c] if weight.size > 0 else r
+        coef[base + 2 * nc + c] = kx_x
+        coef[base + 3 * nc + c] = k0_x
+
+
+@helper
+def _cl_dx_block(dy, x, dx, coef, spec, schedule, blk, tile_rows):
+    """``dx`` of block ``blk``, ``tile_rows`` rows per step (``coef`` tiled by :func:`_cl_tile`)."""
+    nc = spec.channels
+    off, rows, base, span = _cl_steps(spec, schedule, blk, tile_rows, 4)
+    mean = coef[base : base + span]
+    a = coef[base + span : base + 2 * span]
+    kx = coef[base + 2 * span : base + 3 * span]
+    k0 = coef[base + 3 * span : base + 4 * span]
+    for r0 in range(0, rows, tile_rows):
+        o = off + r0 * nc
+        count = min(tile_rows, rows - r0) * nc
+        xs = x[o : o + count]
+        dys = dy[o : o + count]
+        dxs = dx[o : o + count]
+        for i in range(count):
+            dxs[i] = a[i] * dys[i] - kx[i] * (xs[i] - mean[i]) - k0[i]
+
+
+@glue
+def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule):
+    """``FUSED``: one task per set: dot products, sums, coefficients, then ``dx``."""
+    for n in prange(chan_mean.size // spec.channels):
+        _cl_set_means(mean, chan_mean, spec, n)
+        for b in range(schedule.nblocks):
+            _cl_block_dots(dy, x, work, chan_mean, spec, schedule, n * schedule.nblocks + b)
+        _cl_sum_set(work, chan, spec, schedule, n)
+        for g in range(spec.groups):
+            _cl_group_coefs(weight, mean, rstd, chan, coef, spec, n * spec.groups + g)
+        for b in range(schedule.nblocks):
+            _cl_dx_block(dy, x, dx, coef, spec, schedule, n * schedule.nblocks + b, 1)
+
+
+@glue
+def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule):
+    """``SPLIT``: dot products over blocks, sums over sets, coefficients over groups, ``dx`` over blocks."""
+    sets = chan_mean.size // spec.channels
+    for s in range(sets):
+        _cl_set_means(mean, chan_mean, spec, s)
+    for blk in prange(spec.batch * schedule.nblocks):
+        _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk)
+    for s in prange(sets):
+        _cl_sum_set(work, chan, spec, schedule, s)
+    for k in prange(mean.size):
+        _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k)
+    tiled = _cl_tile(coef, 4, spec.channels, schedule.tile_rows)
+    for blk in prange(spec.batch * schedule.nblocks):
+        _cl_dx_block(dy, x, dx, tiled, spec, schedule, blk, schedule.tile_rows)
+
+
+@glue
+def _cl_param_grads(rstd, chan, dweight, dbias, spec, sets):
+    """``dweight[c]`` = sum over sets of rstd * sum(dy * (x - mean)), ``dbias[c] = sum(dy)``."""
+    nc = spec.channels
+    d = nc // spec.groups
+    for c in prange(nc):
+        sum_dy = 0.0
+        sum_dy_xhat = 0.0
+        for set_index in range(sets):
+            sum_dy += chan[2 * nc * set_index + c]
+            sum_dy_xhat += rstd[set_index * spec.groups + c // d] * chan[2 * nc * set_index + nc + c]
+        if dweight.size > 0:
+            dweight[c] = sum_dy_xhat
+        if dbias.size > 0:
+            dbias[c] = sum_dy
+
+
+@kernel
+def channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
+    """Backward pass of BatchNorm / InstanceNorm / GroupNorm on an (N, S, C) buffer.
+
+    Parameters and Notes as :func:`~.planes.planes_backward`.
+    """
+    spec = KernelSpec(*params[:6])
+    schedule = Schedule(*params[6:])
+    nc = spec.channels
+    sets = mean.size // spec.groups
+    work = np.empty(2 * nc * spec.batch * schedule.nblocks)
+    chan = np.empty(2 * nc * sets)
+    chan_mean = np.empty(nc * sets)
+    coef = np.empty(4 * nc * sets, x.dtype)
+    if schedule.strategy == FUSED:
+        _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule)
+    else:
+        _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule)
+    if dweight.size > 0 or dbias.size > 0:
+        _cl_param_grads(rstd, chan, dweight, dbias, spec, sets)

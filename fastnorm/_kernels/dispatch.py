@@ -1,0 +1,130 @@
+"""Which compiled kernel runs a call: the schedule's (view, parallel) picks it from one table.
+
+Each kernel family has a parallel build and a serial build of the same source
+(:func:`_serial_build`); :data:`KERNELS` maps ``(pass, view, parallel)`` to
+the build, for the Python API, and :func:`run_forward` /
+:func:`run_backward` make the same choice inside compiled code, for the C
+ABI's cfuncs (a compiled function cannot index a table of functions).
+``tests/test_kernel_paths.py`` checks that both agree.
+"""
+
+from __future__ import annotations
+
+import types
+
+from .._config import helper
+from .channels_last import channels_last_backward, channels_last_forward, channels_last_inference
+from .planes import planes_backward, planes_forward, planes_inference
+from .rows import rows_backward, rows_forward, rows_inference
+from .schedule import BACKWARD, CHANNELS_LAST_VIEW, FORWARD, INFERENCE, PLANES, ROWS, SPEC_FIELDS
+
+
+def _serial_build(parallel_kernel):
+    """Compile the same source as ``parallel_kernel`` without threads.
+
+    The clone gets its own ``__qualname__`` so that Numba's on-disk cache keeps
+    the two builds apart.
+    """
+    # With NUMBA_DISABLE_JIT=1 the decorators return the plain function.
+    func = getattr(parallel_kernel, "py_func", parallel_kernel)
+    clone = types.FunctionType(
+        func.__code__, func.__globals__, func.__name__ + "_serial", func.__defaults__, func.__closure__
+    )
+    clone.__qualname__ = func.__qualname__ + "_serial"
+    clone.__doc__ = f"Single-threaded build of :func:`{func.__name__}` (same source)."
+    return helper(clone)
+
+
+rows_forward_serial = _serial_build(rows_forward)
+rows_inference_serial = _serial_build(rows_inference)
+rows_backward_serial = _serial_build(rows_backward)
+planes_forward_serial = _serial_build(planes_forward)
+planes_inference_serial = _serial_build(planes_inference)
+planes_backward_serial = _serial_build(planes_backward)
+channels_last_forward_serial = _serial_build(channels_last_forward)
+channels_last_inference_serial = _serial_build(channels_last_inference)
+channels_last_backward_serial = _serial_build(channels_last_backward)
+
+#: ``{(pass, view, parallel): kernel}``.
+KERNELS = {
+    (FORWARD, ROWS, 0): rows_forward_serial,
+    (FORWARD, ROWS, 1): rows_forward,
+    (FORWARD, PLANES, 0): planes_forward_serial,
+    (FORWARD, PLANES, 1): planes_forward,
+    (FORWARD, CHANNELS_LAST_VIEW, 0): channels_last_forward_serial,
+    (FORWARD, CHANNELS_LAST_VIEW, 1): channels_last_forward,
+    (INFERENCE, ROWS, 0): rows_inference_serial,
+    (INFERENCE, ROWS, 1): rows_inference,
+    (INFERENCE, PLANES, 0): planes_inference_serial,
+    (INFERENCE, PLANES, 1): planes_inference,
+    (INFERENCE, CHANNELS_LAST_VIEW, 0): channels_last_inference_serial,
+    (INFERENCE, CHANNELS_LAST_VIEW, 1): channels_last_inference,
+    (BACKWARD, ROWS, 0): rows_backward_serial,
+    (BACKWARD, ROWS, 1): rows_backward,
+    (BACKWARD, PLANES, 0): planes_backward_serial,
+    (BACKWARD, PLANES, 1): planes_backward,
+    (BACKWARD, CHANNELS_LAST_VIEW, 0): channels_last_backward_serial,
+    (BACKWARD, CHANNELS_LAST_VIEW, 1): channels_last_backward,
+}
+
+
+def select(pass_id, params):
+    """Return the kernel of :data:`KERNELS` for a pass and a flat ``spec + schedule`` tuple."""
+    return KERNELS[pass_id, params[SPEC_FIELDS], params[SPEC_FIELDS + 2]]
+
+
+@helper
+def run_forward(pass_id, x, weight, bias, y, mean, rstd, params):
+    """Run the forward or inference kernel that :data:`KERNELS` names for ``params`` (compiled)."""
+    view = params[6]  # SPEC_FIELDS: Numba slices a heterogeneous tuple only by literals
+    parallel = params[8]
+    if pass_id == FORWARD:
+        if view == ROWS:
+            if parallel:
+                rows_forward(x, weight, bias, y, mean, rstd, params)
+            else:
+                rows_forward_serial(x, weight, bias, y, mean, rstd, params)
+        elif view == PLANES:
+            if parallel:
+                planes_forward(x, weight, bias, y, mean, rstd, params)
+            else:
+                planes_forward_serial(x, weight, bias, y, mean, rstd, params)
+        elif parallel:
+            channels_last_forward(x, weight, bias, y, mean, rstd, params)
+        else:
+            channels_last_forward_serial(x, weight, bias, y, mean, rstd, params)
+    elif view == ROWS:
+        if parallel:
+            rows_inference(x, weight, bias, y, mean, rstd, params)
+        else:
+            rows_inference_serial(x, weight, bias, y, mean, rstd, params)
+    elif view == PLANES:
+        if parallel:
+            planes_inference(x, weight, bias, y, mean, rstd, params)
+        else:
+            planes_inference_serial(x, weight, bias, y, mean, rstd, params)
+    elif parallel:
+        channels_last_inference(x, weight, bias, y, mean, rstd, params)
+    else:
+        channels_last_inference_serial(x, weight, bias, y, mean, rstd, params)
+
+
+@helper
+def run_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
+    """Run the backward kernel that :data:`KERNELS` names for ``params`` (compiled)."""
+    view = params[6]
+    parallel = params[8]
+    if view == ROWS:
+        if parallel:
+            rows_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
+        else:
+            rows_backward_serial(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
+    elif view == PLANES:
+        if parallel:
+            planes_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
+        else:
+            planes_backward_serial(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
+    elif parallel:
+        channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
+    else:
+        channels_last_backward_serial(dy, x, weight, mean, rstd, dx, dweight, dbias, params)

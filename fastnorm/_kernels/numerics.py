@@ -1,0 +1,213 @@
+"""Numerics shared by every kernel family: moments, merges, dot products, group geometry.
+
+Moments are accumulated in float64 over fixed blocks, each in one pass with
+sums shifted by its first element (two passes when that would cancel too
+many bits), and merged with Chan et al.'s pairwise update in a fixed order
+(docs/perf-notes/reduction-blocks-and-determinism.md).  Everything here is
+inlined into the kernels (``glue``) except the rare two-pass fallback and the
+merge.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._config import glue, helper
+from .schedule import BATCH, CENTERED
+
+#: A one-pass (shifted) block moment that lost more than log2 of this many bits
+#: to cancellation is recomputed with two passes.
+CANCELLATION_LIMIT = 1024.0
+
+
+# ---------------------------------------------------------------------------
+# Moments and their merge
+# ---------------------------------------------------------------------------
+
+
+@helper
+def _merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
+    """Merge two sets of moments (count, mean, sum of squared deviations).
+
+    Notes
+    -----
+    Chan, Golub & LeVeque (1979), "Updating formulae and a pairwise algorithm
+    for computing sample variances": stable for any ratio of mean to spread.
+    """
+    if count_a == 0.0:
+        return count_b, mean_b, m2_b
+    count = count_a + count_b
+    frac = count_b / count
+    delta = mean_b - mean_a
+    return count, mean_a + delta * frac, m2_a + m2_b + delta * delta * count_a * frac
+
+
+@glue
+def _finish(count, mean, m2, flags, eps):
+    """Return the ``(mean, rstd)`` used to normalize a group.
+
+    ``rstd = 1 / sqrt(m2 / count + eps)``: with ``CENTERED`` ``m2`` is the sum
+    of squared deviations (biased variance ``m2 / count``); without it
+    (RMSNorm) the moments are ``(0, sum(x**2))``, so this is
+    ``1 / sqrt(mean(x**2) + eps)`` and the mean used is 0.
+    """
+    return mean, 1.0 / np.sqrt(m2 / count + eps)
+
+
+@glue
+def _moments(x, off, count, centered):
+    """Moments of ``x[off:off+count]`` in float64: ``(mean, sum((x - mean)**2))``.
+
+    One pass over the block with sums shifted by its first element ``K``:
+    ``mean = K + sum(x-K)/n``, ``m2 = sum((x-K)**2) - sum(x-K)**2/n``.  The
+    subtraction can only lose accuracy when ``K`` is far from the block mean
+    relative to its spread; when it has cost more than ``log2(CANCELLATION_LIMIT)``
+    bits the block is recomputed with the corrected two-pass algorithm
+    (:func:`_moments_two_pass`), so the result is always as accurate as a
+    centered computation.  A constant block gets exactly its value as mean and
+    0 as sum of squares.  Without ``centered`` (RMSNorm) returns
+    ``(0, sum(x**2))``: no ``inf - inf`` when ``x`` holds an inf.
+    """
+    xs = x[off : off + count]
+    if not centered:
+        sum_sq = 0.0
+        for i in range(count):
+            sum_sq += xs[i] * np.float64(xs[i])
+        return 0.0, sum_sq
+    shift = np.float64(xs[0])
+    sum_dev = 0.0
+    sum_sq = 0.0
+    for i in range(count):
+        dev = xs[i] - shift
+        sum_dev += dev
+        sum_sq += dev * dev
+    return _shifted_moments(xs, count, shift, sum_dev, sum_sq)
+
+
+@glue
+def _shifted_moments(xs, count, shift, sum_dev, sum_sq):
+    """Finish :func:`_moments` from the sums of ``xs - shift`` and of its squares."""
+    m2 = sum_sq - sum_dev * sum_dev / count
+    if sum_sq > CANCELLATION_LIMIT * m2:
+        return _moments_two_pass(xs, count)
+    return shift + sum_dev / count, m2
+
+
+@helper
+def _moments_two_pass(xs, count):
+    """Corrected two-pass moments (Chan, Golub & LeVeque 1983, eq. 1.7) of ``xs``."""
+    total = 0.0
+    for i in range(count):
+        total += xs[i]
+    mean = total / count
+    sum_dev = 0.0
+    m2 = 0.0
+    for i in range(count):
+        dev = xs[i] - mean
+        sum_dev += dev
+        m2 += dev * dev
+    return mean + sum_dev / count, m2 - sum_dev * sum_dev / count
+
+
+# ---------------------------------------------------------------------------
+# Backward dot products and dx coefficients
+# ---------------------------------------------------------------------------
+
+
+@glue
+def _dots(dy, x, off, count, mean):
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` over ``[off, off+count)``."""
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    sum_dy = 0.0
+    sum_dy_xc = 0.0
+    for i in range(count):
+        sum_dy += dys[i]
+        sum_dy_xc += dys[i] * (xs[i] - mean)
+    return sum_dy, sum_dy_xc
+
+
+@glue
+def _dots_weighted(dy, x, weight, off, count, s0, mean):
+    """:func:`_dots` of ``g = dy * weight[s0 + i]`` (per-element affine)."""
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    ws = weight[s0 : s0 + count]
+    sum_g = 0.0
+    sum_g_xc = 0.0
+    for i in range(count):
+        g = dys[i] * ws[i]
+        sum_g += g
+        sum_g_xc += g * (xs[i] - mean)
+    return sum_g, sum_g_xc
+
+
+@glue
+def _dx_coefs(sum_g, sum_g_xc, rstd, m, flags):
+    """``(kx, k0)`` of :func:`_dx_span` for a group of ``m`` elements.
+
+    ``kx = rstd^3 * sum(g * (x - mean)) / m`` and ``k0 = rstd * sum(g) / m``
+    (0 without ``CENTERED``), with ``g = weight * dy``.
+    """
+    kx = rstd * rstd * rstd * sum_g_xc / m
+    k0 = rstd * sum_g / m if flags & CENTERED else 0.0
+    return kx, k0
+
+
+# ---------------------------------------------------------------------------
+# Group geometry of the (N, G, C/G, S) view
+# ---------------------------------------------------------------------------
+
+
+@glue
+def _group(spec, k):
+    """Return ``(first sample, samples, first channel, channels)`` of group ``k``."""
+    if spec.groups == 1:  # no division (LayerNorm / RMSNorm rows)
+        if spec.flags & BATCH:
+            return 0, spec.batch, 0, spec.channels
+        return np.int64(k), 1, 0, spec.channels
+    d = spec.channels // spec.groups
+    c0 = (k % spec.groups) * d
+    if spec.flags & BATCH:
+        return 0, spec.batch, c0, d
+    return k // spec.groups, 1, c0, d
+
+
+@glue
+def _stat_index(spec, n, c):
+    """Index of the statistics that apply to sample ``n``, channel ``c``.
+
+    No division for one channel per group (BatchNorm, InstanceNorm): a 64-bit
+    division per plane was about 2.5 ns of a 9-20 ns per-plane overhead.
+    """
+    if spec.groups == spec.channels:
+        group = np.int64(c)
+    else:
+        group = np.int64(c) // (spec.channels // spec.groups)
+    if spec.flags & BATCH:
+        return group
+    return n * spec.groups + group
+
+
+@glue
+def _plane_stat_index(spec, plane):
+    """:func:`_stat_index` of plane ``plane = n * C + c``.
+
+    Without integer division for one channel (LayerNorm / RMSNorm rows): two
+    64-bit divisions cost as much as normalizing a row of a few elements.
+    """
+    if spec.channels == 1:
+        return 0 if spec.flags & BATCH else np.int64(plane)
+    if spec.groups == spec.channels and not spec.flags & BATCH:
+        return np.int64(plane)  # InstanceNorm: one statistics pair per plane
+    n = plane // spec.channels
+    return _stat_index(spec, n, plane - n * spec.channels)
+
+
+@glue
+def _block_plane(blk, nblocks):
+    """``(plane, block)`` of flat block index ``blk`` (no division for one block per plane)."""
+    if nblocks == 1:
+        return np.int64(blk), 0
+    plane = np.int64(blk) // nblocks
+    return plane, np.int64(blk) - plane * nblocks

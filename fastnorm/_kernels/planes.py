@@ -1,0 +1,383 @@
+"""Channels-first planes: BatchNorm, InstanceNorm and GroupNorm on an (N, C, S) buffer.
+
+A group is ``D = C / G`` consecutive planes of ``S`` elements for each sample
+(across all samples for BatchNorm); a reduction block is up to ``BLOCK``
+contiguous elements of one plane.  The strategies (:mod:`.schedule`):
+
+* ``ONE_BLOCK`` -- one task per group of at most ``BLOCK`` elements: its
+  moments in one pass, then its planes normalized while in cache;
+* ``FUSED`` -- one task per group: block moments, merge, normalize;
+* ``SPLIT`` -- parallel over blocks, then over groups, then over blocks.
+
+The block helpers here also serve the row view (:mod:`.rows`), which is the
+same buffer with one channel and per-element parameters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from .._config import glue, kernel
+from .epilogue import _dx_span, _normalize
+from .numerics import (
+    _block_plane,
+    _dots,
+    _dx_coefs,
+    _finish,
+    _group,
+    _merge,
+    _moments,
+    _plane_stat_index,
+    _stat_index,
+)
+from .schedule import BLOCK, CENTERED, FUSED, ONE_BLOCK, KernelSpec, Schedule
+
+# ---------------------------------------------------------------------------
+# Blocks of a plane (shared with the row view)
+# ---------------------------------------------------------------------------
+
+
+@glue
+def _cf_block_span(spec, plane, b):
+    """``(off, count, s0)`` of block ``b`` of plane ``plane``.
+
+    Its offset in the buffer, its length, and its first position in the plane.
+    """
+    s0 = b * BLOCK
+    return plane * spec.spatial + s0, min(BLOCK, spec.spatial - s0), s0
+
+
+@glue
+def _cf_moments_block(x, work, spec, nblocks, plane, b):
+    """Store the moments of block ``b`` of plane ``plane = n*C + c`` in ``work``."""
+    off, count, _ = _cf_block_span(spec, plane, b)
+    blk = plane * nblocks + b
+    work[2 * blk], work[2 * blk + 1] = _moments(x, off, count, spec.flags & CENTERED)
+
+
+@glue
+def _cf_merge_group(work, mean, rstd, spec, nblocks, k):
+    """Merge group ``k``'s block moments into ``mean[k], rstd[k]``.
+
+    Merge order: sample, channel, block (fixed).
+    """
+    n0, samples, c0, d = _group(spec, k)
+    count = 0.0
+    group_mean = 0.0
+    m2 = 0.0
+    for n in range(n0, n0 + samples):
+        for c in range(c0, c0 + d):
+            blk0 = (n * spec.channels + c) * nblocks
+            for b in range(nblocks):
+                block_count = float(min(BLOCK, spec.spatial - b * BLOCK))
+                count, group_mean, m2 = _merge(
+                    count, group_mean, m2, block_count, work[2 * (blk0 + b)], work[2 * (blk0 + b) + 1]
+                )
+    mean[k], rstd[k] = _finish(count, group_mean, m2, spec.flags, spec.eps)
+
+
+@glue
+def _cf_group_one_block(x, mean, rstd, spec, k):
+    """Moments of fused group ``k``, contiguous and of at most ``BLOCK`` elements, in one pass.
+
+    Stores its ``mean[k]`` and ``rstd[k]``; returns its first plane and both.
+    """
+    n0, _, c0, d = _group(spec, k)
+    plane = n0 * spec.channels + c0
+    count = d * spec.spatial
+    block_mean, block_m2 = _moments(x, plane * spec.spatial, count, spec.flags & CENTERED)
+    group_mean, group_rstd = _finish(float(count), block_mean, block_m2, spec.flags, spec.eps)
+    mean[k] = group_mean
+    rstd[k] = group_rstd
+    return plane, group_mean, group_rstd
+
+
+# ---------------------------------------------------------------------------
+# Training forward and inference
+# ---------------------------------------------------------------------------
+
+
+@glue
+def _cf_plane_coefs(weight, bias, spec, rstd, plane):
+    """``(scale, shift)`` of a per-channel plane: ``rstd * weight[c]`` and ``bias[c]``."""
+    c = plane % spec.channels
+    scale = rstd * weight[c] if weight.size > 0 else rstd
+    shift = bias[c] if bias.size > 0 else 0.0
+    return scale, shift
+
+
+@glue
+def _cf_normalize_planes(x, weight, bias, y, mean, rstd, spec, schedule):
+    """Normalize every block of every plane with its group's statistics (parallel over blocks).
+
+    The elementwise loop is called directly, with the per-channel scale and
+    shift computed per block outside it
+    (docs/perf-notes/per-plane-overhead-and-inlining.md).
+    """
+    nblocks = schedule.nblocks
+    centered = spec.flags & CENTERED != 0
+    for blk in prange(spec.batch * spec.channels * nblocks):
+        plane, b = _block_plane(blk, nblocks)
+        k = _plane_stat_index(spec, plane)
+        off, count, _ = _cf_block_span(spec, plane, b)
+        scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
+        _normalize(x, y, off, count, mean[k] if centered else 0.0, scale, shift)
+
+
+@glue
+def _planes_forward_one_block(x, weight, bias, y, mean, rstd, spec):
+    """``ONE_BLOCK``: per group, its moments in one pass, then its planes normalized while hot.
+
+    A fused group is contiguous (its ``D`` planes follow each other), so a
+    group of at most ``BLOCK`` elements is one block even when it spans
+    several planes; its statistics go straight to ``mean``, ``rstd``.
+    """
+    for k in prange(mean.size):
+        plane, group_mean, group_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
+        for c in range(plane, plane + spec.channels // spec.groups):
+            scale, shift = _cf_plane_coefs(weight, bias, spec, group_rstd, c)
+            _normalize(x, y, c * spec.spatial, spec.spatial, group_mean, scale, shift)
+
+
+@glue
+def _planes_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule):
+    """``FUSED``: one task per group reads it once and normalizes it while it is in cache."""
+    nblocks = schedule.nblocks
+    work = np.empty(2 * spec.batch * spec.channels * nblocks)
+    for k in prange(mean.size):
+        n0, samples, c0, d = _group(spec, k)
+        for n in range(n0, n0 + samples):
+            for c in range(c0, c0 + d):
+                for b in range(nblocks):
+                    _cf_moments_block(x, work, spec, nblocks, n * spec.channels + c, b)
+        _cf_merge_group(work, mean, rstd, spec, nblocks, k)
+        for n in range(n0, n0 + samples):
+            for c in range(c0, c0 + d):
+                plane = n * spec.channels + c
+                scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
+                for b in range(nblocks):
+                    off, count, _ = _cf_block_span(spec, plane, b)
+                    _normalize(x, y, off, count, mean[k], scale, shift)
+
+
+@glue
+def _planes_forward_split(x, weight, bias, y, mean, rstd, spec, schedule):
+    """``SPLIT``: block moments in parallel, then the group merges, then the normalize pass."""
+    nblocks = schedule.nblocks
+    work = np.empty(2 * spec.batch * spec.channels * nblocks)
+    for blk in prange(spec.batch * spec.channels * nblocks):
+        plane, b = _block_plane(blk, nblocks)
+        _cf_moments_block(x, work, spec, nblocks, plane, b)
+    for k in prange(mean.size):
+        _cf_merge_group(work, mean, rstd, spec, nblocks, k)
+    _cf_normalize_planes(x, weight, bias, y, mean, rstd, spec, schedule)
+
+
+@kernel
+def planes_forward(x, weight, bias, y, mean, rstd, params):
+    """Training forward pass of BatchNorm / InstanceNorm / GroupNorm on an (N, C, S) buffer.
+
+    Parameters
+    ----------
+    x : ndarray, 1-D, C-contiguous, float32 or float64
+        Input, ``N * C * S`` elements in (N, C, S) order.
+    weight, bias : ndarray, 1-D, same dtype as ``x``
+        Per-channel affine parameters (length ``C``); empty means absent
+        (weight 1, bias 0).
+    y : ndarray, 1-D, same dtype and size as ``x``
+        Output; may be ``x`` itself (in place).
+    mean, rstd : ndarray, 1-D, float64, length :func:`~.schedule.num_stats`
+        Outputs: the per-group mean (0 without ``CENTERED``) and
+        ``1 / sqrt(var + eps)``.
+    params : tuple
+        The fields of a :class:`~.schedule.KernelSpec` followed by those of
+        its :class:`~.schedule.Schedule` (a plain tuple: Numba dispatches it
+        faster than a namedtuple).
+
+    Notes
+    -----
+    Ioffe & Szegedy (2015), Algorithm 1 (BN); Ulyanov et al. (2016), eq. 2
+    (IN); Wu & He (2018), eq. 1-3 (GN).  Normalization uses the centered form
+    ``(x - mean) * (rstd * weight) + bias`` so that constant groups map
+    exactly to ``bias``.
+    """
+    spec = KernelSpec(*params[:6])
+    schedule = Schedule(*params[6:])
+    if schedule.strategy == ONE_BLOCK:
+        _planes_forward_one_block(x, weight, bias, y, mean, rstd, spec)
+    elif schedule.strategy == FUSED:
+        _planes_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule)
+    else:
+        _planes_forward_split(x, weight, bias, y, mean, rstd, spec, schedule)
+
+
+@kernel
+def planes_inference(x, weight, bias, y, mean, rstd, params):
+    """Inference forward pass (given statistics) on an (N, C, S) buffer.
+
+    Parameters are those of :func:`planes_forward`, except that ``mean`` and
+    ``rstd`` are inputs.
+
+    Notes
+    -----
+    Ioffe & Szegedy (2015), Algorithm 2, step 11: one multiply-add per element
+    with ``scale = weight * rstd``, written in the centered form
+    ``(x - mean) * scale + bias``.
+    """
+    _cf_normalize_planes(x, weight, bias, y, mean, rstd, KernelSpec(*params[:6]), Schedule(*params[6:]))
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+
+
+@glue
+def _cf_dots_block(dy, x, work, coef, spec, nblocks, plane, b, k):
+    """Store ``sum(dy)`` and ``sum(dy * (x - mean))`` of block ``b`` of ``plane`` in ``work``.
+
+    The per-channel weight is applied per plane in :func:`_cf_group_coefs`.
+    """
+    off, count, _ = _cf_block_span(spec, plane, b)
+    blk = plane * nblocks + b
+    work[2 * blk], work[2 * blk + 1] = _dots(dy, x, off, count, coef[4 * k])
+
+
+@glue
+def _cf_group_coefs(weight, work, coef, spec, nblocks, k):
+    """Turn the dot products of group ``k`` into its dx coefficients ``coef[4k+2], coef[4k+3]``.
+
+    ``dx = rstd*w*dy - kx * (x - mean) - k0`` with ``kx = rstd^3 * sum(g*(x-mean)) / m``
+    and ``k0 = rstd * sum(g) / m`` (0 without ``CENTERED``), ``g = weight * dy``.
+    """
+    n0, samples, c0, d = _group(spec, k)
+    sum_g = 0.0
+    sum_g_xc = 0.0
+    for n in range(n0, n0 + samples):
+        for c in range(c0, c0 + d):
+            w = weight[c] if weight.size > 0 else 1.0
+            blk0 = (n * spec.channels + c) * nblocks
+            for b in range(nblocks):
+                sum_g += w * work[2 * (blk0 + b)]
+                sum_g_xc += w * work[2 * (blk0 + b) + 1]
+    m = float(samples * d * spec.spatial)
+    coef[4 * k + 2], coef[4 * k + 3] = _dx_coefs(sum_g, sum_g_xc, coef[4 * k + 1], m, spec.flags)
+
+
+@glue
+def _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, k):
+    """Write ``dx`` of block ``b`` of ``plane`` from group ``k``'s coefficients ``coef[4k : 4k+4]``."""
+    off, count, _ = _cf_block_span(spec, plane, b)
+    c = plane % spec.channels
+    rstd = coef[4 * k + 1]
+    a = rstd * weight[c] if weight.size > 0 else rstd
+    _dx_span(
+        dy[off : off + count],
+        x[off : off + count],
+        dx[off : off + count],
+        a,
+        coef[4 * k + 2],
+        coef[4 * k + 3],
+        coef[4 * k],
+    )
+
+
+@glue
+def _group_coef_table(mean, rstd, spec):
+    """``coef[4k : 4k+2] = (mean or 0, rstd)`` of every group; ``kx``, ``k0`` follow later."""
+    coef = np.empty(4 * mean.size)
+    for k in range(mean.size):
+        coef[4 * k] = mean[k] if spec.flags & CENTERED else 0.0
+        coef[4 * k + 1] = rstd[k]
+    return coef
+
+
+@glue
+def _planes_backward_fused(dy, x, weight, dx, coef, work, spec, nblocks):
+    """``FUSED``: one task per group: dot products, coefficients, then ``dx`` while in cache."""
+    for k in prange(coef.size // 4):
+        n0, samples, c0, d = _group(spec, k)
+        for n in range(n0, n0 + samples):
+            for c in range(c0, c0 + d):
+                for b in range(nblocks):
+                    _cf_dots_block(dy, x, work, coef, spec, nblocks, n * spec.channels + c, b, k)
+        _cf_group_coefs(weight, work, coef, spec, nblocks, k)
+        for n in range(n0, n0 + samples):
+            for c in range(c0, c0 + d):
+                for b in range(nblocks):
+                    _cf_dx_block_k(dy, x, weight, dx, coef, spec, n * spec.channels + c, b, k)
+
+
+@glue
+def _planes_backward_split(dy, x, weight, dx, coef, work, spec, nblocks):
+    """``SPLIT``: dot products over blocks, coefficients over groups, ``dx`` over blocks."""
+    planes = spec.batch * spec.channels
+    for blk in prange(planes * nblocks):
+        plane, b = _block_plane(blk, nblocks)
+        _cf_dots_block(dy, x, work, coef, spec, nblocks, plane, b, _plane_stat_index(spec, plane))
+    for k in prange(coef.size // 4):
+        _cf_group_coefs(weight, work, coef, spec, nblocks, k)
+    for blk in prange(planes * nblocks):
+        plane, b = _block_plane(blk, nblocks)
+        _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, _plane_stat_index(spec, plane))
+
+
+@glue
+def _planes_param_grads(work, coef, dweight, dbias, spec, nblocks):
+    """``dweight[c] = sum over samples of rstd * sum(dy * (x - mean))``, ``dbias[c] = sum(dy)``."""
+    for c in prange(spec.channels):
+        sum_dy = 0.0
+        sum_dy_xhat = 0.0
+        for n in range(spec.batch):
+            partial_dy_xc = 0.0
+            blk0 = (n * spec.channels + c) * nblocks
+            for b in range(nblocks):
+                sum_dy += work[2 * (blk0 + b)]
+                partial_dy_xc += work[2 * (blk0 + b) + 1]
+            sum_dy_xhat += coef[4 * _stat_index(spec, n, c) + 1] * partial_dy_xc
+        if dweight.size > 0:
+            dweight[c] = sum_dy_xhat
+        if dbias.size > 0:
+            dbias[c] = sum_dy
+
+
+@kernel
+def planes_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
+    """Backward pass of BatchNorm / InstanceNorm / GroupNorm on an (N, C, S) buffer.
+
+    Parameters
+    ----------
+    dy, x : ndarray, 1-D, C-contiguous, same dtype
+        Upstream gradient and the forward input.
+    weight : ndarray
+        Weight used in the forward pass (empty: none).
+    mean, rstd : ndarray, float64
+        Statistics saved by the forward pass.
+    dx : ndarray
+        Output gradient of ``x``; may be ``dy`` or ``x`` itself (in place).
+    dweight, dbias : ndarray
+        Outputs (length ``C``), or empty to skip them.
+    params : tuple
+        As in :func:`planes_forward`.
+
+    Notes
+    -----
+    Ioffe & Szegedy (2015), Section 3 (chain rule for BN), generalized to any
+    group: with ``xhat = (x - mean) * rstd`` and ``g = weight * dy`` over the
+    ``m`` elements of a group, ``dx = rstd * (g - mean(g) - xhat *
+    mean(g * xhat))``.  The dot products are taken centered,
+    ``sum(g * (x - mean))``, never as ``sum(g*x) - mean*sum(g)``.
+    ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)`` over all but the
+    channel.  See ``docs/math.md``.
+    """
+    spec = KernelSpec(*params[:6])
+    schedule = Schedule(*params[6:])
+    work = np.empty(2 * spec.batch * spec.channels * schedule.nblocks)
+    coef = _group_coef_table(mean, rstd, spec)
+    if schedule.strategy == FUSED:
+        _planes_backward_fused(dy, x, weight, dx, coef, work, spec, schedule.nblocks)
+    else:
+        _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule.nblocks)
+    if dweight.size > 0 or dbias.size > 0:
+        _planes_param_grads(work, coef, dweight, dbias, spec, schedule.nblocks)

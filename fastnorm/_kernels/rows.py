@@ -1,0 +1,448 @@
+"""LayerNorm and RMSNorm rows: an (R, K) buffer normalized row by row, per-element parameters.
+
+The row view is the channels-first buffer with one channel (``N = R`` rows
+of ``S = K`` elements, ``G = 1``) whose weight and bias are indexed by the
+position in the row; it shares the block helpers of :mod:`.planes`.  The
+strategies (:mod:`.schedule`):
+
+* forward: ``PIPELINED`` (normalize a row while summing the next one's
+  moments), ``ONE_BLOCK`` (rows of at most ``BLOCK`` elements, one task per
+  row), ``FUSED`` (longer rows, one task per row), ``SPLIT`` (few rows:
+  parallel over blocks);
+* backward: ``ROW_CHUNKS`` (many rows: tasks of whole rows, each with its own
+  float64 parameter-gradient partials) or ``COLUMN_TILES`` (few long rows).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import prange
+
+from .._config import glue, helper, kernel
+from .epilogue import _dx_row_span, _normalize_per_element, _split
+from .numerics import (
+    _block_plane,
+    _dots,
+    _dots_weighted,
+    _dx_coefs,
+    _finish,
+    _moments,
+    _shifted_moments,
+)
+from .planes import _cf_block_span, _cf_group_one_block, _cf_merge_group, _cf_moments_block
+from .schedule import (
+    BLOCK,
+    CENTERED,
+    COLUMN_TILE,
+    FUSED,
+    ONE_BLOCK,
+    PIPELINED,
+    ROW_CHUNKS,
+    KernelSpec,
+    Schedule,
+)
+
+# ---------------------------------------------------------------------------
+# Training forward and inference
+# ---------------------------------------------------------------------------
+
+
+@glue
+def _normalize_row_sum_next(xs, ys, ws, bs, mean, rstd, next_xs, shift):
+    """Normalize one LayerNorm row while summing the moments of the next one, in one loop.
+
+    ``ys`` is :func:`_normalize_per_element` of ``xs`` with weight ``ws`` and
+    bias ``bs`` (the same arithmetic); the return value is the sums that
+    :func:`_moments` takes over ``next_xs``: of ``next_xs - shift`` and of
+    its squares.  The normalize loop is bound by its stores and the moments
+    loop by float64 arithmetic, so together they take less time than one
+    after the other.
+    """
+    mean_hi, mean_lo = _split(xs, mean)
+    rstd_x = xs.dtype.type(rstd)
+    sum_dev = 0.0
+    sum_sq = 0.0
+    for i in range(xs.size):
+        ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
+        dev = next_xs[i] - shift
+        sum_dev += dev
+        sum_sq += dev * dev
+    return sum_dev, sum_sq
+
+
+@helper
+def _pipelined_task(x, y, weight, bias, spec, mean, rstd, k0, k1):
+    """Training forward of LayerNorm rows ``k0 .. k1-1``, with weight and bias, software-pipelined.
+
+    The loop that normalizes row ``k`` also sums row ``k+1``'s moments
+    (:func:`_normalize_row_sum_next`); the rows' statistics are those of
+    :func:`_moments` and :func:`_finish`
+    (docs/perf-notes/layernorm-pipelined-forward.md).
+    """
+    width = spec.spatial
+    row_mean, row_m2 = _moments(x, k0 * width, width, True)
+    for k in range(k0, k1):
+        row_mean, row_rstd = _finish(float(width), row_mean, row_m2, spec.flags, spec.eps)
+        mean[k] = row_mean
+        rstd[k] = row_rstd
+        xs = x[k * width : (k + 1) * width]
+        ys = y[k * width : (k + 1) * width]
+        if k + 1 == k1:
+            _normalize_per_element(x, y, weight, bias, k * width, width, 0, row_mean, row_rstd)
+            break
+        next_xs = x[(k + 1) * width : (k + 2) * width]
+        shift = np.float64(next_xs[0])
+        sum_dev, sum_sq = _normalize_row_sum_next(xs, ys, weight, bias, row_mean, row_rstd, next_xs, shift)
+        row_mean, row_m2 = _shifted_moments(next_xs, width, shift, sum_dev, sum_sq)
+
+
+@glue
+def _rows_normalize(x, weight, bias, y, mean, rstd, spec, schedule):
+    """Normalize every block of every row with its statistics (parallel over blocks)."""
+    nblocks = schedule.nblocks
+    centered = spec.flags & CENTERED != 0
+    for blk in prange(spec.batch * nblocks):
+        row, b = _block_plane(blk, nblocks)
+        off, count, s0 = _cf_block_span(spec, row, b)
+        _normalize_per_element(x, y, weight, bias, off, count, s0, mean[row] if centered else 0.0, rstd[row])
+
+
+@glue
+def _rows_forward_pipelined(x, weight, bias, y, mean, rstd, spec, chunk):
+    """``PIPELINED``: tasks of ``chunk`` rows, each normalizing a row while summing the next."""
+    nrows = mean.size
+    for t in prange((nrows + chunk - 1) // chunk):
+        _pipelined_task(x, y, weight, bias, spec, mean, rstd, t * chunk, min(nrows, (t + 1) * chunk))
+
+
+@glue
+def _rows_forward_one_block(x, weight, bias, y, mean, rstd, spec):
+    """``ONE_BLOCK``: one task per row of at most ``BLOCK`` elements: moments, then normalize."""
+    for k in prange(mean.size):
+        row, row_mean, row_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
+        _normalize_per_element(x, y, weight, bias, row * spec.spatial, spec.spatial, 0, row_mean, row_rstd)
+
+
+@glue
+def _rows_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule):
+    """``FUSED``: one task per long row: block moments, merge, then its blocks normalized."""
+    nblocks = schedule.nblocks
+    work = np.empty(2 * spec.batch * nblocks)
+    for k in prange(mean.size):
+        for b in range(nblocks):
+            _cf_moments_block(x, work, spec, nblocks, k, b)
+        _cf_merge_group(work, mean, rstd, spec, nblocks, k)
+        for b in range(nblocks):
+            off, count, s0 = _cf_block_span(spec, k, b)
+            _normalize_per_element(x, y, weight, bias, off, count, s0, mean[k], rstd[k])
+
+
+@glue
+def _rows_forward_split(x, weight, bias, y, mean, rstd, spec, schedule):
+    """``SPLIT``: few rows: block moments in parallel, the row merges, then the normalize pass."""
+    nblocks = schedule.nblocks
+    work = np.empty(2 * spec.batch * nblocks)
+    for blk in prange(spec.batch * nblocks):
+        row, b = _block_plane(blk, nblocks)
+        _cf_moments_block(x, work, spec, nblocks, row, b)
+    for k in prange(mean.size):
+        _cf_merge_group(work, mean, rstd, spec, nblocks, k)
+    _rows_normalize(x, weight, bias, y, mean, rstd, spec, schedule)
+
+
+@kernel
+def rows_forward(x, weight, bias, y, mean, rstd, params):
+    """Training forward pass of LayerNorm / RMSNorm on an (R, K) buffer.
+
+    Parameters
+    ----------
+    x : ndarray, 1-D, C-contiguous, float32 or float64
+        Input, ``R * K`` elements, row after row.
+    weight, bias : ndarray, 1-D, same dtype as ``x``
+        Per-element affine parameters (length ``K``); empty means absent.
+    y : ndarray, 1-D, same dtype and size as ``x``
+        Output; may be ``x`` itself (in place).
+    mean, rstd : ndarray, 1-D, float64, length ``R``
+        Outputs: the row mean (0 for RMSNorm) and ``1 / sqrt(var + eps)``
+        (``1 / sqrt(mean(x**2) + eps)`` for RMSNorm).
+    params : tuple
+        The fields of a :class:`~.schedule.KernelSpec` followed by those of
+        its :class:`~.schedule.Schedule`.
+
+    Notes
+    -----
+    Ba et al. (2016), eq. 4 (LN); Zhang & Sennrich (2019), eq. 4 (RMSNorm).
+    Normalization uses the centered form ``(x - mean) * (rstd * weight) +
+    bias``, so that a constant row maps exactly to ``bias``.
+    """
+    spec = KernelSpec(*params[:6])
+    schedule = Schedule(*params[6:])
+    if schedule.strategy == PIPELINED:
+        _rows_forward_pipelined(x, weight, bias, y, mean, rstd, spec, schedule.chunk)
+    elif schedule.strategy == ONE_BLOCK:
+        _rows_forward_one_block(x, weight, bias, y, mean, rstd, spec)
+    elif schedule.strategy == FUSED:
+        _rows_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule)
+    else:
+        _rows_forward_split(x, weight, bias, y, mean, rstd, spec, schedule)
+
+
+@kernel
+def rows_inference(x, weight, bias, y, mean, rstd, params):
+    """Inference forward pass (given statistics) of LayerNorm / RMSNorm rows.
+
+    Parameters are those of :func:`rows_forward`, except that ``mean`` and
+    ``rstd`` are inputs.
+    """
+    _rows_normalize(x, weight, bias, y, mean, rstd, KernelSpec(*params[:6]), Schedule(*params[6:]))
+
+
+# ---------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------
+
+
+@glue
+def _row_dots_and_partials(dys, xs, ws, acc_dy, acc_dy_xhat, mean, rstd):
+    """Return :func:`_cf_dots_block`'s sums over a span of a row and accumulate its partials.
+
+    Per-element affine only (``ws`` the span's weights, empty for none); the
+    same pass adds the span's ``dy`` and ``dy * xhat`` to the per-position
+    partial sums ``acc_dy``, ``acc_dy_xhat``.
+    """
+    sum_g = 0.0
+    sum_g_xc = 0.0
+    # Each input element is loaded once, before the stores: Numba tells LLVM
+    # nothing about aliasing, so a `dys[i]` written after `acc_dy[i] += ...`
+    # is loaded (and converted to float64) again.
+    if ws.size > 0:
+        for i in range(xs.size):
+            dy_i = dys[i]
+            xc = xs[i] - mean
+            g = dy_i * ws[i]
+            acc_dy[i] += dy_i
+            acc_dy_xhat[i] += dy_i * xc * rstd
+            sum_g += g
+            sum_g_xc += g * xc
+    else:
+        for i in range(xs.size):
+            dy_i = dys[i]
+            xc = xs[i] - mean
+            acc_dy[i] += dy_i
+            acc_dy_xhat[i] += dy_i * xc * rstd
+            sum_g += dy_i
+            sum_g_xc += dy_i * xc
+    return sum_g, sum_g_xc
+
+
+@glue
+def _row_backward(dys, xs, ws, dxs, acc_dy, acc_dy_xhat, mean, rstd, flags):
+    """Backward of one whole row (one block): dot products and partials, then ``dx``.
+
+    The row is sliced once and the weights and partials are used whole: on
+    short rows, slicing them per call cost more than the arithmetic.
+    """
+    sum_g, sum_g_xc = _row_dots_and_partials(dys, xs, ws, acc_dy, acc_dy_xhat, mean, rstd)
+    kx, k0 = _dx_coefs(sum_g, sum_g_xc, rstd, float(xs.size), flags)
+    _dx_row_span(dys, xs, ws, dxs, rstd, kx, k0, mean)
+
+
+@helper
+def _param_partials(dys, xs, mean, rstd, part_dy, part_dy_xhat):
+    """Add ``dy`` and ``dy * xhat`` over equal-length spans to the partial sums."""
+    for s in range(xs.size):
+        dy_s = dys[s]  # loaded once: see _row_dots_and_partials
+        part_dy[s] += dy_s
+        part_dy_xhat[s] += dy_s * (xs[s] - mean) * rstd
+
+
+@glue
+def _row_chunk(dy, x, weight, mean, rstd, dx, part_dy, part_dy_xhat, spec, nblocks, n0, n1):
+    """Backward of rows ``n0 .. n1-1``, adding their ``dy`` and ``dy * xhat`` to the partials.
+
+    A row's ``dx`` follows its dot products while it is in L1; no per-row
+    workspace.  ``dx`` may alias ``dy``: a row is read before it is written.
+    """
+    width = spec.spatial
+    for n in range(n0, n1):
+        row_mean = mean[n] if spec.flags & CENTERED else 0.0
+        row_rstd = rstd[n]
+        off = n * width
+        if nblocks == 1:
+            xs = x[off : off + width]
+            dys = dy[off : off + width]
+            dxs = dx[off : off + width]
+            _row_backward(dys, xs, weight, dxs, part_dy, part_dy_xhat, row_mean, row_rstd, spec.flags)
+            continue
+        sum_g = 0.0
+        sum_g_xc = 0.0
+        for b in range(nblocks):
+            s0 = b * BLOCK
+            s1 = min(width, s0 + BLOCK)
+            block_g, block_g_xc = _row_dots_and_partials(
+                dy[off + s0 : off + s1],
+                x[off + s0 : off + s1],
+                weight[s0:s1],
+                part_dy[s0:s1],
+                part_dy_xhat[s0:s1],
+                row_mean,
+                row_rstd,
+            )
+            sum_g += block_g
+            sum_g_xc += block_g_xc
+        kx, k0 = _dx_coefs(sum_g, sum_g_xc, row_rstd, float(width), spec.flags)
+        for b in range(nblocks):
+            o, count, s0 = _cf_block_span(spec, n, b)
+            _dx_row_span(
+                dy[o : o + count],
+                x[o : o + count],
+                weight[s0 : s0 + count],
+                dx[o : o + count],
+                row_rstd,
+                kx,
+                k0,
+                row_mean,
+            )
+
+
+@glue
+def _rows_backward_chunks(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, schedule):
+    """``ROW_CHUNKS``: tasks of ``chunk`` whole rows, each with float64 partials of dweight/dbias.
+
+    The partials are taken whether or not dweight/dbias are wanted, so that
+    ``dx`` never depends on that choice; the fixed chunks are merged in order
+    (deterministic; docs/perf-notes/layernorm-backward-partials.md).
+    """
+    width = spec.spatial
+    chunk = schedule.chunk
+    nrows = mean.size
+    nchunks = (nrows + chunk - 1) // chunk
+    partial = np.empty(2 * width * nchunks)
+    for t in prange(nchunks):
+        part_dy = partial[2 * width * t : 2 * width * t + width]
+        part_dy_xhat = partial[2 * width * t + width : 2 * width * (t + 1)]
+        part_dy[:] = 0.0
+        part_dy_xhat[:] = 0.0
+        _row_chunk(
+            dy,
+            x,
+            weight,
+            mean,
+            rstd,
+            dx,
+            part_dy,
+            part_dy_xhat,
+            spec,
+            schedule.nblocks,
+            t * chunk,
+            min(nrows, (t + 1) * chunk),
+        )
+    if dweight.size == 0 and dbias.size == 0:
+        return
+    for tile in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
+        for s in range(tile * COLUMN_TILE, min(width, (tile + 1) * COLUMN_TILE)):
+            sum_dy = 0.0
+            sum_dy_xhat = 0.0
+            for t in range(nchunks):
+                sum_dy += partial[2 * width * t + s]
+                sum_dy_xhat += partial[2 * width * t + width + s]
+            if dbias.size > 0:
+                dbias[s] = sum_dy
+            if dweight.size > 0:
+                dweight[s] = sum_dy_xhat
+
+
+@glue
+def _rows_dots_and_coefs(dy, x, weight, mean, rstd, spec, nblocks):
+    """Dot products of every (row, block) in parallel, then each row's ``(mean, rstd, kx, k0)``."""
+    nrows = mean.size
+    work = np.empty(2 * nrows * nblocks)
+    coef = np.empty(4 * nrows)
+    for k in range(nrows):
+        coef[4 * k] = mean[k] if spec.flags & CENTERED else 0.0
+        coef[4 * k + 1] = rstd[k]
+    for blk in prange(nrows * nblocks):
+        n, b = _block_plane(blk, nblocks)
+        off, count, s0 = _cf_block_span(spec, n, b)
+        if weight.size > 0:
+            work[2 * blk], work[2 * blk + 1] = _dots_weighted(dy, x, weight, off, count, s0, coef[4 * n])
+        else:
+            work[2 * blk], work[2 * blk + 1] = _dots(dy, x, off, count, coef[4 * n])
+    for k in prange(nrows):
+        sum_g = 0.0
+        sum_g_xc = 0.0
+        for b in range(nblocks):
+            sum_g += work[2 * (k * nblocks + b)]
+            sum_g_xc += work[2 * (k * nblocks + b) + 1]
+        coef[4 * k + 2], coef[4 * k + 3] = _dx_coefs(
+            sum_g, sum_g_xc, coef[4 * k + 1], float(spec.spatial), spec.flags
+        )
+    return coef
+
+
+@glue
+def _rows_backward_columns(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, schedule):
+    """``COLUMN_TILES``: few long rows: dot products per block, then ``dx`` and partials per column tile.
+
+    Each tile walks the rows in order (float64, deterministic) while its
+    segment of ``x`` and ``dy`` is in L1.  The partials read ``dy`` before
+    ``dx`` is written, so ``dx`` may alias ``dy``.
+    """
+    coef = _rows_dots_and_coefs(dy, x, weight, mean, rstd, spec, schedule.nblocks)
+    width = spec.spatial
+    want_params = dweight.size > 0 or dbias.size > 0
+    acc = np.zeros(2 * width if want_params else 0)
+    for tile in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
+        lo = tile * COLUMN_TILE
+        hi = min(width, lo + COLUMN_TILE)
+        for n in range(mean.size):
+            off = n * width + lo
+            span = hi - lo
+            xs = x[off : off + span]
+            dys = dy[off : off + span]
+            row_mean, row_rstd = coef[4 * n], coef[4 * n + 1]
+            if want_params:
+                _param_partials(dys, xs, row_mean, row_rstd, acc[lo:hi], acc[width + lo : width + hi])
+            kx, k0 = coef[4 * n + 2], coef[4 * n + 3]
+            _dx_row_span(dys, xs, weight[lo:hi], dx[off : off + span], row_rstd, kx, k0, row_mean)
+        if want_params:
+            for s in range(lo, hi):
+                if dbias.size > 0:
+                    dbias[s] = acc[s]
+                if dweight.size > 0:
+                    dweight[s] = acc[width + s]
+
+
+@kernel
+def rows_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
+    """Backward pass of LayerNorm / RMSNorm rows.
+
+    Parameters
+    ----------
+    dy, x : ndarray, 1-D, C-contiguous, same dtype
+        Upstream gradient and the forward input.
+    weight : ndarray
+        Weight used in the forward pass (empty: none).
+    mean, rstd : ndarray, float64
+        Statistics saved by the forward pass.
+    dx : ndarray
+        Output gradient of ``x``; may be ``dy`` or ``x`` itself (in place).
+    dweight, dbias : ndarray
+        Outputs (length ``K``), or empty to skip them.
+    params : tuple
+        As in :func:`rows_forward`.
+
+    Notes
+    -----
+    With ``xhat = (x - mean) * rstd`` and ``g = weight * dy`` over the ``K``
+    elements of a row, ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``
+    (Ba et al. 2016); without centering (Zhang & Sennrich 2019) the
+    ``mean(g)`` term vanishes.  ``dweight = sum(dy * xhat)`` and
+    ``dbias = sum(dy)`` over the rows.  See ``docs/math.md``.
+    """
+    spec = KernelSpec(*params[:6])
+    schedule = Schedule(*params[6:])
+    if schedule.strategy == ROW_CHUNKS:
+        _rows_backward_chunks(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, schedule)
+    else:
+        _rows_backward_columns(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, schedule)

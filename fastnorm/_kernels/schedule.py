@@ -1,0 +1,263 @@
+"""What a kernel call computes (:class:`KernelSpec`) and how it runs (:class:`Schedule`).
+
+:func:`plan_schedule` is the one place where a schedule is chosen: the Python
+API calls it once per plan and call variant (:mod:`fastnorm.core`), the C ABI's
+cfuncs call the same compiled function (:mod:`fastnorm.capi._cfuncs`), and
+the kernels only read the result.  Every choice depends on the shape, the
+dtype, the thread count and the call's variant (which parameters are given,
+whether the output is the input), never on the data; the thread count only
+picks between schedules that do the same arithmetic in the same order, so
+results are bitwise the same for any thread count.
+
+Each tunable constant below states its rule; the measurements behind it are
+in ``docs/perf-notes/``.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+from .._config import helper
+
+__all__ = [
+    "BACKWARD", "BATCH", "BLOCK", "CENTERED", "CHANNELS_LAST", "CHANNELS_LAST_VIEW",
+    "CL_CONSECUTIVE_ROW_BYTES", "CL_MIN_ROWS", "CL_TILE_BYTES", "CL_TILE_MAX_CHANNELS", "COLUMN_TILE",
+    "COLUMN_TILES", "ELEMENTWISE",
+    "FORWARD", "FUSED", "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "ONE_BLOCK", "PER_ELEMENT",
+    "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_WIDTH", "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS",
+    "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SPEC_FIELDS", "SPLIT", "KernelSpec", "Schedule", "num_stats",
+    "plan_schedule", "schedule_of",
+]  # fmt: skip
+
+# ---------------------------------------------------------------------------
+# What to compute
+# ---------------------------------------------------------------------------
+
+#: Statistics are shared by all samples of the batch (BatchNorm).
+BATCH = 1
+#: Subtract the mean (all norms but RMSNorm).
+CENTERED = 2
+#: weight/bias are indexed by the position in the group (LayerNorm, RMSNorm).
+PER_ELEMENT = 4
+#: The buffer is (N, S, C) instead of (N, C, S).
+CHANNELS_LAST = 8
+
+KernelSpec = namedtuple("KernelSpec", ["batch", "channels", "spatial", "groups", "flags", "eps"])
+KernelSpec.__doc__ = """Geometry and options of one kernel call.
+
+Parameters
+----------
+batch : int
+    ``N``, number of samples (rows for LayerNorm / RMSNorm).
+channels : int
+    ``C``, number of channels (1 for LayerNorm / RMSNorm).
+spatial : int
+    ``S``, product of the spatial dims (``K`` for LayerNorm / RMSNorm).
+groups : int
+    ``G``, number of channel groups; divides ``channels``.
+flags : int
+    Bitwise or of ``BATCH``, ``CENTERED``, ``PER_ELEMENT``, ``CHANNELS_LAST``.
+eps : float
+    Added to the variance (mean square for RMSNorm) before the square root.
+"""
+
+# ---------------------------------------------------------------------------
+# How to run it
+# ---------------------------------------------------------------------------
+
+#: Passes.
+FORWARD = 0
+INFERENCE = 1
+BACKWARD = 2
+
+#: Data views: LayerNorm / RMSNorm rows (R, K); channels-first planes (N, C, S); (N, S, C).
+ROWS = 0
+PLANES = 1
+CHANNELS_LAST_VIEW = 2
+
+#: Strategies.  SPLIT: parallel phases (reduce blocks, merge per group, an
+#: elementwise pass over blocks), so that a few huge groups use every core.
+#: FUSED: one task per group or statistics set, which reduces it and then runs
+#: the elementwise pass while it is in cache.  ONE_BLOCK: FUSED for groups of
+#: one block (moments in one pass, no workspace).  PIPELINED: ONE_BLOCK rows
+#: that normalize a row while summing the next one's moments.  ELEMENTWISE:
+#: the inference pass (no reduction).  ROW_CHUNKS / COLUMN_TILES: the row
+#: backward for many rows (tasks of whole rows with float64 parameter-gradient
+#: partials) or few long rows (dot products per block, then column tiles).
+SPLIT = 0
+FUSED = 1
+ONE_BLOCK = 2
+PIPELINED = 3
+ELEMENTWISE = 4
+ROW_CHUNKS = 5
+COLUMN_TILES = 6
+
+Schedule = namedtuple(
+    "Schedule", ["view", "strategy", "parallel", "nblocks", "block", "tile_rows", "chunk", "quarters"]
+)
+Schedule.__doc__ = """How a kernel call runs; chosen by :func:`plan_schedule` only.
+
+Parameters
+----------
+view : int
+    ``ROWS``, ``PLANES`` or ``CHANNELS_LAST_VIEW``: which kernel family runs.
+strategy : int
+    ``SPLIT``, ``FUSED``, ``ONE_BLOCK``, ``PIPELINED``, ``ELEMENTWISE``,
+    ``ROW_CHUNKS`` or ``COLUMN_TILES``.
+parallel : int
+    1 for the multithreaded build, 0 for the serial one.
+nblocks : int
+    Reduction blocks per plane (row; sample for channels-last).
+block : int
+    Elements per block (``BLOCK``), or rows per channels-last block.
+tile_rows : int
+    Channels-last elementwise passes: rows per step (1 elsewhere).
+chunk : int
+    Rows per task of the ``PIPELINED`` and ``ROW_CHUNKS`` row schedules (0 elsewhere).
+quarters : int
+    Channels-last moments: 1 to take the four rows of a step from the
+    block's quarters, 0 for four consecutive rows (the backward dot products
+    always take quarters).
+"""
+
+#: Number of KernelSpec fields at the head of a kernel's flat parameter tuple.
+SPEC_FIELDS = len(KernelSpec._fields)
+
+#: Elements per reduction block.  Fixed, so results never depend on threads
+#: (docs/perf-notes/reduction-blocks-and-determinism.md).
+BLOCK = 4096
+#: Run one fused task per group from this many groups on; with fewer, split
+#: every pass so that a few huge groups still use every core
+#: (docs/perf-notes/fused-vs-split-schedules.md).
+FUSE_MIN_GROUPS = 32
+#: Channels-last training passes with 2 .. FUSE_MIN_GROUPS-1 statistics sets
+#: also fuse from this many sets per thread on (same arithmetic, same order).
+FUSE_SETS_PER_THREAD = 4
+#: Fewest rows of a channels-last reduction block: every block ends with a
+#: per-channel finish that costs about 16 rows of accumulation
+#: (docs/perf-notes/channels-last-row-streams.md).
+CL_MIN_ROWS = 256
+#: Longest channels-last row, in bytes, whose moments take four consecutive
+#: rows per step; longer rows, and the backward dot products, take one row
+#: from each quarter of the block (docs/perf-notes/channels-last-row-streams.md).
+CL_CONSECUTIVE_ROW_BYTES = 256
+#: BatchNorm's channels-last elementwise passes over at most this many
+#: channels step over CL_TILE_BYTES of rows at once, with the coefficient
+#: vectors repeated (docs/perf-notes/channels-last-small-channel-tiles.md).
+CL_TILE_MAX_CHANNELS = 32
+#: Bytes of ``x`` per step of those passes.
+CL_TILE_BYTES = 1024
+#: Columns per task of the few-long-rows parameter-gradient reduction.
+COLUMN_TILE = 2048
+#: Fewest rows per ROW_CHUNKS task; that schedule runs from 4 * ROW_CHUNK rows on.
+ROW_CHUNK = 32
+#: Most tasks of the ROW_CHUNKS and PIPELINED schedules: chunks grow so that
+#: there are at most this many (docs/perf-notes/layernorm-backward-partials.md).
+ROW_TASKS = 32
+#: Shortest and longest (in bytes) LayerNorm row of the PIPELINED forward
+#: (docs/perf-notes/layernorm-pipelined-forward.md).
+PIPELINE_MIN_WIDTH = 256
+PIPELINE_MAX_ROW_BYTES = 4096
+#: Tensors of at most this many elements run the serial build: below it a
+#: parallel launch costs more than the work (docs/perf-notes/small-call-overhead.md).
+SERIAL_MAX_ELEMENTS = 16384
+
+
+def num_stats(spec):
+    """Return the number of (mean, rstd) pairs a kernel call produces or consumes."""
+    sets = 1 if spec.flags & BATCH else spec.batch
+    return sets * spec.groups
+
+
+@helper
+def plan_schedule(params, pass_id, num_threads, itemsize, has_weight, has_bias, in_place):
+    """Choose the schedule of one kernel call: the only place a schedule is chosen.
+
+    Parameters
+    ----------
+    params : tuple
+        The fields of a :class:`KernelSpec`.
+    pass_id : int
+        ``FORWARD``, ``INFERENCE`` or ``BACKWARD``.
+    num_threads : int
+        Threads of the calling thread's parallel regions.
+    itemsize : int
+        Bytes per element of the data (4 or 8).
+    has_weight, has_bias : bool
+        Whether the call has a weight and a bias.
+    in_place : bool
+        Whether the output is the input's memory.
+
+    Returns
+    -------
+    tuple
+        The fields of a :class:`Schedule`.
+    """
+    spec = KernelSpec(*params)
+    size = spec.batch * spec.channels * spec.spatial
+    parallel = 1 if size > SERIAL_MAX_ELEMENTS else 0
+    nstats = (1 if spec.flags & BATCH else spec.batch) * spec.groups
+    if spec.flags & PER_ELEMENT:
+        return _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bias, in_place)
+    if spec.flags & CHANNELS_LAST:
+        return _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsize)
+    nblocks = (spec.spatial + BLOCK - 1) // BLOCK
+    strategy = ELEMENTWISE
+    if pass_id != INFERENCE:
+        # A BatchNorm group is N planes far apart: never fused (the prefetcher
+        # loses the stream; docs/perf-notes/fused-vs-split-schedules.md).
+        fused = nstats >= FUSE_MIN_GROUPS and not spec.flags & BATCH
+        strategy = FUSED if fused else SPLIT
+        if fused and pass_id == FORWARD and (spec.channels // spec.groups) * spec.spatial <= BLOCK:
+            strategy = ONE_BLOCK
+    return (PLANES, strategy, parallel, nblocks, BLOCK, 1, 0, 0)
+
+
+@helper
+def _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bias, in_place):
+    """:func:`plan_schedule` of LayerNorm / RMSNorm rows."""
+    width = spec.spatial
+    nblocks = (width + BLOCK - 1) // BLOCK
+    strategy = ELEMENTWISE
+    chunk = 0
+    if pass_id == FORWARD:
+        strategy = SPLIT
+        if nstats >= FUSE_MIN_GROUPS:
+            strategy = ONE_BLOCK if width <= BLOCK else FUSED
+        # With y on x, LLVM's runtime overlap check would send the pipelined
+        # loop to its scalar version, whose sums run in another order.
+        pipelined = spec.flags & CENTERED and has_weight and has_bias and not in_place
+        if strategy == ONE_BLOCK and pipelined and PIPELINE_MIN_WIDTH <= width:
+            if width * itemsize <= PIPELINE_MAX_ROW_BYTES:
+                strategy = PIPELINED
+                chunk = (nstats + ROW_TASKS - 1) // ROW_TASKS
+    elif pass_id == BACKWARD:
+        strategy = COLUMN_TILES
+        if nstats >= 4 * ROW_CHUNK:
+            strategy = ROW_CHUNKS
+            chunk = max(ROW_CHUNK, (nstats + ROW_TASKS - 1) // ROW_TASKS)
+    return (ROWS, strategy, parallel, nblocks, BLOCK, 1, chunk, 0)
+
+
+@helper
+def _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsize):
+    """:func:`plan_schedule` of channels-last (N, S, C) buffers."""
+    rows_per_block = max(BLOCK // spec.channels, CL_MIN_ROWS)
+    nblocks = (spec.spatial + rows_per_block - 1) // rows_per_block
+    sets = nstats // spec.groups
+    strategy = ELEMENTWISE
+    if pass_id != INFERENCE:
+        fused = sets >= FUSE_MIN_GROUPS
+        if parallel and 1 < sets < FUSE_MIN_GROUPS and sets >= FUSE_SETS_PER_THREAD * num_threads:
+            fused = True  # a thread's samples are still in L3 when read again
+        strategy = FUSED if fused else SPLIT
+    tile_rows = 1
+    if strategy != FUSED and sets <= 1 and spec.channels <= CL_TILE_MAX_CHANNELS:
+        tile_rows = max(1, CL_TILE_BYTES // itemsize // spec.channels)
+    quarters = 1 if spec.channels * itemsize > CL_CONSECUTIVE_ROW_BYTES else 0
+    return (CHANNELS_LAST_VIEW, strategy, parallel, nblocks, rows_per_block, tile_rows, 0, quarters)
+
+
+def schedule_of(params):
+    """Return the :class:`Schedule` at the tail of a kernel's flat parameter tuple."""
+    return Schedule(*params[SPEC_FIELDS:])
