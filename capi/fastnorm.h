@@ -49,15 +49,15 @@ extern "C" {
 
 /* Symbol visibility of the public entry points. */
 #if defined(_WIN32)
-#  ifdef FASTNORM_BUILDING
-#    define FASTNORM_API __declspec(dllexport)
-#  else
-#    define FASTNORM_API __declspec(dllimport)
-#  endif
+#    ifdef FASTNORM_BUILDING
+#        define FASTNORM_API __declspec(dllexport)
+#    else
+#        define FASTNORM_API __declspec(dllimport)
+#    endif
 #elif defined(__GNUC__) && __GNUC__ >= 4
-#  define FASTNORM_API __attribute__((visibility("default")))
+#    define FASTNORM_API __attribute__((visibility("default")))
 #else
-#  define FASTNORM_API
+#    define FASTNORM_API
 #endif
 
 /* Version of this header; fastnorm_version() gives the library's. */
@@ -95,11 +95,11 @@ typedef enum fastnorm_kind {
 
 /* Element type of the data buffers.  mean / rstd are always double. */
 typedef enum fastnorm_dtype {
-    FASTNORM_DTYPE_DEFAULT = 0,  /* only for param_dtype: same as dtype */
+    FASTNORM_DTYPE_DEFAULT = 0, /* only for param_dtype: same as dtype */
     FASTNORM_FLOAT32 = 1,
     FASTNORM_FLOAT64 = 2,
-    FASTNORM_FLOAT16 = 3,        /* recognized, returns FASTNORM_UNSUPPORTED */
-    FASTNORM_BFLOAT16 = 4        /* recognized, returns FASTNORM_UNSUPPORTED */
+    FASTNORM_FLOAT16 = 3, /* recognized, returns FASTNORM_UNSUPPORTED */
+    FASTNORM_BFLOAT16 = 4 /* recognized, returns FASTNORM_UNSUPPORTED */
 } fastnorm_dtype;
 
 /* Memory layout of x (and y, dy, dx) for BatchNorm / InstanceNorm / GroupNorm. */
@@ -281,8 +281,8 @@ FASTNORM_API fastnorm_status fastnorm_runtime_info(int *max_threads, const char 
  * threads, and identical to fastnorm.forward() in Python.
  */
 FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc, const void *x,
-                                                       const void *weight, const void *bias,
-                                                       void *y, double *mean, double *rstd);
+                                                       const void *weight, const void *bias, void *y,
+                                                       double *mean, double *rstd);
 
 /**
  * Inference forward pass with given statistics:
@@ -303,8 +303,7 @@ FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc
  */
 FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *desc, const void *x,
                                                         const double *mean, const double *rstd,
-                                                        const void *weight, const void *bias,
-                                                        void *y);
+                                                        const void *weight, const void *bias, void *y);
 
 /**
  * Backward pass.  With g = weight * dy and xhat = (x - mean) * rstd over the
@@ -327,10 +326,9 @@ FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *des
  *          applies (statistics of a training batch).
  * Thread-safe.  Deterministic, identical to fastnorm.backward() in Python.
  */
-FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy,
-                                               const void *x, const double *mean,
-                                               const double *rstd, const void *weight, void *dx,
-                                               void *dweight, void *dbias);
+FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy, const void *x,
+                                               const double *mean, const double *rstd, const void *weight,
+                                               void *dx, void *dweight, void *dbias);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -33,7 +33,11 @@ static double reference(const float *x, int kind, int groups, int i)
         case FASTNORM_GROUP_NORM: same = nj == n && cj / (C / groups) == c / (C / groups); break;
         default: same = nj == n && (j / (H * W)) == (i / (H * W)); break; /* LN/RMS over (H, W) */
         }
-        if (same) { sum += x[j]; sq += (double)x[j] * x[j]; cnt += 1.0; }
+        if (same) {
+            sum += x[j];
+            sq += (double)x[j] * x[j];
+            cnt += 1.0;
+        }
     }
     mean = sum / cnt;
     if (kind == FASTNORM_RMS_NORM) return x[i] / sqrt(sq / cnt + 1e-5);

@@ -34,21 +34,25 @@ enum { K_BATCH = 1, K_CENTERED = 2, K_PER_ELEMENT = 4, K_CHANNELS_LAST = 8 };
 
 /* Slots of the table filled by _fastnorm_py_init. */
 enum {
-    SLOT_FWD_F32 = 0, SLOT_INF_F32, SLOT_BWD_F32,
-    SLOT_FWD_F64, SLOT_INF_F64, SLOT_BWD_F64,
-    SLOT_SET_THREADS, SLOT_GET_THREADS, SLOT_MAX_THREADS,
+    SLOT_FWD_F32 = 0,
+    SLOT_INF_F32,
+    SLOT_BWD_F32,
+    SLOT_FWD_F64,
+    SLOT_INF_F64,
+    SLOT_BWD_F64,
+    SLOT_SET_THREADS,
+    SLOT_GET_THREADS,
+    SLOT_MAX_THREADS,
     SLOT_COUNT
 };
 
-typedef int32_t (*forward_fn)(const void *x, const void *w, int64_t nw, const void *b, int64_t nb,
-                              void *y, double *mean, double *rstd, int64_t nstats, int64_t batch,
-                              int64_t channels, int64_t spatial, int64_t groups, int64_t flags,
-                              double eps);
-typedef int32_t (*backward_fn)(const void *dy, const void *x, const void *w, int64_t nw,
-                               const double *mean, const double *rstd, int64_t nstats, void *dx,
-                               void *dw, int64_t ndw, void *db, int64_t ndb, int64_t batch,
-                               int64_t channels, int64_t spatial, int64_t groups, int64_t flags,
-                               double eps);
+typedef int32_t (*forward_fn)(const void *x, const void *w, int64_t nw, const void *b, int64_t nb, void *y,
+                              double *mean, double *rstd, int64_t nstats, int64_t batch, int64_t channels,
+                              int64_t spatial, int64_t groups, int64_t flags, double eps);
+typedef int32_t (*backward_fn)(const void *dy, const void *x, const void *w, int64_t nw, const double *mean,
+                               const double *rstd, int64_t nstats, void *dx, void *dw, int64_t ndw, void *db,
+                               int64_t ndb, int64_t batch, int64_t channels, int64_t spatial, int64_t groups,
+                               int64_t flags, double eps);
 typedef void (*set_threads_fn)(int);
 typedef int (*get_threads_fn)(void);
 
@@ -94,20 +98,19 @@ FASTNORM_API const char *fastnorm_status_string(fastnorm_status status)
 /* ------------------------------------------------------------------------ */
 
 typedef struct plan {
-    int dtype_index;   /* 0: float32, 1: float64 */
+    int dtype_index; /* 0: float32, 1: float64 */
     int64_t itemsize;
     int64_t batch, channels, spatial, groups, flags;
-    int64_t size;      /* elements of x */
-    int64_t nparams;   /* elements of weight / bias */
-    int64_t nstats;    /* elements of mean / rstd */
+    int64_t size;    /* elements of x */
+    int64_t nparams; /* elements of weight / bias */
+    int64_t nstats;  /* elements of mean / rstd */
     int64_t group_size;
     double eps;
 } plan;
 
 static const char *kind_name(int32_t kind)
 {
-    static const char *names[] = {"?", "batch_norm", "instance_norm", "group_norm", "layer_norm",
-                                  "rms_norm"};
+    static const char *names[] = {"?", "batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"};
     return (kind >= 1 && kind <= 5) ? names[kind] : "?";
 }
 
@@ -129,15 +132,20 @@ static fastnorm_status make_plan(const fastnorm_desc *d, int training, plan *p)
     if (k < FASTNORM_BATCH_NORM || k > FASTNORM_RMS_NORM)
         return fail(FASTNORM_INVALID_ARGUMENT, "desc->kind=%d is not a fastnorm_kind (1..5)", (int)k);
     switch (d->dtype) {
-    case FASTNORM_FLOAT32: p->dtype_index = 0; p->itemsize = 4; break;
-    case FASTNORM_FLOAT64: p->dtype_index = 1; p->itemsize = 8; break;
+    case FASTNORM_FLOAT32:
+        p->dtype_index = 0;
+        p->itemsize = 4;
+        break;
+    case FASTNORM_FLOAT64:
+        p->dtype_index = 1;
+        p->itemsize = 8;
+        break;
     case FASTNORM_FLOAT16:
     case FASTNORM_BFLOAT16:
         return fail(FASTNORM_UNSUPPORTED,
                     "desc->dtype=%d (16-bit float) is not supported: convert to FASTNORM_FLOAT32",
                     (int)d->dtype);
-    default:
-        return fail(FASTNORM_INVALID_ARGUMENT, "desc->dtype=%d is not a fastnorm_dtype", (int)d->dtype);
+    default: return fail(FASTNORM_INVALID_ARGUMENT, "desc->dtype=%d is not a fastnorm_dtype", (int)d->dtype);
     }
     if (d->param_dtype != FASTNORM_DTYPE_DEFAULT && d->param_dtype != d->dtype) {
         if (d->param_dtype >= FASTNORM_FLOAT32 && d->param_dtype <= FASTNORM_BFLOAT16)
@@ -235,8 +243,8 @@ static fastnorm_status make_plan(const fastnorm_desc *d, int training, plan *p)
         p->groups = k == FASTNORM_INSTANCE_NORM ? p->channels : d->num_groups;
         if (p->channels % p->groups != 0)
             return fail(FASTNORM_INVALID_ARGUMENT,
-                        "group_norm: num_groups=%lld does not divide C=%lld channels",
-                        (long long)p->groups, (long long)p->channels);
+                        "group_norm: num_groups=%lld does not divide C=%lld channels", (long long)p->groups,
+                        (long long)p->channels);
         p->nstats = p->batch * p->groups;
         p->group_size = (p->channels / p->groups) * p->spatial;
         if (training && k == FASTNORM_INSTANCE_NORM && p->spatial == 1)
@@ -291,10 +299,10 @@ FASTNORM_API fastnorm_status fastnorm_num_stats(const fastnorm_desc *desc, int64
 
 typedef struct buffer {
     const char *name;
-    const void *ptr;   /* NULL: absent */
+    const void *ptr; /* NULL: absent */
     int64_t bytes;
     int output;
-    int64_t align;     /* required alignment: the element size */
+    int64_t align; /* required alignment: the element size */
 } buffer;
 
 static fastnorm_status check_aligned(const buffer *b, int64_t align)
@@ -341,9 +349,9 @@ enum { STATE_NONE = 0, STATE_READY = 1, STATE_FAILED = 2 };
 static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
 static int runtime_state = STATE_NONE; /* atomic */
 static int64_t runtime_table[SLOT_COUNT];
-static char runtime_message[4096];     /* layer name on success, reason on failure */
+static char runtime_message[4096]; /* layer name on success, reason on failure */
 static int max_threads = 1;
-static int wanted_threads = 0;         /* atomic; 0 = max_threads */
+static int wanted_threads = 0; /* atomic; 0 = max_threads */
 
 static int owns_interpreter = 0;
 
@@ -359,8 +367,7 @@ static fastnorm_status start_interpreter(void)
     config.install_signal_handlers = 0;
     config.parse_argv = 0;
     home = getenv("FASTNORM_PYTHONHOME");
-    if (home != NULL && home[0] != '\0')
-        status = PyConfig_SetBytesString(&config, &config.home, home);
+    if (home != NULL && home[0] != '\0') status = PyConfig_SetBytesString(&config, &config.home, home);
     else
         /* Start the interpreter as if FASTNORM_BAKED_EXECUTABLE were run: its
            prefix, virtual environment and site-packages are found as usual. */
@@ -391,7 +398,8 @@ FASTNORM_API fastnorm_status fastnorm_init(void)
         runtime_message[0] = '\0';
         if (start_interpreter() == FASTNORM_OK) {
             if (_fastnorm_py_init(runtime_table, SLOT_COUNT, owns_interpreter, runtime_message,
-                                  (int64_t)sizeof runtime_message) == 1) {
+                                  (int64_t)sizeof runtime_message)
+                == 1) {
                 int i, ok = 1;
                 for (i = 0; i < SLOT_COUNT; ++i) ok = ok && runtime_table[i] != 0;
                 if (ok) {
@@ -473,9 +481,9 @@ static void leave_threads(int previous)
 /* Entry points                                                              */
 /* ------------------------------------------------------------------------ */
 
-#define REQUIRE(ptr)                                                                   \
-    do {                                                                               \
-        if ((ptr) == NULL) return fail(FASTNORM_NULL_POINTER, "%s is NULL", #ptr);     \
+#define REQUIRE(ptr)                                                               \
+    do {                                                                           \
+        if ((ptr) == NULL) return fail(FASTNORM_NULL_POINTER, "%s is NULL", #ptr); \
     } while (0)
 
 static fastnorm_status check_buffers(const buffer *bufs, int n, const int (*allowed)[2], int nallowed)
@@ -490,8 +498,8 @@ static fastnorm_status check_buffers(const buffer *bufs, int n, const int (*allo
 /* Shared body of the two forward entry points: training (mean/rstd are outputs)
  * and inference (mean/rstd are inputs). */
 static fastnorm_status forward_common(const fastnorm_desc *desc, int training, const void *x,
-                                      const void *weight, const void *bias, void *y,
-                                      const double *mean, const double *rstd)
+                                      const void *weight, const void *bias, void *y, const double *mean,
+                                      const double *rstd)
 {
     static const int allowed[][2] = {{1, 0}}; /* y == x */
     plan p;
@@ -505,18 +513,21 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
     REQUIRE(rstd);
     {
         buffer bufs[] = {
-            {"x", x, p.size * p.itemsize, 0, p.itemsize},          {"y", y, p.size * p.itemsize, 1, p.itemsize},
-            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize}, {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
-            {"mean", mean, p.nstats * 8, training, 8},    {"rstd", rstd, p.nstats * 8, training, 8},
+            {"x", x, p.size * p.itemsize, 0, p.itemsize},
+            {"y", y, p.size * p.itemsize, 1, p.itemsize},
+            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
+            {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
+            {"mean", mean, p.nstats * 8, training, 8},
+            {"rstd", rstd, p.nstats * 8, training, 8},
         };
         if ((st = check_buffers(bufs, 6, allowed, 1)) != FASTNORM_OK) return st;
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads();
     rc = ((forward_fn)(uintptr_t)runtime_table[training ? (p.dtype_index ? SLOT_FWD_F64 : SLOT_FWD_F32)
-                                                         : (p.dtype_index ? SLOT_INF_F64 : SLOT_INF_F32)])(
-        x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, (double *)mean,
-        (double *)rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
+                                                        : (p.dtype_index ? SLOT_INF_F64 : SLOT_INF_F32)])(
+        x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, (double *)mean, (double *)rstd,
+        p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
     leave_threads(previous);
     if (rc != 1)
         return fail(FASTNORM_INTERNAL_ERROR, "the %s kernel failed (out of memory?)",
@@ -525,24 +536,22 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
 }
 
 FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc, const void *x,
-                                                       const void *weight, const void *bias,
-                                                       void *y, double *mean, double *rstd)
+                                                       const void *weight, const void *bias, void *y,
+                                                       double *mean, double *rstd)
 {
     return forward_common(desc, 1, x, weight, bias, y, mean, rstd);
 }
 
 FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *desc, const void *x,
                                                         const double *mean, const double *rstd,
-                                                        const void *weight, const void *bias,
-                                                        void *y)
+                                                        const void *weight, const void *bias, void *y)
 {
     return forward_common(desc, 0, x, weight, bias, y, mean, rstd);
 }
 
-FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy,
-                                               const void *x, const double *mean,
-                                               const double *rstd, const void *weight, void *dx,
-                                               void *dweight, void *dbias)
+FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy, const void *x,
+                                               const double *mean, const double *rstd, const void *weight,
+                                               void *dx, void *dweight, void *dbias)
 {
     static const int allowed[][2] = {{2, 0}, {2, 1}}; /* dx == dy, dx == x */
     plan p;
@@ -571,9 +580,8 @@ FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const 
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads();
     rc = ((backward_fn)(uintptr_t)runtime_table[p.dtype_index ? SLOT_BWD_F64 : SLOT_BWD_F32])(
-        dy, x, weight, weight ? p.nparams : 0, mean, rstd, p.nstats, dx, dweight,
-        dweight ? p.nparams : 0, dbias, dbias ? p.nparams : 0, p.batch, p.channels, p.spatial,
-        p.groups, p.flags, p.eps);
+        dy, x, weight, weight ? p.nparams : 0, mean, rstd, p.nstats, dx, dweight, dweight ? p.nparams : 0,
+        dbias, dbias ? p.nparams : 0, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward kernel failed (out of memory?)");
     return FASTNORM_OK;

@@ -27,7 +27,8 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     double *mean, *rstd, *imean, *irstd, *m2, *r2;
     fastnorm_status st;
 
-    if ((st = fastnorm_num_params(d, &np_)) != FASTNORM_OK || (st = fastnorm_num_stats(d, &ns)) != FASTNORM_OK) {
+    if ((st = fastnorm_num_params(d, &np_)) != FASTNORM_OK
+        || (st = fastnorm_num_stats(d, &ns)) != FASTNORM_OK) {
         fprintf(stderr, "%s: descriptor rejected: %s\n", prefix, fastnorm_last_error());
         return 1;
     }
@@ -50,9 +51,11 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     if (has_b) db = xmalloc((size_t)np_ * es);
 
     st = fastnorm_forward_training(d, x, w, b, y, mean, rstd);
-    CHECK(st == FASTNORM_OK, "%s forward_training: %s %s", prefix, fastnorm_status_string(st), fastnorm_last_error());
+    CHECK(st == FASTNORM_OK, "%s forward_training: %s %s", prefix, fastnorm_status_string(st),
+          fastnorm_last_error());
     st = fastnorm_forward_inference(d, x, imean, irstd, w, b, yinf);
-    CHECK(st == FASTNORM_OK, "%s forward_inference: %s %s", prefix, fastnorm_status_string(st), fastnorm_last_error());
+    CHECK(st == FASTNORM_OK, "%s forward_inference: %s %s", prefix, fastnorm_status_string(st),
+          fastnorm_last_error());
     st = fastnorm_backward(d, dy, x, mean, rstd, w, dx, dw, db);
     CHECK(st == FASTNORM_OK, "%s backward: %s %s", prefix, fastnorm_status_string(st), fastnorm_last_error());
 
@@ -64,7 +67,8 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
           "%s forward_training in place differs (%s)", prefix, fastnorm_status_string(st));
     memcpy(tmp, x, bytes);
     st = fastnorm_forward_inference(d, tmp, imean, irstd, w, b, tmp);
-    CHECK(st == FASTNORM_OK && memcmp(tmp, yinf, bytes) == 0, "%s forward_inference in place differs", prefix);
+    CHECK(st == FASTNORM_OK && memcmp(tmp, yinf, bytes) == 0, "%s forward_inference in place differs",
+          prefix);
     /* in place: dx == dy, then dx == x */
     memcpy(tmp, dy, bytes);
     st = fastnorm_backward(d, tmp, x, mean, rstd, w, tmp, NULL, NULL);
@@ -80,8 +84,22 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     write_file(path(prefix, "dx"), dx, bytes);
     if (has_w) write_file(path(prefix, "dw"), dw, (size_t)np_ * es);
     if (has_b) write_file(path(prefix, "db"), db, (size_t)np_ * es);
-    free(x); free(dy); free(w); free(b); free(y); free(yinf); free(dx); free(tmp);
-    free(mean); free(rstd); free(m2); free(r2); free(imean); free(irstd); free(dw); free(db);
+    free(x);
+    free(dy);
+    free(w);
+    free(b);
+    free(y);
+    free(yinf);
+    free(dx);
+    free(tmp);
+    free(mean);
+    free(rstd);
+    free(m2);
+    free(r2);
+    free(imean);
+    free(irstd);
+    free(dw);
+    free(db);
     return 0;
 }
 

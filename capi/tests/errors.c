@@ -43,7 +43,7 @@ static int untouched(const void *buf, size_t bytes)
 static int outputs_untouched(void)
 {
     return untouched(y, sizeof y) && untouched(dx, sizeof dx) && untouched(dweight, sizeof dweight)
-           && untouched(dbias, sizeof dbias) && untouched(mean, sizeof mean) && untouched(rstd, sizeof rstd);
+        && untouched(dbias, sizeof dbias) && untouched(mean, sizeof mean) && untouched(rstd, sizeof rstd);
 }
 
 static fastnorm_desc valid_desc(void)
@@ -65,8 +65,8 @@ static void expect_all(const char *what, const fastnorm_desc *d, fastnorm_status
     CHECK(st == expected, "%s: forward_training returned %s, expected %s", what, fastnorm_status_string(st),
           fastnorm_status_string(expected));
     st = fastnorm_forward_inference(d, x, mean, rstd, weight, bias, y);
-    CHECK(st == expected, "%s: forward_inference returned %s, expected %s", what,
-          fastnorm_status_string(st), fastnorm_status_string(expected));
+    CHECK(st == expected, "%s: forward_inference returned %s, expected %s", what, fastnorm_status_string(st),
+          fastnorm_status_string(expected));
     st = fastnorm_backward(d, dy, x, mean, rstd, weight, dx, dweight, dbias);
     CHECK(st == expected, "%s: backward returned %s, expected %s", what, fastnorm_status_string(st),
           fastnorm_status_string(expected));
@@ -75,15 +75,15 @@ static void expect_all(const char *what, const fastnorm_desc *d, fastnorm_status
     g_checks += 5;
 }
 
-#define EXPECT(call, expected, what)                                                            \
-    do {                                                                                        \
-        fastnorm_status st_;                                                                    \
-        reset_outputs();                                                                        \
-        st_ = (call);                                                                           \
-        CHECK(st_ == (expected), "%s: returned %s, expected %s (%s)", what,                     \
-              fastnorm_status_string(st_), fastnorm_status_string(expected), fastnorm_last_error()); \
-        CHECK(outputs_untouched(), "%s: an output was written", what);                          \
-        g_checks += 2;                                                                          \
+#define EXPECT(call, expected, what)                                                                     \
+    do {                                                                                                 \
+        fastnorm_status st_;                                                                             \
+        reset_outputs();                                                                                 \
+        st_ = (call);                                                                                    \
+        CHECK(st_ == (expected), "%s: returned %s, expected %s (%s)", what, fastnorm_status_string(st_), \
+              fastnorm_status_string(expected), fastnorm_last_error());                                  \
+        CHECK(outputs_untouched(), "%s: an output was written", what);                                   \
+        g_checks += 2;                                                                                   \
     } while (0)
 
 static void check_valid_call_works(const char *after)
@@ -120,7 +120,8 @@ int main(void)
     }
 
     /* pure-C helpers */
-    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 100, "version %d", fastnorm_version());
+    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 100, "version %d",
+          fastnorm_version());
     CHECK(FASTNORM_OK == 0 && FASTNORM_INVALID_ARGUMENT == 1 && FASTNORM_UNSUPPORTED == 2
               && FASTNORM_NOT_INITIALIZED == 3 && FASTNORM_INTERNAL_ERROR == 4 && FASTNORM_NULL_POINTER == 5
               && FASTNORM_SIZE_OVERFLOW == 6 && FASTNORM_OVERLAP == 7,
@@ -129,20 +130,25 @@ int main(void)
     CHECK(strcmp(fastnorm_status_string((fastnorm_status)99), "FASTNORM_UNKNOWN_STATUS") == 0,
           "unknown status string");
     CHECK(strcmp(fastnorm_last_error(), "") == 0, "no error yet");
-    CHECK(fastnorm_desc_init(NULL, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 4, dims) == FASTNORM_NULL_POINTER, "desc_init NULL");
-    CHECK(fastnorm_desc_init(&d, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 4, NULL) == FASTNORM_NULL_POINTER, "desc_init dims NULL");
-    CHECK(fastnorm_desc_init(&d, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 9, dims) == FASTNORM_INVALID_ARGUMENT, "desc_init rank 9");
+    CHECK(fastnorm_desc_init(NULL, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 4, dims) == FASTNORM_NULL_POINTER,
+          "desc_init NULL");
+    CHECK(fastnorm_desc_init(&d, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 4, NULL) == FASTNORM_NULL_POINTER,
+          "desc_init dims NULL");
+    CHECK(fastnorm_desc_init(&d, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 9, dims) == FASTNORM_INVALID_ARGUMENT,
+          "desc_init rank 9");
     g_checks += 8;
 
     /* sizes */
     d = valid_desc();
     CHECK(fastnorm_num_stats(&d, &count) == FASTNORM_OK && count == N * 2, "GN stats %lld", (long long)count);
     CHECK(fastnorm_num_params(&d, &count) == FASTNORM_OK && count == C, "GN params");
-    d.kind = FASTNORM_BATCH_NORM; d.num_groups = 0;
+    d.kind = FASTNORM_BATCH_NORM;
+    d.num_groups = 0;
     CHECK(fastnorm_num_stats(&d, &count) == FASTNORM_OK && count == C, "BN stats");
     d.kind = FASTNORM_INSTANCE_NORM;
     CHECK(fastnorm_num_stats(&d, &count) == FASTNORM_OK && count == N * C, "IN stats");
-    d.kind = FASTNORM_LAYER_NORM; d.normalized_ndim = 2;
+    d.kind = FASTNORM_LAYER_NORM;
+    d.normalized_ndim = 2;
     CHECK(fastnorm_num_stats(&d, &count) == FASTNORM_OK && count == N * C, "LN stats");
     CHECK(fastnorm_num_params(&d, &count) == FASTNORM_OK && count == H * W, "LN params");
     d.normalized_ndim = 4;
@@ -165,63 +171,135 @@ int main(void)
     EXPECT(fastnorm_forward_training(&d, x, weight, bias, NULL, mean, rstd), FASTNORM_NULL_POINTER, "y NULL");
     EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, NULL, rstd), FASTNORM_NULL_POINTER, "mean NULL");
     EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, NULL), FASTNORM_NULL_POINTER, "rstd NULL");
-    EXPECT(fastnorm_forward_inference(&d, NULL, mean, rstd, weight, bias, y), FASTNORM_NULL_POINTER, "inference x NULL");
-    EXPECT(fastnorm_forward_inference(&d, x, NULL, rstd, weight, bias, y), FASTNORM_NULL_POINTER, "inference mean NULL");
-    EXPECT(fastnorm_forward_inference(&d, x, mean, NULL, weight, bias, y), FASTNORM_NULL_POINTER, "inference rstd NULL");
-    EXPECT(fastnorm_forward_inference(&d, x, mean, rstd, weight, bias, NULL), FASTNORM_NULL_POINTER, "inference y NULL");
-    EXPECT(fastnorm_backward(&d, NULL, x, mean, rstd, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER, "dy NULL");
-    EXPECT(fastnorm_backward(&d, dy, NULL, mean, rstd, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER, "backward x NULL");
-    EXPECT(fastnorm_backward(&d, dy, x, NULL, rstd, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER, "backward mean NULL");
-    EXPECT(fastnorm_backward(&d, dy, x, mean, NULL, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER, "backward rstd NULL");
-    EXPECT(fastnorm_backward(&d, dy, x, mean, rstd, weight, NULL, dweight, dbias), FASTNORM_NULL_POINTER, "dx NULL");
+    EXPECT(fastnorm_forward_inference(&d, NULL, mean, rstd, weight, bias, y), FASTNORM_NULL_POINTER,
+           "inference x NULL");
+    EXPECT(fastnorm_forward_inference(&d, x, NULL, rstd, weight, bias, y), FASTNORM_NULL_POINTER,
+           "inference mean NULL");
+    EXPECT(fastnorm_forward_inference(&d, x, mean, NULL, weight, bias, y), FASTNORM_NULL_POINTER,
+           "inference rstd NULL");
+    EXPECT(fastnorm_forward_inference(&d, x, mean, rstd, weight, bias, NULL), FASTNORM_NULL_POINTER,
+           "inference y NULL");
+    EXPECT(fastnorm_backward(&d, NULL, x, mean, rstd, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER,
+           "dy NULL");
+    EXPECT(fastnorm_backward(&d, dy, NULL, mean, rstd, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER,
+           "backward x NULL");
+    EXPECT(fastnorm_backward(&d, dy, x, NULL, rstd, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER,
+           "backward mean NULL");
+    EXPECT(fastnorm_backward(&d, dy, x, mean, NULL, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER,
+           "backward rstd NULL");
+    EXPECT(fastnorm_backward(&d, dy, x, mean, rstd, weight, NULL, dweight, dbias), FASTNORM_NULL_POINTER,
+           "dx NULL");
     EXPECT(fastnorm_get_num_threads(NULL), FASTNORM_NULL_POINTER, "get_num_threads NULL");
     check_valid_call_works("NULL pointers");
 
     /* zero, negative, overflowing dims */
-    d = valid_desc(); d.dims[2] = 0; expect_all("zero dim", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dims[0] = 0; expect_all("zero batch", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dims[3] = -3; expect_all("negative dim", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dims[2] = (int64_t)1 << 40; d.dims[3] = (int64_t)1 << 40;
+    d = valid_desc();
+    d.dims[2] = 0;
+    expect_all("zero dim", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dims[0] = 0;
+    expect_all("zero batch", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dims[3] = -3;
+    expect_all("negative dim", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dims[2] = (int64_t)1 << 40;
+    d.dims[3] = (int64_t)1 << 40;
     expect_all("dims product overflows int64", &d, FASTNORM_SIZE_OVERFLOW);
-    d = valid_desc(); d.dims[2] = INT64_MAX; expect_all("INT64_MAX dim", &d, FASTNORM_SIZE_OVERFLOW);
-    d = valid_desc(); d.dims[2] = ((int64_t)1 << 60) / (N * C); d.dims[3] = 1;
+    d = valid_desc();
+    d.dims[2] = INT64_MAX;
+    expect_all("INT64_MAX dim", &d, FASTNORM_SIZE_OVERFLOW);
+    d = valid_desc();
+    d.dims[2] = ((int64_t)1 << 60) / (N * C);
+    d.dims[3] = 1;
     expect_all("byte size overflows int64", &d, FASTNORM_SIZE_OVERFLOW);
     check_valid_call_works("bad dims");
 
     /* groups */
-    d = valid_desc(); d.num_groups = 3; expect_all("G does not divide C", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.num_groups = 0; expect_all("G = 0", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.num_groups = -2; expect_all("G < 0", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.kind = FASTNORM_BATCH_NORM; expect_all("num_groups with BN", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.num_groups = 3;
+    expect_all("G does not divide C", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.num_groups = 0;
+    expect_all("G = 0", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.num_groups = -2;
+    expect_all("G < 0", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.kind = FASTNORM_BATCH_NORM;
+    expect_all("num_groups with BN", &d, FASTNORM_INVALID_ARGUMENT);
 
     /* enums, flags, dtypes */
-    d = valid_desc(); d.kind = 0; expect_all("kind 0", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.kind = 6; expect_all("kind 6", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.kind = -1; expect_all("kind -1", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dtype = 0; expect_all("dtype 0", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dtype = 42; expect_all("dtype 42", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dtype = FASTNORM_FLOAT16; expect_all("float16", &d, FASTNORM_UNSUPPORTED);
-    d = valid_desc(); d.dtype = FASTNORM_BFLOAT16; expect_all("bfloat16", &d, FASTNORM_UNSUPPORTED);
-    d = valid_desc(); d.param_dtype = FASTNORM_FLOAT64; expect_all("mismatched param dtype", &d, FASTNORM_UNSUPPORTED);
-    d = valid_desc(); d.param_dtype = 77; expect_all("param dtype 77", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.param_dtype = FASTNORM_FLOAT32;
+    d = valid_desc();
+    d.kind = 0;
+    expect_all("kind 0", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.kind = 6;
+    expect_all("kind 6", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.kind = -1;
+    expect_all("kind -1", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dtype = 0;
+    expect_all("dtype 0", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dtype = 42;
+    expect_all("dtype 42", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dtype = FASTNORM_FLOAT16;
+    expect_all("float16", &d, FASTNORM_UNSUPPORTED);
+    d = valid_desc();
+    d.dtype = FASTNORM_BFLOAT16;
+    expect_all("bfloat16", &d, FASTNORM_UNSUPPORTED);
+    d = valid_desc();
+    d.param_dtype = FASTNORM_FLOAT64;
+    expect_all("mismatched param dtype", &d, FASTNORM_UNSUPPORTED);
+    d = valid_desc();
+    d.param_dtype = 77;
+    expect_all("param dtype 77", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.param_dtype = FASTNORM_FLOAT32;
     EXPECT(fastnorm_num_stats(&d, &count), FASTNORM_OK, "explicit matching param dtype");
-    d = valid_desc(); d.layout = 2; expect_all("layout 2", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.flags = 1; expect_all("flags", &d, FASTNORM_UNSUPPORTED);
+    d = valid_desc();
+    d.layout = 2;
+    expect_all("layout 2", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.flags = 1;
+    expect_all("flags", &d, FASTNORM_UNSUPPORTED);
     check_valid_call_works("bad enums");
 
     /* rank, normalized_ndim, eps */
-    d = valid_desc(); d.rank = 1; expect_all("GN rank 1", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.rank = 6; expect_all("GN rank 6", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.normalized_ndim = 1; expect_all("GN normalized_ndim", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.kind = FASTNORM_LAYER_NORM; d.num_groups = 0; d.normalized_ndim = 0;
+    d = valid_desc();
+    d.rank = 1;
+    expect_all("GN rank 1", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.rank = 6;
+    expect_all("GN rank 6", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.normalized_ndim = 1;
+    expect_all("GN normalized_ndim", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.kind = FASTNORM_LAYER_NORM;
+    d.num_groups = 0;
+    d.normalized_ndim = 0;
     expect_all("LN normalized_ndim 0", &d, FASTNORM_INVALID_ARGUMENT);
-    d.normalized_ndim = 5; expect_all("LN normalized_ndim > rank", &d, FASTNORM_INVALID_ARGUMENT);
-    d.normalized_ndim = 1; d.rank = 9; expect_all("LN rank 9", &d, FASTNORM_INVALID_ARGUMENT);
-    d.rank = 4; d.layout = FASTNORM_CHANNELS_LAST; expect_all("LN channels-last", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.eps = -1e-5; expect_all("negative eps", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.eps = NAN; expect_all("NaN eps", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.eps = INFINITY; expect_all("inf eps", &d, FASTNORM_INVALID_ARGUMENT);
+    d.normalized_ndim = 5;
+    expect_all("LN normalized_ndim > rank", &d, FASTNORM_INVALID_ARGUMENT);
+    d.normalized_ndim = 1;
+    d.rank = 9;
+    expect_all("LN rank 9", &d, FASTNORM_INVALID_ARGUMENT);
+    d.rank = 4;
+    d.layout = FASTNORM_CHANNELS_LAST;
+    expect_all("LN channels-last", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.eps = -1e-5;
+    expect_all("negative eps", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.eps = NAN;
+    expect_all("NaN eps", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.eps = INFINITY;
+    expect_all("inf eps", &d, FASTNORM_INVALID_ARGUMENT);
 
     /* one value per channel when training (torch's rule), fine for inference */
     {
@@ -229,14 +307,19 @@ int main(void)
         fastnorm_desc_init(&d, FASTNORM_BATCH_NORM, FASTNORM_FLOAT32, 2, bn_dims);
         EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, rstd), FASTNORM_INVALID_ARGUMENT,
                "BN training with one value per channel");
-        EXPECT(fastnorm_backward(&d, dy, x, mean, rstd, weight, dx, dweight, dbias), FASTNORM_INVALID_ARGUMENT,
-               "BN backward with one value per channel");
-        for (i = 0; i < C; ++i) { mean[i] = 0.5; rstd[i] = 2.0; }
+        EXPECT(fastnorm_backward(&d, dy, x, mean, rstd, weight, dx, dweight, dbias),
+               FASTNORM_INVALID_ARGUMENT, "BN backward with one value per channel");
+        for (i = 0; i < C; ++i) {
+            mean[i] = 0.5;
+            rstd[i] = 2.0;
+        }
         CHECK(fastnorm_forward_inference(&d, x, mean, rstd, weight, bias, y) == FASTNORM_OK,
               "BN inference with one value per channel: %s", fastnorm_last_error());
-        CHECK(fabs(y[1] - ((x[1] - 0.5) * (2.0 * weight[1]) + bias[1])) < 1e-5, "BN inference value %g", y[1]);
+        CHECK(fabs(y[1] - ((x[1] - 0.5) * (2.0 * weight[1]) + bias[1])) < 1e-5, "BN inference value %g",
+              y[1]);
         d.kind = FASTNORM_INSTANCE_NORM;
-        d.rank = 2; d.dims[0] = N;
+        d.rank = 2;
+        d.dims[0] = N;
         EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, rstd), FASTNORM_INVALID_ARGUMENT,
                "IN training with one spatial element");
         g_checks += 2;
@@ -250,7 +333,8 @@ int main(void)
            FASTNORM_INVALID_ARGUMENT, "misaligned mean");
     EXPECT(fastnorm_forward_training(&d, x, weight, bias, x + 1, mean, rstd), FASTNORM_OVERLAP, "y = x + 1");
     EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, mean), FASTNORM_OVERLAP, "mean == rstd");
-    EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, mean + 1), FASTNORM_OVERLAP, "rstd overlaps mean");
+    EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, mean + 1), FASTNORM_OVERLAP,
+           "rstd overlaps mean");
     EXPECT(fastnorm_forward_training(&d, y, weight, bias, y + SIZE - 2, mean, rstd), FASTNORM_OVERLAP,
            "y overlaps the end of x");
     EXPECT(fastnorm_forward_inference(&d, x, mean, rstd, weight, bias, (void *)mean), FASTNORM_OVERLAP,
@@ -269,10 +353,12 @@ int main(void)
     {
         int nt = 0;
         CHECK(fastnorm_set_num_threads(1) == FASTNORM_OK && fastnorm_get_num_threads(&nt) == FASTNORM_OK
-                  && nt == 1, "set_num_threads(1)");
+                  && nt == 1,
+              "set_num_threads(1)");
         check_valid_call_works("set_num_threads(1)");
         CHECK(fastnorm_set_num_threads(0) == FASTNORM_OK && fastnorm_get_num_threads(&nt) == FASTNORM_OK
-                  && nt == max_threads, "set_num_threads(0) resets to max");
+                  && nt == max_threads,
+              "set_num_threads(0) resets to max");
         g_checks += 2;
     }
 

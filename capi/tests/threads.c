@@ -88,7 +88,13 @@ static void alloc_result(int c, result *r)
 
 static void free_result(result *r)
 {
-    free(r->y); free(r->yinf); free(r->dx); free(r->dw); free(r->db); free(r->mean); free(r->rstd);
+    free(r->y);
+    free(r->yinf);
+    free(r->dx);
+    free(r->dw);
+    free(r->db);
+    free(r->mean);
+    free(r->rstd);
 }
 
 static int same(int c, const result *a, const result *b)
@@ -98,9 +104,9 @@ static int same(int c, const result *a, const result *b)
     fastnorm_num_params(&cases[c], &np_);
     fastnorm_num_stats(&cases[c], &ns);
     return memcmp(a->y, b->y, (size_t)n * es) == 0 && memcmp(a->yinf, b->yinf, (size_t)n * es) == 0
-           && memcmp(a->dx, b->dx, (size_t)n * es) == 0 && memcmp(a->dw, b->dw, (size_t)np_ * es) == 0
-           && memcmp(a->db, b->db, (size_t)np_ * es) == 0 && memcmp(a->mean, b->mean, (size_t)ns * 8) == 0
-           && memcmp(a->rstd, b->rstd, (size_t)ns * 8) == 0;
+        && memcmp(a->dx, b->dx, (size_t)n * es) == 0 && memcmp(a->dw, b->dw, (size_t)np_ * es) == 0
+        && memcmp(a->db, b->db, (size_t)np_ * es) == 0 && memcmp(a->mean, b->mean, (size_t)ns * 8) == 0
+        && memcmp(a->rstd, b->rstd, (size_t)ns * 8) == 0;
 }
 
 static result lazy_results[NTHREADS][NCASES];
