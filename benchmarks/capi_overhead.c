@@ -38,7 +38,7 @@ int main(int argc, char **argv)
     iters = atoi(argv[3]);
     repeats = atoi(argv[4]);
     for (k = 0; k < rank; ++k) n *= (dims[k] = atoll(argv[5 + k]));
-    fastnorm_desc_init(&d, atoi(argv[1]), atoi(argv[2]), rank, dims);
+    fastnorm_desc_init(&d, sizeof d, (fastnorm_kind)atoi(argv[1]), (fastnorm_dtype)atoi(argv[2]), rank, dims);
     if (d.kind == FASTNORM_GROUP_NORM) d.num_groups = 8;
     if (fastnorm_num_stats(&d, &ns) != FASTNORM_OK || fastnorm_num_params(&d, &np_) != FASTNORM_OK) {
         fprintf(stderr, "%s\n", fastnorm_last_error());
@@ -88,8 +88,8 @@ int main(int argc, char **argv)
             for (k = 0; k < iters; ++k) {
                 fastnorm_status st;
                 if (op == 0) st = fastnorm_forward_training(&d, x, w, b, y, mean, rstd);
-                else if (op == 1) st = fastnorm_forward_inference(&d, x, mean, rstd, w, b, y);
-                else if (op == 2) st = fastnorm_backward(&d, dy, x, mean, rstd, w, dx, dw, db);
+                else if (op == 1) st = fastnorm_forward_inference(&d, x, w, b, mean, rstd, y);
+                else if (op == 2) st = fastnorm_backward(&d, dy, x, w, mean, rstd, dx, dw, db);
                 else
                     st = fastnorm_forward_training(&d, NULL, w, b, y, mean, rstd) == FASTNORM_NULL_POINTER
                         ? FASTNORM_OK

@@ -1,8 +1,9 @@
 /*
  * fuzz: random calls of the three compute entry points of the C ABI
  * (fastnorm_forward_training, fastnorm_forward_inference, fastnorm_backward)
- * with random descriptors, NULL / misaligned / aliased / overlapping buffers,
- * plus fastnorm_num_stats / fastnorm_num_params on the same descriptors.
+ * with random descriptors (struct_size included), NULL / misaligned /
+ * aliased / overlapping buffers, plus fastnorm_num_stats /
+ * fastnorm_num_params on the same descriptors.
  *
  * For every call the harness derives the acceptable statuses from the rules of
  * fastnorm.h / docs/c-api.md alone (its own model, not the library's code):
@@ -44,13 +45,14 @@
 
 enum { FWD = 0, INF = 1, BWD = 2, NENTRY = 3 };
 enum { DATA = 0, PARAM = 1, STAT = 2 };
-#define NSTATUS 8
+#define NSTATUS 9
 #define BIT(s) (1u << (unsigned)(s))
 #define INV BIT(FASTNORM_INVALID_ARGUMENT)
 #define UNSUP BIT(FASTNORM_UNSUPPORTED)
 #define NUL BIT(FASTNORM_NULL_POINTER)
 #define OVF BIT(FASTNORM_SIZE_OVERFLOW)
 #define OVL BIT(FASTNORM_OVERLAP)
+#define VMM BIT(FASTNORM_VERSION_MISMATCH)
 
 typedef struct slot_info {
     const char *name;
@@ -59,7 +61,8 @@ typedef struct slot_info {
     int required;
 } slot_info;
 
-/* Buffer arguments of each entry point, in argument order. */
+/* Buffer arguments of each entry point, in the harness's own order (that of the 0.1
+   API); invoke() passes them in the argument order of fastnorm.h. */
 static const slot_info SLOTS[NENTRY][8] = {
     {{"x", DATA, 0, 1},
      {"weight", PARAM, 0, 0},
@@ -130,6 +133,17 @@ static const int64_t DIM_POOL[] = {0, 1, 2, 3, 4, 5, 7, -1, -2, INT64_MIN, INT64
 static const int64_t GROUP_POOL[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 12, -1, -4, INT64_MAX, INT64_MIN,
                                      (int64_t)1 << 40};
 /* clang-format on */
+static const size_t STRUCT_SIZE_POOL[] = {0,
+                                          1,
+                                          sizeof(size_t),
+                                          sizeof(fastnorm_desc) / 2,
+                                          sizeof(fastnorm_desc) - 8,
+                                          sizeof(fastnorm_desc) - 1,
+                                          sizeof(fastnorm_desc) + 1,
+                                          sizeof(fastnorm_desc) + 8,
+                                          2 * sizeof(fastnorm_desc),
+                                          (size_t)1 << 31,
+                                          (size_t)-1};
 static const double EPS_VALID[] = {1e-5, 1e-3, 0.1, 1.0, FLT_EPSILON, DBL_EPSILON, 0.0, -0.0, 1e-12};
 
 static double bad_or_odd_eps(rng *r)
@@ -236,6 +250,9 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
         m->possible = pos;
         return;
     }
+    /* The library knows one descriptor size (0.2's): smaller is invalid, larger a newer header's. */
+    if (d->struct_size < sizeof(fastnorm_desc)) def |= INV;
+    else if (d->struct_size > sizeof(fastnorm_desc)) def |= VMM;
     kind_ok = d->kind >= FASTNORM_BATCH_NORM && d->kind <= FASTNORM_RMS_NORM;
     lnlike = d->kind == FASTNORM_LAYER_NORM || d->kind == FASTNORM_RMS_NORM;
     if (!kind_ok) def |= INV;
@@ -406,6 +423,7 @@ static void gen_valid_desc(rng *r, int e, fastnorm_desc *d)
 {
     int kind = 1 + (int)below(r, 5), i;
     memset(d, 0, sizeof *d);
+    d->struct_size = sizeof *d;
     d->kind = kind;
     d->dtype = 1 + (int)below(r, 2);
     d->param_dtype = chance(r, 0.5) ? 0 : d->dtype;
@@ -518,7 +536,7 @@ static void mutate(rng *r, call *c)
     fastnorm_desc *d = &c->d;
     int e = c->entry, ns = NSLOTS[e], i, k;
     int rank_idx = d->rank >= 1 && d->rank <= FASTNORM_MAX_RANK ? d->rank : FASTNORM_MAX_RANK;
-    switch (below(r, 20)) {
+    switch (below(r, 21)) {
     case 0:
         d->kind = PICK(r, KIND_POOL);
         note(c, "kind=%d", (int)d->kind);
@@ -645,6 +663,10 @@ static void mutate(rng *r, call *c)
         if (chance(r, 0.6)) c->off[i] -= c->off[i] % 8;
         note(c, "%s@%lld", SLOTS[e][i].name, (long long)c->off[i]);
         break;
+    case 19:
+        d->struct_size = PICK(r, STRUCT_SIZE_POOL);
+        note(c, "struct_size=%lu", (unsigned long)d->struct_size);
+        break;
     default:
         d->kind = 1 + (int32_t)below(r, 5);
         note(c, "kind->%d", (int)d->kind);
@@ -656,6 +678,7 @@ static void gen_random(rng *r, call *c)
 {
     fastnorm_desc *d = &c->d;
     int i;
+    d->struct_size = chance(r, 0.8) ? sizeof *d : PICK(r, STRUCT_SIZE_POOL);
     d->kind = PICK(r, KIND_POOL);
     d->dtype = PICK(r, DTYPE_POOL);
     d->param_dtype = PICK(r, PDTYPE_POOL);
@@ -913,12 +936,13 @@ static void describe(const call *c, char *buf, size_t size)
     if (c->desc_null) {
         n = snprintf(buf, size, "%s(desc=NULL", ENTRY_NAME[c->entry]);
     } else {
-        n = snprintf(buf, size,
-                     "%s(kind=%d dtype=%d param_dtype=%d layout=%d rank=%d normalized_ndim=%d "
-                     "num_groups=%lld eps=%.17g flags=0x%llx dims=[",
-                     ENTRY_NAME[c->entry], (int)d->kind, (int)d->dtype, (int)d->param_dtype, (int)d->layout,
-                     (int)d->rank, (int)d->normalized_ndim, (long long)d->num_groups, d->eps,
-                     (unsigned long long)d->flags);
+        n = snprintf(
+            buf, size,
+            "%s(struct_size=%lu kind=%d dtype=%d param_dtype=%d layout=%d rank=%d normalized_ndim=%d "
+            "num_groups=%lld eps=%.17g flags=0x%llx dims=[",
+            ENTRY_NAME[c->entry], (unsigned long)d->struct_size, (int)d->kind, (int)d->dtype,
+            (int)d->param_dtype, (int)d->layout, (int)d->rank, (int)d->normalized_ndim,
+            (long long)d->num_groups, d->eps, (unsigned long long)d->flags);
         for (i = 0; i < FASTNORM_MAX_RANK && n > 0 && (size_t)n < size; ++i)
             n += snprintf(buf + n, size - (size_t)n, "%s%lld", i ? "," : "", (long long)d->dims[i]);
         if (n > 0 && (size_t)n < size) n += snprintf(buf + n, size - (size_t)n, "]");
@@ -975,9 +999,9 @@ static fastnorm_status invoke(const call *c)
     if (c->entry == FWD)
         return fastnorm_forward_training(dp, p[0], p[1], p[2], p[3], (double *)p[4], (double *)p[5]);
     if (c->entry == INF)
-        return fastnorm_forward_inference(dp, p[0], (const double *)p[1], (const double *)p[2], p[3], p[4],
+        return fastnorm_forward_inference(dp, p[0], p[3], p[4], (const double *)p[1], (const double *)p[2],
                                           p[5]);
-    return fastnorm_backward(dp, p[0], p[1], (const double *)p[2], (const double *)p[3], p[4], p[5], p[6],
+    return fastnorm_backward(dp, p[0], p[1], p[4], (const double *)p[2], (const double *)p[3], p[5], p[6],
                              p[7]);
 }
 
