@@ -38,24 +38,41 @@ int main(int argc, char **argv)
     iters = atoi(argv[3]);
     repeats = atoi(argv[4]);
     for (k = 0; k < rank; ++k) n *= (dims[k] = atoll(argv[5 + k]));
-    fastnorm_desc_init(&d, atoi(argv[1]), atoi(argv[2]), rank, dims);
+    fastnorm_desc_init(&d, sizeof d, (fastnorm_kind)atoi(argv[1]), (fastnorm_dtype)atoi(argv[2]), rank, dims);
     if (d.kind == FASTNORM_GROUP_NORM) d.num_groups = 8;
     if (fastnorm_num_stats(&d, &ns) != FASTNORM_OK || fastnorm_num_params(&d, &np_) != FASTNORM_OK) {
         fprintf(stderr, "%s\n", fastnorm_last_error());
         return 2;
     }
     es = d.dtype == FASTNORM_FLOAT64 ? 8 : 4;
-    x = malloc((size_t)n * es); y = malloc((size_t)n * es); dy = malloc((size_t)n * es); dx = malloc((size_t)n * es);
-    w = malloc((size_t)np_ * es); b = malloc((size_t)np_ * es); dw = malloc((size_t)np_ * es); db = malloc((size_t)np_ * es);
-    mean = malloc((size_t)ns * 8); rstd = malloc((size_t)ns * 8);
+    x = malloc((size_t)n * es);
+    y = malloc((size_t)n * es);
+    dy = malloc((size_t)n * es);
+    dx = malloc((size_t)n * es);
+    w = malloc((size_t)np_ * es);
+    b = malloc((size_t)np_ * es);
+    dw = malloc((size_t)np_ * es);
+    db = malloc((size_t)np_ * es);
+    mean = malloc((size_t)ns * 8);
+    rstd = malloc((size_t)ns * 8);
     for (i = 0; i < n; ++i) {
         double v = (double)((i * 7919) % 1000) / 250.0 - 2.0;
-        if (es == 8) { ((double *)x)[i] = v; ((double *)dy)[i] = -v; }
-        else { ((float *)x)[i] = (float)v; ((float *)dy)[i] = (float)-v; }
+        if (es == 8) {
+            ((double *)x)[i] = v;
+            ((double *)dy)[i] = -v;
+        } else {
+            ((float *)x)[i] = (float)v;
+            ((float *)dy)[i] = (float)-v;
+        }
     }
     for (i = 0; i < np_; ++i) {
-        if (es == 8) { ((double *)w)[i] = 1.0; ((double *)b)[i] = 0.0; }
-        else { ((float *)w)[i] = 1.0f; ((float *)b)[i] = 0.0f; }
+        if (es == 8) {
+            ((double *)w)[i] = 1.0;
+            ((double *)b)[i] = 0.0;
+        } else {
+            ((float *)w)[i] = 1.0f;
+            ((float *)b)[i] = 0.0f;
+        }
     }
     if (fastnorm_forward_training(&d, x, w, b, y, mean, rstd) != FASTNORM_OK) { /* init + warm up */
         fprintf(stderr, "%s\n", fastnorm_last_error());
@@ -71,10 +88,12 @@ int main(int argc, char **argv)
             for (k = 0; k < iters; ++k) {
                 fastnorm_status st;
                 if (op == 0) st = fastnorm_forward_training(&d, x, w, b, y, mean, rstd);
-                else if (op == 1) st = fastnorm_forward_inference(&d, x, mean, rstd, w, b, y);
-                else if (op == 2) st = fastnorm_backward(&d, dy, x, mean, rstd, w, dx, dw, db);
-                else st = fastnorm_forward_training(&d, NULL, w, b, y, mean, rstd) == FASTNORM_NULL_POINTER
-                              ? FASTNORM_OK : FASTNORM_INTERNAL_ERROR;
+                else if (op == 1) st = fastnorm_forward_inference(&d, x, w, b, mean, rstd, y);
+                else if (op == 2) st = fastnorm_backward(&d, dy, x, w, mean, rstd, dx, dw, db);
+                else
+                    st = fastnorm_forward_training(&d, NULL, w, b, y, mean, rstd) == FASTNORM_NULL_POINTER
+                        ? FASTNORM_OK
+                        : FASTNORM_INTERNAL_ERROR;
                 if (st != FASTNORM_OK) return 1;
             }
             t = (now() - t0) / iters;

@@ -1,18 +1,24 @@
-"""C ABI (libfastnorm.so + capi/fastnorm.h), driven from pytest.
+"""C ABI (libfastnorm.so + capi/include/fastnorm.h), driven from pytest.
 
 The library is built into a temporary directory with ``python -m fastnorm.capi
 build`` (which also warms Numba's cache), the C programs of ``capi/tests/`` and
 ``capi/examples/`` are compiled with ``gcc -std=c99 -Wall -Wextra -Werror`` and
 run in a clean environment (``env -i PATH=...``: no PYTHONHOME / PYTHONPATH),
 so they also check that the library finds its Python environment by itself.
+Also checked here: the constants the build generates for the C source equal
+the Python ones, the C source compiles on its own, and every C file is
+clang-formatted (when ``clang-format`` is installed).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
+import types
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +32,11 @@ pytestmark = pytest.mark.jit
 REPO = Path(__file__).resolve().parent.parent
 CAPI = REPO / "capi"
 GCC = shutil.which("gcc")
+CLANG_FORMAT = shutil.which("clang-format")
 CFLAGS = ["-std=c99", "-Wall", "-Wextra", "-Werror", "-O1"]
+
+# fastnorm.capi.build (the package re-exports its function ``build`` under the same name).
+BUILD = importlib.import_module("fastnorm.capi.build")
 
 # Status and enum values pinned by fastnorm.h.
 OK = "FASTNORM_OK"
@@ -279,6 +289,10 @@ def test_pythonhome_override(capi):
 def test_example_builds_with_pkg_config_and_runs(capi, tmp_path):
     pc = capi["out"] / "fastnorm.pc"
     assert pc.is_file()
+    assert "Version: 0.2.0\n" in pc.read_text()
+    assert BUILD.header_version() == "0.2.0"
+    installed = capi["out"] / "include" / "fastnorm.h"
+    assert installed.read_text() == (CAPI / "include" / "fastnorm.h").read_text()
     pkg_config = shutil.which("pkg-config")
     if pkg_config:
         flags = subprocess.run(
@@ -341,3 +355,91 @@ def test_c_tests_under_address_sanitizer(capi, tmp_path):
         result = run([exe], **ASAN_ENV)
         assert result.returncode == 0, result.stdout + result.stderr[-4000:]
         assert "ERROR: AddressSanitizer" not in result.stderr and "runtime error" not in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Generated constants, the C source on its own, formatting
+# ---------------------------------------------------------------------------
+
+
+def test_generated_constants_equal_the_python_ones(tmp_path):
+    """fastnorm_generated.h, compiled, gives the kernel flags and table slots of the Python modules."""
+    from fastnorm import _kernels
+    from fastnorm.capi import _runtime
+
+    flags = ("BATCH", "CENTERED", "PER_ELEMENT", "CHANNELS_LAST")
+    want = {f"K_{name}": getattr(_kernels, name) for name in flags}
+    for index, (op, dtype) in enumerate(_runtime.TABLE_ORDER):
+        want[f"SLOT_{op.upper()}_{dtype.upper()}"] = index
+    n = len(_runtime.TABLE_ORDER)
+    want.update(SLOT_SET_THREADS=n, SLOT_GET_THREADS=n + 1, SLOT_MAX_THREADS=n + 2, SLOT_COUNT=n + 3)
+    assert BUILD.generated_constants() == want
+    if GCC is None:
+        pytest.skip("gcc is not available")
+    (tmp_path / BUILD.GENERATED_HEADER).write_text(BUILD.generated_header())
+    prints = "".join(f'    printf("{name}=%d\\n", (int){name});\n' for name in want)
+    (tmp_path / "show.c").write_text(
+        f'#include <stdio.h>\n#include "{BUILD.GENERATED_HEADER}"\nint main(void)\n{{\n{prints}'
+        '    printf("executable=%s\\n", FASTNORM_BAKED_EXECUTABLE);\n'
+        '    printf("py_version=%s\\n", FASTNORM_BAKED_PY_VERSION);\n'
+        "    return 0;\n}\n"
+    )
+    cc = subprocess.run(
+        [GCC, *CFLAGS, str(tmp_path / "show.c"), "-o", str(tmp_path / "show")], capture_output=True, text=True
+    )
+    assert cc.returncode == 0, cc.stderr
+    got = _parse(run([tmp_path / "show"]).stdout)
+    assert {name: int(got[name]) for name in want} == want
+    assert got["executable"] == sys.executable
+    assert got["py_version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def test_generated_slots_match_fill_table(monkeypatch):
+    """The SLOT_* values are where fastnorm.capi._runtime.fill_table writes each address."""
+    from fastnorm.capi import _runtime
+
+    keys = sorted(_runtime.TABLE_ORDER)
+    fake = {key: types.SimpleNamespace(address=1000 + i) for i, key in enumerate(keys)}
+    monkeypatch.setattr(_runtime, "build_cfuncs", lambda: fake)
+    monkeypatch.setattr(_runtime, "threading_addresses", lambda: (901, 902, 903, "fake"))
+    monkeypatch.setattr(_runtime, "_KEEP_ALIVE", [])
+    constants = BUILD.generated_constants()
+    table = [0] * constants["SLOT_COUNT"]
+    assert _runtime.fill_table(table, len(table)) == "fake"
+    for op, dtype in keys:
+        assert table[constants[f"SLOT_{op.upper()}_{dtype.upper()}"]] == fake[op, dtype].address
+    assert table[constants["SLOT_SET_THREADS"]] == 901
+    assert table[constants["SLOT_GET_THREADS"]] == 902
+    assert table[constants["SLOT_MAX_THREADS"]] == 903
+
+
+def test_capi_source_compiles_on_its_own(tmp_path):
+    """fastnorm_capi.c needs only Python.h, fastnorm.h and the generated header (no prepended text)."""
+    if GCC is None:
+        pytest.skip("gcc is not available")
+    (tmp_path / BUILD.GENERATED_HEADER).write_text(BUILD.generated_header())
+    cc = subprocess.run(
+        [GCC, *CFLAGS, "-fsyntax-only", f"-I{CAPI / 'include'}", f"-I{tmp_path}",
+         f"-I{sysconfig.get_paths()['include']}", str(CAPI / "src" / "fastnorm_capi.c")],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert cc.returncode == 0, cc.stderr
+
+
+def _c_sources():
+    build_dirs = {CAPI / "build"}
+    files = [*CAPI.rglob("*.c"), *CAPI.rglob("*.h"), *(REPO / "benchmarks").glob("*.c")]
+    return sorted(f for f in files if not any(d in f.parents for d in build_dirs))
+
+
+def test_c_sources_are_clang_formatted():
+    """Every C file of capi/ and benchmarks/ follows .clang-format (as the pre-commit hook checks)."""
+    if CLANG_FORMAT is None:
+        pytest.skip("clang-format is not installed (Debian: apt-get install clang-format)")
+    files = _c_sources()
+    assert CAPI / "include" / "fastnorm.h" in files and CAPI / "src" / "fastnorm_capi.c" in files
+    result = subprocess.run(
+        [CLANG_FORMAT, "--dry-run", "--Werror", "--style=file", *map(str, files)],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]

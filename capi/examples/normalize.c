@@ -33,7 +33,11 @@ static double reference(const float *x, int kind, int groups, int i)
         case FASTNORM_GROUP_NORM: same = nj == n && cj / (C / groups) == c / (C / groups); break;
         default: same = nj == n && (j / (H * W)) == (i / (H * W)); break; /* LN/RMS over (H, W) */
         }
-        if (same) { sum += x[j]; sq += (double)x[j] * x[j]; cnt += 1.0; }
+        if (same) {
+            sum += x[j];
+            sq += (double)x[j] * x[j];
+            cnt += 1.0;
+        }
     }
     mean = sum / cnt;
     if (kind == FASTNORM_RMS_NORM) return x[i] / sqrt(sq / cnt + 1e-5);
@@ -61,7 +65,7 @@ int main(void)
     for (kind = FASTNORM_BATCH_NORM; kind <= FASTNORM_RMS_NORM; ++kind) {
         fastnorm_desc desc;
         double max_err = 0.0;
-        fastnorm_desc_init(&desc, kind, FASTNORM_FLOAT32, 4, dims);
+        fastnorm_desc_init(&desc, sizeof desc, (fastnorm_kind)kind, FASTNORM_FLOAT32, 4, dims);
         if (kind == FASTNORM_GROUP_NORM) desc.num_groups = 3;
         if (kind == FASTNORM_LAYER_NORM || kind == FASTNORM_RMS_NORM) desc.normalized_ndim = 2;
         if (fastnorm_num_stats(&desc, &nstats) != FASTNORM_OK) {
@@ -71,7 +75,7 @@ int main(void)
         mean = malloc((size_t)nstats * sizeof *mean);
         rstd = malloc((size_t)nstats * sizeof *rstd);
         st = fastnorm_forward_training(&desc, x, NULL, NULL, y, mean, rstd);
-        if (st == FASTNORM_OK) st = fastnorm_backward(&desc, dy, x, mean, rstd, NULL, dx, NULL, NULL);
+        if (st == FASTNORM_OK) st = fastnorm_backward(&desc, dy, x, NULL, mean, rstd, dx, NULL, NULL);
         if (st != FASTNORM_OK) {
             fprintf(stderr, "%s: %s: %s\n", names[kind], fastnorm_status_string(st), fastnorm_last_error());
             return 1;

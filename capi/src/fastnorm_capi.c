@@ -1,10 +1,22 @@
 /*
- * fastnorm_capi.c -- implementation of fastnorm.h, compiled into
+ * fastnorm_capi.c -- implementation of fastnorm.h (capi/include/), compiled into
  * libfastnorm.so by `python -m fastnorm.capi build` (cffi embedding mode).
  *
- * This file is the cffi "set_source" preamble: Python.h is already included,
- * and the build prepends the FASTNORM_BAKED_* string constants (the Python
- * environment the library was built in).
+ * What the build provides (fastnorm/capi/build.py):
+ *   - Python.h: this file is the cffi "set_source" preamble, which cffi
+ *     compiles after its own #include <Python.h> (included again below, a
+ *     no-op, so that the file states what it uses);
+ *   - fastnorm_generated.h, written by build.py into the build's temporary
+ *     directory (on the include path): the kernel flag values of
+ *     fastnorm._kernels (K_BATCH, K_CENTERED, K_PER_ELEMENT, K_CHANNELS_LAST),
+ *     the slots of the function table in the order of
+ *     fastnorm.capi._runtime.TABLE_ORDER (SLOT_*), and the Python environment
+ *     baked into the library (FASTNORM_BAKED_EXECUTABLE,
+ *     FASTNORM_BAKED_PY_VERSION).  Nothing here is copied from Python by hand;
+ *   - _fastnorm_py_init, defined by cffi from the extern "Python" declaration
+ *     of build.py (declared below).
+ * With those, the file compiles on its own (tests/test_capi.py checks it with
+ * gcc -fsyntax-only).
  *
  * Structure
  *   1. validation of the descriptor and buffers (pure C, before any write);
@@ -15,8 +27,13 @@
  *   3. entry points: validate, make sure the runtime is up, set the thread
  *      count, call the cfunc through a function pointer (no Python, no GIL).
  */
+#include <Python.h>
+
 #define FASTNORM_BUILDING 1
 #include "fastnorm.h"
+
+/* Written by fastnorm/capi/build.py at build time (kernel flags, table slots, baked paths). */
+#include "fastnorm_generated.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -29,26 +46,14 @@
 int _fastnorm_py_init(int64_t *table, int64_t table_len, int32_t owns_interpreter, char *message,
                       int64_t message_len);
 
-/* Kernel flags: must match fastnorm/_kernels.py. */
-enum { K_BATCH = 1, K_CENTERED = 2, K_PER_ELEMENT = 4, K_CHANNELS_LAST = 8 };
-
-/* Slots of the table filled by _fastnorm_py_init. */
-enum {
-    SLOT_FWD_F32 = 0, SLOT_INF_F32, SLOT_BWD_F32,
-    SLOT_FWD_F64, SLOT_INF_F64, SLOT_BWD_F64,
-    SLOT_SET_THREADS, SLOT_GET_THREADS, SLOT_MAX_THREADS,
-    SLOT_COUNT
-};
-
-typedef int32_t (*forward_fn)(const void *x, const void *w, int64_t nw, const void *b, int64_t nb,
-                              void *y, double *mean, double *rstd, int64_t nstats, int64_t batch,
-                              int64_t channels, int64_t spatial, int64_t groups, int64_t flags,
-                              double eps);
-typedef int32_t (*backward_fn)(const void *dy, const void *x, const void *w, int64_t nw,
-                               const double *mean, const double *rstd, int64_t nstats, void *dx,
-                               void *dw, int64_t ndw, void *db, int64_t ndb, int64_t batch,
-                               int64_t channels, int64_t spatial, int64_t groups, int64_t flags,
-                               double eps);
+/* Signatures of the cfuncs of fastnorm/capi/_cfuncs.py, and of the threading layer's. */
+typedef int32_t (*forward_fn)(const void *x, const void *w, int64_t nw, const void *b, int64_t nb, void *y,
+                              double *mean, double *rstd, int64_t nstats, int64_t batch, int64_t channels,
+                              int64_t spatial, int64_t groups, int64_t flags, double eps);
+typedef int32_t (*backward_fn)(const void *dy, const void *x, const void *w, int64_t nw, const double *mean,
+                               const double *rstd, int64_t nstats, void *dx, void *dw, int64_t ndw, void *db,
+                               int64_t ndb, int64_t batch, int64_t channels, int64_t spatial, int64_t groups,
+                               int64_t flags, double eps);
 typedef void (*set_threads_fn)(int);
 typedef int (*get_threads_fn)(void);
 
@@ -69,10 +74,9 @@ static fastnorm_status fail(fastnorm_status status, const char *fmt, ...)
 
 FASTNORM_API const char *fastnorm_last_error(void) { return tls_error; }
 
-FASTNORM_API int fastnorm_version(void)
-{
-    return FASTNORM_VERSION_MAJOR * 10000 + FASTNORM_VERSION_MINOR * 100 + FASTNORM_VERSION_PATCH;
-}
+FASTNORM_API int fastnorm_version(void) { return FASTNORM_VERSION; }
+
+FASTNORM_API const char *fastnorm_version_string(void) { return FASTNORM_VERSION_STRING; }
 
 FASTNORM_API const char *fastnorm_status_string(fastnorm_status status)
 {
@@ -85,8 +89,70 @@ FASTNORM_API const char *fastnorm_status_string(fastnorm_status status)
     case FASTNORM_NULL_POINTER: return "FASTNORM_NULL_POINTER";
     case FASTNORM_SIZE_OVERFLOW: return "FASTNORM_SIZE_OVERFLOW";
     case FASTNORM_OVERLAP: return "FASTNORM_OVERLAP";
+    case FASTNORM_VERSION_MISMATCH: return "FASTNORM_VERSION_MISMATCH";
     }
     return "FASTNORM_UNKNOWN_STATUS";
+}
+
+/* ------------------------------------------------------------------------ */
+/* Descriptor versions                                                       */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * fastnorm_desc grows by appending fields (docs/c-api.md, "ABI policy").  A
+ * descriptor's struct_size must be the size of the struct of one released
+ * header: KNOWN_DESC_SIZES lists them, oldest first.  The size of a version
+ * is the end of its last field (as sizeof, since that field is 8 bytes and
+ * 8-aligned), which stays right after fields are appended behind it.
+ *
+ * When appending a field to fastnorm_desc in fastnorm.h: add the new
+ * version's size (offsetof(new last field) + its size, rounded up to the
+ * struct's alignment) at the end of KNOWN_DESC_SIZES and the field's default
+ * (the value that keeps the older behaviour) to desc_defaults().  The check
+ * below fails to compile until the newest entry is sizeof(fastnorm_desc).
+ */
+#define DESC_SIZE_0_2 (offsetof(fastnorm_desc, flags) + sizeof(uint64_t))
+
+static const size_t KNOWN_DESC_SIZES[] = {DESC_SIZE_0_2};
+#define NUM_KNOWN_DESC_SIZES (sizeof KNOWN_DESC_SIZES / sizeof KNOWN_DESC_SIZES[0])
+#define NEWEST_DESC_SIZE DESC_SIZE_0_2
+
+/* Compile-time check (C99): the newest known size is this header's struct. */
+typedef char newest_desc_size_is_sizeof_fastnorm_desc[NEWEST_DESC_SIZE == sizeof(fastnorm_desc) ? 1 : -1];
+
+/* Defaults of every field a smaller (older) descriptor lacks.  None yet: 0.2 is the first growable one. */
+static void desc_defaults(fastnorm_desc *d)
+{
+    memset(d, 0, sizeof *d);
+    d->struct_size = sizeof *d;
+}
+
+/* The status of a struct_size value (`what` names it in the message). */
+static fastnorm_status check_struct_size(size_t size, const char *what)
+{
+    size_t i;
+    for (i = 0; i < NUM_KNOWN_DESC_SIZES; ++i)
+        if (size == KNOWN_DESC_SIZES[i]) return FASTNORM_OK;
+    if (size > NEWEST_DESC_SIZE)
+        return fail(FASTNORM_VERSION_MISMATCH,
+                    "%s=%lu is larger than any fastnorm_desc this library (%s) knows (newest: %lu bytes): "
+                    "the program was compiled with a newer fastnorm.h",
+                    what, (unsigned long)size, FASTNORM_VERSION_STRING, (unsigned long)NEWEST_DESC_SIZE);
+    return fail(FASTNORM_INVALID_ARGUMENT,
+                "%s=%lu is not the size of a fastnorm_desc (%lu bytes in %s): initialize the descriptor "
+                "with fastnorm_desc_init(&desc, sizeof desc, ...)",
+                what, (unsigned long)size, (unsigned long)NEWEST_DESC_SIZE, FASTNORM_VERSION_STRING);
+}
+
+/* Copy the caller's descriptor (of any known version) into a full one. */
+static fastnorm_status read_desc(const fastnorm_desc *in, fastnorm_desc *out)
+{
+    fastnorm_status st;
+    if (in == NULL) return fail(FASTNORM_NULL_POINTER, "desc is NULL");
+    if ((st = check_struct_size(in->struct_size, "desc->struct_size")) != FASTNORM_OK) return st;
+    desc_defaults(out);
+    memcpy(out, in, in->struct_size);
+    return FASTNORM_OK;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -94,20 +160,19 @@ FASTNORM_API const char *fastnorm_status_string(fastnorm_status status)
 /* ------------------------------------------------------------------------ */
 
 typedef struct plan {
-    int dtype_index;   /* 0: float32, 1: float64 */
+    int dtype_index; /* 0: float32, 1: float64 */
     int64_t itemsize;
     int64_t batch, channels, spatial, groups, flags;
-    int64_t size;      /* elements of x */
-    int64_t nparams;   /* elements of weight / bias */
-    int64_t nstats;    /* elements of mean / rstd */
+    int64_t size;    /* elements of x */
+    int64_t nparams; /* elements of weight / bias */
+    int64_t nstats;  /* elements of mean / rstd */
     int64_t group_size;
     double eps;
 } plan;
 
 static const char *kind_name(int32_t kind)
 {
-    static const char *names[] = {"?", "batch_norm", "instance_norm", "group_norm", "layer_norm",
-                                  "rms_norm"};
+    static const char *names[] = {"?", "batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"};
     return (kind >= 1 && kind <= 5) ? names[kind] : "?";
 }
 
@@ -119,25 +184,33 @@ static int mul_checked(int64_t a, int64_t b, int64_t limit, int64_t *out)
     return 1;
 }
 
-static fastnorm_status make_plan(const fastnorm_desc *d, int training, plan *p)
+static fastnorm_status make_plan(const fastnorm_desc *desc, int training, plan *p)
 {
     int32_t k, rank, i;
     int64_t limit, lead = 1, trail = 1, total = 1;
+    fastnorm_desc full;
+    const fastnorm_desc *d = &full;
+    fastnorm_status st;
 
-    if (d == NULL) return fail(FASTNORM_NULL_POINTER, "desc is NULL");
+    if ((st = read_desc(desc, &full)) != FASTNORM_OK) return st;
     k = d->kind;
     if (k < FASTNORM_BATCH_NORM || k > FASTNORM_RMS_NORM)
         return fail(FASTNORM_INVALID_ARGUMENT, "desc->kind=%d is not a fastnorm_kind (1..5)", (int)k);
     switch (d->dtype) {
-    case FASTNORM_FLOAT32: p->dtype_index = 0; p->itemsize = 4; break;
-    case FASTNORM_FLOAT64: p->dtype_index = 1; p->itemsize = 8; break;
+    case FASTNORM_FLOAT32:
+        p->dtype_index = 0;
+        p->itemsize = 4;
+        break;
+    case FASTNORM_FLOAT64:
+        p->dtype_index = 1;
+        p->itemsize = 8;
+        break;
     case FASTNORM_FLOAT16:
     case FASTNORM_BFLOAT16:
         return fail(FASTNORM_UNSUPPORTED,
                     "desc->dtype=%d (16-bit float) is not supported: convert to FASTNORM_FLOAT32",
                     (int)d->dtype);
-    default:
-        return fail(FASTNORM_INVALID_ARGUMENT, "desc->dtype=%d is not a fastnorm_dtype", (int)d->dtype);
+    default: return fail(FASTNORM_INVALID_ARGUMENT, "desc->dtype=%d is not a fastnorm_dtype", (int)d->dtype);
     }
     if (d->param_dtype != FASTNORM_DTYPE_DEFAULT && d->param_dtype != d->dtype) {
         if (d->param_dtype >= FASTNORM_FLOAT32 && d->param_dtype <= FASTNORM_BFLOAT16)
@@ -235,8 +308,8 @@ static fastnorm_status make_plan(const fastnorm_desc *d, int training, plan *p)
         p->groups = k == FASTNORM_INSTANCE_NORM ? p->channels : d->num_groups;
         if (p->channels % p->groups != 0)
             return fail(FASTNORM_INVALID_ARGUMENT,
-                        "group_norm: num_groups=%lld does not divide C=%lld channels",
-                        (long long)p->groups, (long long)p->channels);
+                        "group_norm: num_groups=%lld does not divide C=%lld channels", (long long)p->groups,
+                        (long long)p->channels);
         p->nstats = p->batch * p->groups;
         p->group_size = (p->channels / p->groups) * p->spatial;
         if (training && k == FASTNORM_INSTANCE_NORM && p->spatial == 1)
@@ -246,22 +319,43 @@ static fastnorm_status make_plan(const fastnorm_desc *d, int training, plan *p)
     return FASTNORM_OK;
 }
 
-FASTNORM_API fastnorm_status fastnorm_desc_init(fastnorm_desc *desc, int32_t kind, int32_t dtype,
-                                                int32_t rank, const int64_t *dims)
+FASTNORM_API fastnorm_status fastnorm_desc_init(fastnorm_desc *desc, size_t struct_size, fastnorm_kind kind,
+                                                fastnorm_dtype dtype, int32_t rank, const int64_t *dims)
 {
+    fastnorm_desc full;
+    fastnorm_status st;
     int32_t i;
     if (desc == NULL) return fail(FASTNORM_NULL_POINTER, "desc is NULL");
     if (dims == NULL) return fail(FASTNORM_NULL_POINTER, "dims is NULL");
+    if ((st = check_struct_size(struct_size, "struct_size")) != FASTNORM_OK) return st;
+    if ((int)kind < FASTNORM_BATCH_NORM || (int)kind > FASTNORM_RMS_NORM)
+        return fail(FASTNORM_INVALID_ARGUMENT, "kind=%d is not a fastnorm_kind (1..5)", (int)kind);
+    switch (dtype) {
+    case FASTNORM_FLOAT32:
+    case FASTNORM_FLOAT64: break;
+    case FASTNORM_FLOAT16:
+    case FASTNORM_BFLOAT16:
+        return fail(FASTNORM_UNSUPPORTED,
+                    "dtype=%d (16-bit float) is not supported: convert to FASTNORM_FLOAT32", (int)dtype);
+    default:
+        return fail(FASTNORM_INVALID_ARGUMENT,
+                    "dtype=%d is not a data fastnorm_dtype (FASTNORM_FLOAT32 or 64)", (int)dtype);
+    }
     if (rank < 1 || rank > FASTNORM_MAX_RANK)
         return fail(FASTNORM_INVALID_ARGUMENT, "rank=%d must be in 1..%d", (int)rank, FASTNORM_MAX_RANK);
-    memset(desc, 0, sizeof *desc);
-    desc->kind = kind;
-    desc->dtype = dtype;
-    desc->layout = FASTNORM_CHANNELS_FIRST;
-    desc->rank = rank;
-    desc->normalized_ndim = (kind == FASTNORM_LAYER_NORM || kind == FASTNORM_RMS_NORM) ? 1 : 0;
-    desc->eps = 1e-5;
-    for (i = 0; i < rank; ++i) desc->dims[i] = dims[i];
+    desc_defaults(&full);
+    full.struct_size = struct_size;
+    full.kind = kind;
+    full.dtype = dtype;
+    full.param_dtype = FASTNORM_DTYPE_DEFAULT;
+    full.layout = FASTNORM_CHANNELS_FIRST;
+    full.rank = rank;
+    full.normalized_ndim = (kind == FASTNORM_LAYER_NORM || kind == FASTNORM_RMS_NORM) ? 1 : 0;
+    full.num_groups = 0;
+    full.eps = 1e-5;
+    full.flags = 0;
+    for (i = 0; i < rank; ++i) full.dims[i] = dims[i];
+    memcpy(desc, &full, struct_size); /* exactly the caller's struct */
     return FASTNORM_OK;
 }
 
@@ -291,10 +385,10 @@ FASTNORM_API fastnorm_status fastnorm_num_stats(const fastnorm_desc *desc, int64
 
 typedef struct buffer {
     const char *name;
-    const void *ptr;   /* NULL: absent */
+    const void *ptr; /* NULL: absent */
     int64_t bytes;
     int output;
-    int64_t align;     /* required alignment: the element size */
+    int64_t align; /* required alignment: the element size */
 } buffer;
 
 static fastnorm_status check_aligned(const buffer *b, int64_t align)
@@ -341,9 +435,9 @@ enum { STATE_NONE = 0, STATE_READY = 1, STATE_FAILED = 2 };
 static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
 static int runtime_state = STATE_NONE; /* atomic */
 static int64_t runtime_table[SLOT_COUNT];
-static char runtime_message[4096];     /* layer name on success, reason on failure */
+static char runtime_message[4096]; /* layer name on success, reason on failure */
 static int max_threads = 1;
-static int wanted_threads = 0;         /* atomic; 0 = max_threads */
+static int wanted_threads = 0; /* atomic; 0 = max_threads */
 
 static int owns_interpreter = 0;
 
@@ -359,8 +453,7 @@ static fastnorm_status start_interpreter(void)
     config.install_signal_handlers = 0;
     config.parse_argv = 0;
     home = getenv("FASTNORM_PYTHONHOME");
-    if (home != NULL && home[0] != '\0')
-        status = PyConfig_SetBytesString(&config, &config.home, home);
+    if (home != NULL && home[0] != '\0') status = PyConfig_SetBytesString(&config, &config.home, home);
     else
         /* Start the interpreter as if FASTNORM_BAKED_EXECUTABLE were run: its
            prefix, virtual environment and site-packages are found as usual. */
@@ -391,7 +484,8 @@ FASTNORM_API fastnorm_status fastnorm_init(void)
         runtime_message[0] = '\0';
         if (start_interpreter() == FASTNORM_OK) {
             if (_fastnorm_py_init(runtime_table, SLOT_COUNT, owns_interpreter, runtime_message,
-                                  (int64_t)sizeof runtime_message) == 1) {
+                                  (int64_t)sizeof runtime_message)
+                == 1) {
                 int i, ok = 1;
                 for (i = 0; i < SLOT_COUNT; ++i) ok = ok && runtime_table[i] != 0;
                 if (ok) {
@@ -473,9 +567,9 @@ static void leave_threads(int previous)
 /* Entry points                                                              */
 /* ------------------------------------------------------------------------ */
 
-#define REQUIRE(ptr)                                                                   \
-    do {                                                                               \
-        if ((ptr) == NULL) return fail(FASTNORM_NULL_POINTER, "%s is NULL", #ptr);     \
+#define REQUIRE(ptr)                                                               \
+    do {                                                                           \
+        if ((ptr) == NULL) return fail(FASTNORM_NULL_POINTER, "%s is NULL", #ptr); \
     } while (0)
 
 static fastnorm_status check_buffers(const buffer *bufs, int n, const int (*allowed)[2], int nallowed)
@@ -490,14 +584,14 @@ static fastnorm_status check_buffers(const buffer *bufs, int n, const int (*allo
 /* Shared body of the two forward entry points: training (mean/rstd are outputs)
  * and inference (mean/rstd are inputs). */
 static fastnorm_status forward_common(const fastnorm_desc *desc, int training, const void *x,
-                                      const void *weight, const void *bias, void *y,
-                                      const double *mean, const double *rstd)
+                                      const void *weight, const void *bias, const double *mean,
+                                      const double *rstd, void *y)
 {
-    static const int allowed[][2] = {{1, 0}}; /* y == x */
+    static const int allowed[][2] = {{5, 0}}; /* y == x */
     plan p;
     fastnorm_status st;
     int32_t rc;
-    int previous;
+    int previous, slot;
     if ((st = make_plan(desc, training, &p)) != FASTNORM_OK) return st;
     REQUIRE(x);
     REQUIRE(y);
@@ -505,18 +599,22 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
     REQUIRE(rstd);
     {
         buffer bufs[] = {
-            {"x", x, p.size * p.itemsize, 0, p.itemsize},          {"y", y, p.size * p.itemsize, 1, p.itemsize},
-            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize}, {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
-            {"mean", mean, p.nstats * 8, training, 8},    {"rstd", rstd, p.nstats * 8, training, 8},
+            {"x", x, p.size * p.itemsize, 0, p.itemsize},
+            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
+            {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
+            {"mean", mean, p.nstats * 8, training, 8},
+            {"rstd", rstd, p.nstats * 8, training, 8},
+            {"y", y, p.size * p.itemsize, 1, p.itemsize},
         };
         if ((st = check_buffers(bufs, 6, allowed, 1)) != FASTNORM_OK) return st;
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads();
-    rc = ((forward_fn)(uintptr_t)runtime_table[training ? (p.dtype_index ? SLOT_FWD_F64 : SLOT_FWD_F32)
-                                                         : (p.dtype_index ? SLOT_INF_F64 : SLOT_INF_F32)])(
-        x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, (double *)mean,
-        (double *)rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
+    slot = training ? (p.dtype_index ? SLOT_FORWARD_TRAINING_FLOAT64 : SLOT_FORWARD_TRAINING_FLOAT32)
+                    : (p.dtype_index ? SLOT_FORWARD_INFERENCE_FLOAT64 : SLOT_FORWARD_INFERENCE_FLOAT32);
+    rc = ((forward_fn)(uintptr_t)runtime_table[slot])(
+        x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, (double *)mean, (double *)rstd,
+        p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
     leave_threads(previous);
     if (rc != 1)
         return fail(FASTNORM_INTERNAL_ERROR, "the %s kernel failed (out of memory?)",
@@ -525,30 +623,28 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
 }
 
 FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc, const void *x,
-                                                       const void *weight, const void *bias,
-                                                       void *y, double *mean, double *rstd)
+                                                       const void *weight, const void *bias, void *y,
+                                                       double *mean, double *rstd)
 {
-    return forward_common(desc, 1, x, weight, bias, y, mean, rstd);
+    return forward_common(desc, 1, x, weight, bias, mean, rstd, y);
 }
 
 FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *desc, const void *x,
-                                                        const double *mean, const double *rstd,
                                                         const void *weight, const void *bias,
-                                                        void *y)
+                                                        const double *mean, const double *rstd, void *y)
 {
-    return forward_common(desc, 0, x, weight, bias, y, mean, rstd);
+    return forward_common(desc, 0, x, weight, bias, mean, rstd, y);
 }
 
-FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy,
-                                               const void *x, const double *mean,
-                                               const double *rstd, const void *weight, void *dx,
-                                               void *dweight, void *dbias)
+FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy, const void *x,
+                                               const void *weight, const double *mean, const double *rstd,
+                                               void *dx, void *dweight, void *dbias)
 {
-    static const int allowed[][2] = {{2, 0}, {2, 1}}; /* dx == dy, dx == x */
+    static const int allowed[][2] = {{5, 0}, {5, 1}}; /* dx == dy, dx == x */
     plan p;
     fastnorm_status st;
     int32_t rc;
-    int previous;
+    int previous, slot;
     if ((st = make_plan(desc, 1, &p)) != FASTNORM_OK) return st;
     REQUIRE(dy);
     REQUIRE(x);
@@ -559,10 +655,10 @@ FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const 
         buffer bufs[] = {
             {"dy", dy, p.size * p.itemsize, 0, p.itemsize},
             {"x", x, p.size * p.itemsize, 0, p.itemsize},
-            {"dx", dx, p.size * p.itemsize, 1, p.itemsize},
             {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
             {"mean", mean, p.nstats * 8, 0, 8},
             {"rstd", rstd, p.nstats * 8, 0, 8},
+            {"dx", dx, p.size * p.itemsize, 1, p.itemsize},
             {"dweight", dweight, p.nparams * p.itemsize, 1, p.itemsize},
             {"dbias", dbias, p.nparams * p.itemsize, 1, p.itemsize},
         };
@@ -570,10 +666,10 @@ FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const 
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads();
-    rc = ((backward_fn)(uintptr_t)runtime_table[p.dtype_index ? SLOT_BWD_F64 : SLOT_BWD_F32])(
-        dy, x, weight, weight ? p.nparams : 0, mean, rstd, p.nstats, dx, dweight,
-        dweight ? p.nparams : 0, dbias, dbias ? p.nparams : 0, p.batch, p.channels, p.spatial,
-        p.groups, p.flags, p.eps);
+    slot = p.dtype_index ? SLOT_BACKWARD_FLOAT64 : SLOT_BACKWARD_FLOAT32;
+    rc = ((backward_fn)(uintptr_t)runtime_table[slot])(
+        dy, x, weight, weight ? p.nparams : 0, mean, rstd, p.nstats, dx, dweight, dweight ? p.nparams : 0,
+        dbias, dbias ? p.nparams : 0, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward kernel failed (out of memory?)");
     return FASTNORM_OK;

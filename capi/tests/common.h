@@ -9,21 +9,21 @@
 #include "fastnorm.h"
 
 #if defined(__GNUC__)
-#define TEST_HELPER static __attribute__((unused))
+#    define TEST_HELPER static __attribute__((unused))
 #else
-#define TEST_HELPER static
+#    define TEST_HELPER static
 #endif
 
 TEST_HELPER int g_failures = 0;
 
-#define CHECK(cond, ...)                                              \
-    do {                                                              \
-        if (!(cond)) {                                                \
-            ++g_failures;                                             \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);      \
-            fprintf(stderr, __VA_ARGS__);                             \
-            fprintf(stderr, "\n");                                    \
-        }                                                             \
+#define CHECK(cond, ...)                                         \
+    do {                                                         \
+        if (!(cond)) {                                           \
+            ++g_failures;                                        \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); \
+            fprintf(stderr, __VA_ARGS__);                        \
+            fprintf(stderr, "\n");                               \
+        }                                                        \
     } while (0)
 
 TEST_HELPER void *xmalloc(size_t bytes)

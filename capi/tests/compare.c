@@ -27,7 +27,8 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     double *mean, *rstd, *imean, *irstd, *m2, *r2;
     fastnorm_status st;
 
-    if ((st = fastnorm_num_params(d, &np_)) != FASTNORM_OK || (st = fastnorm_num_stats(d, &ns)) != FASTNORM_OK) {
+    if ((st = fastnorm_num_params(d, &np_)) != FASTNORM_OK
+        || (st = fastnorm_num_stats(d, &ns)) != FASTNORM_OK) {
         fprintf(stderr, "%s: descriptor rejected: %s\n", prefix, fastnorm_last_error());
         return 1;
     }
@@ -50,10 +51,12 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     if (has_b) db = xmalloc((size_t)np_ * es);
 
     st = fastnorm_forward_training(d, x, w, b, y, mean, rstd);
-    CHECK(st == FASTNORM_OK, "%s forward_training: %s %s", prefix, fastnorm_status_string(st), fastnorm_last_error());
-    st = fastnorm_forward_inference(d, x, imean, irstd, w, b, yinf);
-    CHECK(st == FASTNORM_OK, "%s forward_inference: %s %s", prefix, fastnorm_status_string(st), fastnorm_last_error());
-    st = fastnorm_backward(d, dy, x, mean, rstd, w, dx, dw, db);
+    CHECK(st == FASTNORM_OK, "%s forward_training: %s %s", prefix, fastnorm_status_string(st),
+          fastnorm_last_error());
+    st = fastnorm_forward_inference(d, x, w, b, imean, irstd, yinf);
+    CHECK(st == FASTNORM_OK, "%s forward_inference: %s %s", prefix, fastnorm_status_string(st),
+          fastnorm_last_error());
+    st = fastnorm_backward(d, dy, x, w, mean, rstd, dx, dw, db);
     CHECK(st == FASTNORM_OK, "%s backward: %s %s", prefix, fastnorm_status_string(st), fastnorm_last_error());
 
     /* in place: y == x */
@@ -63,14 +66,15 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
               && memcmp(r2, rstd, (size_t)ns * 8) == 0,
           "%s forward_training in place differs (%s)", prefix, fastnorm_status_string(st));
     memcpy(tmp, x, bytes);
-    st = fastnorm_forward_inference(d, tmp, imean, irstd, w, b, tmp);
-    CHECK(st == FASTNORM_OK && memcmp(tmp, yinf, bytes) == 0, "%s forward_inference in place differs", prefix);
+    st = fastnorm_forward_inference(d, tmp, w, b, imean, irstd, tmp);
+    CHECK(st == FASTNORM_OK && memcmp(tmp, yinf, bytes) == 0, "%s forward_inference in place differs",
+          prefix);
     /* in place: dx == dy, then dx == x */
     memcpy(tmp, dy, bytes);
-    st = fastnorm_backward(d, tmp, x, mean, rstd, w, tmp, NULL, NULL);
+    st = fastnorm_backward(d, tmp, x, w, mean, rstd, tmp, NULL, NULL);
     CHECK(st == FASTNORM_OK && memcmp(tmp, dx, bytes) == 0, "%s backward dx == dy differs", prefix);
     memcpy(tmp, x, bytes);
-    st = fastnorm_backward(d, dy, tmp, mean, rstd, w, tmp, NULL, NULL);
+    st = fastnorm_backward(d, dy, tmp, w, mean, rstd, tmp, NULL, NULL);
     CHECK(st == FASTNORM_OK && memcmp(tmp, dx, bytes) == 0, "%s backward dx == x differs", prefix);
 
     write_file(path(prefix, "y"), y, bytes);
@@ -80,8 +84,22 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     write_file(path(prefix, "dx"), dx, bytes);
     if (has_w) write_file(path(prefix, "dw"), dw, (size_t)np_ * es);
     if (has_b) write_file(path(prefix, "db"), db, (size_t)np_ * es);
-    free(x); free(dy); free(w); free(b); free(y); free(yinf); free(dx); free(tmp);
-    free(mean); free(rstd); free(m2); free(r2); free(imean); free(irstd); free(dw); free(db);
+    free(x);
+    free(dy);
+    free(w);
+    free(b);
+    free(y);
+    free(yinf);
+    free(dx);
+    free(tmp);
+    free(mean);
+    free(rstd);
+    free(m2);
+    free(r2);
+    free(imean);
+    free(irstd);
+    free(dw);
+    free(db);
     return 0;
 }
 
@@ -103,21 +121,23 @@ int main(int argc, char **argv)
         fastnorm_desc d;
         int kind, dtype, layout, rank, i, nd, has_w, has_b;
         long long groups, dim;
+        int64_t dims[FASTNORM_MAX_RANK];
         double eps;
-        memset(&d, 0, sizeof d);
         if (fscanf(manifest, "%d %d %d %d", &kind, &dtype, &layout, &rank) != 4 || rank < 1
             || rank > FASTNORM_MAX_RANK) {
             fprintf(stderr, "bad manifest line for %s\n", prefix);
             return 2;
         }
-        d.kind = kind;
-        d.dtype = dtype;
-        d.layout = layout;
-        d.rank = rank;
         for (i = 0; i < rank; ++i) {
             if (fscanf(manifest, "%lld", &dim) != 1) return 2;
-            d.dims[i] = dim;
+            dims[i] = dim;
         }
+        if (fastnorm_desc_init(&d, sizeof d, (fastnorm_kind)kind, (fastnorm_dtype)dtype, rank, dims)
+            != FASTNORM_OK) {
+            fprintf(stderr, "%s: fastnorm_desc_init: %s\n", prefix, fastnorm_last_error());
+            return 2;
+        }
+        d.layout = layout;
         if (fscanf(manifest, "%lld %d %lf %d %d", &groups, &nd, &eps, &has_w, &has_b) != 5) return 2;
         d.num_groups = groups;
         d.normalized_ndim = nd;

@@ -6,6 +6,7 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "common.h"
 
@@ -43,14 +44,14 @@ static int untouched(const void *buf, size_t bytes)
 static int outputs_untouched(void)
 {
     return untouched(y, sizeof y) && untouched(dx, sizeof dx) && untouched(dweight, sizeof dweight)
-           && untouched(dbias, sizeof dbias) && untouched(mean, sizeof mean) && untouched(rstd, sizeof rstd);
+        && untouched(dbias, sizeof dbias) && untouched(mean, sizeof mean) && untouched(rstd, sizeof rstd);
 }
 
 static fastnorm_desc valid_desc(void)
 {
     fastnorm_desc d;
     int64_t dims[4] = {N, C, H, W};
-    fastnorm_desc_init(&d, FASTNORM_GROUP_NORM, FASTNORM_FLOAT32, 4, dims);
+    fastnorm_desc_init(&d, sizeof d, FASTNORM_GROUP_NORM, FASTNORM_FLOAT32, 4, dims);
     d.num_groups = 2;
     return d;
 }
@@ -64,10 +65,10 @@ static void expect_all(const char *what, const fastnorm_desc *d, fastnorm_status
     st = fastnorm_forward_training(d, x, weight, bias, y, mean, rstd);
     CHECK(st == expected, "%s: forward_training returned %s, expected %s", what, fastnorm_status_string(st),
           fastnorm_status_string(expected));
-    st = fastnorm_forward_inference(d, x, mean, rstd, weight, bias, y);
-    CHECK(st == expected, "%s: forward_inference returned %s, expected %s", what,
-          fastnorm_status_string(st), fastnorm_status_string(expected));
-    st = fastnorm_backward(d, dy, x, mean, rstd, weight, dx, dweight, dbias);
+    st = fastnorm_forward_inference(d, x, weight, bias, mean, rstd, y);
+    CHECK(st == expected, "%s: forward_inference returned %s, expected %s", what, fastnorm_status_string(st),
+          fastnorm_status_string(expected));
+    st = fastnorm_backward(d, dy, x, weight, mean, rstd, dx, dweight, dbias);
     CHECK(st == expected, "%s: backward returned %s, expected %s", what, fastnorm_status_string(st),
           fastnorm_status_string(expected));
     CHECK(outputs_untouched(), "%s: an output was written", what);
@@ -75,15 +76,47 @@ static void expect_all(const char *what, const fastnorm_desc *d, fastnorm_status
     g_checks += 5;
 }
 
-#define EXPECT(call, expected, what)                                                            \
-    do {                                                                                        \
-        fastnorm_status st_;                                                                    \
-        reset_outputs();                                                                        \
-        st_ = (call);                                                                           \
-        CHECK(st_ == (expected), "%s: returned %s, expected %s (%s)", what,                     \
-              fastnorm_status_string(st_), fastnorm_status_string(expected), fastnorm_last_error()); \
-        CHECK(outputs_untouched(), "%s: an output was written", what);                          \
-        g_checks += 2;                                                                          \
+/* expect_all, plus the descriptor helpers, and the message names `field`. */
+static void expect_all_named(const char *what, const fastnorm_desc *d, fastnorm_status expected,
+                             const char *field)
+{
+    int64_t count = -7;
+    expect_all(what, d, expected);
+    CHECK(strstr(fastnorm_last_error(), field) != NULL, "%s: the message does not name %s: %s", what, field,
+          fastnorm_last_error());
+    CHECK(fastnorm_num_stats(d, &count) == expected && fastnorm_num_params(d, &count) == expected
+              && count == -7,
+          "%s: num_stats / num_params disagree", what);
+    g_checks += 2;
+}
+
+/* fastnorm_desc_init must return `expected`, name `field` in the message and leave *desc untouched. */
+static void expect_desc_init(const char *what, size_t struct_size, int kind, int dtype, int32_t rank,
+                             fastnorm_status expected, const char *field)
+{
+    static const int64_t dims[4] = {N, C, H, W};
+    fastnorm_desc d, before;
+    fastnorm_status st;
+    memset(&d, SENTINEL, sizeof d);
+    before = d;
+    st = fastnorm_desc_init(&d, struct_size, (fastnorm_kind)kind, (fastnorm_dtype)dtype, rank, dims);
+    CHECK(st == expected, "desc_init %s: returned %s, expected %s (%s)", what, fastnorm_status_string(st),
+          fastnorm_status_string(expected), fastnorm_last_error());
+    CHECK(memcmp(&d, &before, sizeof d) == 0, "desc_init %s: *desc was written", what);
+    CHECK(strstr(fastnorm_last_error(), field) != NULL, "desc_init %s: the message does not name %s: %s",
+          what, field, fastnorm_last_error());
+    g_checks += 3;
+}
+
+#define EXPECT(call, expected, what)                                                                     \
+    do {                                                                                                 \
+        fastnorm_status st_;                                                                             \
+        reset_outputs();                                                                                 \
+        st_ = (call);                                                                                    \
+        CHECK(st_ == (expected), "%s: returned %s, expected %s (%s)", what, fastnorm_status_string(st_), \
+              fastnorm_status_string(expected), fastnorm_last_error());                                  \
+        CHECK(outputs_untouched(), "%s: an output was written", what);                                   \
+        g_checks += 2;                                                                                   \
     } while (0)
 
 static void check_valid_call_works(const char *after)
@@ -98,7 +131,7 @@ static void check_valid_call_works(const char *after)
           "valid call after %s wrote nothing", after);
     CHECK(untouched(y + SIZE, 16 * sizeof(float)) && untouched(mean + N * 2, 16 * sizeof(double)),
           "valid call after %s wrote past the end of its outputs", after);
-    st = fastnorm_backward(&d, dy, x, mean, rstd, weight, dx, dweight, dbias);
+    st = fastnorm_backward(&d, dy, x, weight, mean, rstd, dx, dweight, dbias);
     CHECK(st == FASTNORM_OK && !untouched(dx, SIZE * sizeof(float)), "valid backward after %s", after);
     g_checks += 4;
 }
@@ -120,29 +153,95 @@ int main(void)
     }
 
     /* pure-C helpers */
-    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 100, "version %d", fastnorm_version());
+    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 200, "version %d",
+          fastnorm_version());
+    CHECK(strcmp(fastnorm_version_string(), "0.2.0") == 0
+              && strcmp(FASTNORM_VERSION_STRING, fastnorm_version_string()) == 0,
+          "version string %s (header %s)", fastnorm_version_string(), FASTNORM_VERSION_STRING);
     CHECK(FASTNORM_OK == 0 && FASTNORM_INVALID_ARGUMENT == 1 && FASTNORM_UNSUPPORTED == 2
               && FASTNORM_NOT_INITIALIZED == 3 && FASTNORM_INTERNAL_ERROR == 4 && FASTNORM_NULL_POINTER == 5
-              && FASTNORM_SIZE_OVERFLOW == 6 && FASTNORM_OVERLAP == 7,
+              && FASTNORM_SIZE_OVERFLOW == 6 && FASTNORM_OVERLAP == 7 && FASTNORM_VERSION_MISMATCH == 8,
           "status values are pinned");
     CHECK(strcmp(fastnorm_status_string(FASTNORM_OVERLAP), "FASTNORM_OVERLAP") == 0, "status string");
+    CHECK(strcmp(fastnorm_status_string(FASTNORM_VERSION_MISMATCH), "FASTNORM_VERSION_MISMATCH") == 0,
+          "status string of the new status");
+    CHECK(offsetof(fastnorm_desc, struct_size) == 0, "struct_size is the first field");
+    g_checks += 3;
     CHECK(strcmp(fastnorm_status_string((fastnorm_status)99), "FASTNORM_UNKNOWN_STATUS") == 0,
           "unknown status string");
     CHECK(strcmp(fastnorm_last_error(), "") == 0, "no error yet");
-    CHECK(fastnorm_desc_init(NULL, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 4, dims) == FASTNORM_NULL_POINTER, "desc_init NULL");
-    CHECK(fastnorm_desc_init(&d, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 4, NULL) == FASTNORM_NULL_POINTER, "desc_init dims NULL");
-    CHECK(fastnorm_desc_init(&d, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 9, dims) == FASTNORM_INVALID_ARGUMENT, "desc_init rank 9");
+    CHECK(fastnorm_desc_init(NULL, sizeof(fastnorm_desc), FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 4, dims)
+              == FASTNORM_NULL_POINTER,
+          "desc_init NULL");
+    CHECK(fastnorm_desc_init(&d, sizeof d, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 4, NULL)
+              == FASTNORM_NULL_POINTER,
+          "desc_init dims NULL");
+    CHECK(fastnorm_desc_init(&d, sizeof d, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 9, dims)
+              == FASTNORM_INVALID_ARGUMENT,
+          "desc_init rank 9");
     g_checks += 8;
+
+    /* desc_init: defaults, struct_size, typed enums validated, exactly struct_size bytes written */
+    {
+        struct {
+            fastnorm_desc d;
+            unsigned char tail[64];
+        } big;
+        int tail_untouched = 1;
+        memset(&big, SENTINEL, sizeof big);
+        CHECK(fastnorm_desc_init(&big.d, sizeof big.d, FASTNORM_RMS_NORM, FASTNORM_FLOAT64, 3, dims)
+                  == FASTNORM_OK,
+              "desc_init: %s", fastnorm_last_error());
+        CHECK(big.d.struct_size == sizeof(fastnorm_desc) && big.d.kind == FASTNORM_RMS_NORM
+                  && big.d.dtype == FASTNORM_FLOAT64 && big.d.param_dtype == FASTNORM_DTYPE_DEFAULT
+                  && big.d.layout == FASTNORM_CHANNELS_FIRST && big.d.rank == 3 && big.d.dims[2] == H
+                  && big.d.dims[3] == 0 && big.d.normalized_ndim == 1 && big.d.num_groups == 0
+                  && big.d.eps == 1e-5 && big.d.flags == 0,
+              "desc_init defaults");
+        for (i = 0; i < (int)sizeof big.tail; ++i) tail_untouched &= big.tail[i] == SENTINEL;
+        CHECK(tail_untouched, "desc_init wrote past struct_size bytes");
+        g_checks += 3;
+    }
+    expect_desc_init("struct_size 0", 0, FASTNORM_GROUP_NORM, FASTNORM_FLOAT32, 4, FASTNORM_INVALID_ARGUMENT,
+                     "struct_size");
+    expect_desc_init("struct_size 1", 1, FASTNORM_GROUP_NORM, FASTNORM_FLOAT32, 4, FASTNORM_INVALID_ARGUMENT,
+                     "struct_size");
+    expect_desc_init("struct_size too small", sizeof(fastnorm_desc) - 8, FASTNORM_GROUP_NORM,
+                     FASTNORM_FLOAT32, 4, FASTNORM_INVALID_ARGUMENT, "struct_size");
+    expect_desc_init("struct_size larger than known", sizeof(fastnorm_desc) + 8, FASTNORM_GROUP_NORM,
+                     FASTNORM_FLOAT32, 4, FASTNORM_VERSION_MISMATCH, "struct_size");
+    expect_desc_init("struct_size SIZE_MAX", (size_t)-1, FASTNORM_GROUP_NORM, FASTNORM_FLOAT32, 4,
+                     FASTNORM_VERSION_MISMATCH, "struct_size");
+    expect_desc_init("kind 0", sizeof(fastnorm_desc), 0, FASTNORM_FLOAT32, 4, FASTNORM_INVALID_ARGUMENT,
+                     "kind");
+    expect_desc_init("kind 6", sizeof(fastnorm_desc), 6, FASTNORM_FLOAT32, 4, FASTNORM_INVALID_ARGUMENT,
+                     "kind");
+    expect_desc_init("kind -1", sizeof(fastnorm_desc), -1, FASTNORM_FLOAT32, 4, FASTNORM_INVALID_ARGUMENT,
+                     "kind");
+    expect_desc_init("dtype DEFAULT", sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, FASTNORM_DTYPE_DEFAULT, 4,
+                     FASTNORM_INVALID_ARGUMENT, "dtype");
+    expect_desc_init("dtype 5", sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, 5, 4, FASTNORM_INVALID_ARGUMENT,
+                     "dtype");
+    expect_desc_init("dtype -1", sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, -1, 4, FASTNORM_INVALID_ARGUMENT,
+                     "dtype");
+    expect_desc_init("float16", sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, FASTNORM_FLOAT16, 4,
+                     FASTNORM_UNSUPPORTED, "dtype");
+    expect_desc_init("bfloat16", sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, FASTNORM_BFLOAT16, 4,
+                     FASTNORM_UNSUPPORTED, "dtype");
+    expect_desc_init("rank 0", sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, FASTNORM_FLOAT32, 0,
+                     FASTNORM_INVALID_ARGUMENT, "rank");
 
     /* sizes */
     d = valid_desc();
     CHECK(fastnorm_num_stats(&d, &count) == FASTNORM_OK && count == N * 2, "GN stats %lld", (long long)count);
     CHECK(fastnorm_num_params(&d, &count) == FASTNORM_OK && count == C, "GN params");
-    d.kind = FASTNORM_BATCH_NORM; d.num_groups = 0;
+    d.kind = FASTNORM_BATCH_NORM;
+    d.num_groups = 0;
     CHECK(fastnorm_num_stats(&d, &count) == FASTNORM_OK && count == C, "BN stats");
     d.kind = FASTNORM_INSTANCE_NORM;
     CHECK(fastnorm_num_stats(&d, &count) == FASTNORM_OK && count == N * C, "IN stats");
-    d.kind = FASTNORM_LAYER_NORM; d.normalized_ndim = 2;
+    d.kind = FASTNORM_LAYER_NORM;
+    d.normalized_ndim = 2;
     CHECK(fastnorm_num_stats(&d, &count) == FASTNORM_OK && count == N * C, "LN stats");
     CHECK(fastnorm_num_params(&d, &count) == FASTNORM_OK && count == H * W, "LN params");
     d.normalized_ndim = 4;
@@ -165,78 +264,192 @@ int main(void)
     EXPECT(fastnorm_forward_training(&d, x, weight, bias, NULL, mean, rstd), FASTNORM_NULL_POINTER, "y NULL");
     EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, NULL, rstd), FASTNORM_NULL_POINTER, "mean NULL");
     EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, NULL), FASTNORM_NULL_POINTER, "rstd NULL");
-    EXPECT(fastnorm_forward_inference(&d, NULL, mean, rstd, weight, bias, y), FASTNORM_NULL_POINTER, "inference x NULL");
-    EXPECT(fastnorm_forward_inference(&d, x, NULL, rstd, weight, bias, y), FASTNORM_NULL_POINTER, "inference mean NULL");
-    EXPECT(fastnorm_forward_inference(&d, x, mean, NULL, weight, bias, y), FASTNORM_NULL_POINTER, "inference rstd NULL");
-    EXPECT(fastnorm_forward_inference(&d, x, mean, rstd, weight, bias, NULL), FASTNORM_NULL_POINTER, "inference y NULL");
-    EXPECT(fastnorm_backward(&d, NULL, x, mean, rstd, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER, "dy NULL");
-    EXPECT(fastnorm_backward(&d, dy, NULL, mean, rstd, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER, "backward x NULL");
-    EXPECT(fastnorm_backward(&d, dy, x, NULL, rstd, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER, "backward mean NULL");
-    EXPECT(fastnorm_backward(&d, dy, x, mean, NULL, weight, dx, dweight, dbias), FASTNORM_NULL_POINTER, "backward rstd NULL");
-    EXPECT(fastnorm_backward(&d, dy, x, mean, rstd, weight, NULL, dweight, dbias), FASTNORM_NULL_POINTER, "dx NULL");
+    EXPECT(fastnorm_forward_inference(&d, NULL, weight, bias, mean, rstd, y), FASTNORM_NULL_POINTER,
+           "inference x NULL");
+    EXPECT(fastnorm_forward_inference(&d, x, weight, bias, NULL, rstd, y), FASTNORM_NULL_POINTER,
+           "inference mean NULL");
+    EXPECT(fastnorm_forward_inference(&d, x, weight, bias, mean, NULL, y), FASTNORM_NULL_POINTER,
+           "inference rstd NULL");
+    EXPECT(fastnorm_forward_inference(&d, x, weight, bias, mean, rstd, NULL), FASTNORM_NULL_POINTER,
+           "inference y NULL");
+    EXPECT(fastnorm_backward(&d, NULL, x, weight, mean, rstd, dx, dweight, dbias), FASTNORM_NULL_POINTER,
+           "dy NULL");
+    EXPECT(fastnorm_backward(&d, dy, NULL, weight, mean, rstd, dx, dweight, dbias), FASTNORM_NULL_POINTER,
+           "backward x NULL");
+    EXPECT(fastnorm_backward(&d, dy, x, weight, NULL, rstd, dx, dweight, dbias), FASTNORM_NULL_POINTER,
+           "backward mean NULL");
+    EXPECT(fastnorm_backward(&d, dy, x, weight, mean, NULL, dx, dweight, dbias), FASTNORM_NULL_POINTER,
+           "backward rstd NULL");
+    EXPECT(fastnorm_backward(&d, dy, x, weight, mean, rstd, NULL, dweight, dbias), FASTNORM_NULL_POINTER,
+           "dx NULL");
     EXPECT(fastnorm_get_num_threads(NULL), FASTNORM_NULL_POINTER, "get_num_threads NULL");
     check_valid_call_works("NULL pointers");
 
+    /* struct_size of the descriptor: 0 (a zeroed or hand-filled struct), too small, larger than known */
+    d = valid_desc();
+    d.struct_size = 0;
+    expect_all_named("struct_size 0", &d, FASTNORM_INVALID_ARGUMENT, "struct_size");
+    d.struct_size = 1;
+    expect_all_named("struct_size 1", &d, FASTNORM_INVALID_ARGUMENT, "struct_size");
+    d.struct_size = sizeof(size_t);
+    expect_all_named("struct_size of the size field only", &d, FASTNORM_INVALID_ARGUMENT, "struct_size");
+    d.struct_size = sizeof d - 8;
+    expect_all_named("struct_size too small", &d, FASTNORM_INVALID_ARGUMENT, "struct_size");
+    d.struct_size = sizeof d + 1;
+    expect_all_named("struct_size one byte too large", &d, FASTNORM_VERSION_MISMATCH, "struct_size");
+    d.struct_size = (size_t)-1;
+    expect_all_named("struct_size SIZE_MAX", &d, FASTNORM_VERSION_MISMATCH, "struct_size");
+    {
+        /* a descriptor from a newer header: more (zero) fields appended */
+        struct {
+            fastnorm_desc d;
+            int64_t newer_fields[4];
+        } newer;
+        memset(&newer, 0, sizeof newer);
+        newer.d = valid_desc();
+        newer.d.struct_size = sizeof newer;
+        expect_all_named("struct_size larger than known", &newer.d, FASTNORM_VERSION_MISMATCH, "struct_size");
+    }
+    {
+        /* the exact size, in a heap block of that size (ASan: nothing read past it) */
+        fastnorm_desc *exact = malloc(sizeof *exact);
+        if (exact != NULL) *exact = valid_desc();
+        CHECK(exact != NULL
+                  && fastnorm_forward_training(exact, x, weight, bias, y, mean, rstd) == FASTNORM_OK,
+              "heap descriptor of exactly struct_size bytes: %s", fastnorm_last_error());
+        free(exact);
+        g_checks += 1;
+    }
+    check_valid_call_works("bad struct_size");
+
     /* zero, negative, overflowing dims */
-    d = valid_desc(); d.dims[2] = 0; expect_all("zero dim", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dims[0] = 0; expect_all("zero batch", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dims[3] = -3; expect_all("negative dim", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dims[2] = (int64_t)1 << 40; d.dims[3] = (int64_t)1 << 40;
+    d = valid_desc();
+    d.dims[2] = 0;
+    expect_all("zero dim", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dims[0] = 0;
+    expect_all("zero batch", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dims[3] = -3;
+    expect_all("negative dim", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dims[2] = (int64_t)1 << 40;
+    d.dims[3] = (int64_t)1 << 40;
     expect_all("dims product overflows int64", &d, FASTNORM_SIZE_OVERFLOW);
-    d = valid_desc(); d.dims[2] = INT64_MAX; expect_all("INT64_MAX dim", &d, FASTNORM_SIZE_OVERFLOW);
-    d = valid_desc(); d.dims[2] = ((int64_t)1 << 60) / (N * C); d.dims[3] = 1;
+    d = valid_desc();
+    d.dims[2] = INT64_MAX;
+    expect_all("INT64_MAX dim", &d, FASTNORM_SIZE_OVERFLOW);
+    d = valid_desc();
+    d.dims[2] = ((int64_t)1 << 60) / (N * C);
+    d.dims[3] = 1;
     expect_all("byte size overflows int64", &d, FASTNORM_SIZE_OVERFLOW);
     check_valid_call_works("bad dims");
 
     /* groups */
-    d = valid_desc(); d.num_groups = 3; expect_all("G does not divide C", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.num_groups = 0; expect_all("G = 0", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.num_groups = -2; expect_all("G < 0", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.kind = FASTNORM_BATCH_NORM; expect_all("num_groups with BN", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.num_groups = 3;
+    expect_all("G does not divide C", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.num_groups = 0;
+    expect_all("G = 0", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.num_groups = -2;
+    expect_all("G < 0", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.kind = FASTNORM_BATCH_NORM;
+    expect_all("num_groups with BN", &d, FASTNORM_INVALID_ARGUMENT);
 
     /* enums, flags, dtypes */
-    d = valid_desc(); d.kind = 0; expect_all("kind 0", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.kind = 6; expect_all("kind 6", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.kind = -1; expect_all("kind -1", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dtype = 0; expect_all("dtype 0", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dtype = 42; expect_all("dtype 42", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.dtype = FASTNORM_FLOAT16; expect_all("float16", &d, FASTNORM_UNSUPPORTED);
-    d = valid_desc(); d.dtype = FASTNORM_BFLOAT16; expect_all("bfloat16", &d, FASTNORM_UNSUPPORTED);
-    d = valid_desc(); d.param_dtype = FASTNORM_FLOAT64; expect_all("mismatched param dtype", &d, FASTNORM_UNSUPPORTED);
-    d = valid_desc(); d.param_dtype = 77; expect_all("param dtype 77", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.param_dtype = FASTNORM_FLOAT32;
+    d = valid_desc();
+    d.kind = 0;
+    expect_all("kind 0", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.kind = 6;
+    expect_all("kind 6", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.kind = -1;
+    expect_all("kind -1", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dtype = 0;
+    expect_all("dtype 0", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dtype = 42;
+    expect_all("dtype 42", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.dtype = FASTNORM_FLOAT16;
+    expect_all("float16", &d, FASTNORM_UNSUPPORTED);
+    d = valid_desc();
+    d.dtype = FASTNORM_BFLOAT16;
+    expect_all("bfloat16", &d, FASTNORM_UNSUPPORTED);
+    d = valid_desc();
+    d.param_dtype = FASTNORM_FLOAT64;
+    expect_all("mismatched param dtype", &d, FASTNORM_UNSUPPORTED);
+    d = valid_desc();
+    d.param_dtype = 77;
+    expect_all("param dtype 77", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.param_dtype = FASTNORM_FLOAT32;
     EXPECT(fastnorm_num_stats(&d, &count), FASTNORM_OK, "explicit matching param dtype");
-    d = valid_desc(); d.layout = 2; expect_all("layout 2", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.flags = 1; expect_all("flags", &d, FASTNORM_UNSUPPORTED);
+    d = valid_desc();
+    d.layout = 2;
+    expect_all("layout 2", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.flags = 1;
+    expect_all("flags", &d, FASTNORM_UNSUPPORTED);
     check_valid_call_works("bad enums");
 
     /* rank, normalized_ndim, eps */
-    d = valid_desc(); d.rank = 1; expect_all("GN rank 1", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.rank = 6; expect_all("GN rank 6", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.normalized_ndim = 1; expect_all("GN normalized_ndim", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.kind = FASTNORM_LAYER_NORM; d.num_groups = 0; d.normalized_ndim = 0;
+    d = valid_desc();
+    d.rank = 1;
+    expect_all("GN rank 1", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.rank = 6;
+    expect_all("GN rank 6", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.normalized_ndim = 1;
+    expect_all("GN normalized_ndim", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.kind = FASTNORM_LAYER_NORM;
+    d.num_groups = 0;
+    d.normalized_ndim = 0;
     expect_all("LN normalized_ndim 0", &d, FASTNORM_INVALID_ARGUMENT);
-    d.normalized_ndim = 5; expect_all("LN normalized_ndim > rank", &d, FASTNORM_INVALID_ARGUMENT);
-    d.normalized_ndim = 1; d.rank = 9; expect_all("LN rank 9", &d, FASTNORM_INVALID_ARGUMENT);
-    d.rank = 4; d.layout = FASTNORM_CHANNELS_LAST; expect_all("LN channels-last", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.eps = -1e-5; expect_all("negative eps", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.eps = NAN; expect_all("NaN eps", &d, FASTNORM_INVALID_ARGUMENT);
-    d = valid_desc(); d.eps = INFINITY; expect_all("inf eps", &d, FASTNORM_INVALID_ARGUMENT);
+    d.normalized_ndim = 5;
+    expect_all("LN normalized_ndim > rank", &d, FASTNORM_INVALID_ARGUMENT);
+    d.normalized_ndim = 1;
+    d.rank = 9;
+    expect_all("LN rank 9", &d, FASTNORM_INVALID_ARGUMENT);
+    d.rank = 4;
+    d.layout = FASTNORM_CHANNELS_LAST;
+    expect_all("LN channels-last", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.eps = -1e-5;
+    expect_all("negative eps", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.eps = NAN;
+    expect_all("NaN eps", &d, FASTNORM_INVALID_ARGUMENT);
+    d = valid_desc();
+    d.eps = INFINITY;
+    expect_all("inf eps", &d, FASTNORM_INVALID_ARGUMENT);
 
     /* one value per channel when training (torch's rule), fine for inference */
     {
         int64_t bn_dims[2] = {1, C};
-        fastnorm_desc_init(&d, FASTNORM_BATCH_NORM, FASTNORM_FLOAT32, 2, bn_dims);
+        fastnorm_desc_init(&d, sizeof d, FASTNORM_BATCH_NORM, FASTNORM_FLOAT32, 2, bn_dims);
         EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, rstd), FASTNORM_INVALID_ARGUMENT,
                "BN training with one value per channel");
-        EXPECT(fastnorm_backward(&d, dy, x, mean, rstd, weight, dx, dweight, dbias), FASTNORM_INVALID_ARGUMENT,
-               "BN backward with one value per channel");
-        for (i = 0; i < C; ++i) { mean[i] = 0.5; rstd[i] = 2.0; }
-        CHECK(fastnorm_forward_inference(&d, x, mean, rstd, weight, bias, y) == FASTNORM_OK,
+        EXPECT(fastnorm_backward(&d, dy, x, weight, mean, rstd, dx, dweight, dbias),
+               FASTNORM_INVALID_ARGUMENT, "BN backward with one value per channel");
+        for (i = 0; i < C; ++i) {
+            mean[i] = 0.5;
+            rstd[i] = 2.0;
+        }
+        CHECK(fastnorm_forward_inference(&d, x, weight, bias, mean, rstd, y) == FASTNORM_OK,
               "BN inference with one value per channel: %s", fastnorm_last_error());
-        CHECK(fabs(y[1] - ((x[1] - 0.5) * (2.0 * weight[1]) + bias[1])) < 1e-5, "BN inference value %g", y[1]);
+        CHECK(fabs(y[1] - ((x[1] - 0.5) * (2.0 * weight[1]) + bias[1])) < 1e-5, "BN inference value %g",
+              y[1]);
         d.kind = FASTNORM_INSTANCE_NORM;
-        d.rank = 2; d.dims[0] = N;
+        d.rank = 2;
+        d.dims[0] = N;
         EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, rstd), FASTNORM_INVALID_ARGUMENT,
                "IN training with one spatial element");
         g_checks += 2;
@@ -250,16 +463,17 @@ int main(void)
            FASTNORM_INVALID_ARGUMENT, "misaligned mean");
     EXPECT(fastnorm_forward_training(&d, x, weight, bias, x + 1, mean, rstd), FASTNORM_OVERLAP, "y = x + 1");
     EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, mean), FASTNORM_OVERLAP, "mean == rstd");
-    EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, mean + 1), FASTNORM_OVERLAP, "rstd overlaps mean");
+    EXPECT(fastnorm_forward_training(&d, x, weight, bias, y, mean, mean + 1), FASTNORM_OVERLAP,
+           "rstd overlaps mean");
     EXPECT(fastnorm_forward_training(&d, y, weight, bias, y + SIZE - 2, mean, rstd), FASTNORM_OVERLAP,
            "y overlaps the end of x");
-    EXPECT(fastnorm_forward_inference(&d, x, mean, rstd, weight, bias, (void *)mean), FASTNORM_OVERLAP,
+    EXPECT(fastnorm_forward_inference(&d, x, weight, bias, mean, rstd, (void *)mean), FASTNORM_OVERLAP,
            "inference y overlaps mean");
-    EXPECT(fastnorm_backward(&d, dy, x, mean, rstd, weight, dx, dweight, dweight), FASTNORM_OVERLAP,
+    EXPECT(fastnorm_backward(&d, dy, x, weight, mean, rstd, dx, dweight, dweight), FASTNORM_OVERLAP,
            "dweight == dbias");
-    EXPECT(fastnorm_backward(&d, dy, x, mean, rstd, weight, dx, weight, dbias), FASTNORM_OVERLAP,
+    EXPECT(fastnorm_backward(&d, dy, x, weight, mean, rstd, dx, weight, dbias), FASTNORM_OVERLAP,
            "dweight == weight");
-    EXPECT(fastnorm_backward(&d, dy, x, mean, rstd, weight, dy + 1, dweight, dbias), FASTNORM_OVERLAP,
+    EXPECT(fastnorm_backward(&d, dy, x, weight, mean, rstd, dy + 1, dweight, dbias), FASTNORM_OVERLAP,
            "dx = dy + 1");
     check_valid_call_works("overlaps");
 
@@ -269,10 +483,12 @@ int main(void)
     {
         int nt = 0;
         CHECK(fastnorm_set_num_threads(1) == FASTNORM_OK && fastnorm_get_num_threads(&nt) == FASTNORM_OK
-                  && nt == 1, "set_num_threads(1)");
+                  && nt == 1,
+              "set_num_threads(1)");
         check_valid_call_works("set_num_threads(1)");
         CHECK(fastnorm_set_num_threads(0) == FASTNORM_OK && fastnorm_get_num_threads(&nt) == FASTNORM_OK
-                  && nt == max_threads, "set_num_threads(0) resets to max");
+                  && nt == max_threads,
+              "set_num_threads(0) resets to max");
         g_checks += 2;
     }
 

@@ -1,8 +1,9 @@
 /*
  * fuzz: random calls of the three compute entry points of the C ABI
  * (fastnorm_forward_training, fastnorm_forward_inference, fastnorm_backward)
- * with random descriptors, NULL / misaligned / aliased / overlapping buffers,
- * plus fastnorm_num_stats / fastnorm_num_params on the same descriptors.
+ * with random descriptors (struct_size included), NULL / misaligned /
+ * aliased / overlapping buffers, plus fastnorm_num_stats /
+ * fastnorm_num_params on the same descriptors.
  *
  * For every call the harness derives the acceptable statuses from the rules of
  * fastnorm.h / docs/c-api.md alone (its own model, not the library's code):
@@ -44,13 +45,14 @@
 
 enum { FWD = 0, INF = 1, BWD = 2, NENTRY = 3 };
 enum { DATA = 0, PARAM = 1, STAT = 2 };
-#define NSTATUS 8
+#define NSTATUS 9
 #define BIT(s) (1u << (unsigned)(s))
 #define INV BIT(FASTNORM_INVALID_ARGUMENT)
 #define UNSUP BIT(FASTNORM_UNSUPPORTED)
 #define NUL BIT(FASTNORM_NULL_POINTER)
 #define OVF BIT(FASTNORM_SIZE_OVERFLOW)
 #define OVL BIT(FASTNORM_OVERLAP)
+#define VMM BIT(FASTNORM_VERSION_MISMATCH)
 
 typedef struct slot_info {
     const char *name;
@@ -59,14 +61,29 @@ typedef struct slot_info {
     int required;
 } slot_info;
 
-/* Buffer arguments of each entry point, in argument order. */
+/* Buffer arguments of each entry point, in the harness's own order (that of the 0.1
+   API); invoke() passes them in the argument order of fastnorm.h. */
 static const slot_info SLOTS[NENTRY][8] = {
-    {{"x", DATA, 0, 1}, {"weight", PARAM, 0, 0}, {"bias", PARAM, 0, 0}, {"y", DATA, 1, 1},
-     {"mean", STAT, 1, 1}, {"rstd", STAT, 1, 1}},
-    {{"x", DATA, 0, 1}, {"mean", STAT, 0, 1}, {"rstd", STAT, 0, 1}, {"weight", PARAM, 0, 0},
-     {"bias", PARAM, 0, 0}, {"y", DATA, 1, 1}},
-    {{"dy", DATA, 0, 1}, {"x", DATA, 0, 1}, {"mean", STAT, 0, 1}, {"rstd", STAT, 0, 1},
-     {"weight", PARAM, 0, 0}, {"dx", DATA, 1, 1}, {"dweight", PARAM, 1, 0}, {"dbias", PARAM, 1, 0}},
+    {{"x", DATA, 0, 1},
+     {"weight", PARAM, 0, 0},
+     {"bias", PARAM, 0, 0},
+     {"y", DATA, 1, 1},
+     {"mean", STAT, 1, 1},
+     {"rstd", STAT, 1, 1}},
+    {{"x", DATA, 0, 1},
+     {"mean", STAT, 0, 1},
+     {"rstd", STAT, 0, 1},
+     {"weight", PARAM, 0, 0},
+     {"bias", PARAM, 0, 0},
+     {"y", DATA, 1, 1}},
+    {{"dy", DATA, 0, 1},
+     {"x", DATA, 0, 1},
+     {"mean", STAT, 0, 1},
+     {"rstd", STAT, 0, 1},
+     {"weight", PARAM, 0, 0},
+     {"dx", DATA, 1, 1},
+     {"dweight", PARAM, 1, 0},
+     {"dbias", PARAM, 1, 0}},
 };
 static const int NSLOTS[NENTRY] = {6, 6, 8};
 static const char *ENTRY_NAME[NENTRY] = {"forward_training", "forward_inference", "backward"};
@@ -108,12 +125,25 @@ static const int32_t PDTYPE_POOL[] = {0, 0, 1, 2, 3, 4, 5, -7, 1000, INT32_MIN};
 static const int32_t LAYOUT_POOL[] = {0, 1, 2, -1, 7, INT32_MAX, INT32_MIN};
 static const int32_t RANK_POOL[] = {-5, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 100, INT32_MAX, INT32_MIN};
 static const int32_t NDIM_POOL[] = {-1, 0, 1, 2, 3, 4, 5, 7, 8, 9, 100, INT32_MAX, INT32_MIN};
+/* clang-format off */
 static const int64_t DIM_POOL[] = {0, 1, 2, 3, 4, 5, 7, -1, -2, INT64_MIN, INT64_MAX, INT64_MAX - 1,
                                    (int64_t)1 << 31, ((int64_t)1 << 32) + 1, (int64_t)1 << 40,
                                    3037000499LL, 3037000500LL, (int64_t)1 << 60, ((int64_t)1 << 60) + 1,
                                    (int64_t)1 << 61, (int64_t)1 << 62};
 static const int64_t GROUP_POOL[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 12, -1, -4, INT64_MAX, INT64_MIN,
                                      (int64_t)1 << 40};
+/* clang-format on */
+static const size_t STRUCT_SIZE_POOL[] = {0,
+                                          1,
+                                          sizeof(size_t),
+                                          sizeof(fastnorm_desc) / 2,
+                                          sizeof(fastnorm_desc) - 8,
+                                          sizeof(fastnorm_desc) - 1,
+                                          sizeof(fastnorm_desc) + 1,
+                                          sizeof(fastnorm_desc) + 8,
+                                          2 * sizeof(fastnorm_desc),
+                                          (size_t)1 << 31,
+                                          (size_t)-1};
 static const double EPS_VALID[] = {1e-5, 1e-3, 0.1, 1.0, FLT_EPSILON, DBL_EPSILON, 0.0, -0.0, 1e-12};
 
 static double bad_or_odd_eps(rng *r)
@@ -220,6 +250,9 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
         m->possible = pos;
         return;
     }
+    /* The library knows one descriptor size (0.2's): smaller is invalid, larger a newer header's. */
+    if (d->struct_size < sizeof(fastnorm_desc)) def |= INV;
+    else if (d->struct_size > sizeof(fastnorm_desc)) def |= VMM;
     kind_ok = d->kind >= FASTNORM_BATCH_NORM && d->kind <= FASTNORM_RMS_NORM;
     lnlike = d->kind == FASTNORM_LAYER_NORM || d->kind == FASTNORM_RMS_NORM;
     if (!kind_ok) def |= INV;
@@ -232,7 +265,7 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
     }
     if (d->param_dtype != FASTNORM_DTYPE_DEFAULT && d->param_dtype != d->dtype) {
         int pd_known = d->param_dtype >= FASTNORM_FLOAT32 && d->param_dtype <= FASTNORM_BFLOAT16;
-        if (!pd_known) def |= INV;                                       /* unknown enum value */
+        if (!pd_known) def |= INV; /* unknown enum value */
         else if (d->dtype >= FASTNORM_FLOAT32 && d->dtype <= FASTNORM_BFLOAT16) def |= UNSUP; /* mixed */
         else pos |= UNSUP; /* "different" from an unknown dtype */
     }
@@ -274,8 +307,8 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
             over8 = over || prod > INT64_MAX / 8;
             over_item = over || (m->itemsize ? prod > INT64_MAX / m->itemsize : over8);
             if (kind_ok && rank_ok && m->itemsize) {
-                if (over_item) def |= OVF;      /* a data buffer's byte size overflows */
-                else if (over8) pos |= OVF;     /* float32: only count * 8 overflows */
+                if (over_item) def |= OVF;  /* a data buffer's byte size overflows */
+                else if (over8) pos |= OVF; /* float32: only count * 8 overflows */
                 dims_ok = !over_item;
             } else if (over8) {
                 pos |= OVF;
@@ -344,8 +377,8 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
             for (i = 0; i < ns; ++i) {
                 int cls = SLOTS[e][i].cls;
                 m->bytes[i] = cls == DATA ? m->size * m->itemsize
-                              : cls == PARAM ? m->nparams * m->itemsize
-                                             : m->nstats * 8;
+                    : cls == PARAM        ? m->nparams * m->itemsize
+                                          : m->nstats * 8;
                 if (c->off[i] >= 0 && m->bytes[i] > ARENA - c->off[i]) m->backed = 0;
             }
             for (o = 0; o < ns; ++o) {
@@ -390,6 +423,7 @@ static void gen_valid_desc(rng *r, int e, fastnorm_desc *d)
 {
     int kind = 1 + (int)below(r, 5), i;
     memset(d, 0, sizeof *d);
+    d->struct_size = sizeof *d;
     d->kind = kind;
     d->dtype = 1 + (int)below(r, 2);
     d->param_dtype = chance(r, 0.5) ? 0 : d->dtype;
@@ -452,7 +486,8 @@ static void place_valid(rng *r, call *c)
     if (e == FWD || e == INF) {
         int y = e == FWD ? 3 : 5, w = e == FWD ? 1 : 3;
         if (chance(r, 0.2)) alias[y] = 0, note(c, "y==x");
-        if (c->off[w] >= 0 && c->off[w + 1] >= 0 && chance(r, 0.05)) alias[w + 1] = w, note(c, "bias==weight");
+        if (c->off[w] >= 0 && c->off[w + 1] >= 0 && chance(r, 0.05))
+            alias[w + 1] = w, note(c, "bias==weight");
     } else {
         double u = uniform(r);
         if (u < 0.15) alias[5] = 0, note(c, "dx==dy");
@@ -501,12 +536,27 @@ static void mutate(rng *r, call *c)
     fastnorm_desc *d = &c->d;
     int e = c->entry, ns = NSLOTS[e], i, k;
     int rank_idx = d->rank >= 1 && d->rank <= FASTNORM_MAX_RANK ? d->rank : FASTNORM_MAX_RANK;
-    switch (below(r, 20)) {
-    case 0: d->kind = PICK(r, KIND_POOL); note(c, "kind=%d", (int)d->kind); break;
-    case 1: d->dtype = PICK(r, DTYPE_POOL); note(c, "dtype=%d", (int)d->dtype); break;
-    case 2: d->param_dtype = PICK(r, PDTYPE_POOL); note(c, "param_dtype=%d", (int)d->param_dtype); break;
-    case 3: d->layout = PICK(r, LAYOUT_POOL); note(c, "layout=%d", (int)d->layout); break;
-    case 4: d->rank = PICK(r, RANK_POOL); note(c, "rank=%d", (int)d->rank); break;
+    switch (below(r, 21)) {
+    case 0:
+        d->kind = PICK(r, KIND_POOL);
+        note(c, "kind=%d", (int)d->kind);
+        break;
+    case 1:
+        d->dtype = PICK(r, DTYPE_POOL);
+        note(c, "dtype=%d", (int)d->dtype);
+        break;
+    case 2:
+        d->param_dtype = PICK(r, PDTYPE_POOL);
+        note(c, "param_dtype=%d", (int)d->param_dtype);
+        break;
+    case 3:
+        d->layout = PICK(r, LAYOUT_POOL);
+        note(c, "layout=%d", (int)d->layout);
+        break;
+    case 4:
+        d->rank = PICK(r, RANK_POOL);
+        note(c, "rank=%d", (int)d->rank);
+        break;
     case 5:
         i = (int)below(r, FASTNORM_MAX_RANK);
         d->dims[i] = PICK(r, DIM_POOL);
@@ -537,7 +587,8 @@ static void mutate(rng *r, call *c)
     case 8:
         if (chance(r, 0.5)) {
             int64_t cc = d->rank >= 2 && d->rank <= 5 ? d->dims[d->layout == 1 ? d->rank - 1 : 1] : 4;
-            int64_t rel[] = {wrap_add(cc, 1), wrap_add(cc, cc), cc / 2 + 1, wrap_add(0, (int64_t)(0 - (uint64_t)cc)),
+            int64_t rel[] = {wrap_add(cc, 1),  wrap_add(cc, cc),
+                             cc / 2 + 1,       wrap_add(0, (int64_t)(0 - (uint64_t)cc)),
                              wrap_add(cc, -1), cc};
             d->num_groups = PICK(r, rel);
         } else {
@@ -546,10 +597,14 @@ static void mutate(rng *r, call *c)
         note(c, "num_groups=%lld", (long long)d->num_groups);
         break;
     case 9:
-        d->normalized_ndim = chance(r, 0.5) ? (int32_t)((int64_t)d->rank + below(r, 3) - 1) : PICK(r, NDIM_POOL);
+        d->normalized_ndim =
+            chance(r, 0.5) ? (int32_t)((int64_t)d->rank + below(r, 3) - 1) : PICK(r, NDIM_POOL);
         note(c, "normalized_ndim=%d", (int)d->normalized_ndim);
         break;
-    case 10: d->eps = bad_or_odd_eps(r); note(c, "eps=%g", d->eps); break;
+    case 10:
+        d->eps = bad_or_odd_eps(r);
+        note(c, "eps=%g", d->eps);
+        break;
     case 11:
         d->flags = chance(r, 0.5) ? (uint64_t)1 << below(r, 64) : next_u64(r);
         note(c, "flags=0x%llx", (unsigned long long)d->flags);
@@ -608,6 +663,10 @@ static void mutate(rng *r, call *c)
         if (chance(r, 0.6)) c->off[i] -= c->off[i] % 8;
         note(c, "%s@%lld", SLOTS[e][i].name, (long long)c->off[i]);
         break;
+    case 19:
+        d->struct_size = PICK(r, STRUCT_SIZE_POOL);
+        note(c, "struct_size=%lu", (unsigned long)d->struct_size);
+        break;
     default:
         d->kind = 1 + (int32_t)below(r, 5);
         note(c, "kind->%d", (int)d->kind);
@@ -619,6 +678,7 @@ static void gen_random(rng *r, call *c)
 {
     fastnorm_desc *d = &c->d;
     int i;
+    d->struct_size = chance(r, 0.8) ? sizeof *d : PICK(r, STRUCT_SIZE_POOL);
     d->kind = PICK(r, KIND_POOL);
     d->dtype = PICK(r, DTYPE_POOL);
     d->param_dtype = PICK(r, PDTYPE_POOL);
@@ -721,10 +781,10 @@ static void reference_stats(const model *m, double eps, double *mean, double *rs
 }
 
 typedef struct checked_output {
-    int slot;     /* slot index */
-    int is_stat;  /* doubles */
+    int slot;    /* slot index */
+    int is_stat; /* doubles */
     int64_t n;
-    int which;    /* row of ref_ / mag_ */
+    int which; /* row of ref_ / mag_ */
 } checked_output;
 
 static int all_reasonable(const double *v, int64_t n)
@@ -763,7 +823,8 @@ static int prepare_valid(rng *r, call *c, const model *m, checked_output *outs)
             for (k = 0; k < np; ++k) store(o[i], k, isz, between(r, -amp, amp));
         } else if (e == INF) {
             int is_rstd = name[0] == 'r';
-            for (k = 0; k < nst; ++k) store(o[i], k, 8, is_rstd ? between(r, 0.25, 4.0) : between(r, -1.0, 1.0));
+            for (k = 0; k < nst; ++k)
+                store(o[i], k, 8, is_rstd ? between(r, 0.25, 4.0) : between(r, -1.0, 1.0));
         }
     }
     if (e != INF) { /* statistics of x; eps 0 with a zero variance would give inf */
@@ -782,7 +843,13 @@ static int prepare_valid(rng *r, call *c, const model *m, checked_output *outs)
     }
     /* read back what the library will read */
     {
-        int xs = e == BWD ? 1 : 0, ws = e == FWD ? 1 : e == INF ? 3 : 4, bs = e == FWD ? 2 : e == INF ? 4 : -1;
+        int xs = e == BWD ? 1 : 0,
+            ws = e == FWD ? 1
+            : e == INF    ? 3
+                          : 4,
+            bs = e == FWD ? 2
+            : e == INF    ? 4
+                          : -1;
         for (k = 0; k < n; ++k) x_[k] = load(o[xs], k, isz);
         if (e == BWD)
             for (k = 0; k < n; ++k) dy_[k] = load(o[0], k, isz);
@@ -842,7 +909,8 @@ static int prepare_valid(rng *r, call *c, const model *m, checked_output *outs)
             double g = w_[pk] * dy_[k], xh = (x_[k] - mean_[st]) * rstd_[st], rs = rstd_[st];
             double mg = rms ? 0.0 : sg[st] / (double)group, mgx = sgx[st] / (double)group;
             ref_[0][k] = rs * (g - mg - xh * mgx);
-            mag_[0][k] = fabs(rs) * (fabs(g) + (rms ? 0.0 : ag[st] / (double)group) + fabs(xh) * agx[st] / (double)group);
+            mag_[0][k] = fabs(rs)
+                * (fabs(g) + (rms ? 0.0 : ag[st] / (double)group) + fabs(xh) * agx[st] / (double)group);
         }
         outs[nout++] = (checked_output){5, 0, n, 0};
         if (o[6] >= 0) outs[nout++] = (checked_output){6, 0, np, 1};
@@ -868,19 +936,22 @@ static void describe(const call *c, char *buf, size_t size)
     if (c->desc_null) {
         n = snprintf(buf, size, "%s(desc=NULL", ENTRY_NAME[c->entry]);
     } else {
-        n = snprintf(buf, size,
-                     "%s(kind=%d dtype=%d param_dtype=%d layout=%d rank=%d normalized_ndim=%d "
-                     "num_groups=%lld eps=%.17g flags=0x%llx dims=[",
-                     ENTRY_NAME[c->entry], (int)d->kind, (int)d->dtype, (int)d->param_dtype, (int)d->layout,
-                     (int)d->rank, (int)d->normalized_ndim, (long long)d->num_groups, d->eps,
-                     (unsigned long long)d->flags);
+        n = snprintf(
+            buf, size,
+            "%s(struct_size=%lu kind=%d dtype=%d param_dtype=%d layout=%d rank=%d normalized_ndim=%d "
+            "num_groups=%lld eps=%.17g flags=0x%llx dims=[",
+            ENTRY_NAME[c->entry], (unsigned long)d->struct_size, (int)d->kind, (int)d->dtype,
+            (int)d->param_dtype, (int)d->layout, (int)d->rank, (int)d->normalized_ndim,
+            (long long)d->num_groups, d->eps, (unsigned long long)d->flags);
         for (i = 0; i < FASTNORM_MAX_RANK && n > 0 && (size_t)n < size; ++i)
             n += snprintf(buf + n, size - (size_t)n, "%s%lld", i ? "," : "", (long long)d->dims[i]);
         if (n > 0 && (size_t)n < size) n += snprintf(buf + n, size - (size_t)n, "]");
     }
     for (i = 0; i < NSLOTS[c->entry] && n > 0 && (size_t)n < size; ++i) {
         if (c->off[i] < 0) n += snprintf(buf + n, size - (size_t)n, " %s=NULL", SLOTS[c->entry][i].name);
-        else n += snprintf(buf + n, size - (size_t)n, " %s=@%lld", SLOTS[c->entry][i].name, (long long)c->off[i]);
+        else
+            n += snprintf(buf + n, size - (size_t)n, " %s=@%lld", SLOTS[c->entry][i].name,
+                          (long long)c->off[i]);
     }
     used = n > 0 ? (size_t)n : 0;
     if (used < size) snprintf(buf + used, size - used, ") [%s]", c->what);
@@ -908,8 +979,9 @@ static void failure(long index, const call *c, const model *m, fastnorm_status s
     describe(c, desc, sizeof desc);
     mask_names(m->definite, def, sizeof def);
     mask_names(m->possible, pos, sizeof pos);
-    fprintf(stderr, "FAIL call %ld (seed %llu; replay: fuzz --seed %llu --first %ld --calls 1 --verbose): ",
-            index, (unsigned long long)g_seed, (unsigned long long)g_seed, index);
+    fprintf(stderr,
+            "FAIL call %ld (seed %llu; replay: fuzz --seed %llu --first %ld --calls 1 --verbose): ", index,
+            (unsigned long long)g_seed, (unsigned long long)g_seed, index);
     va_start(args, fmt);
     vfprintf(stderr, fmt, args);
     va_end(args);
@@ -922,11 +994,15 @@ static fastnorm_status invoke(const call *c)
     void *p[8];
     const fastnorm_desc *dp = c->desc_null ? NULL : g_desc;
     int i;
-    for (i = 0; i < 8; ++i) p[i] = i < NSLOTS[c->entry] && c->off[i] >= 0 ? (void *)(g_arena + c->off[i]) : NULL;
-    if (c->entry == FWD) return fastnorm_forward_training(dp, p[0], p[1], p[2], p[3], (double *)p[4], (double *)p[5]);
+    for (i = 0; i < 8; ++i)
+        p[i] = i < NSLOTS[c->entry] && c->off[i] >= 0 ? (void *)(g_arena + c->off[i]) : NULL;
+    if (c->entry == FWD)
+        return fastnorm_forward_training(dp, p[0], p[1], p[2], p[3], (double *)p[4], (double *)p[5]);
     if (c->entry == INF)
-        return fastnorm_forward_inference(dp, p[0], (const double *)p[1], (const double *)p[2], p[3], p[4], p[5]);
-    return fastnorm_backward(dp, p[0], p[1], (const double *)p[2], (const double *)p[3], p[4], p[5], p[6], p[7]);
+        return fastnorm_forward_inference(dp, p[0], p[3], p[4], (const double *)p[1], (const double *)p[2],
+                                          p[5]);
+    return fastnorm_backward(dp, p[0], p[1], p[4], (const double *)p[2], (const double *)p[3], p[5], p[6],
+                             p[7]);
 }
 
 static int status_index(fastnorm_status st) { return (int)st >= 0 && (int)st < NSTATUS ? (int)st : NSTATUS; }
@@ -950,15 +1026,20 @@ static void check_helpers(long index, rng *r, call *c)
     ++g_helpers;
     ++g_helper_count[status_index(st)];
     if (st == FASTNORM_OK) {
-        if (m.definite) failure(index, c, &m, st, "fastnorm_%s accepted an invalid descriptor", which ? "num_params" : "num_stats");
+        if (m.definite)
+            failure(index, c, &m, st, "fastnorm_%s accepted an invalid descriptor",
+                    which ? "num_params" : "num_stats");
         else if (count != (which ? m.nparams : m.nstats))
-            failure(index, c, &m, st, "fastnorm_%s gave %lld, expected %lld", which ? "num_params" : "num_stats",
-                    (long long)count, (long long)(which ? m.nparams : m.nstats));
+            failure(index, c, &m, st, "fastnorm_%s gave %lld, expected %lld",
+                    which ? "num_params" : "num_stats", (long long)count,
+                    (long long)(which ? m.nparams : m.nstats));
     } else {
         if (!((m.definite | m.possible) & BIT(status_index(st))))
-            failure(index, c, &m, st, "fastnorm_%s returned an unexpected status", which ? "num_params" : "num_stats");
+            failure(index, c, &m, st, "fastnorm_%s returned an unexpected status",
+                    which ? "num_params" : "num_stats");
         if (count != -12345)
-            failure(index, c, &m, st, "fastnorm_%s wrote its count on failure", which ? "num_params" : "num_stats");
+            failure(index, c, &m, st, "fastnorm_%s wrote its count on failure",
+                    which ? "num_params" : "num_stats");
     }
 }
 
@@ -1027,7 +1108,8 @@ static void run_call(long index, int *previous_invalid)
         describe(&c, desc, sizeof desc);
         printf("call %ld: %s -> %s\n", index, desc, fastnorm_status_string(st));
     }
-    if (memcmp(&before, g_desc, sizeof before) != 0) failure(index, &c, &m, st, "the descriptor was modified");
+    if (memcmp(&before, g_desc, sizeof before) != 0)
+        failure(index, &c, &m, st, "the descriptor was modified");
 
     if (!valid) {
         unsigned bit = BIT(status_index(st));
@@ -1035,9 +1117,11 @@ static void run_call(long index, int *previous_invalid)
             failure(index, &c, &m, st, "wrong status for an invalid call");
         if (!unchanged(0, ARENA + GUARD)) {
             for (j = 0; j < ARENA + GUARD && g_arena[j] == g_snapshot[j]; ++j) continue;
-            failure(index, &c, &m, st, "an invalid call wrote to the buffers (first changed byte at arena offset %d)", j);
+            failure(index, &c, &m, st,
+                    "an invalid call wrote to the buffers (first changed byte at arena offset %d)", j);
         }
-        if (fastnorm_last_error()[0] == '\0') failure(index, &c, &m, st, "no message from fastnorm_last_error()");
+        if (fastnorm_last_error()[0] == '\0')
+            failure(index, &c, &m, st, "no message from fastnorm_last_error()");
         *previous_invalid = 1;
     } else {
         int64_t lo[8], hi[8], cursor = 0;
@@ -1057,11 +1141,16 @@ static void run_call(long index, int *previous_invalid)
             for (i = 0; i < no; ++i) /* sort by start */
                 for (j = i + 1; j < no; ++j)
                     if (lo[j] < lo[i]) {
-                        int64_t t = lo[i]; lo[i] = lo[j]; lo[j] = t;
-                        t = hi[i]; hi[i] = hi[j]; hi[j] = t;
+                        int64_t t = lo[i];
+                        lo[i] = lo[j];
+                        lo[j] = t;
+                        t = hi[i];
+                        hi[i] = hi[j];
+                        hi[j] = t;
                     }
             for (i = 0; i < no; ++i) {
-                if (!unchanged(cursor, lo[i])) failure(index, &c, &m, st, "bytes before %lld changed", (long long)lo[i]);
+                if (!unchanged(cursor, lo[i]))
+                    failure(index, &c, &m, st, "bytes before %lld changed", (long long)lo[i]);
                 if (hi[i] > cursor) cursor = hi[i];
             }
             if (!unchanged(cursor, ARENA + GUARD))
@@ -1130,13 +1219,15 @@ int main(int argc, char **argv)
         printf("fuzz: %s: %ld calls:", ENTRY_NAME[e], total);
         for (s = 0; s <= NSTATUS; ++s)
             if (g_count[e][s])
-                printf(" %s=%ld", s < NSTATUS ? fastnorm_status_string((fastnorm_status)s) : "other", g_count[e][s]);
+                printf(" %s=%ld", s < NSTATUS ? fastnorm_status_string((fastnorm_status)s) : "other",
+                       g_count[e][s]);
         printf("\n");
     }
     printf("fuzz: num_stats/num_params: %ld calls:", g_helpers);
     for (s = 0; s <= NSTATUS; ++s)
         if (g_helper_count[s])
-            printf(" %s=%ld", s < NSTATUS ? fastnorm_status_string((fastnorm_status)s) : "other", g_helper_count[s]);
+            printf(" %s=%ld", s < NSTATUS ? fastnorm_status_string((fastnorm_status)s) : "other",
+                   g_helper_count[s]);
     printf("\n");
     printf("fuzz: valid=%ld (checked against the reference %ld, inputs aliased across types %ld, "
            "right after an invalid call %ld) invalid=%ld (one acceptable status %ld, forced NULL %ld)\n",

@@ -26,7 +26,7 @@ int main(void)
     fastnorm_status st;
 
     for (i = 0; i < 2 * 8 * 3; ++i) x[i] = (float)(i % 5);
-    fastnorm_desc_init(&d, FASTNORM_BATCH_NORM, FASTNORM_FLOAT32, 3, dims);
+    fastnorm_desc_init(&d, sizeof d, FASTNORM_BATCH_NORM, FASTNORM_FLOAT32, 3, dims);
     t0 = now();
     st = fastnorm_forward_training(&d, x, NULL, NULL, y, mean, rstd);
     t1 = now();

@@ -32,7 +32,8 @@ static void make_cases(void)
     for (kind = FASTNORM_BATCH_NORM; kind <= FASTNORM_RMS_NORM; ++kind) {
         for (dtype = FASTNORM_FLOAT32; dtype <= FASTNORM_FLOAT64; ++dtype) {
             if (i >= NCASES) return;
-            fastnorm_desc_init(&cases[i], kind, dtype, 4, shapes[i % 2]);
+            fastnorm_desc_init(&cases[i], sizeof(fastnorm_desc), (fastnorm_kind)kind, (fastnorm_dtype)dtype,
+                               4, shapes[i % 2]);
             if (kind == FASTNORM_GROUP_NORM) cases[i].num_groups = 4;
             if (kind == FASTNORM_LAYER_NORM || kind == FASTNORM_RMS_NORM) cases[i].normalized_ndim = 2;
             else cases[i].layout = (i / 2) % 2 ? FASTNORM_CHANNELS_LAST : FASTNORM_CHANNELS_FIRST;
@@ -40,9 +41,11 @@ static void make_cases(void)
         }
     }
     /* two more: BN channels-last f32 and GN channels-last f64 */
-    fastnorm_desc_init(&cases[10], FASTNORM_BATCH_NORM, FASTNORM_FLOAT32, 4, shapes[1]);
+    fastnorm_desc_init(&cases[10], sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, FASTNORM_FLOAT32, 4,
+                       shapes[1]);
     cases[10].layout = FASTNORM_CHANNELS_LAST;
-    fastnorm_desc_init(&cases[11], FASTNORM_GROUP_NORM, FASTNORM_FLOAT64, 4, shapes[0]);
+    fastnorm_desc_init(&cases[11], sizeof(fastnorm_desc), FASTNORM_GROUP_NORM, FASTNORM_FLOAT64, 4,
+                       shapes[0]);
     cases[11].layout = FASTNORM_CHANNELS_LAST;
     cases[11].num_groups = 8;
     (void)k;
@@ -66,8 +69,8 @@ static int run(int c, result *r)
     const fastnorm_desc *d = &cases[c];
     fastnorm_status s1, s2, s3;
     s1 = fastnorm_forward_training(d, inputs_x[c], inputs_w[c], inputs_b[c], r->y, r->mean, r->rstd);
-    s2 = fastnorm_forward_inference(d, inputs_x[c], r->mean, r->rstd, inputs_w[c], inputs_b[c], r->yinf);
-    s3 = fastnorm_backward(d, inputs_dy[c], inputs_x[c], r->mean, r->rstd, inputs_w[c], r->dx, r->dw, r->db);
+    s2 = fastnorm_forward_inference(d, inputs_x[c], inputs_w[c], inputs_b[c], r->mean, r->rstd, r->yinf);
+    s3 = fastnorm_backward(d, inputs_dy[c], inputs_x[c], inputs_w[c], r->mean, r->rstd, r->dx, r->dw, r->db);
     return s1 == FASTNORM_OK && s2 == FASTNORM_OK && s3 == FASTNORM_OK;
 }
 
@@ -88,7 +91,13 @@ static void alloc_result(int c, result *r)
 
 static void free_result(result *r)
 {
-    free(r->y); free(r->yinf); free(r->dx); free(r->dw); free(r->db); free(r->mean); free(r->rstd);
+    free(r->y);
+    free(r->yinf);
+    free(r->dx);
+    free(r->dw);
+    free(r->db);
+    free(r->mean);
+    free(r->rstd);
 }
 
 static int same(int c, const result *a, const result *b)
@@ -98,9 +107,9 @@ static int same(int c, const result *a, const result *b)
     fastnorm_num_params(&cases[c], &np_);
     fastnorm_num_stats(&cases[c], &ns);
     return memcmp(a->y, b->y, (size_t)n * es) == 0 && memcmp(a->yinf, b->yinf, (size_t)n * es) == 0
-           && memcmp(a->dx, b->dx, (size_t)n * es) == 0 && memcmp(a->dw, b->dw, (size_t)np_ * es) == 0
-           && memcmp(a->db, b->db, (size_t)np_ * es) == 0 && memcmp(a->mean, b->mean, (size_t)ns * 8) == 0
-           && memcmp(a->rstd, b->rstd, (size_t)ns * 8) == 0;
+        && memcmp(a->dx, b->dx, (size_t)n * es) == 0 && memcmp(a->dw, b->dw, (size_t)np_ * es) == 0
+        && memcmp(a->db, b->db, (size_t)np_ * es) == 0 && memcmp(a->mean, b->mean, (size_t)ns * 8) == 0
+        && memcmp(a->rstd, b->rstd, (size_t)ns * 8) == 0;
 }
 
 static result lazy_results[NTHREADS][NCASES];

@@ -1,4 +1,4 @@
-"""C ABI of fastnorm: ``libfastnorm.so`` + ``capi/fastnorm.h`` (see ``docs/c-api.md``).
+"""C ABI of fastnorm: ``libfastnorm.so`` + ``capi/include/fastnorm.h`` (see ``docs/c-api.md``).
 
 The shared library embeds CPython through cffi's embedding mode and calls the
 kernels of :mod:`fastnorm._kernels` compiled as Numba cfuncs (module

@@ -7,12 +7,20 @@ environment of the build (``sys.executable``, ``sys.prefix``, the
 site-packages directories and the directory holding the ``fastnorm`` package)
 is baked into the library, so a C program needs neither ``PYTHONHOME`` nor
 ``PYTHONPATH``; ``FASTNORM_PYTHONHOME`` overrides the baked home at run time.
+
+Constants the C source shares with Python are not copied by hand: the build
+writes ``fastnorm_generated.h`` (see :func:`generated_header`) with the kernel
+flags of :mod:`fastnorm._kernels`, the function-table slots in the order of
+:data:`fastnorm.capi._runtime.TABLE_ORDER` and the baked environment, and
+``fastnorm_capi.c`` includes it.  The public header is
+``capi/include/fastnorm.h``; ``fastnorm.pc`` takes its version from it.
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
+import re
 import shutil
 import site
 import sys
@@ -24,12 +32,26 @@ __all__ = [
     "build",
     "cflags",
     "default_build_dir",
+    "generated_constants",
+    "generated_header",
+    "header_version",
     "libs",
     "source_dir",
 ]
 
 #: File name of the shared library.
 LIBRARY_NAME = "libfastnorm.so"
+
+#: Name of the header the build generates for ``fastnorm_capi.c`` (never installed).
+GENERATED_HEADER = "fastnorm_generated.h"
+
+#: Kernel flags of :mod:`fastnorm._kernels` exported to C as ``K_<name>``.
+_KERNEL_FLAGS = ("BATCH", "CENTERED", "PER_ELEMENT", "CHANNELS_LAST")
+
+#: Slots that :func:`fastnorm.capi._runtime.fill_table` writes after the cfuncs of
+#: ``TABLE_ORDER``, in its order (threading layer ``set_num_threads``,
+#: ``get_num_threads``, pool size); tests/test_capi.py checks them against it.
+_THREADING_SLOTS = ("SET_THREADS", "GET_THREADS", "MAX_THREADS")
 
 _PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent  # .../fastnorm
 _REPO_ROOT = _PACKAGE_ROOT.parent
@@ -75,7 +97,7 @@ def _fastnorm_py_init(table, table_len, owns_interpreter, message, message_len):
 
 
 def source_dir():
-    """Return the ``capi/`` directory holding ``fastnorm.h`` and ``src/fastnorm_capi.c``.
+    """Return the ``capi/`` directory holding ``include/fastnorm.h`` and ``src/fastnorm_capi.c``.
 
     Returns
     -------
@@ -88,9 +110,9 @@ def source_dir():
         from a wheel that does not ship them).
     """
     path = _REPO_ROOT / "capi"
-    if not (path / "fastnorm.h").is_file() or not (path / "src" / "fastnorm_capi.c").is_file():
+    if not (path / "include" / "fastnorm.h").is_file() or not (path / "src" / "fastnorm_capi.c").is_file():
         raise FileNotFoundError(
-            f"the C API sources are not at {path} (fastnorm.h, src/fastnorm_capi.c): build from a "
+            f"the C API sources are not at {path} (include/fastnorm.h, src/fastnorm_capi.c): build from a "
             "source checkout or an editable install"
         )
     return path
@@ -106,12 +128,94 @@ def _c_string(text):
     return json.dumps(text, ensure_ascii=True)
 
 
-def _baked_constants():
+def generated_constants():
+    """Collect the integer constants that :func:`generated_header` gives the C source.
+
+    Returns
+    -------
+    dict
+        ``{"K_BATCH": 1, ..., "SLOT_FORWARD_TRAINING_FLOAT32": 0, ..., "SLOT_COUNT": 9}``:
+        ``K_<flag>`` from :mod:`fastnorm._kernels` (imported by name), and one
+        ``SLOT_<OP>_<DTYPE>`` per entry of
+        :data:`fastnorm.capi._runtime.TABLE_ORDER` in its order, followed by the
+        threading slots that :func:`fastnorm.capi._runtime.fill_table` appends
+        and ``SLOT_COUNT``.
+    """
+    from fastnorm import _kernels
+
+    from . import _runtime
+
+    constants = {f"K_{name}": int(getattr(_kernels, name)) for name in _KERNEL_FLAGS}
+    slots = [f"{op}_{dtype}".upper() for op, dtype in _runtime.TABLE_ORDER] + list(_THREADING_SLOTS)
+    if len(set(slots)) != len(slots):
+        raise RuntimeError(f"duplicate table slots: {slots}")
+    constants.update({f"SLOT_{name}": index for index, name in enumerate(slots)})
+    constants["SLOT_COUNT"] = len(slots)
+    return constants
+
+
+def generated_header():
+    """Text of ``fastnorm_generated.h``, the header the build writes for ``fastnorm_capi.c``.
+
+    Returns
+    -------
+    str
+        C declarations: the kernel flags and table slots of
+        :func:`generated_constants` as enums, and the baked Python environment
+        (``FASTNORM_BAKED_EXECUTABLE``, ``FASTNORM_BAKED_PY_VERSION``) as
+        static strings.
+    """
+    constants = generated_constants()
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+    flags = ", ".join(_KERNEL_FLAGS)
+
+    def enum(prefix):
+        items = [f"    {name} = {value}," for name, value in constants.items() if name.startswith(prefix)]
+        return "enum {\n" + "\n".join(items) + "\n};\n"
+
     return (
+        f"/* {GENERATED_HEADER} -- written by fastnorm/capi/build.py for capi/src/fastnorm_capi.c.\n"
+        " * Generated at build time: do not edit, do not install. */\n"
+        "#ifndef FASTNORM_GENERATED_H\n#define FASTNORM_GENERATED_H\n\n"
+        f"/* Kernel flags: fastnorm._kernels.{{{flags}}}. */\n"
+        + enum("K_")
+        + "\n/* Slots of the function table filled by fastnorm.capi._runtime.fill_table:\n"
+        " * its TABLE_ORDER, then the threading layer's set/get_num_threads and the pool size. */\n"
+        + enum("SLOT_")
+        + "\n/* The Python environment of the build (see fastnorm/capi/build.py). */\n"
         f"static const char FASTNORM_BAKED_EXECUTABLE[] = {_c_string(sys.executable)};\n"
-        f"static const char FASTNORM_BAKED_PY_VERSION[] = {_c_string(version)};\n"
+        f"static const char FASTNORM_BAKED_PY_VERSION[] = {_c_string(version)};\n\n"
+        "#endif /* FASTNORM_GENERATED_H */\n"
     )
+
+
+def header_version(header=None):
+    """Read the version ``MAJOR.MINOR.PATCH`` from the C header's ``FASTNORM_VERSION_*`` macros.
+
+    Parameters
+    ----------
+    header : path-like, optional
+        Header to read (default ``capi/include/fastnorm.h`` of the source tree).
+
+    Returns
+    -------
+    str
+        E.g. ``"0.2.0"``.
+
+    Raises
+    ------
+    ValueError
+        If a ``FASTNORM_VERSION_MAJOR/MINOR/PATCH`` macro is missing.
+    """
+    text = pathlib.Path(header or source_dir() / "include" / "fastnorm.h").read_text()
+    parts = []
+    for part in ("MAJOR", "MINOR", "PATCH"):
+        match = re.search(rf"^#define FASTNORM_VERSION_{part} (\d+)$", text, re.MULTILINE)
+        if match is None:
+            raise ValueError(f"FASTNORM_VERSION_{part} is not defined in {header}")
+        parts.append(match.group(1))
+    return ".".join(parts)
 
 
 def _site_dirs():
@@ -154,7 +258,7 @@ def libs(out_dir=None):
     return f"-L{out} -Wl,-rpath,{out} -lfastnorm"
 
 
-def _write_pkgconfig(out):
+def _write_pkgconfig(out, version):
     text = (
         f"prefix={out}\n"
         "libdir=${prefix}\n"
@@ -162,7 +266,7 @@ def _write_pkgconfig(out):
         "Name: fastnorm\n"
         "Description: BatchNorm/InstanceNorm/GroupNorm/LayerNorm/RMSNorm forward and backward "
         "(C ABI of the fastnorm Numba kernels)\n"
-        "Version: 0.1.0\n"
+        f"Version: {version}\n"
         "Cflags: -I${includedir}\n"
         "Libs: -L${libdir} -Wl,-rpath,${libdir} -lfastnorm\n"
     )
@@ -176,7 +280,9 @@ def build(out_dir=None, verbose=False, extra_cflags=(), extra_ldflags=()):
     ----------
     out_dir : path-like, optional
         Output directory (default ``capi/build/``).  Receives
-        ``libfastnorm.so``, ``include/fastnorm.h`` and ``fastnorm.pc``.
+        ``libfastnorm.so``, ``include/fastnorm.h`` and ``fastnorm.pc`` (the
+        generated ``fastnorm_generated.h`` stays in the temporary build
+        directory).
     verbose : bool, optional
         Show the compiler command lines.
     extra_cflags, extra_ldflags : sequence of str, optional
@@ -208,13 +314,15 @@ def build(out_dir=None, verbose=False, extra_cflags=(), extra_ldflags=()):
 
     ffi = cffi.FFI()
     ffi.embedding_api(_EMBEDDING_API)
+    generated = generated_header()
     with tempfile.TemporaryDirectory(prefix="fastnorm-capi-") as tmp:
         version_script = pathlib.Path(tmp) / "exports.map"
         version_script.write_text("{ global: fastnorm_*; local: *; };\n")
+        (pathlib.Path(tmp) / GENERATED_HEADER).write_text(generated)
         ffi.set_source(
             "_fastnorm_capi",
-            _baked_constants() + '#include "fastnorm_capi.c"\n',
-            include_dirs=[str(src), str(src / "src")],
+            '#include "fastnorm_capi.c"\n',
+            include_dirs=[str(src / "include"), str(src / "src"), tmp],
             extra_compile_args=["-O2", "-fvisibility=hidden", *extra_cflags],
             extra_link_args=[
                 f"-Wl,--version-script={version_script}",
@@ -231,6 +339,6 @@ def build(out_dir=None, verbose=False, extra_cflags=(), extra_ldflags=()):
         shutil.copyfile(built, tmp_target)
         tmp_target.chmod(0o755)
         tmp_target.replace(target)  # atomic: running programs keep the old inode
-    shutil.copyfile(src / "fastnorm.h", out / "include" / "fastnorm.h")
-    _write_pkgconfig(out)
+    shutil.copyfile(src / "include" / "fastnorm.h", out / "include" / "fastnorm.h")
+    _write_pkgconfig(out, header_version(src / "include" / "fastnorm.h"))
     return target

@@ -1,6 +1,6 @@
 /*
  * fastnorm.h -- C ABI of fastnorm: BatchNorm, InstanceNorm, GroupNorm,
- * LayerNorm and RMSNorm forward / backward on the CPU.
+ * LayerNorm and RMSNorm forward / backward on the CPU.  Version 0.2.
  *
  * The library (libfastnorm.so) embeds a CPython interpreter and calls the
  * very same Numba kernels as the Python package, compiled once as Numba
@@ -10,13 +10,23 @@
  *
  * Build:   python -m fastnorm.capi build            (-> capi/build/libfastnorm.so)
  * Compile: cc $(python -m fastnorm.capi --cflags) prog.c $(python -m fastnorm.capi --libs)
- * Docs:    docs/c-api.md
+ * Docs:    docs/c-api.md (also: the ABI policy, what may change between versions)
  *
  * General rules, valid for every function below
  * ---------------------------------------------
+ * - Argument order of the compute calls (fastnorm_forward_training,
+ *   fastnorm_forward_inference, fastnorm_backward): the descriptor first, then
+ *   every buffer the call only reads, then every buffer it writes; within the
+ *   inputs and within the outputs the order is always
+ *       data tensors (dy before x), parameters (weight, bias), statistics (mean, rstd).
+ *   So a buffer's position says whether it is read or written: e.g.
+ *   forward_training(desc, x, weight, bias | y, mean, rstd) but
+ *   forward_inference(desc, x, weight, bias, mean, rstd | y).
  * - Ownership: the library never allocates, frees or keeps any buffer passed
- *   to it.  Every pointer is owned by the caller and only needs to stay valid
- *   for the duration of the call.  No pointer is retained after return.
+ *   to it, nor the descriptor.  Every pointer is owned by the caller and only
+ *   needs to stay valid for the duration of the call.  No pointer is retained
+ *   after return.  Strings returned by the library are owned by it (never
+ *   free them).
  * - Buffers are dense, C-contiguous arrays aligned to their element size.
  *   Data buffers (x, y, dy, dx, weight, bias, dweight, dbias) hold
  *   desc->dtype elements; mean and rstd are always double.
@@ -28,14 +38,20 @@
  *   allowed (y == x, dx == dy, dx == x).  Any other overlap between an output
  *   and another buffer is rejected with FASTNORM_OVERLAP.
  * - Thread safety: every function may be called concurrently from any number
- *   of threads, on different or identical inputs (outputs must not be shared
- *   between concurrent calls).  Calls run on Numba's thread-safe threading
- *   layer (TBB when available, else OpenMP).
+ *   of threads, on different or identical inputs and descriptors (outputs
+ *   must not be shared between concurrent calls).  Calls run on Numba's
+ *   thread-safe threading layer (TBB when available, else OpenMP).
  * - Initialization: fastnorm_init() starts the runtime explicitly; otherwise
  *   the first call that needs it does (lazy, thread-safe, once per process).
- *   Pure-C helpers (fastnorm_version, fastnorm_status_string,
- *   fastnorm_desc_init, fastnorm_num_stats, fastnorm_num_params,
- *   fastnorm_last_error) never start it.
+ *   Pure-C helpers (fastnorm_version, fastnorm_version_string,
+ *   fastnorm_status_string, fastnorm_last_error, fastnorm_desc_init,
+ *   fastnorm_num_stats, fastnorm_num_params) never start it.
+ * - Growable descriptor: fastnorm_desc starts with struct_size, which
+ *   fastnorm_desc_init sets to the size the caller passes (sizeof(fastnorm_desc)
+ *   of the header the program was compiled with).  New fields are only ever
+ *   appended; a library accepts the descriptor of its own header and of every
+ *   older one (missing fields get their defaults), and rejects a larger one
+ *   it does not know with FASTNORM_VERSION_MISMATCH.
  */
 #ifndef FASTNORM_H
 #define FASTNORM_H
@@ -49,39 +65,49 @@ extern "C" {
 
 /* Symbol visibility of the public entry points. */
 #if defined(_WIN32)
-#  ifdef FASTNORM_BUILDING
-#    define FASTNORM_API __declspec(dllexport)
-#  else
-#    define FASTNORM_API __declspec(dllimport)
-#  endif
+#    ifdef FASTNORM_BUILDING
+#        define FASTNORM_API __declspec(dllexport)
+#    else
+#        define FASTNORM_API __declspec(dllimport)
+#    endif
 #elif defined(__GNUC__) && __GNUC__ >= 4
-#  define FASTNORM_API __attribute__((visibility("default")))
+#    define FASTNORM_API __attribute__((visibility("default")))
 #else
-#  define FASTNORM_API
+#    define FASTNORM_API
 #endif
 
-/* Version of this header; fastnorm_version() gives the library's. */
+/* Version of this header; fastnorm_version() / fastnorm_version_string() give the library's. */
 #define FASTNORM_VERSION_MAJOR 0
-#define FASTNORM_VERSION_MINOR 1
+#define FASTNORM_VERSION_MINOR 2
 #define FASTNORM_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH */
 #define FASTNORM_VERSION \
     (FASTNORM_VERSION_MAJOR * 10000 + FASTNORM_VERSION_MINOR * 100 + FASTNORM_VERSION_PATCH)
+#define FASTNORM_QUOTE_(x) #x
+#define FASTNORM_QUOTE(x) FASTNORM_QUOTE_(x)
+/* "MAJOR.MINOR.PATCH", e.g. "0.2.0" */
+#define FASTNORM_VERSION_STRING            \
+    FASTNORM_QUOTE(FASTNORM_VERSION_MAJOR) \
+    "." FASTNORM_QUOTE(FASTNORM_VERSION_MINOR) "." FASTNORM_QUOTE(FASTNORM_VERSION_PATCH)
 
 /* Largest supported rank of the logical shape (fastnorm_desc.dims). */
 #define FASTNORM_MAX_RANK 8
 
-/* Status codes.  Values are pinned: they never change between versions. */
+/* Status codes.  Values are pinned: they never change between versions; new
+   ones are only appended (a caller should treat an unknown value as an error). */
 typedef enum fastnorm_status {
     FASTNORM_OK = 0,               /* success */
-    FASTNORM_INVALID_ARGUMENT = 1, /* bad value: dims, rank, enum, eps, groups, alignment */
+    FASTNORM_INVALID_ARGUMENT = 1, /* bad value: struct_size, dims, rank, enum, eps, groups, alignment */
     FASTNORM_UNSUPPORTED = 2,      /* valid but not implemented (float16, mixed dtypes, flags) */
     FASTNORM_NOT_INITIALIZED = 3,  /* the embedded runtime could not be started */
     FASTNORM_INTERNAL_ERROR = 4,   /* the kernel raised (only: out of memory for its workspace;
                                       Numba then writes the exception to stderr) */
     FASTNORM_NULL_POINTER = 5,     /* a required pointer is NULL */
     FASTNORM_SIZE_OVERFLOW = 6,    /* element count of dims times 8 bytes overflows int64 */
-    FASTNORM_OVERLAP = 7           /* an output overlaps another buffer (beyond allowed aliases) */
+    FASTNORM_OVERLAP = 7,          /* an output overlaps another buffer (beyond allowed aliases) */
+    FASTNORM_VERSION_MISMATCH = 8  /* desc->struct_size is larger than any descriptor this library
+                                      knows: the program was compiled with a newer fastnorm.h
+                                      (since 0.2) */
 } fastnorm_status;
 
 /* Which normalization.  0 is deliberately invalid (catches zeroed structs). */
@@ -95,11 +121,11 @@ typedef enum fastnorm_kind {
 
 /* Element type of the data buffers.  mean / rstd are always double. */
 typedef enum fastnorm_dtype {
-    FASTNORM_DTYPE_DEFAULT = 0,  /* only for param_dtype: same as dtype */
+    FASTNORM_DTYPE_DEFAULT = 0, /* only for param_dtype: same as dtype */
     FASTNORM_FLOAT32 = 1,
     FASTNORM_FLOAT64 = 2,
-    FASTNORM_FLOAT16 = 3,        /* recognized, returns FASTNORM_UNSUPPORTED */
-    FASTNORM_BFLOAT16 = 4        /* recognized, returns FASTNORM_UNSUPPORTED */
+    FASTNORM_FLOAT16 = 3, /* recognized, returns FASTNORM_UNSUPPORTED */
+    FASTNORM_BFLOAT16 = 4 /* recognized, returns FASTNORM_UNSUPPORTED */
 } fastnorm_dtype;
 
 /* Memory layout of x (and y, dy, dx) for BatchNorm / InstanceNorm / GroupNorm. */
@@ -109,10 +135,19 @@ typedef enum fastnorm_layout {
 } fastnorm_layout;
 
 /*
- * What to compute, on which shape.  Fill it with fastnorm_desc_init() and
- * adjust fields; all fields are plain values (no pointers), so a descriptor
- * may be copied freely and shared between threads.
+ * What to compute, on which shape.  Fill it with fastnorm_desc_init() (which
+ * sets struct_size) and adjust fields; all fields are plain values (no
+ * pointers), so a descriptor may be copied freely and shared between threads.
+ * Enum-valued fields are stored as int32_t (a fixed size, whatever the
+ * compiler's enum size).
  *
+ * struct_size     size in bytes of the caller's struct, set by
+ *                 fastnorm_desc_init (sizeof(fastnorm_desc) of the header the
+ *                 program was compiled with).  The library accepts the size of
+ *                 this header's struct and of every older header's (fields
+ *                 appended later get their defaults); 0 or a smaller size is
+ *                 FASTNORM_INVALID_ARGUMENT, a larger unknown one
+ *                 FASTNORM_VERSION_MISMATCH.  Never change it by hand.
  * kind            fastnorm_kind.
  * dtype           fastnorm_dtype of x, y, dy, dx.
  * param_dtype     dtype of weight, bias, dweight, dbias; FASTNORM_DTYPE_DEFAULT
@@ -136,8 +171,12 @@ typedef enum fastnorm_layout {
  *     the normalized dims for LN/RMS;
  *   statistics (mean, rstd): C for BN, N*C for IN, N*G for GN, the product of
  *     the leading (non-normalized) dims for LN/RMS (1 if there are none).
+ *
+ * ABI: fields are never removed, reordered or retyped; new fields are only
+ * appended at the end (with a default that keeps the older behaviour).
  */
 typedef struct fastnorm_desc {
+    size_t struct_size; /* 0.2 */
     int32_t kind;
     int32_t dtype;
     int32_t param_dtype;
@@ -147,20 +186,29 @@ typedef struct fastnorm_desc {
     int64_t num_groups;
     int64_t dims[FASTNORM_MAX_RANK];
     double eps;
-    uint64_t flags;
+    uint64_t flags; /* last field of 0.2; later fields are appended below */
 } fastnorm_desc;
 
 /**
  * Version of the library as MAJOR * 10000 + MINOR * 100 + PATCH.
  * @returns the runtime version (compare with FASTNORM_VERSION).
- * Thread-safe; never starts the runtime.
+ * Ownership: nothing.  Thread-safe; never starts the runtime.
  */
 FASTNORM_API int fastnorm_version(void);
 
 /**
+ * Version of the library as "MAJOR.MINOR.PATCH" (e.g. "0.2.0").
+ * @returns a static string owned by the library (never free it), valid for
+ *          the lifetime of the process.
+ * Thread-safe; never starts the runtime.
+ */
+FASTNORM_API const char *fastnorm_version_string(void);
+
+/**
  * Name of a status code, e.g. "FASTNORM_INVALID_ARGUMENT".
  * @param status any value (unknown values give "FASTNORM_UNKNOWN_STATUS").
- * @returns a static string owned by the library (never free it).
+ * @returns a static string owned by the library (never free it), valid for
+ *          the lifetime of the process.
  * Thread-safe; never starts the runtime.
  */
 FASTNORM_API const char *fastnorm_status_string(fastnorm_status status);
@@ -168,43 +216,62 @@ FASTNORM_API const char *fastnorm_status_string(fastnorm_status status);
 /**
  * Human-readable reason of the last non-OK status returned on the calling
  * thread ("" if none yet).
- * @returns a thread-local buffer owned by the library, valid until the next
- *          fastnorm call on the same thread.
- * Thread-safe; never starts the runtime.
+ * @returns a thread-local buffer owned by the library (never free it), valid
+ *          until the next fastnorm call on the same thread; copy it to keep it.
+ * Thread-safe (each thread has its own message); never starts the runtime.
  */
 FASTNORM_API const char *fastnorm_last_error(void);
 
 /**
- * Fill *desc with defaults: the given kind, dtype and shape, channels-first,
- * param_dtype 0, eps 1e-5, num_groups 0, normalized_ndim 1 for LN/RMS (else
- * 0), flags 0.  Set num_groups yourself for GroupNorm.
- * @param desc  output, owned by the caller.
- * @param kind  fastnorm_kind, stored as is (validated by the compute calls).
- * @param dtype fastnorm_dtype, stored as is.
- * @param rank  number of dims, 1..FASTNORM_MAX_RANK.
- * @param dims  rank values copied into desc->dims (unused entries set to 0).
- * @returns FASTNORM_OK, FASTNORM_NULL_POINTER (desc or dims NULL) or
- *          FASTNORM_INVALID_ARGUMENT (rank out of range); *desc is untouched
- *          on error.
+ * Fill *desc with defaults: struct_size, the given kind, dtype and shape,
+ * channels-first, param_dtype 0, eps 1e-5, num_groups 0, normalized_ndim 1
+ * for LN/RMS (else 0), flags 0.  Set num_groups yourself for GroupNorm.
+ *
+ *     fastnorm_desc desc;
+ *     fastnorm_desc_init(&desc, sizeof desc, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 2, dims);
+ *
+ * @param desc        output, owned by the caller; exactly struct_size bytes
+ *                    are written (none on error).  Not retained.
+ * @param struct_size sizeof(fastnorm_desc) as the caller's header declares
+ *                    it; stored in desc->struct_size.  0 or smaller than the
+ *                    0.2 descriptor: FASTNORM_INVALID_ARGUMENT; larger than
+ *                    any descriptor this library knows:
+ *                    FASTNORM_VERSION_MISMATCH.
+ * @param kind        fastnorm_kind (FASTNORM_INVALID_ARGUMENT if unknown).
+ * @param dtype       fastnorm_dtype of the data: FASTNORM_FLOAT32 or
+ *                    FASTNORM_FLOAT64; FASTNORM_FLOAT16 / FASTNORM_BFLOAT16 give
+ *                    FASTNORM_UNSUPPORTED, anything else (including
+ *                    FASTNORM_DTYPE_DEFAULT) FASTNORM_INVALID_ARGUMENT.
+ * @param rank        number of dims, 1..FASTNORM_MAX_RANK.
+ * @param dims        rank values copied into desc->dims (unused entries set to
+ *                    0); read only during the call.  The dims themselves are
+ *                    validated by the calls that use the descriptor.
+ * @returns FASTNORM_OK, FASTNORM_NULL_POINTER (desc or dims NULL),
+ *          FASTNORM_INVALID_ARGUMENT, FASTNORM_UNSUPPORTED or
+ *          FASTNORM_VERSION_MISMATCH; *desc is untouched on error.
  * Thread-safe; never starts the runtime.
  */
-FASTNORM_API fastnorm_status fastnorm_desc_init(fastnorm_desc *desc, int32_t kind, int32_t dtype,
-                                                int32_t rank, const int64_t *dims);
+FASTNORM_API fastnorm_status fastnorm_desc_init(fastnorm_desc *desc, size_t struct_size, fastnorm_kind kind,
+                                                fastnorm_dtype dtype, int32_t rank, const int64_t *dims);
 
 /**
  * Number of elements of each of weight, bias, dweight, dbias.
- * @param desc  a descriptor, validated as by the compute calls.
+ * @param desc  a descriptor (caller-owned, read only, not retained),
+ *              validated as by the compute calls.
  * @param count output (caller-owned); written only on FASTNORM_OK.
- * @returns FASTNORM_OK or the validation status of desc.
+ * @returns FASTNORM_OK, FASTNORM_NULL_POINTER (count NULL) or the validation
+ *          status of desc.
  * Thread-safe; never starts the runtime.
  */
 FASTNORM_API fastnorm_status fastnorm_num_params(const fastnorm_desc *desc, int64_t *count);
 
 /**
  * Number of elements of each of mean and rstd (doubles).
- * @param desc  a descriptor, validated as by the compute calls.
+ * @param desc  a descriptor (caller-owned, read only, not retained),
+ *              validated as by the compute calls.
  * @param count output (caller-owned); written only on FASTNORM_OK.
- * @returns FASTNORM_OK or the validation status of desc.
+ * @returns FASTNORM_OK, FASTNORM_NULL_POINTER (count NULL) or the validation
+ *          status of desc.
  * Thread-safe; never starts the runtime.
  */
 FASTNORM_API fastnorm_status fastnorm_num_stats(const fastnorm_desc *desc, int64_t *count);
@@ -220,6 +287,9 @@ FASTNORM_API fastnorm_status fastnorm_num_stats(const fastnorm_desc *desc, int64
  * NUMBA_THREADING_LAYER, NUMBA_CACHE_DIR.  The process's own PYTHONHOME /
  * PYTHONPATH are not needed.
  *
+ * Ownership: the runtime (interpreter, compiled kernels, thread pool) is
+ * owned by the library and lives until the process exits; there is no
+ * shutdown function.
  * @returns FASTNORM_OK, or FASTNORM_NOT_INITIALIZED if the runtime cannot
  *          start (reason in fastnorm_last_error(); the failure is sticky: later
  *          calls return FASTNORM_NOT_INITIALIZED too).
@@ -229,12 +299,14 @@ FASTNORM_API fastnorm_status fastnorm_init(void);
 
 /**
  * Set how many threads each subsequent call (from any thread) may use.
- * @param num_threads 1..fastnorm_max_threads(), or 0 for all of them (the
+ * @param num_threads 1..max_threads (the pool size, see
+ *                    fastnorm_runtime_info), or 0 for all of them (the
  *                    default).
  * @returns FASTNORM_OK, FASTNORM_INVALID_ARGUMENT (out of range) or
  *          FASTNORM_NOT_INITIALIZED.  Starts the runtime if needed.
- * Thread-safe (process-wide setting; calls already running are unaffected).
- * Results do not depend on the number of threads (bitwise).
+ * Ownership: nothing.  Thread-safe (process-wide setting; calls already
+ * running are unaffected).  Results do not depend on the number of threads
+ * (bitwise).
  */
 FASTNORM_API fastnorm_status fastnorm_set_num_threads(int num_threads);
 
@@ -250,8 +322,9 @@ FASTNORM_API fastnorm_status fastnorm_get_num_threads(int *num_threads);
  * Size of the thread pool (NUMBA_NUM_THREADS at initialization, by default
  * the number of CPU cores), and the threading layer name ("tbb", "omp").
  * @param max_threads output (caller-owned), may be NULL.
- * @param layer       output: pointer to a static string owned by the
- *                    library, may be NULL.
+ * @param layer       output: receives a pointer to a string owned by the
+ *                    library (never free it), valid for the lifetime of the
+ *                    process; may be NULL.
  * @returns FASTNORM_OK or FASTNORM_NOT_INITIALIZED.  Starts the runtime.
  * Thread-safe.
  */
@@ -262,27 +335,33 @@ FASTNORM_API fastnorm_status fastnorm_runtime_info(int *max_threads, const char 
  * y = (x - mean) * (rstd * weight) + bias  (biased variance; RMSNorm: mean 0,
  * rstd = 1 / sqrt(mean(x^2) + eps)).
  *
+ * Inputs:
  * @param desc   descriptor (read only).
- * @param x      input, product(dims) elements of desc->dtype, laid out as
+ * @param x      product(dims) elements of desc->dtype, laid out as
  *               desc->dims in desc->layout order.
  * @param weight fastnorm_num_params elements, or NULL (weight 1).
  * @param bias   fastnorm_num_params elements, or NULL (bias 0).
- * @param y      output, same size as x.  May be x itself (in place).
- * @param mean   output, fastnorm_num_stats doubles (0 for RMSNorm).
- * @param rstd   output, fastnorm_num_stats doubles, 1 / sqrt(var + eps).
+ * Outputs:
+ * @param y      same size as x.  May be x itself (in place).
+ * @param mean   fastnorm_num_stats doubles (0 for RMSNorm).
+ * @param rstd   fastnorm_num_stats doubles, 1 / sqrt(var + eps).
  * @returns FASTNORM_OK; FASTNORM_NULL_POINTER (desc, x, y, mean or rstd NULL);
  *          FASTNORM_INVALID_ARGUMENT (bad descriptor, misaligned buffer, or a
  *          training batch with one value per channel: BatchNorm with N*S == 1,
- *          InstanceNorm with S == 1, as torch); FASTNORM_UNSUPPORTED;
- *          FASTNORM_SIZE_OVERFLOW; FASTNORM_OVERLAP; FASTNORM_NOT_INITIALIZED;
- *          FASTNORM_INTERNAL_ERROR.  Nothing is written unless FASTNORM_OK
- *          (except after FASTNORM_INTERNAL_ERROR, where outputs are undefined).
- * Thread-safe.  Deterministic: bitwise identical results for any number of
- * threads, and identical to fastnorm.forward() in Python.
+ *          InstanceNorm with S == 1, as torch); FASTNORM_VERSION_MISMATCH;
+ *          FASTNORM_UNSUPPORTED; FASTNORM_SIZE_OVERFLOW; FASTNORM_OVERLAP;
+ *          FASTNORM_NOT_INITIALIZED; FASTNORM_INTERNAL_ERROR.  Nothing is
+ *          written unless FASTNORM_OK (except after FASTNORM_INTERNAL_ERROR,
+ *          where outputs are undefined).
+ * Ownership: every buffer and the descriptor belong to the caller; the
+ * library reads / writes them during the call only and keeps no pointer.
+ * Starts the runtime if needed.  Thread-safe.  Deterministic: bitwise
+ * identical results for any number of threads, and identical to
+ * fastnorm.forward() in Python.
  */
 FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc, const void *x,
-                                                       const void *weight, const void *bias,
-                                                       void *y, double *mean, double *rstd);
+                                                       const void *weight, const void *bias, void *y,
+                                                       double *mean, double *rstd);
 
 /**
  * Inference forward pass with given statistics:
@@ -291,20 +370,22 @@ FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc
  * (desc->eps is not used by this call).  For RMSNorm mean is ignored (it may
  * not be NULL; pass rstd).
  *
+ * Inputs:
  * @param desc   descriptor (read only).
- * @param x      input (see fastnorm_forward_training).
- * @param mean   input, fastnorm_num_stats doubles.
- * @param rstd   input, fastnorm_num_stats doubles.
+ * @param x      see fastnorm_forward_training.
  * @param weight fastnorm_num_params elements, or NULL.
  * @param bias   fastnorm_num_params elements, or NULL.
- * @param y      output, same size as x.  May be x itself (in place).
+ * @param mean   fastnorm_num_stats doubles.
+ * @param rstd   fastnorm_num_stats doubles.
+ * Output:
+ * @param y      same size as x.  May be x itself (in place).
  * @returns as fastnorm_forward_training (no one-value-per-channel check).
- * Thread-safe.
+ * Ownership: as fastnorm_forward_training (nothing retained).  Starts the
+ * runtime if needed.  Thread-safe.  Deterministic.
  */
 FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *desc, const void *x,
-                                                        const double *mean, const double *rstd,
                                                         const void *weight, const void *bias,
-                                                        void *y);
+                                                        const double *mean, const double *rstd, void *y);
 
 /**
  * Backward pass.  With g = weight * dy and xhat = (x - mean) * rstd over the
@@ -312,25 +393,28 @@ FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *des
  * (no mean(g) term for RMSNorm); dweight = sum(dy * xhat), dbias = sum(dy)
  * over everything but the channel (the position, for LN/RMS).
  *
+ * Inputs:
  * @param desc    descriptor of the forward pass (read only).
- * @param dy      input, gradient of the loss w.r.t. y, same size as x.
- * @param x       input, the forward input.
- * @param mean    input, the mean written by fastnorm_forward_training.
- * @param rstd    input, the rstd written by fastnorm_forward_training.
+ * @param dy      gradient of the loss w.r.t. y, same size as x.
+ * @param x       the forward input.
  * @param weight  the forward weight, or NULL if none.
- * @param dx      output, same size as x.  May be dy or x itself (in place).
- * @param dweight output, fastnorm_num_params elements, or NULL to skip it
+ * @param mean    the mean written by fastnorm_forward_training.
+ * @param rstd    the rstd written by fastnorm_forward_training.
+ * Outputs:
+ * @param dx      same size as x.  May be dy or x itself (in place).
+ * @param dweight fastnorm_num_params elements, or NULL to skip it
  *                (allowed with weight == NULL: the gradient at weight = 1).
- * @param dbias   output, fastnorm_num_params elements, or NULL to skip it.
+ * @param dbias   fastnorm_num_params elements, or NULL to skip it.
  * @returns as fastnorm_forward_training; FASTNORM_NULL_POINTER if desc, dy,
  *          x, mean, rstd or dx is NULL; the one-value-per-channel check
  *          applies (statistics of a training batch).
- * Thread-safe.  Deterministic, identical to fastnorm.backward() in Python.
+ * Ownership: as fastnorm_forward_training (nothing retained).  Starts the
+ * runtime if needed.  Thread-safe.  Deterministic, identical to
+ * fastnorm.backward() in Python.
  */
-FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy,
-                                               const void *x, const double *mean,
-                                               const double *rstd, const void *weight, void *dx,
-                                               void *dweight, void *dbias);
+FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy, const void *x,
+                                               const void *weight, const double *mean, const double *rstd,
+                                               void *dx, void *dweight, void *dbias);
 
 #ifdef __cplusplus
 } /* extern "C" */
