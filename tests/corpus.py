@@ -137,8 +137,12 @@ def corpus():
     return entries
 
 
-def outputs(case, layout, dtype, affine):
-    """Run every pass of one corpus entry; return the list of output arrays, in a fixed order."""
+def inputs(case, layout, dtype, affine):
+    """The inputs of one corpus entry: ``(x, dy, weight, bias, given_stats, spec)``.
+
+    ``x`` and ``dy`` in the entry's layout; ``given_stats`` are the statistics
+    of the inference pass; ``weight``/``bias`` are None when absent.
+    """
     rng = rng_for("corpus", case, layout, np.dtype(dtype).name, affine)
     x_cf = (rng.standard_normal(case.shape) * 2.0 + 3.0).astype(dtype)
     dy_cf = rng.standard_normal(case.shape).astype(dtype)
@@ -148,10 +152,19 @@ def outputs(case, layout, dtype, affine):
     x, channels_last = arrange(x_cf, layout, case)
     dy, _ = arrange(dy_cf, layout, case)
     spec = case.spec(channels_last)
+    stats_shape = fastnorm.forward(x, spec)[1].mean.shape
+    given = fastnorm.Stats(rng.standard_normal(stats_shape), rng.uniform(0.5, 2.0, stats_shape), has_bias)
+    return x, dy, weight, bias, given, spec
+
+
+def outputs(case, layout, dtype, affine):
+    """Run every pass of one corpus entry; return the list of output arrays, in a fixed order.
+
+    ``[y, mean, rstd, y_inference, dx, dweight, dbias, dx_alone, y_inplace,
+    dx_inplace]`` without the absent ``dweight``/``dbias``.
+    """
+    x, dy, weight, bias, given, spec = inputs(case, layout, dtype, affine)
     y, stats = fastnorm.forward(x, spec, weight, bias)
-    given = fastnorm.Stats(
-        rng.standard_normal(stats.mean.shape), rng.uniform(0.5, 2.0, stats.rstd.shape), has_bias
-    )
     y_inference = fastnorm.forward_inference(x, given, spec, weight, bias)
     dx, dweight, dbias = fastnorm.backward(dy, x, stats, spec, weight)
     dx_alone, _, _ = fastnorm.backward(dy, x, stats, spec, None, with_bias=False)

@@ -227,6 +227,66 @@ def test_c_matches_python_every_kind_dtype_layout(capi, tmp_path):
             np.testing.assert_array_equal(got, want, err_msg=f"{prefix}.{name}")
 
 
+def test_c_gives_the_pinned_corpus_bitwise(capi, tmp_path):
+    """Every corpus entry (tests/corpus.py) through the C ABI: the same bytes as the Python API.
+
+    The Python outputs are the ones ``test_corpus.py`` pins by their digests,
+    so C, Python and the pinned results agree on every kind, layout, dtype,
+    affine variant and schedule.
+    """
+    import corpus
+
+    from fastnorm import _kernels as K
+    from fastnorm import core
+
+    lines, expected = [], []
+    for index, (name, (case, layout, dtype, affine)) in enumerate(sorted(corpus.corpus().items())):
+        prefix = tmp_path / f"corpus{index}"
+        x, dy, weight, bias, given, spec = corpus.inputs(case, layout, dtype, affine)
+        # the layout Python runs (a 2-D "channels-last memory" array is plain (N, C): channels-first)
+        channels_last = bool(core._plan(x, spec, True).kspec.flags & K.CHANNELS_LAST)
+        if channels_last and not spec.channels_last:  # NCHW view of NHWC memory: (N, *spatial, C) in C
+            x, dy = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, dy))
+        names = (
+            ["y", "mean", "rstd", "yinf", "dx"] + ["dw"] * (weight is not None) + ["db"] * (bias is not None)
+        )
+        outputs = dict(zip(names, corpus.outputs(case, layout, dtype, affine), strict=False))
+        if channels_last and not spec.channels_last:  # C writes the NHWC buffer of Python's NCHW view
+            outputs.update({k: np.moveaxis(outputs[k], 1, -1) for k in ("y", "yinf", "dx")})
+        expected.append((name, prefix, dtype, outputs))
+        for suffix, array in (
+            ("x", x),
+            ("dy", dy),
+            ("w", weight),
+            ("b", bias),
+            ("imean", given.mean),
+            ("irstd", given.rstd),
+        ):
+            if array is not None:
+                np.ascontiguousarray(array).tofile(f"{prefix}.{suffix}")
+        eps = spec.eps if spec.eps is not None else float(np.finfo(dtype).eps)
+        groups = case.num_groups or 0
+        nd = case.normalized_ndim or 0
+        lines.append(
+            f"{prefix} {KINDS[case.kind]} {DTYPES[dtype]} {int(channels_last)} "
+            f"{x.ndim} {' '.join(map(str, x.shape))} {groups} {nd} {eps!r} {int(weight is not None)} "
+            f"{int(bias is not None)}"
+        )
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    result = run([capi["compare"], manifest], timeout=1200)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"compare: {len(lines)} cases, 0 failures" in result.stdout
+    differ = []
+    for name, prefix, dtype, arrays in expected:
+        for suffix, want in arrays.items():
+            file_dtype = np.float64 if suffix in ("mean", "rstd") else dtype
+            got = np.fromfile(f"{prefix}.{suffix}", dtype=file_dtype)
+            if got.tobytes() != np.ascontiguousarray(want).tobytes():
+                differ.append(f"{name}.{suffix}")
+    assert not differ, f"{len(differ)} C outputs differ from Python: {differ[:20]}"
+
+
 # ---------------------------------------------------------------------------
 # Bad input, threads, environment
 # ---------------------------------------------------------------------------

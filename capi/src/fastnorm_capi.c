@@ -49,11 +49,12 @@ int _fastnorm_py_init(int64_t *table, int64_t table_len, int32_t owns_interprete
 /* Signatures of the cfuncs of fastnorm/capi/_cfuncs.py, and of the threading layer's. */
 typedef int32_t (*forward_fn)(const void *x, const void *w, int64_t nw, const void *b, int64_t nb, void *y,
                               double *mean, double *rstd, int64_t nstats, int64_t batch, int64_t channels,
-                              int64_t spatial, int64_t groups, int64_t flags, double eps);
+                              int64_t spatial, int64_t groups, int64_t flags, double eps,
+                              int64_t num_threads);
 typedef int32_t (*backward_fn)(const void *dy, const void *x, const void *w, int64_t nw, const double *mean,
                                const double *rstd, int64_t nstats, void *dx, void *dw, int64_t ndw, void *db,
                                int64_t ndb, int64_t batch, int64_t channels, int64_t spatial, int64_t groups,
-                               int64_t flags, double eps);
+                               int64_t flags, double eps, int64_t num_threads);
 typedef void (*set_threads_fn)(int);
 typedef int (*get_threads_fn)(void);
 
@@ -546,13 +547,15 @@ FASTNORM_API fastnorm_status fastnorm_runtime_info(int *max_threads_out, const c
 }
 
 /* Numba's thread count is thread-local to the launching thread: set it for
-   this call and restore the caller's value afterwards. */
-static int enter_threads(void)
+   this call and restore the caller's value afterwards.  The count is also
+   passed to the cfunc, whose schedule may depend on it (as in Python). */
+static int enter_threads(int *threads)
 {
     int n = __atomic_load_n(&wanted_threads, __ATOMIC_RELAXED);
     int previous = ((get_threads_fn)(uintptr_t)runtime_table[SLOT_GET_THREADS])();
     if (n <= 0) n = max_threads;
     if (previous != n) ((set_threads_fn)(uintptr_t)runtime_table[SLOT_SET_THREADS])(n);
+    *threads = n;
     return previous;
 }
 
@@ -591,7 +594,7 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
     plan p;
     fastnorm_status st;
     int32_t rc;
-    int previous, slot;
+    int previous, slot, threads;
     if ((st = make_plan(desc, training, &p)) != FASTNORM_OK) return st;
     REQUIRE(x);
     REQUIRE(y);
@@ -609,12 +612,12 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
         if ((st = check_buffers(bufs, 6, allowed, 1)) != FASTNORM_OK) return st;
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
-    previous = enter_threads();
+    previous = enter_threads(&threads);
     slot = training ? (p.dtype_index ? SLOT_FORWARD_TRAINING_FLOAT64 : SLOT_FORWARD_TRAINING_FLOAT32)
                     : (p.dtype_index ? SLOT_FORWARD_INFERENCE_FLOAT64 : SLOT_FORWARD_INFERENCE_FLOAT32);
     rc = ((forward_fn)(uintptr_t)runtime_table[slot])(
         x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, (double *)mean, (double *)rstd,
-        p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
+        p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1)
         return fail(FASTNORM_INTERNAL_ERROR, "the %s kernel failed (out of memory?)",
@@ -644,7 +647,7 @@ FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const 
     plan p;
     fastnorm_status st;
     int32_t rc;
-    int previous, slot;
+    int previous, slot, threads;
     if ((st = make_plan(desc, 1, &p)) != FASTNORM_OK) return st;
     REQUIRE(dy);
     REQUIRE(x);
@@ -665,11 +668,12 @@ FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const 
         if ((st = check_buffers(bufs, 8, allowed, 2)) != FASTNORM_OK) return st;
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
-    previous = enter_threads();
+    previous = enter_threads(&threads);
     slot = p.dtype_index ? SLOT_BACKWARD_FLOAT64 : SLOT_BACKWARD_FLOAT32;
-    rc = ((backward_fn)(uintptr_t)runtime_table[slot])(
-        dy, x, weight, weight ? p.nparams : 0, mean, rstd, p.nstats, dx, dweight, dweight ? p.nparams : 0,
-        dbias, dbias ? p.nparams : 0, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps);
+    rc = ((backward_fn)(uintptr_t)runtime_table[slot])(dy, x, weight, weight ? p.nparams : 0, mean, rstd,
+                                                       p.nstats, dx, dweight, dweight ? p.nparams : 0, dbias,
+                                                       dbias ? p.nparams : 0, p.batch, p.channels, p.spatial,
+                                                       p.groups, p.flags, p.eps, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward kernel failed (out of memory?)");
     return FASTNORM_OK;
