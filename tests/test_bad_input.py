@@ -587,7 +587,8 @@ def test_overlap_status_classifies_every_argument(dtype):
         return _overlap_status(target, first, second, weight, bias, mean, rstd)
 
     assert status() == 0
-    assert status(first=out) == 0  # in place
+    assert status(first=out) == 3  # in place
+    assert status(second=out) == 3
     assert status(first=buf[32:48], second=buf[0:16]) == 0  # touching both ends, no shared byte
     assert status(first=buf[31:47]) == 2  # one shared element
     assert status(second=buf[15:31]) == 2
