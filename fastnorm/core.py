@@ -82,9 +82,12 @@ class _Plan:
         Per pass (``K.FORWARD``, ``K.INFERENCE``, ``K.BACKWARD``): whether
         :func:`~fastnorm._kernels.plan_schedule` gives another schedule for
         another thread count (then a call looks the thread count up).
-    calls : dict
-        ``{(pass, has_weight, has_bias, in_place, threads): (kernel, params)}``,
-        filled by :func:`_kernel_call`.
+    calls : list
+        ``(kernel, params)`` of each pass and call variant (index ``8 * pass +
+        variant``, see :func:`_kernel_call`), filled on first use.
+    thread_calls : dict
+        The same for passes whose schedule depends on the thread count, by
+        ``(pass, variant, threads)``.
     kernel_axes : tuple of int or None
         Axis order of ``x`` whose C order is the kernel's buffer order
         (channels-last memory seen as ``(N, C, *spatial)``); ``None`` when it
@@ -108,7 +111,8 @@ class _Plan:
     kernel_params: tuple
     itemsize: int
     thread_dependent: tuple
-    calls: dict
+    calls: list
+    thread_calls: dict
     kernel_axes: tuple | None
     output_axes: tuple | None
     kernel_shape: tuple
@@ -279,6 +283,7 @@ def _new_plan(kspec, x, kernel_axes, param_shape, stats_shape, group_size):
         params,
         itemsize,
         thread_dependent,
+        [None] * 24,
         {},
         kernel_axes,
         output_axes,
@@ -290,23 +295,35 @@ def _new_plan(kspec, x, kernel_axes, param_shape, stats_shape, group_size):
     )
 
 
-def _kernel_call(plan, pass_id, has_weight, has_bias, in_place=False):
-    """Return ``(kernel, params)`` of one call: the schedule of :func:`~fastnorm._kernels.plan_schedule`.
+def _kernel_call(plan, pass_id, variant):
+    """Return ``(kernel, params)`` of one call, with the schedule of :func:`~fastnorm._kernels.plan_schedule`.
 
-    ``params`` is the kernel spec followed by the schedule, a plain tuple.
-    Cached per plan and call variant; the thread count is looked up (about
-    0.7 us) only when the plan's schedule depends on it.
+    ``variant`` is ``4 * has_weight + 2 * has_bias + in_place``; ``params``
+    is the kernel spec followed by the schedule, a plain tuple.  Cached per
+    plan and variant; the thread count is looked up (about 0.7 us) only when
+    the plan's schedule depends on it.
     """
-    threads = numba.get_num_threads() if plan.thread_dependent[pass_id] else 0
-    key = (pass_id, has_weight, has_bias, in_place, threads)
-    call = plan.calls.get(key)
+    if plan.thread_dependent[pass_id]:
+        threads = numba.get_num_threads()
+        key = (pass_id, variant, threads)
+        call = plan.thread_calls.get(key)
+        if call is None:
+            call = plan.thread_calls[key] = _new_call(plan, pass_id, variant, threads)
+        return call
+    call = plan.calls[8 * pass_id + variant]
     if call is None:
-        schedule = K.plan_schedule(
-            plan.kernel_params, pass_id, max(threads, 1), plan.itemsize, has_weight, has_bias, in_place
-        )
-        params = plan.kernel_params + tuple(schedule)
-        call = plan.calls[key] = (K.select(pass_id, params), params)
+        call = plan.calls[8 * pass_id + variant] = _new_call(plan, pass_id, variant, 1)
     return call
+
+
+def _new_call(plan, pass_id, variant, threads):
+    """``(kernel, params)`` of :func:`_kernel_call` from the planner."""
+    has_weight, has_bias, in_place = bool(variant & 4), bool(variant & 2), bool(variant & 1)
+    schedule = K.plan_schedule(
+        plan.kernel_params, pass_id, threads, plan.itemsize, has_weight, has_bias, in_place
+    )
+    params = plan.kernel_params + tuple(schedule)
+    return K.select(pass_id, params), params
 
 
 def _kernel_view(array, plan):
@@ -499,7 +516,10 @@ def _forward(x, spec, weight, bias, out):
     mean = np.empty(plan.stats_shape)
     rstd = np.empty(plan.stats_shape)
     if plan.stats_size:
-        kernel, params = _kernel_call(plan, K.FORWARD, weight_flat.size > 0, bias_flat.size > 0, in_place)
+        # weight / bias given: non-empty whenever a kernel runs
+        kernel, params = _kernel_call(
+            plan, K.FORWARD, (weight is not None) * 4 + (bias is not None) * 2 + in_place
+        )
         kernel(x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), params)
     return y, mean, rstd
 
@@ -533,7 +553,8 @@ def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
     prepared = _prepare_forward(x, plan, weight, bias, out, (mean, rstd))
     weight_flat, bias_flat, x_flat, y, y_flat, in_place = prepared
     if y_flat.size:
-        kernel, params = _kernel_call(plan, K.INFERENCE, weight_flat.size > 0, bias_flat.size > 0, in_place)
+        variant = (weight is not None) * 4 + (bias is not None) * 2 + in_place
+        kernel, params = _kernel_call(plan, K.INFERENCE, variant)
         kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, params)
     return y
 
@@ -594,7 +615,7 @@ def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
     dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
     if dx_flat.size:
         empty = _EMPTY[x.dtype]
-        kernel, params = _kernel_call(plan, K.BACKWARD, weight_flat.size > 0, False, in_place)
+        kernel, params = _kernel_call(plan, K.BACKWARD, (weight is not None) * 4 + in_place)
         kernel(
             dy_flat,
             x_flat,

@@ -279,30 +279,26 @@ def _row_chunk(dy, x, weight, mean, rstd, dx, part_dy, part_dy_xhat, spec, nbloc
         for b in range(nblocks):
             s0 = b * BLOCK
             s1 = min(width, s0 + BLOCK)
+            xs = x[off + s0 : off + s1]
+            dys = dy[off + s0 : off + s1]
             block_g, block_g_xc = _row_dots_and_partials(
-                dy[off + s0 : off + s1],
-                x[off + s0 : off + s1],
-                weight[s0:s1],
-                part_dy[s0:s1],
-                part_dy_xhat[s0:s1],
-                row_mean,
-                row_rstd,
+                dys, xs, weight[s0:s1], part_dy[s0:s1], part_dy_xhat[s0:s1], row_mean, row_rstd
             )
             sum_g += block_g
             sum_g_xc += block_g_xc
         kx, k0 = _dx_coefs(sum_g, sum_g_xc, row_rstd, float(width), spec.flags)
         for b in range(nblocks):
-            o, count, s0 = _cf_block_span(spec, n, b)
-            _dx_row_span(
-                dy[o : o + count],
-                x[o : o + count],
-                weight[s0 : s0 + count],
-                dx[o : o + count],
-                row_rstd,
-                kx,
-                k0,
-                row_mean,
-            )
+            _row_dx_block(dy, x, weight, dx, spec, n, b, row_mean, row_rstd, kx, k0)
+
+
+@glue
+def _row_dx_block(dy, x, weight, dx, spec, row, b, mean, rstd, kx, k0):
+    """Write ``dx`` of block ``b`` of a row from the row's coefficients (slices taken here: see planes)."""
+    off, count, s0 = _cf_block_span(spec, row, b)
+    xs = x[off : off + count]
+    dys = dy[off : off + count]
+    dxs = dx[off : off + count]
+    _dx_row_span(dys, xs, weight[s0 : s0 + count], dxs, rstd, kx, k0, mean)
 
 
 @glue
