@@ -492,6 +492,12 @@ def test_onednn_ratio_in_json_markdown_table_and_plot(tmp_path):
 
 
 def test_main_onednn_option_and_freed_memory_setting(tmp_path, fake_cli, capsys):
+    from benchmarks.baselines import onednn
+
+    try:  # main() loads oneDNN for --onednn (the bench extra installs it)
+        bench.load_onednn()
+    except onednn.OneDNNError as exc:
+        pytest.skip(f"oneDNN not loadable: {exc}")
     fake_cli.update({CASE: [(2.0, 0.5)]})
     json_path = tmp_path / "r.json"
     args = ["--cases", CASE, "--threads", "1", "--json", str(json_path)]
