@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   installs fastnorm into .venv and runs the demo
-#   make test   installs fastnorm with its test extra into .venv and runs the test suite
+#   make test   installs fastnorm with its test, parity, bench and capi extras into .venv and
+#               runs ruff and the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -15,8 +16,18 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[tbb]'
 	touch $@
 
+# Everything the whole suite runs: torch parity, the C ABI, the benchmark harness and oneDNN.
+# Its extras include those of capi and bench, so their stamps are brought up to date too.
 $(VENV)/.installed-test: pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,parity,bench,capi]'
+	touch $@ $(VENV)/.installed-capi $(VENV)/.installed-bench
+
+$(VENV)/.installed-capi: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[capi]'
+	touch $@
+
+$(VENV)/.installed-bench: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[bench]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -24,6 +35,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest
 
 # Line and branch coverage of fastnorm/ by the whole suite, kernels included: with
@@ -33,19 +45,20 @@ coverage: $(VENV)/.installed-test
 	$(PY) -m coverage report
 
 # Build capi/build/libfastnorm.so (+ fastnorm.pc) and warm the Numba cache (docs/c-api.md).
-capi: $(VENV)/.installed-test
+capi: $(VENV)/.installed-capi
 	$(PY) -m fastnorm.capi build
 
-# Benchmarks (docs/benchmarks.md): a quick table (with the traffic floor and oneDNN), and the ratio-based regression gate.
-bench: $(VENV)/.installed-test
-	$(PY) -m fastnorm.bench --quick --floor --onednn
+# Benchmarks (docs/benchmarks.md; the benchmarks/ package, run from this directory): a quick table
+# (with the traffic floor and oneDNN), and the ratio-based regression gate.
+bench: $(VENV)/.installed-bench
+	$(PY) -m benchmarks --quick --floor --onednn
 
-bench-check: $(VENV)/.installed-test
-	$(PY) -m fastnorm.bench --check
+bench-check: $(VENV)/.installed-bench
+	$(PY) -m benchmarks --check
 
 # The short gate of .ci/run: mid-size cases, 1 thread, fastnorm/memcpy only (about 5 s).
-bench-ci: $(VENV)/.installed-test
-	$(PY) -m fastnorm.bench --check --thresholds benchmarks/ci-thresholds.toml --no-torch
+bench-ci: $(VENV)/.installed-bench
+	$(PY) -m benchmarks --check --thresholds benchmarks/ci-thresholds.toml --no-torch
 
 clean:
 	rm -rf $(VENV) build *.egg-info

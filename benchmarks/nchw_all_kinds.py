@@ -1,11 +1,13 @@
 """Forward and forward+backward of every kind on one NCHW batch, against torch and a copy.
 
-Usage: ``python benchmarks/nchw_all_kinds.py [--shape 32,64,56,56] [--rounds 11] [--dtype float32]``
+Usage, from the repository root::
+
+    python -m benchmarks.nchw_all_kinds [--shape 32,64,56,56] [--rounds 11] [--dtype float32]
 
 Every kind normalizes the same ``x``: BatchNorm, InstanceNorm, GroupNorm(32),
 LayerNorm and RMSNorm over ``(C, H, W)``.  fastnorm, ``torch.nn.functional``
 (forward, and forward + ``autograd.grad``) and ``np.copyto`` of ``x`` are timed
-interleaved in rounds in one process (:func:`fastnorm.bench.interleaved`);
+interleaved in rounds in one process (:func:`benchmarks.timing.interleaved`);
 the table gives medians over rounds and their ratios.  fastnorm writes into
 preallocated outputs.
 """
@@ -18,7 +20,7 @@ import statistics
 import numpy as np
 
 import fastnorm
-from fastnorm.bench import interleaved
+from benchmarks.timing import interleaved
 
 
 def _torch_calls(torch, kind, x, dy, weight, bias):

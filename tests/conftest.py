@@ -5,10 +5,22 @@ Python: tests marked ``jit`` (LLVM IR, C ABI) are skipped, and the
 RuntimeWarnings that NumPy *scalars* raise for inf/NaN arithmetic inside
 ``fastnorm._kernels`` are ignored (the compiled kernels raise none; the values
 are the same).
+
+With ``FASTNORM_REQUIRE_ALL=1`` (``.ci/run``) every test must run: a test that
+skips itself at run time (``pytest.skip``, ``pytest.importorskip``: torch,
+cffi, gcc, oneDNN... missing) fails instead, and so does a test module that
+skips itself at import.  Skips declared with a ``skip`` or ``skipif`` mark
+(among them the ``jit`` tests under ``NUMBA_DISABLE_JIT=1``) stay skips.
 """
+
+import os
 
 import numba
 import pytest
+
+#: Environment variable that turns the skips of missing dependencies into failures.
+REQUIRE_ALL_ENV = "FASTNORM_REQUIRE_ALL"
+REQUIRE_ALL = os.environ.get(REQUIRE_ALL_ENV) == "1"
 
 
 def pytest_configure(config):
@@ -23,6 +35,66 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "jit" in item.keywords:
             item.add_marker(skip)
+
+
+def _skip_reason(longrepr):
+    """The message of a skip report's ``(path, line, "Skipped: message")``."""
+    message = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return message.removeprefix("Skipped: ")
+
+
+def _skipped_by_mark(item):
+    """Whether a ``skip`` mark, or a ``skipif`` mark with a true condition, applies to ``item``."""
+    if item.get_closest_marker("skip") is not None:
+        return True
+    for mark in item.iter_markers("skipif"):
+        conditions = mark.args if mark.args else (mark.kwargs.get("condition", True),)
+        if any(isinstance(c, str) or bool(c) for c in conditions):
+            return True
+    return False
+
+
+def _required_message(reason):
+    return f"{REQUIRE_ALL_ENV}=1: every test must run, but this one was skipped ({reason})"
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if (
+        REQUIRE_ALL
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+        and not (report.when == "setup" and _skipped_by_mark(item))
+    ):
+        report.outcome = "failed"
+        report.longrepr = _required_message(_skip_reason(report.longrepr))
+    return report
+
+
+class ModuleSkippedAtImport(pytest.Item):
+    """Stands for a test module that skipped itself at import, and fails with the skip's reason."""
+
+    def __init__(self, *, reason, **kwargs):
+        super().__init__(**kwargs)
+        self.reason = reason
+
+    def runtest(self):
+        pytest.fail(_required_message(self.reason), pytrace=False)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    if REQUIRE_ALL and report.skipped and isinstance(collector, pytest.Module):
+        item = ModuleSkippedAtImport.from_parent(
+            collector, name="skipped-at-import", reason=_skip_reason(report.longrepr)
+        )
+        report = pytest.CollectReport(report.nodeid, "passed", None, [item])
+    return report
 
 
 @pytest.fixture

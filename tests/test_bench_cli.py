@@ -1,4 +1,4 @@
-"""Unit tests of the benchmark CLI logic (fastnorm/bench.py): no timing is asserted.
+"""Unit tests of the benchmark CLI logic (the benchmarks/ package): no timing is asserted.
 
 Measurements are synthetic (a fake ``measure`` / ``measure_case``), except the
 smoke test that runs each benchmark workload once on a tiny tensor and checks
@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fastnorm import bench
+import benchmarks as bench
+from benchmarks import cli, report
 
 CASE = "bn-fwd-nchw-f32-8x64x32x32"
 OTHER = "ln-bwd-nchw-f64-512x768"
@@ -153,7 +154,7 @@ def test_ci_gate_is_short_single_threaded_and_needs_no_torch():
     mid = {c.id for c in bench.select_cases(sizes=["mid"])}
     assert set(thresholds) == mid
     assert all(t.max_vs_memcpy is not None and t.max_vs_torch is None for t in thresholds.values())
-    command = "fastnorm.bench --check --thresholds benchmarks/ci-thresholds.toml --no-torch"
+    command = "-m benchmarks --check --thresholds benchmarks/ci-thresholds.toml --no-torch"
     assert command in (ROOT / "Makefile").read_text(encoding="utf-8")
     ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
     assert ci_lines.index("make test") < ci_lines.index("make bench-ci")
@@ -285,7 +286,7 @@ def test_write_json_and_markdown(tmp_path):
     assert data["summary"]["fastnorm/memcpy"] == {"worst": 4.0, "worst_case": OTHER, "median": 3.0}
     assert data["scaling"] == scaling
     md_path = tmp_path / "r.md"
-    bench.write_markdown(md_path, cases, measurements, meta, scaling, command="python -m fastnorm.bench")
+    bench.write_markdown(md_path, cases, measurements, meta, scaling, command="python -m benchmarks")
     text = md_path.read_text()
     assert f"| {CASE} | 2.10 |" in text and "| 0.50 | 2.00 |" in text
     assert "fastnorm/memcpy: median 3.00, worst 4.00" in text
@@ -387,9 +388,9 @@ def fake_cli(monkeypatch):
             vs_onednn=vs_memcpy / 4 if with_onednn else None,
         )
 
-    monkeypatch.setattr(bench, "measure_case", measure_case)
+    monkeypatch.setattr(cli, "measure_case", measure_case)
     # main() would change this process's allocator (see test_reuse_freed_memory_...)
-    monkeypatch.setattr(bench, "reuse_freed_memory", lambda: True)
+    monkeypatch.setattr(cli, "reuse_freed_memory", lambda: True)
     return script
 
 
@@ -485,12 +486,18 @@ def test_onednn_ratio_in_json_markdown_table_and_plot(tmp_path):
     assert "oneDNN 3.2.0; freed memory reused." in text
     assert "fastnorm/onednn: median 0.80" in bench.format_table(cases, measurements)
     assert "onednn" not in bench.format_table(cases, {CASE: m(CASE, 2.0), OTHER: m(OTHER, 4.0)})
-    if bench._require_matplotlib() is not None:
+    if report._require_matplotlib() is not None:
         bench.write_plot(tmp_path / "p.png", cases, measurements)
         assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_main_onednn_option_and_freed_memory_setting(tmp_path, fake_cli, capsys):
+    from benchmarks.baselines import onednn
+
+    try:  # main() loads oneDNN for --onednn (the bench extra installs it)
+        bench.load_onednn()
+    except onednn.OneDNNError as exc:
+        pytest.skip(f"oneDNN not loadable: {exc}")
     fake_cli.update({CASE: [(2.0, 0.5)]})
     json_path = tmp_path / "r.json"
     args = ["--cases", CASE, "--threads", "1", "--json", str(json_path)]
@@ -506,12 +513,12 @@ def test_main_onednn_option_and_freed_memory_setting(tmp_path, fake_cli, capsys)
 
 
 def test_main_onednn_missing_is_a_usage_error(tmp_path, fake_cli, capsys, monkeypatch):
-    from fastnorm import _onednn
+    from benchmarks.baselines import onednn
 
     def fail():
-        raise _onednn.OneDNNError("cannot load oneDNN (test)")
+        raise onednn.OneDNNError("cannot load oneDNN (test)")
 
-    monkeypatch.setattr(_onednn, "load", fail)
+    monkeypatch.setattr(onednn, "load", fail)
     fake_cli.update({CASE: [(2.0, 0.5)]})
     assert bench.main(["--cases", CASE, "--threads", "1", "--onednn"]) == 2
     assert "error: --onednn: cannot load oneDNN (test)" in capsys.readouterr().err
@@ -525,7 +532,7 @@ def test_reuse_freed_memory_keeps_large_blocks_in_the_heap():
     """
     code = (
         "import ctypes\n"
-        "from fastnorm import bench\n"
+        "import benchmarks as bench\n"
         "libc = ctypes.CDLL(None)\n"
         "libc.malloc.restype = ctypes.c_void_p; libc.malloc.argtypes = [ctypes.c_size_t]\n"
         "libc.free.argtypes = [ctypes.c_void_p]\n"
@@ -535,7 +542,7 @@ def test_reuse_freed_memory_keeps_large_blocks_in_the_heap():
         "    return block < brk\n"
         "print(from_heap(), bench.reuse_freed_memory(), from_heap())\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     before, applied, after = done.stdout.split()
     if applied == "False":
         pytest.skip("not glibc: mallopt is unavailable")
@@ -594,7 +601,7 @@ def test_workload_computes_the_same_as_torch(smoke):
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, fake_cli, capsys):
-    monkeypatch.setattr(bench, "_require_matplotlib", lambda: None)
+    monkeypatch.setattr(cli, "_require_matplotlib", lambda: None)
     fake_cli.update({CASE: [(2.0, 0.5)]})
     assert bench.main(["--cases", CASE, "--threads", "1", "--plot", str(tmp_path / "p.png")]) == 2
     assert "--plot needs matplotlib" in capsys.readouterr().err
@@ -617,18 +624,20 @@ def test_main_renders_saved_json(tmp_path, capsys):
     md = tmp_path / "table.md"
     assert bench.main(["--from-json", str(saved), "--markdown", str(md), "--kinds", "bn"]) == 0
     text = md.read_text()
-    assert CASE in text and OTHER not in text and "python -m fastnorm.bench --quick" in text
+    assert CASE in text and OTHER not in text and "python -m benchmarks --quick" in text
     assert bench.main(["--from-json", str(tmp_path / "missing.json")]) == 2
 
 
 def _spincount_after_optional_torch(env):
     code = (
-        "import os, sys; from fastnorm import bench; "
+        "import os, sys; import benchmarks as bench; "
         "assert 'torch' not in sys.modules; bench.optional_torch(); "
         "print(os.environ.get('GOMP_SPINCOUNT')); "
         "print(bench.environment(1)['gomp_spincount'])"
     )
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     return done.stdout.split()
 
 

@@ -1,28 +1,31 @@
-"""The oneDNN baseline of the benchmark (fastnorm/_onednn.py) computes the same passes as fastnorm.
+"""The oneDNN baseline of the benchmark (benchmarks/baselines/onednn.py) computes the same passes as fastnorm.
 
 A benchmark against a baseline wired to the wrong buffers, flags or
 statistics would compare different work, so every primitive the binding
 builds is checked against the float64 reference of tests/naive.py.  oneDNN
 accumulates in float32, so the tolerance is looser than fastnorm's own
 (``k=512``: about 6e-5 relative); the point here is the wiring, not oneDNN's
-accuracy.  Skipped when oneDNN cannot be loaded (it is in the test extra).
+accuracy.  Skipped when oneDNN cannot be loaded (it is in the bench extra).
 """
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import naive
 import numpy as np
 import pytest
 
-from fastnorm import _onednn, bench
+import benchmarks as bench
+from benchmarks.baselines import onednn
 
 try:
-    _onednn.load()
-except _onednn.OneDNNError as exc:  # pragma: no cover - the test extra installs it
+    onednn.load()
+except onednn.OneDNNError as exc:  # pragma: no cover - the bench extra installs it
     pytest.skip(f"oneDNN not loadable: {exc}", allow_module_level=True)
 
+ROOT = Path(__file__).resolve().parent.parent  # `python -c` imports benchmarks from here
 EPS = 1e-5
 K = 512
 
@@ -44,7 +47,7 @@ def _inputs(shape, channels, seed=0):
 def _run(kind, pass_, layout, x, dy, weight, bias, mean, variance):
     out = np.full_like(x, np.nan)
     grads = (np.full_like(weight, np.nan), np.full_like(bias, np.nan))
-    primitive = _onednn.normalization(
+    primitive = onednn.normalization(
         kind, pass_, layout, x, out, weight, bias, mean, variance, EPS, dy=dy, grads=grads
     )
     primitive()
@@ -113,37 +116,39 @@ def test_layer_norm(pass_):
 
 
 def test_supports():
-    assert _onednn.supports("batch_norm", "nhwc", "float32")
-    assert _onednn.supports("layer_norm", "nchw", np.float32)
-    assert _onednn.supports("instance_norm", "nchw", "float32")
-    assert not _onednn.supports("instance_norm", "nhwc", "float32")
-    assert not _onednn.supports("batch_norm", "nchw", "float64")
-    assert not _onednn.supports("group_norm", "nchw", "float32")
-    assert not _onednn.supports("rms_norm", "nchw", "float32")
+    assert onednn.supports("batch_norm", "nhwc", "float32")
+    assert onednn.supports("layer_norm", "nchw", np.float32)
+    assert onednn.supports("instance_norm", "nchw", "float32")
+    assert not onednn.supports("instance_norm", "nhwc", "float32")
+    assert not onednn.supports("batch_norm", "nchw", "float64")
+    assert not onednn.supports("group_norm", "nchw", "float32")
+    assert not onednn.supports("rms_norm", "nchw", "float32")
 
 
 def test_unsupported_cases_and_buffers_are_refused():
     x = np.zeros((2, 4, 3, 3), np.float32)
     p = np.zeros(4, np.float32)
     with pytest.raises(ValueError, match="no group_norm primitive"):
-        _onednn.normalization("group_norm", "fwd", "nchw", x, x.copy(), p, p, p, p, EPS)
+        onednn.normalization("group_norm", "fwd", "nchw", x, x.copy(), p, p, p, p, EPS)
     with pytest.raises(ValueError, match="no channels-last InstanceNorm"):
-        _onednn.normalization("instance_norm", "fwd", "nhwc", x, x.copy(), p, p, p, p, EPS)
+        onednn.normalization("instance_norm", "fwd", "nhwc", x, x.copy(), p, p, p, p, EPS)
     with pytest.raises(ValueError, match="C-contiguous float32"):
-        _onednn.normalization("batch_norm", "fwd", "nchw", x.astype(np.float64), x.copy(), p, p, p, p, EPS)
+        onednn.normalization("batch_norm", "fwd", "nchw", x.astype(np.float64), x.copy(), p, p, p, p, EPS)
     with pytest.raises(ValueError, match="weight has 3 values; this oneDNN primitive needs 4"):
-        _onednn.normalization("batch_norm", "fwd", "nchw", x, x.copy(), p[:3], p, p, p, EPS)
+        onednn.normalization("batch_norm", "fwd", "nchw", x, x.copy(), p[:3], p, p, p, EPS)
     with pytest.raises(ValueError, match="needs dy and grads"):
-        _onednn.normalization("batch_norm", "bwd", "nchw", x, x.copy(), p, p, p, p, EPS)
+        onednn.normalization("batch_norm", "bwd", "nchw", x, x.copy(), p, p, p, p, EPS)
 
 
 def test_a_missing_library_is_a_clear_error():
     code = (
-        "from fastnorm import _onednn\n"
-        "try:\n    _onednn.load()\nexcept _onednn.OneDNNError as e:\n    print(e)"
+        "from benchmarks.baselines import onednn\n"
+        "try:\n    onednn.load()\nexcept onednn.OneDNNError as e:\n    print(e)"
     )
-    env = dict(os.environ, **{_onednn.LIBRARY_ENV: "/nonexistent/libdnnl.so.3"})
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    env = dict(os.environ, **{onednn.LIBRARY_ENV: "/nonexistent/libdnnl.so.3"})
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     assert "cannot load oneDNN" in done.stdout and "/nonexistent/libdnnl.so.3" in done.stdout
 
 
@@ -165,9 +170,11 @@ def test_bench_workload_has_a_onednn_baseline_where_onednn_has_the_case():
 def test_bench_loads_onednn_with_a_short_openmp_spin():
     """oneDNN's libgomp reads GOMP_SPINCOUNT when it loads: the bench sets it first, as for torch."""
     code = (
-        "import os\nfrom fastnorm import bench\n"
+        "import os\nimport benchmarks as bench\n"
         "bench.load_onednn()\nprint(os.environ.get('GOMP_SPINCOUNT'), bench.environment(1)['onednn'])"
     )
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
     assert done.stdout.split() == [bench.TORCH_SPINCOUNT, "3.2.0"]

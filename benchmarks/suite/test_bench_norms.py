@@ -1,16 +1,16 @@
 """pytest-benchmark suite: every kind x pass x layout x dtype x size, for fastnorm and its baselines.
 
-Not collected by the normal test run (``testpaths = ["tests"]`` and
-``--benchmark-skip`` in pyproject.toml).  Run::
+Not collected by the normal test run (``testpaths = ["tests"]`` in pyproject.toml);
+needs the ``bench`` extra (pytest-benchmark).  Run, from the repository root::
 
-    python -m pytest benchmarks --benchmark-only
-    python -m pytest benchmarks --benchmark-only -k "mid and f32" --benchmark-group-by=group
+    python -m pytest benchmarks/suite --benchmark-only
+    python -m pytest benchmarks/suite --benchmark-only -k "mid and f32" --benchmark-group-by=group
 
 Each benchmark's group is its case id, so fastnorm, torch, the memcpy of the
 same tensor (``np.copyto``, one thread) and the pass's traffic floor (a
 parallel kernel that only reads the inputs and writes the output once:
 ``bench.floor_copy`` / ``bench.floor_add``) are listed together.  The cases, data and
-callables are those of ``python -m fastnorm.bench`` (``fastnorm/bench.py``):
+callables are those of ``python -m benchmarks`` (the :mod:`benchmarks` package):
 GroupNorm uses 32 groups (``bench.group_count``), fastnorm writes into
 preallocated ``out=`` buffers, torch's backward times only
 ``torch.autograd.grad`` on a graph built beforehand, and oneDNN (where
@@ -22,18 +22,18 @@ page-fault on every call.
 
 import pytest
 
-from fastnorm import bench
+import benchmarks as bench
 
 CASES = bench.all_cases()
 IMPLEMENTATIONS = ("fastnorm", "torch", "memcpy", "floor", "onednn")
 
 
 def _onednn_available():
-    from fastnorm import _onednn
+    from benchmarks.baselines import onednn
 
     try:
         bench.load_onednn()
-    except _onednn.OneDNNError:
+    except onednn.OneDNNError:
         return False
     return True
 

@@ -1,4 +1,4 @@
-"""oneDNN's normalization primitives through ctypes: the oneDNN baseline of :mod:`fastnorm.bench`.
+"""oneDNN's normalization primitives through ctypes: the oneDNN baseline of :mod:`benchmarks`.
 
 oneDNN (``libdnnl``) is Intel's CPU kernel library behind PyTorch's and
 TensorFlow's optimized CPU paths.  This module binds the few C API calls that
@@ -8,7 +8,7 @@ preallocated outputs, exactly like fastnorm's ``out=`` calls.  It is a
 benchmark baseline, not a dependency: fastnorm itself never loads oneDNN.
 
 The library comes from the ``onednn-cpu-gomp`` wheel (oneDNN 3.2 with the
-GNU OpenMP runtime; part of the ``test`` extra), which installs
+GNU OpenMP runtime; part of the ``bench`` extra), which installs
 ``libdnnl.so.3`` into ``<sys.prefix>/lib``.  ``FASTNORM_ONEDNN_LIBRARY``
 names another copy.
 
@@ -207,7 +207,7 @@ def load():
     -----
     oneDNN's OpenMP threads spin after each parallel region for
     ``GOMP_SPINCOUNT`` iterations; the benchmark loads oneDNN through
-    :func:`fastnorm.bench.load_onednn`, which sets that variable first, so
+    :func:`benchmarks.runtime.load_onednn`, which sets that variable first, so
     idle oneDNN threads do not steal the cores of the next timed call.
     """
     global _LIBRARY

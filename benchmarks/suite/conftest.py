@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from fastnorm import bench
+import benchmarks as bench
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,172 @@
+"""The data and the zero-argument callables of one case: fastnorm, the memcpy and the baselines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .baselines.floor import floor_add, floor_copy
+from .baselines.torch import _torch_callable
+from .cases import _ROW_KINDS, EPS, KINDS, RMS_EPS, group_count
+from .runtime import load_onednn, optional_torch
+
+
+@dataclass
+class Workload:
+    """Zero-argument callables doing the work of one case.
+
+    Attributes
+    ----------
+    fastnorm : callable
+        The fastnorm call, writing into preallocated buffers.
+    memcpy : callable
+        ``np.copyto`` of the input tensor into a preallocated buffer.
+    torch : callable or None
+        The same work in ``torch.nn.functional``; ``None`` without torch.
+    floor : callable or None
+        The pass's traffic floor (:func:`floor_copy` or :func:`floor_add`)
+        on the same tensors, writing into the memcpy buffer.
+    onednn : callable or None
+        The same pass in oneDNN on preallocated buffers (:mod:`.baselines.onednn`);
+        ``None`` when not asked for or oneDNN has no primitive for the case.
+    """
+
+    fastnorm: Callable[[], object]
+    memcpy: Callable[[], object]
+    torch: Callable[[], object] | None = None
+    floor: Callable[[], object] | None = None
+    onednn: Callable[[], object] | None = None
+
+
+def _spec(case):
+    import fastnorm
+
+    cl = case.layout == "nhwc"
+    kind = KINDS[case.kind]
+    if kind == "batch_norm":
+        return fastnorm.NormSpec.batch_norm(EPS, channels_last=cl)
+    if kind == "instance_norm":
+        return fastnorm.NormSpec.instance_norm(EPS, channels_last=cl)
+    if kind == "group_norm":
+        return fastnorm.NormSpec.group_norm(group_count(case.shape[1]), EPS, channels_last=cl)
+    if kind == "layer_norm":
+        return fastnorm.NormSpec.layer_norm(1, EPS)
+    return fastnorm.NormSpec.rms_norm(1, RMS_EPS)
+
+
+def make_workload(case, seed=0, with_torch=True, with_onednn=False):
+    """Build the data and the callables of ``case``.
+
+    Parameters
+    ----------
+    case : Case
+    seed : int
+        Seed of the random data (activations with per-channel scales and offsets).
+    with_torch : bool
+        Also build the torch callable (when torch is importable).
+    with_onednn : bool
+        Also build the oneDNN callable when oneDNN has the case
+        (:func:`benchmarks.baselines.onednn.supports`).
+
+    Raises
+    ------
+    benchmarks.baselines.onednn.OneDNNError
+        ``with_onednn`` and oneDNN cannot be loaded.
+
+    Returns
+    -------
+    Workload
+        Callables not yet run: call each once to warm up (compile) before timing.
+    """
+    import fastnorm
+
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(case.dtype)
+    rows = case.kind in _ROW_KINDS
+    channels = case.shape[-1] if rows else case.shape[1]
+    bshape = (1, -1) if rows else (1, -1) + (1,) * (len(case.shape) - 2)
+    scale = rng.uniform(0.5, 3.0, channels).reshape(bshape)
+    offset = rng.uniform(-2.0, 2.0, channels).reshape(bshape)
+    x_logical = (rng.standard_normal(case.shape) * scale + offset).astype(dtype)
+    dy_logical = rng.standard_normal(case.shape).astype(dtype)
+    weight = rng.uniform(0.5, 1.5, channels).astype(dtype)
+    bias = None if case.kind == "rms" else rng.uniform(-0.5, 0.5, channels).astype(dtype)
+    if case.layout == "nhwc":
+        x = np.ascontiguousarray(np.moveaxis(x_logical, 1, -1))
+        dy = np.ascontiguousarray(np.moveaxis(dy_logical, 1, -1))
+    else:
+        x, dy = x_logical, dy_logical
+    spec = _spec(case)
+    out = np.empty_like(x)
+    copy_buffer = np.empty_like(x)
+    _, stats = fastnorm.forward(x, spec, weight, bias)
+
+    def memcpy():
+        np.copyto(copy_buffer, x)
+
+    if case.pass_ == "fwd":
+
+        def fast():
+            return fastnorm.forward(x, spec, weight, bias, out=out)
+
+    elif case.pass_ == "inf":
+
+        def fast():
+            return fastnorm.forward_inference(x, stats, spec, weight, bias, out=out)
+
+    else:
+
+        def fast():
+            return fastnorm.backward(dy, x, stats, spec, weight, out=out)
+
+    x_flat, dy_flat, scratch = x.reshape(-1), dy.reshape(-1), copy_buffer.reshape(-1)
+    if case.pass_ == "bwd":
+
+        def floor():
+            floor_add(x_flat, dy_flat, scratch)
+
+    else:
+
+        def floor():
+            floor_copy(x_flat, scratch)
+
+    workload = Workload(fastnorm=fast, memcpy=memcpy, floor=floor)
+    torch = optional_torch() if with_torch else None
+    if torch is not None:
+        workload.torch = _torch_callable(torch, case, x_logical, dy_logical, weight, bias, stats)
+    if with_onednn:
+        workload.onednn = _onednn_callable(case, x, dy, weight, bias, stats)
+    return workload
+
+
+def _onednn_callable(case, x, dy, weight, bias, stats):
+    """Build the oneDNN callable of ``case`` on its own output buffers, or ``None``."""
+    from .baselines import onednn
+
+    kind = KINDS[case.kind]
+    if not onednn.supports(kind, case.layout, case.dtype):
+        return None
+    load_onednn()
+    repeat = case.shape[0] if kind == "instance_norm" else 1
+    weight_v, bias_v = np.tile(weight, repeat), np.tile(bias, repeat)
+    mean = np.asarray(stats.mean, np.float32).reshape(-1)
+    variance = (1.0 / np.square(np.asarray(stats.rstd, np.float64)) - EPS).astype(np.float32).reshape(-1)
+    out = np.empty_like(x)
+    x2d = x.reshape(case.shape) if kind == "layer_norm" else x
+    grads = (np.empty_like(weight_v), np.empty_like(bias_v))
+    return onednn.normalization(
+        kind,
+        case.pass_,
+        case.layout,
+        x2d,
+        out.reshape(x2d.shape),
+        weight_v,
+        bias_v,
+        mean,
+        variance,
+        EPS,
+        dy=dy.reshape(x2d.shape),
+        grads=grads,
+    )
