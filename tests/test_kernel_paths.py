@@ -63,8 +63,8 @@ def _data(kind, shape, arg, channels_last, dtype, seed=0):
 
 def _path(plan, in_place=False):
     """Read the schedules the plan gives a call with weight and bias on this thread count."""
-    forward = K.schedule_of(_kernel_call(plan, K.FORWARD, True, True, in_place)[1])
-    backward = K.schedule_of(_kernel_call(plan, K.BACKWARD, True, False)[1])
+    forward = K.schedule_of(_kernel_call(plan, K.FORWARD, 6 + in_place)[1])
+    backward = K.schedule_of(_kernel_call(plan, K.BACKWARD, 4)[1])
     return {
         "serial": not forward.parallel,
         "fused": forward.strategy in (K.FUSED, K.ONE_BLOCK, K.PIPELINED),
@@ -309,7 +309,7 @@ def test_compiled_dispatch_runs_the_kernel_of_the_table(name):
     x, dy, weight, bias = _data(kind, shape, arg, cl, np.float64, seed=4)
     plan = _plan(x, spec, True)
     for pass_id in (K.FORWARD, K.INFERENCE):
-        kernel, params = _kernel_call(plan, pass_id, True, bias is not None)
+        kernel, params = _kernel_call(plan, pass_id, 4 + 2 * (bias is not None))
         outputs = []
         for run in (kernel, lambda *a, p=pass_id: K.run_forward(p, *a)):
             y, mean, rstd = np.empty(x.size), np.empty(plan.stats_size), np.empty(plan.stats_size)
@@ -318,7 +318,7 @@ def test_compiled_dispatch_runs_the_kernel_of_the_table(name):
             run(x.ravel(), weight, weight if bias is None else bias, y, mean, rstd, params)
             outputs.append(np.concatenate([y, mean, rstd]))
         assert outputs[0].tobytes() == outputs[1].tobytes()
-    kernel, params = _kernel_call(plan, K.BACKWARD, True, False)
+    kernel, params = _kernel_call(plan, K.BACKWARD, 4)
     mean, rstd = np.full(plan.stats_size, 0.25), np.full(plan.stats_size, 1.5)
     outputs = []
     for run in (kernel, K.run_backward):
@@ -380,10 +380,10 @@ def test_channels_last_fused_sets_are_bitwise_the_split_phases(restore_threads):
     for split, fused in zip(*results, strict=True):
         assert split.tobytes() == fused.tobytes()
     numba.set_num_threads(1)
-    assert K.schedule_of(_kernel_call(plan, K.FORWARD, True, True)[1]).strategy == K.FUSED
+    assert K.schedule_of(_kernel_call(plan, K.FORWARD, 6)[1]).strategy == K.FUSED
     if numba.config.NUMBA_NUM_THREADS >= 2:
         numba.set_num_threads(2)
-        assert K.schedule_of(_kernel_call(plan, K.FORWARD, True, True)[1]).strategy == K.SPLIT
+        assert K.schedule_of(_kernel_call(plan, K.FORWARD, 6)[1]).strategy == K.SPLIT
 
 
 def test_only_parallel_channels_last_plans_with_few_sets_depend_on_threads():
