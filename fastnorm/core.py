@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 from numba import types
+from numpy.typing import ArrayLike
 
 from . import _kernels as K
 from ._config import glue, typed_helper
@@ -462,7 +463,14 @@ def _stats_array(value, name, plan):
     return np.ascontiguousarray(value, dtype=np.float64).reshape(-1)
 
 
-def forward(x, spec, weight=None, bias=None, *, out=None):
+def forward(
+    x: ArrayLike,
+    spec: NormSpec,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, Stats]:
     """Training forward pass: normalize with the statistics of ``x``.
 
     Parameters
@@ -524,7 +532,15 @@ def _forward(x, spec, weight, bias, out):
     return y, mean, rstd
 
 
-def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
+def forward_inference(
+    x: ArrayLike,
+    stats: Stats,
+    spec: NormSpec,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Inference forward pass: normalize ``x`` with given statistics.
 
     Parameters
@@ -559,7 +575,16 @@ def forward_inference(x, stats, spec, weight=None, bias=None, *, out=None):
     return y
 
 
-def backward(dy, x, stats, spec, weight=None, *, with_bias=None, out=None):
+def backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    stats: Stats,
+    spec: NormSpec,
+    weight: ArrayLike | None = None,
+    *,
+    with_bias: bool | None = None,
+    out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Backward pass: gradients of the loss with respect to x, weight and bias.
 
     Parameters

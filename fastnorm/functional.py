@@ -8,8 +8,10 @@ dtype is the input dtype; every function accepts a preallocated ``out=``.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .core import Stats, _check_array, _forward, _plan, forward, forward_inference
 from .spec import NormSpec, check_positive_int
@@ -87,19 +89,19 @@ def _variance(stats, eps):
 
 
 def batch_norm(
-    x,
-    running_mean,
-    running_var,
-    weight=None,
-    bias=None,
-    training=False,
-    momentum=0.1,
-    eps=1e-5,
+    x: ArrayLike,
+    running_mean: np.ndarray | None,
+    running_var: np.ndarray | None,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    training: bool = False,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
     *,
-    num_batches_tracked=None,
-    channels_last=False,
-    out=None,
-):
+    num_batches_tracked: np.ndarray | None = None,
+    channels_last: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Batch normalization (Ioffe & Szegedy 2015), like ``torch.nn.functional.batch_norm``.
 
     Parameters
@@ -196,18 +198,18 @@ def _check_counter(counter, required):
 
 
 def instance_norm(
-    x,
-    running_mean=None,
-    running_var=None,
-    weight=None,
-    bias=None,
-    use_input_stats=True,
-    momentum=0.1,
-    eps=1e-5,
+    x: ArrayLike,
+    running_mean: np.ndarray | None = None,
+    running_var: np.ndarray | None = None,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
     *,
-    channels_last=False,
-    out=None,
-):
+    channels_last: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Instance normalization (Ulyanov et al. 2016), like ``torch.nn.functional.instance_norm``.
 
     Parameters
@@ -294,7 +296,15 @@ def _normalized_ndim(x, normalized_shape):
     return k
 
 
-def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=None):
+def layer_norm(
+    x: ArrayLike,
+    normalized_shape: int | Sequence[int],
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    eps: float = 1e-5,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Layer normalization (Ba et al. 2016), like ``torch.nn.functional.layer_norm``.
 
     Parameters
@@ -321,7 +331,16 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, *, out=Non
     return _forward(x, spec, weight, bias, out)[0]
 
 
-def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, channels_last=False, out=None):
+def group_norm(
+    x: ArrayLike,
+    num_groups: int,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    eps: float = 1e-5,
+    *,
+    channels_last: bool = False,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Group normalization (Wu & He 2018), like ``torch.nn.functional.group_norm``.
 
     Parameters
@@ -349,7 +368,14 @@ def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, *, channels_last
     return _forward(x, spec, weight, bias, out)[0]
 
 
-def rms_norm(x, normalized_shape, weight=None, eps=None, *, out=None):
+def rms_norm(
+    x: ArrayLike,
+    normalized_shape: int | Sequence[int],
+    weight: ArrayLike | None = None,
+    eps: float | None = None,
+    *,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """RMS normalization (Zhang & Sennrich 2019), like ``torch.nn.functional.rms_norm``.
 
     Parameters

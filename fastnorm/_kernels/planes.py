@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, kernel
-from .epilogue import _dx_span, _normalize
+from .epilogue import _dx_span, _normalize, _store_param_grads
 from .numerics import (
     _block_plane,
     _dots,
@@ -75,6 +75,28 @@ def _cf_merge_group(work, mean, rstd, spec, nblocks, k):
                     count, group_mean, m2, block_count, work[2 * (blk0 + b)], work[2 * (blk0 + b) + 1]
                 )
     mean[k], rstd[k] = _finish(count, group_mean, m2, spec.flags, spec.eps)
+
+
+@glue
+def _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k):
+    """Moments of every block of group ``k`` into ``work``, merged into ``mean[k]``, ``rstd[k]``."""
+    n0, samples, c0, d = _group(spec, k)
+    for n in range(n0, n0 + samples):
+        for c in range(c0, c0 + d):
+            for b in range(nblocks):
+                _cf_moments_block(x, work, spec, nblocks, n * spec.channels + c, b)
+    _cf_merge_group(work, mean, rstd, spec, nblocks, k)
+
+
+@glue
+def _cf_split_statistics(x, mean, rstd, spec, nblocks):
+    """Every group's statistics: block moments in parallel over blocks, then merges over groups."""
+    work = np.empty(2 * spec.batch * spec.channels * nblocks)
+    for blk in prange(spec.batch * spec.channels * nblocks):
+        plane, b = _block_plane(blk, nblocks)
+        _cf_moments_block(x, work, spec, nblocks, plane, b)
+    for k in prange(mean.size):
+        _cf_merge_group(work, mean, rstd, spec, nblocks, k)
 
 
 @glue
@@ -146,12 +168,8 @@ def _planes_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule):
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * spec.channels * nblocks)
     for k in prange(mean.size):
+        _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         n0, samples, c0, d = _group(spec, k)
-        for n in range(n0, n0 + samples):
-            for c in range(c0, c0 + d):
-                for b in range(nblocks):
-                    _cf_moments_block(x, work, spec, nblocks, n * spec.channels + c, b)
-        _cf_merge_group(work, mean, rstd, spec, nblocks, k)
         for n in range(n0, n0 + samples):
             for c in range(c0, c0 + d):
                 plane = n * spec.channels + c
@@ -164,13 +182,7 @@ def _planes_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule):
 @glue
 def _planes_forward_split(x, weight, bias, y, mean, rstd, spec, schedule):
     """``SPLIT``: block moments in parallel, then the group merges, then the normalize pass."""
-    nblocks = schedule.nblocks
-    work = np.empty(2 * spec.batch * spec.channels * nblocks)
-    for blk in prange(spec.batch * spec.channels * nblocks):
-        plane, b = _block_plane(blk, nblocks)
-        _cf_moments_block(x, work, spec, nblocks, plane, b)
-    for k in prange(mean.size):
-        _cf_merge_group(work, mean, rstd, spec, nblocks, k)
+    _cf_split_statistics(x, mean, rstd, spec, schedule.nblocks)
     _cf_normalize_planes(x, weight, bias, y, mean, rstd, spec, schedule)
 
 
@@ -336,10 +348,7 @@ def _planes_param_grads(work, coef, dweight, dbias, spec, nblocks):
                 sum_dy += work[2 * (blk0 + b)]
                 partial_dy_xc += work[2 * (blk0 + b) + 1]
             sum_dy_xhat += coef[4 * _stat_index(spec, n, c) + 1] * partial_dy_xc
-        if dweight.size > 0:
-            dweight[c] = sum_dy_xhat
-        if dbias.size > 0:
-            dbias[c] = sum_dy
+        _store_param_grads(dweight, dbias, c, sum_dy_xhat, sum_dy)
 
 
 @kernel

@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_row_span, _normalize_per_element, _split
+from .epilogue import _dx_row_span, _normalize_per_element, _split, _store_param_grads
 from .numerics import (
     _block_plane,
     _dots,
@@ -29,7 +29,7 @@ from .numerics import (
     _moments,
     _shifted_moments,
 )
-from .planes import _cf_block_span, _cf_group_one_block, _cf_merge_group, _cf_moments_block
+from .planes import _cf_block_span, _cf_group_one_block, _cf_group_statistics, _cf_split_statistics
 from .schedule import (
     BLOCK,
     CENTERED,
@@ -129,9 +129,7 @@ def _rows_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule):
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * nblocks)
     for k in prange(mean.size):
-        for b in range(nblocks):
-            _cf_moments_block(x, work, spec, nblocks, k, b)
-        _cf_merge_group(work, mean, rstd, spec, nblocks, k)
+        _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         for b in range(nblocks):
             off, count, s0 = _cf_block_span(spec, k, b)
             _normalize_per_element(x, y, weight, bias, off, count, s0, mean[k], rstd[k])
@@ -140,13 +138,7 @@ def _rows_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule):
 @glue
 def _rows_forward_split(x, weight, bias, y, mean, rstd, spec, schedule):
     """``SPLIT``: few rows: block moments in parallel, the row merges, then the normalize pass."""
-    nblocks = schedule.nblocks
-    work = np.empty(2 * spec.batch * nblocks)
-    for blk in prange(spec.batch * nblocks):
-        row, b = _block_plane(blk, nblocks)
-        _cf_moments_block(x, work, spec, nblocks, row, b)
-    for k in prange(mean.size):
-        _cf_merge_group(work, mean, rstd, spec, nblocks, k)
+    _cf_split_statistics(x, mean, rstd, spec, schedule.nblocks)
     _rows_normalize(x, weight, bias, y, mean, rstd, spec, schedule)
 
 
@@ -154,20 +146,10 @@ def _rows_forward_split(x, weight, bias, y, mean, rstd, spec, schedule):
 def rows_forward(x, weight, bias, y, mean, rstd, params):
     """Training forward pass of LayerNorm / RMSNorm on an (R, K) buffer.
 
-    Parameters
-    ----------
-    x : ndarray, 1-D, C-contiguous, float32 or float64
-        Input, ``R * K`` elements, row after row.
-    weight, bias : ndarray, 1-D, same dtype as ``x``
-        Per-element affine parameters (length ``K``); empty means absent.
-    y : ndarray, 1-D, same dtype and size as ``x``
-        Output; may be ``x`` itself (in place).
-    mean, rstd : ndarray, 1-D, float64, length ``R``
-        Outputs: the row mean (0 for RMSNorm) and ``1 / sqrt(var + eps)``
-        (``1 / sqrt(mean(x**2) + eps)`` for RMSNorm).
-    params : tuple
-        The fields of a :class:`~.schedule.KernelSpec` followed by those of
-        its :class:`~.schedule.Schedule`.
+    Parameters are those of :func:`~.planes.planes_forward` for a buffer of
+    ``R`` rows of ``K`` elements, with per-element ``weight`` and ``bias``
+    (length ``K``) and one ``mean``, ``rstd`` per row (the mean is 0 and
+    ``rstd = 1 / sqrt(mean(x**2) + eps)`` for RMSNorm).
 
     Notes
     -----
@@ -342,10 +324,7 @@ def _rows_backward_chunks(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, s
             for t in range(nchunks):
                 sum_dy += partial[2 * width * t + s]
                 sum_dy_xhat += partial[2 * width * t + width + s]
-            if dbias.size > 0:
-                dbias[s] = sum_dy
-            if dweight.size > 0:
-                dweight[s] = sum_dy_xhat
+            _store_param_grads(dweight, dbias, s, sum_dy_xhat, sum_dy)
 
 
 @glue
@@ -403,30 +382,16 @@ def _rows_backward_columns(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, 
             _dx_row_span(dys, xs, weight[lo:hi], dx[off : off + span], row_rstd, kx, k0, row_mean)
         if want_params:
             for s in range(lo, hi):
-                if dbias.size > 0:
-                    dbias[s] = acc[s]
-                if dweight.size > 0:
-                    dweight[s] = acc[width + s]
+                _store_param_grads(dweight, dbias, s, acc[width + s], acc[s])
 
 
 @kernel
 def rows_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     """Backward pass of LayerNorm / RMSNorm rows.
 
-    Parameters
-    ----------
-    dy, x : ndarray, 1-D, C-contiguous, same dtype
-        Upstream gradient and the forward input.
-    weight : ndarray
-        Weight used in the forward pass (empty: none).
-    mean, rstd : ndarray, float64
-        Statistics saved by the forward pass.
-    dx : ndarray
-        Output gradient of ``x``; may be ``dy`` or ``x`` itself (in place).
-    dweight, dbias : ndarray
-        Outputs (length ``K``), or empty to skip them.
-    params : tuple
-        As in :func:`rows_forward`.
+    Parameters are those of :func:`~.planes.planes_backward`, with per-element
+    ``weight``, ``dweight`` and ``dbias`` (length ``K``) and the ``params`` of
+    :func:`rows_forward`.
 
     Notes
     -----
