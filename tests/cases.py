@@ -84,6 +84,20 @@ def rng_for(*key):
     return np.random.default_rng(seed)
 
 
+def normal(shape, dtype=np.float64, seed=0):
+    """Standard-normal values of ``shape`` and ``dtype`` from ``default_rng(seed)``."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def misaligned(a):
+    """A copy of ``a`` in a buffer that starts one byte past an aligned address (a valid input)."""
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    out = raw[1:].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned
+    return out
+
+
 def arrange(x_cf, layout, case):
     """Turn a channels-first array into the layout under test.
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import naive
 import numpy as np
 import pytest
-from test_bad_input import _misaligned, rejected
+from cases import misaligned, normal
+from strategies import rejected
 
 import fastnorm
 from fastnorm import NormSpec, Stats, core
@@ -25,12 +26,8 @@ def _cold_cache():
     core._PLAN_CACHE.clear()
 
 
-def _x(shape, dtype=np.float64, seed=0):
-    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-
-
 def test_repeated_call_hits_the_cache_and_gives_the_same_result():
-    x, w = _x((1, 8, 4, 4)), np.linspace(0.5, 1.5, 8)
+    x, w = normal((1, 8, 4, 4)), np.linspace(0.5, 1.5, 8)
     spec = NormSpec.group_norm(4)
     first, stats = fastnorm.forward(x, spec, w)
     assert len(core._PLAN_CACHE) == 1
@@ -42,7 +39,7 @@ def test_repeated_call_hits_the_cache_and_gives_the_same_result():
 
 def test_training_checks_are_not_skipped_by_an_inference_plan():
     """Same geometry and spec: the inference plan must not serve a training call."""
-    x = _x((1, 6))  # one value per channel: fine for inference, not for training
+    x = normal((1, 6))  # one value per channel: fine for inference, not for training
     spec = NormSpec.batch_norm()
     stats = Stats(np.zeros(6), np.ones(6))
     np.testing.assert_allclose(fastnorm.forward_inference(x, stats, spec), x)
@@ -51,7 +48,7 @@ def test_training_checks_are_not_skipped_by_an_inference_plan():
 
 
 def test_another_spec_is_checked_again():
-    x = _x((2, 6, 5))
+    x = normal((2, 6, 5))
     fastnorm.forward(x, NormSpec.group_norm(3))
     rejected(
         ValueError, "num_groups=4 does not divide C=6", lambda: fastnorm.forward(x, NormSpec.group_norm(4)), x
@@ -65,7 +62,7 @@ def test_another_spec_is_checked_again():
 )
 def test_bad_dtype_with_the_strides_of_a_cached_plan(dtype, match):
     """An int64 / complex64 array with exactly the shape and strides of a cached float64 plan."""
-    good = _x((3, 4, 2))
+    good = normal((3, 4, 2))
     fastnorm.forward(good, NormSpec.layer_norm(1))
     bad = np.zeros(good.shape, dtype)
     assert bad.strides == good.strides
@@ -74,8 +71,8 @@ def test_bad_dtype_with_the_strides_of_a_cached_plan(dtype, match):
 
 def test_dtypes_do_not_share_a_plan():
     """RMSNorm's default eps depends on the dtype; float32 and float64 views with equal strides."""
-    x64 = _x((2, 4))
-    x32 = _x((2, 8), np.float32)[:, ::2]
+    x64 = normal((2, 4))
+    x32 = normal((2, 8), np.float32)[:, ::2]
     assert x32.strides == x64.strides
     spec = NormSpec.rms_norm(1)
     assert core._plan(x64, spec, True).kspec.eps == np.finfo(np.float64).eps
@@ -87,7 +84,7 @@ def test_dtypes_do_not_share_a_plan():
 
 
 def test_big_endian_input_is_converted_after_a_native_call():
-    x = _x((2, 4, 3))
+    x = normal((2, 4, 3))
     spec = NormSpec.group_norm(2)
     expected, _ = fastnorm.forward(x, spec)
     big = x.astype(">f8")
@@ -101,7 +98,7 @@ def test_big_endian_input_is_converted_after_a_native_call():
 def test_strides_do_not_share_a_plan():
     """Same shape, channels-last memory: its own plan (channels-last kernel), same values."""
     spec = NormSpec.group_norm(2)
-    nchw = _x((2, 4, 3, 5))
+    nchw = normal((2, 4, 3, 5))
     nhwc_memory = np.ascontiguousarray(np.moveaxis(nchw, 1, -1))
     as_nchw = np.moveaxis(nhwc_memory, -1, 1)
     y, stats = fastnorm.forward(nchw, spec)
@@ -113,26 +110,26 @@ def test_strides_do_not_share_a_plan():
     assert np.moveaxis(y_cl, 1, -1).flags.c_contiguous  # output in the memory order of x
     np.testing.assert_allclose(stats_cl.mean, stats.mean, rtol=1e-12, atol=1e-12)
     # a strided view of the same shape: copied, not read with a cached contiguous plan
-    strided = _x((2, 8, 3, 5))[:, ::2]
+    strided = normal((2, 8, 3, 5))[:, ::2]
     y_strided, _ = fastnorm.forward(strided, spec)
     np.testing.assert_array_equal(y_strided, fastnorm.forward(np.ascontiguousarray(strided), spec)[0])
 
 
 def test_misaligned_input_after_an_aligned_call():
-    x = _x((3, 4, 5))
+    x = normal((3, 4, 5))
     spec = NormSpec.group_norm(2)
     expected, stats = fastnorm.forward(x, spec)
-    dy = _x((3, 4, 5), seed=1)
+    dy = normal((3, 4, 5), seed=1)
     dx, dw, _ = fastnorm.backward(dy, x, stats, spec, np.ones(4))
-    y, _ = fastnorm.forward(_misaligned(x), spec)
+    y, _ = fastnorm.forward(misaligned(x), spec)
     np.testing.assert_array_equal(y, expected)
-    dx_mis, dw_mis, _ = fastnorm.backward(_misaligned(dy), _misaligned(x), stats, spec, np.ones(4))
+    dx_mis, dw_mis, _ = fastnorm.backward(misaligned(dy), misaligned(x), stats, spec, np.ones(4))
     np.testing.assert_array_equal(dx_mis, dx)
     np.testing.assert_array_equal(dw_mis, dw)
 
 
 def test_array_likes_take_the_full_path_after_a_cached_call():
-    x = _x((2, 4))
+    x = normal((2, 4))
     spec = NormSpec.layer_norm(1)
     expected, _ = fastnorm.forward(x, spec)
     np.testing.assert_array_equal(fastnorm.forward(x.tolist(), spec)[0], expected)
@@ -140,7 +137,7 @@ def test_array_likes_take_the_full_path_after_a_cached_call():
 
 
 def test_bad_arguments_beside_a_cached_plan_still_raise_and_modify_nothing():
-    x, dy = _x((2, 4, 3)), _x((2, 4, 3), seed=1)
+    x, dy = normal((2, 4, 3)), normal((2, 4, 3), seed=1)
     spec = NormSpec.group_norm(2)
     w, b = np.ones(4), np.zeros(4)
     _, stats = fastnorm.forward(x, spec, w, b)
@@ -229,7 +226,7 @@ def test_forward_stats_are_ordinary_frozen_stats():
     """forward builds its Stats without the dataclass __init__: it must still be a normal value."""
     import dataclasses
 
-    x = _x((3, 8))
+    x = normal((3, 8))
     y, stats = fastnorm.forward(x, NormSpec.layer_norm(1), bias=np.zeros(8))
     built = Stats(stats.mean, stats.rstd, True)
     assert type(stats) is Stats and stats == built and stats.has_bias is True

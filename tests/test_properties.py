@@ -9,53 +9,16 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
-from cases import Case, arrange
-from hypothesis import HealthCheck, assume, given, settings
+from cases import arrange
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import problems
 
 import fastnorm
 
-# Hypothesis imports libcst (which warns through mypy_extensions) only when it reports a failure, and
-# filterwarnings=error would turn that report into an INTERNALERROR: import it here, warnings ignored.
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    try:
-        import hypothesis.extra._patching  # noqa: F401
-    except ImportError:  # libcst not installed: nothing to pre-import
-        pass
-
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@st.composite
-def problems(draw):
-    """A (case, layout, seed, scale, offset) with groups of at least 2 elements."""
-    kind = draw(st.sampled_from(["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"]))
-    n = draw(st.integers(1, 4))
-    if kind in ("layer_norm", "rms_norm"):
-        lead = draw(st.lists(st.integers(1, 4), min_size=0, max_size=2))
-        k = draw(st.integers(1, 3))
-        tail = draw(st.lists(st.integers(1, 7), min_size=k, max_size=k))
-        case = Case(kind, tuple(lead + tail), normalized_ndim=k, eps=0.0)
-        group = math.prod(tail)
-        layout = "cf"
-    else:
-        c = draw(st.integers(1, 8))
-        spatial = draw(st.lists(st.integers(1, 6), min_size=0 if kind != "instance_norm" else 1, max_size=3))
-        divisors = [g for g in range(1, c + 1) if c % g == 0]
-        groups = draw(st.sampled_from(divisors)) if kind == "group_norm" else None
-        case = Case(kind, (n, c, *spatial), num_groups=groups, eps=0.0)
-        s = math.prod(spatial)
-        group = {"batch_norm": n * s, "instance_norm": s, "group_norm": (c // (groups or 1)) * s}[kind]
-        layout = draw(st.sampled_from(["cf", "cl", "cl_memory"]))
-    assume(group >= 2)
-    seed = draw(st.integers(0, 2**32 - 1))
-    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
-    offset = draw(st.sampled_from([0.0, 1.0, -50.0]))
-    return case, layout, seed, scale, offset
 
 
 def _groups(a, case, cl):
