@@ -149,6 +149,7 @@ def test_every_loop_helper_is_listed():
         "_cl_group_coefs",
         "_cl_tile",  # repeats a few per-channel vectors, once per call
         "_cl_set_stats",
+        "_cf_group_statistics",  # calls _moments over a group's blocks
         "_group_coef_table",
         "_row_chunk",  # calls the row loops of _row_dots_and_partials and _dx_*_span
     }, sorted(helpers - set(VECTOR_LOOPS))

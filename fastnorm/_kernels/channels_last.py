@@ -16,7 +16,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_constants, _fold, _split, _store_param_grads
+from .epilogue import _dx_constants, _fold, _split
 from .numerics import CANCELLATION_LIMIT, _dx_coefs, _finish, _group, _merge, _moments_two_pass
 from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule
 
@@ -478,7 +478,10 @@ def _cl_param_grads(rstd, chan, dweight, dbias, spec, sets):
         for set_index in range(sets):
             sum_dy += chan[2 * nc * set_index + c]
             sum_dy_xhat += rstd[set_index * spec.groups + c // d] * chan[2 * nc * set_index + nc + c]
-        _store_param_grads(dweight, dbias, c, sum_dy_xhat, sum_dy)
+        if dweight.size > 0:
+            dweight[c] = sum_dy_xhat
+        if dbias.size > 0:
+            dbias[c] = sum_dy
 
 
 @kernel

@@ -118,12 +118,3 @@ def _dx_row_span(dys, xs, ws, dxs, rstd, kx, k0, mean):
         _dx_per_element_span(dys, xs, ws, dxs, rstd, kx, k0, mean)
     else:
         _dx_span(dys, xs, dxs, rstd, kx, k0, mean)
-
-
-@glue
-def _store_param_grads(dweight, dbias, i, sum_dy_xhat, sum_dy):
-    """``dweight[i] = sum(dy * xhat)`` and ``dbias[i] = sum(dy)``, each when requested (non-empty)."""
-    if dweight.size > 0:
-        dweight[i] = sum_dy_xhat
-    if dbias.size > 0:
-        dbias[i] = sum_dy

@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, kernel
-from .epilogue import _dx_span, _normalize, _store_param_grads
+from .epilogue import _dx_span, _normalize
 from .numerics import (
     _block_plane,
     _dots,
@@ -348,7 +348,10 @@ def _planes_param_grads(work, coef, dweight, dbias, spec, nblocks):
                 sum_dy += work[2 * (blk0 + b)]
                 partial_dy_xc += work[2 * (blk0 + b) + 1]
             sum_dy_xhat += coef[4 * _stat_index(spec, n, c) + 1] * partial_dy_xc
-        _store_param_grads(dweight, dbias, c, sum_dy_xhat, sum_dy)
+        if dweight.size > 0:
+            dweight[c] = sum_dy_xhat
+        if dbias.size > 0:
+            dbias[c] = sum_dy
 
 
 @kernel

@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_row_span, _normalize_per_element, _split, _store_param_grads
+from .epilogue import _dx_row_span, _normalize_per_element, _split
 from .numerics import (
     _block_plane,
     _dots,
@@ -324,7 +324,10 @@ def _rows_backward_chunks(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, s
             for t in range(nchunks):
                 sum_dy += partial[2 * width * t + s]
                 sum_dy_xhat += partial[2 * width * t + width + s]
-            _store_param_grads(dweight, dbias, s, sum_dy_xhat, sum_dy)
+            if dbias.size > 0:
+                dbias[s] = sum_dy
+            if dweight.size > 0:
+                dweight[s] = sum_dy_xhat
 
 
 @glue
@@ -382,7 +385,10 @@ def _rows_backward_columns(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, 
             _dx_row_span(dys, xs, weight[lo:hi], dx[off : off + span], row_rstd, kx, k0, row_mean)
         if want_params:
             for s in range(lo, hi):
-                _store_param_grads(dweight, dbias, s, acc[width + s], acc[s])
+                if dbias.size > 0:
+                    dbias[s] = acc[s]
+                if dweight.size > 0:
+                    dweight[s] = acc[width + s]
 
 
 @kernel
