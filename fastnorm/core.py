@@ -528,7 +528,10 @@ def _forward(x, spec, weight, bias, out):
         kernel, params = _kernel_call(
             plan, K.FORWARD, (weight is not None) * 4 + (bias is not None) * 2 + in_place
         )
-        kernel(x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), params)
+        if mean.ndim == 1:  # BN, LN, RMS: no ravel views to build (about 0.07 us each)
+            kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, params)
+        else:
+            kernel(x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), params)
     return y, mean, rstd
 
 
