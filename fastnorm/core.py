@@ -123,7 +123,7 @@ class _Plan:
     group_size: int
 
 
-def _check_array(value, name):
+def _check_array(value, name) -> np.ndarray:
     if type(value) is not np.ndarray:
         value = np.asarray(value)  # also a subclass: the kernels see plain arrays
     if value.dtype.kind != "f" or value.dtype.itemsize not in (4, 8):
@@ -157,7 +157,7 @@ def _check_param(value, name, plan, dtype):
 #: Plans by (shape, strides, dtype, spec, training); a plan depends on nothing else.
 #: Only valid plans of native float32/float64 arrays are stored, so a hit proves
 #: that ``x`` passed every check that does not depend on its values.
-_PLAN_CACHE = {}
+_PLAN_CACHE: dict = {}
 _PLAN_CACHE_SIZE = 512
 
 
@@ -179,7 +179,7 @@ def _plan(x, spec, training):
     return plan
 
 
-def _prepare_input(x, spec, training=True):
+def _prepare_input(x, spec, training=True) -> tuple[np.ndarray, _Plan]:
     """Validate ``x`` against ``spec``: return it as an aligned native ndarray, and its plan.
 
     A plain ndarray whose geometry was seen before costs one dict lookup;
@@ -623,18 +623,20 @@ def backward(
     (no ``mean(g)`` term for RMSNorm); derived in ``docs/math.md``.
     """
     x, plan = _prepare_input(x, spec)
-    if not (type(dy) is np.ndarray and dy.dtype == x.dtype and dy.shape == x.shape):
-        dy = _check_array(dy, "dy")
-        if dy.shape != x.shape:
-            raise ValueError(f"dy.shape={dy.shape} does not match x.shape={x.shape}")
-        if dy.dtype != x.dtype:
-            raise TypeError(f"dy.dtype={dy.dtype} does not match x.dtype={x.dtype}")
+    if type(dy) is np.ndarray and dy.dtype == x.dtype and dy.shape == x.shape:
+        dy_array = dy
+    else:
+        dy_array = _check_array(dy, "dy")
+        if dy_array.shape != x.shape:
+            raise ValueError(f"dy.shape={dy_array.shape} does not match x.shape={x.shape}")
+        if dy_array.dtype != x.dtype:
+            raise TypeError(f"dy.dtype={dy_array.dtype} does not match x.dtype={x.dtype}")
     mean, rstd = _stats_arrays(stats, plan)
     weight_flat = _check_param(weight, "weight", plan, x.dtype)
     if with_bias is None:
         with_bias = stats.has_bias
     x_flat = _kernel_view(x, plan)
-    dy_flat = _kernel_view(dy if dy.flags.aligned else dy.copy(order="K"), plan)
+    dy_flat = _kernel_view(dy_array if dy_array.flags.aligned else dy_array.copy(order="K"), plan)
     dx, dx_flat = _output(x, plan, out)
     in_place = False
     if out is not None:

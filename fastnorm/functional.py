@@ -255,7 +255,7 @@ def instance_norm(
     plan = _plan(x, spec, training=True)
     _check_out_not_running(out, running)
     y, stats = forward(x, spec, weight, bias, out=out)
-    if running is not None and x.shape[0] > 0:
+    if running is not None and y.shape[0] > 0:
         # torch: the batch average of the per-instance mean and unbiased variance.
         var = _variance(stats, spec.eps)
         _update_running(running, stats.mean.mean(axis=0), var.mean(axis=0), plan.group_size, momentum)

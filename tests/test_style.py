@@ -6,6 +6,8 @@ import importlib
 import inspect
 import pkgutil
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +119,20 @@ def test_public_function_has_numpydoc_docstring(name, obj):
         return
     missing = [p for p in params if p not in documented]
     assert not missing, f"{name}: parameters {missing} are not in its Parameters section"
+
+
+#: The modules of the public API, whose type hints mypy checks (fastnorm ships py.typed).
+TYPED_MODULES = ("__init__.py", "core.py", "functional.py", "spec.py")
+
+
+def test_public_api_type_checks():
+    pytest.importorskip("mypy")
+    assert (PACKAGE_DIR / "py.typed").is_file()
+    paths = [str(PACKAGE_DIR / name) for name in TYPED_MODULES]
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--ignore-missing-imports", "--follow-imports=silent", *paths],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
