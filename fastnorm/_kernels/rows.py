@@ -29,7 +29,13 @@ from .numerics import (
     _moments,
     _shifted_moments,
 )
-from .planes import _cf_block_span, _cf_group_one_block, _cf_group_statistics, _cf_split_statistics
+from .planes import (
+    _cf_block_span,
+    _cf_group_one_block,
+    _cf_group_statistics,
+    _cf_split_statistics,
+    _group_coef_table,
+)
 from .schedule import (
     BLOCK,
     CENTERED,
@@ -335,10 +341,7 @@ def _rows_dots_and_coefs(dy, x, weight, mean, rstd, spec, nblocks):
     """Dot products of every (row, block) in parallel, then each row's ``(mean, rstd, kx, k0)``."""
     nrows = mean.size
     work = np.empty(2 * nrows * nblocks)
-    coef = np.empty(4 * nrows)
-    for k in range(nrows):
-        coef[4 * k] = mean[k] if spec.flags & CENTERED else 0.0
-        coef[4 * k + 1] = rstd[k]
+    coef = _group_coef_table(mean, rstd, spec)
     for blk in prange(nrows * nblocks):
         n, b = _block_plane(blk, nblocks)
         off, count, s0 = _cf_block_span(spec, n, b)

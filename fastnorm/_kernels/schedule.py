@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 
-from .._config import helper
+from .._config import glue, helper
 
 __all__ = [
     "BACKWARD", "BATCH", "BLOCK", "CENTERED", "CHANNELS_LAST", "CHANNELS_LAST_VIEW",
@@ -163,6 +163,7 @@ PIPELINE_MAX_ROW_BYTES = 4096
 SERIAL_MAX_ELEMENTS = 16384
 
 
+@glue
 def num_stats(spec):
     """Return the number of (mean, rstd) pairs a kernel call produces or consumes."""
     sets = 1 if spec.flags & BATCH else spec.batch
@@ -196,7 +197,7 @@ def plan_schedule(params, pass_id, num_threads, itemsize, has_weight, has_bias, 
     spec = KernelSpec(*params)
     size = spec.batch * spec.channels * spec.spatial
     parallel = 1 if size > SERIAL_MAX_ELEMENTS else 0
-    nstats = (1 if spec.flags & BATCH else spec.batch) * spec.groups
+    nstats = num_stats(spec)
     if spec.flags & PER_ELEMENT:
         return _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bias, in_place)
     if spec.flags & CHANNELS_LAST:
