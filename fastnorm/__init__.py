@@ -10,16 +10,17 @@ Functional (``torch.nn.functional`` names and semantics, NumPy arrays):
 :func:`group_norm`, :func:`rms_norm`.
 
 Explicit passes: :class:`NormSpec`, :func:`forward`, :func:`forward_inference`,
-:func:`backward`, :class:`Stats`.
+:func:`backward`, :class:`Stats`, :class:`Gradients`.
 """
 
-from .core import Stats, backward, forward, forward_inference
+from .core import Gradients, Stats, backward, forward, forward_inference
 from .functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 from .spec import NormSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Gradients",
     "NormSpec",
     "Stats",
     "forward",

@@ -19,7 +19,7 @@ from . import _kernels as K
 from ._config import glue, typed_helper
 from .spec import NormSpec
 
-__all__ = ["Stats", "forward", "forward_inference", "backward"]
+__all__ = ["Gradients", "Stats", "forward", "forward_inference", "backward"]
 
 _FLOAT64 = np.dtype(np.float64)
 _EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), _FLOAT64: np.empty(0, np.float64)}
@@ -43,15 +43,57 @@ class Stats:
     has_bias : bool
         Whether the forward pass used a bias; :func:`backward` then returns
         ``dbias``.
+    has_residual : bool
+        Whether the forward pass added a residual; :func:`backward` then
+        returns ``dresidual``.
     """
 
     mean: np.ndarray
     rstd: np.ndarray
     has_bias: bool = False
+    has_residual: bool = False
 
 
-def _new_stats(mean, rstd, has_bias):
-    """``Stats(mean, rstd, has_bias)`` without the frozen dataclass's ``__init__``.
+class Gradients(tuple):
+    """What :func:`backward` returns: ``(dx, dweight, dbias)``, and ``dresidual`` by name.
+
+    A 3-tuple, so that ``dx, dweight, dbias = fastnorm.backward(...)`` keeps
+    working; the gradient of the fused epilogue's residual is the attribute
+    ``dresidual``.
+
+    Attributes
+    ----------
+    dx : ndarray
+        Gradient with respect to ``x``.
+    dweight, dbias : ndarray or None
+        Gradients with respect to the parameters; ``None`` when not requested.
+    dresidual : ndarray or None
+        Gradient with respect to the residual (``dy * act'(z)``, or ``dy``
+        itself without an activation); ``None`` without a residual.
+    """
+
+    dresidual = None
+
+    def __new__(cls, dx, dweight, dbias, dresidual=None):  # noqa: D102
+        grads = tuple.__new__(cls, (dx, dweight, dbias))
+        if dresidual is not None:
+            grads.dresidual = dresidual
+        return grads
+
+    def __repr__(self):
+        values = (*self, self.dresidual)
+        fields = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, values, strict=True))
+        return f"Gradients({fields})"
+
+    _fields = ("dx", "dweight", "dbias", "dresidual")
+
+    dx = property(lambda self: self[0], doc="Gradient with respect to ``x``.")
+    dweight = property(lambda self: self[1], doc="Gradient with respect to ``weight``, or ``None``.")
+    dbias = property(lambda self: self[2], doc="Gradient with respect to ``bias``, or ``None``.")
+
+
+def _new_stats(mean, rstd, has_bias, has_residual=False):
+    """``Stats(mean, rstd, has_bias, has_residual)`` without the frozen dataclass's ``__init__``.
 
     The forward pass builds one per call; the generated ``__init__`` sets each
     field through ``object.__setattr__`` (0.44 us against 0.21 us here).
@@ -61,6 +103,7 @@ def _new_stats(mean, rstd, has_bias):
     fields["mean"] = mean
     fields["rstd"] = rstd
     fields["has_bias"] = has_bias
+    fields["has_residual"] = has_residual
     return stats
 
 
@@ -218,7 +261,7 @@ def _make_plan(x, spec, training):
         if training and width == 0 and rows > 0:
             raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k :]} hold no elements")
         eps = spec.eps if spec.eps is not None else float(np.finfo(x.dtype).eps)
-        kspec = K.KernelSpec(rows, 1, width, 1, flags | K.PER_ELEMENT, eps)
+        kspec = K.KernelSpec(rows, 1, width, 1, flags | K.PER_ELEMENT, eps, *_epilogue_fields(spec))
         param_shape = tuple(shape[x.ndim - k :])
         return _new_plan(kspec, x, None, param_shape, tuple(shape[: x.ndim - k]), width)
     if not 2 <= x.ndim <= 5:
@@ -260,8 +303,13 @@ def _make_plan(x, spec, training):
         raise ValueError(
             f"{spec.kind}: x.shape={shape} gives groups of 0 elements; their statistics are undefined"
         )
-    kspec = K.KernelSpec(n, channels, spatial, groups, flags, spec.eps)
+    kspec = K.KernelSpec(n, channels, spatial, groups, flags, spec.eps, *_epilogue_fields(spec))
     return _new_plan(kspec, x, kernel_axes, (channels,), stats_shape, group_size)
+
+
+def _epilogue_fields(spec):
+    """Return the ``activation`` and ``slope`` fields of the kernel spec of ``spec``."""
+    return K.ACTIVATIONS[spec.activation], spec.negative_slope
 
 
 def _new_plan(kspec, x, kernel_axes, param_shape, stats_shape, group_size):
@@ -424,20 +472,51 @@ def _check_alias(out_flat, first, second, weight_flat, bias_flat, mean, rstd, na
     return status == 3
 
 
-def _prepare_forward(x, plan, weight, bias, out, stats_flat=()):
-    """Check the parameters and ``out`` of a forward pass; return the kernel views.
+def _prepare_forward(x, plan, weight, bias, residual, out, stats_flat=()):
+    """Check the parameters, the residual and ``out`` of a forward pass; return the kernel views.
 
-    Returns ``(weight_flat, bias_flat, x_flat, y, y_flat, in_place)``.
+    Returns ``(weight_flat, bias_flat, residual_flat, x_flat, y, y_flat,
+    in_place)``; ``in_place`` is whether ``y`` is ``x``'s memory (``y`` may
+    also be the residual's, which the kernels allow without telling).
     """
     weight_flat = _check_param(weight, "weight", plan, x.dtype)
     bias_flat = _check_param(bias, "bias", plan, x.dtype)
     x_flat = _kernel_view(x, plan)
+    residual_flat = _EMPTY[x.dtype] if residual is None else _check_like_x(residual, "residual", x, plan)
     y, y_flat = _output(x, plan, out)
     in_place = False
     if out is not None:
         mean, rstd = stats_flat if stats_flat else (_NO_STATS, _NO_STATS)
-        in_place = _check_alias(y_flat, x_flat, x_flat, weight_flat, bias_flat, mean, rstd)
-    return weight_flat, bias_flat, x_flat, y, y_flat, in_place
+        second = x_flat if residual is None else residual_flat
+        in_place = _check_alias(y_flat, x_flat, second, weight_flat, bias_flat, mean, rstd)
+        if in_place and residual is not None:
+            in_place = _same_address(y_flat, x_flat)
+    return weight_flat, bias_flat, residual_flat, x_flat, y, y_flat, in_place
+
+
+def _same_address(a, b):
+    """Whether two flat kernel views of one size start at the same address."""
+    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+
+
+def _check_like_x(value, name, x, plan):
+    """Check a tensor that must be laid out like ``x`` (a residual); return its flat kernel view.
+
+    It must be an ndarray of ``x``'s shape and dtype whose memory is in the
+    kernel's order (C-contiguous, or channels-last like ``x``): it is read
+    as is, never copied.
+    """
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(value).__name__}")
+    if value.dtype != x.dtype:
+        raise TypeError(f"{name}.dtype={value.dtype} does not match x.dtype={x.dtype}")
+    if value.shape != x.shape:
+        raise ValueError(f"{name}.shape={value.shape} does not match x.shape={x.shape}")
+    view = value if plan.kernel_axes is None else value.transpose(plan.kernel_axes)
+    if not view.flags.c_contiguous or not value.flags.aligned:
+        order = "C-contiguous" if plan.kernel_axes is None else "channels-last (like x)"
+        raise ValueError(f"{name} must be an aligned {order} array, laid out like x")
+    return view.reshape(-1)
 
 
 def _stats_arrays(stats, plan):
@@ -469,6 +548,7 @@ def forward(
     weight: ArrayLike | None = None,
     bias: ArrayLike | None = None,
     *,
+    residual: np.ndarray | None = None,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Stats]:
     """Training forward pass: normalize with the statistics of ``x``.
@@ -485,9 +565,12 @@ def forward(
     weight, bias : array_like, optional
         Affine parameters, shape ``(C,)`` (BN/IN/GN) or the normalized shape
         (LN/RMS), cast to ``x.dtype``.
+    residual : ndarray, optional
+        Added after the affine transform, before ``spec.activation``: same
+        shape, dtype and memory layout as ``x`` (read in place, never copied).
     out : ndarray, optional
         Preallocated output with ``x``'s shape, dtype and memory order; may be
-        ``x`` itself (in-place).
+        ``x`` or ``residual`` itself (in-place).
 
     Returns
     -------
@@ -502,25 +585,28 @@ def forward(
         Unsupported dtype (integer, complex, float16) or argument type.
     ValueError
         Shapes that do not fit ``spec``, BatchNorm with one value per channel,
-        groups of zero elements, an ``out`` of the wrong shape/dtype/order.
+        groups of zero elements, an ``out`` or ``residual`` of the wrong
+        shape/dtype/order.
 
     Notes
     -----
-    ``y = (x - mean) * (rstd * weight) + bias`` with biased variance; see
-    ``docs/math.md``.  Statistics are accumulated in float64 over fixed blocks
-    (Chan et al. merge), so results do not depend on the thread count.
+    ``y = act((x - mean) * (rstd * weight) + bias + residual)`` with biased
+    variance, ``act`` being ``spec.activation`` (the identity by default);
+    see ``docs/math.md``.  Statistics are accumulated in float64 over fixed
+    blocks (Chan et al. merge), so results do not depend on the thread count.
     """
-    y, mean, rstd = _forward(x, spec, weight, bias, out)
-    return y, _new_stats(mean, rstd, bias is not None)
+    y, mean, rstd = _forward(x, spec, weight, bias, out, residual)
+    return y, _new_stats(mean, rstd, bias is not None, residual is not None)
 
 
-def _forward(x, spec, weight, bias, out):
+def _forward(x, spec, weight, bias, out, residual=None):
     """:func:`forward` without building its :class:`Stats`: ``(y, mean, rstd)``.
 
     The functional API returns only ``y``; a ``Stats`` costs 0.25 us a call.
     """
     x, plan = _prepare_input(x, spec)
-    weight_flat, bias_flat, x_flat, y, y_flat, in_place = _prepare_forward(x, plan, weight, bias, out)
+    prepared = _prepare_forward(x, plan, weight, bias, residual, out)
+    weight_flat, bias_flat, residual_flat, x_flat, y, y_flat, in_place = prepared
     mean = np.empty(plan.stats_shape)
     rstd = np.empty(plan.stats_shape)
     if plan.stats_size:
@@ -529,9 +615,9 @@ def _forward(x, spec, weight, bias, out):
             plan, K.FORWARD, (weight is not None) * 4 + (bias is not None) * 2 + in_place
         )
         if mean.ndim == 1:  # BN, LN, RMS: no ravel views to build (about 0.07 us each)
-            kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, params)
+            kernel(x_flat, weight_flat, bias_flat, residual_flat, y_flat, mean, rstd, params)
         else:
-            kernel(x_flat, weight_flat, bias_flat, y_flat, mean.ravel(), rstd.ravel(), params)
+            kernel(x_flat, weight_flat, bias_flat, residual_flat, y_flat, mean.ravel(), rstd.ravel(), params)
     return y, mean, rstd
 
 
@@ -542,6 +628,7 @@ def forward_inference(
     weight: ArrayLike | None = None,
     bias: ArrayLike | None = None,
     *,
+    residual: np.ndarray | None = None,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Inference forward pass: normalize ``x`` with given statistics.
@@ -554,7 +641,7 @@ def forward_inference(
         ``mean`` and ``rstd`` of the shape :func:`forward` returns for this
         ``x`` (for BatchNorm, ``(C,)``: build it from running statistics with
         ``Stats(running_mean, 1 / np.sqrt(running_var + eps))``).
-    spec, weight, bias, out
+    spec, weight, bias, residual, out
         As in :func:`forward`.
 
     Returns
@@ -565,16 +652,17 @@ def forward_inference(
     Notes
     -----
     Ioffe & Szegedy (2015), Algorithm 2: ``y = (x - mean) * (weight * rstd) +
-    bias``, one multiply-add per element after the subtraction.
+    bias``, one multiply-add per element after the subtraction (then the
+    residual and the activation, as in :func:`forward`).
     """
     x, plan = _prepare_input(x, spec, training=False)
     mean, rstd = _stats_arrays(stats, plan)
-    prepared = _prepare_forward(x, plan, weight, bias, out, (mean, rstd))
-    weight_flat, bias_flat, x_flat, y, y_flat, in_place = prepared
+    prepared = _prepare_forward(x, plan, weight, bias, residual, out, (mean, rstd))
+    weight_flat, bias_flat, residual_flat, x_flat, y, y_flat, in_place = prepared
     if y_flat.size:
         variant = (weight is not None) * 4 + (bias is not None) * 2 + in_place
         kernel, params = _kernel_call(plan, K.INFERENCE, variant)
-        kernel(x_flat, weight_flat, bias_flat, y_flat, mean, rstd, params)
+        kernel(x_flat, weight_flat, bias_flat, residual_flat, _EMPTY[x.dtype], y_flat, mean, rstd, params)
     return y
 
 
@@ -585,10 +673,12 @@ def backward(
     spec: NormSpec,
     weight: ArrayLike | None = None,
     *,
+    bias: ArrayLike | None = None,
+    residual: np.ndarray | None = None,
     with_bias: bool | None = None,
     out: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Backward pass: gradients of the loss with respect to x, weight and bias.
+) -> Gradients:
+    """Backward pass: gradients of the loss with respect to x, weight and bias (and the residual).
 
     Parameters
     ----------
@@ -602,6 +692,14 @@ def backward(
         The spec of the forward pass.
     weight : array_like, optional
         The forward weight. ``dweight`` is returned only when it is given.
+    bias : array_like, optional
+        The forward bias.  Needed (and only read) when ``spec.activation`` is
+        set and the forward pass used a bias: the backward through the
+        activation recomputes its input ``z`` from ``x``, the statistics,
+        weight, bias and residual.
+    residual : ndarray, optional
+        The forward residual; needed when ``spec.activation`` is set and the
+        forward pass added one (``stats.has_residual``).
     with_bias : bool, optional
         Whether to return ``dbias``; by default, whether the forward pass used a
         bias (``stats.has_bias``).
@@ -611,16 +709,27 @@ def backward(
 
     Returns
     -------
-    dx : ndarray
-        Same shape and dtype as ``x``.
-    dweight, dbias : ndarray or None
-        Shape of the parameters, dtype of ``x``; ``None`` when not requested.
+    Gradients
+        ``(dx, dweight, dbias)``: ``dx`` of ``x``'s shape and dtype;
+        ``dweight`` and ``dbias`` of the parameters' shape, ``x``'s dtype, or
+        ``None`` when not requested.  Its attribute ``dresidual`` is the
+        gradient with respect to the residual when the forward pass added
+        one (``dy`` itself when ``spec.activation`` is ``None``), else ``None``.
+
+    Raises
+    ------
+    ValueError
+        Besides the checks of :func:`forward`: with ``spec.activation``, a
+        ``bias`` or ``residual`` that the forward pass had and this call lacks
+        (or the reverse).
 
     Notes
     -----
-    With ``g = weight * dy`` and ``xhat = (x - mean) * rstd`` over the ``m``
+    With ``g = weight * dz`` and ``xhat = (x - mean) * rstd`` over the ``m``
     elements of a group: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``
-    (no ``mean(g)`` term for RMSNorm); derived in ``docs/math.md``.
+    (no ``mean(g)`` term for RMSNorm), where ``dz = dy * act'(z)`` is the
+    gradient at the activation's input (``dy`` without one); derived in
+    ``docs/math.md``.
     """
     x, plan = _prepare_input(x, spec)
     if type(dy) is np.ndarray and dy.dtype == x.dtype and dy.shape == x.shape:
@@ -635,6 +744,9 @@ def backward(
     weight_flat = _check_param(weight, "weight", plan, x.dtype)
     if with_bias is None:
         with_bias = stats.has_bias
+    has_residual = stats.has_residual or residual is not None
+    if spec.activation is not None:
+        bias_flat, residual_flat = _epilogue_inputs(x, plan, stats, bias, residual)
     x_flat = _kernel_view(x, plan)
     dy_flat = _kernel_view(dy_array if dy_array.flags.aligned else dy_array.copy(order="K"), plan)
     dx, dx_flat = _output(x, plan, out)
@@ -643,8 +755,17 @@ def backward(
         in_place = _check_alias(dx_flat, x_flat, dy_flat, weight_flat, _EMPTY[x.dtype], mean, rstd)
     dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
+    dresidual = dy_array if has_residual else None
     if dx_flat.size:
         empty = _EMPTY[x.dtype]
+        if spec.activation is not None:
+            # dz = dy * act'(z) by the inference kernel's epilogue, then the norm's backward on dz
+            dz, dz_flat = _output(x, plan, None)
+            variant = (weight is not None) * 4 + (bias is not None) * 2
+            kernel, params = _kernel_call(plan, K.INFERENCE, variant)
+            kernel(x_flat, weight_flat, bias_flat, residual_flat, dy_flat, dz_flat, mean, rstd, params)
+            dy_flat = dz_flat
+            dresidual = dz if has_residual else None
         kernel, params = _kernel_call(plan, K.BACKWARD, (weight is not None) * 4 + in_place)
         kernel(
             dy_flat,
@@ -657,4 +778,21 @@ def backward(
             empty if dbias is None else dbias.ravel(),
             params,
         )
-    return dx, dweight, dbias
+    if dresidual is None:
+        return tuple.__new__(Gradients, (dx, dweight, dbias))
+    return Gradients(dx, dweight, dbias, dresidual)
+
+
+def _epilogue_inputs(x, plan, stats, bias, residual):
+    """Check the bias and residual that recompute the activation's input; return their kernel views."""
+    if stats.has_bias and bias is None:
+        raise ValueError("bias is required: the forward pass used one and spec.activation needs it")
+    if bias is not None and not stats.has_bias:
+        raise ValueError("bias was given but the forward pass used none (stats.has_bias is False)")
+    if stats.has_residual and residual is None:
+        raise ValueError("residual is required: the forward pass added one and spec.activation needs it")
+    if residual is not None and not stats.has_residual:
+        raise ValueError("residual was given but the forward pass added none (stats.has_residual is False)")
+    bias_flat = _check_param(bias, "bias", plan, x.dtype)
+    residual_flat = _EMPTY[x.dtype] if residual is None else _check_like_x(residual, "residual", x, plan)
+    return bias_flat, residual_flat

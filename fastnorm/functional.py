@@ -100,6 +100,9 @@ def batch_norm(
     *,
     num_batches_tracked: np.ndarray | None = None,
     channels_last: bool = False,
+    residual: np.ndarray | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Batch normalization (Ioffe & Szegedy 2015), like ``torch.nn.functional.batch_norm``.
@@ -130,6 +133,15 @@ def batch_norm(
         ``momentum=None`` and running statistics are given.
     channels_last : bool
         ``x`` is ``(N, *spatial, C)``.
+    residual : ndarray, optional
+        Added after the affine transform, before the activation; ``x``'s
+        shape, dtype and memory layout.
+    activation : str or None
+        Fused activation: ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``,
+        ``"tanh"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``None``
+        (:class:`NormSpec`).
+    negative_slope : float
+        Slope of ``"leaky_relu"`` for negative inputs.
     out : ndarray, optional
         Preallocated output (``x``'s shape, dtype and memory order; may be ``x``).
 
@@ -154,18 +166,19 @@ def batch_norm(
     True
     """
     x = _check_array(x, "x")
-    spec = NormSpec.batch_norm(eps=eps, channels_last=channels_last)
+    spec = NormSpec.batch_norm(eps, channels_last, activation=activation, negative_slope=negative_slope)
     channels = _channels(x, channels_last)
     running = _running_pair(running_mean, running_var, channels, writeable=bool(training))
     if not training:
         if running is None:
             raise ValueError("batch_norm with training=False needs running_mean and running_var")
-        return forward_inference(x, _running_stats(running, spec.eps), spec, weight, bias, out=out)
+        stats = _running_stats(running, spec.eps)
+        return forward_inference(x, stats, spec, weight, bias, residual=residual, out=out)
     momentum = _check_momentum(momentum, allow_none=True)
     counter = _check_counter(num_batches_tracked, required=momentum is None and running is not None)
     plan = _plan(x, spec, training=True)  # validate before anything is written
     _check_out_not_running(out, running)
-    y, stats = forward(x, spec, weight, bias, out=out)
+    y, stats = forward(x, spec, weight, bias, residual=residual, out=out)
     if counter is not None:
         counter += 1
     if running is not None:
@@ -208,6 +221,9 @@ def instance_norm(
     eps: float = 1e-5,
     *,
     channels_last: bool = False,
+    residual: np.ndarray | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Instance normalization (Ulyanov et al. 2016), like ``torch.nn.functional.instance_norm``.
@@ -233,6 +249,15 @@ def instance_norm(
         Added to the variance.
     channels_last : bool
         ``x`` is ``(N, *spatial, C)``.
+    residual : ndarray, optional
+        Added after the affine transform, before the activation; ``x``'s
+        shape, dtype and memory layout.
+    activation : str or None
+        Fused activation: ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``,
+        ``"tanh"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``None``
+        (:class:`NormSpec`).
+    negative_slope : float
+        Slope of ``"leaky_relu"`` for negative inputs.
     out : ndarray, optional
         Preallocated output.
 
@@ -243,18 +268,20 @@ def instance_norm(
     """
     x = _check_array(x, "x")
     # validates eps and channels_last before channels_last is used to find C
-    spec = NormSpec.instance_norm(eps=eps, channels_last=channels_last)
+    epilogue = {"activation": activation, "negative_slope": negative_slope}
+    spec = NormSpec.instance_norm(eps, channels_last, **epilogue)
     channels = _channels(x, channels_last)
     running = _running_pair(running_mean, running_var, channels, writeable=bool(use_input_stats))
     if not use_input_stats:
         if running is None:
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
-        spec = NormSpec.batch_norm(eps=eps, channels_last=channels_last)
-        return forward_inference(x, _running_stats(running, spec.eps), spec, weight, bias, out=out)
+        spec = NormSpec.batch_norm(eps, channels_last, **epilogue)
+        stats = _running_stats(running, spec.eps)
+        return forward_inference(x, stats, spec, weight, bias, residual=residual, out=out)
     momentum = _check_momentum(momentum, allow_none=False)
     plan = _plan(x, spec, training=True)
     _check_out_not_running(out, running)
-    y, stats = forward(x, spec, weight, bias, out=out)
+    y, stats = forward(x, spec, weight, bias, residual=residual, out=out)
     if running is not None and y.shape[0] > 0:
         # torch: the batch average of the per-instance mean and unbiased variance.
         var = _variance(stats, spec.eps)
@@ -303,6 +330,9 @@ def layer_norm(
     bias: ArrayLike | None = None,
     eps: float = 1e-5,
     *,
+    residual: np.ndarray | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Layer normalization (Ba et al. 2016), like ``torch.nn.functional.layer_norm``.
@@ -317,6 +347,15 @@ def layer_norm(
         Per-element affine parameters.
     eps : float
         Added to the variance.
+    residual : ndarray, optional
+        Added after the affine transform, before the activation; ``x``'s
+        shape, dtype and memory layout.
+    activation : str or None
+        Fused activation: ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``,
+        ``"tanh"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``None``
+        (:class:`NormSpec`).
+    negative_slope : float
+        Slope of ``"leaky_relu"`` for negative inputs.
     out : ndarray, optional
         Preallocated C-contiguous output; may be ``x``.
 
@@ -327,8 +366,9 @@ def layer_norm(
     """
     if type(x) is not np.ndarray:  # forward checks the dtype of a plain ndarray itself
         x = _check_array(x, "x")
-    spec = NormSpec.layer_norm(_normalized_ndim(x, normalized_shape), eps=eps)
-    return _forward(x, spec, weight, bias, out)[0]
+    ndim = _normalized_ndim(x, normalized_shape)
+    spec = NormSpec.layer_norm(ndim, eps, activation=activation, negative_slope=negative_slope)
+    return _forward(x, spec, weight, bias, out, residual)[0]
 
 
 def group_norm(
@@ -339,6 +379,9 @@ def group_norm(
     eps: float = 1e-5,
     *,
     channels_last: bool = False,
+    residual: np.ndarray | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Group normalization (Wu & He 2018), like ``torch.nn.functional.group_norm``.
@@ -356,6 +399,15 @@ def group_norm(
         Added to the variance.
     channels_last : bool
         ``x`` is ``(N, *spatial, C)``.
+    residual : ndarray, optional
+        Added after the affine transform, before the activation; ``x``'s
+        shape, dtype and memory layout.
+    activation : str or None
+        Fused activation: ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``,
+        ``"tanh"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``None``
+        (:class:`NormSpec`).
+    negative_slope : float
+        Slope of ``"leaky_relu"`` for negative inputs.
     out : ndarray, optional
         Preallocated output.
 
@@ -364,8 +416,9 @@ def group_norm(
     ndarray
         Normalized ``x``.
     """
-    spec = NormSpec.group_norm(num_groups, eps=eps, channels_last=channels_last)
-    return _forward(x, spec, weight, bias, out)[0]
+    epilogue = {"activation": activation, "negative_slope": negative_slope}
+    spec = NormSpec.group_norm(num_groups, eps, channels_last, **epilogue)
+    return _forward(x, spec, weight, bias, out, residual)[0]
 
 
 def rms_norm(
@@ -374,6 +427,9 @@ def rms_norm(
     weight: ArrayLike | None = None,
     eps: float | None = None,
     *,
+    residual: np.ndarray | None = None,
+    activation: str | None = None,
+    negative_slope: float = 0.01,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """RMS normalization (Zhang & Sennrich 2019), like ``torch.nn.functional.rms_norm``.
@@ -388,6 +444,15 @@ def rms_norm(
         Per-element scale.
     eps : float or None
         Added to the mean square; ``None`` means ``numpy.finfo(x.dtype).eps``.
+    residual : ndarray, optional
+        Added after the affine transform, before the activation; ``x``'s
+        shape, dtype and memory layout.
+    activation : str or None
+        Fused activation: ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``,
+        ``"tanh"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``None``
+        (:class:`NormSpec`).
+    negative_slope : float
+        Slope of ``"leaky_relu"`` for negative inputs.
     out : ndarray, optional
         Preallocated C-contiguous output; may be ``x``.
 
@@ -398,5 +463,6 @@ def rms_norm(
     """
     if type(x) is not np.ndarray:  # forward checks the dtype of a plain ndarray itself
         x = _check_array(x, "x")
-    spec = NormSpec.rms_norm(_normalized_ndim(x, normalized_shape), eps=eps)
-    return _forward(x, spec, weight, None, out)[0]
+    ndim = _normalized_ndim(x, normalized_shape)
+    spec = NormSpec.rms_norm(ndim, eps, activation=activation, negative_slope=negative_slope)
+    return _forward(x, spec, weight, None, out, residual)[0]

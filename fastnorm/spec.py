@@ -7,7 +7,13 @@ import math
 import numbers
 from dataclasses import dataclass, fields
 
+from ._kernels.epilogue import ACTIVATIONS
+
 KINDS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm")
+#: Names of the epilogue's activations (``None`` for none): torch's ``F.relu``,
+#: ``F.leaky_relu``, ``torch.sigmoid``, ``torch.tanh``, ``F.silu``,
+#: ``F.gelu(approximate="none")`` and ``F.gelu(approximate="tanh")``.
+ACTIVATION_NAMES = tuple(name for name in ACTIVATIONS if name is not None)
 
 
 def check_eps(eps, *, allow_none=False):
@@ -82,12 +88,22 @@ class NormSpec:
         ``(N, C, *spatial)`` array whose *memory* is channels-last (for example
         ``np.moveaxis(nhwc, -1, 1)``) needs ``channels_last=False``: fastnorm
         detects its strides and runs the channels-last kernel without a copy.
+    activation : str or None
+        The fused epilogue's activation, applied after the affine transform
+        and the optional residual add: one of :data:`ACTIVATION_NAMES`
+        (``"relu"``, ``"leaky_relu"``, ``"sigmoid"``, ``"tanh"``, ``"silu"``,
+        ``"gelu"``, ``"gelu_tanh"``) or ``None``.  Part of the spec because
+        the kernels are specialized for it.
+    negative_slope : float
+        The slope of ``"leaky_relu"`` for negative inputs (torch's default
+        0.01); ignored by the other activations.
 
     Examples
     --------
     >>> import fastnorm
     >>> fastnorm.NormSpec.group_norm(4)
-    NormSpec(kind='group_norm', eps=1e-05, num_groups=4, normalized_ndim=None, channels_last=False)
+    NormSpec(kind='group_norm', eps=1e-05, num_groups=4, normalized_ndim=None, channels_last=False, \
+activation=None, negative_slope=0.01)
     """
 
     kind: str
@@ -95,6 +111,8 @@ class NormSpec:
     num_groups: int | None = None
     normalized_ndim: int | None = None
     channels_last: bool = False
+    activation: str | None = None
+    negative_slope: float = 0.01
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -115,6 +133,12 @@ class NormSpec:
                 )
         elif self.normalized_ndim is not None:
             raise ValueError(f"normalized_ndim is only meaningful for layer_norm/rms_norm, not {self.kind}")
+        if self.activation is not None and self.activation not in ACTIVATION_NAMES:
+            raise ValueError(f"activation={self.activation!r} is not None or one of {ACTIVATION_NAMES}")
+        slope = self.negative_slope
+        if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not math.isfinite(slope):
+            raise ValueError(f"negative_slope={slope!r} must be a finite real number")
+        object.__setattr__(self, "negative_slope", float(slope))
         # Specs key the plan cache on every call: hash the fields once (0.18 us a call otherwise).
         object.__setattr__(self, "_hash", hash(self._fields()))
 
@@ -130,7 +154,7 @@ class NormSpec:
         return (type(self), self._fields())
 
     @classmethod
-    def batch_norm(cls, eps=1e-5, channels_last=False):
+    def batch_norm(cls, eps=1e-5, channels_last=False, *, activation=None, negative_slope=0.01):
         """BatchNorm (Ioffe & Szegedy 2015): per channel, across the batch.
 
         Parameters
@@ -139,11 +163,13 @@ class NormSpec:
             Added to the variance.
         channels_last : bool
             ``x`` has shape ``(N, *spatial, C)``.
+        activation, negative_slope
+            The fused epilogue (see the class's Attributes).
         """
-        return _make(cls, "batch_norm", eps=eps, channels_last=channels_last)
+        return _make(cls, "batch_norm", eps, None, None, channels_last, activation, negative_slope)
 
     @classmethod
-    def instance_norm(cls, eps=1e-5, channels_last=False):
+    def instance_norm(cls, eps=1e-5, channels_last=False, *, activation=None, negative_slope=0.01):
         """InstanceNorm (Ulyanov et al. 2016): per sample and channel.
 
         Parameters
@@ -152,11 +178,13 @@ class NormSpec:
             Added to the variance.
         channels_last : bool
             ``x`` has shape ``(N, *spatial, C)``.
+        activation, negative_slope
+            The fused epilogue (see the class's Attributes).
         """
-        return _make(cls, "instance_norm", eps=eps, channels_last=channels_last)
+        return _make(cls, "instance_norm", eps, None, None, channels_last, activation, negative_slope)
 
     @classmethod
-    def group_norm(cls, num_groups, eps=1e-5, channels_last=False):
+    def group_norm(cls, num_groups, eps=1e-5, channels_last=False, *, activation=None, negative_slope=0.01):
         """GroupNorm (Wu & He 2018): per sample and group of ``C/num_groups`` channels.
 
         Parameters
@@ -167,11 +195,13 @@ class NormSpec:
             Added to the variance.
         channels_last : bool
             ``x`` has shape ``(N, *spatial, C)``.
+        activation, negative_slope
+            The fused epilogue (see the class's Attributes).
         """
-        return _make(cls, "group_norm", eps=eps, num_groups=num_groups, channels_last=channels_last)
+        return _make(cls, "group_norm", eps, num_groups, None, channels_last, activation, negative_slope)
 
     @classmethod
-    def layer_norm(cls, normalized_ndim, eps=1e-5):
+    def layer_norm(cls, normalized_ndim, eps=1e-5, *, activation=None, negative_slope=0.01):
         """LayerNorm (Ba et al. 2016) over the trailing ``normalized_ndim`` dims.
 
         Parameters
@@ -180,11 +210,13 @@ class NormSpec:
             Number of trailing dims normalized together (>= 1).
         eps : float
             Added to the variance.
+        activation, negative_slope
+            The fused epilogue (see the class's Attributes).
         """
-        return _make(cls, "layer_norm", eps=eps, normalized_ndim=normalized_ndim)
+        return _make(cls, "layer_norm", eps, None, normalized_ndim, False, activation, negative_slope)
 
     @classmethod
-    def rms_norm(cls, normalized_ndim, eps=None):
+    def rms_norm(cls, normalized_ndim, eps=None, *, activation=None, negative_slope=0.01):
         """RMSNorm (Zhang & Sennrich 2019): LayerNorm without centering or bias.
 
         Parameters
@@ -193,8 +225,10 @@ class NormSpec:
             Number of trailing dims normalized together (>= 1).
         eps : float or None
             Added to the mean square; ``None`` means ``numpy.finfo(x.dtype).eps``.
+        activation, negative_slope
+            The fused epilogue (see the class's Attributes).
         """
-        return _make(cls, "rms_norm", eps=eps, normalized_ndim=normalized_ndim)
+        return _make(cls, "rms_norm", eps, None, normalized_ndim, False, activation, negative_slope)
 
     @property
     def centered(self):
@@ -203,13 +237,13 @@ class NormSpec:
 
 
 @functools.lru_cache(maxsize=256, typed=True)
-def _cached(cls, kind, eps, num_groups, normalized_ndim, channels_last):
-    return cls(kind, eps, num_groups, normalized_ndim, channels_last)
+def _cached(cls, *fields):
+    return cls(*fields)
 
 
-def _make(cls, kind, eps=1e-5, num_groups=None, normalized_ndim=None, channels_last=False):
-    """Build (or reuse: specs are immutable) a validated spec."""
+def _make(cls, *fields):
+    """Build (or reuse: specs are immutable) a validated spec from its fields in order."""
     try:
-        return _cached(cls, kind, eps, num_groups, normalized_ndim, channels_last)
+        return _cached(cls, *fields)
     except TypeError:  # unhashable arguments: let the constructor name the problem
-        return cls(kind, eps, num_groups, normalized_ndim, channels_last)
+        return cls(*fields)

@@ -21,6 +21,8 @@ are compared explicitly, and failures print the worst element.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 KINDS = ("batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm")
@@ -230,3 +232,77 @@ def assert_close(actual, desired, *, dtype=None, k=32, rtol=None, atol=None, sca
             f"\n  worst element at index {tuple(int(i) for i in worst)}: actual={a[worst]!r}, "
             f"desired={d[worst]!r}, abs error={err[worst]:.6g}"
         )
+
+
+# ---------------------------------------------------------------------------
+# The fused epilogue: y = act(norm(x) * w + b + residual)
+# ---------------------------------------------------------------------------
+
+_ERF = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def activation(z, name, negative_slope=0.01):
+    """``act(z)`` in float64 from torch's formulas (``None``: the identity)."""
+    z = np.asarray(z, np.float64)
+    if name is None:
+        return z
+    if name == "relu":
+        return np.where(z > 0, z, 0.0)
+    if name == "leaky_relu":
+        return np.where(z > 0, z, z * negative_slope)
+    with np.errstate(over="ignore"):
+        if name == "sigmoid":
+            return 1.0 / (1.0 + np.exp(-z))
+        if name == "tanh":
+            return np.tanh(z)
+        if name == "silu":
+            return z / (1.0 + np.exp(-z))
+        if name == "gelu":
+            return 0.5 * z * (1.0 + _ERF(z / math.sqrt(2.0)))
+        if name == "gelu_tanh":
+            return 0.5 * z * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (z + 0.044715 * z**3)))
+    raise ValueError(name)
+
+
+def activation_grad(z, name, negative_slope=0.01):
+    """``act'(z)`` in float64 (ReLU: 0 at 0; leaky ReLU: ``negative_slope`` at 0, as torch)."""
+    z = np.asarray(z, np.float64)
+    if name is None:
+        return np.ones_like(z)
+    if name == "relu":
+        return np.where(z > 0, 1.0, 0.0)
+    if name == "leaky_relu":
+        return np.where(z > 0, 1.0, negative_slope)
+    with np.errstate(over="ignore"):
+        s = 1.0 / (1.0 + np.exp(-z))
+        if name == "sigmoid":
+            return s * (1.0 - s)
+        if name == "tanh":
+            return 1.0 - np.tanh(z) ** 2
+        if name == "silu":
+            return s * (1.0 + z * (1.0 - s))
+        if name == "gelu":
+            pdf = np.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+            return 0.5 * (1.0 + _ERF(z / math.sqrt(2.0))) + z * pdf
+        if name == "gelu_tanh":
+            k = math.sqrt(2.0 / math.pi)
+            t = np.tanh(k * (z + 0.044715 * z**3))
+            return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * z * z)
+    raise ValueError(name)
+
+
+def fused_forward(x, kind, weight=None, bias=None, eps=1e-5, *, residual=None, act=None, slope=0.01, **geo):
+    """Reference of the fused forward: ``(y, z, mean, rstd)`` in float64, ``z`` the activation's input."""
+    z, mean, rstd = forward(x, kind, weight, bias, eps, **geo)
+    if residual is not None:
+        z = z + np.asarray(residual, np.float64)
+    return activation(z, act, slope), z, mean, rstd
+
+
+def fused_backward(dy, x, kind, weight=None, bias=None, eps=1e-5, *, residual=None, act=None, **g):
+    """Reference of the fused backward: ``(dx, dweight, dbias, dz)`` in float64, ``dz = dresidual``."""
+    slope = g.pop("slope", 0.01)
+    _, z, _, _ = fused_forward(x, kind, weight, bias, eps, residual=residual, act=act, slope=slope, **g)
+    dz = np.asarray(dy, np.float64) * activation_grad(z, act, slope)
+    dx, dweight, dbias = backward(dz, x, kind, weight, eps, **g)
+    return dx, dweight, dbias, dz

@@ -261,8 +261,8 @@ def test_channels_last_elementwise_steps_of_several_rows_are_bitwise_one_row_ste
         for c, rows in ((coef, 1), (tiled, tile_rows)):
             out = np.full_like(x, np.nan)
             for blk in range(n * nblocks):
-                if vectors == 3:
-                    run(x, out, c, spec, schedule, blk, rows)
+                if vectors == 3:  # no residual, no gradient
+                    run(x, x[:0], x[:0], out, c, spec, schedule, blk, rows)
                 else:
                     run(dy, x, out, c, spec, schedule, blk, rows)
             outs.append(out)
@@ -280,8 +280,8 @@ def test_serial_and_parallel_builds_agree(dtype):
     params = tuple(kspec) + tuple(_schedule(kspec, K.FORWARD, itemsize=x.itemsize))
     stats = [np.empty(6) for _ in range(4)]
     empty = np.empty(0, dtype)
-    planes.planes_forward(x, empty, empty, y1, stats[0], stats[1], params)
-    K.dispatch.planes_forward_serial(x, empty, empty, y2, stats[2], stats[3], params)
+    planes.planes_forward(x, empty, empty, empty, y1, stats[0], stats[1], params)
+    K.dispatch.planes_forward_serial(x, empty, empty, empty, y2, stats[2], stats[3], params)
     naive.assert_close(y2, y1, dtype=dtype, k=4)
     assert K.select(K.FORWARD, params) is K.dispatch.planes_forward_serial
     big = K.KernelSpec(64, 64, 64, 32, K.CENTERED | K.CHANNELS_LAST, 1e-5)
@@ -311,11 +311,17 @@ def test_compiled_dispatch_runs_the_kernel_of_the_table(name):
     for pass_id in (K.FORWARD, K.INFERENCE):
         kernel, params = _kernel_call(plan, pass_id, 4 + 2 * (bias is not None))
         outputs = []
-        for run in (kernel, lambda *a, p=pass_id: K.run_forward(p, *a)):
+        none = np.empty(0)
+        # run_forward takes a gradient after the residual for both passes; the forward kernels none
+        grad = (none,) if pass_id == K.FORWARD else ()
+        for run in (kernel, lambda *a, p=pass_id, g=grad: K.run_forward(p, *a[:4], *g, *a[4:])):
             y, mean, rstd = np.empty(x.size), np.empty(plan.stats_size), np.empty(plan.stats_size)
             if pass_id == K.INFERENCE:
                 mean[:], rstd[:] = 0.25, 1.5
-            run(x.ravel(), weight, weight if bias is None else bias, y, mean, rstd, params)
+            inputs = (x.ravel(), weight, weight if bias is None else bias, none)
+            if pass_id == K.INFERENCE:
+                inputs += (none,)
+            run(*inputs, y, mean, rstd, params)
             outputs.append(np.concatenate([y, mean, rstd]))
         assert outputs[0].tobytes() == outputs[1].tobytes()
     kernel, params = _kernel_call(plan, K.BACKWARD, 4)
@@ -372,7 +378,9 @@ def test_channels_last_fused_sets_are_bitwise_the_split_phases(restore_threads):
             assert schedule.strategy == strategy
             params[pass_id] = plan.kernel_params + tuple(schedule)
         y, mean, rstd = np.empty(x.size, np.float32), np.empty(12), np.empty(12)
-        K.select(K.FORWARD, params[K.FORWARD])(x.ravel(), weight, weight, y, mean, rstd, params[K.FORWARD])
+        empty = np.empty(0, np.float32)
+        forward = K.select(K.FORWARD, params[K.FORWARD])
+        forward(x.ravel(), weight, weight, empty, y, mean, rstd, params[K.FORWARD])
         dx, dweight, dbias = np.empty(x.size, np.float32), np.empty(8, np.float32), np.empty(8, np.float32)
         backward = K.select(K.BACKWARD, params[K.BACKWARD])
         backward(dy.ravel(), x.ravel(), weight, mean, rstd, dx, dweight, dbias, params[K.BACKWARD])

@@ -36,14 +36,22 @@ VECTOR_LOOPS = {
     "_moments_two_pass": 2,
     "_dots": 1,
     "_dots_weighted": 1,
-    "_normalize": 1,
-    # one loop per combination of weight and bias present / absent
-    "_normalize_per_element": 4,
+    # with and without the residual, and the inlined activate_span: one forward and one
+    # gradient loop per activation, each for a constant code (14 loops; erf has no vector
+    # form, so gelu's two stay scalar: 12)
+    "_normalize": 14,
+    # one loop per combination of weight and bias present / absent, the residual's (2, plus the
+    # versions LLVM makes of its loop for absent weight / bias) and the inlined activate_span (12)
+    "_normalize_per_element": 18,
+    "_normalize_per_element_residual": 5,
+    # the activations' loops for a code known only at run time
+    "_act_loop": 6,
     # LayerNorm's pipelined forward: one row normalized while the next one's moments are summed
-    # (8 lanes: the float64 sums set the width), and the rows loop with its inlined first
-    # moments (shifted sums, two-pass fallback), last normalize (4) and the pipelined loop
-    "_normalize_row_sum_next": 1,
-    "_pipelined_task": 8,
+    # (8 lanes: the float64 sums set the width), with and without the residual; and the rows
+    # loop with its inlined first moments (shifted sums, two-pass fallback), last normalize
+    # (18), the pipelined loops and the activations of the rows before
+    "_normalize_row_sum_next": 2,
+    "_pipelined_task": 23,
     "_dx_span": 1,
     "_dx_per_element_span": 1,
     # with and without weight
@@ -57,7 +65,7 @@ VECTOR_LOOPS = {
     # per step are one vectorized loop of 4 x 8 lanes.
     "_cl_block_moments": 6,
     "_cl_merge_set": 6,
-    "_cl_normalize_block": 1,
+    "_cl_normalize_block": 14,
     # four rows from the block's quarters per step, one row per step (the rows left over)
     "_cl_block_dots": 2,
     "_cl_sum_set": 1,
@@ -79,17 +87,19 @@ def _signature(name, dtype):
         "_moments_two_pass": (data, i64),
         "_dots": (data, data, i64, i64, f64),
         "_dots_weighted": (data, data, data, i64, i64, i64, f64),
-        "_normalize": (data, data, i64, i64, f64, f64, f64),
-        "_normalize_per_element": (data, data, data, data, i64, i64, i64, f64, f64),
-        "_normalize_row_sum_next": (data, data, data, data, f64, f64, data, f64),
-        "_pipelined_task": (data, data, data, data, spec, work, work, i64, i64),
+        "_normalize": (data, data, data, data, i64, i64, f64, f64, f64, spec),
+        "_normalize_per_element": (data, data, data, data, data, data, i64, i64, i64, f64, f64, spec),
+        "_normalize_per_element_residual": (data, data, data, data, data, dtype, dtype, dtype),
+        "_normalize_row_sum_next": (data, data, data, data, data, f64, f64, data, f64),
+        "_pipelined_task": (data, data, data, data, data, spec, work, work, i64, i64),
+        "_act_loop": (data, data, i64, f64),
         "_dx_span": (data, data, data, f64, f64, f64, f64),
         "_dx_per_element_span": (data, data, data, data, f64, f64, f64, f64),
         "_row_dots_and_partials": (data, data, data, work, work, f64, f64),
         "_param_partials": (data, data, f64, f64, work, work),
         "_cl_block_moments": (data, work, spec, schedule, i64),
         "_cl_merge_set": (work, work, spec, schedule, i64),
-        "_cl_normalize_block": (data, data, data, spec, schedule, i64, i64),
+        "_cl_normalize_block": (data, data, data, data, data, spec, schedule, i64, i64),
         "_cl_block_dots": (data, data, work, work, spec, schedule, i64),
         "_cl_sum_set": (work, work, spec, schedule, i64),
         "_cl_dx_block": (data, data, data, data, spec, schedule, i64, i64),
@@ -168,14 +178,14 @@ def test_inner_loops_are_vectorized(name, dtype):
 
 #: kernel -> vectorized loops of its single-threaded build (every inlined block loop counts).
 KERNEL_VECTOR_LOOPS = {
-    "rows_forward": 26,
-    "rows_inference": 4,
+    "rows_forward": 47,
+    "rows_inference": 18,
     "rows_backward": 24,
-    "planes_forward": 11,
-    "planes_inference": 1,
+    "planes_forward": 26,
+    "planes_inference": 14,
     "planes_backward": 15,
-    "channels_last_forward": 15,
-    "channels_last_inference": 8,
+    "channels_last_forward": 29,
+    "channels_last_inference": 21,
     "channels_last_backward": 18,
 }
 
@@ -186,11 +196,14 @@ def test_kernels_keep_their_vectorized_loops(name):
     dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(_compiled(name).py_func)
     data = types.Array(types.float32, 1, "C")
     stats = types.Array(types.float64, 1, "C")
-    params = types.Tuple((types.int64,) * 5 + (types.float64,) + (types.int64,) * len(K.Schedule._fields))
+    spec = (types.int64,) * 5 + (types.float64, types.int64, types.float64)  # KernelSpec fields
+    params = types.Tuple(spec + (types.int64,) * len(K.Schedule._fields))
     if name.endswith("backward"):
         signature = (data, data, data, stats, stats, data, data, data, params)
-    else:
-        signature = (data, data, data, data, stats, stats, params)
+    elif name.endswith("inference"):  # x, weight, bias, residual, grad, y
+        signature = (data, data, data, data, data, data, stats, stats, params)
+    else:  # x, weight, bias, residual, y
+        signature = (data, data, data, data, data, stats, stats, params)
     dispatcher.compile(signature)
     loops, widths = _vector_loops(dispatcher.inspect_llvm(signature))
     assert loops >= KERNEL_VECTOR_LOOPS[name], (

@@ -23,7 +23,7 @@ flows through them:
   families, one per data view, each a forward, inference and backward kernel
   made of named strategy helpers;
 * :mod:`.epilogue` -- what happens to a normalized value before it is stored
-  (affine today) and its backward;
+  (affine transform, residual add, activation) and its backward;
 * :mod:`.numerics` -- moments, Chan merges, dot products, group geometry.
 
 The kernels validate nothing: :mod:`fastnorm.core` checks every argument
@@ -32,8 +32,17 @@ count (fixed blocks merged in a fixed order).
 """
 
 from .dispatch import KERNELS, run_backward, run_forward, select
+from .epilogue import ACTIVATIONS
 from .numerics import CANCELLATION_LIMIT
 from .schedule import *  # noqa: F403 -- the constants, KernelSpec, Schedule, plan_schedule
 from .schedule import __all__ as _schedule_names
 
-__all__ = ["CANCELLATION_LIMIT", "KERNELS", "run_backward", "run_forward", "select", *_schedule_names]
+__all__ = [
+    "ACTIVATIONS",
+    "CANCELLATION_LIMIT",
+    "KERNELS",
+    "run_backward",
+    "run_forward",
+    "select",
+    *_schedule_names,
+]

@@ -16,7 +16,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_constants, _fold, _split
+from .epilogue import _dx_constants, _epilogue, _fold, _split
 from .numerics import CANCELLATION_LIMIT, _dx_coefs, _finish, _group, _merge, _moments_two_pass
 from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule
 
@@ -208,8 +208,12 @@ def _cl_steps(spec, schedule, blk, tile_rows, vectors):
 
 
 @helper
-def _cl_normalize_block(x, y, coef, spec, schedule, blk, tile_rows):
-    """Normalize block ``blk``, ``tile_rows`` rows per step (``coef`` tiled by :func:`_cl_tile`)."""
+def _cl_normalize_block(x, residual, grad, y, coef, spec, schedule, blk, tile_rows):
+    """Normalize block ``blk``, ``tile_rows`` rows per step (``coef`` tiled by :func:`_cl_tile`).
+
+    The epilogue (:mod:`.epilogue`) as in :func:`~.epilogue._normalize`:
+    plus ``residual`` unless empty, then the activation of each step.
+    """
     nc = spec.channels
     off, rows, base, span = _cl_steps(spec, schedule, blk, tile_rows, 3)
     mean = coef[base : base + span]
@@ -220,8 +224,14 @@ def _cl_normalize_block(x, y, coef, spec, schedule, blk, tile_rows):
         count = min(tile_rows, rows - r0) * nc
         xs = x[o : o + count]
         ys = y[o : o + count]
-        for i in range(count):
-            ys[i] = (xs[i] - mean[i]) * scale[i] + shift[i]
+        if residual.size > 0:
+            rs = residual[o : o + count]
+            for i in range(count):
+                ys[i] = (xs[i] - mean[i]) * scale[i] + shift[i] + rs[i]
+        else:
+            for i in range(count):
+                ys[i] = (xs[i] - mean[i]) * scale[i] + shift[i]
+        _epilogue(y, grad, o, count, spec)
 
 
 # ---------------------------------------------------------------------------
@@ -238,19 +248,20 @@ def _cl_set_stats(work, chan, stats, spec, schedule, set_index):
 
 
 @glue
-def _cl_forward_fused(x, weight, bias, y, work, chan, stats, coef, spec, schedule):
+def _cl_forward_fused(x, weight, bias, residual, y, work, chan, stats, coef, spec, schedule):
     """``FUSED``: one task per statistics set: block moments, merges, coefficients, normalize."""
+    no_grad = x[:0]
     for n in prange(stats.size // 2 // spec.groups):
         for b in range(schedule.nblocks):
             _cl_block_moments(x, work, spec, schedule, n * schedule.nblocks + b)
         _cl_set_stats(work, chan, stats, spec, schedule, n)
         _cl_set_coefs(weight, bias, stats, coef, spec, n)
         for b in range(schedule.nblocks):
-            _cl_normalize_block(x, y, coef, spec, schedule, n * schedule.nblocks + b, 1)
+            _cl_normalize_block(x, residual, no_grad, y, coef, spec, schedule, n * schedule.nblocks + b, 1)
 
 
 @glue
-def _cl_forward_split(x, weight, bias, y, work, chan, stats, coef, spec, schedule):
+def _cl_forward_split(x, weight, bias, residual, y, work, chan, stats, coef, spec, schedule):
     """``SPLIT``: block moments in parallel, set and group merges, then the normalize pass."""
     sets = stats.size // 2 // spec.groups
     for blk in prange(spec.batch * schedule.nblocks):
@@ -259,25 +270,25 @@ def _cl_forward_split(x, weight, bias, y, work, chan, stats, coef, spec, schedul
         _cl_set_stats(work, chan, stats, spec, schedule, s)
     for s in range(sets):
         _cl_set_coefs(weight, bias, stats, coef, spec, s)
-    _cl_normalize(x, y, coef, spec, schedule)
+    _cl_normalize(x, residual, x[:0], y, coef, spec, schedule)
 
 
 @glue
-def _cl_normalize(x, y, coef, spec, schedule):
+def _cl_normalize(x, residual, grad, y, coef, spec, schedule):
     """Normalize every block with the sets' coefficients, ``schedule.tile_rows`` rows per step."""
     tiled = _cl_tile(coef, 3, spec.channels, schedule.tile_rows)
     for blk in prange(spec.batch * schedule.nblocks):
-        _cl_normalize_block(x, y, tiled, spec, schedule, blk, schedule.tile_rows)
+        _cl_normalize_block(x, residual, grad, y, tiled, spec, schedule, blk, schedule.tile_rows)
 
 
 @kernel
-def channels_last_forward(x, weight, bias, y, mean, rstd, params):
+def channels_last_forward(x, weight, bias, residual, y, mean, rstd, params):
     """Training forward pass of BatchNorm / InstanceNorm / GroupNorm on an (N, S, C) buffer.
 
     Parameters and Notes as :func:`~.planes.planes_forward`.
     """
-    spec = KernelSpec(*params[:6])
-    schedule = Schedule(*params[6:])
+    spec = KernelSpec(*params[:8])
+    schedule = Schedule(*params[8:])
     nstats = mean.size
     sets = nstats // spec.groups
     work = np.empty(2 * spec.channels * spec.batch * schedule.nblocks)
@@ -285,21 +296,21 @@ def channels_last_forward(x, weight, bias, y, mean, rstd, params):
     stats = np.empty(2 * nstats)
     coef = np.empty(3 * spec.channels * sets, x.dtype)
     if schedule.strategy == FUSED:
-        _cl_forward_fused(x, weight, bias, y, work, chan, stats, coef, spec, schedule)
+        _cl_forward_fused(x, weight, bias, residual, y, work, chan, stats, coef, spec, schedule)
     else:
-        _cl_forward_split(x, weight, bias, y, work, chan, stats, coef, spec, schedule)
+        _cl_forward_split(x, weight, bias, residual, y, work, chan, stats, coef, spec, schedule)
     for k in range(nstats):
         mean[k] = stats[2 * k]
         rstd[k] = stats[2 * k + 1]
 
 
 @kernel
-def channels_last_inference(x, weight, bias, y, mean, rstd, params):
+def channels_last_inference(x, weight, bias, residual, grad, y, mean, rstd, params):
     """Inference forward pass (given statistics) on an (N, S, C) buffer.
 
     See :func:`~.planes.planes_inference`.
     """
-    spec = KernelSpec(*params[:6])
+    spec = KernelSpec(*params[:8])
     nstats = mean.size
     sets = nstats // spec.groups
     stats = np.empty(2 * nstats)
@@ -309,7 +320,7 @@ def channels_last_inference(x, weight, bias, y, mean, rstd, params):
     coef = np.empty(3 * spec.channels * sets, x.dtype)
     for s in range(sets):
         _cl_set_coefs(weight, bias, stats, coef, spec, s)
-    _cl_normalize(x, y, coef, spec, Schedule(*params[6:]))
+    _cl_normalize(x, residual, grad, y, coef, spec, Schedule(*params[8:]))
 
 
 # ---------------------------------------------------------------------------
@@ -490,8 +501,8 @@ def channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params
 
     Parameters and Notes as :func:`~.planes.planes_backward`.
     """
-    spec = KernelSpec(*params[:6])
-    schedule = Schedule(*params[6:])
+    spec = KernelSpec(*params[:8])
+    schedule = Schedule(*params[8:])
     nc = spec.channels
     sets = mean.size // spec.groups
     work = np.empty(2 * nc * spec.batch * schedule.nblocks)

@@ -74,46 +74,46 @@ def select(pass_id, params):
 
 
 @helper
-def run_forward(pass_id, x, weight, bias, y, mean, rstd, params):
+def run_forward(pass_id, x, weight, bias, residual, grad, y, mean, rstd, params):
     """Run the forward or inference kernel that :data:`KERNELS` names for ``params`` (compiled)."""
-    view = params[6]  # SPEC_FIELDS: Numba slices a heterogeneous tuple only by literals
-    parallel = params[8]
+    view = params[8]  # SPEC_FIELDS: Numba slices a heterogeneous tuple only by literals
+    parallel = params[10]
     if pass_id == FORWARD:
         if view == ROWS:
             if parallel:
-                rows_forward(x, weight, bias, y, mean, rstd, params)
+                rows_forward(x, weight, bias, residual, y, mean, rstd, params)
             else:
-                rows_forward_serial(x, weight, bias, y, mean, rstd, params)
+                rows_forward_serial(x, weight, bias, residual, y, mean, rstd, params)
         elif view == PLANES:
             if parallel:
-                planes_forward(x, weight, bias, y, mean, rstd, params)
+                planes_forward(x, weight, bias, residual, y, mean, rstd, params)
             else:
-                planes_forward_serial(x, weight, bias, y, mean, rstd, params)
+                planes_forward_serial(x, weight, bias, residual, y, mean, rstd, params)
         elif parallel:
-            channels_last_forward(x, weight, bias, y, mean, rstd, params)
+            channels_last_forward(x, weight, bias, residual, y, mean, rstd, params)
         else:
-            channels_last_forward_serial(x, weight, bias, y, mean, rstd, params)
+            channels_last_forward_serial(x, weight, bias, residual, y, mean, rstd, params)
     elif view == ROWS:
         if parallel:
-            rows_inference(x, weight, bias, y, mean, rstd, params)
+            rows_inference(x, weight, bias, residual, grad, y, mean, rstd, params)
         else:
-            rows_inference_serial(x, weight, bias, y, mean, rstd, params)
+            rows_inference_serial(x, weight, bias, residual, grad, y, mean, rstd, params)
     elif view == PLANES:
         if parallel:
-            planes_inference(x, weight, bias, y, mean, rstd, params)
+            planes_inference(x, weight, bias, residual, grad, y, mean, rstd, params)
         else:
-            planes_inference_serial(x, weight, bias, y, mean, rstd, params)
+            planes_inference_serial(x, weight, bias, residual, grad, y, mean, rstd, params)
     elif parallel:
-        channels_last_inference(x, weight, bias, y, mean, rstd, params)
+        channels_last_inference(x, weight, bias, residual, grad, y, mean, rstd, params)
     else:
-        channels_last_inference_serial(x, weight, bias, y, mean, rstd, params)
+        channels_last_inference_serial(x, weight, bias, residual, grad, y, mean, rstd, params)
 
 
 @helper
 def run_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     """Run the backward kernel that :data:`KERNELS` names for ``params`` (compiled)."""
-    view = params[6]
-    parallel = params[8]
+    view = params[8]
+    parallel = params[10]
     if view == ROWS:
         if parallel:
             rows_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params)

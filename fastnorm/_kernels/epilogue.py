@@ -1,9 +1,16 @@
 """The epilogue: what happens to a normalized value before it is stored, and its backward.
 
-Today the epilogue is the affine transform, ``y = (x - mean) * (rstd * weight)
-+ bias``, and its backward counterpart ``dx = a * dy - kx * (x - mean) - k0``;
-a fused residual add or activation goes here, after the affine transform, so
-that every kernel family gets it from one place.
+The epilogue is ``y = act(z)`` with ``z = (x - mean) * (rstd * weight) + bias
++ residual``: the affine transform, the optional residual add (in the store
+loops, so that ``y`` may be the residual's memory), and the optional
+activation, applied by :func:`activate_span` to each stored span while it is
+in cache.  Its backward has two parts: :func:`activate_span` with a gradient
+turns a recomputed ``z`` into ``dz = dy * act'(z)`` (the inference kernels run
+it), and ``dx = a * dz - kx * (x - mean) - k0`` is the norm's own backward.
+
+Adding an activation is a local change: a code in :data:`ACTIVATIONS`, its
+value and derivative in :func:`_act` and :func:`_act_grad`, and one line in
+each ladder of :func:`activate_span` (docs/architecture.md).
 
 The elementwise loops run in the input's dtype: for float32 data, float32
 arithmetic does twice the elements per instruction and needs no conversions.
@@ -16,7 +23,143 @@ and ``lo`` is folded into the per-group additive constant in float64
 
 from __future__ import annotations
 
-from .._config import glue
+import math
+
+from .._config import glue, helper
+
+#: Activation codes of ``KernelSpec.activation``, by the public name.
+ACTIVATIONS = {
+    None: 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "sigmoid": 3,
+    "tanh": 4,
+    "silu": 5,
+    "gelu": 6,
+    "gelu_tanh": 7,
+}
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, SILU, GELU, GELU_TANH = range(8)
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_KAPPA = 0.044715
+
+
+@glue
+def _act(z, code, slope):
+    """``act(z)`` of activation ``code``: torch's ``F.relu``, ``F.leaky_relu``, ..., ``F.gelu``.
+
+    ``code`` is a constant at each call site of :func:`activate_span`, so
+    LLVM keeps only its branch.
+    """
+    t = type(z)
+    if code == RELU:
+        return t(0.0) if z <= t(0.0) else z  # NaN stays NaN
+    if code == LEAKY_RELU:
+        return z if z > t(0.0) else z * t(slope)
+    if code == SIGMOID:
+        return t(1.0) / (t(1.0) + math.exp(-z))
+    if code == TANH:
+        return math.tanh(z)
+    if code == SILU:
+        return z / (t(1.0) + math.exp(-z))
+    if code == GELU:
+        return t(0.5) * z * (t(1.0) + math.erf(z * t(_SQRT_HALF)))
+    if code == GELU_TANH:
+        inner = t(_SQRT_2_OVER_PI) * (z + t(_GELU_KAPPA) * z * z * z)
+        return t(0.5) * z * (t(1.0) + math.tanh(inner))
+    return z
+
+
+@glue
+def _act_grad(z, dy, code, slope):
+    """``dy * act'(z)``, with torch's choices: ReLU's derivative at 0 is 0, leaky ReLU's is ``slope``."""
+    t = type(z)
+    if code == RELU:
+        return t(0.0) if z <= t(0.0) else dy
+    if code == LEAKY_RELU:
+        return dy if z > t(0.0) else dy * t(slope)
+    if code == SIGMOID:
+        s = t(1.0) / (t(1.0) + math.exp(-z))
+        return dy * (t(1.0) - s) * s
+    if code == TANH:
+        th = math.tanh(z)
+        return dy * (t(1.0) - th * th)
+    if code == SILU:
+        s = t(1.0) / (t(1.0) + math.exp(-z))
+        return dy * (s * (t(1.0) + z * (t(1.0) - s)))
+    if code == GELU:
+        cdf = t(0.5) * (t(1.0) + math.erf(z * t(_SQRT_HALF)))
+        pdf = math.exp(t(-0.5) * z * z) * t(_INV_SQRT_2PI)
+        return dy * (cdf + z * pdf)
+    if code == GELU_TANH:
+        z_sq = z * z
+        inner = t(_SQRT_2_OVER_PI) * (z + t(_GELU_KAPPA) * z_sq * z)
+        th = math.tanh(inner)
+        left_grad = t(0.5) * (t(1.0) + th)
+        inner_grad = t(_SQRT_2_OVER_PI) * (t(1.0) + t(3.0 * _GELU_KAPPA) * z_sq)
+        right_grad = t(0.5) * z * (t(1.0) - th * th) * inner_grad
+        return dy * (left_grad + right_grad)
+    return dy
+
+
+@glue
+def _act_loop(ys, dys, code, slope):
+    """``ys = act(ys)``, or ``ys = dys * act'(ys)`` when ``dys`` is not empty (``code`` a constant)."""
+    if dys.size > 0:
+        for i in range(ys.size):
+            ys[i] = _act_grad(ys[i], dys[i], code, slope)
+    else:
+        for i in range(ys.size):
+            ys[i] = _act(ys[i], code, slope)
+
+
+@helper
+def activate_span(ys, dys, code, slope):
+    """Apply the activation ``code`` to a stored span ``ys = z``, or its gradient.
+
+    Parameters
+    ----------
+    ys : ndarray, 1-D
+        The pre-activation values ``z`` (the affine transform plus the
+        residual), replaced in place.
+    dys : ndarray, 1-D
+        Empty: ``ys`` becomes ``act(z)`` (the forward epilogue).  Otherwise
+        the upstream gradient, of ``ys``'s length: ``ys`` becomes
+        ``dys * act'(z)`` (the backward's first step).
+    code : int
+        An activation code of :data:`ACTIVATIONS`, not ``IDENTITY``.
+    slope : float
+        The negative slope of ``leaky_relu``.
+
+    Notes
+    -----
+    One loop per activation, each with the code as a constant, so that
+    every loop is compiled for its own activation only.
+    """
+    if code == RELU:
+        _act_loop(ys, dys, RELU, slope)
+    elif code == LEAKY_RELU:
+        _act_loop(ys, dys, LEAKY_RELU, slope)
+    elif code == SIGMOID:
+        _act_loop(ys, dys, SIGMOID, slope)
+    elif code == TANH:
+        _act_loop(ys, dys, TANH, slope)
+    elif code == SILU:
+        _act_loop(ys, dys, SILU, slope)
+    elif code == GELU:
+        _act_loop(ys, dys, GELU, slope)
+    elif code == GELU_TANH:
+        _act_loop(ys, dys, GELU_TANH, slope)
+
+
+@glue
+def _epilogue(y, grad, off, count, spec):
+    """Run the activation of ``spec`` over the stored span ``y[off : off+count]`` (if it has one)."""
+    if spec.activation != IDENTITY:
+        grads = grad[off : off + count] if grad.size > 0 else grad
+        activate_span(y[off : off + count], grads, spec.activation, spec.slope)
 
 
 @glue
@@ -43,25 +186,34 @@ def _fold(constant, factor, mean_lo, like):
 
 
 @glue
-def _normalize(x, y, off, count, mean, scale, shift):
-    """``y = (x - mean) * scale + shift`` over ``[off, off+count)``, in ``x``'s dtype.
+def _normalize(x, residual, grad, y, off, count, mean, scale, shift, spec):
+    """``y = act((x - mean) * scale + shift + residual)`` over ``[off, off+count)``, in ``x``'s dtype.
 
-    Computed as ``(x - mean_hi) * scale + (shift - mean_lo * scale)``.
+    Computed as ``(x - mean_hi) * scale + (shift - mean_lo * scale)``; an
+    empty ``residual`` is absent.  With a non-empty ``grad``, ``y`` receives
+    ``grad * act'(z)`` instead (:func:`activate_span`).
     """
     xs = x[off : off + count]
     ys = y[off : off + count]
     mean_hi, mean_lo = _split(xs, mean)
     scale_x = xs.dtype.type(scale)
     shift_x = _fold(shift, scale, mean_lo, xs)
-    for i in range(count):
-        ys[i] = (xs[i] - mean_hi) * scale_x + shift_x
+    if residual.size > 0:
+        rs = residual[off : off + count]
+        for i in range(count):
+            ys[i] = (xs[i] - mean_hi) * scale_x + shift_x + rs[i]
+    else:
+        for i in range(count):
+            ys[i] = (xs[i] - mean_hi) * scale_x + shift_x
+    _epilogue(y, grad, off, count, spec)
 
 
 @glue
-def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
-    """``y = (x - mean) * (rstd * weight[s]) + bias[s]``, ``s = s0 + i`` (LayerNorm).
+def _normalize_per_element(x, residual, grad, y, weight, bias, off, count, s0, mean, rstd, spec):
+    """``y = act((x - mean) * (rstd * weight[s]) + bias[s] + residual)``, ``s = s0 + i`` (LayerNorm).
 
-    In ``x``'s dtype as ``((x - mean_hi) - mean_lo) * (rstd * weight[s]) + bias[s]``.
+    In ``x``'s dtype as ``((x - mean_hi) - mean_lo) * (rstd * weight[s]) +
+    bias[s]``; ``residual`` and ``grad`` as in :func:`_normalize`.
     """
     xs = x[off : off + count]
     ys = y[off : off + count]
@@ -69,7 +221,9 @@ def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
     bs = bias[s0 : s0 + count]
     mean_hi, mean_lo = _split(xs, mean)
     rstd_x = xs.dtype.type(rstd)
-    if weight.size > 0 and bias.size > 0:
+    if residual.size > 0:
+        _normalize_per_element_residual(xs, ys, ws, bs, residual[off : off + count], mean_hi, mean_lo, rstd_x)
+    elif weight.size > 0 and bias.size > 0:
         for i in range(count):
             ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
     elif weight.size > 0:
@@ -81,6 +235,22 @@ def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
     else:
         for i in range(count):
             ys[i] = ((xs[i] - mean_hi) - mean_lo) * rstd_x
+    _epilogue(y, grad, off, count, spec)
+
+
+@glue
+def _normalize_per_element_residual(xs, ys, ws, bs, rs, mean_hi, mean_lo, rstd_x):
+    """Store the residual case of :func:`_normalize_per_element` (``ws``/``bs`` empty when absent)."""
+    one = xs.dtype.type(1.0)
+    zero = xs.dtype.type(0.0)
+    if ws.size > 0 and bs.size > 0:
+        for i in range(xs.size):
+            ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + rs[i]
+    else:
+        for i in range(xs.size):
+            w = ws[i] if ws.size > 0 else one
+            b = bs[i] if bs.size > 0 else zero
+            ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * w) + b + rs[i]
 
 
 @glue

@@ -130,7 +130,7 @@ def _cf_plane_coefs(weight, bias, spec, rstd, plane):
 
 
 @glue
-def _cf_normalize_planes(x, weight, bias, y, mean, rstd, spec, schedule):
+def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, schedule):
     """Normalize every block of every plane with its group's statistics (parallel over blocks).
 
     The elementwise loop is called directly, with the per-channel scale and
@@ -144,29 +144,32 @@ def _cf_normalize_planes(x, weight, bias, y, mean, rstd, spec, schedule):
         k = _plane_stat_index(spec, plane)
         off, count, _ = _cf_block_span(spec, plane, b)
         scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
-        _normalize(x, y, off, count, mean[k] if centered else 0.0, scale, shift)
+        _normalize(x, residual, grad, y, off, count, mean[k] if centered else 0.0, scale, shift, spec)
 
 
 @glue
-def _planes_forward_one_block(x, weight, bias, y, mean, rstd, spec):
+def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
     """``ONE_BLOCK``: per group, its moments in one pass, then its planes normalized while hot.
 
     A fused group is contiguous (its ``D`` planes follow each other), so a
     group of at most ``BLOCK`` elements is one block even when it spans
     several planes; its statistics go straight to ``mean``, ``rstd``.
     """
+    no_grad = x[:0]
     for k in prange(mean.size):
         plane, group_mean, group_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
         for c in range(plane, plane + spec.channels // spec.groups):
             scale, shift = _cf_plane_coefs(weight, bias, spec, group_rstd, c)
-            _normalize(x, y, c * spec.spatial, spec.spatial, group_mean, scale, shift)
+            off = c * spec.spatial
+            _normalize(x, residual, no_grad, y, off, spec.spatial, group_mean, scale, shift, spec)
 
 
 @glue
-def _planes_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule):
+def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule):
     """``FUSED``: one task per group reads it once and normalizes it while it is in cache."""
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * spec.channels * nblocks)
+    no_grad = x[:0]
     for k in prange(mean.size):
         _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         n0, samples, c0, d = _group(spec, k)
@@ -176,18 +179,18 @@ def _planes_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule):
                 scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
                 for b in range(nblocks):
                     off, count, _ = _cf_block_span(spec, plane, b)
-                    _normalize(x, y, off, count, mean[k], scale, shift)
+                    _normalize(x, residual, no_grad, y, off, count, mean[k], scale, shift, spec)
 
 
 @glue
-def _planes_forward_split(x, weight, bias, y, mean, rstd, spec, schedule):
+def _planes_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule):
     """``SPLIT``: block moments in parallel, then the group merges, then the normalize pass."""
     _cf_split_statistics(x, mean, rstd, spec, schedule.nblocks)
-    _cf_normalize_planes(x, weight, bias, y, mean, rstd, spec, schedule)
+    _cf_normalize_planes(x, weight, bias, residual, x[:0], y, mean, rstd, spec, schedule)
 
 
 @kernel
-def planes_forward(x, weight, bias, y, mean, rstd, params):
+def planes_forward(x, weight, bias, residual, y, mean, rstd, params):
     """Training forward pass of BatchNorm / InstanceNorm / GroupNorm on an (N, C, S) buffer.
 
     Parameters
@@ -197,8 +200,12 @@ def planes_forward(x, weight, bias, y, mean, rstd, params):
     weight, bias : ndarray, 1-D, same dtype as ``x``
         Per-channel affine parameters (length ``C``); empty means absent
         (weight 1, bias 0).
+    residual : ndarray, 1-D, same dtype as ``x``
+        Added after the affine transform (same layout and size as ``x``), or
+        empty.  The activation is ``params``' ``activation``
+        (:mod:`.epilogue`).
     y : ndarray, 1-D, same dtype and size as ``x``
-        Output; may be ``x`` itself (in place).
+        Output; may be ``x`` or ``residual`` itself (in place).
     mean, rstd : ndarray, 1-D, float64, length :func:`~.schedule.num_stats`
         Outputs: the per-group mean (0 without ``CENTERED``) and
         ``1 / sqrt(var + eps)``.
@@ -214,22 +221,24 @@ def planes_forward(x, weight, bias, y, mean, rstd, params):
     ``(x - mean) * (rstd * weight) + bias`` so that constant groups map
     exactly to ``bias``.
     """
-    spec = KernelSpec(*params[:6])
-    schedule = Schedule(*params[6:])
+    spec = KernelSpec(*params[:8])
+    schedule = Schedule(*params[8:])
     if schedule.strategy == ONE_BLOCK:
-        _planes_forward_one_block(x, weight, bias, y, mean, rstd, spec)
+        _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec)
     elif schedule.strategy == FUSED:
-        _planes_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule)
+        _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule)
     else:
-        _planes_forward_split(x, weight, bias, y, mean, rstd, spec, schedule)
+        _planes_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule)
 
 
 @kernel
-def planes_inference(x, weight, bias, y, mean, rstd, params):
+def planes_inference(x, weight, bias, residual, grad, y, mean, rstd, params):
     """Inference forward pass (given statistics) on an (N, C, S) buffer.
 
     Parameters are those of :func:`planes_forward`, except that ``mean`` and
-    ``rstd`` are inputs.
+    ``rstd`` are inputs, and ``grad``: empty, or the gradient of the output
+    (size of ``x``), and then ``y`` receives ``grad * act'(z)`` instead of
+    ``act(z)``, the first step of a backward pass through the epilogue.
 
     Notes
     -----
@@ -237,7 +246,8 @@ def planes_inference(x, weight, bias, y, mean, rstd, params):
     with ``scale = weight * rstd``, written in the centered form
     ``(x - mean) * scale + bias``.
     """
-    _cf_normalize_planes(x, weight, bias, y, mean, rstd, KernelSpec(*params[:6]), Schedule(*params[6:]))
+    spec = KernelSpec(*params[:8])
+    _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, Schedule(*params[8:]))
 
 
 # ---------------------------------------------------------------------------
@@ -383,8 +393,8 @@ def planes_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)`` over all but the
     channel.  See ``docs/math.md``.
     """
-    spec = KernelSpec(*params[:6])
-    schedule = Schedule(*params[6:])
+    spec = KernelSpec(*params[:8])
+    schedule = Schedule(*params[8:])
     work = np.empty(2 * spec.batch * spec.channels * schedule.nblocks)
     coef = _group_coef_table(mean, rstd, spec)
     if schedule.strategy == FUSED:

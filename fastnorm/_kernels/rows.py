@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_row_span, _normalize_per_element, _split
+from .epilogue import _dx_row_span, _epilogue, _normalize_per_element, _split
 from .numerics import (
     _block_plane,
     _dots,
@@ -54,11 +54,12 @@ from .schedule import (
 
 
 @glue
-def _normalize_row_sum_next(xs, ys, ws, bs, mean, rstd, next_xs, shift):
+def _normalize_row_sum_next(xs, ys, ws, bs, rs, mean, rstd, next_xs, shift):
     """Normalize one LayerNorm row while summing the moments of the next one, in one loop.
 
     ``ys`` is :func:`_normalize_per_element` of ``xs`` with weight ``ws`` and
-    bias ``bs`` (the same arithmetic); the return value is the sums that
+    bias ``bs``, plus the residual ``rs`` unless empty (the same arithmetic,
+    before the activation); the return value is the sums that
     :func:`_moments` takes over ``next_xs``: of ``next_xs - shift`` and of
     its squares.  The normalize loop is bound by its stores and the moments
     loop by float64 arithmetic, so together they take less time than one
@@ -68,16 +69,23 @@ def _normalize_row_sum_next(xs, ys, ws, bs, mean, rstd, next_xs, shift):
     rstd_x = xs.dtype.type(rstd)
     sum_dev = 0.0
     sum_sq = 0.0
-    for i in range(xs.size):
-        ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
-        dev = next_xs[i] - shift
-        sum_dev += dev
-        sum_sq += dev * dev
+    if rs.size > 0:
+        for i in range(xs.size):
+            ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + rs[i]
+            dev = next_xs[i] - shift
+            sum_dev += dev
+            sum_sq += dev * dev
+    else:
+        for i in range(xs.size):
+            ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
+            dev = next_xs[i] - shift
+            sum_dev += dev
+            sum_sq += dev * dev
     return sum_dev, sum_sq
 
 
 @helper
-def _pipelined_task(x, y, weight, bias, spec, mean, rstd, k0, k1):
+def _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, k0, k1):
     """Training forward of LayerNorm rows ``k0 .. k1-1``, with weight and bias, software-pipelined.
 
     The loop that normalizes row ``k`` also sums row ``k+1``'s moments
@@ -86,6 +94,7 @@ def _pipelined_task(x, y, weight, bias, spec, mean, rstd, k0, k1):
     (docs/perf-notes/layernorm-pipelined-forward.md).
     """
     width = spec.spatial
+    no_grad = x[:0]
     row_mean, row_m2 = _moments(x, k0 * width, width, True)
     for k in range(k0, k1):
         row_mean, row_rstd = _finish(float(width), row_mean, row_m2, spec.flags, spec.eps)
@@ -94,62 +103,76 @@ def _pipelined_task(x, y, weight, bias, spec, mean, rstd, k0, k1):
         xs = x[k * width : (k + 1) * width]
         ys = y[k * width : (k + 1) * width]
         if k + 1 == k1:
-            _normalize_per_element(x, y, weight, bias, k * width, width, 0, row_mean, row_rstd)
+            off = k * width
+            _normalize_per_element(
+                x, residual, no_grad, y, weight, bias, off, width, 0, row_mean, row_rstd, spec
+            )
             break
         next_xs = x[(k + 1) * width : (k + 2) * width]
         shift = np.float64(next_xs[0])
-        sum_dev, sum_sq = _normalize_row_sum_next(xs, ys, weight, bias, row_mean, row_rstd, next_xs, shift)
+        rs = residual[k * width : (k + 1) * width] if residual.size > 0 else no_grad
+        sum_dev, sum_sq = _normalize_row_sum_next(
+            xs, ys, weight, bias, rs, row_mean, row_rstd, next_xs, shift
+        )
+        _epilogue(y, no_grad, k * width, width, spec)
         row_mean, row_m2 = _shifted_moments(next_xs, width, shift, sum_dev, sum_sq)
 
 
 @glue
-def _rows_normalize(x, weight, bias, y, mean, rstd, spec, schedule):
+def _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, schedule):
     """Normalize every block of every row with its statistics (parallel over blocks)."""
     nblocks = schedule.nblocks
     centered = spec.flags & CENTERED != 0
     for blk in prange(spec.batch * nblocks):
         row, b = _block_plane(blk, nblocks)
         off, count, s0 = _cf_block_span(spec, row, b)
-        _normalize_per_element(x, y, weight, bias, off, count, s0, mean[row] if centered else 0.0, rstd[row])
+        row_mean = mean[row] if centered else 0.0
+        _normalize_per_element(x, residual, grad, y, weight, bias, off, count, s0, row_mean, rstd[row], spec)
 
 
 @glue
-def _rows_forward_pipelined(x, weight, bias, y, mean, rstd, spec, chunk):
+def _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, chunk):
     """``PIPELINED``: tasks of ``chunk`` rows, each normalizing a row while summing the next."""
     nrows = mean.size
     for t in prange((nrows + chunk - 1) // chunk):
-        _pipelined_task(x, y, weight, bias, spec, mean, rstd, t * chunk, min(nrows, (t + 1) * chunk))
+        k1 = min(nrows, (t + 1) * chunk)
+        _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, t * chunk, k1)
 
 
 @glue
-def _rows_forward_one_block(x, weight, bias, y, mean, rstd, spec):
+def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
     """``ONE_BLOCK``: one task per row of at most ``BLOCK`` elements: moments, then normalize."""
+    no_grad = x[:0]
     for k in prange(mean.size):
         row, row_mean, row_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
-        _normalize_per_element(x, y, weight, bias, row * spec.spatial, spec.spatial, 0, row_mean, row_rstd)
+        off, width = row * spec.spatial, spec.spatial
+        _normalize_per_element(x, residual, no_grad, y, weight, bias, off, width, 0, row_mean, row_rstd, spec)
 
 
 @glue
-def _rows_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule):
+def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule):
     """``FUSED``: one task per long row: block moments, merge, then its blocks normalized."""
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * nblocks)
+    no_grad = x[:0]
     for k in prange(mean.size):
         _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         for b in range(nblocks):
             off, count, s0 = _cf_block_span(spec, k, b)
-            _normalize_per_element(x, y, weight, bias, off, count, s0, mean[k], rstd[k])
+            _normalize_per_element(
+                x, residual, no_grad, y, weight, bias, off, count, s0, mean[k], rstd[k], spec
+            )
 
 
 @glue
-def _rows_forward_split(x, weight, bias, y, mean, rstd, spec, schedule):
+def _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule):
     """``SPLIT``: few rows: block moments in parallel, the row merges, then the normalize pass."""
     _cf_split_statistics(x, mean, rstd, spec, schedule.nblocks)
-    _rows_normalize(x, weight, bias, y, mean, rstd, spec, schedule)
+    _rows_normalize(x, weight, bias, residual, x[:0], y, mean, rstd, spec, schedule)
 
 
 @kernel
-def rows_forward(x, weight, bias, y, mean, rstd, params):
+def rows_forward(x, weight, bias, residual, y, mean, rstd, params):
     """Training forward pass of LayerNorm / RMSNorm on an (R, K) buffer.
 
     Parameters are those of :func:`~.planes.planes_forward` for a buffer of
@@ -163,26 +186,27 @@ def rows_forward(x, weight, bias, y, mean, rstd, params):
     Normalization uses the centered form ``(x - mean) * (rstd * weight) +
     bias``, so that a constant row maps exactly to ``bias``.
     """
-    spec = KernelSpec(*params[:6])
-    schedule = Schedule(*params[6:])
+    spec = KernelSpec(*params[:8])
+    schedule = Schedule(*params[8:])
     if schedule.strategy == PIPELINED:
-        _rows_forward_pipelined(x, weight, bias, y, mean, rstd, spec, schedule.chunk)
+        _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, schedule.chunk)
     elif schedule.strategy == ONE_BLOCK:
-        _rows_forward_one_block(x, weight, bias, y, mean, rstd, spec)
+        _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec)
     elif schedule.strategy == FUSED:
-        _rows_forward_fused(x, weight, bias, y, mean, rstd, spec, schedule)
+        _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule)
     else:
-        _rows_forward_split(x, weight, bias, y, mean, rstd, spec, schedule)
+        _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule)
 
 
 @kernel
-def rows_inference(x, weight, bias, y, mean, rstd, params):
+def rows_inference(x, weight, bias, residual, grad, y, mean, rstd, params):
     """Inference forward pass (given statistics) of LayerNorm / RMSNorm rows.
 
     Parameters are those of :func:`rows_forward`, except that ``mean`` and
-    ``rstd`` are inputs.
+    ``rstd`` are inputs; ``grad`` as in :func:`~.planes.planes_inference`.
     """
-    _rows_normalize(x, weight, bias, y, mean, rstd, KernelSpec(*params[:6]), Schedule(*params[6:]))
+    spec = KernelSpec(*params[:8])
+    _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, Schedule(*params[8:]))
 
 
 # ---------------------------------------------------------------------------
@@ -410,8 +434,8 @@ def rows_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     ``mean(g)`` term vanishes.  ``dweight = sum(dy * xhat)`` and
     ``dbias = sum(dy)`` over the rows.  See ``docs/math.md``.
     """
-    spec = KernelSpec(*params[:6])
-    schedule = Schedule(*params[6:])
+    spec = KernelSpec(*params[:8])
+    schedule = Schedule(*params[8:])
     if schedule.strategy == ROW_CHUNKS:
         _rows_backward_chunks(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, schedule)
     else:

@@ -42,7 +42,11 @@ PER_ELEMENT = 4
 #: The buffer is (N, S, C) instead of (N, C, S).
 CHANNELS_LAST = 8
 
-KernelSpec = namedtuple("KernelSpec", ["batch", "channels", "spatial", "groups", "flags", "eps"])
+KernelSpec = namedtuple(
+    "KernelSpec",
+    ["batch", "channels", "spatial", "groups", "flags", "eps", "activation", "slope"],
+    defaults=(0, 0.0),
+)
 KernelSpec.__doc__ = """Geometry and options of one kernel call.
 
 Parameters
@@ -59,6 +63,11 @@ flags : int
     Bitwise or of ``BATCH``, ``CENTERED``, ``PER_ELEMENT``, ``CHANNELS_LAST``.
 eps : float
     Added to the variance (mean square for RMSNorm) before the square root.
+activation : int
+    The epilogue's activation code (:data:`~.epilogue.ACTIVATIONS`; 0, the
+    default, is none).
+slope : float
+    The negative slope of ``leaky_relu`` (unused by the other activations).
 """
 
 # ---------------------------------------------------------------------------

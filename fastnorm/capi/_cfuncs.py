@@ -74,16 +74,18 @@ def _make_forward(key, pass_id):
     ):
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
-        spec = (batch, channels, spatial, groups, flags, eps)  # KernelSpec fields, as core passes them
+        # KernelSpec fields, as core passes them; no epilogue through the C ABI yet
+        spec = (batch, channels, spatial, groups, flags, eps, 0, 0.0)
         size = batch * channels * spatial
         xa = carray(x, size)
         ya = carray(y, size)
         in_place = xa.ctypes.data == ya.ctypes.data
         schedule = K.plan_schedule(spec, pass_id, num_threads, xa.itemsize, nw > 0, nb > 0, in_place)
         params = spec + schedule
-        K.run_forward(
-            pass_id, xa, carray(w, nw), carray(b, nb), ya, carray(mean, nstats), carray(rstd, nstats), params
-        )
+        none = xa[:0]  # no residual, no gradient
+        wa = carray(w, nw)
+        ba = carray(b, nb)
+        K.run_forward(pass_id, xa, wa, ba, none, none, ya, carray(mean, nstats), carray(rstd, nstats), params)
         return 1
 
     return forward
@@ -96,7 +98,7 @@ def _make_backward(key):
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
-        spec = (batch, channels, spatial, groups, flags, eps)  # KernelSpec fields, as core passes them
+        spec = (batch, channels, spatial, groups, flags, eps, 0, 0.0)  # KernelSpec fields, as core's
         size = batch * channels * spatial
         xa = carray(x, size)
         dya = carray(dy, size)

@@ -1,0 +1,416 @@
+"""The fused epilogue ``y = act(norm(x) * weight + bias + residual)``: forward, inference, backward.
+
+Checked against the float64 reference of tests/naive.py, central finite
+differences, torch composites (``F.<norm>`` -> add -> activation, autograd),
+bitwise across thread counts, on edge values, and on bad input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import naive
+import numba
+import numpy as np
+import pytest
+from cases import arrange, bn, data, gn, inorm, ln, rms, rng_for, to_ref_layout
+from strategies import rejected
+
+import fastnorm
+
+ACTS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh"]
+K = {np.dtype(np.float32): 32, np.dtype(np.float64): 64}
+
+SMALL = [bn(3, 4, 5, 6), inorm(2, 3, 4, 5), gn(2, 2, 4, 3, 5), ln(1, 6, 20), ln(2, 3, 4, 5), rms(1, 6, 20)]
+# every schedule of every view: split, fused, one-block, pipelined rows, channels-last fused and split
+STRATEGIES = [
+    bn(2, 40, 4100),
+    gn(4, 32, 8, 1100),
+    inorm(33, 3, 1500),
+    gn(2, 1, 4, 9000),
+    ln(1, 300, 70),
+    ln(1, 64, 768),
+    ln(1, 3, 9001),
+    rms(1, 33, 4500),
+]
+
+
+def _layouts(case):
+    return ("cf", "cl", "cl_memory") if case.per_channel else ("cf",)
+
+
+def _params(cases):
+    return [pytest.param(c, lay, id=f"{c}-{lay}") for c in cases for lay in _layouts(c)]
+
+
+def _spec(case, cl, act, slope=0.01):
+    return dataclasses.replace(case.spec(cl), activation=act, negative_slope=slope)
+
+
+def _problem(case, dtype, layout, act, with_residual, key=(), scale=1.0):
+    """``(arrays passed to fastnorm, reference kwargs)`` of one fused call."""
+    x_cf, dy_cf, w, b = data(case, dtype, key=(act, *key))
+    r_cf = (rng_for(case, act, "residual", *key).standard_normal(case.shape) * scale).astype(dtype)
+    x, cl = arrange(x_cf, layout, case)
+    dy, _ = arrange(dy_cf, layout, case)
+    r = arrange(r_cf, layout, case)[0] if with_residual else None
+    return (x, dy, w, b, r, cl), dict(x=x_cf, dy=dy_cf, w=w, b=b, r=r_cf if with_residual else None)
+
+
+def _check(case, dtype, layout, act, with_residual, slope=0.01):
+    dtype = np.dtype(dtype)
+    k = K[dtype]
+    (x, dy, w, b, r, cl), ref = _problem(case, dtype, layout, act, with_residual)
+    spec = _spec(case, cl, act, slope)
+    geo = case.ref_kwargs(False)
+    tag = f"{case} {layout} {act} residual={with_residual}"
+
+    y, stats = fastnorm.forward(x, spec, w, b, residual=r)
+    ry, rz, rmean, rrstd = naive.fused_forward(
+        ref["x"], case.kind, w, b, residual=ref["r"], act=act, slope=slope, **geo
+    )
+    scale = max(1.0, float(np.abs(rz).max()))
+    naive.assert_close(to_ref_layout(y, layout, case), ry, k=k, scale=scale, err_msg=f"{tag} y")
+    assert stats.has_residual == (r is not None)
+    yi = fastnorm.forward_inference(x, stats, spec, w, b, residual=r)
+    assert yi.tobytes() == y.tobytes(), f"{tag}: inference with the forward's statistics differs from it"
+
+    grads = fastnorm.backward(dy, x, stats, spec, w, bias=b, residual=r)
+    rdx, rdw, rdb, rdz = naive.fused_backward(
+        ref["dy"], ref["x"], case.kind, w, b, residual=ref["r"], act=act, slope=slope, **geo
+    )
+    _, _, _, dx_scale = naive.backward(rdz, ref["x"], case.kind, w, return_scale=True, **geo)
+    dx_scale = max(dx_scale, float(np.abs(rdx).max()), 1e-300)
+    naive.assert_close(to_ref_layout(grads.dx, layout, case), rdx, k=k, scale=dx_scale, err_msg=f"{tag} dx")
+    pscale = 4.0 * max(1.0, float(np.abs(rdz).sum()) / max(1, rdw.size))
+    naive.assert_close(grads.dweight, rdw, k=k, scale=pscale, err_msg=f"{tag} dweight")
+    if case.kind != "rms_norm":
+        naive.assert_close(grads.dbias, rdb, k=k, scale=pscale, err_msg=f"{tag} dbias")
+    if r is None:
+        assert grads.dresidual is None
+    else:
+        dres = to_ref_layout(grads.dresidual, layout, case)
+        naive.assert_close(
+            dres, rdz, k=k, scale=max(1.0, float(np.abs(rdz).max())), err_msg=f"{tag} dresidual"
+        )
+        if act is None:
+            assert grads.dresidual is dy, "without an activation dresidual is dy itself"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize(("case", "layout"), _params(SMALL))
+def test_fused_passes_match_the_reference(case, layout, act, with_residual, dtype):
+    _check(case, dtype, layout, act, with_residual)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("act", ["relu", "gelu"])
+@pytest.mark.parametrize(("case", "layout"), _params(STRATEGIES))
+def test_every_schedule_runs_the_epilogue(case, layout, act, dtype):
+    _check(case, dtype, layout, act, True)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.2, -0.5, 3.0])
+def test_leaky_relu_slope(slope):
+    _check(gn(2, 2, 4, 3, 5), np.float64, "cl", "leaky_relu", True, slope=slope)
+
+
+# ---------------------------------------------------------------------------
+# Gradients by central finite differences (float64)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "silu", "gelu", "gelu_tanh", "leaky_relu"])
+@pytest.mark.parametrize(
+    "case", [bn(3, 2, 5), inorm(2, 2, 6), gn(2, 2, 4, 3), ln(1, 3, 7), rms(1, 3, 7)], ids=str
+)
+def test_gradients_match_finite_differences(case, act):
+    rng = rng_for(case, act, "fd")
+    x = rng.standard_normal(case.shape)
+    r = rng.standard_normal(case.shape)
+    w = rng.uniform(0.5, 1.5, case.param_shape)
+    b = rng.standard_normal(case.param_shape) * 0.5 if case.kind != "rms_norm" else None
+    c = rng.standard_normal(case.shape)  # loss = sum(c * y)
+    spec = _spec(case, False, act)
+
+    args = {"x": x, "w": w, "b": b, "r": r}
+
+    def loss(**changed):
+        a = {**args, **changed}
+        return float(np.sum(c * fastnorm.forward(a["x"], spec, a["w"], a["b"], residual=a["r"])[0]))
+
+    _, stats = fastnorm.forward(x, spec, w, b, residual=r)
+    grads = fastnorm.backward(c, x, stats, spec, w, bias=b, residual=r)
+    named = {"x": grads.dx, "w": grads.dweight, "r": grads.dresidual}
+    if b is not None:
+        named["b"] = grads.dbias
+    h = 1e-6
+    for name, grad in named.items():
+        value = args[name]
+        for index in rng.choice(value.size, size=min(6, value.size), replace=False):
+            at = np.unravel_index(index, value.shape)
+            plus, minus = value.copy(), value.copy()
+            plus[at] += h
+            minus[at] -= h
+            numeric = (loss(**{name: plus}) - loss(**{name: minus})) / (2 * h)
+            np.testing.assert_allclose(
+                grad[at], numeric, rtol=1e-5, atol=1e-6, err_msg=f"{case} {act} d{name}"
+            )
+
+
+# ---------------------------------------------------------------------------
+# Parity with torch composites
+# ---------------------------------------------------------------------------
+
+
+def _torch_composite(torch, case, xt, wt, bt, rt, act, slope):
+    F = torch.nn.functional
+    eps = case.eps
+    if case.kind == "batch_norm":
+        z = F.batch_norm(xt, None, None, wt, bt, training=True, eps=eps)
+    elif case.kind == "instance_norm":
+        z = F.instance_norm(xt, None, None, wt, bt, use_input_stats=True, eps=eps)
+    elif case.kind == "group_norm":
+        z = F.group_norm(xt, case.num_groups, wt, bt, eps=eps)
+    elif case.kind == "layer_norm":
+        z = F.layer_norm(xt, case.param_shape, wt, bt, eps=eps)
+    else:
+        z = F.rms_norm(xt, case.param_shape, wt, eps=eps)
+    if rt is not None:
+        z = z + rt
+    if act is None:
+        return z
+    return {
+        "relu": F.relu,
+        "leaky_relu": lambda v: F.leaky_relu(v, slope),
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda v: F.gelu(v, approximate="tanh"),
+    }[act](z)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("act", ACTS, ids=str)
+@pytest.mark.parametrize(
+    ("case", "layout"), _params([bn(3, 4, 5, 6), gn(2, 2, 4, 3, 5), ln(1, 6, 20), rms(1, 6, 20)])
+)
+def test_torch_composite_parity(case, layout, act, dtype):
+    torch = pytest.importorskip("torch")
+    dtype = np.dtype(dtype)
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    (x, dy, w, b, r, cl), ref = _problem(case, dtype, layout, act, True)
+    b = b if case.kind != "rms_norm" else None
+    spec = _spec(case, cl, act)
+    y, stats = fastnorm.forward(x, spec, w, b, residual=r)
+    grads = fastnorm.backward(dy, x, stats, spec, w, bias=b, residual=r)
+
+    leaf = {k: torch.tensor(v, requires_grad=True) for k, v in ref.items() if k in "xwbr" and v is not None}
+    yt = _torch_composite(torch, case, leaf["x"], leaf["w"], leaf.get("b"), leaf["r"], act, 0.01)
+    yt.backward(torch.tensor(ref["dy"]))
+    ours = {"x": grads.dx, "r": grads.dresidual}
+    np.testing.assert_allclose(to_ref_layout(y, layout, case), yt.detach().numpy(), **tol, err_msg="y")
+    for name, value in ours.items():
+        theirs = leaf[name].grad.numpy()
+        np.testing.assert_allclose(to_ref_layout(value, layout, case), theirs, **tol, err_msg=f"d{name}")
+    np.testing.assert_allclose(grads.dweight, leaf["w"].grad.numpy(), **tol, err_msg="dweight")
+    if b is not None:
+        np.testing.assert_allclose(grads.dbias, leaf["b"].grad.numpy(), **tol, err_msg="dbias")
+
+
+# ---------------------------------------------------------------------------
+# Determinism, edges, aliasing
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("act", ["relu", "silu"])
+@pytest.mark.parametrize(("case", "layout"), _params([bn(2, 40, 4100), gn(2, 1, 4, 9000), ln(1, 64, 768)]))
+def test_bitwise_identical_for_any_thread_count(case, layout, act):
+    (x, dy, w, b, r, cl), _ = _problem(case, np.float32, layout, act, True)
+    spec = _spec(case, cl, act)
+    results = []
+    before = numba.get_num_threads()
+    try:
+        for threads in (1, 2):
+            numba.set_num_threads(threads)
+            y, stats = fastnorm.forward(x, spec, w, b, residual=r)
+            yi = fastnorm.forward_inference(x, stats, spec, w, b, residual=r)
+            grads = fastnorm.backward(dy, x, stats, spec, w, bias=b, residual=r)
+            results.append([y, yi, stats.mean, stats.rstd, *grads, grads.dresidual])
+    finally:
+        numba.set_num_threads(before)
+    for one, two in zip(*results, strict=True):
+        assert one.tobytes() == two.tobytes()
+
+
+@pytest.mark.parametrize("case", [bn(2, 3, 8), ln(1, 4, 8)], ids=str)
+def test_relu_kink_follows_torch(case):
+    """Constant groups normalize to exactly 0: ReLU's derivative there is 0, leaky ReLU's the slope."""
+    x = np.ones(case.shape) * 3.0
+    dy = np.arange(x.size, dtype=np.float64).reshape(x.shape) + 1.0
+    for act, expected in (("relu", 0.0), ("leaky_relu", 0.25)):
+        spec = _spec(case, False, act, 0.25)
+        y, stats = fastnorm.forward(x, spec, residual=np.zeros_like(x))
+        assert not np.any(y), "a constant group normalizes to exactly 0"
+        grads = fastnorm.backward(dy, x, stats, spec, residual=np.zeros_like(x))
+        np.testing.assert_array_equal(grads.dresidual, dy * expected)
+
+
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_saturated_activations_have_no_nan(act, dtype):
+    case = gn(2, 2, 4, 6)
+    x = rng_for("saturated").standard_normal(case.shape).astype(dtype)
+    r = np.where(np.arange(x.size).reshape(x.shape) % 2 == 0, 1e4, -1e4).astype(dtype)
+    spec = _spec(case, False, act)
+    y, stats = fastnorm.forward(x, spec, residual=r)
+    grads = fastnorm.backward(np.ones_like(x), x, stats, spec, residual=r)
+    for name, value in (("y", y), ("dx", grads.dx), ("dresidual", grads.dresidual)):
+        assert np.all(np.isfinite(value)), f"{act}: non-finite {name}"
+    naive.assert_close(
+        y, naive.activation(naive.forward(x, "group_norm", num_groups=2)[0] + r, act), k=K[np.dtype(dtype)]
+    )
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "gelu"])
+def test_nan_stays_in_its_group(act):
+    case = gn(2, 2, 4, 5)
+    x = rng_for("nan").standard_normal(case.shape)
+    x[1, 2, 3] = np.nan  # sample 1, group 1
+    spec = _spec(case, False, act)
+    y, stats = fastnorm.forward(x, spec, residual=np.zeros_like(x))
+    grads = fastnorm.backward(np.ones_like(x), x, stats, spec, residual=np.zeros_like(x))
+    for value in (y, grads.dx, grads.dresidual):
+        assert not np.any(np.isnan(value[0])) and not np.any(np.isnan(value[1, :2])), "other groups are not"
+    for value in (y, grads.dx) if act == "relu" else (y, grads.dx, grads.dresidual):
+        assert np.all(np.isnan(value[1, 2:])), "the NaN's group is NaN"
+    if act == "relu":  # torch's threshold_backward passes the gradient where z is NaN (not <= 0)
+        np.testing.assert_array_equal(grads.dresidual[1, 2:], 1.0)
+
+
+@pytest.mark.parametrize(
+    ("case", "layout"), _params([bn(2, 40, 4100), gn(4, 32, 8, 1100), ln(1, 300, 70), ln(1, 64, 768)])
+)
+def test_output_may_be_the_input_or_the_residual(case, layout):
+    (x, dy, w, b, r, cl), _ = _problem(case, np.float32, layout, "relu", True)
+    spec = _spec(case, cl, "relu")
+    y, _ = fastnorm.forward(x, spec, w, b, residual=r)
+    for target in ("x", "residual"):
+        xc, rc = x.copy(order="K"), r.copy(order="K")
+        out = xc if target == "x" else rc
+        y2, _ = fastnorm.forward(xc, spec, w, b, residual=rc, out=out)
+        assert y2 is out and y2.tobytes() == y.tobytes(), f"out={target}"
+        xc, rc = x.copy(order="K"), r.copy(order="K")
+        stats = fastnorm.forward(x, spec, w, b, residual=r)[1]
+        out = xc if target == "x" else rc
+        y3 = fastnorm.forward_inference(xc, stats, spec, w, b, residual=rc, out=out)
+        assert y3.tobytes() == y.tobytes(), f"inference out={target}"
+
+
+@pytest.mark.parametrize("name", ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"])
+def test_functional_api_takes_the_epilogue(name):
+    rng = rng_for("functional", name)
+    x = rng.standard_normal((4, 6, 5, 3))
+    r = rng.standard_normal(x.shape)
+    w = rng.uniform(0.5, 1.5, 6 if name in ("batch_norm", "instance_norm", "group_norm") else (5, 3))
+    kwargs = dict(residual=r, activation="leaky_relu", negative_slope=0.3)
+    if name == "batch_norm":
+        y = fastnorm.batch_norm(x, None, None, w, training=True, **kwargs)
+        spec = fastnorm.NormSpec.batch_norm(activation="leaky_relu", negative_slope=0.3)
+        y_inf = fastnorm.batch_norm(x, np.zeros(6), np.ones(6), w, **kwargs)
+        ref_inf = naive.activation(x * w[:, None, None] / np.sqrt(1 + 1e-5) + r, "leaky_relu", 0.3)
+        naive.assert_close(y_inf, ref_inf)
+    elif name == "instance_norm":
+        y = fastnorm.instance_norm(x, weight=w, **kwargs)
+        spec = fastnorm.NormSpec.instance_norm(activation="leaky_relu", negative_slope=0.3)
+    elif name == "group_norm":
+        y = fastnorm.group_norm(x, 3, w, **kwargs)
+        spec = fastnorm.NormSpec.group_norm(3, activation="leaky_relu", negative_slope=0.3)
+    elif name == "layer_norm":
+        y = fastnorm.layer_norm(x, (5, 3), w, **kwargs)
+        spec = fastnorm.NormSpec.layer_norm(2, activation="leaky_relu", negative_slope=0.3)
+    else:
+        y = fastnorm.rms_norm(x, (5, 3), w, **kwargs)
+        spec = fastnorm.NormSpec.rms_norm(2, activation="leaky_relu", negative_slope=0.3)
+    assert y.tobytes() == fastnorm.forward(x, spec, w, residual=r)[0].tobytes()
+
+
+def test_backward_returns_three_gradients_and_dresidual_by_name():
+    x = rng_for("grads").standard_normal((3, 4, 5))
+    spec = fastnorm.NormSpec.batch_norm()
+    y, stats = fastnorm.forward(x, spec, np.ones(4), np.zeros(4))
+    dx, dweight, dbias = grads = fastnorm.backward(np.ones_like(x), x, stats, spec, np.ones(4))
+    assert isinstance(grads, fastnorm.Gradients) and len(grads) == 3 and grads.dresidual is None
+    assert grads.dx is dx and grads.dweight is dweight and grads.dbias is dbias
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear error naming the argument, nothing modified
+# ---------------------------------------------------------------------------
+
+
+def test_bad_epilogue_arguments_are_rejected():
+    x = rng_for("bad").standard_normal((2, 4, 5))
+    r = np.ones_like(x)
+    spec = fastnorm.NormSpec.group_norm(2, activation="relu")
+    rejected(
+        ValueError,
+        "activation",
+        lambda: fastnorm.NormSpec.group_norm(2, activation="swish"),
+        names="activation",
+    )
+    rejected(ValueError, "negative_slope", lambda: fastnorm.NormSpec.batch_norm(negative_slope=float("nan")))
+    rejected(ValueError, "negative_slope", lambda: fastnorm.NormSpec.batch_norm(negative_slope="0.1"))
+    rejected(
+        ValueError, "activation", lambda: fastnorm.group_norm(x, 2, activation="ReLU"), x, names="activation"
+    )
+    rejected(ValueError, "shape", lambda: fastnorm.forward(x, spec, residual=r[:1]), x, r, names="residual")
+    rejected(
+        TypeError,
+        "dtype",
+        lambda: fastnorm.forward(x, spec, residual=r.astype(np.float32)),
+        x,
+        r,
+        names="residual",
+    )
+    rejected(
+        TypeError, "ndarray", lambda: fastnorm.forward(x, spec, residual=r.tolist()), x, names="residual"
+    )
+    strided = np.ones((2, 4, 10))[:, :, ::2]
+    rejected(ValueError, "laid out", lambda: fastnorm.forward(x, spec, residual=strided), x, names="residual")
+    nhwc = np.ones((2, 5, 4))
+    spec_cl = fastnorm.NormSpec.group_norm(2, channels_last=True, activation="relu")
+    transposed = np.ones((4, 2, 5)).transpose(1, 2, 0)
+    call = lambda: fastnorm.forward(nhwc, spec_cl, residual=transposed)  # noqa: E731
+    rejected(ValueError, "laid out", call, nhwc, names="residual")
+    out = np.empty_like(x)
+    partial = np.empty(x.size + 1)
+    overlapping = partial[1:].reshape(x.shape)
+    residual_view = partial[:-1].reshape(x.shape)
+    rejected(
+        ValueError, "overlaps", lambda: fastnorm.forward(x, spec, residual=residual_view, out=overlapping),
+        x, names="out",
+    )  # fmt: skip
+    y, stats = fastnorm.forward(x, spec, np.ones(4), np.ones(4), residual=r)
+    dy = np.ones_like(x)
+    watched = (x, dy, r, out)
+    rejected(
+        ValueError, "bias", lambda: fastnorm.backward(dy, x, stats, spec, np.ones(4), residual=r), *watched
+    )
+    rejected(
+        ValueError,
+        "residual",
+        lambda: fastnorm.backward(dy, x, stats, spec, np.ones(4), bias=np.ones(4)),
+        *watched,
+    )
+    _, plain = fastnorm.forward(x, spec)
+    rejected(
+        ValueError, "residual", lambda: fastnorm.backward(dy, x, plain, spec, residual=r, out=out), *watched
+    )
+    rejected(
+        ValueError, "bias", lambda: fastnorm.backward(dy, x, plain, spec, bias=np.ones(4), out=out), *watched
+    )
