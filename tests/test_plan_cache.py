@@ -184,6 +184,7 @@ def test_cache_size_is_bounded():
         NormSpec.layer_norm(2),
         NormSpec.rms_norm(1),
         NormSpec("instance_norm", 0.5),
+        NormSpec.group_norm(2, activation="leaky_relu", negative_slope=0.2),
     ],
 )
 def test_spec_hash_is_that_of_its_fields_and_survives_pickling(spec):
@@ -192,12 +193,14 @@ def test_spec_hash_is_that_of_its_fields_and_survives_pickling(spec):
     import dataclasses
     import pickle
 
-    twin = NormSpec(spec.kind, spec.eps, spec.num_groups, spec.normalized_ndim, spec.channels_last)
+    twin = NormSpec(
+        spec.kind, spec.eps, spec.num_groups, spec.normalized_ndim, spec.channels_last, spec.activation,
+        spec.negative_slope,
+    )  # fmt: skip
     assert twin is not spec and twin == spec and hash(twin) == hash(spec)
     other = dataclasses.replace(spec, eps=0.25)
-    assert other != spec and hash(other) == hash(
-        (other.kind, 0.25, other.num_groups, other.normalized_ndim, other.channels_last)
-    )
+    fields = (other.kind, 0.25, other.num_groups, other.normalized_ndim, other.channels_last)
+    assert other != spec and hash(other) == hash((*fields, other.activation, other.negative_slope))
     for copied in (pickle.loads(pickle.dumps(spec)), copy.copy(spec), copy.deepcopy(spec)):
         assert copied == spec and hash(copied) == hash(spec)
 
