@@ -46,6 +46,7 @@ from . import _config  # noqa: F401  (sets the 'threadsafe' default this module 
 
 __all__ = [
     "TBB_LIBRARY",
+    "TBB_STATUS",
     "fork_unsafe",
     "gnu_openmp",
     "layer_status",

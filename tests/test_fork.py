@@ -43,12 +43,15 @@ pytestmark = pytest.mark.jit  # forks of compiled, multithreaded kernels
 #: Seconds a child may take (a cold Numba cache compiles the serial builds in it).
 CHILD_TIMEOUT = 600
 
-#: (spec, logical shape, dtype): one per kernel family (planes, channels-last, rows), both dtypes;
-#: every tensor is above the 16384 elements under which the serial builds run anyway.
+#: (spec, logical shape, dtype): every kernel family (planes, channels-last, rows), both dtypes;
+#: every tensor is above the 16384 elements under which the serial builds run anyway.  The
+#: channels-last InstanceNorm has 16 samples: with 2 to 4 threads its training passes take the
+#: fused schedule chosen for the thread count, which a serial child then runs single-threaded.
 CASES = [
     (fastnorm.NormSpec.group_norm(8), (8, 32, 16, 16), np.float32),
     (fastnorm.NormSpec.batch_norm(channels_last=True), (4, 16, 16, 32), np.float64),
     (fastnorm.NormSpec.layer_norm(1), (64, 512), np.float32),
+    (fastnorm.NormSpec.instance_norm(channels_last=True), (16, 8, 8, 32), np.float32),
 ]
 
 HERE = Path(__file__).resolve().parent
