@@ -11,8 +11,13 @@ Functional (``torch.nn.functional`` names and semantics, NumPy arrays):
 
 Explicit passes: :class:`NormSpec`, :func:`forward`, :func:`forward_inference`,
 :func:`backward`, :class:`Stats`, :class:`Gradients`.
+
+Configuration: :func:`show_config` (versions, threading layer, CPU, cache).
 """
 
+# First: loads the tbb package's library before anything can start Numba's pool.
+from . import _threading  # noqa: F401
+from ._info import show_config
 from .core import Gradients, Stats, backward, forward, forward_inference
 from .functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
 from .spec import NormSpec
@@ -31,5 +36,6 @@ __all__ = [
     "layer_norm",
     "group_norm",
     "rms_norm",
+    "show_config",
     "__version__",
 ]

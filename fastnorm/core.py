@@ -8,6 +8,7 @@ and leave every argument untouched.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import numba
@@ -16,6 +17,7 @@ from numba import types
 from numpy.typing import ArrayLike
 
 from . import _kernels as K
+from . import _threading
 from ._config import glue, typed_helper
 from .spec import NormSpec
 
@@ -371,8 +373,23 @@ def _new_call(plan, pass_id, variant, threads):
     schedule = K.plan_schedule(
         plan.kernel_params, pass_id, threads, plan.itemsize, has_weight, has_bias, in_place
     )
+    if schedule[2] and _threading.serial_after_fork():
+        # A forked child of a GNU OpenMP process: the serial build of the same
+        # source (same arithmetic, same order, so the same bits); see _threading.
+        _threading.warn_serial_fallback()
+        schedule = (*schedule[:2], 0, *schedule[3:])
     params = plan.kernel_params + tuple(schedule)
     return K.select(pass_id, params), params
+
+
+def _forget_kernel_calls():
+    """In a forked child that must run serial builds, drop the parent's cached kernel choices."""
+    if _threading.serial_after_fork():
+        _PLAN_CACHE.clear()
+
+
+if hasattr(os, "register_at_fork"):  # after _threading's handler, which it imports first
+    os.register_at_fork(after_in_child=_forget_kernel_calls)
 
 
 def _kernel_view(array, plan):

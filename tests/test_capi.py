@@ -13,6 +13,7 @@ clang-formatted (when ``clang-format`` is installed).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -125,7 +126,7 @@ def capi(tmp_path_factory):
         check=True,
     ).stdout.split()
     programs = {}
-    for name in ("compare", "errors", "threads", "init_status"):
+    for name in ("compare", "errors", "threads", "init_status", "fork"):
         exe = out / name
         cc = subprocess.run(
             [GCC, *CFLAGS, str(CAPI / "tests" / f"{name}.c"), "-o", str(exe), *flags, "-lm", "-pthread"],
@@ -313,6 +314,34 @@ def _parse(stdout):
     return dict(line.split("=", 1) for line in stdout.splitlines() if "=" in line)
 
 
+def _tbb_installed():
+    try:
+        importlib.metadata.distribution("tbb")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("layer", [None, "omp", "workqueue"], ids=["default", "omp", "workqueue"])
+def test_forked_child_matches_parent(capi, layer):
+    """A child forked after the parent's calls gets bitwise the parent's results (fork.c).
+
+    Default: TBB when the tbb package is installed (fork-safe).  Forced GNU
+    OpenMP: its parallel regions kill a forked child (SIGTERM), so the library
+    runs the serial builds there.  The child has an alarm; the timeout below
+    bounds the parent.
+    """
+    extra = {"NUMBA_THREADING_LAYER": layer} if layer else {}
+    result = run([capi["fork"]], timeout=600, **extra)
+    info = _parse(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert info["layer"] == (layer or ("tbb" if _tbb_installed() else "omp"))
+    assert info.get("child_exit") == "0", result.stdout + result.stderr
+    assert info["child_mismatches"] == "0"
+    assert info["parent_after_fork_mismatches"] == "0"
+    assert "Terminating" not in result.stderr
+
+
 def test_clean_environment_cold_start_uses_cache(capi):
     """A fresh process with an empty environment starts Python itself and loads cached code."""
     result = run([capi["init_status"]])
@@ -432,7 +461,10 @@ def test_generated_constants_equal_the_python_ones(tmp_path):
     for index, (op, dtype) in enumerate(_runtime.TABLE_ORDER):
         want[f"SLOT_{op.upper()}_{dtype.upper()}"] = index
     n = len(_runtime.TABLE_ORDER)
-    want.update(SLOT_SET_THREADS=n, SLOT_GET_THREADS=n + 1, SLOT_MAX_THREADS=n + 2, SLOT_COUNT=n + 3)
+    want.update(SLOT_SET_THREADS=n, SLOT_GET_THREADS=n + 1, SLOT_MAX_THREADS=n + 2, SLOT_AFTER_FORK=n + 3)
+    want.update(SLOT_COUNT=n + 4, AFTER_FORK_PARALLEL=_runtime.AFTER_FORK_PARALLEL)
+    want.update(AFTER_FORK_SERIAL=_runtime.AFTER_FORK_SERIAL)
+    assert {_runtime.AFTER_FORK_PARALLEL, _runtime.AFTER_FORK_SERIAL} == {1, 2}  # nonzero: a slot 0 is unset
     assert BUILD.generated_constants() == want
     if GCC is None:
         pytest.skip("gcc is not available")
@@ -454,7 +486,8 @@ def test_generated_constants_equal_the_python_ones(tmp_path):
     assert got["py_version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-def test_generated_slots_match_fill_table(monkeypatch):
+@pytest.mark.parametrize("unsafe", [False, True])
+def test_generated_slots_match_fill_table(monkeypatch, unsafe):
     """The SLOT_* values are where fastnorm.capi._runtime.fill_table writes each address."""
     from fastnorm.capi import _runtime
 
@@ -463,6 +496,7 @@ def test_generated_slots_match_fill_table(monkeypatch):
     monkeypatch.setattr(_runtime, "build_cfuncs", lambda: fake)
     monkeypatch.setattr(_runtime, "threading_addresses", lambda: (901, 902, 903, "fake"))
     monkeypatch.setattr(_runtime, "_KEEP_ALIVE", [])
+    monkeypatch.setattr(_runtime, "fork_unsafe", lambda: unsafe)
     constants = BUILD.generated_constants()
     table = [0] * constants["SLOT_COUNT"]
     assert _runtime.fill_table(table, len(table)) == "fake"
@@ -471,6 +505,8 @@ def test_generated_slots_match_fill_table(monkeypatch):
     assert table[constants["SLOT_SET_THREADS"]] == 901
     assert table[constants["SLOT_GET_THREADS"]] == 902
     assert table[constants["SLOT_MAX_THREADS"]] == 903
+    after_fork = constants["AFTER_FORK_SERIAL" if unsafe else "AFTER_FORK_PARALLEL"]
+    assert table[constants["SLOT_AFTER_FORK"]] == after_fork
 
 
 def test_capi_source_compiles_on_its_own(tmp_path):

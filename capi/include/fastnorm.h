@@ -41,6 +41,10 @@
  *   of threads, on different or identical inputs and descriptors (outputs
  *   must not be shared between concurrent calls).  Calls run on Numba's
  *   thread-safe threading layer (TBB when available, else OpenMP).
+ * - Fork: a child forked after the runtime started may call every function
+ *   and gets bitwise the parent's results.  Under GNU OpenMP (layer "omp"),
+ *   whose parallel regions kill a forked child, the child's calls run
+ *   single-threaded (see docs/c-api.md, Fork).
  * - Initialization: fastnorm_init() starts the runtime explicitly; otherwise
  *   the first call that needs it does (lazy, thread-safe, once per process).
  *   Pure-C helpers (fastnorm_version, fastnorm_version_string,
@@ -320,7 +324,8 @@ FASTNORM_API fastnorm_status fastnorm_get_num_threads(int *num_threads);
 
 /**
  * Size of the thread pool (NUMBA_NUM_THREADS at initialization, by default
- * the number of CPU cores), and the threading layer name ("tbb", "omp").
+ * the number of CPU cores), and the name of the threading layer in use
+ * ("tbb", "omp", or "workqueue" if forced with NUMBA_THREADING_LAYER).
  * @param max_threads output (caller-owned), may be NULL.
  * @param layer       output: receives a pointer to a string owned by the
  *                    library (never free it), valid for the lifetime of the

@@ -10,7 +10,8 @@
  *     directory (on the include path): the kernel flag values of
  *     fastnorm._kernels (K_BATCH, K_CENTERED, K_PER_ELEMENT, K_CHANNELS_LAST),
  *     the slots of the function table in the order of
- *     fastnorm.capi._runtime.TABLE_ORDER (SLOT_*), and the Python environment
+ *     fastnorm.capi._runtime.TABLE_ORDER (SLOT_*), the values of its
+ *     after-fork slot (AFTER_FORK_PARALLEL, AFTER_FORK_SERIAL), and the Python environment
  *     baked into the library (FASTNORM_BAKED_EXECUTABLE,
  *     FASTNORM_BAKED_PY_VERSION).  Nothing here is copied from Python by hand;
  *   - _fastnorm_py_init, defined by cffi from the extern "Python" declaration
@@ -26,6 +27,9 @@
  *      compiles / loads the Numba cfuncs and returns their addresses;
  *   3. entry points: validate, make sure the runtime is up, set the thread
  *      count, call the cfunc through a function pointer (no Python, no GIL).
+ *      In a child forked after the runtime started on GNU OpenMP (whose
+ *      parallel regions kill a forked child), the cfuncs get the thread
+ *      count 0 and run the kernels' serial builds (same results, bitwise).
  */
 #include <Python.h>
 
@@ -439,6 +443,11 @@ static int64_t runtime_table[SLOT_COUNT];
 static char runtime_message[4096]; /* layer name on success, reason on failure */
 static int max_threads = 1;
 static int wanted_threads = 0; /* atomic; 0 = max_threads */
+/* 1 in a child forked after the runtime started on a threading layer that
+   cannot run there (SLOT_AFTER_FORK == AFTER_FORK_SERIAL: GNU OpenMP). */
+static int serial_after_fork = 0; /* atomic */
+
+static void mark_forked_child(void) { __atomic_store_n(&serial_after_fork, 1, __ATOMIC_RELAXED); }
 
 static int owns_interpreter = 0;
 
@@ -489,7 +498,11 @@ FASTNORM_API fastnorm_status fastnorm_init(void)
                 == 1) {
                 int i, ok = 1;
                 for (i = 0; i < SLOT_COUNT; ++i) ok = ok && runtime_table[i] != 0;
-                if (ok) {
+                if (ok && runtime_table[SLOT_AFTER_FORK] == AFTER_FORK_SERIAL
+                    && pthread_atfork(NULL, NULL, mark_forked_child) != 0) {
+                    snprintf(runtime_message, sizeof runtime_message,
+                             "cannot register the fork handler (pthread_atfork failed)");
+                } else if (ok) {
                     max_threads = (int)runtime_table[SLOT_MAX_THREADS];
                     state = STATE_READY;
                 } else {
@@ -548,14 +561,15 @@ FASTNORM_API fastnorm_status fastnorm_runtime_info(int *max_threads_out, const c
 
 /* Numba's thread count is thread-local to the launching thread: set it for
    this call and restore the caller's value afterwards.  The count is also
-   passed to the cfunc, whose schedule may depend on it (as in Python). */
+   passed to the cfunc, whose schedule may depend on it (as in Python); 0 in
+   a forked child that must run the serial builds (see serial_after_fork). */
 static int enter_threads(int *threads)
 {
     int n = __atomic_load_n(&wanted_threads, __ATOMIC_RELAXED);
     int previous = ((get_threads_fn)(uintptr_t)runtime_table[SLOT_GET_THREADS])();
     if (n <= 0) n = max_threads;
     if (previous != n) ((set_threads_fn)(uintptr_t)runtime_table[SLOT_SET_THREADS])(n);
-    *threads = n;
+    *threads = __atomic_load_n(&serial_after_fork, __ATOMIC_RELAXED) ? 0 : n;
     return previous;
 }
 

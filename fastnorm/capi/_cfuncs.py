@@ -17,7 +17,10 @@ Conventions
 * The last argument is the thread count of the call: the C layer sets it
   with the threading layer's own ``set_num_threads`` (see
   :func:`threading_addresses`) and passes it, because a compiled function
-  that asks Numba for the thread count cannot be cached.
+  that asks Numba for the thread count cannot be cached.  ``0`` asks for the
+  serial build of every kernel (:func:`_serial`), whatever the size: the C
+  layer passes it in a process forked from one whose threading layer cannot
+  run there (GNU OpenMP; see :mod:`fastnorm._threading`).
 * Every cfunc returns ``1`` on success.  A Numba cfunc that raises (only
   possible on memory exhaustion in a kernel's workspace allocation) returns
   ``0`` instead, which the C layer reports as ``FASTNORM_INTERNAL_ERROR``.
@@ -41,7 +44,7 @@ import numpy as np
 from numba import carray, cfunc, types
 
 from .. import _kernels as K
-from .._config import DEPS_KEY
+from .._config import DEPS_KEY, glue
 
 __all__ = ["DEPS_KEY", "SIGNATURES", "build_cfuncs", "threading_addresses"]
 
@@ -66,6 +69,14 @@ SIGNATURES = {
 }
 
 
+@glue
+def _serial(schedule, num_threads):
+    """``schedule`` with its ``parallel`` field 0 when ``num_threads`` is 0 (serial build, same bits)."""
+    if num_threads < 1:
+        return (schedule[0], schedule[1], 0, schedule[3], schedule[4], schedule[5], schedule[6], schedule[7])
+    return schedule
+
+
 def _make_forward(key, pass_id):
     """Forward cfunc: training statistics (``K.FORWARD``) or given statistics (``K.INFERENCE``)."""
 
@@ -80,8 +91,9 @@ def _make_forward(key, pass_id):
         xa = carray(x, size)
         ya = carray(y, size)
         in_place = xa.ctypes.data == ya.ctypes.data
-        schedule = K.plan_schedule(spec, pass_id, num_threads, xa.itemsize, nw > 0, nb > 0, in_place)
-        params = spec + schedule
+        threads = max(num_threads, 1)
+        schedule = K.plan_schedule(spec, pass_id, threads, xa.itemsize, nw > 0, nb > 0, in_place)
+        params = spec + _serial(schedule, num_threads)
         none = xa[:0]  # no residual, no gradient
         wa = carray(w, nw)
         ba = carray(b, nb)
@@ -104,8 +116,9 @@ def _make_backward(key):
         dya = carray(dy, size)
         dxa = carray(dx, size)
         in_place = dxa.ctypes.data == dya.ctypes.data or dxa.ctypes.data == xa.ctypes.data
-        schedule = K.plan_schedule(spec, K.BACKWARD, num_threads, xa.itemsize, nw > 0, False, in_place)
-        params = spec + schedule
+        threads = max(num_threads, 1)
+        schedule = K.plan_schedule(spec, K.BACKWARD, threads, xa.itemsize, nw > 0, False, in_place)
+        params = spec + _serial(schedule, num_threads)
         wa = carray(w, nw)
         K.run_backward(
             dya, xa, wa, carray(mean, nstats), carray(rstd, nstats), dxa,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import sys
 
+from .._threading import fork_unsafe
 from ._cfuncs import build_cfuncs, threading_addresses
 
-__all__ = ["TABLE_ORDER", "fill_table"]
+__all__ = ["AFTER_FORK_PARALLEL", "AFTER_FORK_SERIAL", "TABLE_ORDER", "fill_table"]
 
 #: cfunc order of the table slots (must match the SLOT_* enum of fastnorm_capi.c).
 TABLE_ORDER = [
@@ -19,6 +20,12 @@ TABLE_ORDER = [
     for dtype in ("float32", "float64")
     for op in ("forward_training", "forward_inference", "backward")
 ]
+
+#: Values of the table's after-fork slot: a forked child keeps running the parallel
+#: builds (a fork-safe threading layer, e.g. TBB), or runs the serial builds of
+#: every kernel (GNU OpenMP, whose parallel regions kill a forked child).
+AFTER_FORK_PARALLEL = 1
+AFTER_FORK_SERIAL = 2
 
 #: Keeps the compiled cfuncs (and their machine code) alive for the process lifetime.
 _KEEP_ALIVE = []
@@ -31,7 +38,10 @@ def fill_table(table, table_len, owns_interpreter=False):
     ----------
     table : cffi ``int64_t *``
         Slots: the 6 cfuncs of :data:`TABLE_ORDER`, the threading layer's
-        ``set_num_threads`` and ``get_num_threads``, the thread-pool size.
+        ``set_num_threads`` and ``get_num_threads``, the thread-pool size,
+        and what a forked child runs (:data:`AFTER_FORK_PARALLEL` or
+        :data:`AFTER_FORK_SERIAL` when
+        :func:`fastnorm._threading.fork_unsafe`).
     table_len : int
         Number of slots the C side expects.
     owns_interpreter : bool, optional
@@ -60,7 +70,8 @@ def fill_table(table, table_len, owns_interpreter=False):
         if hide_scipy and sys.modules.get("scipy", 0) is None:
             del sys.modules["scipy"]
     setter, getter, max_threads, layer = threading_addresses()
-    values = [cfuncs[key].address for key in TABLE_ORDER] + [setter, getter, max_threads]
+    after_fork = AFTER_FORK_SERIAL if fork_unsafe() else AFTER_FORK_PARALLEL
+    values = [cfuncs[key].address for key in TABLE_ORDER] + [setter, getter, max_threads, after_fork]
     if table_len != len(values):
         raise RuntimeError(f"libfastnorm expects {table_len} table slots, the runtime provides {len(values)}")
     for index, value in enumerate(values):

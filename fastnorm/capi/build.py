@@ -50,8 +50,12 @@ _KERNEL_FLAGS = ("BATCH", "CENTERED", "PER_ELEMENT", "CHANNELS_LAST")
 
 #: Slots that :func:`fastnorm.capi._runtime.fill_table` writes after the cfuncs of
 #: ``TABLE_ORDER``, in its order (threading layer ``set_num_threads``,
-#: ``get_num_threads``, pool size); tests/test_capi.py checks them against it.
-_THREADING_SLOTS = ("SET_THREADS", "GET_THREADS", "MAX_THREADS")
+#: ``get_num_threads``, pool size, what a forked child runs); tests/test_capi.py
+#: checks them against it.
+_THREADING_SLOTS = ("SET_THREADS", "GET_THREADS", "MAX_THREADS", "AFTER_FORK")
+
+#: Values of the ``AFTER_FORK`` slot, exported to C under the same names.
+_AFTER_FORK_VALUES = ("AFTER_FORK_PARALLEL", "AFTER_FORK_SERIAL")
 
 _PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent  # .../fastnorm
 _REPO_ROOT = _PACKAGE_ROOT.parent
@@ -134,12 +138,14 @@ def generated_constants():
     Returns
     -------
     dict
-        ``{"K_BATCH": 1, ..., "SLOT_FORWARD_TRAINING_FLOAT32": 0, ..., "SLOT_COUNT": 9}``:
+        ``{"K_BATCH": 1, ..., "SLOT_FORWARD_TRAINING_FLOAT32": 0, ..., "SLOT_COUNT": 10, ...}``:
         ``K_<flag>`` from :mod:`fastnorm._kernels` (imported by name), and one
         ``SLOT_<OP>_<DTYPE>`` per entry of
         :data:`fastnorm.capi._runtime.TABLE_ORDER` in its order, followed by the
         threading slots that :func:`fastnorm.capi._runtime.fill_table` appends
-        and ``SLOT_COUNT``.
+        and ``SLOT_COUNT``; then the values of the ``AFTER_FORK`` slot,
+        ``AFTER_FORK_PARALLEL`` and ``AFTER_FORK_SERIAL``, from
+        :mod:`fastnorm.capi._runtime`.
     """
     from fastnorm import _kernels
 
@@ -151,6 +157,7 @@ def generated_constants():
         raise RuntimeError(f"duplicate table slots: {slots}")
     constants.update({f"SLOT_{name}": index for index, name in enumerate(slots)})
     constants["SLOT_COUNT"] = len(slots)
+    constants.update({name: int(getattr(_runtime, name)) for name in _AFTER_FORK_VALUES})
     return constants
 
 
@@ -181,8 +188,11 @@ def generated_header():
         f"/* Kernel flags: fastnorm._kernels.{{{flags}}}. */\n"
         + enum("K_")
         + "\n/* Slots of the function table filled by fastnorm.capi._runtime.fill_table:\n"
-        " * its TABLE_ORDER, then the threading layer's set/get_num_threads and the pool size. */\n"
+        " * its TABLE_ORDER, then the threading layer's set/get_num_threads, the pool size and\n"
+        " * what a forked child runs (one of the AFTER_FORK_* values below). */\n"
         + enum("SLOT_")
+        + "\n/* Values of the SLOT_AFTER_FORK slot (fastnorm.capi._runtime). */\n"
+        + enum("AFTER_FORK_")
         + "\n/* The Python environment of the build (see fastnorm/capi/build.py). */\n"
         f"static const char FASTNORM_BAKED_EXECUTABLE[] = {_c_string(sys.executable)};\n"
         f"static const char FASTNORM_BAKED_PY_VERSION[] = {_c_string(version)};\n\n"
