@@ -414,3 +414,24 @@ def test_bad_epilogue_arguments_are_rejected():
     rejected(
         ValueError, "bias", lambda: fastnorm.backward(dy, x, plain, spec, bias=np.ones(4), out=out), *watched
     )
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize(("case", "layout"), _params([*SMALL, *STRATEGIES]))
+def test_rectifiers_in_the_store_loops_equal_the_activation_after_them(case, layout, act, with_residual):
+    """ReLU and leaky ReLU run inside the store loops; the bits are those of z, then act(z).
+
+    ``z`` is the identity epilogue's output; the activation's backward reads the
+    inference kernel's ``z``, which must give the same ReLU mask.
+    """
+    (x, _, w, b, r, cl), _ = _problem(case, np.float32, layout, act, with_residual)
+    fused = _spec(case, cl, act, 0.125)
+    plain = _spec(case, cl, None)
+    for weight, bias in ((w, b), (w, None), (None, None)):
+        y, stats = fastnorm.forward(x, fused, weight, bias, residual=r)
+        z, _ = fastnorm.forward(x, plain, weight, bias, residual=r)
+        expected = np.where(z > 0, z, z * np.float32(0.0 if act == "relu" else 0.125) + np.float32(0.0))
+        assert y.tobytes() == expected.astype(np.float32).tobytes()
+        zi = fastnorm.forward_inference(x, stats, plain, weight, bias, residual=r)
+        assert zi.tobytes() == z.tobytes()

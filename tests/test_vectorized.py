@@ -36,22 +36,24 @@ VECTOR_LOOPS = {
     "_moments_two_pass": 2,
     "_dots": 1,
     "_dots_weighted": 1,
-    # with and without the residual, and the inlined activate_span: one forward and one
-    # gradient loop per activation, each for a constant code (14 loops; erf has no vector
-    # form, so gelu's two stay scalar: 12)
-    "_normalize": 14,
-    # one loop per combination of weight and bias present / absent, the residual's (2, plus the
-    # versions LLVM makes of its loop for absent weight / bias) and the inlined activate_span (12)
-    "_normalize_per_element": 18,
-    "_normalize_per_element_residual": 5,
+    # with and without the residual, each also with ReLU / leaky ReLU applied in the loop
+    # (4), and the inlined activate_span: one forward and one gradient loop per activation,
+    # each for a constant code (14 loops; erf has no vector form, so gelu's two stay scalar: 12)
+    "_normalize": 16,
+    # one loop per combination of weight and bias present / absent, and with both rectified
+    # (5); the residual's, rectified or not (2 each, plus the versions LLVM makes of the loop
+    # for absent weight / bias); the inlined activate_span (12)
+    "_normalize_per_element": 21,
+    "_normalize_per_element_residual": 7,
     # the activations' loops for a code known only at run time
     "_act_loop": 6,
     # LayerNorm's pipelined forward: one row normalized while the next one's moments are summed
-    # (8 lanes: the float64 sums set the width), with and without the residual; and the rows
+    # (8 lanes: the float64 sums set the width), with and without the residual, rectified or
+    # not; and the rows
     # loop with its inlined first moments (shifted sums, two-pass fallback), last normalize
     # (18), the pipelined loops and the activations of the rows before
-    "_normalize_row_sum_next": 2,
-    "_pipelined_task": 23,
+    "_normalize_row_sum_next": 4,
+    "_pipelined_task": 28,
     "_dx_span": 1,
     "_dx_per_element_span": 1,
     # with and without weight
@@ -65,7 +67,7 @@ VECTOR_LOOPS = {
     # per step are one vectorized loop of 4 x 8 lanes.
     "_cl_block_moments": 6,
     "_cl_merge_set": 6,
-    "_cl_normalize_block": 14,
+    "_cl_normalize_block": 16,
     # four rows from the block's quarters per step, one row per step (the rows left over)
     "_cl_block_dots": 2,
     "_cl_sum_set": 1,
@@ -89,8 +91,19 @@ def _signature(name, dtype):
         "_dots_weighted": (data, data, data, i64, i64, i64, f64),
         "_normalize": (data, data, data, data, i64, i64, f64, f64, f64, spec),
         "_normalize_per_element": (data, data, data, data, data, data, i64, i64, i64, f64, f64, spec),
-        "_normalize_per_element_residual": (data, data, data, data, data, dtype, dtype, dtype),
-        "_normalize_row_sum_next": (data, data, data, data, data, f64, f64, data, f64),
+        "_normalize_per_element_residual": (
+            data,
+            data,
+            data,
+            data,
+            data,
+            dtype,
+            dtype,
+            dtype,
+            types.boolean,
+            dtype,
+        ),
+        "_normalize_row_sum_next": (data, data, data, data, data, f64, f64, data, f64, types.boolean, dtype),
         "_pipelined_task": (data, data, data, data, data, spec, work, work, i64, i64),
         "_act_loop": (data, data, i64, f64),
         "_dx_span": (data, data, data, f64, f64, f64, f64),
@@ -178,14 +191,14 @@ def test_inner_loops_are_vectorized(name, dtype):
 
 #: kernel -> vectorized loops of its single-threaded build (every inlined block loop counts).
 KERNEL_VECTOR_LOOPS = {
-    "rows_forward": 47,
-    "rows_inference": 18,
+    "rows_forward": 61,
+    "rows_inference": 21,
     "rows_backward": 24,
-    "planes_forward": 26,
-    "planes_inference": 14,
+    "planes_forward": 32,
+    "planes_inference": 16,
     "planes_backward": 15,
-    "channels_last_forward": 29,
-    "channels_last_inference": 21,
+    "channels_last_forward": 33,
+    "channels_last_inference": 23,
     "channels_last_backward": 18,
 }
 

@@ -16,7 +16,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_constants, _epilogue, _fold, _split
+from .epilogue import _dx_constants, _epilogue, _fold, _rectifier, _rectify, _split
 from .numerics import CANCELLATION_LIMIT, _dx_coefs, _finish, _group, _merge, _moments_two_pass
 from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule
 
@@ -219,6 +219,7 @@ def _cl_normalize_block(x, residual, grad, y, coef, spec, schedule, blk, tile_ro
     mean = coef[base : base + span]
     scale = coef[base + span : base + 2 * span]
     shift = coef[base + 2 * span : base + 3 * span]
+    fused, slope = _rectifier(spec, grad, x)
     for r0 in range(0, rows, tile_rows):
         o = off + r0 * nc
         count = min(tile_rows, rows - r0) * nc
@@ -226,12 +227,19 @@ def _cl_normalize_block(x, residual, grad, y, coef, spec, schedule, blk, tile_ro
         ys = y[o : o + count]
         if residual.size > 0:
             rs = residual[o : o + count]
+            if fused:
+                for i in range(count):
+                    ys[i] = _rectify((xs[i] - mean[i]) * scale[i] + shift[i] + rs[i], slope)
+            else:
+                for i in range(count):
+                    ys[i] = (xs[i] - mean[i]) * scale[i] + shift[i] + rs[i]
+        elif fused:
             for i in range(count):
-                ys[i] = (xs[i] - mean[i]) * scale[i] + shift[i] + rs[i]
+                ys[i] = _rectify((xs[i] - mean[i]) * scale[i] + shift[i], slope)
         else:
             for i in range(count):
                 ys[i] = (xs[i] - mean[i]) * scale[i] + shift[i]
-        _epilogue(y, grad, o, count, spec)
+        _epilogue(y, grad, o, count, spec, fused)
 
 
 # ---------------------------------------------------------------------------

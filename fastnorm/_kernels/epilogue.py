@@ -47,6 +47,31 @@ _GELU_KAPPA = 0.044715
 
 
 @glue
+def _rectify(z, slope):
+    """ReLU (``slope`` 0) or leaky ReLU: ``z if z > 0 else slope * z + 0``.
+
+    The ``+ 0`` makes ReLU's ``-0`` torch's ``+0``; NaN stays NaN.
+    """
+    zero = type(z)(0.0)
+    return z if z > zero else z * slope + zero
+
+
+@glue
+def _rectifier(spec, grad, like):
+    """``(fused, slope)``: whether the store loops apply the activation themselves, and its slope.
+
+    ReLU and leaky ReLU (:func:`_rectify`) cost a compare and a select, so
+    the main store loops apply them to the value in a register, and a
+    training forward stores ``y`` once; every other activation, and the
+    gradient (a non-empty ``grad``), runs in :func:`activate_span` over the
+    stored span (docs/perf-notes/fused-epilogue.md).
+    """
+    code = spec.activation
+    fused = grad.size == 0 and (code == RELU or code == LEAKY_RELU)
+    return fused, like.dtype.type(spec.slope if code == LEAKY_RELU else 0.0)
+
+
+@glue
 def _act(z, code, slope):
     """``act(z)`` of activation ``code``: torch's ``F.relu``, ``F.leaky_relu``, ..., ``F.gelu``.
 
@@ -55,9 +80,9 @@ def _act(z, code, slope):
     """
     t = type(z)
     if code == RELU:
-        return t(0.0) if z <= t(0.0) else z  # NaN stays NaN
+        return _rectify(z, t(0.0))
     if code == LEAKY_RELU:
-        return z if z > t(0.0) else z * t(slope)
+        return _rectify(z, t(slope))
     if code == SIGMOID:
         return t(1.0) / (t(1.0) + math.exp(-z))
     if code == TANH:
@@ -155,9 +180,12 @@ def activate_span(ys, dys, code, slope):
 
 
 @glue
-def _epilogue(y, grad, off, count, spec):
-    """Run the activation of ``spec`` over the stored span ``y[off : off+count]`` (if it has one)."""
-    if spec.activation != IDENTITY:
+def _epilogue(y, grad, off, count, spec, fused):
+    """Run the activation of ``spec`` over the stored span ``y[off : off+count]``.
+
+    Unless it has none, or the store loop applied it (``fused``, :func:`_rectifier`).
+    """
+    if spec.activation != IDENTITY and not fused:
         grads = grad[off : off + count] if grad.size > 0 else grad
         activate_span(y[off : off + count], grads, spec.activation, spec.slope)
 
@@ -198,14 +226,22 @@ def _normalize(x, residual, grad, y, off, count, mean, scale, shift, spec):
     mean_hi, mean_lo = _split(xs, mean)
     scale_x = xs.dtype.type(scale)
     shift_x = _fold(shift, scale, mean_lo, xs)
+    fused, slope = _rectifier(spec, grad, xs)
     if residual.size > 0:
         rs = residual[off : off + count]
+        if fused:
+            for i in range(count):
+                ys[i] = _rectify((xs[i] - mean_hi) * scale_x + shift_x + rs[i], slope)
+        else:
+            for i in range(count):
+                ys[i] = (xs[i] - mean_hi) * scale_x + shift_x + rs[i]
+    elif fused:
         for i in range(count):
-            ys[i] = (xs[i] - mean_hi) * scale_x + shift_x + rs[i]
+            ys[i] = _rectify((xs[i] - mean_hi) * scale_x + shift_x, slope)
     else:
         for i in range(count):
             ys[i] = (xs[i] - mean_hi) * scale_x + shift_x
-    _epilogue(y, grad, off, count, spec)
+    _epilogue(y, grad, off, count, spec, fused)
 
 
 @glue
@@ -221,8 +257,13 @@ def _normalize_per_element(x, residual, grad, y, weight, bias, off, count, s0, m
     bs = bias[s0 : s0 + count]
     mean_hi, mean_lo = _split(xs, mean)
     rstd_x = xs.dtype.type(rstd)
+    fused, slope = _rectifier(spec, grad, xs)
     if residual.size > 0:
-        _normalize_per_element_residual(xs, ys, ws, bs, residual[off : off + count], mean_hi, mean_lo, rstd_x)
+        rs = residual[off : off + count]
+        _normalize_per_element_residual(xs, ys, ws, bs, rs, mean_hi, mean_lo, rstd_x, fused, slope)
+    elif weight.size > 0 and bias.size > 0 and fused:
+        for i in range(count):
+            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i], slope)
     elif weight.size > 0 and bias.size > 0:
         for i in range(count):
             ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
@@ -235,17 +276,29 @@ def _normalize_per_element(x, residual, grad, y, weight, bias, off, count, s0, m
     else:
         for i in range(count):
             ys[i] = ((xs[i] - mean_hi) - mean_lo) * rstd_x
-    _epilogue(y, grad, off, count, spec)
+    # the loops without weight or bias store z; the activation follows
+    _epilogue(y, grad, off, count, spec, fused and (residual.size > 0 or (weight.size > 0 and bias.size > 0)))
 
 
 @glue
-def _normalize_per_element_residual(xs, ys, ws, bs, rs, mean_hi, mean_lo, rstd_x):
-    """Store the residual case of :func:`_normalize_per_element` (``ws``/``bs`` empty when absent)."""
+def _normalize_per_element_residual(xs, ys, ws, bs, rs, mean_hi, mean_lo, rstd_x, fused, slope):
+    """Store the residual case of :func:`_normalize_per_element` (``ws``/``bs`` empty when absent).
+
+    With ``fused``, rectified (:func:`_rectify`) in the loop.
+    """
     one = xs.dtype.type(1.0)
     zero = xs.dtype.type(0.0)
-    if ws.size > 0 and bs.size > 0:
+    if ws.size > 0 and bs.size > 0 and fused:
+        for i in range(xs.size):
+            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + rs[i], slope)
+    elif ws.size > 0 and bs.size > 0:
         for i in range(xs.size):
             ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + rs[i]
+    elif fused:
+        for i in range(xs.size):
+            w = ws[i] if ws.size > 0 else one
+            b = bs[i] if bs.size > 0 else zero
+            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * w) + b + rs[i], slope)
     else:
         for i in range(xs.size):
             w = ws[i] if ws.size > 0 else one

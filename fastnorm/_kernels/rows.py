@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_row_span, _epilogue, _normalize_per_element, _split
+from .epilogue import _dx_row_span, _epilogue, _normalize_per_element, _rectifier, _rectify, _split
 from .numerics import (
     _block_plane,
     _dots,
@@ -54,12 +54,12 @@ from .schedule import (
 
 
 @glue
-def _normalize_row_sum_next(xs, ys, ws, bs, rs, mean, rstd, next_xs, shift):
+def _normalize_row_sum_next(xs, ys, ws, bs, rs, mean, rstd, next_xs, shift, fused, slope):
     """Normalize one LayerNorm row while summing the moments of the next one, in one loop.
 
     ``ys`` is :func:`_normalize_per_element` of ``xs`` with weight ``ws`` and
-    bias ``bs``, plus the residual ``rs`` unless empty (the same arithmetic,
-    before the activation); the return value is the sums that
+    bias ``bs``, plus the residual ``rs`` unless empty, rectified with
+    ``fused`` (the same arithmetic); the return value is the sums that
     :func:`_moments` takes over ``next_xs``: of ``next_xs - shift`` and of
     its squares.  The normalize loop is bound by its stores and the moments
     loop by float64 arithmetic, so together they take less time than one
@@ -69,9 +69,21 @@ def _normalize_row_sum_next(xs, ys, ws, bs, rs, mean, rstd, next_xs, shift):
     rstd_x = xs.dtype.type(rstd)
     sum_dev = 0.0
     sum_sq = 0.0
-    if rs.size > 0:
+    if rs.size > 0 and fused:
+        for i in range(xs.size):
+            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + rs[i], slope)
+            dev = next_xs[i] - shift
+            sum_dev += dev
+            sum_sq += dev * dev
+    elif rs.size > 0:
         for i in range(xs.size):
             ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + rs[i]
+            dev = next_xs[i] - shift
+            sum_dev += dev
+            sum_sq += dev * dev
+    elif fused:
+        for i in range(xs.size):
+            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i], slope)
             dev = next_xs[i] - shift
             sum_dev += dev
             sum_sq += dev * dev
@@ -95,6 +107,7 @@ def _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, k0, k1):
     """
     width = spec.spatial
     no_grad = x[:0]
+    fused, slope = _rectifier(spec, no_grad, x)
     row_mean, row_m2 = _moments(x, k0 * width, width, True)
     for k in range(k0, k1):
         row_mean, row_rstd = _finish(float(width), row_mean, row_m2, spec.flags, spec.eps)
@@ -112,9 +125,9 @@ def _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, k0, k1):
         shift = np.float64(next_xs[0])
         rs = residual[k * width : (k + 1) * width] if residual.size > 0 else no_grad
         sum_dev, sum_sq = _normalize_row_sum_next(
-            xs, ys, weight, bias, rs, row_mean, row_rstd, next_xs, shift
+            xs, ys, weight, bias, rs, row_mean, row_rstd, next_xs, shift, fused, slope
         )
-        _epilogue(y, no_grad, k * width, width, spec)
+        _epilogue(y, no_grad, k * width, width, spec, fused)
         row_mean, row_m2 = _shifted_moments(next_xs, width, shift, sum_dev, sum_sq)
 
 
