@@ -12,9 +12,11 @@ clang-formatted (when ``clang-format`` is installed).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -206,7 +208,7 @@ def test_c_matches_python_every_kind_dtype_layout(capi, tmp_path):
         dims = " ".join(str(d) for d in shape)
         lines.append(
             f"{prefix} {KINDS[kind]} {DTYPES[dtype]} {layout_code} {len(shape)} {dims} {groups} {nd} "
-            f"{eps!r} {int(has_w)} {int(has_b)}"
+            f"{eps!r} {int(has_w)} {int(has_b)} 0 0.01 0"
         )
         expected.append((prefix, dtype, {"y": y, "mean": stats.mean, "rstd": stats.rstd, "yinf": yinf,
                                          "dx": dx, "dw": dw, "db": db}))  # fmt: skip
@@ -271,7 +273,7 @@ def test_c_gives_the_pinned_corpus_bitwise(capi, tmp_path):
         lines.append(
             f"{prefix} {KINDS[case.kind]} {DTYPES[dtype]} {int(channels_last)} "
             f"{x.ndim} {' '.join(map(str, x.shape))} {groups} {nd} {eps!r} {int(weight is not None)} "
-            f"{int(bias is not None)}"
+            f"{int(bias is not None)} 0 0.01 0"
         )
     manifest = tmp_path / "manifest.txt"
     manifest.write_text("\n".join(lines) + "\n")
@@ -285,6 +287,83 @@ def test_c_gives_the_pinned_corpus_bitwise(capi, tmp_path):
             got = np.fromfile(f"{prefix}.{suffix}", dtype=file_dtype)
             if got.tobytes() != np.ascontiguousarray(want).tobytes():
                 differ.append(f"{name}.{suffix}")
+    assert not differ, f"{len(differ)} C outputs differ from Python: {differ[:20]}"
+
+
+#: C's fastnorm_activation values (fastnorm.h), by the Python name.
+ACTIVATION_CODES = {
+    None: 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "sigmoid": 3,
+    "tanh": 4,
+    "silu": 5,
+    "gelu": 6,
+    "gelu_tanh": 7,
+}
+
+
+def test_header_activation_values_are_the_kernels_codes():
+    from fastnorm import _kernels as K
+
+    header = (CAPI / "include" / "fastnorm.h").read_text()
+    for name, code in ACTIVATION_CODES.items():
+        enum = "FASTNORM_ACTIVATION_NONE" if name is None else f"FASTNORM_{name.upper()}"
+        assert re.search(rf"\b{enum} = {code}\b", header), enum
+        assert K.ACTIVATIONS[name] == code
+
+
+def test_c_fused_epilogue_matches_python(capi, tmp_path):
+    """The _fused entry points give the Python API's bits, every kind and layout, with or without residual."""
+    rng = np.random.default_rng(99)
+    lines, expected = [], []
+    activations = list(ACTIVATION_CODES)
+    for index, (kind, dtype, shape, layout, groups, nd, has_w, has_b) in enumerate(_cases()):
+        act = activations[index % len(activations)]
+        has_r = index % 3 != 1
+        if act is None and not has_r:
+            act = "relu"
+        slope = 0.2 if act == "leaky_relu" else 0.01
+        prefix = tmp_path / f"fused{index}"
+        eps = 1e-5 if kind != "rms_norm" else 1e-6
+        spec = dataclasses.replace(_spec(kind, layout, groups, nd, eps), activation=act, negative_slope=slope)
+        x = (rng.standard_normal(shape) * 2 + 0.5).astype(dtype)
+        dy = rng.standard_normal(shape).astype(dtype)
+        r = rng.standard_normal(shape).astype(dtype) if has_r else None
+        pshape = shape[len(shape) - nd :] if nd else (shape[-1] if layout == "cl" else shape[1],)
+        w = (1 + 0.5 * rng.standard_normal(pshape)).astype(dtype) if has_w else None
+        b = rng.standard_normal(pshape).astype(dtype) if has_b else None
+        y, stats = fastnorm.forward(x, spec, w, b, residual=r)
+        imean = rng.standard_normal(stats.mean.shape)
+        irstd = rng.uniform(0.5, 2.0, stats.rstd.shape)
+        yinf = fastnorm.forward_inference(x, fastnorm.Stats(imean, irstd), spec, w, b, residual=r)
+        grads = fastnorm.backward(dy, x, stats, spec, w, bias=b, residual=r, with_bias=has_b)
+        inputs = {"x": x, "dy": dy, "r": r, "w": w, "b": b, "imean": imean, "irstd": irstd}
+        for suffix, array in inputs.items():
+            if array is not None:
+                np.ascontiguousarray(array).tofile(f"{prefix}.{suffix}")
+        lines.append(
+            f"{prefix} {KINDS[kind]} {DTYPES[dtype]} {int(layout == 'cl')} {len(shape)} "
+            f"{' '.join(map(str, shape))} {groups} {nd} {eps!r} {int(has_w)} {int(has_b)} "
+            f"{ACTIVATION_CODES[act]} {slope!r} {int(has_r)}"
+        )
+        outputs = {"y": y, "mean": stats.mean, "rstd": stats.rstd, "yinf": yinf, "dx": grads.dx,
+                   "dres": grads.dresidual, "dw": grads.dweight, "db": grads.dbias}  # fmt: skip
+        expected.append((prefix, dtype, outputs))
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    result = run([capi["compare"], manifest])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"compare: {len(lines)} cases, 0 failures" in result.stdout
+    differ = []
+    for prefix, dtype, arrays in expected:
+        for suffix, want in arrays.items():
+            if want is None:
+                assert not Path(f"{prefix}.{suffix}").exists()
+                continue
+            got = np.fromfile(f"{prefix}.{suffix}", dtype=np.float64 if suffix in ("mean", "rstd") else dtype)
+            if got.tobytes() != np.ascontiguousarray(want).tobytes():
+                differ.append(f"{Path(prefix).name}.{suffix}")
     assert not differ, f"{len(differ)} C outputs differ from Python: {differ[:20]}"
 
 
@@ -378,8 +457,8 @@ def test_pythonhome_override(capi):
 def test_example_builds_with_pkg_config_and_runs(capi, tmp_path):
     pc = capi["out"] / "fastnorm.pc"
     assert pc.is_file()
-    assert "Version: 0.2.0\n" in pc.read_text()
-    assert BUILD.header_version() == "0.2.0"
+    assert "Version: 0.3.0\n" in pc.read_text()
+    assert BUILD.header_version() == "0.3.0"
     installed = capi["out"] / "include" / "fastnorm.h"
     assert installed.read_text() == (CAPI / "include" / "fastnorm.h").read_text()
     pkg_config = shutil.which("pkg-config")
@@ -389,16 +468,17 @@ def test_example_builds_with_pkg_config_and_runs(capi, tmp_path):
         ).stdout.split()
     else:
         flags = capi["flags"]
-    exe = tmp_path / "normalize"
-    cc = subprocess.run(
-        [GCC, *CFLAGS, str(CAPI / "examples" / "normalize.c"), "-o", str(exe), *flags, "-lm"],
-        capture_output=True,
-        text=True,
-    )
-    assert cc.returncode == 0, cc.stderr
-    result = run([exe])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "all kinds OK" in result.stdout
+    for example, says in (("normalize", "all kinds OK"), ("resnet_block", "max error")):
+        exe = tmp_path / example
+        cc = subprocess.run(
+            [GCC, *CFLAGS, str(CAPI / "examples" / f"{example}.c"), "-o", str(exe), *flags, "-lm"],
+            capture_output=True,
+            text=True,
+        )
+        assert cc.returncode == 0, cc.stderr
+        result = run([exe])
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert says in result.stdout
 
 
 def test_header_compiles_as_cxx_and_exports_only_fastnorm_symbols(capi, tmp_path):
@@ -465,6 +545,8 @@ def test_generated_constants_equal_the_python_ones(tmp_path):
     want.update(SLOT_COUNT=n + 4, AFTER_FORK_PARALLEL=_runtime.AFTER_FORK_PARALLEL)
     want.update(AFTER_FORK_SERIAL=_runtime.AFTER_FORK_SERIAL)
     assert {_runtime.AFTER_FORK_PARALLEL, _runtime.AFTER_FORK_SERIAL} == {1, 2}  # nonzero: a slot 0 is unset
+    # the epilogue's activation codes, which the C source checks fastnorm_activation against
+    want.update({f"K_ACTIVATION_{name.upper()}": code for name, code in ACTIVATION_CODES.items() if name})
     assert BUILD.generated_constants() == want
     if GCC is None:
         pytest.skip("gcc is not available")

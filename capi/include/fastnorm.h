@@ -1,6 +1,7 @@
 /*
  * fastnorm.h -- C ABI of fastnorm: BatchNorm, InstanceNorm, GroupNorm,
- * LayerNorm and RMSNorm forward / backward on the CPU.  Version 0.2.
+ * LayerNorm and RMSNorm forward / backward on the CPU, with a fused residual
+ * add and activation.  Version 0.3.
  *
  * The library (libfastnorm.so) embeds a CPython interpreter and calls the
  * very same Numba kernels as the Python package, compiled once as Numba
@@ -35,7 +36,7 @@
  *   validation happens before the first write).  Nothing aborts, exits or
  *   prints on bad input; fastnorm_last_error() describes the failure.
  * - Aliasing: only the exact aliases documented on each function are
- *   allowed (y == x, dx == dy, dx == x).  Any other overlap between an output
+ *   allowed (y == x, y == residual, dx == dy, dx == x, dresidual == dy).  Any other overlap between an output
  *   and another buffer is rejected with FASTNORM_OVERLAP.
  * - Thread safety: every function may be called concurrently from any number
  *   of threads, on different or identical inputs and descriptors (outputs
@@ -82,7 +83,7 @@ extern "C" {
 
 /* Version of this header; fastnorm_version() / fastnorm_version_string() give the library's. */
 #define FASTNORM_VERSION_MAJOR 0
-#define FASTNORM_VERSION_MINOR 2
+#define FASTNORM_VERSION_MINOR 3
 #define FASTNORM_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH */
 #define FASTNORM_VERSION \
@@ -132,6 +133,20 @@ typedef enum fastnorm_dtype {
     FASTNORM_BFLOAT16 = 4 /* recognized, returns FASTNORM_UNSUPPORTED */
 } fastnorm_dtype;
 
+/* Activation of the fused epilogue, desc->activation (since 0.3): torch's F.relu,
+   F.leaky_relu, torch.sigmoid, torch.tanh, F.silu, F.gelu(approximate="none"),
+   F.gelu(approximate="tanh").  Values are pinned. */
+typedef enum fastnorm_activation {
+    FASTNORM_ACTIVATION_NONE = 0, /* the default: y = z */
+    FASTNORM_RELU = 1,            /* max(z, 0); derivative 0 at 0 */
+    FASTNORM_LEAKY_RELU = 2,      /* z > 0 ? z : desc->negative_slope * z */
+    FASTNORM_SIGMOID = 3,
+    FASTNORM_TANH = 4,
+    FASTNORM_SILU = 5,     /* z * sigmoid(z) */
+    FASTNORM_GELU = 6,     /* z * Phi(z), erf form */
+    FASTNORM_GELU_TANH = 7 /* tanh approximation */
+} fastnorm_activation;
+
 /* Memory layout of x (and y, dy, dx) for BatchNorm / InstanceNorm / GroupNorm. */
 typedef enum fastnorm_layout {
     FASTNORM_CHANNELS_FIRST = 0, /* dims = (N, C, *spatial), e.g. NCHW */
@@ -169,6 +184,14 @@ typedef enum fastnorm_layout {
  *                 finite and >= 0.  torch's RMSNorm default is FLT_EPSILON /
  *                 DBL_EPSILON of the dtype.
  * flags           reserved, must be 0 (other bits: FASTNORM_UNSUPPORTED).
+ * activation      (0.3) fastnorm_activation of the fused epilogue
+ *                 y = act(normalized * weight + bias + residual); default
+ *                 FASTNORM_ACTIVATION_NONE.  Applied by every forward call;
+ *                 its backward is fastnorm_backward_fused (fastnorm_backward
+ *                 refuses a descriptor with an activation).
+ * reserved        (0.3) must be 0.
+ * negative_slope  (0.3) slope of FASTNORM_LEAKY_RELU for z <= 0, finite;
+ *                 default 0.01 (torch's).  Ignored by the other activations.
  *
  * Derived sizes (see fastnorm_num_params / fastnorm_num_stats):
  *   parameters (weight, bias, dweight, dbias): C for BN/IN/GN, the product of
@@ -190,7 +213,10 @@ typedef struct fastnorm_desc {
     int64_t num_groups;
     int64_t dims[FASTNORM_MAX_RANK];
     double eps;
-    uint64_t flags; /* last field of 0.2; later fields are appended below */
+    uint64_t flags;        /* last field of 0.2 */
+    int32_t activation;    /* 0.3 */
+    int32_t reserved;      /* 0.3 */
+    double negative_slope; /* 0.3, last field of 0.3; later fields are appended below */
 } fastnorm_desc;
 
 /**
@@ -229,7 +255,7 @@ FASTNORM_API const char *fastnorm_last_error(void);
 /**
  * Fill *desc with defaults: struct_size, the given kind, dtype and shape,
  * channels-first, param_dtype 0, eps 1e-5, num_groups 0, normalized_ndim 1
- * for LN/RMS (else 0), flags 0.  Set num_groups yourself for GroupNorm.
+ * for LN/RMS (else 0), flags 0, no activation, negative_slope 0.01.  Set num_groups yourself for GroupNorm.
  *
  *     fastnorm_desc desc;
  *     fastnorm_desc_init(&desc, sizeof desc, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 2, dims);
@@ -337,8 +363,9 @@ FASTNORM_API fastnorm_status fastnorm_runtime_info(int *max_threads, const char 
 
 /**
  * Training forward pass: statistics of x, then
- * y = (x - mean) * (rstd * weight) + bias  (biased variance; RMSNorm: mean 0,
- * rstd = 1 / sqrt(mean(x^2) + eps)).
+ * y = act((x - mean) * (rstd * weight) + bias)  (biased variance; RMSNorm: mean 0,
+ * rstd = 1 / sqrt(mean(x^2) + eps); act is desc->activation, the identity by
+ * default).
  *
  * Inputs:
  * @param desc   descriptor (read only).
@@ -370,7 +397,7 @@ FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc
 
 /**
  * Inference forward pass with given statistics:
- * y = (x - mean) * (rstd * weight) + bias.  For BatchNorm with running
+ * y = act((x - mean) * (rstd * weight) + bias).  For BatchNorm with running
  * statistics pass mean = running_mean and rstd = 1 / sqrt(running_var + eps)
  * (desc->eps is not used by this call).  For RMSNorm mean is ignored (it may
  * not be NULL; pass rstd).
@@ -412,7 +439,9 @@ FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *des
  * @param dbias   fastnorm_num_params elements, or NULL to skip it.
  * @returns as fastnorm_forward_training; FASTNORM_NULL_POINTER if desc, dy,
  *          x, mean, rstd or dx is NULL; the one-value-per-channel check
- *          applies (statistics of a training batch).
+ *          applies (statistics of a training batch); FASTNORM_INVALID_ARGUMENT
+ *          if desc->activation is set (call fastnorm_backward_fused, which
+ *          takes the bias and residual the activation's input needs).
  * Ownership: as fastnorm_forward_training (nothing retained).  Starts the
  * runtime if needed.  Thread-safe.  Deterministic, identical to
  * fastnorm.backward() in Python.
@@ -420,6 +449,83 @@ FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *des
 FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy, const void *x,
                                                const void *weight, const double *mean, const double *rstd,
                                                void *dx, void *dweight, void *dbias);
+
+/**
+ * Training forward pass with the fused epilogue (since 0.3):
+ * z = (x - mean) * (rstd * weight) + bias + residual, y = act(z), act being
+ * desc->activation.  A ResNet block tail relu(bn(conv) + identity) is one call.
+ *
+ * Inputs:
+ * @param desc     descriptor (read only).
+ * @param x        see fastnorm_forward_training.
+ * @param residual same size and layout as x, or NULL (no residual).
+ * @param weight   fastnorm_num_params elements, or NULL (weight 1).
+ * @param bias     fastnorm_num_params elements, or NULL (bias 0).
+ * Outputs:
+ * @param y        same size as x.  May be x or residual itself (in place).
+ * @param mean     fastnorm_num_stats doubles.
+ * @param rstd     fastnorm_num_stats doubles.
+ * @returns as fastnorm_forward_training (FASTNORM_INVALID_ARGUMENT also for a
+ *          desc->activation outside fastnorm_activation, a non-zero
+ *          desc->reserved or a non-finite desc->negative_slope).
+ * Ownership: as fastnorm_forward_training (nothing retained).  Starts the
+ * runtime if needed.  Thread-safe.  Deterministic, identical to
+ * fastnorm.forward(..., residual=...) in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_forward_training_fused(const fastnorm_desc *desc, const void *x,
+                                                             const void *residual, const void *weight,
+                                                             const void *bias, void *y, double *mean,
+                                                             double *rstd);
+
+/**
+ * Inference forward pass with the fused epilogue (since 0.3): as
+ * fastnorm_forward_inference, then plus residual and desc->activation.
+ *
+ * Inputs: desc, x, weight, bias, mean, rstd as fastnorm_forward_inference;
+ * @param residual same size and layout as x, or NULL.
+ * Output:
+ * @param y        same size as x.  May be x or residual itself (in place).
+ * @returns as fastnorm_forward_training_fused.
+ * Ownership, threads: as fastnorm_forward_inference.
+ */
+FASTNORM_API fastnorm_status fastnorm_forward_inference_fused(const fastnorm_desc *desc, const void *x,
+                                                              const void *residual, const void *weight,
+                                                              const void *bias, const double *mean,
+                                                              const double *rstd, void *y);
+
+/**
+ * Backward pass through the fused epilogue (since 0.3).  dz = dy * act'(z),
+ * with z recomputed from x, mean, rstd, weight, bias and residual (no saved
+ * pre-activation tensor; ReLU's derivative at 0 is 0 and leaky ReLU's the
+ * slope, as torch); then the norm's backward of fastnorm_backward with dz in
+ * place of dy.  Without an activation dz = dy.
+ *
+ * Inputs:
+ * @param desc     descriptor of the forward pass (read only).
+ * @param dy       gradient of the loss w.r.t. y, same size as x.
+ * @param x        the forward input.
+ * @param residual the forward residual, or NULL if none.
+ * @param weight   the forward weight, or NULL if none.
+ * @param bias     the forward bias, or NULL if none (read only with an
+ *                 activation: it is part of z).
+ * @param mean     the mean written by fastnorm_forward_training_fused.
+ * @param rstd     the rstd written by fastnorm_forward_training_fused.
+ * Outputs:
+ * @param dx        same size as x.  May be dy or x itself (in place).
+ * @param dresidual dz, the gradient w.r.t. the residual (and w.r.t. z), same
+ *                  size as x, or NULL to skip it.  May be dy itself.
+ * @param dweight   fastnorm_num_params elements, or NULL to skip it.
+ * @param dbias     fastnorm_num_params elements, or NULL to skip it.
+ * @returns as fastnorm_backward.
+ * Ownership: as fastnorm_backward; with an activation and no dresidual (or
+ * dresidual == dy) the library allocates a workspace of the size of x for
+ * the call.  Starts the runtime if needed.  Thread-safe.  Deterministic,
+ * identical to fastnorm.backward(..., bias=..., residual=...) in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_backward_fused(const fastnorm_desc *desc, const void *dy, const void *x,
+                                                     const void *residual, const void *weight,
+                                                     const void *bias, const double *mean, const double *rstd,
+                                                     void *dx, void *dresidual, void *dweight, void *dbias);
 
 #ifdef __cplusplus
 } /* extern "C" */

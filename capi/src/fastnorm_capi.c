@@ -51,14 +51,16 @@ int _fastnorm_py_init(int64_t *table, int64_t table_len, int32_t owns_interprete
                       int64_t message_len);
 
 /* Signatures of the cfuncs of fastnorm/capi/_cfuncs.py, and of the threading layer's. */
-typedef int32_t (*forward_fn)(const void *x, const void *w, int64_t nw, const void *b, int64_t nb, void *y,
-                              double *mean, double *rstd, int64_t nstats, int64_t batch, int64_t channels,
-                              int64_t spatial, int64_t groups, int64_t flags, double eps,
-                              int64_t num_threads);
-typedef int32_t (*backward_fn)(const void *dy, const void *x, const void *w, int64_t nw, const double *mean,
-                               const double *rstd, int64_t nstats, void *dx, void *dw, int64_t ndw, void *db,
-                               int64_t ndb, int64_t batch, int64_t channels, int64_t spatial, int64_t groups,
-                               int64_t flags, double eps, int64_t num_threads);
+typedef int32_t (*forward_fn)(const void *x, const void *r, int64_t nr, const void *w, int64_t nw,
+                              const void *b, int64_t nb, void *y, double *mean, double *rstd, int64_t nstats,
+                              int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int64_t flags,
+                              double eps, int64_t activation, double slope, int64_t num_threads);
+typedef int32_t (*backward_fn)(const void *dy, const void *x, const void *r, int64_t nr, const void *w,
+                               int64_t nw, const void *b, int64_t nb, const double *mean, const double *rstd,
+                               int64_t nstats, void *dx, void *dr, int64_t ndr, void *dw, int64_t ndw,
+                               void *db, int64_t ndb, int64_t batch, int64_t channels, int64_t spatial,
+                               int64_t groups, int64_t flags, double eps, int64_t activation, double slope,
+                               int64_t num_threads);
 typedef void (*set_threads_fn)(int);
 typedef int (*get_threads_fn)(void);
 
@@ -117,19 +119,33 @@ FASTNORM_API const char *fastnorm_status_string(fastnorm_status status)
  * below fails to compile until the newest entry is sizeof(fastnorm_desc).
  */
 #define DESC_SIZE_0_2 (offsetof(fastnorm_desc, flags) + sizeof(uint64_t))
+#define DESC_SIZE_0_3 (offsetof(fastnorm_desc, negative_slope) + sizeof(double))
 
-static const size_t KNOWN_DESC_SIZES[] = {DESC_SIZE_0_2};
+static const size_t KNOWN_DESC_SIZES[] = {DESC_SIZE_0_2, DESC_SIZE_0_3};
 #define NUM_KNOWN_DESC_SIZES (sizeof KNOWN_DESC_SIZES / sizeof KNOWN_DESC_SIZES[0])
-#define NEWEST_DESC_SIZE DESC_SIZE_0_2
+#define NEWEST_DESC_SIZE DESC_SIZE_0_3
+
+/* Compile-time check (C99): the public activation values are the kernels' codes, which the
+   library passes through unchanged (K_ACTIVATION_* are generated from fastnorm._kernels). */
+#define SAME_CODE(public, kernel) ((int)(public) == (int)(kernel))
+typedef char activation_codes_match
+    [(SAME_CODE(FASTNORM_RELU, K_ACTIVATION_RELU) && SAME_CODE(FASTNORM_LEAKY_RELU, K_ACTIVATION_LEAKY_RELU)
+      && SAME_CODE(FASTNORM_SIGMOID, K_ACTIVATION_SIGMOID) && SAME_CODE(FASTNORM_TANH, K_ACTIVATION_TANH)
+      && SAME_CODE(FASTNORM_SILU, K_ACTIVATION_SILU) && SAME_CODE(FASTNORM_GELU, K_ACTIVATION_GELU)
+      && SAME_CODE(FASTNORM_GELU_TANH, K_ACTIVATION_GELU_TANH))
+         ? 1
+         : -1];
 
 /* Compile-time check (C99): the newest known size is this header's struct. */
 typedef char newest_desc_size_is_sizeof_fastnorm_desc[NEWEST_DESC_SIZE == sizeof(fastnorm_desc) ? 1 : -1];
 
-/* Defaults of every field a smaller (older) descriptor lacks.  None yet: 0.2 is the first growable one. */
+/* Defaults of every field a smaller (older) descriptor lacks: 0.3's epilogue (none). */
 static void desc_defaults(fastnorm_desc *d)
 {
     memset(d, 0, sizeof *d);
     d->struct_size = sizeof *d;
+    d->activation = FASTNORM_ACTIVATION_NONE;
+    d->negative_slope = 0.01;
 }
 
 /* The status of a struct_size value (`what` names it in the message). */
@@ -173,6 +189,8 @@ typedef struct plan {
     int64_t nstats;  /* elements of mean / rstd */
     int64_t group_size;
     double eps;
+    int64_t activation; /* fastnorm_activation, the kernels' code (same values) */
+    double negative_slope;
 } plan;
 
 static const char *kind_name(int32_t kind)
@@ -233,6 +251,15 @@ static fastnorm_status make_plan(const fastnorm_desc *desc, int training, plan *
                     (unsigned long long)d->flags);
     if (!isfinite(d->eps) || d->eps < 0.0)
         return fail(FASTNORM_INVALID_ARGUMENT, "desc->eps=%g must be finite and >= 0", d->eps);
+    if (d->activation < FASTNORM_ACTIVATION_NONE || d->activation > FASTNORM_GELU_TANH)
+        return fail(FASTNORM_INVALID_ARGUMENT, "desc->activation=%d is not a fastnorm_activation (0..7)",
+                    (int)d->activation);
+    if (d->reserved != 0)
+        return fail(FASTNORM_INVALID_ARGUMENT, "desc->reserved=%d must be 0", (int)d->reserved);
+    if (!isfinite(d->negative_slope))
+        return fail(FASTNORM_INVALID_ARGUMENT, "desc->negative_slope=%g must be finite", d->negative_slope);
+    p->activation = d->activation;
+    p->negative_slope = d->negative_slope;
     rank = d->rank;
     if (k == FASTNORM_GROUP_NORM) {
         if (d->num_groups < 1)
@@ -598,13 +625,13 @@ static fastnorm_status check_buffers(const buffer *bufs, int n, const int (*allo
     return check_overlaps(bufs, n, allowed, nallowed);
 }
 
-/* Shared body of the two forward entry points: training (mean/rstd are outputs)
- * and inference (mean/rstd are inputs). */
+/* Shared body of the forward entry points: training (mean/rstd are outputs)
+ * and inference (mean/rstd are inputs), with or without a residual. */
 static fastnorm_status forward_common(const fastnorm_desc *desc, int training, const void *x,
-                                      const void *weight, const void *bias, const double *mean,
-                                      const double *rstd, void *y)
+                                      const void *residual, const void *weight, const void *bias,
+                                      const double *mean, const double *rstd, void *y)
 {
-    static const int allowed[][2] = {{5, 0}}; /* y == x */
+    static const int allowed[][2] = {{6, 0}, {6, 1}}; /* y == x, y == residual */
     plan p;
     fastnorm_status st;
     int32_t rc;
@@ -617,21 +644,23 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
     {
         buffer bufs[] = {
             {"x", x, p.size * p.itemsize, 0, p.itemsize},
+            {"residual", residual, p.size * p.itemsize, 0, p.itemsize},
             {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
             {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
             {"mean", mean, p.nstats * 8, training, 8},
             {"rstd", rstd, p.nstats * 8, training, 8},
             {"y", y, p.size * p.itemsize, 1, p.itemsize},
         };
-        if ((st = check_buffers(bufs, 6, allowed, 1)) != FASTNORM_OK) return st;
+        if ((st = check_buffers(bufs, 7, allowed, 2)) != FASTNORM_OK) return st;
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
     slot = training ? (p.dtype_index ? SLOT_FORWARD_TRAINING_FLOAT64 : SLOT_FORWARD_TRAINING_FLOAT32)
                     : (p.dtype_index ? SLOT_FORWARD_INFERENCE_FLOAT64 : SLOT_FORWARD_INFERENCE_FLOAT32);
     rc = ((forward_fn)(uintptr_t)runtime_table[slot])(
-        x, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y, (double *)mean, (double *)rstd,
-        p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps, (int64_t)threads);
+        x, residual, residual ? p.size : 0, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y,
+        (double *)mean, (double *)rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps,
+        p.activation, p.negative_slope, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1)
         return fail(FASTNORM_INTERNAL_ERROR, "the %s kernel failed (out of memory?)",
@@ -643,26 +672,51 @@ FASTNORM_API fastnorm_status fastnorm_forward_training(const fastnorm_desc *desc
                                                        const void *weight, const void *bias, void *y,
                                                        double *mean, double *rstd)
 {
-    return forward_common(desc, 1, x, weight, bias, mean, rstd, y);
+    return forward_common(desc, 1, x, NULL, weight, bias, mean, rstd, y);
 }
 
 FASTNORM_API fastnorm_status fastnorm_forward_inference(const fastnorm_desc *desc, const void *x,
                                                         const void *weight, const void *bias,
                                                         const double *mean, const double *rstd, void *y)
 {
-    return forward_common(desc, 0, x, weight, bias, mean, rstd, y);
+    return forward_common(desc, 0, x, NULL, weight, bias, mean, rstd, y);
 }
 
-FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy, const void *x,
-                                               const void *weight, const double *mean, const double *rstd,
-                                               void *dx, void *dweight, void *dbias)
+FASTNORM_API fastnorm_status fastnorm_forward_training_fused(const fastnorm_desc *desc, const void *x,
+                                                             const void *residual, const void *weight,
+                                                             const void *bias, void *y, double *mean,
+                                                             double *rstd)
 {
-    static const int allowed[][2] = {{5, 0}, {5, 1}}; /* dx == dy, dx == x */
+    return forward_common(desc, 1, x, residual, weight, bias, mean, rstd, y);
+}
+
+FASTNORM_API fastnorm_status fastnorm_forward_inference_fused(const fastnorm_desc *desc, const void *x,
+                                                              const void *residual, const void *weight,
+                                                              const void *bias, const double *mean,
+                                                              const double *rstd, void *y)
+{
+    return forward_common(desc, 0, x, residual, weight, bias, mean, rstd, y);
+}
+
+/* Shared body of the backward entry points; `fused` says whether the caller
+ * could pass the epilogue's buffers (fastnorm_backward_fused). */
+static fastnorm_status backward_common(const fastnorm_desc *desc, int fused, const void *dy, const void *x,
+                                       const void *residual, const void *weight, const void *bias,
+                                       const double *mean, const double *rstd, void *dx, void *dresidual,
+                                       void *dweight, void *dbias)
+{
+    /* dx == dy, dx == x, dresidual == dy */
+    static const int allowed[][2] = {{7, 0}, {7, 1}, {8, 0}};
     plan p;
     fastnorm_status st;
     int32_t rc;
     int previous, slot, threads;
     if ((st = make_plan(desc, 1, &p)) != FASTNORM_OK) return st;
+    if (!fused && p.activation != FASTNORM_ACTIVATION_NONE)
+        return fail(FASTNORM_INVALID_ARGUMENT,
+                    "desc->activation=%d: fastnorm_backward cannot recompute the activation's input; call "
+                    "fastnorm_backward_fused with the forward's bias and residual",
+                    (int)p.activation);
     REQUIRE(dy);
     REQUIRE(x);
     REQUIRE(mean);
@@ -672,23 +726,42 @@ FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const 
         buffer bufs[] = {
             {"dy", dy, p.size * p.itemsize, 0, p.itemsize},
             {"x", x, p.size * p.itemsize, 0, p.itemsize},
+            {"residual", residual, p.size * p.itemsize, 0, p.itemsize},
             {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
+            {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
             {"mean", mean, p.nstats * 8, 0, 8},
             {"rstd", rstd, p.nstats * 8, 0, 8},
             {"dx", dx, p.size * p.itemsize, 1, p.itemsize},
+            {"dresidual", dresidual, p.size * p.itemsize, 1, p.itemsize},
             {"dweight", dweight, p.nparams * p.itemsize, 1, p.itemsize},
             {"dbias", dbias, p.nparams * p.itemsize, 1, p.itemsize},
         };
-        if ((st = check_buffers(bufs, 8, allowed, 2)) != FASTNORM_OK) return st;
+        if ((st = check_buffers(bufs, 11, allowed, 3)) != FASTNORM_OK) return st;
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
     slot = p.dtype_index ? SLOT_BACKWARD_FLOAT64 : SLOT_BACKWARD_FLOAT32;
-    rc = ((backward_fn)(uintptr_t)runtime_table[slot])(dy, x, weight, weight ? p.nparams : 0, mean, rstd,
-                                                       p.nstats, dx, dweight, dweight ? p.nparams : 0, dbias,
-                                                       dbias ? p.nparams : 0, p.batch, p.channels, p.spatial,
-                                                       p.groups, p.flags, p.eps, (int64_t)threads);
+    rc = ((backward_fn)(uintptr_t)runtime_table[slot])(
+        dy, x, residual, residual ? p.size : 0, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0,
+        mean, rstd, p.nstats, dx, dresidual, dresidual ? p.size : 0, dweight, dweight ? p.nparams : 0, dbias,
+        dbias ? p.nparams : 0, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps, p.activation,
+        p.negative_slope, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward kernel failed (out of memory?)");
     return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const void *dy, const void *x,
+                                               const void *weight, const double *mean, const double *rstd,
+                                               void *dx, void *dweight, void *dbias)
+{
+    return backward_common(desc, 0, dy, x, NULL, weight, NULL, mean, rstd, dx, NULL, dweight, dbias);
+}
+
+FASTNORM_API fastnorm_status fastnorm_backward_fused(const fastnorm_desc *desc, const void *dy, const void *x,
+                                                     const void *residual, const void *weight,
+                                                     const void *bias, const double *mean, const double *rstd,
+                                                     void *dx, void *dresidual, void *dweight, void *dbias)
+{
+    return backward_common(desc, 1, dy, x, residual, weight, bias, mean, rstd, dx, dresidual, dweight, dbias);
 }

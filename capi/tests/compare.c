@@ -6,8 +6,11 @@
  *
  * Manifest lines:
  *   prefix kind dtype layout rank d0 .. d(rank-1) num_groups normalized_ndim eps has_weight has_bias
- * Inputs  prefix.x prefix.dy [prefix.w] [prefix.b] prefix.imean prefix.irstd
- * Outputs prefix.y prefix.mean prefix.rstd prefix.yinf prefix.dx [prefix.dw] [prefix.db]
+ *          activation negative_slope has_residual
+ * Inputs  prefix.x prefix.dy [prefix.r] [prefix.w] [prefix.b] prefix.imean prefix.irstd
+ * Outputs prefix.y prefix.mean prefix.rstd prefix.yinf prefix.dx [prefix.dres] [prefix.dw] [prefix.db]
+ * A case with an activation or a residual runs the _fused entry points, and
+ * also checks y == residual and dresidual == dy.
  */
 #include "common.h"
 
@@ -19,11 +22,36 @@ static const char *path(const char *prefix, const char *ext)
     return path_buf;
 }
 
-static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int has_b)
+/* The three passes, through the fused entry points when the case has an epilogue. */
+static fastnorm_status train(const fastnorm_desc *d, int fused, const void *x, const void *r, const void *w,
+                             const void *b, void *y, double *mean, double *rstd)
+{
+    return fused ? fastnorm_forward_training_fused(d, x, r, w, b, y, mean, rstd)
+                 : fastnorm_forward_training(d, x, w, b, y, mean, rstd);
+}
+
+static fastnorm_status infer(const fastnorm_desc *d, int fused, const void *x, const void *r, const void *w,
+                             const void *b, const double *mean, const double *rstd, void *y)
+{
+    return fused ? fastnorm_forward_inference_fused(d, x, r, w, b, mean, rstd, y)
+                 : fastnorm_forward_inference(d, x, w, b, mean, rstd, y);
+}
+
+static fastnorm_status back(const fastnorm_desc *d, int fused, const void *dy, const void *x, const void *r,
+                            const void *w, const void *b, const double *mean, const double *rstd, void *dx,
+                            void *dres, void *dw, void *db)
+{
+    return fused ? fastnorm_backward_fused(d, dy, x, r, w, b, mean, rstd, dx, dres, dw, db)
+                 : fastnorm_backward(d, dy, x, w, mean, rstd, dx, dw, db);
+}
+
+static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int has_b, int has_r)
 {
     int64_t n = desc_elements(d), np_, ns;
     size_t es = dtype_size(d), bytes;
-    void *x, *dy, *w = NULL, *b = NULL, *y, *yinf, *dx, *dw = NULL, *db = NULL, *tmp;
+    int fused = has_r || d->activation != FASTNORM_ACTIVATION_NONE;
+    void *x, *dy, *r = NULL, *w = NULL, *b = NULL, *y, *yinf, *dx, *dres = NULL, *dw = NULL, *db = NULL, *tmp,
+                  *tmp2;
     double *mean, *rstd, *imean, *irstd, *m2, *r2;
     fastnorm_status st;
 
@@ -35,6 +63,7 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     bytes = (size_t)n * es;
     x = read_file(path(prefix, "x"), bytes);
     dy = read_file(path(prefix, "dy"), bytes);
+    if (has_r) r = read_file(path(prefix, "r"), bytes);
     if (has_w) w = read_file(path(prefix, "w"), (size_t)np_ * es);
     if (has_b) b = read_file(path(prefix, "b"), (size_t)np_ * es);
     imean = read_file(path(prefix, "imean"), (size_t)ns * 8);
@@ -43,55 +72,76 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     yinf = xmalloc(bytes);
     dx = xmalloc(bytes);
     tmp = xmalloc(bytes);
+    tmp2 = xmalloc(bytes);
     mean = xmalloc((size_t)ns * 8);
     rstd = xmalloc((size_t)ns * 8);
     m2 = xmalloc((size_t)ns * 8);
     r2 = xmalloc((size_t)ns * 8);
+    if (has_r) dres = xmalloc(bytes);
     if (has_w) dw = xmalloc((size_t)np_ * es);
     if (has_b) db = xmalloc((size_t)np_ * es);
 
-    st = fastnorm_forward_training(d, x, w, b, y, mean, rstd);
+    st = train(d, fused, x, r, w, b, y, mean, rstd);
     CHECK(st == FASTNORM_OK, "%s forward_training: %s %s", prefix, fastnorm_status_string(st),
           fastnorm_last_error());
-    st = fastnorm_forward_inference(d, x, w, b, imean, irstd, yinf);
+    st = infer(d, fused, x, r, w, b, imean, irstd, yinf);
     CHECK(st == FASTNORM_OK, "%s forward_inference: %s %s", prefix, fastnorm_status_string(st),
           fastnorm_last_error());
-    st = fastnorm_backward(d, dy, x, w, mean, rstd, dx, dw, db);
+    st = back(d, fused, dy, x, r, w, b, mean, rstd, dx, dres, dw, db);
     CHECK(st == FASTNORM_OK, "%s backward: %s %s", prefix, fastnorm_status_string(st), fastnorm_last_error());
 
     /* in place: y == x */
     memcpy(tmp, x, bytes);
-    st = fastnorm_forward_training(d, tmp, w, b, tmp, m2, r2);
+    st = train(d, fused, tmp, r, w, b, tmp, m2, r2);
     CHECK(st == FASTNORM_OK && memcmp(tmp, y, bytes) == 0 && memcmp(m2, mean, (size_t)ns * 8) == 0
               && memcmp(r2, rstd, (size_t)ns * 8) == 0,
           "%s forward_training in place differs (%s)", prefix, fastnorm_status_string(st));
     memcpy(tmp, x, bytes);
-    st = fastnorm_forward_inference(d, tmp, w, b, imean, irstd, tmp);
+    st = infer(d, fused, tmp, r, w, b, imean, irstd, tmp);
     CHECK(st == FASTNORM_OK && memcmp(tmp, yinf, bytes) == 0, "%s forward_inference in place differs",
           prefix);
     /* in place: dx == dy, then dx == x */
     memcpy(tmp, dy, bytes);
-    st = fastnorm_backward(d, tmp, x, w, mean, rstd, tmp, NULL, NULL);
+    st = back(d, fused, tmp, x, r, w, b, mean, rstd, tmp, NULL, NULL, NULL);
     CHECK(st == FASTNORM_OK && memcmp(tmp, dx, bytes) == 0, "%s backward dx == dy differs", prefix);
     memcpy(tmp, x, bytes);
-    st = fastnorm_backward(d, dy, tmp, w, mean, rstd, tmp, NULL, NULL);
+    st = back(d, fused, dy, tmp, r, w, b, mean, rstd, tmp, NULL, NULL, NULL);
     CHECK(st == FASTNORM_OK && memcmp(tmp, dx, bytes) == 0, "%s backward dx == x differs", prefix);
+    if (has_r) {
+        /* in place: y == residual; dresidual == dy */
+        memcpy(tmp, r, bytes);
+        st = train(d, fused, x, tmp, w, b, tmp, m2, r2);
+        CHECK(st == FASTNORM_OK && memcmp(tmp, y, bytes) == 0, "%s forward_training y == residual differs",
+              prefix);
+        memcpy(tmp, r, bytes);
+        st = infer(d, fused, x, tmp, w, b, imean, irstd, tmp);
+        CHECK(st == FASTNORM_OK && memcmp(tmp, yinf, bytes) == 0,
+              "%s forward_inference y == residual differs", prefix);
+        memcpy(tmp, dy, bytes);
+        st = back(d, fused, tmp, x, r, w, b, mean, rstd, tmp2, tmp, NULL, NULL);
+        CHECK(st == FASTNORM_OK && memcmp(tmp, dres, bytes) == 0 && memcmp(tmp2, dx, bytes) == 0,
+              "%s backward dresidual == dy differs", prefix);
+    }
 
     write_file(path(prefix, "y"), y, bytes);
     write_file(path(prefix, "mean"), mean, (size_t)ns * 8);
     write_file(path(prefix, "rstd"), rstd, (size_t)ns * 8);
     write_file(path(prefix, "yinf"), yinf, bytes);
     write_file(path(prefix, "dx"), dx, bytes);
+    if (has_r) write_file(path(prefix, "dres"), dres, bytes);
     if (has_w) write_file(path(prefix, "dw"), dw, (size_t)np_ * es);
     if (has_b) write_file(path(prefix, "db"), db, (size_t)np_ * es);
     free(x);
     free(dy);
+    free(r);
     free(w);
     free(b);
     free(y);
     free(yinf);
     free(dx);
+    free(dres);
     free(tmp);
+    free(tmp2);
     free(mean);
     free(rstd);
     free(m2);
@@ -119,10 +169,10 @@ int main(int argc, char **argv)
     }
     while (fscanf(manifest, "%2047s", prefix) == 1) {
         fastnorm_desc d;
-        int kind, dtype, layout, rank, i, nd, has_w, has_b;
+        int kind, dtype, layout, rank, i, nd, has_w, has_b, activation, has_r;
         long long groups, dim;
         int64_t dims[FASTNORM_MAX_RANK];
-        double eps;
+        double eps, slope;
         if (fscanf(manifest, "%d %d %d %d", &kind, &dtype, &layout, &rank) != 4 || rank < 1
             || rank > FASTNORM_MAX_RANK) {
             fprintf(stderr, "bad manifest line for %s\n", prefix);
@@ -138,11 +188,16 @@ int main(int argc, char **argv)
             return 2;
         }
         d.layout = layout;
-        if (fscanf(manifest, "%lld %d %lf %d %d", &groups, &nd, &eps, &has_w, &has_b) != 5) return 2;
+        if (fscanf(manifest, "%lld %d %lf %d %d %d %lf %d", &groups, &nd, &eps, &has_w, &has_b, &activation,
+                   &slope, &has_r)
+            != 8)
+            return 2;
         d.num_groups = groups;
         d.normalized_ndim = nd;
         d.eps = eps;
-        if (run_case(prefix, &d, has_w, has_b) != 0) ++g_failures;
+        d.activation = activation;
+        d.negative_slope = slope;
+        if (run_case(prefix, &d, has_w, has_b, has_r) != 0) ++g_failures;
         ++cases;
     }
     fclose(manifest);

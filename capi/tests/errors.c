@@ -17,7 +17,7 @@
 #define W 3
 #define SIZE (N * C * H * W)
 
-static float x[SIZE + 16], dy[SIZE + 16], y[SIZE + 16], dx[SIZE + 16];
+static float x[SIZE + 16], dy[SIZE + 16], y[SIZE + 16], dx[SIZE + 16], residual[SIZE + 16], dres[SIZE + 16];
 static float weight[C + 16], bias[C + 16], dweight[C + 16], dbias[C + 16];
 static double mean[N * C + 16], rstd[N * C + 16];
 static int g_checks = 0;
@@ -26,6 +26,7 @@ static void reset_outputs(void)
 {
     memset(y, SENTINEL, sizeof y);
     memset(dx, SENTINEL, sizeof dx);
+    memset(dres, SENTINEL, sizeof dres);
     memset(dweight, SENTINEL, sizeof dweight);
     memset(dbias, SENTINEL, sizeof dbias);
     memset(mean, SENTINEL, sizeof mean);
@@ -43,8 +44,9 @@ static int untouched(const void *buf, size_t bytes)
 
 static int outputs_untouched(void)
 {
-    return untouched(y, sizeof y) && untouched(dx, sizeof dx) && untouched(dweight, sizeof dweight)
-        && untouched(dbias, sizeof dbias) && untouched(mean, sizeof mean) && untouched(rstd, sizeof rstd);
+    return untouched(y, sizeof y) && untouched(dx, sizeof dx) && untouched(dres, sizeof dres)
+        && untouched(dweight, sizeof dweight) && untouched(dbias, sizeof dbias)
+        && untouched(mean, sizeof mean) && untouched(rstd, sizeof rstd);
 }
 
 static fastnorm_desc valid_desc(void)
@@ -153,9 +155,9 @@ int main(void)
     }
 
     /* pure-C helpers */
-    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 200, "version %d",
+    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 300, "version %d",
           fastnorm_version());
-    CHECK(strcmp(fastnorm_version_string(), "0.2.0") == 0
+    CHECK(strcmp(fastnorm_version_string(), "0.3.0") == 0
               && strcmp(FASTNORM_VERSION_STRING, fastnorm_version_string()) == 0,
           "version string %s (header %s)", fastnorm_version_string(), FASTNORM_VERSION_STRING);
     CHECK(FASTNORM_OK == 0 && FASTNORM_INVALID_ARGUMENT == 1 && FASTNORM_UNSUPPORTED == 2
@@ -196,7 +198,8 @@ int main(void)
                   && big.d.dtype == FASTNORM_FLOAT64 && big.d.param_dtype == FASTNORM_DTYPE_DEFAULT
                   && big.d.layout == FASTNORM_CHANNELS_FIRST && big.d.rank == 3 && big.d.dims[2] == H
                   && big.d.dims[3] == 0 && big.d.normalized_ndim == 1 && big.d.num_groups == 0
-                  && big.d.eps == 1e-5 && big.d.flags == 0,
+                  && big.d.eps == 1e-5 && big.d.flags == 0 && big.d.activation == FASTNORM_ACTIVATION_NONE
+                  && big.d.reserved == 0 && big.d.negative_slope == 0.01,
               "desc_init defaults");
         for (i = 0; i < (int)sizeof big.tail; ++i) tail_untouched &= big.tail[i] == SENTINEL;
         CHECK(tail_untouched, "desc_init wrote past struct_size bytes");
@@ -476,6 +479,69 @@ int main(void)
     EXPECT(fastnorm_backward(&d, dy, x, weight, mean, rstd, dy + 1, dweight, dbias), FASTNORM_OVERLAP,
            "dx = dy + 1");
     check_valid_call_works("overlaps");
+
+    /* the fused epilogue (0.3) */
+    d = valid_desc();
+    d.activation = 8;
+    expect_all_named("activation 8", &d, FASTNORM_INVALID_ARGUMENT, "activation");
+    d.activation = -1;
+    expect_all_named("activation -1", &d, FASTNORM_INVALID_ARGUMENT, "activation");
+    d = valid_desc();
+    d.reserved = 1;
+    expect_all_named("reserved 1", &d, FASTNORM_INVALID_ARGUMENT, "reserved");
+    d = valid_desc();
+    d.activation = FASTNORM_LEAKY_RELU;
+    d.negative_slope = NAN;
+    expect_all_named("negative_slope NaN", &d, FASTNORM_INVALID_ARGUMENT, "negative_slope");
+    d = valid_desc();
+    d.activation = FASTNORM_RELU;
+    EXPECT(fastnorm_backward(&d, dy, x, weight, mean, rstd, dx, dweight, dbias), FASTNORM_INVALID_ARGUMENT,
+           "backward with an activation");
+    CHECK(strstr(fastnorm_last_error(), "fastnorm_backward_fused") != NULL,
+          "message names the fused call: %s", fastnorm_last_error());
+    EXPECT(fastnorm_forward_training_fused(&d, x, residual, weight, bias, residual + 1, mean, rstd),
+           FASTNORM_OVERLAP, "y = residual + 1");
+    EXPECT(fastnorm_forward_inference_fused(&d, x, residual, weight, bias, mean, rstd, x + 1),
+           FASTNORM_OVERLAP, "inference y = x + 1");
+    EXPECT(fastnorm_backward_fused(&d, dy, x, residual, weight, bias, mean, rstd, dx, dx, dweight, dbias),
+           FASTNORM_OVERLAP, "dresidual == dx");
+    EXPECT(fastnorm_backward_fused(&d, dy, x, residual, weight, bias, mean, rstd, dx, x, dweight, dbias),
+           FASTNORM_OVERLAP, "dresidual == x");
+    EXPECT(fastnorm_backward_fused(&d, dy, x, residual, weight, bias, mean, rstd, dy, dy, dweight, dbias),
+           FASTNORM_OVERLAP, "dx == dresidual == dy");
+    EXPECT(fastnorm_backward_fused(&d, NULL, x, residual, weight, bias, mean, rstd, dx, dres, dweight, dbias),
+           FASTNORM_NULL_POINTER, "fused backward dy NULL");
+    EXPECT(fastnorm_forward_training_fused(&d, (const char *)x, (const char *)residual + 2, weight, bias, y,
+                                           mean, rstd),
+           FASTNORM_INVALID_ARGUMENT, "misaligned residual");
+    {
+        /* a valid fused call: relu(gn(x) + residual) >= 0, then its backward */
+        int nonneg = 1;
+        for (i = 0; i < SIZE; ++i) residual[i] = 0.5f - 0.125f * (float)(i % 8);
+        reset_outputs();
+        CHECK(fastnorm_forward_training_fused(&d, x, residual, weight, bias, y, mean, rstd) == FASTNORM_OK,
+              "fused forward: %s", fastnorm_last_error());
+        for (i = 0; i < SIZE; ++i) nonneg &= y[i] >= 0.0f;
+        CHECK(nonneg, "relu output is >= 0");
+        CHECK(fastnorm_backward_fused(&d, dy, x, residual, weight, bias, mean, rstd, dx, dres, dweight, dbias)
+                  == FASTNORM_OK,
+              "fused backward: %s", fastnorm_last_error());
+        for (i = 0; i < SIZE; ++i) nonneg &= (y[i] > 0.0f) ? dres[i] == dy[i] : dres[i] == 0.0f;
+        CHECK(nonneg, "dresidual is dy where y > 0, else 0");
+        g_checks += 3;
+    }
+    {
+        /* a 0.2 descriptor (no epilogue fields) is accepted; the bytes past it are not read */
+        fastnorm_desc old = valid_desc();
+        old.struct_size = offsetof(fastnorm_desc, activation);
+        old.activation = 99;
+        old.reserved = 7;
+        reset_outputs();
+        CHECK(fastnorm_forward_training(&old, x, weight, bias, y, mean, rstd) == FASTNORM_OK,
+              "0.2 descriptor: %s", fastnorm_last_error());
+        g_checks += 1;
+    }
+    check_valid_call_works("epilogue");
 
     /* threads */
     EXPECT(fastnorm_set_num_threads(-1), FASTNORM_INVALID_ARGUMENT, "num_threads -1");

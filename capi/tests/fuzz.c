@@ -123,6 +123,7 @@ static const int32_t KIND_POOL[] = {0, 1, 2, 3, 4, 5, 6, 7, -1, 100, INT32_MAX, 
 static const int32_t DTYPE_POOL[] = {0, 1, 2, 3, 4, 5, -1, 99, INT32_MAX, INT32_MIN};
 static const int32_t PDTYPE_POOL[] = {0, 0, 1, 2, 3, 4, 5, -7, 1000, INT32_MIN};
 static const int32_t LAYOUT_POOL[] = {0, 1, 2, -1, 7, INT32_MAX, INT32_MIN};
+static const int32_t ACTIVATION_POOL[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, -1, 100, INT32_MAX, INT32_MIN};
 static const int32_t RANK_POOL[] = {-5, -1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 16, 100, INT32_MAX, INT32_MIN};
 static const int32_t NDIM_POOL[] = {-1, 0, 1, 2, 3, 4, 5, 7, 8, 9, 100, INT32_MAX, INT32_MIN};
 /* clang-format off */
@@ -133,8 +134,12 @@ static const int64_t DIM_POOL[] = {0, 1, 2, 3, 4, 5, 7, -1, -2, INT64_MIN, INT64
 static const int64_t GROUP_POOL[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 12, -1, -4, INT64_MAX, INT64_MIN,
                                      (int64_t)1 << 40};
 /* clang-format on */
+/* fastnorm_desc of the 0.2 header: up to and including flags */
+#define DESC_SIZE_0_2 (offsetof(fastnorm_desc, flags) + sizeof(uint64_t))
 static const size_t STRUCT_SIZE_POOL[] = {0,
                                           1,
+                                          DESC_SIZE_0_2,
+                                          DESC_SIZE_0_2 + 4,
                                           sizeof(size_t),
                                           sizeof(fastnorm_desc) / 2,
                                           sizeof(fastnorm_desc) - 8,
@@ -250,9 +255,16 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
         m->possible = pos;
         return;
     }
-    /* The library knows one descriptor size (0.2's): smaller is invalid, larger a newer header's. */
-    if (d->struct_size < sizeof(fastnorm_desc)) def |= INV;
-    else if (d->struct_size > sizeof(fastnorm_desc)) def |= VMM;
+    /* The library knows two descriptor sizes, 0.2's and 0.3's: others are invalid, larger ones a
+       newer header's.  A 0.2 descriptor's epilogue fields are not read (they get their defaults). */
+    if (d->struct_size != sizeof(fastnorm_desc) && d->struct_size != DESC_SIZE_0_2)
+        def |= d->struct_size < sizeof(fastnorm_desc) ? INV : VMM;
+    else if (d->struct_size == sizeof(fastnorm_desc)) {
+        int act_ok = d->activation >= FASTNORM_ACTIVATION_NONE && d->activation <= FASTNORM_GELU_TANH;
+        if (!act_ok || d->reserved != 0 || !isfinite(d->negative_slope)) def |= INV;
+        /* fastnorm_backward refuses an activation (its backward is fastnorm_backward_fused) */
+        if (act_ok && d->activation != FASTNORM_ACTIVATION_NONE && !desc_only && e == BWD) def |= INV;
+    }
     kind_ok = d->kind >= FASTNORM_BATCH_NORM && d->kind <= FASTNORM_RMS_NORM;
     lnlike = d->kind == FASTNORM_LAYER_NORM || d->kind == FASTNORM_RMS_NORM;
     if (!kind_ok) def |= INV;
@@ -689,6 +701,9 @@ static void gen_random(rng *r, call *c)
     for (i = 0; i < FASTNORM_MAX_RANK; ++i) d->dims[i] = chance(r, 0.6) ? 1 + below(r, 4) : PICK(r, DIM_POOL);
     d->eps = chance(r, 0.5) ? PICK(r, EPS_VALID) : bad_or_odd_eps(r);
     d->flags = chance(r, 0.7) ? 0 : (uint64_t)1 << below(r, 64);
+    d->activation = chance(r, 0.6) ? 0 : PICK(r, ACTIVATION_POOL);
+    d->reserved = chance(r, 0.9) ? 0 : PICK(r, RANK_POOL);
+    d->negative_slope = chance(r, 0.8) ? 0.01 : bad_or_odd_eps(r);
     c->desc_null = below(r, 50) == 0;
     for (i = 0; i < NSLOTS[c->entry]; ++i) {
         if (chance(r, 0.15)) {

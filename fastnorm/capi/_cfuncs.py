@@ -12,8 +12,10 @@ Conventions
 -----------
 * One cfunc per (operation, dtype); 6 cfuncs cover 3 operations x 2 dtypes.
 * Data buffers are ``T*`` (``float32`` or ``float64``); ``mean``/``rstd`` are
-  ``double*``.  An absent weight/bias/dweight/dbias is passed with length 0
-  (its pointer may be NULL) and becomes an empty array, as the kernels expect.
+  ``double*``.  An absent weight/bias/residual/dweight/dbias/dresidual is
+  passed with length 0 (its pointer may be NULL) and becomes an empty array,
+  as the kernels expect.  The activation and its slope are the last two
+  KernelSpec fields.
 * The last argument is the thread count of the call: the C layer sets it
   with the threading layer's own ``set_num_threads`` (see
   :func:`threading_addresses`) and passes it, because a compiled function
@@ -55,9 +57,11 @@ _p64 = types.CPointer(types.float64)
 
 def _signatures(dtype):
     pt = types.CPointer(dtype)
-    spec = (_i64, _i64, _i64, _i64, _i64, _f64)  # KernelSpec fields
-    forward = types.int32(pt, pt, _i64, pt, _i64, pt, _p64, _p64, _i64, *spec, _i64)
-    backward = types.int32(pt, pt, pt, _i64, _p64, _p64, _i64, pt, pt, _i64, pt, _i64, *spec, _i64)
+    spec = (_i64, _i64, _i64, _i64, _i64, _f64, _i64, _f64)  # KernelSpec fields
+    forward = types.int32(pt, pt, _i64, pt, _i64, pt, _i64, pt, _p64, _p64, _i64, *spec, _i64)
+    backward = types.int32(
+        pt, pt, pt, _i64, pt, _i64, pt, _i64, _p64, _p64, _i64, pt, pt, _i64, pt, _i64, pt, _i64, *spec, _i64
+    )
     return {"forward_training": forward, "forward_inference": forward, "backward": backward}
 
 
@@ -81,49 +85,69 @@ def _make_forward(key, pass_id):
     """Forward cfunc: training statistics (``K.FORWARD``) or given statistics (``K.INFERENCE``)."""
 
     def forward(
-        x, w, nw, b, nb, y, mean, rstd, nstats, batch, channels, spatial, groups, flags, eps, num_threads
-    ):
+        x, r, nr, w, nw, b, nb, y, mean, rstd, nstats,
+        batch, channels, spatial, groups, flags, eps, activation, slope, num_threads,
+    ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
-        # KernelSpec fields, as core passes them; no epilogue through the C ABI yet
-        spec = (batch, channels, spatial, groups, flags, eps, 0, 0.0)
+        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)  # KernelSpec, as core's
         size = batch * channels * spatial
         xa = carray(x, size)
         ya = carray(y, size)
-        in_place = xa.ctypes.data == ya.ctypes.data
+        in_place = xa.ctypes.data == ya.ctypes.data  # y may also be the residual: no other schedule
         threads = max(num_threads, 1)
         schedule = K.plan_schedule(spec, pass_id, threads, xa.itemsize, nw > 0, nb > 0, in_place)
         params = spec + _serial(schedule, num_threads)
-        none = xa[:0]  # no residual, no gradient
         wa = carray(w, nw)
         ba = carray(b, nb)
-        K.run_forward(pass_id, xa, wa, ba, none, none, ya, carray(mean, nstats), carray(rstd, nstats), params)
+        ra = carray(r, nr)
+        meana = carray(mean, nstats)
+        rstda = carray(rstd, nstats)
+        K.run_forward(pass_id, xa, wa, ba, ra, xa[:0], ya, meana, rstda, params)
         return 1
 
     return forward
 
 
 def _make_backward(key):
+    """Backward cfunc: the norm's backward on ``dz`` (``dy``, or ``dy * act'(z)`` with an activation).
+
+    ``dz`` comes from the inference kernel's gradient epilogue, as in
+    :func:`fastnorm.backward`.
+    """
+
     def backward(
-        dy, x, w, nw, mean, rstd, nstats, dx, dw, ndw, db, ndb,
-        batch, channels, spatial, groups, flags, eps, num_threads,
+        dy, x, r, nr, w, nw, b, nb, mean, rstd, nstats, dx, dr, ndr, dw, ndw, db, ndb,
+        batch, channels, spatial, groups, flags, eps, activation, slope, num_threads,
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
-        spec = (batch, channels, spatial, groups, flags, eps, 0, 0.0)  # KernelSpec fields, as core's
+        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)  # KernelSpec, as core's
         size = batch * channels * spatial
         xa = carray(x, size)
         dya = carray(dy, size)
         dxa = carray(dx, size)
-        in_place = dxa.ctypes.data == dya.ctypes.data or dxa.ctypes.data == xa.ctypes.data
+        dra = carray(dr, ndr)
+        wa = carray(w, nw)
+        meana = carray(mean, nstats)
+        rstda = carray(rstd, nstats)
         threads = max(num_threads, 1)
+        in_place = dxa.ctypes.data == dya.ctypes.data or dxa.ctypes.data == xa.ctypes.data
+        grad = dya
+        if activation != 0:
+            # dz into dresidual, or a workspace when there is none or it is dy's memory
+            dz = dra if ndr > 0 and dra.ctypes.data != dya.ctypes.data else np.empty_like(xa)
+            schedule = K.plan_schedule(spec, K.INFERENCE, threads, xa.itemsize, nw > 0, nb > 0, False)
+            params = spec + _serial(schedule, num_threads)
+            K.run_forward(K.INFERENCE, xa, wa, carray(b, nb), carray(r, nr), dya, dz, meana, rstda, params)
+            grad = dz
+        elif ndr > 0 and dra.ctypes.data != dya.ctypes.data:
+            dra[:] = dya  # dresidual = dy, before dx may overwrite dy
         schedule = K.plan_schedule(spec, K.BACKWARD, threads, xa.itemsize, nw > 0, False, in_place)
         params = spec + _serial(schedule, num_threads)
-        wa = carray(w, nw)
-        K.run_backward(
-            dya, xa, wa, carray(mean, nstats), carray(rstd, nstats), dxa,
-            carray(dw, ndw), carray(db, ndb), params,
-        )  # fmt: skip
+        K.run_backward(grad, xa, wa, meana, rstda, dxa, carray(dw, ndw), carray(db, ndb), params)
+        if ndr > 0 and dra.ctypes.data != grad.ctypes.data and dra.ctypes.data == dya.ctypes.data:
+            dra[:] = grad  # dresidual is dy's memory: the workspace's dz, now that dy is read
         return 1
 
     return backward

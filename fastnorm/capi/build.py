@@ -145,7 +145,9 @@ def generated_constants():
         threading slots that :func:`fastnorm.capi._runtime.fill_table` appends
         and ``SLOT_COUNT``; then the values of the ``AFTER_FORK`` slot,
         ``AFTER_FORK_PARALLEL`` and ``AFTER_FORK_SERIAL``, from
-        :mod:`fastnorm.capi._runtime`.
+        :mod:`fastnorm.capi._runtime`; then ``K_ACTIVATION_<NAME>``, the
+        epilogue's activation codes (:data:`fastnorm._kernels.ACTIVATIONS`),
+        which ``fastnorm_activation`` must equal (checked when it compiles).
     """
     from fastnorm import _kernels
 
@@ -158,6 +160,8 @@ def generated_constants():
     constants.update({f"SLOT_{name}": index for index, name in enumerate(slots)})
     constants["SLOT_COUNT"] = len(slots)
     constants.update({name: int(getattr(_runtime, name)) for name in _AFTER_FORK_VALUES})
+    activations = {name: code for name, code in _kernels.ACTIVATIONS.items() if name is not None}
+    constants.update({f"K_ACTIVATION_{name.upper()}": code for name, code in activations.items()})
     return constants
 
 
