@@ -133,15 +133,9 @@ def batch_norm(
         ``momentum=None`` and running statistics are given.
     channels_last : bool
         ``x`` is ``(N, *spatial, C)``.
-    residual : ndarray, optional
-        Added after the affine transform, before the activation; ``x``'s
-        shape, dtype and memory layout.
-    activation : str or None
-        Fused activation: ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``,
-        ``"tanh"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``None``
-        (:class:`NormSpec`).
-    negative_slope : float
-        Slope of ``"leaky_relu"`` for negative inputs.
+    residual, activation, negative_slope
+        The fused epilogue ``y = activation(normalized + residual)``: see
+        :func:`fastnorm.forward` and :class:`NormSpec`.
     out : ndarray, optional
         Preallocated output (``x``'s shape, dtype and memory order; may be ``x``).
 
@@ -249,15 +243,9 @@ def instance_norm(
         Added to the variance.
     channels_last : bool
         ``x`` is ``(N, *spatial, C)``.
-    residual : ndarray, optional
-        Added after the affine transform, before the activation; ``x``'s
-        shape, dtype and memory layout.
-    activation : str or None
-        Fused activation: ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``,
-        ``"tanh"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``None``
-        (:class:`NormSpec`).
-    negative_slope : float
-        Slope of ``"leaky_relu"`` for negative inputs.
+    residual, activation, negative_slope
+        The fused epilogue ``y = activation(normalized + residual)``: see
+        :func:`fastnorm.forward` and :class:`NormSpec`.
     out : ndarray, optional
         Preallocated output.
 
@@ -347,15 +335,9 @@ def layer_norm(
         Per-element affine parameters.
     eps : float
         Added to the variance.
-    residual : ndarray, optional
-        Added after the affine transform, before the activation; ``x``'s
-        shape, dtype and memory layout.
-    activation : str or None
-        Fused activation: ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``,
-        ``"tanh"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``None``
-        (:class:`NormSpec`).
-    negative_slope : float
-        Slope of ``"leaky_relu"`` for negative inputs.
+    residual, activation, negative_slope
+        The fused epilogue ``y = activation(normalized + residual)``: see
+        :func:`fastnorm.forward` and :class:`NormSpec`.
     out : ndarray, optional
         Preallocated C-contiguous output; may be ``x``.
 
@@ -399,15 +381,9 @@ def group_norm(
         Added to the variance.
     channels_last : bool
         ``x`` is ``(N, *spatial, C)``.
-    residual : ndarray, optional
-        Added after the affine transform, before the activation; ``x``'s
-        shape, dtype and memory layout.
-    activation : str or None
-        Fused activation: ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``,
-        ``"tanh"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``None``
-        (:class:`NormSpec`).
-    negative_slope : float
-        Slope of ``"leaky_relu"`` for negative inputs.
+    residual, activation, negative_slope
+        The fused epilogue ``y = activation(normalized + residual)``: see
+        :func:`fastnorm.forward` and :class:`NormSpec`.
     out : ndarray, optional
         Preallocated output.
 
@@ -444,15 +420,9 @@ def rms_norm(
         Per-element scale.
     eps : float or None
         Added to the mean square; ``None`` means ``numpy.finfo(x.dtype).eps``.
-    residual : ndarray, optional
-        Added after the affine transform, before the activation; ``x``'s
-        shape, dtype and memory layout.
-    activation : str or None
-        Fused activation: ``"relu"``, ``"leaky_relu"``, ``"sigmoid"``,
-        ``"tanh"``, ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` or ``None``
-        (:class:`NormSpec`).
-    negative_slope : float
-        Slope of ``"leaky_relu"`` for negative inputs.
+    residual, activation, negative_slope
+        The fused epilogue ``y = activation(normalized + residual)``: see
+        :func:`fastnorm.forward` and :class:`NormSpec`.
     out : ndarray, optional
         Preallocated C-contiguous output; may be ``x``.
 

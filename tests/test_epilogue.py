@@ -14,6 +14,8 @@ import numba
 import numpy as np
 import pytest
 from cases import arrange, bn, data, gn, inorm, ln, rms, rng_for, to_ref_layout
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from strategies import rejected
 
 import fastnorm
@@ -435,3 +437,83 @@ def test_rectifiers_in_the_store_loops_equal_the_activation_after_them(case, lay
         assert y.tobytes() == expected.astype(np.float32).tobytes()
         zi = fastnorm.forward_inference(x, stats, plain, weight, bias, residual=r)
         assert zi.tobytes() == z.tobytes()
+
+
+# ---------------------------------------------------------------------------
+# Fuzzing the new arguments (hypothesis, fixed seed)
+# ---------------------------------------------------------------------------
+
+FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None)
+_FUZZ_CASES = [
+    bn(3, 4, 5),
+    bn(2, 3, 4, 5),
+    inorm(2, 3, 6),
+    gn(2, 2, 4, 3),
+    ln(1, 5, 9),
+    ln(2, 2, 3, 4),
+    rms(1, 4, 7),
+]
+_BAD_ACTIVATIONS = ["ReLU", "swish", "", 1, 0, None, "gelu ", b"relu"]
+
+
+@FUZZ
+@given(st.data())
+def test_fuzz_epilogue_arguments(data):
+    """Valid draws match the reference; invalid ones raise naming the argument and change nothing."""
+    case = data.draw(st.sampled_from(_FUZZ_CASES), "case")
+    layout = data.draw(st.sampled_from(_layouts(case)), "layout")
+    dtype = np.dtype(data.draw(st.sampled_from([np.float32, np.float64]), "dtype"))
+    act = data.draw(st.sampled_from([*ACTS, *_BAD_ACTIVATIONS]), "activation")
+    slope = data.draw(
+        st.sampled_from([0.01, 0.0, -2.0, 1e30, float("nan"), float("inf"), "0.1", True]), "slope"
+    )
+    residual_kind = data.draw(
+        st.sampled_from(["none", "good", "shape", "dtype", "layout", "list"]), "residual"
+    )
+    affine = data.draw(st.booleans(), "affine")
+    x_cf, _, w, b = data_arrays(case, dtype, affine)
+    x, cl = arrange(x_cf, layout, case)
+    r_cf = rng_for(case, "fuzz-r").standard_normal(case.shape).astype(dtype)
+    r = {
+        "none": None,
+        "good": arrange(r_cf, layout, case)[0],
+        "shape": np.ones((1, *x.shape[1:]), dtype),
+        "dtype": arrange(r_cf, layout, case)[0].astype(np.float32 if dtype == np.float64 else np.float64),
+        "layout": _other_layout(arrange(r_cf, layout, case)[0]),
+        "list": arrange(r_cf, layout, case)[0].tolist(),
+    }[residual_kind]
+    bad_act = act not in ACTS
+    bad_slope = isinstance(slope, (str, bool)) or not np.isfinite(slope)
+    try:
+        spec = _spec(case, cl, act, slope)
+    except (ValueError, TypeError) as error:
+        assert bad_act or bad_slope, f"a valid epilogue was refused: {error}"
+        assert ("activation" in str(error)) if bad_act else ("negative_slope" in str(error))
+        return
+    assert not bad_act and not bad_slope
+    watched = {"x": x, "r": r} if isinstance(r, np.ndarray) else {"x": x}
+    if residual_kind in ("none", "good"):
+        y, _ = fastnorm.forward(x, spec, w, b, residual=r)
+        ref_r = r_cf if residual_kind == "good" else None
+        ry, rz, _, _ = naive.fused_forward(
+            x_cf, case.kind, w, b, residual=ref_r, act=act, slope=slope, **case.ref_kwargs(False)
+        )
+        naive.assert_close(
+            to_ref_layout(y, layout, case), ry, k=K[dtype], scale=max(1.0, float(np.abs(rz).max()))
+        )
+        return
+    exc = TypeError if residual_kind in ("dtype", "list") else ValueError
+    rejected(exc, None, lambda: fastnorm.forward(x, spec, w, b, residual=r), watched, names="residual")
+
+
+def _other_layout(a):
+    """``a``'s values in memory of another order (every case has a dim > 1 besides the last)."""
+    flipped = np.empty(a.shape[::-1], a.dtype).T  # Fortran order
+    flipped[...] = a
+    assert not flipped.flags.c_contiguous and not np.moveaxis(flipped, 1, -1).flags.c_contiguous
+    return flipped
+
+
+def data_arrays(case, dtype, affine):
+    """``(x, dy, weight, bias)`` of :func:`cases.data` (the test's ``data`` shadows the helper)."""
+    return data(case, dtype, key=("fuzz",), affine=affine)
