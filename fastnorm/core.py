@@ -493,8 +493,8 @@ def _prepare_forward(x, plan, weight, bias, residual, out, stats_flat=()):
     """Check the parameters, the residual and ``out`` of a forward pass; return the kernel views.
 
     Returns ``(weight_flat, bias_flat, residual_flat, x_flat, y, y_flat,
-    in_place)``; ``in_place`` is whether ``y`` is ``x``'s memory (``y`` may
-    also be the residual's, which the kernels allow without telling).
+    in_place)``; ``in_place`` is whether ``y`` is the memory of ``x`` or of
+    the residual.
     """
     weight_flat = _check_param(weight, "weight", plan, x.dtype)
     bias_flat = _check_param(bias, "bias", plan, x.dtype)
@@ -506,14 +506,7 @@ def _prepare_forward(x, plan, weight, bias, residual, out, stats_flat=()):
         mean, rstd = stats_flat if stats_flat else (_NO_STATS, _NO_STATS)
         second = x_flat if residual is None else residual_flat
         in_place = _check_alias(y_flat, x_flat, second, weight_flat, bias_flat, mean, rstd)
-        if in_place and residual is not None:
-            in_place = _same_address(y_flat, x_flat)
     return weight_flat, bias_flat, residual_flat, x_flat, y, y_flat, in_place
-
-
-def _same_address(a, b):
-    """Whether two flat kernel views of one size start at the same address."""
-    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
 
 
 def _check_like_x(value, name, x, plan):

@@ -207,12 +207,37 @@ def _cl_steps(spec, schedule, blk, tile_rows, vectors):
     return off, rows, (0 if spec.flags & BATCH else vectors * span * n), span
 
 
+@glue
+def _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, with_residual, fused, slope):
+    """``y = rectify?((x - mean) * scale + shift (+ residual))`` over ``rows`` rows from ``off``.
+
+    ``with_residual`` and ``fused`` are constants at each call site, so that
+    every loop is compiled for one case (a branch per step of a few channels
+    costs as much as the step).
+    """
+    for r0 in range(0, rows, tile_rows):
+        o = off + r0 * nc
+        count = min(tile_rows, rows - r0) * nc
+        xs = x[o : o + count]
+        ys = y[o : o + count]
+        if with_residual:
+            rs = residual[o : o + count]
+            for i in range(count):
+                z = (xs[i] - mean[i]) * scale[i] + shift[i] + rs[i]
+                ys[i] = _rectify(z, slope) if fused else z
+        else:
+            for i in range(count):
+                z = (xs[i] - mean[i]) * scale[i] + shift[i]
+                ys[i] = _rectify(z, slope) if fused else z
+
+
 @helper
 def _cl_normalize_block(x, residual, grad, y, coef, spec, schedule, blk, tile_rows):
     """Normalize block ``blk``, ``tile_rows`` rows per step (``coef`` tiled by :func:`_cl_tile`).
 
     The epilogue (:mod:`.epilogue`) as in :func:`~.epilogue._normalize`:
-    plus ``residual`` unless empty, then the activation of each step.
+    plus ``residual`` unless empty, then the activation, over the whole
+    block once its rows are stored (docs/perf-notes/fused-epilogue.md).
     """
     nc = spec.channels
     off, rows, base, span = _cl_steps(spec, schedule, blk, tile_rows, 3)
@@ -220,26 +245,15 @@ def _cl_normalize_block(x, residual, grad, y, coef, spec, schedule, blk, tile_ro
     scale = coef[base + span : base + 2 * span]
     shift = coef[base + 2 * span : base + 3 * span]
     fused, slope = _rectifier(spec, grad, x)
-    for r0 in range(0, rows, tile_rows):
-        o = off + r0 * nc
-        count = min(tile_rows, rows - r0) * nc
-        xs = x[o : o + count]
-        ys = y[o : o + count]
-        if residual.size > 0:
-            rs = residual[o : o + count]
-            if fused:
-                for i in range(count):
-                    ys[i] = _rectify((xs[i] - mean[i]) * scale[i] + shift[i] + rs[i], slope)
-            else:
-                for i in range(count):
-                    ys[i] = (xs[i] - mean[i]) * scale[i] + shift[i] + rs[i]
-        elif fused:
-            for i in range(count):
-                ys[i] = _rectify((xs[i] - mean[i]) * scale[i] + shift[i], slope)
-        else:
-            for i in range(count):
-                ys[i] = (xs[i] - mean[i]) * scale[i] + shift[i]
-        _epilogue(y, grad, o, count, spec, fused)
+    if residual.size > 0 and fused:
+        _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, True, True, slope)
+    elif residual.size > 0:
+        _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, True, False, slope)
+    elif fused:
+        _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, False, True, slope)
+    else:
+        _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, False, False, slope)
+    _epilogue(y, grad, off, rows * nc, spec, fused)
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_row_span, _epilogue, _normalize_per_element, _rectifier, _rectify, _split
+from .epilogue import _dx_row_span, _normalize_per_element, _rectifier, _rectify, _split
 from .numerics import (
     _block_plane,
     _dots,
@@ -54,60 +54,38 @@ from .schedule import (
 
 
 @glue
-def _normalize_row_sum_next(xs, ys, ws, bs, rs, mean, rstd, next_xs, shift, fused, slope):
+def _normalize_row_sum_next(xs, ys, ws, bs, rs, mean, rstd, next_xs, shift, with_residual, fused, slope):
     """Normalize one LayerNorm row while summing the moments of the next one, in one loop.
 
     ``ys`` is :func:`_normalize_per_element` of ``xs`` with weight ``ws`` and
-    bias ``bs``, plus the residual ``rs`` unless empty, rectified with
-    ``fused`` (the same arithmetic); the return value is the sums that
-    :func:`_moments` takes over ``next_xs``: of ``next_xs - shift`` and of
-    its squares.  The normalize loop is bound by its stores and the moments
-    loop by float64 arithmetic, so together they take less time than one
-    after the other.
+    bias ``bs``, plus the residual ``rs`` (``with_residual``), rectified
+    (``fused``, :func:`_rectify`): the same arithmetic.  The return value is
+    the sums that :func:`_moments` takes over ``next_xs``: of ``next_xs -
+    shift`` and of its squares.  The normalize loop is bound by its stores
+    and the moments loop by float64 arithmetic, so together they take less
+    time than one after the other.  ``with_residual`` and ``fused`` are
+    constants at each call site (:func:`_pipelined_task`).
     """
     mean_hi, mean_lo = _split(xs, mean)
     rstd_x = xs.dtype.type(rstd)
     sum_dev = 0.0
     sum_sq = 0.0
-    if rs.size > 0 and fused:
-        for i in range(xs.size):
-            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + rs[i], slope)
-            dev = next_xs[i] - shift
-            sum_dev += dev
-            sum_sq += dev * dev
-    elif rs.size > 0:
-        for i in range(xs.size):
-            ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + rs[i]
-            dev = next_xs[i] - shift
-            sum_dev += dev
-            sum_sq += dev * dev
-    elif fused:
-        for i in range(xs.size):
-            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i], slope)
-            dev = next_xs[i] - shift
-            sum_dev += dev
-            sum_sq += dev * dev
-    else:
-        for i in range(xs.size):
-            ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
-            dev = next_xs[i] - shift
-            sum_dev += dev
-            sum_sq += dev * dev
+    for i in range(xs.size):
+        z = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
+        if with_residual:
+            z = z + rs[i]
+        ys[i] = _rectify(z, slope) if fused else z
+        dev = next_xs[i] - shift
+        sum_dev += dev
+        sum_sq += dev * dev
     return sum_dev, sum_sq
 
 
-@helper
-def _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, k0, k1):
-    """Training forward of LayerNorm rows ``k0 .. k1-1``, with weight and bias, software-pipelined.
-
-    The loop that normalizes row ``k`` also sums row ``k+1``'s moments
-    (:func:`_normalize_row_sum_next`); the rows' statistics are those of
-    :func:`_moments` and :func:`_finish`
-    (docs/perf-notes/layernorm-pipelined-forward.md).
-    """
+@glue
+def _pipelined_rows(x, weight, bias, residual, y, spec, mean, rstd, k0, k1, with_residual, fused, slope):
+    """Run the rows loop of :func:`_pipelined_task` for one constant ``(with_residual, fused)``."""
     width = spec.spatial
     no_grad = x[:0]
-    fused, slope = _rectifier(spec, no_grad, x)
     row_mean, row_m2 = _moments(x, k0 * width, width, True)
     for k in range(k0, k1):
         row_mean, row_rstd = _finish(float(width), row_mean, row_m2, spec.flags, spec.eps)
@@ -123,12 +101,33 @@ def _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, k0, k1):
             break
         next_xs = x[(k + 1) * width : (k + 2) * width]
         shift = np.float64(next_xs[0])
-        rs = residual[k * width : (k + 1) * width] if residual.size > 0 else no_grad
+        rs = residual[k * width : (k + 1) * width] if with_residual else no_grad
         sum_dev, sum_sq = _normalize_row_sum_next(
-            xs, ys, weight, bias, rs, row_mean, row_rstd, next_xs, shift, fused, slope
+            xs, ys, weight, bias, rs, row_mean, row_rstd, next_xs, shift, with_residual, fused, slope
         )
-        _epilogue(y, no_grad, k * width, width, spec, fused)
         row_mean, row_m2 = _shifted_moments(next_xs, width, shift, sum_dev, sum_sq)
+
+
+@helper
+def _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, k0, k1):
+    """Training forward of LayerNorm rows ``k0 .. k1-1``, with weight and bias, software-pipelined.
+
+    The loop that normalizes row ``k`` also sums row ``k+1``'s moments
+    (:func:`_normalize_row_sum_next`); the rows' statistics are those of
+    :func:`_moments` and :func:`_finish`
+    (docs/perf-notes/layernorm-pipelined-forward.md).  The epilogue is the
+    residual and a rectifier at most (:func:`~.schedule.plan_schedule`
+    pipelines no other activation); each case is its own loop.
+    """
+    fused, slope = _rectifier(spec, x[:0], x)
+    if residual.size > 0 and fused:
+        _pipelined_rows(x, weight, bias, residual, y, spec, mean, rstd, k0, k1, True, True, slope)
+    elif residual.size > 0:
+        _pipelined_rows(x, weight, bias, residual, y, spec, mean, rstd, k0, k1, True, False, slope)
+    elif fused:
+        _pipelined_rows(x, weight, bias, residual, y, spec, mean, rstd, k0, k1, False, True, slope)
+    else:
+        _pipelined_rows(x, weight, bias, residual, y, spec, mean, rstd, k0, k1, False, False, slope)
 
 
 @glue

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections import namedtuple
 
 from .._config import glue, helper
+from .epilogue import IDENTITY, LEAKY_RELU, RELU
 
 __all__ = [
     "BACKWARD", "BATCH", "BLOCK", "CENTERED", "CHANNELS_LAST", "CHANNELS_LAST_VIEW",
@@ -196,7 +197,7 @@ def plan_schedule(params, pass_id, num_threads, itemsize, has_weight, has_bias, 
     has_weight, has_bias : bool
         Whether the call has a weight and a bias.
     in_place : bool
-        Whether the output is the input's memory.
+        Whether the output is the memory of an input (``x``, or the residual).
 
     Returns
     -------
@@ -234,9 +235,12 @@ def _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bi
         strategy = SPLIT
         if nstats >= FUSE_MIN_GROUPS:
             strategy = ONE_BLOCK if width <= BLOCK else FUSED
-        # With y on x, LLVM's runtime overlap check would send the pipelined
-        # loop to its scalar version, whose sums run in another order.
+        # With y on x (or on the residual), LLVM's runtime overlap check would
+        # send the pipelined loop to its scalar version, whose sums run in
+        # another order.
+        # The pipelined loop applies a rectifier at most (docs/perf-notes/fused-epilogue.md).
         pipelined = spec.flags & CENTERED and has_weight and has_bias and not in_place
+        pipelined = pipelined and spec.activation in (IDENTITY, RELU, LEAKY_RELU)
         if strategy == ONE_BLOCK and pipelined and PIPELINE_MIN_WIDTH <= width:
             if width * itemsize <= PIPELINE_MAX_ROW_BYTES:
                 strategy = PIPELINED

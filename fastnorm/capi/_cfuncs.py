@@ -94,13 +94,13 @@ def _make_forward(key, pass_id):
         size = batch * channels * spatial
         xa = carray(x, size)
         ya = carray(y, size)
-        in_place = xa.ctypes.data == ya.ctypes.data  # y may also be the residual: no other schedule
+        ra = carray(r, nr)
+        in_place = xa.ctypes.data == ya.ctypes.data or (nr > 0 and ra.ctypes.data == ya.ctypes.data)
         threads = max(num_threads, 1)
         schedule = K.plan_schedule(spec, pass_id, threads, xa.itemsize, nw > 0, nb > 0, in_place)
         params = spec + _serial(schedule, num_threads)
         wa = carray(w, nw)
         ba = carray(b, nb)
-        ra = carray(r, nr)
         meana = carray(mean, nstats)
         rstda = carray(rstd, nstats)
         K.run_forward(pass_id, xa, wa, ba, ra, xa[:0], ya, meana, rstda, params)
