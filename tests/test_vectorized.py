@@ -36,14 +36,13 @@ VECTOR_LOOPS = {
     "_moments_two_pass": 2,
     "_dots": 1,
     "_dots_weighted": 1,
-    # with and without the residual, each also with ReLU / leaky ReLU applied in the loop
-    # (4), and the inlined activate_span: one forward and one gradient loop per activation,
-    # each for a constant code (14 loops; erf has no vector form, so gelu's two stay scalar: 12)
-    "_normalize": 16,
-    # one loop per combination of weight and bias present / absent, and with both rectified
-    # (5); the residual's, rectified or not (2 each, plus the versions LLVM makes of the loop
-    # for absent weight / bias); the inlined activate_span (12)
-    "_normalize_per_element": 21,
+    # the plain loop; the residual's (rectified or not) and the rectified one in a compiled call
+    "_normalize": 1,
+    "_normalize_fused": 3,
+    # one loop per combination of weight and bias present / absent; with a residual or a
+    # rectifier, a compiled call (its loops, plus the versions LLVM makes of the generic ones)
+    "_normalize_per_element": 4,
+    "_normalize_per_element_rectified": 5,
     "_normalize_per_element_residual": 7,
     # the activations' loops for a code known only at run time
     "_act_loop": 6,
@@ -54,7 +53,7 @@ VECTOR_LOOPS = {
     # the rows loop: first moments (shifted sums, two-pass fallback), the pipelined loops and
     # the last row's normalize (_pipelined_task runs it once per constant pair of flags; its
     # loops count in rows_forward)
-    "_pipelined_rows": 27,
+    "_pipelined_rows": 16,
     "_dx_span": 1,
     "_dx_per_element_span": 1,
     # with and without weight
@@ -92,8 +91,24 @@ def _signature(name, dtype):
         "_moments_two_pass": (data, i64),
         "_dots": (data, data, i64, i64, f64),
         "_dots_weighted": (data, data, data, i64, i64, i64, f64),
-        "_normalize": (data, data, data, data, i64, i64, f64, f64, f64, spec),
-        "_normalize_per_element": (data, data, data, data, data, data, i64, i64, i64, f64, f64, spec),
+        "_normalize": (data, data, i64, i64, f64, f64, f64),
+        "_normalize_fused": (data, data, data, i64, i64, f64, f64, f64, dtype, types.boolean),
+        "_normalize_per_element": (data, data, data, data, i64, i64, i64, f64, f64),
+        "_normalize_per_element_fused": (
+            data,
+            data,
+            data,
+            data,
+            data,
+            i64,
+            i64,
+            i64,
+            f64,
+            f64,
+            types.boolean,
+            dtype,
+        ),
+        "_normalize_per_element_rectified": (data, data, data, data, dtype, dtype, dtype, dtype),
         "_normalize_per_element_residual": (
             data,
             data,
@@ -237,10 +252,10 @@ def test_inner_loops_are_vectorized(name, dtype):
 
 #: kernel -> vectorized loops of its single-threaded build (every inlined block loop counts).
 KERNEL_VECTOR_LOOPS = {
-    "rows_forward": 67,
-    "rows_inference": 21,
+    "rows_forward": 74,
+    "rows_inference": 24,
     "rows_backward": 24,
-    "planes_forward": 32,
+    "planes_forward": 26,
     "planes_inference": 16,
     "planes_backward": 15,
     "channels_last_forward": 33,

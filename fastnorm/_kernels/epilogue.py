@@ -3,10 +3,11 @@
 The epilogue is ``y = act(z)`` with ``z = (x - mean) * (rstd * weight) + bias
 + residual``: the affine transform, the optional residual add (in the store
 loops, so that ``y`` may be the residual's memory), and the optional
-activation, applied by :func:`activate_span` to each stored span while it is
-in cache.  Its backward has two parts: :func:`activate_span` with a gradient
-turns a recomputed ``z`` into ``dz = dy * act'(z)`` (the inference kernels run
-it), and ``dx = a * dz - kx * (x - mean) - k0`` is the norm's own backward.
+activation: ReLU and leaky ReLU in the store loops too, the others by
+:func:`activate_all`, one more elementwise pass.  Its backward has two
+parts: :func:`activate_all` with a gradient turns a recomputed ``z`` into
+``dz = dy * act'(z)`` (the inference kernels run it), and ``dx = a * dz -
+kx * (x - mean) - k0`` is the norm's own backward.
 
 Adding an activation is a local change: a code in :data:`ACTIVATIONS`, its
 value and derivative in :func:`_act` and :func:`_act_grad`, and one line in
@@ -25,7 +26,12 @@ from __future__ import annotations
 
 import math
 
+from numba import prange
+
 from .._config import glue, helper
+
+#: Elements per task of :func:`activate_all` (the reduction block's size).
+_ACTIVATE_BLOCK = 4096
 
 #: Activation codes of ``KernelSpec.activation``, by the public name.
 ACTIVATIONS = {
@@ -180,14 +186,24 @@ def activate_span(ys, dys, code, slope):
 
 
 @glue
-def _epilogue(y, grad, off, count, spec, fused):
-    """Run the activation of ``spec`` over the stored span ``y[off : off+count]``.
+def activate_all(y, grad, spec):
+    """Apply the activation of ``spec`` to the whole output ``y``, after the store passes.
 
-    Unless it has none, or the store loop applied it (``fused``, :func:`_rectifier`).
+    Nothing for no activation, nor for a rectifier in a forward pass (the
+    store loops applied it, :func:`_rectifier`).  Otherwise one parallel
+    elementwise pass in blocks of ``BLOCK`` elements: ``y = act(z)``, or with
+    a non-empty ``grad``, ``y = grad * act'(z)``
+    (docs/perf-notes/fused-epilogue.md).
     """
-    if spec.activation != IDENTITY and not fused:
-        grads = grad[off : off + count] if grad.size > 0 else grad
-        activate_span(y[off : off + count], grads, spec.activation, spec.slope)
+    fused, _ = _rectifier(spec, grad, y)
+    if spec.activation == IDENTITY or fused:
+        return
+    nblocks = (y.size + _ACTIVATE_BLOCK - 1) // _ACTIVATE_BLOCK
+    for blk in prange(nblocks):
+        lo = blk * _ACTIVATE_BLOCK
+        hi = min(y.size, lo + _ACTIVATE_BLOCK)
+        grads = grad[lo:hi] if grad.size > 0 else grad
+        activate_span(y[lo:hi], grads, spec.activation, spec.slope)
 
 
 @glue
@@ -214,19 +230,28 @@ def _fold(constant, factor, mean_lo, like):
 
 
 @glue
-def _normalize(x, residual, grad, y, off, count, mean, scale, shift, spec):
-    """``y = act((x - mean) * scale + shift + residual)`` over ``[off, off+count)``, in ``x``'s dtype.
+def _normalize(x, y, off, count, mean, scale, shift):
+    """``y = (x - mean) * scale + shift`` over ``[off, off+count)``, in ``x``'s dtype.
 
-    Computed as ``(x - mean_hi) * scale + (shift - mean_lo * scale)``; an
-    empty ``residual`` is absent.  With a non-empty ``grad``, ``y`` receives
-    ``grad * act'(z)`` instead (:func:`activate_span`).
+    Computed as ``(x - mean_hi) * scale + (shift - mean_lo * scale)``.
     """
     xs = x[off : off + count]
     ys = y[off : off + count]
     mean_hi, mean_lo = _split(xs, mean)
     scale_x = xs.dtype.type(scale)
     shift_x = _fold(shift, scale, mean_lo, xs)
-    fused, slope = _rectifier(spec, grad, xs)
+    for i in range(count):
+        ys[i] = (xs[i] - mean_hi) * scale_x + shift_x
+
+
+@helper
+def _normalize_fused(x, residual, y, off, count, mean, scale, shift, slope, fused):
+    """:func:`_normalize` with a residual (unless empty) and, with ``fused``, a rectifier of ``slope``."""
+    xs = x[off : off + count]
+    ys = y[off : off + count]
+    mean_hi, mean_lo = _split(xs, mean)
+    scale_x = xs.dtype.type(scale)
+    shift_x = _fold(shift, scale, mean_lo, xs)
     if residual.size > 0:
         rs = residual[off : off + count]
         if fused:
@@ -235,21 +260,16 @@ def _normalize(x, residual, grad, y, off, count, mean, scale, shift, spec):
         else:
             for i in range(count):
                 ys[i] = (xs[i] - mean_hi) * scale_x + shift_x + rs[i]
-    elif fused:
-        for i in range(count):
-            ys[i] = _rectify((xs[i] - mean_hi) * scale_x + shift_x, slope)
     else:
         for i in range(count):
-            ys[i] = (xs[i] - mean_hi) * scale_x + shift_x
-    _epilogue(y, grad, off, count, spec, fused)
+            ys[i] = _rectify((xs[i] - mean_hi) * scale_x + shift_x, slope)
 
 
 @glue
-def _normalize_per_element(x, residual, grad, y, weight, bias, off, count, s0, mean, rstd, spec):
-    """``y = act((x - mean) * (rstd * weight[s]) + bias[s] + residual)``, ``s = s0 + i`` (LayerNorm).
+def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
+    """``y = (x - mean) * (rstd * weight[s]) + bias[s]``, ``s = s0 + i`` (LayerNorm).
 
-    In ``x``'s dtype as ``((x - mean_hi) - mean_lo) * (rstd * weight[s]) +
-    bias[s]``; ``residual`` and ``grad`` as in :func:`_normalize`.
+    In ``x``'s dtype as ``((x - mean_hi) - mean_lo) * (rstd * weight[s]) + bias[s]``.
     """
     xs = x[off : off + count]
     ys = y[off : off + count]
@@ -257,14 +277,7 @@ def _normalize_per_element(x, residual, grad, y, weight, bias, off, count, s0, m
     bs = bias[s0 : s0 + count]
     mean_hi, mean_lo = _split(xs, mean)
     rstd_x = xs.dtype.type(rstd)
-    fused, slope = _rectifier(spec, grad, xs)
-    if residual.size > 0:
-        rs = residual[off : off + count]
-        _normalize_per_element_residual(xs, ys, ws, bs, rs, mean_hi, mean_lo, rstd_x, fused, slope)
-    elif weight.size > 0 and bias.size > 0 and fused:
-        for i in range(count):
-            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i], slope)
-    elif weight.size > 0 and bias.size > 0:
+    if weight.size > 0 and bias.size > 0:
         for i in range(count):
             ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
     elif weight.size > 0:
@@ -276,8 +289,37 @@ def _normalize_per_element(x, residual, grad, y, weight, bias, off, count, s0, m
     else:
         for i in range(count):
             ys[i] = ((xs[i] - mean_hi) - mean_lo) * rstd_x
-    # the loops without weight or bias store z; the activation follows
-    _epilogue(y, grad, off, count, spec, fused and (residual.size > 0 or (weight.size > 0 and bias.size > 0)))
+
+
+@helper
+def _normalize_per_element_fused(x, residual, y, weight, bias, off, count, s0, mean, rstd, fused, slope):
+    """:func:`_normalize_per_element` plus ``residual`` (unless empty), rectified with ``fused``."""
+    xs = x[off : off + count]
+    ys = y[off : off + count]
+    ws = weight[s0 : s0 + count]
+    bs = bias[s0 : s0 + count]
+    mean_hi, mean_lo = _split(xs, mean)
+    rstd_x = xs.dtype.type(rstd)
+    if residual.size > 0:
+        rs = residual[off : off + count]
+        _normalize_per_element_residual(xs, ys, ws, bs, rs, mean_hi, mean_lo, rstd_x, fused, slope)
+    else:
+        _normalize_per_element_rectified(xs, ys, ws, bs, mean_hi, mean_lo, rstd_x, slope)
+
+
+@glue
+def _normalize_per_element_rectified(xs, ys, ws, bs, mean_hi, mean_lo, rstd_x, slope):
+    """Store :func:`_normalize_per_element` rectified (``ws`` / ``bs`` empty when absent)."""
+    one = xs.dtype.type(1.0)
+    zero = xs.dtype.type(0.0)
+    if ws.size > 0 and bs.size > 0:
+        for i in range(xs.size):
+            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i], slope)
+        return
+    for i in range(xs.size):
+        w = ws[i] if ws.size > 0 else one
+        b = bs[i] if bs.size > 0 else zero
+        ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * w) + b, slope)
 
 
 @glue

@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, kernel
-from .epilogue import _dx_span, _normalize
+from .epilogue import _dx_span, _normalize, _normalize_fused, _rectifier, activate_all
 from .numerics import (
     _block_plane,
     _dots,
@@ -139,12 +139,18 @@ def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, s
     """
     nblocks = schedule.nblocks
     centered = spec.flags & CENTERED != 0
+    fused, slope = _rectifier(spec, grad, x)
+    plain = residual.size == 0 and not fused
     for blk in prange(spec.batch * spec.channels * nblocks):
         plane, b = _block_plane(blk, nblocks)
         k = _plane_stat_index(spec, plane)
         off, count, _ = _cf_block_span(spec, plane, b)
         scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
-        _normalize(x, residual, grad, y, off, count, mean[k] if centered else 0.0, scale, shift, spec)
+        group_mean = mean[k] if centered else 0.0
+        if plain:
+            _normalize(x, y, off, count, group_mean, scale, shift)
+        else:
+            _normalize_fused(x, residual, y, off, count, group_mean, scale, shift, slope, fused)
 
 
 @glue
@@ -155,13 +161,17 @@ def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
     group of at most ``BLOCK`` elements is one block even when it spans
     several planes; its statistics go straight to ``mean``, ``rstd``.
     """
-    no_grad = x[:0]
+    fused, slope = _rectifier(spec, x[:0], x)
+    plain = residual.size == 0 and not fused
     for k in prange(mean.size):
         plane, group_mean, group_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
         for c in range(plane, plane + spec.channels // spec.groups):
             scale, shift = _cf_plane_coefs(weight, bias, spec, group_rstd, c)
             off = c * spec.spatial
-            _normalize(x, residual, no_grad, y, off, spec.spatial, group_mean, scale, shift, spec)
+            if plain:
+                _normalize(x, y, off, spec.spatial, group_mean, scale, shift)
+            else:
+                _normalize_fused(x, residual, y, off, spec.spatial, group_mean, scale, shift, slope, fused)
 
 
 @glue
@@ -169,7 +179,8 @@ def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedu
     """``FUSED``: one task per group reads it once and normalizes it while it is in cache."""
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * spec.channels * nblocks)
-    no_grad = x[:0]
+    fused, slope = _rectifier(spec, x[:0], x)
+    plain = residual.size == 0 and not fused
     for k in prange(mean.size):
         _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         n0, samples, c0, d = _group(spec, k)
@@ -179,7 +190,10 @@ def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedu
                 scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
                 for b in range(nblocks):
                     off, count, _ = _cf_block_span(spec, plane, b)
-                    _normalize(x, residual, no_grad, y, off, count, mean[k], scale, shift, spec)
+                    if plain:
+                        _normalize(x, y, off, count, mean[k], scale, shift)
+                    else:
+                        _normalize_fused(x, residual, y, off, count, mean[k], scale, shift, slope, fused)
 
 
 @glue
@@ -229,6 +243,7 @@ def planes_forward(x, weight, bias, residual, y, mean, rstd, params):
         _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule)
     else:
         _planes_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule)
+    activate_all(y, x[:0], spec)
 
 
 @kernel
@@ -248,6 +263,7 @@ def planes_inference(x, weight, bias, residual, grad, y, mean, rstd, params):
     """
     spec = KernelSpec(*params[:8])
     _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, Schedule(*params[8:]))
+    activate_all(y, grad, spec)
 
 
 # ---------------------------------------------------------------------------

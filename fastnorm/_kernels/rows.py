@@ -19,7 +19,15 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_row_span, _normalize_per_element, _rectifier, _rectify, _split
+from .epilogue import (
+    _dx_row_span,
+    _normalize_per_element,
+    _normalize_per_element_fused,
+    _rectifier,
+    _rectify,
+    _split,
+    activate_all,
+)
 from .numerics import (
     _block_plane,
     _dots,
@@ -95,9 +103,12 @@ def _pipelined_rows(x, weight, bias, residual, y, spec, mean, rstd, k0, k1, with
         ys = y[k * width : (k + 1) * width]
         if k + 1 == k1:
             off = k * width
-            _normalize_per_element(
-                x, residual, no_grad, y, weight, bias, off, width, 0, row_mean, row_rstd, spec
-            )
+            if with_residual or fused:
+                _normalize_per_element_fused(
+                    x, residual, y, weight, bias, off, width, 0, row_mean, row_rstd, fused, slope
+                )
+            else:
+                _normalize_per_element(x, y, weight, bias, off, width, 0, row_mean, row_rstd)
             break
         next_xs = x[(k + 1) * width : (k + 2) * width]
         shift = np.float64(next_xs[0])
@@ -135,11 +146,18 @@ def _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, schedu
     """Normalize every block of every row with its statistics (parallel over blocks)."""
     nblocks = schedule.nblocks
     centered = spec.flags & CENTERED != 0
+    fused, slope = _rectifier(spec, grad, x)
+    plain = residual.size == 0 and not fused
     for blk in prange(spec.batch * nblocks):
         row, b = _block_plane(blk, nblocks)
         off, count, s0 = _cf_block_span(spec, row, b)
         row_mean = mean[row] if centered else 0.0
-        _normalize_per_element(x, residual, grad, y, weight, bias, off, count, s0, row_mean, rstd[row], spec)
+        if plain:
+            _normalize_per_element(x, y, weight, bias, off, count, s0, row_mean, rstd[row])
+        else:
+            _normalize_per_element_fused(
+                x, residual, y, weight, bias, off, count, s0, row_mean, rstd[row], fused, slope
+            )
 
 
 @glue
@@ -154,11 +172,17 @@ def _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, chun
 @glue
 def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
     """``ONE_BLOCK``: one task per row of at most ``BLOCK`` elements: moments, then normalize."""
-    no_grad = x[:0]
+    fused, slope = _rectifier(spec, x[:0], x)
+    plain = residual.size == 0 and not fused
     for k in prange(mean.size):
         row, row_mean, row_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
         off, width = row * spec.spatial, spec.spatial
-        _normalize_per_element(x, residual, no_grad, y, weight, bias, off, width, 0, row_mean, row_rstd, spec)
+        if plain:
+            _normalize_per_element(x, y, weight, bias, off, width, 0, row_mean, row_rstd)
+        else:
+            _normalize_per_element_fused(
+                x, residual, y, weight, bias, off, width, 0, row_mean, row_rstd, fused, slope
+            )
 
 
 @glue
@@ -166,14 +190,18 @@ def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule
     """``FUSED``: one task per long row: block moments, merge, then its blocks normalized."""
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * nblocks)
-    no_grad = x[:0]
+    fused, slope = _rectifier(spec, x[:0], x)
+    plain = residual.size == 0 and not fused
     for k in prange(mean.size):
         _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         for b in range(nblocks):
             off, count, s0 = _cf_block_span(spec, k, b)
-            _normalize_per_element(
-                x, residual, no_grad, y, weight, bias, off, count, s0, mean[k], rstd[k], spec
-            )
+            if plain:
+                _normalize_per_element(x, y, weight, bias, off, count, s0, mean[k], rstd[k])
+            else:
+                _normalize_per_element_fused(
+                    x, residual, y, weight, bias, off, count, s0, mean[k], rstd[k], fused, slope
+                )
 
 
 @glue
@@ -208,6 +236,7 @@ def rows_forward(x, weight, bias, residual, y, mean, rstd, params):
         _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule)
     else:
         _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule)
+    activate_all(y, x[:0], spec)
 
 
 @kernel
@@ -219,6 +248,7 @@ def rows_inference(x, weight, bias, residual, grad, y, mean, rstd, params):
     """
     spec = KernelSpec(*params[:8])
     _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, Schedule(*params[8:]))
+    activate_all(y, grad, spec)
 
 
 # ---------------------------------------------------------------------------
