@@ -412,14 +412,9 @@ def _output(like, plan, out, name="out"):
             f"{name} has shape {out.shape} and dtype {out.dtype}; expected shape {like.shape} "
             f"and dtype {like.dtype}"
         )
-    flags = out.flags
-    if not flags.writeable:
+    if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    target_flags = flags if plan.kernel_axes is None else out.transpose(plan.kernel_axes).flags
-    if not target_flags.c_contiguous or not flags.aligned:
-        order = "C-contiguous" if plan.kernel_axes is None else "channels-last (like x)"
-        raise ValueError(f"{name} must be an aligned {order} array to be written in place")
-    return out, _kernel_view(out, plan)  # a view: contiguous in the kernel's order
+    return out, _flat_in_kernel_order(out, plan, name, "to be written in place")
 
 
 def _overlap_signature(dtype):
@@ -522,10 +517,19 @@ def _check_like_x(value, name, x, plan):
         raise TypeError(f"{name}.dtype={value.dtype} does not match x.dtype={x.dtype}")
     if value.shape != x.shape:
         raise ValueError(f"{name}.shape={value.shape} does not match x.shape={x.shape}")
-    view = value if plan.kernel_axes is None else value.transpose(plan.kernel_axes)
-    if not view.flags.c_contiguous or not value.flags.aligned:
+    return _flat_in_kernel_order(value, plan, name, "laid out like x")
+
+
+def _flat_in_kernel_order(array, plan, name, purpose):
+    """Return the flat view of ``array`` in the kernel's memory order, or raise ``ValueError`` naming it.
+
+    ``array`` must be aligned and contiguous in that order (C order, or
+    channels-last like ``x``): it is used as is, never copied.
+    """
+    view = array if plan.kernel_axes is None else array.transpose(plan.kernel_axes)
+    if not view.flags.c_contiguous or not array.flags.aligned:
         order = "C-contiguous" if plan.kernel_axes is None else "channels-last (like x)"
-        raise ValueError(f"{name} must be an aligned {order} array, laid out like x")
+        raise ValueError(f"{name} must be an aligned {order} array {purpose}")
     return view.reshape(-1)
 
 

@@ -92,7 +92,7 @@ def _signature(name, dtype):
         "_dots": (data, data, i64, i64, f64),
         "_dots_weighted": (data, data, data, i64, i64, i64, f64),
         "_normalize": (data, data, i64, i64, f64, f64, f64),
-        "_normalize_fused": (data, data, data, i64, i64, f64, f64, f64, dtype, types.boolean),
+        "_normalize_fused": (data, data, data, i64, i64, f64, f64, f64, types.boolean, dtype),
         "_normalize_per_element": (data, data, data, data, i64, i64, i64, f64, f64),
         "_normalize_per_element_fused": (
             data,

@@ -16,7 +16,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_constants, _fold, _rectifier, _rectify, _split, activate_all
+from .epilogue import _dx_constants, _fold, _rectify, _split, _store_mode, activate_all
 from .numerics import CANCELLATION_LIMIT, _dx_coefs, _finish, _group, _merge, _moments_two_pass
 from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule
 
@@ -244,7 +244,7 @@ def _cl_normalize_block(x, residual, grad, y, coef, spec, schedule, blk, tile_ro
     mean = coef[base : base + span]
     scale = coef[base + span : base + 2 * span]
     shift = coef[base + 2 * span : base + 3 * span]
-    fused, slope = _rectifier(spec, grad, x)
+    _, fused, slope = _store_mode(spec, grad, residual, x)
     if residual.size > 0 and fused:
         _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, True, True, slope)
     elif residual.size > 0:

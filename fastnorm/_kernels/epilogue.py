@@ -11,7 +11,7 @@ kx * (x - mean) - k0`` is the norm's own backward.
 
 Adding an activation is a local change: a code in :data:`ACTIVATIONS`, its
 value and derivative in :func:`_act` and :func:`_act_grad`, and one line in
-each ladder of :func:`activate_span` (docs/architecture.md).
+the ladder of :func:`activate_span` (docs/architecture.md).
 
 The elementwise loops run in the input's dtype: for float32 data, float32
 arithmetic does twice the elements per instruction and needs no conversions.
@@ -63,18 +63,21 @@ def _rectify(z, slope):
 
 
 @glue
-def _rectifier(spec, grad, like):
-    """``(fused, slope)``: whether the store loops apply the activation themselves, and its slope.
+def _store_mode(spec, grad, residual, like):
+    """``(plain, fused, slope)``: what the store loops of one kernel call do besides the affine map.
 
-    ReLU and leaky ReLU (:func:`_rectify`) cost a compare and a select, so
-    the main store loops apply them to the value in a register, and a
-    training forward stores ``y`` once; every other activation, and the
-    gradient (a non-empty ``grad``), runs in :func:`activate_span` over the
-    stored span (docs/perf-notes/fused-epilogue.md).
+    ``fused``: the loops apply the activation themselves, which they do for
+    ReLU and leaky ReLU (:func:`_rectify`: a compare and a select on a value
+    in a register) in a forward pass (``grad`` empty); every other
+    activation, and every gradient, runs in :func:`activate_all` after the
+    store pass.  ``slope`` is the rectifier's (0 for ReLU).  ``plain``: no
+    residual and no rectifier, the plain norm's loop
+    (docs/perf-notes/fused-epilogue.md).
     """
     code = spec.activation
     fused = grad.size == 0 and (code == RELU or code == LEAKY_RELU)
-    return fused, like.dtype.type(spec.slope if code == LEAKY_RELU else 0.0)
+    plain = residual.size == 0 and not fused
+    return plain, fused, like.dtype.type(spec.slope if code == LEAKY_RELU else 0.0)
 
 
 @glue
@@ -190,12 +193,12 @@ def activate_all(y, grad, spec):
     """Apply the activation of ``spec`` to the whole output ``y``, after the store passes.
 
     Nothing for no activation, nor for a rectifier in a forward pass (the
-    store loops applied it, :func:`_rectifier`).  Otherwise one parallel
-    elementwise pass in blocks of ``BLOCK`` elements: ``y = act(z)``, or with
-    a non-empty ``grad``, ``y = grad * act'(z)``
+    store loops applied it, :func:`_store_mode`).  Otherwise one parallel
+    elementwise pass in blocks of ``_ACTIVATE_BLOCK`` elements: ``y =
+    act(z)``, or with a non-empty ``grad``, ``y = grad * act'(z)``
     (docs/perf-notes/fused-epilogue.md).
     """
-    fused, _ = _rectifier(spec, grad, y)
+    _, fused, _ = _store_mode(spec, grad, y[:0], y)  # the residual plays no part here
     if spec.activation == IDENTITY or fused:
         return
     nblocks = (y.size + _ACTIVATE_BLOCK - 1) // _ACTIVATE_BLOCK
@@ -245,8 +248,12 @@ def _normalize(x, y, off, count, mean, scale, shift):
 
 
 @helper
-def _normalize_fused(x, residual, y, off, count, mean, scale, shift, slope, fused):
-    """:func:`_normalize` with a residual (unless empty) and, with ``fused``, a rectifier of ``slope``."""
+def _normalize_fused(x, residual, y, off, count, mean, scale, shift, fused, slope):
+    """:func:`_normalize` plus ``residual`` (unless empty), rectified with ``fused``.
+
+    Called only when the call is not plain (:func:`_store_mode`): without a
+    residual, ``fused`` is true.
+    """
     xs = x[off : off + count]
     ys = y[off : off + count]
     mean_hi, mean_lo = _split(xs, mean)

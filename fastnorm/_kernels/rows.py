@@ -23,9 +23,9 @@ from .epilogue import (
     _dx_row_span,
     _normalize_per_element,
     _normalize_per_element_fused,
-    _rectifier,
     _rectify,
     _split,
+    _store_mode,
     activate_all,
 )
 from .numerics import (
@@ -130,7 +130,7 @@ def _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, k0, k1):
     residual and a rectifier at most (:func:`~.schedule.plan_schedule`
     pipelines no other activation); each case is its own loop.
     """
-    fused, slope = _rectifier(spec, x[:0], x)
+    _, fused, slope = _store_mode(spec, x[:0], residual, x)
     if residual.size > 0 and fused:
         _pipelined_rows(x, weight, bias, residual, y, spec, mean, rstd, k0, k1, True, True, slope)
     elif residual.size > 0:
@@ -146,8 +146,7 @@ def _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, schedu
     """Normalize every block of every row with its statistics (parallel over blocks)."""
     nblocks = schedule.nblocks
     centered = spec.flags & CENTERED != 0
-    fused, slope = _rectifier(spec, grad, x)
-    plain = residual.size == 0 and not fused
+    plain, fused, slope = _store_mode(spec, grad, residual, x)
     for blk in prange(spec.batch * nblocks):
         row, b = _block_plane(blk, nblocks)
         off, count, s0 = _cf_block_span(spec, row, b)
@@ -172,8 +171,7 @@ def _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, chun
 @glue
 def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
     """``ONE_BLOCK``: one task per row of at most ``BLOCK`` elements: moments, then normalize."""
-    fused, slope = _rectifier(spec, x[:0], x)
-    plain = residual.size == 0 and not fused
+    plain, fused, slope = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
         row, row_mean, row_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
         off, width = row * spec.spatial, spec.spatial
@@ -190,8 +188,7 @@ def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule
     """``FUSED``: one task per long row: block moments, merge, then its blocks normalized."""
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * nblocks)
-    fused, slope = _rectifier(spec, x[:0], x)
-    plain = residual.size == 0 and not fused
+    plain, fused, slope = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
         _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         for b in range(nblocks):
