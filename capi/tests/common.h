@@ -69,4 +69,18 @@ TEST_HELPER int64_t desc_elements(const fastnorm_desc *d)
 
 TEST_HELPER size_t dtype_size(const fastnorm_desc *d) { return d->dtype == FASTNORM_FLOAT64 ? 8 : 4; }
 
+/* n pseudo-random values in [-1.5, 2.5) of the given dtype, the same for a given seed. */
+TEST_HELPER void fill(void *buf, int64_t n, int dtype, unsigned seed)
+{
+    int64_t i;
+    unsigned s = seed * 2654435761u + 1u;
+    for (i = 0; i < n; ++i) {
+        double v;
+        s = s * 1664525u + 1013904223u;
+        v = (double)(s >> 8) / (double)(1u << 24) * 4.0 - 1.5;
+        if (dtype == FASTNORM_FLOAT64) ((double *)buf)[i] = v;
+        else ((float *)buf)[i] = (float)v;
+    }
+}
+
 #endif

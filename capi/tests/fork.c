@@ -43,19 +43,6 @@ static void make_cases(void)
     }
 }
 
-static void fill(void *buf, int64_t n, int dtype, unsigned seed)
-{
-    int64_t i;
-    unsigned s = seed * 2654435761u + 1u;
-    for (i = 0; i < n; ++i) {
-        double v;
-        s = s * 1664525u + 1013904223u;
-        v = (double)(s >> 8) / (double)(1u << 24) * 4.0 - 1.5;
-        if (dtype == FASTNORM_FLOAT64) ((double *)buf)[i] = v;
-        else ((float *)buf)[i] = (float)v;
-    }
-}
-
 static void alloc_result(int c, result *r)
 {
     int64_t np_ = 0, ns = 0;
