@@ -7,7 +7,8 @@ Public API
 ----------
 Functional (``torch.nn.functional`` names and semantics, NumPy arrays):
 :func:`batch_norm`, :func:`instance_norm`, :func:`layer_norm`,
-:func:`group_norm`, :func:`rms_norm`.
+:func:`group_norm`, :func:`rms_norm`; the pre-norm skip add fused with LN/RMS:
+:func:`skip_layer_norm`, :func:`skip_rms_norm`.
 
 Explicit passes: :class:`NormSpec`, :func:`forward`, :func:`forward_inference`,
 :func:`backward`, :class:`Stats`, :class:`Gradients`.
@@ -19,7 +20,15 @@ Configuration: :func:`show_config` (versions, threading layer, CPU, cache).
 from . import _threading  # noqa: F401
 from ._info import show_config
 from .core import Gradients, Stats, backward, forward, forward_inference
-from .functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm
+from .functional import (
+    batch_norm,
+    group_norm,
+    instance_norm,
+    layer_norm,
+    rms_norm,
+    skip_layer_norm,
+    skip_rms_norm,
+)
 from .spec import NormSpec
 
 __version__ = "0.1.0"
@@ -36,6 +45,8 @@ __all__ = [
     "layer_norm",
     "group_norm",
     "rms_norm",
+    "skip_layer_norm",
+    "skip_rms_norm",
     "show_config",
     "__version__",
 ]

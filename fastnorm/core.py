@@ -48,20 +48,30 @@ class Stats:
     has_residual : bool
         Whether the forward pass added a residual; :func:`backward` then
         returns ``dresidual``.
+    h : ndarray or None
+        With a pre-norm skip (LayerNorm / RMSNorm): ``x + skip (+
+        skip_bias)``, the tensor that was normalized; :func:`backward` reads
+        it instead of ``x`` and returns ``dskip``.  ``None`` without a skip.
+    has_skip_bias : bool
+        Whether the skip add had a ``skip_bias``; :func:`backward` then
+        returns ``dskip_bias``.
     """
 
     mean: np.ndarray
     rstd: np.ndarray
     has_bias: bool = False
     has_residual: bool = False
+    h: np.ndarray | None = None
+    has_skip_bias: bool = False
 
 
 class Gradients(tuple):
-    """What :func:`backward` returns: ``(dx, dweight, dbias)``, and ``dresidual`` by name.
+    """What :func:`backward` returns: ``(dx, dweight, dbias)``, and the epilogue's gradients by name.
 
     A 3-tuple, so that ``dx, dweight, dbias = fastnorm.backward(...)`` keeps
-    working; the gradient of the fused epilogue's residual is the attribute
-    ``dresidual``.
+    working; the gradients of the fused epilogue's residual and of the
+    pre-norm skip add are the attributes ``dresidual``, ``dskip`` and
+    ``dskip_bias``.
 
     Attributes
     ----------
@@ -72,30 +82,43 @@ class Gradients(tuple):
     dresidual : ndarray or None
         Gradient with respect to the residual (``dy * act'(z)``, or ``dy``
         itself without an activation); ``None`` without a residual.
+    dskip : ndarray or None
+        Gradient with respect to ``skip`` after a pre-norm skip add: ``dx``
+        itself (``h = x + skip`` passes the gradient at ``h`` to both);
+        ``None`` without a skip.
+    dskip_bias : ndarray or None
+        Gradient with respect to ``skip_bias`` (the column sums of ``dx``
+        over the rows); ``None`` without one.
     """
 
     dresidual = None
+    dskip = None
+    dskip_bias = None
 
-    def __new__(cls, dx, dweight, dbias, dresidual=None):  # noqa: D102
+    def __new__(cls, dx, dweight, dbias, dresidual=None, dskip=None, dskip_bias=None):  # noqa: D102
         grads = tuple.__new__(cls, (dx, dweight, dbias))
         if dresidual is not None:
             grads.dresidual = dresidual
+        if dskip is not None:
+            grads.dskip = dskip
+        if dskip_bias is not None:
+            grads.dskip_bias = dskip_bias
         return grads
 
     def __repr__(self):
-        values = (*self, self.dresidual)
+        values = (*self, self.dresidual, self.dskip, self.dskip_bias)
         fields = ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, values, strict=True))
         return f"Gradients({fields})"
 
-    _fields = ("dx", "dweight", "dbias", "dresidual")
+    _fields = ("dx", "dweight", "dbias", "dresidual", "dskip", "dskip_bias")
 
     dx = property(lambda self: self[0], doc="Gradient with respect to ``x``.")
     dweight = property(lambda self: self[1], doc="Gradient with respect to ``weight``, or ``None``.")
     dbias = property(lambda self: self[2], doc="Gradient with respect to ``bias``, or ``None``.")
 
 
-def _new_stats(mean, rstd, has_bias, has_residual=False):
-    """``Stats(mean, rstd, has_bias, has_residual)`` without the frozen dataclass's ``__init__``.
+def _new_stats(mean, rstd, has_bias, has_residual=False, h=None, has_skip_bias=False):
+    """``Stats(mean, rstd, has_bias, ...)`` without the frozen dataclass's ``__init__``.
 
     The forward pass builds one per call; the generated ``__init__`` sets each
     field through ``object.__setattr__`` (0.44 us against 0.21 us here).
@@ -106,6 +129,8 @@ def _new_stats(mean, rstd, has_bias, has_residual=False):
     fields["rstd"] = rstd
     fields["has_bias"] = has_bias
     fields["has_residual"] = has_residual
+    fields["h"] = h
+    fields["has_skip_bias"] = has_skip_bias
     return stats
 
 
@@ -563,6 +588,9 @@ def forward(
     bias: ArrayLike | None = None,
     *,
     residual: np.ndarray | None = None,
+    skip: np.ndarray | None = None,
+    skip_bias: ArrayLike | None = None,
+    sum_out: np.ndarray | None = None,
     out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Stats]:
     """Training forward pass: normalize with the statistics of ``x``.
@@ -582,16 +610,27 @@ def forward(
     residual : ndarray, optional
         Added after the affine transform, before ``spec.activation``: same
         shape, dtype and memory layout as ``x`` (read in place, never copied).
+    skip : ndarray, optional
+        LayerNorm / RMSNorm only: the pre-norm skip add.  The tensor
+        normalized is ``h = x + skip (+ skip_bias)``, returned as
+        ``stats.h``.  Same shape, dtype and layout as ``x``; cannot be
+        combined with ``residual``.
+    skip_bias : array_like, optional
+        Added to ``h`` (shape of ``weight``); needs ``skip``.
+    sum_out : ndarray, optional
+        Preallocated ``h`` (``x``'s shape, dtype, C order); may be ``x`` or
+        ``skip`` itself.  Needs ``skip``.
     out : ndarray, optional
         Preallocated output with ``x``'s shape, dtype and memory order; may be
-        ``x`` or ``residual`` itself (in-place).
+        ``x``, ``residual`` or ``skip`` itself (in-place), never ``sum_out``.
 
     Returns
     -------
     y : ndarray
         Same shape and dtype as ``x``.
     stats : Stats
-        Float64 ``mean`` and ``rstd`` per group, for :func:`backward`.
+        Float64 ``mean`` and ``rstd`` per group, for :func:`backward` (and
+        ``h`` with a skip).
 
     Raises
     ------
@@ -599,8 +638,9 @@ def forward(
         Unsupported dtype (integer, complex, float16) or argument type.
     ValueError
         Shapes that do not fit ``spec``, BatchNorm with one value per channel,
-        groups of zero elements, an ``out`` or ``residual`` of the wrong
-        shape/dtype/order.
+        groups of zero elements, an ``out``, ``residual`` or ``skip`` of the
+        wrong shape/dtype/order, a skip with a spec other than LayerNorm /
+        RMSNorm.
 
     Notes
     -----
@@ -609,8 +649,62 @@ def forward(
     see ``docs/math.md``.  Statistics are accumulated in float64 over fixed
     blocks (Chan et al. merge), so results do not depend on the thread count.
     """
+    if skip is not None or skip_bias is not None or sum_out is not None:
+        return _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out)
     y, mean, rstd = _forward(x, spec, weight, bias, out, residual)
     return y, _new_stats(mean, rstd, bias is not None, residual is not None)
+
+
+def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out):
+    """:func:`forward` with the pre-norm skip add: ``h = x + skip (+ skip_bias)``, then the norm of ``h``."""
+    if skip is None:
+        given = "skip_bias" if skip_bias is not None else "sum_out"
+        raise ValueError(f"{given} was given without skip")
+    if spec.kind not in ("layer_norm", "rms_norm"):
+        raise ValueError(
+            f"skip is the pre-norm skip add of layer_norm and rms_norm, not of spec.kind={spec.kind!r}; "
+            "use residual= for a residual added after the norm"
+        )
+    if residual is not None:
+        raise ValueError(
+            "skip and residual cannot be combined: skip is added before the norm, residual after"
+        )
+    x, plan = _prepare_input(x, spec)
+    skip_flat = _check_like_x(skip, "skip", x, plan)
+    skip_bias_flat = _check_param(skip_bias, "skip_bias", plan, x.dtype)
+    weight_flat = _check_param(weight, "weight", plan, x.dtype)
+    bias_flat = _check_param(bias, "bias", plan, x.dtype)
+    x_flat = _kernel_view(x, plan)
+    h, h_flat = _output(x, plan, sum_out, "sum_out")
+    y, y_flat = _output(x, plan, out)
+    empty = _EMPTY[x.dtype]
+    mean = np.empty(plan.stats_shape)
+    rstd = np.empty(plan.stats_shape)
+    if sum_out is not None:
+        _check_alias(h_flat, x_flat, skip_flat, weight_flat, bias_flat, _NO_STATS, _NO_STATS, "sum_out")
+        _check_alias(h_flat, x_flat, skip_flat, skip_bias_flat, empty, _NO_STATS, _NO_STATS, "sum_out")
+    if out is not None:
+        _check_alias(y_flat, x_flat, skip_flat, weight_flat, bias_flat, _NO_STATS, _NO_STATS)
+        _check_alias(y_flat, x_flat, skip_flat, skip_bias_flat, empty, _NO_STATS, _NO_STATS)
+        if sum_out is not None and _check_alias(y_flat, h_flat, h_flat, empty, empty, _NO_STATS, _NO_STATS):
+            raise ValueError("out and sum_out are the same memory; pass separate buffers")
+    if plan.stats_size:
+        # y is never h's memory: the strategies read h while writing y (not in place)
+        _, params = _kernel_call(plan, K.FORWARD, (weight is not None) * 4 + (bias is not None) * 2)
+        kernel = K.select(K.SKIP_FORWARD, params)
+        kernel(
+            x_flat,
+            skip_flat,
+            skip_bias_flat,
+            weight_flat,
+            bias_flat,
+            h_flat,
+            y_flat,
+            mean.ravel(),
+            rstd.ravel(),
+            params,
+        )
+    return y, _new_stats(mean, rstd, bias is not None, False, h, skip_bias is not None)
 
 
 def _forward(x, spec, weight, bias, out, residual=None):
@@ -701,7 +795,10 @@ def backward(
     x : ndarray
         The forward input.
     stats : Stats
-        What :func:`forward` returned for ``x``.
+        What :func:`forward` returned for ``x``.  After a skip add it holds
+        ``h = x + skip (+ skip_bias)``, which the backward reads instead of
+        ``x`` (one read of ``h`` costs less than recomputing it from ``x``
+        and ``skip``); ``x`` then only fixes the shape and dtype.
     spec : NormSpec
         The spec of the forward pass.
     weight : array_like, optional
@@ -729,6 +826,8 @@ def backward(
         ``None`` when not requested.  Its attribute ``dresidual`` is the
         gradient with respect to the residual when the forward pass added
         one (``dy`` itself when ``spec.activation`` is ``None``), else ``None``.
+        After a skip add (``stats.h`` set), ``dskip`` is ``dx`` itself and
+        ``dskip_bias`` the skip bias's gradient (when the forward pass had one).
 
     Raises
     ------
@@ -761,7 +860,8 @@ def backward(
     has_residual = stats.has_residual or residual is not None
     if spec.activation is not None:
         bias_flat, residual_flat = _epilogue_inputs(x, plan, stats, bias, residual)
-    x_flat = _kernel_view(x, plan)
+    # after a skip add the norm's input is h: the backward reads it, and x only fixes the geometry
+    x_flat = _kernel_view(x, plan) if stats.h is None else _check_like_x(stats.h, "stats.h", x, plan)
     dy_flat = _kernel_view(dy_array if dy_array.flags.aligned else dy_array.copy(order="K"), plan)
     dx, dx_flat = _output(x, plan, out)
     in_place = False
@@ -770,6 +870,7 @@ def backward(
     dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
     dresidual = dy_array if has_residual else None
+    params = None
     if dx_flat.size:
         empty = _EMPTY[x.dtype]
         if spec.activation is not None:
@@ -792,9 +893,21 @@ def backward(
             empty if dbias is None else dbias.ravel(),
             params,
         )
+    if stats.h is not None:
+        return Gradients(dx, dweight, dbias, dresidual, dx, _skip_bias_grad(dx_flat, plan, stats, params))
     if dresidual is None:
         return tuple.__new__(Gradients, (dx, dweight, dbias))
     return Gradients(dx, dweight, dbias, dresidual)
+
+
+def _skip_bias_grad(dh_flat, plan, stats, params):
+    """``dskip_bias``, the column sums of ``dh`` (None without a skip bias); ``params`` of the backward."""
+    if not stats.has_skip_bias:
+        return None
+    dskip_bias = np.zeros(plan.param_shape, dh_flat.dtype)
+    if dh_flat.size:
+        K.select(K.SKIP_BIAS_BACKWARD, params)(dh_flat, dskip_bias.ravel(), params)
+    return dskip_bias
 
 
 def _epilogue_inputs(x, plan, stats, bias, residual):

@@ -16,7 +16,15 @@ from numpy.typing import ArrayLike
 from .core import Stats, _check_array, _forward, _plan, forward, forward_inference
 from .spec import NormSpec, check_positive_int
 
-__all__ = ["batch_norm", "instance_norm", "layer_norm", "group_norm", "rms_norm"]
+__all__ = [
+    "batch_norm",
+    "instance_norm",
+    "layer_norm",
+    "group_norm",
+    "rms_norm",
+    "skip_layer_norm",
+    "skip_rms_norm",
+]
 
 
 def _check_momentum(momentum, allow_none):
@@ -436,3 +444,92 @@ def rms_norm(
     ndim = _normalized_ndim(x, normalized_shape)
     spec = NormSpec.rms_norm(ndim, eps, activation=activation, negative_slope=negative_slope)
     return _forward(x, spec, weight, None, out, residual)[0]
+
+
+def skip_layer_norm(
+    x: ArrayLike,
+    skip: np.ndarray,
+    normalized_shape: int | Sequence[int],
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    eps: float = 1e-5,
+    *,
+    skip_bias: ArrayLike | None = None,
+    out: np.ndarray | None = None,
+    sum_out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-norm skip add and layer normalization, like ONNX Runtime's ``SkipLayerNormalization``.
+
+    Parameters
+    ----------
+    x : ndarray of float32 or float64
+        Any shape ending in ``normalized_shape``.
+    skip : ndarray
+        Added to ``x``: same shape, dtype and C order.
+    normalized_shape : int or tuple of int
+        The trailing dims to normalize over.
+    weight, bias : array_like of shape ``normalized_shape``, optional
+        Per-element affine parameters.
+    eps : float
+        Added to the variance.
+    skip_bias : array_like of shape ``normalized_shape``, optional
+        Added to the sum.
+    out : ndarray, optional
+        Preallocated ``y``; may be ``x`` or ``skip``, not ``sum_out``.
+    sum_out : ndarray, optional
+        Preallocated ``h``; may be ``x`` or ``skip``.
+
+    Returns
+    -------
+    y : ndarray
+        ``layer_norm(h, normalized_shape, weight, bias, eps)``.
+    h : ndarray
+        ``x + skip + skip_bias``, the input of the next residual add.
+
+    Notes
+    -----
+    One pass: each task writes ``h`` for its rows and normalizes them while
+    they are in cache (``docs/math.md``, "Pre-norm skip add").  For the
+    backward, :func:`fastnorm.forward` with ``skip=`` returns the statistics.
+    """
+    if type(x) is not np.ndarray:
+        x = _check_array(x, "x")
+    spec = NormSpec.layer_norm(_normalized_ndim(x, normalized_shape), eps)
+    y, stats = forward(x, spec, weight, bias, skip=skip, skip_bias=skip_bias, sum_out=sum_out, out=out)
+    return y, stats.h
+
+
+def skip_rms_norm(
+    x: ArrayLike,
+    skip: np.ndarray,
+    normalized_shape: int | Sequence[int],
+    weight: ArrayLike | None = None,
+    eps: float | None = None,
+    *,
+    skip_bias: ArrayLike | None = None,
+    out: np.ndarray | None = None,
+    sum_out: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pre-norm skip add and RMS normalization, like ONNX Runtime's ``SkipSimplifiedLayerNormalization``.
+
+    Parameters
+    ----------
+    x, skip, normalized_shape, skip_bias, out, sum_out
+        As in :func:`skip_layer_norm`.
+    weight : array_like of shape ``normalized_shape``, optional
+        Per-element scale.
+    eps : float or None
+        Added to the mean square; ``None`` means ``numpy.finfo(x.dtype).eps``.
+
+    Returns
+    -------
+    y : ndarray
+        ``rms_norm(h, normalized_shape, weight, eps)``.
+    h : ndarray
+        ``x + skip + skip_bias``.
+    """
+    if type(x) is not np.ndarray:
+        x = _check_array(x, "x")
+    spec = NormSpec.rms_norm(_normalized_ndim(x, normalized_shape), eps)
+    y, stats = forward(x, spec, weight, None, skip=skip, skip_bias=skip_bias, sum_out=sum_out, out=out)
+    return y, stats.h

@@ -306,3 +306,24 @@ def fused_backward(dy, x, kind, weight=None, bias=None, eps=1e-5, *, residual=No
     dz = np.asarray(dy, np.float64) * activation_grad(z, act, slope)
     dx, dweight, dbias = backward(dz, x, kind, weight, eps, **g)
     return dx, dweight, dbias, dz
+
+
+def skip_forward(x, skip, kind, weight=None, bias=None, eps=1e-5, *, skip_bias=None, act=None, **geo):
+    """Reference of the pre-norm skip add: ``(y, h, mean, rstd)`` in float64, ``h = x + skip + skip_bias``."""
+    h = np.asarray(x, np.float64) + np.asarray(skip, np.float64)
+    if skip_bias is not None:
+        h = h + np.asarray(skip_bias, np.float64)
+    y, _, mean, rstd = fused_forward(h, kind, weight, bias, eps, act=act, **geo)
+    return y, h, mean, rstd
+
+
+def skip_backward(dy, x, skip, kind, weight=None, bias=None, eps=1e-5, *, skip_bias=None, act=None, **geo):
+    """Reference backward of :func:`skip_forward`: ``(dh, dweight, dbias, dskip_bias)`` in float64.
+
+    ``dh`` is the gradient of both ``x`` and ``skip``; ``dskip_bias`` sums it over the rows.
+    """
+    _, h, _, _ = skip_forward(x, skip, kind, weight, bias, eps, skip_bias=skip_bias, act=act, **geo)
+    dh, dweight, dbias, _ = fused_backward(dy, h, kind, weight, bias, eps, act=act, **geo)
+    k = geo["normalized_ndim"]
+    dskip_bias = dh.reshape(-1, *dh.shape[dh.ndim - k :]).sum(axis=0)
+    return dh, dweight, dbias, dskip_bias

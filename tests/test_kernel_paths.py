@@ -297,6 +297,8 @@ def test_dispatch_table_covers_every_pass_view_and_build():
         for v in (K.ROWS, K.PLANES, K.CHANNELS_LAST_VIEW)
         for b in (0, 1)
     }
+    # the pre-norm skip add's passes exist for LayerNorm / RMSNorm rows only
+    keys |= {(p, K.ROWS, b) for p in (K.SKIP_FORWARD, K.SKIP_BIAS_BACKWARD) for b in (0, 1)}
     assert set(K.KERNELS) == keys
     assert len(set(map(id, K.KERNELS.values()))) == len(keys)
 

@@ -54,6 +54,9 @@ VECTOR_LOOPS = {
     # the last row's normalize (_pipelined_task runs it once per constant pair of flags; its
     # loops count in rows_forward)
     "_pipelined_rows": 16,
+    # the pre-norm skip add, with and without the skip bias; its gradient's column sums
+    "_add_skip_span": 2,
+    "_add_row": 1,
     "_dx_span": 1,
     "_dx_per_element_span": 1,
     # with and without weight
@@ -167,6 +170,8 @@ def _signature(name, dtype):
         ),
         "_pipelined_task": (data, data, data, data, data, spec, work, work, i64, i64),
         "_act_loop": (data, data, i64, f64),
+        "_add_skip_span": (data, data, data, data, i64, i64, i64),
+        "_add_row": (data, work),
         "_dx_span": (data, data, data, f64, f64, f64, f64),
         "_dx_per_element_span": (data, data, data, data, f64, f64, f64, f64),
         "_row_dots_and_partials": (data, data, data, work, work, f64, f64),
@@ -236,6 +241,7 @@ def test_every_loop_helper_is_listed():
         "_cf_group_statistics",  # calls _moments over a group's blocks
         "_group_coef_table",
         "_row_chunk",  # calls the row loops of _row_dots_and_partials and _dx_*_span
+        "_add_skip_rows",  # calls _add_skip_span per row
     }, sorted(helpers - set(VECTOR_LOOPS))
 
 
@@ -261,6 +267,8 @@ KERNEL_VECTOR_LOOPS = {
     "channels_last_forward": 33,
     "channels_last_inference": 23,
     "channels_last_backward": 18,
+    "rows_skip_forward": 78,
+    "rows_skip_bias_backward": 3,
 }
 
 
@@ -272,7 +280,11 @@ def test_kernels_keep_their_vectorized_loops(name):
     stats = types.Array(types.float64, 1, "C")
     spec = (types.int64,) * 5 + (types.float64, types.int64, types.float64)  # KernelSpec fields
     params = types.Tuple(spec + (types.int64,) * len(K.Schedule._fields))
-    if name.endswith("backward"):
+    if name == "rows_skip_forward":  # x, skip, skip_bias, weight, bias, h, y
+        signature = (data, data, data, data, data, data, data, stats, stats, params)
+    elif name == "rows_skip_bias_backward":  # dh, dskip_bias
+        signature = (data, data, params)
+    elif name.endswith("backward"):
         signature = (data, data, data, stats, stats, data, data, data, params)
     elif name.endswith("inference"):  # x, weight, bias, residual, grad, y
         signature = (data, data, data, data, data, data, stats, stats, params)

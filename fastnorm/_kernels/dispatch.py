@@ -15,8 +15,18 @@ import types
 from .._config import helper
 from .channels_last import channels_last_backward, channels_last_forward, channels_last_inference
 from .planes import planes_backward, planes_forward, planes_inference
-from .rows import rows_backward, rows_forward, rows_inference
-from .schedule import BACKWARD, CHANNELS_LAST_VIEW, FORWARD, INFERENCE, PLANES, ROWS, SPEC_FIELDS
+from .rows import rows_backward, rows_forward, rows_inference, rows_skip_bias_backward, rows_skip_forward
+from .schedule import (
+    BACKWARD,
+    CHANNELS_LAST_VIEW,
+    FORWARD,
+    INFERENCE,
+    PLANES,
+    ROWS,
+    SKIP_BIAS_BACKWARD,
+    SKIP_FORWARD,
+    SPEC_FIELDS,
+)
 
 
 def _serial_build(parallel_kernel):
@@ -38,6 +48,8 @@ def _serial_build(parallel_kernel):
 rows_forward_serial = _serial_build(rows_forward)
 rows_inference_serial = _serial_build(rows_inference)
 rows_backward_serial = _serial_build(rows_backward)
+rows_skip_forward_serial = _serial_build(rows_skip_forward)
+rows_skip_bias_backward_serial = _serial_build(rows_skip_bias_backward)
 planes_forward_serial = _serial_build(planes_forward)
 planes_inference_serial = _serial_build(planes_inference)
 planes_backward_serial = _serial_build(planes_backward)
@@ -45,7 +57,8 @@ channels_last_forward_serial = _serial_build(channels_last_forward)
 channels_last_inference_serial = _serial_build(channels_last_inference)
 channels_last_backward_serial = _serial_build(channels_last_backward)
 
-#: ``{(pass, view, parallel): kernel}``.
+#: ``{(pass, view, parallel): kernel}``; ``SKIP_FORWARD`` and ``SKIP_BIAS_BACKWARD`` exist
+#: for the row view only (they take the ``FORWARD`` and ``BACKWARD`` schedules).
 KERNELS = {
     (FORWARD, ROWS, 0): rows_forward_serial,
     (FORWARD, ROWS, 1): rows_forward,
@@ -65,6 +78,10 @@ KERNELS = {
     (BACKWARD, PLANES, 1): planes_backward,
     (BACKWARD, CHANNELS_LAST_VIEW, 0): channels_last_backward_serial,
     (BACKWARD, CHANNELS_LAST_VIEW, 1): channels_last_backward,
+    (SKIP_FORWARD, ROWS, 0): rows_skip_forward_serial,
+    (SKIP_FORWARD, ROWS, 1): rows_skip_forward,
+    (SKIP_BIAS_BACKWARD, ROWS, 0): rows_skip_bias_backward_serial,
+    (SKIP_BIAS_BACKWARD, ROWS, 1): rows_skip_bias_backward,
 }
 
 

@@ -11,6 +11,10 @@ strategies (:mod:`.schedule`):
   parallel over blocks);
 * backward: ``ROW_CHUNKS`` (many rows: tasks of whole rows, each with its own
   float64 parameter-gradient partials) or ``COLUMN_TILES`` (few long rows).
+
+The pre-norm skip (:func:`rows_skip_forward`) is a prologue of the forward
+strategies: each task first writes ``h = x + skip (+ skip_bias)`` for its own
+rows (:func:`_add_skip_rows`), then normalizes ``h`` while it is in cache.
 """
 
 from __future__ import annotations
@@ -59,6 +63,33 @@ from .schedule import (
 # ---------------------------------------------------------------------------
 # Training forward and inference
 # ---------------------------------------------------------------------------
+
+
+@helper
+def _add_skip_span(source, skip, skip_bias, h, off, count, s0):
+    """``h = source + skip (+ skip_bias)`` over ``count`` elements at ``off`` (row position ``s0``).
+
+    The sum is ``(source + skip) + skip_bias``, left to right, as
+    ``x + skip + skip_bias`` in NumPy and torch.  ``skip_bias`` is empty
+    when absent.
+    """
+    xs = source[off : off + count]
+    ss = skip[off : off + count]
+    hs = h[off : off + count]
+    if skip_bias.size > 0:
+        bs = skip_bias[s0 : s0 + count]
+        for i in range(count):
+            hs[i] = (xs[i] + ss[i]) + bs[i]
+    else:
+        for i in range(count):
+            hs[i] = xs[i] + ss[i]
+
+
+@helper
+def _add_skip_rows(source, skip, skip_bias, h, width, k0, k1):
+    """:func:`_add_skip_span` over rows ``k0 .. k1-1`` of ``width`` elements: one task's prologue."""
+    for k in range(k0, k1):
+        _add_skip_span(source, skip, skip_bias, h, k * width, width, 0)
 
 
 @glue
@@ -160,19 +191,27 @@ def _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, schedu
 
 
 @glue
-def _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, chunk):
-    """``PIPELINED``: tasks of ``chunk`` rows, each normalizing a row while summing the next."""
+def _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, chunk, skip):
+    """``PIPELINED``: tasks of ``chunk`` rows, each normalizing a row while summing the next.
+
+    ``skip`` is the prologue's ``(source, skip, skip_bias)`` (:func:`rows_skip_forward`;
+    empty arrays for none): ``x`` is then the ``h`` that each task first writes.
+    """
     nrows = mean.size
     for t in prange((nrows + chunk - 1) // chunk):
         k1 = min(nrows, (t + 1) * chunk)
+        if skip[0].size > 0:
+            _add_skip_rows(skip[0], skip[1], skip[2], x, spec.spatial, t * chunk, k1)
         _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, t * chunk, k1)
 
 
 @glue
-def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
+def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip):
     """``ONE_BLOCK``: one task per row of at most ``BLOCK`` elements: moments, then normalize."""
     plain, fused, slope = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
+        if skip[0].size > 0:
+            _add_skip_rows(skip[0], skip[1], skip[2], x, spec.spatial, k, k + 1)
         row, row_mean, row_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
         off, width = row * spec.spatial, spec.spatial
         if plain:
@@ -184,12 +223,14 @@ def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
 
 
 @glue
-def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule):
+def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule, skip):
     """``FUSED``: one task per long row: block moments, merge, then its blocks normalized."""
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * nblocks)
     plain, fused, slope = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
+        if skip[0].size > 0:
+            _add_skip_rows(skip[0], skip[1], skip[2], x, spec.spatial, k, k + 1)
         _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         for b in range(nblocks):
             off, count, s0 = _cf_block_span(spec, k, b)
@@ -202,8 +243,17 @@ def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule
 
 
 @glue
-def _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule):
-    """``SPLIT``: few rows: block moments in parallel, the row merges, then the normalize pass."""
+def _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule, skip):
+    """``SPLIT``: few rows: block moments in parallel, the row merges, then the normalize pass.
+
+    The skip prologue is one more parallel pass over the blocks, first.
+    """
+    if skip[0].size > 0:
+        nblocks = schedule.nblocks
+        for blk in prange(spec.batch * nblocks):
+            row, b = _block_plane(blk, nblocks)
+            off, count, s0 = _cf_block_span(spec, row, b)
+            _add_skip_span(skip[0], skip[1], skip[2], x, off, count, s0)
     _cf_split_statistics(x, mean, rstd, spec, schedule.nblocks)
     _rows_normalize(x, weight, bias, residual, x[:0], y, mean, rstd, spec, schedule)
 
@@ -223,16 +273,48 @@ def rows_forward(x, weight, bias, residual, y, mean, rstd, params):
     Normalization uses the centered form ``(x - mean) * (rstd * weight) +
     bias``, so that a constant row maps exactly to ``bias``.
     """
+    _rows_forward(x, weight, bias, residual, y, mean, rstd, params, (x[:0], x[:0], x[:0]))
+
+
+@kernel
+def rows_skip_forward(x, skip, skip_bias, weight, bias, h, y, mean, rstd, params):
+    """Training forward pass of LayerNorm / RMSNorm rows after a skip add: ``h = x + skip (+ skip_bias)``.
+
+    Parameters
+    ----------
+    x, skip : 1-D arrays
+        The two summands, ``R * K`` elements in row order.
+    skip_bias : 1-D array
+        Added to every row of the sum (length ``K``), or empty.
+    h : 1-D array
+        Output: ``x + skip + skip_bias``, the tensor normalized (and the
+        input of :func:`rows_backward`).  May be ``x`` or ``skip`` itself.
+    weight, bias, y, mean, rstd, params
+        As in :func:`rows_forward`, with ``h`` in place of ``x``; ``y`` must
+        not overlap ``h``.
+
+    Notes
+    -----
+    ONNX Runtime's ``SkipLayerNormalization`` (and its simplified RMS form):
+    each task writes ``h`` for its rows, then normalizes them while they are
+    in cache, so ``h`` costs one store and no second trip to memory.
+    """
+    _rows_forward(h, weight, bias, x[:0], y, mean, rstd, params, (x, skip, skip_bias))
+
+
+@glue
+def _rows_forward(x, weight, bias, residual, y, mean, rstd, params, skip):
+    """Run the strategy of :func:`rows_forward`; ``skip`` as in :func:`_rows_forward_pipelined`."""
     spec = KernelSpec(*params[:8])
     schedule = Schedule(*params[8:])
     if schedule.strategy == PIPELINED:
-        _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, schedule.chunk)
+        _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, schedule.chunk, skip)
     elif schedule.strategy == ONE_BLOCK:
-        _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec)
+        _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip)
     elif schedule.strategy == FUSED:
-        _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule)
+        _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule, skip)
     else:
-        _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule)
+        _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule, skip)
     activate_all(y, x[:0], spec)
 
 
@@ -479,3 +561,50 @@ def rows_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
         _rows_backward_chunks(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, schedule)
     else:
         _rows_backward_columns(dy, x, weight, mean, rstd, dx, dweight, dbias, spec, schedule)
+
+
+@kernel
+def rows_skip_bias_backward(dh, dskip_bias, params):
+    """Gradient of the skip bias: ``dskip_bias[s] = sum over rows of dh[row, s]``.
+
+    Parameters
+    ----------
+    dh : 1-D array
+        The gradient with respect to ``h`` (the ``dx`` of :func:`rows_backward`),
+        ``R * K`` elements in row order.
+    dskip_bias : 1-D array
+        Output, length ``K``.
+    params : tuple
+        The spec and ``BACKWARD`` schedule of :func:`rows_backward`.
+
+    Notes
+    -----
+    ``h = x + skip + skip_bias`` broadcasts the bias over the rows, so its
+    gradient is the column sum of ``dh``.  Float64 sums over the schedule's
+    fixed row chunks (``ROW_CHUNKS``) merged in order, or over all rows per
+    column tile (``COLUMN_TILES``): the same bits for any thread count.
+    """
+    spec = KernelSpec(*params[:8])
+    schedule = Schedule(*params[8:])
+    width = spec.spatial
+    nrows = spec.batch
+    chunk = schedule.chunk if schedule.strategy == ROW_CHUNKS else nrows
+    nchunks = (nrows + chunk - 1) // chunk
+    partial = np.zeros(width * nchunks)
+    for t in prange(nchunks):
+        acc = partial[width * t : width * (t + 1)]
+        for n in range(t * chunk, min(nrows, (t + 1) * chunk)):
+            _add_row(dh[n * width : (n + 1) * width], acc)
+    for tile in prange((width + COLUMN_TILE - 1) // COLUMN_TILE):
+        for s in range(tile * COLUMN_TILE, min(width, (tile + 1) * COLUMN_TILE)):
+            total = 0.0
+            for t in range(nchunks):
+                total += partial[width * t + s]
+            dskip_bias[s] = total
+
+
+@glue
+def _add_row(row, acc):
+    """``acc += row`` in float64."""
+    for s in range(row.size):
+        acc[s] += row[s]

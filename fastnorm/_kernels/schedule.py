@@ -26,8 +26,8 @@ __all__ = [
     "COLUMN_TILES", "ELEMENTWISE",
     "FORWARD", "FUSED", "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "ONE_BLOCK", "PER_ELEMENT",
     "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_WIDTH", "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS",
-    "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SPEC_FIELDS", "SPLIT", "KernelSpec", "Schedule", "num_stats",
-    "plan_schedule", "schedule_of",
+    "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD", "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT",
+    "KernelSpec", "Schedule", "num_stats", "plan_schedule", "schedule_of",
 ]  # fmt: skip
 
 # ---------------------------------------------------------------------------
@@ -75,10 +75,15 @@ slope : float
 # How to run it
 # ---------------------------------------------------------------------------
 
-#: Passes.
+#: Passes.  The pre-norm skip add (LayerNorm / RMSNorm rows only) has two more:
+#: SKIP_FORWARD, the forward pass that first writes ``h = x + skip (+ skip_bias)``, runs the
+#: FORWARD schedule; SKIP_BIAS_BACKWARD, the skip bias's gradient after the backward pass,
+#: runs the BACKWARD schedule.
 FORWARD = 0
 INFERENCE = 1
 BACKWARD = 2
+SKIP_FORWARD = 3
+SKIP_BIAS_BACKWARD = 4
 
 #: Data views: LayerNorm / RMSNorm rows (R, K); channels-first planes (N, C, S); (N, S, C).
 ROWS = 0
