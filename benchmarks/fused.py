@@ -14,8 +14,15 @@ and LayerNorm on BERT rows) it times, interleaved in rounds in one process
 * ``torch fwd`` / ``torch fwd+bwd``: ``F.batch_norm`` / ``F.layer_norm`` -> add
   -> activation, and ``autograd.grad`` of x, weight, bias and the residual.
 
-The table gives medians over rounds of the per-round ratios.  fastnorm writes
-``y`` and ``dx`` into preallocated outputs.
+A second table does the same for the pre-norm skip add (LayerNorm on BERT rows,
+RMSNorm on LLaMA rows): ``plain fwd`` is the norm of ``x``; ``skip fwd`` is
+:func:`fastnorm.forward` with ``skip=`` and ``skip_bias=`` (``y`` and ``h``);
+``skip fwd+bwd`` adds :func:`fastnorm.backward` (``dskip_bias`` too); torch runs
+``x + skip + skip_bias`` -> ``F.layer_norm`` / ``F.rms_norm`` and ``autograd.grad``
+of x, skip, the weight(s) and the skip bias.
+
+The tables give medians over rounds of the per-round ratios.  fastnorm writes
+``y``, ``h`` and ``dx`` into preallocated outputs.
 """
 
 from __future__ import annotations
@@ -33,6 +40,13 @@ CASES = (
     ("bn nchw (32,64,56,56)", "batch_norm", (32, 64, 56, 56), False),
     ("bn nhwc (32,64,56,56)", "batch_norm", (32, 64, 56, 56), True),
     ("ln (4096,768)", "layer_norm", (4096, 768), False),
+)
+
+#: ``(label, kind, row shape)`` of the skip-add table.
+SKIP_CASES = (
+    ("skip ln (4096,768)", "layer_norm", (4096, 768)),
+    ("skip ln (1024,1024)", "layer_norm", (1024, 1024)),
+    ("skip rms (2048,4096)", "rms_norm", (2048, 4096)),
 )
 
 
@@ -62,8 +76,80 @@ def _torch_calls(torch, kind, x, r, dy, weight, bias, channels_last, activation)
     return forward, forward_backward
 
 
+def _skip_rows(torch, dtype, rounds):
+    """Time the skip-add cases: ``[(label, samples)]``."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for label, kind, shape in SKIP_CASES:
+        x, skip, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+        width = shape[-1]
+        weight = rng.uniform(0.5, 1.5, width).astype(dtype)
+        bias = rng.uniform(-0.5, 0.5, width).astype(dtype) if kind == "layer_norm" else None
+        skip_bias = rng.uniform(-0.5, 0.5, width).astype(dtype)
+        spec = fastnorm.NormSpec.layer_norm(1) if kind == "layer_norm" else fastnorm.NormSpec.rms_norm(1)
+        y, h, dx = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+
+        def plain_forward(x=x, spec=spec, weight=weight, bias=bias, y=y):
+            fastnorm.forward(x, spec, weight, bias, out=y)
+
+        def skip_forward(x=x, skip=skip, spec=spec, weight=weight, bias=bias, sb=skip_bias, y=y, h=h):
+            fastnorm.forward(x, spec, weight, bias, skip=skip, skip_bias=sb, out=y, sum_out=h)
+
+        def skip_forward_backward(
+            x=x, skip=skip, dy=dy, spec=spec, weight=weight, bias=bias, sb=skip_bias, y=y, h=h, dx=dx
+        ):
+            _, stats = fastnorm.forward(x, spec, weight, bias, skip=skip, skip_bias=sb, out=y, sum_out=h)
+            fastnorm.backward(dy, x, stats, spec, weight, out=dx)
+
+        entries = [
+            ("plain", plain_forward, None),
+            ("fused", skip_forward, None),
+            ("fused_fb", skip_forward_backward, None),
+        ]
+        if torch is not None:
+            leaves = [torch.from_numpy(a).requires_grad_(True) for a in (x, skip, weight, skip_bias)]
+            if bias is not None:
+                leaves.append(torch.from_numpy(bias).requires_grad_(True))
+            dyt = torch.from_numpy(dy)
+
+            def t_forward(leaves=leaves, kind=kind, width=width, functional=torch.nn.functional):
+                ht = leaves[0] + leaves[1] + leaves[3]
+                if kind == "layer_norm":
+                    return functional.layer_norm(ht, (width,), leaves[2], leaves[4])
+                return functional.rms_norm(ht, (width,), leaves[2])
+
+            def t_forward_backward(leaves=leaves, dyt=dyt, t_forward=t_forward):
+                torch.autograd.grad(t_forward(), leaves, dyt)
+
+            entries += [("torch", t_forward, None), ("torch_fb", t_forward_backward, None)]
+        rows.append((label, interleaved(entries, rounds)))
+    return rows
+
+
+def _ratio(samples, a, b):
+    if b not in samples:
+        return float("nan")
+    return statistics.median(p / q for p, q in zip(samples[a], samples[b], strict=True))
+
+
+def _print_table(rows, names):
+    print(
+        f"| case | plain fwd ms | {names} fwd ms | {names} fwd+bwd ms | torch fwd ms | torch fwd+bwd ms "
+        f"| {names} / plain fwd | {names} / torch fwd | {names} / torch fwd+bwd |"
+    )
+    print("|" + "---|" * 9)
+    for label, samples in rows:
+        med = {name: statistics.median(values) * 1e3 for name, values in samples.items()}
+        print(
+            f"| {label} | {med['plain']:.2f} | {med['fused']:.2f} | {med['fused_fb']:.2f} | "
+            f"{med.get('torch', float('nan')):.2f} | {med.get('torch_fb', float('nan')):.2f} | "
+            f"{_ratio(samples, 'fused', 'plain'):.2f} | {_ratio(samples, 'fused', 'torch'):.2f} | "
+            f"{_ratio(samples, 'fused_fb', 'torch_fb'):.2f} |"
+        )
+
+
 def main():
-    """Measure and print the table."""
+    """Measure and print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--dtype", default="float32")
@@ -112,27 +198,13 @@ def main():
         samples = interleaved(entries, args.rounds)
         rows.append((label, samples))
 
-    def ratio(samples, a, b):
-        if b not in samples:
-            return float("nan")
-        return statistics.median(p / q for p, q in zip(samples[a], samples[b], strict=True))
-
     print(
         f"{args.activation}(norm(x) * w + b + r), {args.dtype}, medians of {args.rounds} interleaved rounds"
     )
-    print(
-        "| case | plain fwd ms | fused fwd ms | fused fwd+bwd ms | torch fwd ms | torch fwd+bwd ms "
-        "| fused / plain fwd | fused / torch fwd | fused / torch fwd+bwd |"
-    )
-    print("|" + "---|" * 9)
-    for label, samples in rows:
-        med = {name: statistics.median(values) * 1e3 for name, values in samples.items()}
-        print(
-            f"| {label} | {med['plain']:.2f} | {med['fused']:.2f} | {med['fused_fb']:.2f} | "
-            f"{med.get('torch', float('nan')):.2f} | {med.get('torch_fb', float('nan')):.2f} | "
-            f"{ratio(samples, 'fused', 'plain'):.2f} | {ratio(samples, 'fused', 'torch'):.2f} | "
-            f"{ratio(samples, 'fused_fb', 'torch_fb'):.2f} |"
-        )
+    _print_table(rows, "fused")
+    print()
+    print(f"norm(x + skip + skip_bias), {args.dtype}, medians of {args.rounds} interleaved rounds")
+    _print_table(_skip_rows(torch, args.dtype, args.rounds), "skip")
 
 
 if __name__ == "__main__":

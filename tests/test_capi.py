@@ -208,7 +208,7 @@ def test_c_matches_python_every_kind_dtype_layout(capi, tmp_path):
         dims = " ".join(str(d) for d in shape)
         lines.append(
             f"{prefix} {KINDS[kind]} {DTYPES[dtype]} {layout_code} {len(shape)} {dims} {groups} {nd} "
-            f"{eps!r} {int(has_w)} {int(has_b)} 0 0.01 0"
+            f"{eps!r} {int(has_w)} {int(has_b)} 0 0.01 0 0"
         )
         expected.append((prefix, dtype, {"y": y, "mean": stats.mean, "rstd": stats.rstd, "yinf": yinf,
                                          "dx": dx, "dw": dw, "db": db}))  # fmt: skip
@@ -273,7 +273,7 @@ def test_c_gives_the_pinned_corpus_bitwise(capi, tmp_path):
         lines.append(
             f"{prefix} {KINDS[case.kind]} {DTYPES[dtype]} {int(channels_last)} "
             f"{x.ndim} {' '.join(map(str, x.shape))} {groups} {nd} {eps!r} {int(weight is not None)} "
-            f"{int(bias is not None)} 0 0.01 0"
+            f"{int(bias is not None)} 0 0.01 0 0"
         )
     manifest = tmp_path / "manifest.txt"
     manifest.write_text("\n".join(lines) + "\n")
@@ -345,10 +345,62 @@ def test_c_fused_epilogue_matches_python(capi, tmp_path):
         lines.append(
             f"{prefix} {KINDS[kind]} {DTYPES[dtype]} {int(layout == 'cl')} {len(shape)} "
             f"{' '.join(map(str, shape))} {groups} {nd} {eps!r} {int(has_w)} {int(has_b)} "
-            f"{ACTIVATION_CODES[act]} {slope!r} {int(has_r)}"
+            f"{ACTIVATION_CODES[act]} {slope!r} {int(has_r)} 0"
         )
         outputs = {"y": y, "mean": stats.mean, "rstd": stats.rstd, "yinf": yinf, "dx": grads.dx,
                    "dres": grads.dresidual, "dw": grads.dweight, "db": grads.dbias}  # fmt: skip
+        expected.append((prefix, dtype, outputs))
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    result = run([capi["compare"], manifest])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"compare: {len(lines)} cases, 0 failures" in result.stdout
+    differ = []
+    for prefix, dtype, arrays in expected:
+        for suffix, want in arrays.items():
+            if want is None:
+                assert not Path(f"{prefix}.{suffix}").exists()
+                continue
+            got = np.fromfile(f"{prefix}.{suffix}", dtype=np.float64 if suffix in ("mean", "rstd") else dtype)
+            if got.tobytes() != np.ascontiguousarray(want).tobytes():
+                differ.append(f"{Path(prefix).name}.{suffix}")
+    assert not differ, f"{len(differ)} C outputs differ from Python: {differ[:20]}"
+
+
+def test_c_skip_add_matches_python(capi, tmp_path):
+    """fastnorm_skip_forward_training / fastnorm_skip_backward give the Python API's bits.
+
+    LayerNorm and RMSNorm cases of every shape above (every row strategy), with
+    and without a skip bias, weight, bias and an activation.
+    """
+    rng = np.random.default_rng(7)
+    lines, expected = [], []
+    activations = [None, None, "relu", "gelu"]
+    cases = [c for c in _cases() if c[0] in ("layer_norm", "rms_norm")]
+    cases += [("layer_norm", np.float32, (64, 768), "cf", 0, 1, True, True)]  # the pipelined forward
+    cases += [("rms_norm", np.float32, (33, 4500), "cf", 0, 1, True, False)]  # long rows, one task each
+    for index, (kind, dtype, shape, _, _, nd, has_w, has_b) in enumerate(cases):
+        act = activations[index % len(activations)]
+        has_sb = index % 2 == 0
+        prefix = tmp_path / f"skip{index}"
+        eps = 1e-5 if kind != "rms_norm" else 1e-6
+        spec = dataclasses.replace(_spec(kind, "cf", 0, nd, eps), activation=act)
+        x, skip, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+        pshape = shape[len(shape) - nd :]
+        sb = rng.standard_normal(pshape).astype(dtype) if has_sb else None
+        w = (1 + 0.5 * rng.standard_normal(pshape)).astype(dtype) if has_w else None
+        b = rng.standard_normal(pshape).astype(dtype) if has_b else None
+        y, stats = fastnorm.forward(x, spec, w, b, skip=skip, skip_bias=sb)
+        grads = fastnorm.backward(dy, x, stats, spec, w, bias=b, with_bias=has_b)
+        for suffix, array in {"x": x, "s": skip, "sb": sb, "dy": dy, "w": w, "b": b}.items():
+            if array is not None:
+                np.ascontiguousarray(array).tofile(f"{prefix}.{suffix}")
+        lines.append(
+            f"{prefix} {KINDS[kind]} {DTYPES[dtype]} 0 {len(shape)} {' '.join(map(str, shape))} 0 {nd} "
+            f"{eps!r} {int(has_w)} {int(has_b)} {ACTIVATION_CODES[act]} 0.01 0 {1 + has_sb}"
+        )
+        outputs = {"y": y, "h": stats.h, "mean": stats.mean, "rstd": stats.rstd, "dx": grads.dx,
+                   "dw": grads.dweight, "db": grads.dbias, "dsb": grads.dskip_bias}  # fmt: skip
         expected.append((prefix, dtype, outputs))
     manifest = tmp_path / "manifest.txt"
     manifest.write_text("\n".join(lines) + "\n")
@@ -457,8 +509,8 @@ def test_pythonhome_override(capi):
 def test_example_builds_with_pkg_config_and_runs(capi, tmp_path):
     pc = capi["out"] / "fastnorm.pc"
     assert pc.is_file()
-    assert "Version: 0.3.0\n" in pc.read_text()
-    assert BUILD.header_version() == "0.3.0"
+    assert "Version: 0.4.0\n" in pc.read_text()
+    assert BUILD.header_version() == "0.4.0"
     installed = capi["out"] / "include" / "fastnorm.h"
     assert installed.read_text() == (CAPI / "include" / "fastnorm.h").read_text()
     pkg_config = shutil.which("pkg-config")

@@ -1,7 +1,7 @@
 /*
  * fastnorm.h -- C ABI of fastnorm: BatchNorm, InstanceNorm, GroupNorm,
  * LayerNorm and RMSNorm forward / backward on the CPU, with a fused residual
- * add and activation.  Version 0.3.
+ * add and activation, and a pre-norm skip add.  Version 0.4.
  *
  * The library (libfastnorm.so) embeds a CPython interpreter and calls the
  * very same Numba kernels as the Python package, compiled once as Numba
@@ -83,7 +83,7 @@ extern "C" {
 
 /* Version of this header; fastnorm_version() / fastnorm_version_string() give the library's. */
 #define FASTNORM_VERSION_MAJOR 0
-#define FASTNORM_VERSION_MINOR 3
+#define FASTNORM_VERSION_MINOR 4
 #define FASTNORM_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH */
 #define FASTNORM_VERSION \
@@ -526,6 +526,75 @@ FASTNORM_API fastnorm_status fastnorm_backward_fused(const fastnorm_desc *desc, 
                                                      const void *residual, const void *weight,
                                                      const void *bias, const double *mean, const double *rstd,
                                                      void *dx, void *dresidual, void *dweight, void *dbias);
+
+/**
+ * Training forward pass after a pre-norm skip add (since 0.4): h = x + skip
+ * (+ skip_bias), then the norm of h (y, mean, rstd as fastnorm_forward_training_fused
+ * without a residual).  A pre-LN transformer's "h = x + attn; y = layer_norm(h)"
+ * is one call, and h is kept for the next residual, as ONNX Runtime's
+ * SkipLayerNormalization / SkipSimplifiedLayerNormalization.  LayerNorm and
+ * RMSNorm descriptors only (desc->activation applies to y).
+ *
+ * Inputs:
+ * @param desc      descriptor (read only); desc->kind FASTNORM_LAYER_NORM or
+ *                  FASTNORM_RMS_NORM.
+ * @param x, skip   the summands, fastnorm_num_params * fastnorm_num_stats
+ *                  elements each (the size of the tensor).
+ * @param skip_bias fastnorm_num_params elements added to every row, or NULL.
+ * @param weight    fastnorm_num_params elements, or NULL (weight 1).
+ * @param bias      fastnorm_num_params elements, or NULL (bias 0).
+ * Outputs:
+ * @param h         x + skip + skip_bias (rounded to the data dtype, summed
+ *                  left to right): the norm's input, and fastnorm_skip_backward's.
+ *                  May be x or skip itself (in place).
+ * @param y         the normalized h.  May be x or skip itself, never h.
+ * @param mean      fastnorm_num_stats doubles (of h).
+ * @param rstd      fastnorm_num_stats doubles (of h).
+ * @returns as fastnorm_forward_training_fused; FASTNORM_NULL_POINTER if desc,
+ *          x, skip, h, y, mean or rstd is NULL; FASTNORM_INVALID_ARGUMENT for
+ *          a descriptor of another kind; FASTNORM_OVERLAP for y == h or any
+ *          other overlap than those above.
+ * Ownership: as fastnorm_forward_training (nothing retained).  Starts the
+ * runtime if needed.  Thread-safe.  Deterministic, identical to
+ * fastnorm.forward(..., skip=..., skip_bias=...) in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_skip_forward_training(const fastnorm_desc *desc, const void *x,
+                                                            const void *skip, const void *skip_bias,
+                                                            const void *weight, const void *bias, void *h,
+                                                            void *y, double *mean, double *rstd);
+
+/**
+ * Backward pass after a pre-norm skip add (since 0.4): the norm's backward of
+ * fastnorm_backward_fused with h as its input (no residual).  The gradient
+ * w.r.t. h is dx, which is also the gradient w.r.t. x and w.r.t. skip; the
+ * skip bias's is its sum over the rows.
+ *
+ * Inputs:
+ * @param desc     descriptor of the forward pass (read only).
+ * @param dy       gradient of the loss w.r.t. y, same size as h.
+ * @param h        the h written by fastnorm_skip_forward_training.
+ * @param weight   the forward weight, or NULL if none.
+ * @param bias     the forward bias, or NULL if none (read only with an
+ *                 activation).
+ * @param mean     the mean written by fastnorm_skip_forward_training.
+ * @param rstd     the rstd written by fastnorm_skip_forward_training.
+ * Outputs:
+ * @param dx         dL/dh = dL/dx = dL/dskip, same size as h.  May be dy or h
+ *                   itself (in place).
+ * @param dweight    fastnorm_num_params elements, or NULL to skip it.
+ * @param dbias      fastnorm_num_params elements, or NULL to skip it.
+ * @param dskip_bias fastnorm_num_params elements (the column sums of dx, in
+ *                   float64 over fixed row chunks), or NULL to skip it.
+ * @returns as fastnorm_backward_fused; FASTNORM_NULL_POINTER names h when it
+ *          is NULL; FASTNORM_INVALID_ARGUMENT for a descriptor of another kind.
+ * Ownership: as fastnorm_backward_fused.  Starts the runtime if needed.
+ * Thread-safe.  Deterministic, identical to fastnorm.backward(...) after
+ * fastnorm.forward(..., skip=...) in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_skip_backward(const fastnorm_desc *desc, const void *dy, const void *h,
+                                                    const void *weight, const void *bias, const double *mean,
+                                                    const double *rstd, void *dx, void *dweight, void *dbias,
+                                                    void *dskip_bias);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -58,9 +58,14 @@ typedef int32_t (*forward_fn)(const void *x, const void *r, int64_t nr, const vo
 typedef int32_t (*backward_fn)(const void *dy, const void *x, const void *r, int64_t nr, const void *w,
                                int64_t nw, const void *b, int64_t nb, const double *mean, const double *rstd,
                                int64_t nstats, void *dx, void *dr, int64_t ndr, void *dw, int64_t ndw,
-                               void *db, int64_t ndb, int64_t batch, int64_t channels, int64_t spatial,
-                               int64_t groups, int64_t flags, double eps, int64_t activation, double slope,
-                               int64_t num_threads);
+                               void *db, int64_t ndb, void *dsb, int64_t ndsb, int64_t batch,
+                               int64_t channels, int64_t spatial, int64_t groups, int64_t flags, double eps,
+                               int64_t activation, double slope, int64_t num_threads);
+typedef int32_t (*skip_forward_fn)(const void *x, const void *s, const void *sb, int64_t nsb, const void *w,
+                                   int64_t nw, const void *b, int64_t nb, void *h, void *y, double *mean,
+                                   double *rstd, int64_t nstats, int64_t batch, int64_t channels,
+                                   int64_t spatial, int64_t groups, int64_t flags, double eps,
+                                   int64_t activation, double slope, int64_t num_threads);
 typedef void (*set_threads_fn)(int);
 typedef int (*get_threads_fn)(void);
 
@@ -181,6 +186,7 @@ static fastnorm_status read_desc(const fastnorm_desc *in, fastnorm_desc *out)
 /* ------------------------------------------------------------------------ */
 
 typedef struct plan {
+    int32_t kind;    /* fastnorm_kind */
     int dtype_index; /* 0: float32, 1: float64 */
     int64_t itemsize;
     int64_t batch, channels, spatial, groups, flags;
@@ -219,6 +225,7 @@ static fastnorm_status make_plan(const fastnorm_desc *desc, int training, plan *
     k = d->kind;
     if (k < FASTNORM_BATCH_NORM || k > FASTNORM_RMS_NORM)
         return fail(FASTNORM_INVALID_ARGUMENT, "desc->kind=%d is not a fastnorm_kind (1..5)", (int)k);
+    p->kind = k;
     switch (d->dtype) {
     case FASTNORM_FLOAT32:
         p->dtype_index = 0;
@@ -698,12 +705,68 @@ FASTNORM_API fastnorm_status fastnorm_forward_inference_fused(const fastnorm_des
     return forward_common(desc, 0, x, residual, weight, bias, mean, rstd, y);
 }
 
+/* The skip add's entry points take LayerNorm and RMSNorm descriptors only. */
+static fastnorm_status check_skip_kind(const plan *p, const char *function)
+{
+    if (p->kind != FASTNORM_LAYER_NORM && p->kind != FASTNORM_RMS_NORM)
+        return fail(FASTNORM_INVALID_ARGUMENT,
+                    "%s: desc->kind=%s: the pre-norm skip add is for layer_norm and rms_norm only", function,
+                    kind_name(p->kind));
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_skip_forward_training(const fastnorm_desc *desc, const void *x,
+                                                            const void *skip, const void *skip_bias,
+                                                            const void *weight, const void *bias, void *h,
+                                                            void *y, double *mean, double *rstd)
+{
+    /* h == x, h == skip, y == x, y == skip (never y == h) */
+    static const int allowed[][2] = {{7, 0}, {7, 1}, {8, 0}, {8, 1}};
+    plan p;
+    fastnorm_status st;
+    int32_t rc;
+    int previous, slot, threads;
+    if ((st = make_plan(desc, 1, &p)) != FASTNORM_OK) return st;
+    if ((st = check_skip_kind(&p, "fastnorm_skip_forward_training")) != FASTNORM_OK) return st;
+    REQUIRE(x);
+    REQUIRE(skip);
+    REQUIRE(h);
+    REQUIRE(y);
+    REQUIRE(mean);
+    REQUIRE(rstd);
+    {
+        buffer bufs[] = {
+            {"x", x, p.size * p.itemsize, 0, p.itemsize},
+            {"skip", skip, p.size * p.itemsize, 0, p.itemsize},
+            {"skip_bias", skip_bias, p.nparams * p.itemsize, 0, p.itemsize},
+            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
+            {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
+            {"mean", mean, p.nstats * 8, 1, 8},
+            {"rstd", rstd, p.nstats * 8, 1, 8},
+            {"h", h, p.size * p.itemsize, 1, p.itemsize},
+            {"y", y, p.size * p.itemsize, 1, p.itemsize},
+        };
+        if ((st = check_buffers(bufs, 9, allowed, 4)) != FASTNORM_OK) return st;
+    }
+    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    previous = enter_threads(&threads);
+    slot = p.dtype_index ? SLOT_SKIP_FORWARD_FLOAT64 : SLOT_SKIP_FORWARD_FLOAT32;
+    rc = ((skip_forward_fn)(uintptr_t)runtime_table[slot])(
+        x, skip, skip_bias, skip_bias ? p.nparams : 0, weight, weight ? p.nparams : 0, bias,
+        bias ? p.nparams : 0, h, y, mean, rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags,
+        p.eps, p.activation, p.negative_slope, (int64_t)threads);
+    leave_threads(previous);
+    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the skip forward kernel failed (out of memory?)");
+    return FASTNORM_OK;
+}
+
 /* Shared body of the backward entry points; `fused` says whether the caller
- * could pass the epilogue's buffers (fastnorm_backward_fused). */
-static fastnorm_status backward_common(const fastnorm_desc *desc, int fused, const void *dy, const void *x,
-                                       const void *residual, const void *weight, const void *bias,
-                                       const double *mean, const double *rstd, void *dx, void *dresidual,
-                                       void *dweight, void *dbias)
+ * could pass the epilogue's buffers (fastnorm_backward_fused, fastnorm_skip_backward),
+ * `skip` whether it is the skip add's (x is h, and dskip_bias may be asked for). */
+static fastnorm_status backward_common(const fastnorm_desc *desc, int fused, int skip, const void *dy,
+                                       const void *x, const void *residual, const void *weight,
+                                       const void *bias, const double *mean, const double *rstd, void *dx,
+                                       void *dresidual, void *dweight, void *dbias, void *dskip_bias)
 {
     /* dx == dy, dx == x, dresidual == dy */
     static const int allowed[][2] = {{7, 0}, {7, 1}, {8, 0}};
@@ -712,20 +775,21 @@ static fastnorm_status backward_common(const fastnorm_desc *desc, int fused, con
     int32_t rc;
     int previous, slot, threads;
     if ((st = make_plan(desc, 1, &p)) != FASTNORM_OK) return st;
+    if (skip && (st = check_skip_kind(&p, "fastnorm_skip_backward")) != FASTNORM_OK) return st;
     if (!fused && p.activation != FASTNORM_ACTIVATION_NONE)
         return fail(FASTNORM_INVALID_ARGUMENT,
                     "desc->activation=%d: fastnorm_backward cannot recompute the activation's input; call "
                     "fastnorm_backward_fused with the forward's bias and residual",
                     (int)p.activation);
     REQUIRE(dy);
-    REQUIRE(x);
+    if (x == NULL) return fail(FASTNORM_NULL_POINTER, "%s is NULL", skip ? "h" : "x");
     REQUIRE(mean);
     REQUIRE(rstd);
     REQUIRE(dx);
     {
         buffer bufs[] = {
             {"dy", dy, p.size * p.itemsize, 0, p.itemsize},
-            {"x", x, p.size * p.itemsize, 0, p.itemsize},
+            {skip ? "h" : "x", x, p.size * p.itemsize, 0, p.itemsize},
             {"residual", residual, p.size * p.itemsize, 0, p.itemsize},
             {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
             {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
@@ -735,8 +799,9 @@ static fastnorm_status backward_common(const fastnorm_desc *desc, int fused, con
             {"dresidual", dresidual, p.size * p.itemsize, 1, p.itemsize},
             {"dweight", dweight, p.nparams * p.itemsize, 1, p.itemsize},
             {"dbias", dbias, p.nparams * p.itemsize, 1, p.itemsize},
+            {"dskip_bias", dskip_bias, p.nparams * p.itemsize, 1, p.itemsize},
         };
-        if ((st = check_buffers(bufs, 11, allowed, 3)) != FASTNORM_OK) return st;
+        if ((st = check_buffers(bufs, 12, allowed, 3)) != FASTNORM_OK) return st;
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
@@ -744,8 +809,8 @@ static fastnorm_status backward_common(const fastnorm_desc *desc, int fused, con
     rc = ((backward_fn)(uintptr_t)runtime_table[slot])(
         dy, x, residual, residual ? p.size : 0, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0,
         mean, rstd, p.nstats, dx, dresidual, dresidual ? p.size : 0, dweight, dweight ? p.nparams : 0, dbias,
-        dbias ? p.nparams : 0, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps, p.activation,
-        p.negative_slope, (int64_t)threads);
+        dbias ? p.nparams : 0, dskip_bias, dskip_bias ? p.nparams : 0, p.batch, p.channels, p.spatial,
+        p.groups, p.flags, p.eps, p.activation, p.negative_slope, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward kernel failed (out of memory?)");
     return FASTNORM_OK;
@@ -755,7 +820,7 @@ FASTNORM_API fastnorm_status fastnorm_backward(const fastnorm_desc *desc, const 
                                                const void *weight, const double *mean, const double *rstd,
                                                void *dx, void *dweight, void *dbias)
 {
-    return backward_common(desc, 0, dy, x, NULL, weight, NULL, mean, rstd, dx, NULL, dweight, dbias);
+    return backward_common(desc, 0, 0, dy, x, NULL, weight, NULL, mean, rstd, dx, NULL, dweight, dbias, NULL);
 }
 
 FASTNORM_API fastnorm_status fastnorm_backward_fused(const fastnorm_desc *desc, const void *dy, const void *x,
@@ -763,5 +828,15 @@ FASTNORM_API fastnorm_status fastnorm_backward_fused(const fastnorm_desc *desc, 
                                                      const void *bias, const double *mean, const double *rstd,
                                                      void *dx, void *dresidual, void *dweight, void *dbias)
 {
-    return backward_common(desc, 1, dy, x, residual, weight, bias, mean, rstd, dx, dresidual, dweight, dbias);
+    return backward_common(desc, 1, 0, dy, x, residual, weight, bias, mean, rstd, dx, dresidual, dweight,
+                           dbias, NULL);
+}
+
+FASTNORM_API fastnorm_status fastnorm_skip_backward(const fastnorm_desc *desc, const void *dy, const void *h,
+                                                    const void *weight, const void *bias, const double *mean,
+                                                    const double *rstd, void *dx, void *dweight, void *dbias,
+                                                    void *dskip_bias)
+{
+    return backward_common(desc, 1, 1, dy, h, NULL, weight, bias, mean, rstd, dx, NULL, dweight, dbias,
+                           dskip_bias);
 }

@@ -6,11 +6,17 @@
  *
  * Manifest lines:
  *   prefix kind dtype layout rank d0 .. d(rank-1) num_groups normalized_ndim eps has_weight has_bias
- *          activation negative_slope has_residual
+ *          activation negative_slope has_residual skip
  * Inputs  prefix.x prefix.dy [prefix.r] [prefix.w] [prefix.b] prefix.imean prefix.irstd
  * Outputs prefix.y prefix.mean prefix.rstd prefix.yinf prefix.dx [prefix.dres] [prefix.dw] [prefix.db]
  * A case with an activation or a residual runs the _fused entry points, and
  * also checks y == residual and dresidual == dy.
+ *
+ * skip: 0, or the pre-norm skip add (1; 2 with a skip bias), which runs
+ * fastnorm_skip_forward_training and fastnorm_skip_backward instead:
+ * Inputs  prefix.x prefix.s [prefix.sb] prefix.dy [prefix.w] [prefix.b]
+ * Outputs prefix.y prefix.h prefix.mean prefix.rstd prefix.dx [prefix.dw] [prefix.db] [prefix.dsb]
+ * and checks h == x with y == skip, h == skip with y == x, and dx == dy.
  */
 #include "common.h"
 
@@ -153,6 +159,94 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     return 0;
 }
 
+static int run_skip_case(const char *prefix, const fastnorm_desc *d, int has_w, int has_b, int has_sb)
+{
+    int64_t n = desc_elements(d), np_, ns;
+    size_t es = dtype_size(d), bytes, pbytes;
+    void *x, *s, *sb = NULL, *dy, *w = NULL, *b = NULL, *y, *h, *dx, *dw = NULL, *db = NULL, *dsb = NULL, *t1,
+                 *t2;
+    double *mean, *rstd, *m2, *r2;
+    fastnorm_status st;
+
+    if ((st = fastnorm_num_params(d, &np_)) != FASTNORM_OK
+        || (st = fastnorm_num_stats(d, &ns)) != FASTNORM_OK) {
+        fprintf(stderr, "%s: descriptor rejected: %s\n", prefix, fastnorm_last_error());
+        return 1;
+    }
+    bytes = (size_t)n * es;
+    pbytes = (size_t)np_ * es;
+    x = read_file(path(prefix, "x"), bytes);
+    s = read_file(path(prefix, "s"), bytes);
+    dy = read_file(path(prefix, "dy"), bytes);
+    if (has_sb) sb = read_file(path(prefix, "sb"), pbytes);
+    if (has_w) w = read_file(path(prefix, "w"), pbytes);
+    if (has_b) b = read_file(path(prefix, "b"), pbytes);
+    y = xmalloc(bytes);
+    h = xmalloc(bytes);
+    dx = xmalloc(bytes);
+    t1 = xmalloc(bytes);
+    t2 = xmalloc(bytes);
+    mean = xmalloc((size_t)ns * 8);
+    rstd = xmalloc((size_t)ns * 8);
+    m2 = xmalloc((size_t)ns * 8);
+    r2 = xmalloc((size_t)ns * 8);
+    if (has_w) dw = xmalloc(pbytes);
+    if (has_b) db = xmalloc(pbytes);
+    if (has_sb) dsb = xmalloc(pbytes);
+
+    st = fastnorm_skip_forward_training(d, x, s, sb, w, b, h, y, mean, rstd);
+    CHECK(st == FASTNORM_OK, "%s skip_forward_training: %s %s", prefix, fastnorm_status_string(st),
+          fastnorm_last_error());
+    st = fastnorm_skip_backward(d, dy, h, w, b, mean, rstd, dx, dw, db, dsb);
+    CHECK(st == FASTNORM_OK, "%s skip_backward: %s %s", prefix, fastnorm_status_string(st),
+          fastnorm_last_error());
+
+    /* in place: h == x and y == skip, then h == skip and y == x */
+    memcpy(t1, x, bytes);
+    memcpy(t2, s, bytes);
+    st = fastnorm_skip_forward_training(d, t1, t2, sb, w, b, t1, t2, m2, r2);
+    CHECK(st == FASTNORM_OK && memcmp(t1, h, bytes) == 0 && memcmp(t2, y, bytes) == 0
+              && memcmp(m2, mean, (size_t)ns * 8) == 0 && memcmp(r2, rstd, (size_t)ns * 8) == 0,
+          "%s skip_forward_training h == x, y == skip differs (%s)", prefix, fastnorm_status_string(st));
+    memcpy(t1, x, bytes);
+    memcpy(t2, s, bytes);
+    st = fastnorm_skip_forward_training(d, t1, t2, sb, w, b, t2, t1, m2, r2);
+    CHECK(st == FASTNORM_OK && memcmp(t2, h, bytes) == 0 && memcmp(t1, y, bytes) == 0,
+          "%s skip_forward_training h == skip, y == x differs (%s)", prefix, fastnorm_status_string(st));
+    /* in place: dx == dy */
+    memcpy(t1, dy, bytes);
+    st = fastnorm_skip_backward(d, t1, h, w, b, mean, rstd, t1, NULL, NULL, NULL);
+    CHECK(st == FASTNORM_OK && memcmp(t1, dx, bytes) == 0, "%s skip_backward dx == dy differs", prefix);
+
+    write_file(path(prefix, "y"), y, bytes);
+    write_file(path(prefix, "h"), h, bytes);
+    write_file(path(prefix, "mean"), mean, (size_t)ns * 8);
+    write_file(path(prefix, "rstd"), rstd, (size_t)ns * 8);
+    write_file(path(prefix, "dx"), dx, bytes);
+    if (has_w) write_file(path(prefix, "dw"), dw, pbytes);
+    if (has_b) write_file(path(prefix, "db"), db, pbytes);
+    if (has_sb) write_file(path(prefix, "dsb"), dsb, pbytes);
+    free(x);
+    free(s);
+    free(sb);
+    free(dy);
+    free(w);
+    free(b);
+    free(y);
+    free(h);
+    free(dx);
+    free(t1);
+    free(t2);
+    free(mean);
+    free(rstd);
+    free(m2);
+    free(r2);
+    free(dw);
+    free(db);
+    free(dsb);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     FILE *manifest;
@@ -169,7 +263,7 @@ int main(int argc, char **argv)
     }
     while (fscanf(manifest, "%2047s", prefix) == 1) {
         fastnorm_desc d;
-        int kind, dtype, layout, rank, i, nd, has_w, has_b, activation, has_r;
+        int kind, dtype, layout, rank, i, nd, has_w, has_b, activation, has_r, skip, failed;
         long long groups, dim;
         int64_t dims[FASTNORM_MAX_RANK];
         double eps, slope;
@@ -188,16 +282,18 @@ int main(int argc, char **argv)
             return 2;
         }
         d.layout = layout;
-        if (fscanf(manifest, "%lld %d %lf %d %d %d %lf %d", &groups, &nd, &eps, &has_w, &has_b, &activation,
-                   &slope, &has_r)
-            != 8)
+        if (fscanf(manifest, "%lld %d %lf %d %d %d %lf %d %d", &groups, &nd, &eps, &has_w, &has_b,
+                   &activation, &slope, &has_r, &skip)
+            != 9)
             return 2;
         d.num_groups = groups;
         d.normalized_ndim = nd;
         d.eps = eps;
         d.activation = activation;
         d.negative_slope = slope;
-        if (run_case(prefix, &d, has_w, has_b, has_r) != 0) ++g_failures;
+        failed = skip ? run_skip_case(prefix, &d, has_w, has_b, skip == 2)
+                      : run_case(prefix, &d, has_w, has_b, has_r);
+        if (failed) ++g_failures;
         ++cases;
     }
     fclose(manifest);

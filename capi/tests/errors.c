@@ -155,9 +155,9 @@ int main(void)
     }
 
     /* pure-C helpers */
-    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 300, "version %d",
+    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 400, "version %d",
           fastnorm_version());
-    CHECK(strcmp(fastnorm_version_string(), "0.3.0") == 0
+    CHECK(strcmp(fastnorm_version_string(), "0.4.0") == 0
               && strcmp(FASTNORM_VERSION_STRING, fastnorm_version_string()) == 0,
           "version string %s (header %s)", fastnorm_version_string(), FASTNORM_VERSION_STRING);
     CHECK(FASTNORM_OK == 0 && FASTNORM_INVALID_ARGUMENT == 1 && FASTNORM_UNSUPPORTED == 2

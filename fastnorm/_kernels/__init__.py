@@ -31,7 +31,7 @@ before calling them.  Results depend only on the shape, never on the thread
 count (fixed blocks merged in a fixed order).
 """
 
-from .dispatch import KERNELS, run_backward, run_forward, select
+from .dispatch import KERNELS, run_backward, run_forward, run_skip_bias_backward, run_skip_forward, select
 from .epilogue import ACTIVATIONS
 from .numerics import CANCELLATION_LIMIT
 from .schedule import *  # noqa: F403 -- the constants, KernelSpec, Schedule, plan_schedule
@@ -43,6 +43,8 @@ __all__ = [
     "KERNELS",
     "run_backward",
     "run_forward",
+    "run_skip_bias_backward",
+    "run_skip_forward",
     "select",
     *_schedule_names,
 ]

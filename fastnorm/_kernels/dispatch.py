@@ -2,9 +2,10 @@
 
 Each kernel family has a parallel build and a serial build of the same source
 (:func:`_serial_build`); :data:`KERNELS` maps ``(pass, view, parallel)`` to
-the build, for the Python API, and :func:`run_forward` /
-:func:`run_backward` make the same choice inside compiled code, for the C
-ABI's cfuncs (a compiled function cannot index a table of functions).
+the build, for the Python API, and :func:`run_forward`,
+:func:`run_backward` and the skip add's :func:`run_skip_forward` /
+:func:`run_skip_bias_backward` make the same choice inside compiled code, for
+the C ABI's cfuncs (a compiled function cannot index a table of functions).
 ``tests/test_kernel_paths.py`` checks that both agree.
 """
 
@@ -145,3 +146,21 @@ def run_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
         channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
     else:
         channels_last_backward_serial(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
+
+
+@helper
+def run_skip_forward(x, skip, skip_bias, weight, bias, h, y, mean, rstd, params):
+    """Run the ``SKIP_FORWARD`` kernel of :data:`KERNELS` for ``params`` (compiled)."""
+    if params[10]:
+        rows_skip_forward(x, skip, skip_bias, weight, bias, h, y, mean, rstd, params)
+    else:
+        rows_skip_forward_serial(x, skip, skip_bias, weight, bias, h, y, mean, rstd, params)
+
+
+@helper
+def run_skip_bias_backward(dh, dskip_bias, params):
+    """Run the ``SKIP_BIAS_BACKWARD`` kernel of :data:`KERNELS` for ``params`` (compiled)."""
+    if params[10]:
+        rows_skip_bias_backward(dh, dskip_bias, params)
+    else:
+        rows_skip_bias_backward_serial(dh, dskip_bias, params)

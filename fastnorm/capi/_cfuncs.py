@@ -10,9 +10,11 @@ already validated every argument; the cfuncs trust their inputs.
 
 Conventions
 -----------
-* One cfunc per (operation, dtype); 6 cfuncs cover 3 operations x 2 dtypes.
+* One cfunc per (operation, dtype); 8 cfuncs cover 4 operations x 2 dtypes
+  (the training and inference forward passes, the backward pass, and the
+  forward pass after a pre-norm skip add).
 * Data buffers are ``T*`` (``float32`` or ``float64``); ``mean``/``rstd`` are
-  ``double*``.  An absent weight/bias/residual/dweight/dbias/dresidual is
+  ``double*``.  An absent weight/bias/residual/dweight/dbias/dresidual/skip_bias/dskip_bias is
   passed with length 0 (its pointer may be NULL) and becomes an empty array,
   as the kernels expect.  The activation and its slope are the last two
   KernelSpec fields.
@@ -60,9 +62,16 @@ def _signatures(dtype):
     spec = (_i64, _i64, _i64, _i64, _i64, _f64, _i64, _f64)  # KernelSpec fields
     forward = types.int32(pt, pt, _i64, pt, _i64, pt, _i64, pt, _p64, _p64, _i64, *spec, _i64)
     backward = types.int32(
-        pt, pt, pt, _i64, pt, _i64, pt, _i64, _p64, _p64, _i64, pt, pt, _i64, pt, _i64, pt, _i64, *spec, _i64
-    )
-    return {"forward_training": forward, "forward_inference": forward, "backward": backward}
+        pt, pt, pt, _i64, pt, _i64, pt, _i64, _p64, _p64, _i64, pt, pt, _i64, pt, _i64, pt, _i64, pt, _i64,
+        *spec, _i64,
+    )  # fmt: skip
+    skip_forward = types.int32(pt, pt, pt, _i64, pt, _i64, pt, _i64, pt, pt, _p64, _p64, _i64, *spec, _i64)
+    return {
+        "forward_training": forward,
+        "forward_inference": forward,
+        "backward": backward,
+        "skip_forward": skip_forward,
+    }
 
 
 #: ``{(operation, dtype name): numba signature}`` of every cfunc.
@@ -117,7 +126,7 @@ def _make_backward(key):
     """
 
     def backward(
-        dy, x, r, nr, w, nw, b, nb, mean, rstd, nstats, dx, dr, ndr, dw, ndw, db, ndb,
+        dy, x, r, nr, w, nw, b, nb, mean, rstd, nstats, dx, dr, ndr, dw, ndw, db, ndb, dsb, ndsb,
         batch, channels, spatial, groups, flags, eps, activation, slope, num_threads,
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
@@ -148,15 +157,46 @@ def _make_backward(key):
         K.run_backward(grad, xa, wa, meana, rstda, dxa, carray(dw, ndw), carray(db, ndb), params)
         if ndr > 0 and dra.ctypes.data != grad.ctypes.data and dra.ctypes.data == dya.ctypes.data:
             dra[:] = grad  # dresidual is dy's memory: the workspace's dz, now that dy is read
+        if ndsb > 0:  # after a skip add (x is h): dskip_bias, the column sums of dx
+            K.run_skip_bias_backward(dxa, carray(dsb, ndsb), params)
         return 1
 
     return backward
+
+
+def _make_skip_forward(key):
+    """Forward cfunc after the pre-norm skip add: ``h = x + skip (+ skip_bias)``, then the norm of ``h``.
+
+    The schedule is the ``FORWARD`` one of :func:`fastnorm.forward` with
+    ``skip=`` (``y`` is never ``h``'s memory: not in place).
+    """
+
+    def skip_forward(
+        x, s, sb, nsb, w, nw, b, nb, h, y, mean, rstd, nstats,
+        batch, channels, spatial, groups, flags, eps, activation, slope, num_threads,
+    ):  # fmt: skip
+        if key < 0:  # never true: ties the cache entry to DEPS_KEY
+            return 0
+        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)  # KernelSpec, as core's
+        size = batch * channels * spatial
+        xa = carray(x, size)
+        threads = max(num_threads, 1)
+        schedule = K.plan_schedule(spec, K.FORWARD, threads, xa.itemsize, nw > 0, nb > 0, False)
+        params = spec + _serial(schedule, num_threads)
+        K.run_skip_forward(
+            xa, carray(s, size), carray(sb, nsb), carray(w, nw), carray(b, nb), carray(h, size),
+            carray(y, size), carray(mean, nstats), carray(rstd, nstats), params,
+        )  # fmt: skip
+        return 1
+
+    return skip_forward
 
 
 _FACTORIES = {
     "forward_training": lambda key: _make_forward(key, K.FORWARD),
     "forward_inference": lambda key: _make_forward(key, K.INFERENCE),
     "backward": _make_backward,
+    "skip_forward": _make_skip_forward,
 }
 
 

@@ -18,7 +18,7 @@ __all__ = ["AFTER_FORK_PARALLEL", "AFTER_FORK_SERIAL", "TABLE_ORDER", "fill_tabl
 TABLE_ORDER = [
     (op, dtype)
     for dtype in ("float32", "float64")
-    for op in ("forward_training", "forward_inference", "backward")
+    for op in ("forward_training", "forward_inference", "backward", "skip_forward")
 ]
 
 #: Values of the table's after-fork slot: a forked child keeps running the parallel
@@ -37,7 +37,7 @@ def fill_table(table, table_len, owns_interpreter=False):
     Parameters
     ----------
     table : cffi ``int64_t *``
-        Slots: the 6 cfuncs of :data:`TABLE_ORDER`, the threading layer's
+        Slots: the 8 cfuncs of :data:`TABLE_ORDER`, the threading layer's
         ``set_num_threads`` and ``get_num_threads``, the thread-pool size,
         and what a forked child runs (:data:`AFTER_FORK_PARALLEL` or
         :data:`AFTER_FORK_SERIAL` when
