@@ -286,3 +286,18 @@ def test_bad_skip_arguments_are_rejected():
     _, stats = fastnorm.forward(x, spec, skip=skip)
     broken = dataclasses.replace(stats, h=stats.h[:2])
     rejected(ValueError, "shape", lambda: fastnorm.backward(x, x, broken, spec), *watched, names="stats.h")
+
+
+def test_read_only_inputs():
+    """Read-only x, skip, skip_bias and parameters are read, never written (h and y are new arrays)."""
+    case = ln(1, 40, 300)
+    x, skip, dy, w, b, sb = _problem(case, np.float32, True)
+    y, h = fastnorm.skip_layer_norm(x, skip, 300, w, b, skip_bias=sb)
+    for a in (x, skip, dy, w, b, sb):
+        a.setflags(write=False)
+    y2, h2 = fastnorm.skip_layer_norm(x, skip, 300, w, b, skip_bias=sb)
+    assert y2.tobytes() == y.tobytes() and h2.tobytes() == h.tobytes()
+    spec = fastnorm.NormSpec.layer_norm(1)
+    _, stats = fastnorm.forward(x, spec, w, b, skip=skip, skip_bias=sb)
+    stats.h.setflags(write=False)
+    assert fastnorm.backward(dy, x, stats, spec, w).dskip_bias.shape == (300,)

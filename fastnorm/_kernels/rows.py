@@ -194,14 +194,16 @@ def _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, schedu
 def _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, chunk, skip):
     """``PIPELINED``: tasks of ``chunk`` rows, each normalizing a row while summing the next.
 
-    ``skip`` is the prologue's ``(source, skip, skip_bias)`` (:func:`rows_skip_forward`;
-    empty arrays for none): ``x`` is then the ``h`` that each task first writes.
+    ``skip`` is the prologue's ``(source, skip, skip_bias, h)`` (:func:`rows_skip_forward`;
+    empty arrays for none): ``x`` is then ``h``, which each task first writes.  ``h``
+    is passed apart from ``x`` so that a read-only ``x`` types (empty ``y[:0]`` without
+    a skip).
     """
     nrows = mean.size
     for t in prange((nrows + chunk - 1) // chunk):
         k1 = min(nrows, (t + 1) * chunk)
         if skip[0].size > 0:
-            _add_skip_rows(skip[0], skip[1], skip[2], x, spec.spatial, t * chunk, k1)
+            _add_skip_rows(skip[0], skip[1], skip[2], skip[3], spec.spatial, t * chunk, k1)
         _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, t * chunk, k1)
 
 
@@ -211,7 +213,7 @@ def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip
     plain, fused, slope = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
         if skip[0].size > 0:
-            _add_skip_rows(skip[0], skip[1], skip[2], x, spec.spatial, k, k + 1)
+            _add_skip_rows(skip[0], skip[1], skip[2], skip[3], spec.spatial, k, k + 1)
         row, row_mean, row_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
         off, width = row * spec.spatial, spec.spatial
         if plain:
@@ -230,7 +232,7 @@ def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule
     plain, fused, slope = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
         if skip[0].size > 0:
-            _add_skip_rows(skip[0], skip[1], skip[2], x, spec.spatial, k, k + 1)
+            _add_skip_rows(skip[0], skip[1], skip[2], skip[3], spec.spatial, k, k + 1)
         _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         for b in range(nblocks):
             off, count, s0 = _cf_block_span(spec, k, b)
@@ -253,7 +255,7 @@ def _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule
         for blk in prange(spec.batch * nblocks):
             row, b = _block_plane(blk, nblocks)
             off, count, s0 = _cf_block_span(spec, row, b)
-            _add_skip_span(skip[0], skip[1], skip[2], x, off, count, s0)
+            _add_skip_span(skip[0], skip[1], skip[2], skip[3], off, count, s0)
     _cf_split_statistics(x, mean, rstd, spec, schedule.nblocks)
     _rows_normalize(x, weight, bias, residual, x[:0], y, mean, rstd, spec, schedule)
 
@@ -273,7 +275,7 @@ def rows_forward(x, weight, bias, residual, y, mean, rstd, params):
     Normalization uses the centered form ``(x - mean) * (rstd * weight) +
     bias``, so that a constant row maps exactly to ``bias``.
     """
-    _rows_forward(x, weight, bias, residual, y, mean, rstd, params, (x[:0], x[:0], x[:0]))
+    _rows_forward(x, weight, bias, residual, y, mean, rstd, params, (x[:0], x[:0], x[:0], y[:0]))
 
 
 @kernel
@@ -299,7 +301,7 @@ def rows_skip_forward(x, skip, skip_bias, weight, bias, h, y, mean, rstd, params
     each task writes ``h`` for its rows, then normalizes them while they are
     in cache, so ``h`` costs one store and no second trip to memory.
     """
-    _rows_forward(h, weight, bias, x[:0], y, mean, rstd, params, (x, skip, skip_bias))
+    _rows_forward(h, weight, bias, x[:0], y, mean, rstd, params, (x, skip, skip_bias, h))
 
 
 @glue
