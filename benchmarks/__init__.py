@@ -41,6 +41,14 @@ and have no channels-last variant.  GroupNorm uses 32 groups when 32 divides
 ``dx``, ``dweight`` and ``dbias``).  Every fastnorm call writes into a
 preallocated ``out=``.
 
+The epilogue passes (:data:`EPILOGUE_CASES`, float32, on the layers that use
+them) time the fused paths against torch's unfused composites: ``resrelu_fwd``
+/ ``resrelu_fb`` (``relu(bn(x) + residual)``, a ResNet block's tail),
+``silu_fwd`` / ``silu_fb`` (``silu(group_norm(x))``, a UNet layer) and
+``skip_fwd`` / ``skip_fb`` (``norm(x + skip + skip_bias)`` with the sum
+returned, LayerNorm and RMSNorm rows); ``_fwd`` is the training forward,
+``_fb`` the forward then the backward of every input.
+
 With ``--onednn`` it also times oneDNN's primitives (``libdnnl`` from the
 ``onednn-cpu-gomp`` wheel, through :mod:`benchmarks.baselines.onednn`) on preallocated
 buffers, where oneDNN 3.2 has one: BatchNorm (both layouts), InstanceNorm
@@ -74,6 +82,8 @@ the installed library: ``fastnorm`` never imports it.
 from .baselines.floor import floor_add, floor_copy
 from .cases import (
     DTYPES,
+    EPILOGUE_CASES,
+    EPILOGUE_PASSES,
     KINDS,
     LAYOUTS,
     PASSES,
@@ -127,6 +137,8 @@ __all__ = [
     "Progress",
     "KINDS",
     "PASSES",
+    "EPILOGUE_CASES",
+    "EPILOGUE_PASSES",
     "LAYOUTS",
     "DTYPES",
     "SIZES",

@@ -37,6 +37,20 @@ SHAPES = {
     },
     "rows": {"tiny": [(1, 768)], "mid": [(512, 768)], "large": [(4096, 768)]},
 }
+#: The fused epilogue's passes, each on the network layers that use it (float32, large):
+#: ``resrelu``: ``relu(norm(x) * w + b + residual)`` (a ResNet block's tail, BatchNorm);
+#: ``silu``: ``silu(norm(x) * w + b)`` (a Stable-Diffusion UNet GroupNorm);
+#: ``skip``: ``norm(x + skip + skip_bias)``, returning the sum too (pre-LN transformer
+#: LayerNorm, LLaMA RMSNorm).  ``_fwd``: the training forward; ``_fb``: forward then
+#: backward with every gradient, against torch's unfused composite under autograd.
+EPILOGUE_PASSES = ("resrelu_fwd", "resrelu_fb", "silu_fwd", "silu_fb", "skip_fwd", "skip_fb")
+#: ``(kind, epilogue, layouts, shape)`` of the epilogue cases.
+EPILOGUE_CASES = (
+    ("bn", "resrelu", ("nchw", "nhwc"), (32, 64, 56, 56)),
+    ("gn", "silu", ("nchw",), (2, 320, 64, 64)),
+    ("ln", "skip", ("nchw",), (4096, 768)),
+    ("rms", "skip", ("nchw",), (2048, 4096)),
+)
 #: Shapes of the ``--quick`` subset (with float32 only unless ``--dtypes`` is given).
 QUICK_SHAPES = frozenset({(8, 64, 32, 32), (32, 64, 56, 56), (512, 768), (4096, 768)})
 #: Minimum tensor size of the ``--scaling`` report.
@@ -74,7 +88,7 @@ class Case:
     kind : str
         Short kind name, a key of :data:`KINDS`.
     pass_ : str
-        One of :data:`PASSES`.
+        One of :data:`PASSES` or :data:`EPILOGUE_PASSES`.
     layout : str
         ``"nchw"`` or ``"nhwc"`` (always ``"nchw"`` for LN/RMS).
     dtype : str
@@ -129,6 +143,10 @@ def all_cases():
                     for size in SIZES:
                         for shape in SHAPES[family][size]:
                             cases.append(Case(kind, pass_, layout, dtype, size, shape))
+    for kind, epilogue, layouts, shape in EPILOGUE_CASES:
+        for suffix in ("fwd", "fb"):
+            for layout in layouts:
+                cases.append(Case(kind, f"{epilogue}_{suffix}", layout, "float32", "large", shape))
     return cases
 
 
@@ -180,7 +198,7 @@ def select_cases(kinds=None, passes=None, layouts=None, dtypes=None, sizes=None,
         An unknown kind, pass, layout, dtype, size or case id.
     """
     kinds = _normalize_kinds(kinds)
-    passes = _check_choices(passes, PASSES, "pass")
+    passes = _check_choices(passes, PASSES + EPILOGUE_PASSES, "pass")
     layouts = _check_choices(layouts, LAYOUTS, "layout")
     dtypes = _check_choices(dtypes, DTYPES, "dtype")
     sizes = _check_choices(sizes, SIZES, "size")

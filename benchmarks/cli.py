@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cases import DTYPES, KINDS, LAYOUTS, PASSES, SCALING_MIN_BYTES, SIZES, select_cases
+from .cases import DTYPES, EPILOGUE_PASSES, KINDS, LAYOUTS, PASSES, SCALING_MIN_BYTES, SIZES, select_cases
 from .gate import DEFAULT_THRESHOLDS, format_thresholds, load_thresholds, run_check, worst_ratios
 from .report import (
     Progress,
@@ -45,7 +45,7 @@ def build_parser():
     )
     sel = parser.add_argument_group("case selection (comma-separated or repeated)")
     sel.add_argument("--kinds", action="append", help=f"{','.join(KINDS)} (or full names); default all")
-    sel.add_argument("--passes", action="append", help=f"{','.join(PASSES)}; default all")
+    sel.add_argument("--passes", action="append", help=f"{','.join(PASSES + EPILOGUE_PASSES)}; default all")
     sel.add_argument("--layouts", action="append", help=f"{','.join(LAYOUTS)}; default all")
     sel.add_argument("--dtypes", action="append", help=f"{','.join(DTYPES)}; default all")
     sel.add_argument("--sizes", action="append", help=f"{','.join(SIZES)}; default all")

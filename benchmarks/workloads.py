@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .baselines.floor import floor_add, floor_copy
-from .baselines.torch import _torch_callable
-from .cases import _ROW_KINDS, EPS, KINDS, RMS_EPS, group_count
+from .baselines.torch import _torch_callable, _torch_epilogue_callable
+from .cases import _ROW_KINDS, EPILOGUE_PASSES, EPS, KINDS, RMS_EPS, group_count
 from .runtime import load_onednn, optional_torch
 
 
@@ -93,11 +93,7 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
     dy_logical = rng.standard_normal(case.shape).astype(dtype)
     weight = rng.uniform(0.5, 1.5, channels).astype(dtype)
     bias = None if case.kind == "rms" else rng.uniform(-0.5, 0.5, channels).astype(dtype)
-    if case.layout == "nhwc":
-        x = np.ascontiguousarray(np.moveaxis(x_logical, 1, -1))
-        dy = np.ascontiguousarray(np.moveaxis(dy_logical, 1, -1))
-    else:
-        x, dy = x_logical, dy_logical
+    x, dy = _memory_order(case, x_logical), _memory_order(case, dy_logical)
     spec = _spec(case)
     out = np.empty_like(x)
     copy_buffer = np.empty_like(x)
@@ -106,6 +102,9 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
     def memcpy():
         np.copyto(copy_buffer, x)
 
+    if case.pass_ in EPILOGUE_PASSES:
+        arrays = (x, dy, x_logical, dy_logical, weight, bias)
+        return _epilogue_workload(case, rng, spec, arrays, memcpy, with_torch)
     if case.pass_ == "fwd":
 
         def fast():
@@ -139,6 +138,60 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
     if with_onednn:
         workload.onednn = _onednn_callable(case, x, dy, weight, bias, stats)
     return workload
+
+
+def _epilogue_workload(case, rng, spec, arrays, memcpy, with_torch):
+    """Build the :class:`Workload` of an epilogue case (:data:`~benchmarks.cases.EPILOGUE_PASSES`).
+
+    ``arrays`` is ``(x, dy, x_logical, dy_logical, weight, bias)``; the residual
+    or skip tensor and the skip bias are drawn here.  fastnorm writes ``y``,
+    ``h`` and ``dx`` into preallocated buffers.  No oneDNN callable (oneDNN
+    fuses ReLU into BatchNorm only).
+    """
+    import dataclasses
+
+    import fastnorm
+
+    x, dy, x_logical, dy_logical, weight, bias = arrays
+    epilogue, suffix = case.pass_.split("_")
+    other_logical = None if epilogue == "silu" else rng.standard_normal(case.shape).astype(x.dtype)
+    other = None if other_logical is None else _memory_order(case, other_logical)
+    skip_bias = rng.uniform(-0.5, 0.5, weight.shape).astype(x.dtype) if epilogue == "skip" else None
+    out, dx, h = np.empty_like(x), np.empty_like(x), np.empty_like(x)
+    if epilogue == "skip":
+        extra = {"skip": other, "skip_bias": skip_bias, "sum_out": h}
+        backward_extra = {}
+    else:
+        spec = dataclasses.replace(spec, activation="relu" if epilogue == "resrelu" else "silu")
+        extra = {"residual": other}
+        backward_extra = {"bias": bias, "residual": other}
+
+    def fast_forward():
+        return fastnorm.forward(x, spec, weight, bias, out=out, **extra)
+
+    def fast_forward_backward():
+        _, stats = fastnorm.forward(x, spec, weight, bias, out=out, **extra)
+        return fastnorm.backward(dy, x, stats, spec, weight, out=dx, **backward_extra)
+
+    scratch = np.empty_like(x)
+
+    def floor():  # what the unfused norm alone moves: one read, one write
+        floor_copy(x.reshape(-1), scratch.reshape(-1))
+
+    workload = Workload(
+        fastnorm=fast_forward if suffix == "fwd" else fast_forward_backward, memcpy=memcpy, floor=floor
+    )
+    torch = optional_torch() if with_torch else None
+    if torch is not None:
+        workload.torch = _torch_epilogue_callable(
+            torch, case, x_logical, other_logical, dy_logical, weight, bias, skip_bias
+        )
+    return workload
+
+
+def _memory_order(case, logical):
+    """``logical`` (N, C, ...) in ``case``'s memory layout."""
+    return np.ascontiguousarray(np.moveaxis(logical, 1, -1)) if case.layout == "nhwc" else logical
 
 
 def _onednn_callable(case, x, dy, weight, bias, stats):

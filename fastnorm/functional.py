@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -496,7 +497,7 @@ def skip_layer_norm(
         x = _check_array(x, "x")
     spec = NormSpec.layer_norm(_normalized_ndim(x, normalized_shape), eps)
     y, stats = forward(x, spec, weight, bias, skip=skip, skip_bias=skip_bias, sum_out=sum_out, out=out)
-    return y, stats.h
+    return y, cast(np.ndarray, stats.h)  # set by every forward with a skip
 
 
 def skip_rms_norm(
@@ -532,4 +533,4 @@ def skip_rms_norm(
         x = _check_array(x, "x")
     spec = NormSpec.rms_norm(_normalized_ndim(x, normalized_shape), eps)
     y, stats = forward(x, spec, weight, None, skip=skip, skip_bias=skip_bias, sum_out=sum_out, out=out)
-    return y, stats.h
+    return y, cast(np.ndarray, stats.h)  # set by every forward with a skip

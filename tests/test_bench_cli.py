@@ -51,10 +51,13 @@ def test_case_matrix():
     cases = bench.all_cases()
     ids = [c.id for c in cases]
     assert len(ids) == len(set(ids))
-    # BN/IN/GN: 3 passes x 2 layouts x 2 dtypes x 4 shapes; LN/RMS: 3 x 1 x 2 x 3.
-    assert len(cases) == 3 * (3 * 2 * 2 * 4) + 2 * (3 * 1 * 2 * 3)
+    # BN/IN/GN: 3 passes x 2 layouts x 2 dtypes x 4 shapes; LN/RMS: 3 x 1 x 2 x 3;
+    # the epilogues: BN resrelu (2 layouts), GN silu, LN and RMS skip, each fwd and fb.
+    assert len(cases) == 3 * (3 * 2 * 2 * 4) + 2 * (3 * 1 * 2 * 3) + 2 * (2 + 1 + 1 + 1)
     assert not [c for c in cases if c.kind in ("ln", "rms") and c.layout == "nhwc"]
-    assert {c.shape for c in cases if c.size == "large"} == {(32, 64, 56, 56), (8, 256, 64, 64), (4096, 768)}
+    plain = [c for c in cases if c.pass_ in bench.PASSES]
+    assert {c.shape for c in plain if c.size == "large"} == {(32, 64, 56, 56), (8, 256, 64, 64), (4096, 768)}
+    assert {c.pass_ for c in cases} == set(bench.PASSES) | set(bench.EPILOGUE_PASSES)
     nhwc = case("gn-bwd-nhwc-f64-8x64x32x32")
     assert nhwc.memory_shape == (8, 32, 32, 64)
     assert nhwc.nbytes == 8 * 64 * 32 * 32 * 8
@@ -598,6 +601,24 @@ def test_workload_computes_the_same_as_torch(smoke):
     assert len(got) == len(expected)
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("epilogue", bench.select_cases(passes=bench.EPILOGUE_PASSES), ids=lambda c: c.id)
+def test_epilogue_workload_computes_the_same_as_torch(epilogue):
+    """The fused workloads and torch's composites compute the same ``y`` (and ``h``) or ``dx``."""
+    workload = bench.make_workload(epilogue)
+    result = workload.fastnorm()
+    if workload.torch is None:
+        pytest.skip("torch is not installed")
+    expected = workload.torch()
+    if epilogue.pass_.endswith("_fwd"):
+        got, want = result[0], expected.numpy()
+    else:
+        got, want = result.dx, expected[0].numpy()
+    if epilogue.layout == "nhwc":
+        got = np.moveaxis(got, -1, 1)
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=epilogue.id)
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, fake_cli, capsys):

@@ -543,6 +543,54 @@ int main(void)
     }
     check_valid_call_works("epilogue");
 
+    /* the pre-norm skip add (0.4): residual[] is the skip, dres[] the output h */
+    {
+        fastnorm_desc ln;
+        int64_t rows_dims[2] = {N * C, H * W};
+        double colsum[H * W];
+        int ok = 1, j;
+        fastnorm_desc_init(&ln, sizeof ln, FASTNORM_LAYER_NORM, FASTNORM_FLOAT32, 2, rows_dims);
+        ln.normalized_ndim = 1;
+        d = valid_desc();
+        EXPECT(fastnorm_skip_forward_training(&d, x, residual, bias, weight, bias, dres, y, mean, rstd),
+               FASTNORM_INVALID_ARGUMENT, "skip forward with a group_norm descriptor");
+        CHECK(strstr(fastnorm_last_error(), "layer_norm") != NULL, "message names the kinds: %s",
+              fastnorm_last_error());
+        EXPECT(fastnorm_skip_backward(&d, dy, x, weight, bias, mean, rstd, dx, dweight, dbias, dres),
+               FASTNORM_INVALID_ARGUMENT, "skip backward with a group_norm descriptor");
+        EXPECT(fastnorm_skip_forward_training(&ln, x, NULL, bias, weight, bias, dres, y, mean, rstd),
+               FASTNORM_NULL_POINTER, "skip NULL");
+        EXPECT(fastnorm_skip_forward_training(&ln, x, residual, bias, weight, bias, NULL, y, mean, rstd),
+               FASTNORM_NULL_POINTER, "h NULL");
+        EXPECT(fastnorm_skip_forward_training(&ln, x, residual, bias, weight, bias, dres, dres, mean, rstd),
+               FASTNORM_OVERLAP, "y == h");
+        EXPECT(fastnorm_skip_forward_training(&ln, x, residual, bias, weight, bias, x + 1, y, mean, rstd),
+               FASTNORM_OVERLAP, "h = x + 1");
+        EXPECT(fastnorm_skip_backward(&ln, dy, NULL, weight, bias, mean, rstd, dx, dweight, dbias, NULL),
+               FASTNORM_NULL_POINTER, "skip backward h NULL");
+        CHECK(strstr(fastnorm_last_error(), "h is NULL") != NULL, "message names h: %s",
+              fastnorm_last_error());
+        EXPECT(fastnorm_skip_backward(&ln, dy, x, weight, bias, mean, rstd, dx, dweight, dbias, dweight),
+               FASTNORM_OVERLAP, "dskip_bias == dweight");
+        /* a valid call: h = x + skip + skip_bias, and dskip_bias = the column sums of dx */
+        reset_outputs();
+        CHECK(fastnorm_skip_forward_training(&ln, x, residual, bias, weight, bias, dres, y, mean, rstd)
+                  == FASTNORM_OK,
+              "skip forward: %s", fastnorm_last_error());
+        for (i = 0; i < SIZE; ++i) ok &= dres[i] == (x[i] + residual[i]) + bias[i % (H * W)];
+        CHECK(ok, "h is x + skip + skip_bias");
+        CHECK(
+            fastnorm_skip_backward(&ln, dy, dres, weight, bias, mean, rstd, dx, dweight, dbias, dweight + 10)
+                == FASTNORM_OK,
+            "skip backward: %s", fastnorm_last_error());
+        for (j = 0; j < H * W; ++j) colsum[j] = 0.0;
+        for (i = 0; i < SIZE; ++i) colsum[i % (H * W)] += dx[i];
+        for (j = 0; j < H * W; ++j) ok &= fabs(colsum[j] - dweight[10 + j]) <= 1e-5 * (1.0 + fabs(colsum[j]));
+        CHECK(ok, "dskip_bias is the column sums of dx");
+        g_checks += 5;
+    }
+    check_valid_call_works("skip add");
+
     /* threads */
     EXPECT(fastnorm_set_num_threads(-1), FASTNORM_INVALID_ARGUMENT, "num_threads -1");
     EXPECT(fastnorm_set_num_threads(max_threads + 1), FASTNORM_INVALID_ARGUMENT, "num_threads > max");
