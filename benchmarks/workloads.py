@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -31,6 +32,9 @@ class Workload:
     onednn : callable or None
         The same pass in oneDNN on preallocated buffers (:mod:`.baselines.onednn`);
         ``None`` when not asked for or oneDNN has no primitive for the case.
+    inputs : dict
+        The epilogue cases' logical input arrays by name (``x``, ``other`` -- the
+        residual or the skip --, ``weight``, ``bias``), for checks; empty otherwise.
     """
 
     fastnorm: Callable[[], object]
@@ -38,6 +42,7 @@ class Workload:
     torch: Callable[[], object] | None = None
     floor: Callable[[], object] | None = None
     onednn: Callable[[], object] | None = None
+    inputs: dict = dataclasses.field(default_factory=dict)
 
 
 def _spec(case):
@@ -148,8 +153,6 @@ def _epilogue_workload(case, rng, spec, arrays, memcpy, with_torch):
     ``h`` and ``dx`` into preallocated buffers.  No oneDNN callable (oneDNN
     fuses ReLU into BatchNorm only).
     """
-    import dataclasses
-
     import fastnorm
 
     x, dy, x_logical, dy_logical, weight, bias = arrays
@@ -181,6 +184,7 @@ def _epilogue_workload(case, rng, spec, arrays, memcpy, with_torch):
     workload = Workload(
         fastnorm=fast_forward if suffix == "fwd" else fast_forward_backward, memcpy=memcpy, floor=floor
     )
+    workload.inputs = {"x": x_logical, "other": other_logical, "weight": weight, "bias": bias}
     torch = optional_torch() if with_torch else None
     if torch is not None:
         workload.torch = _torch_epilogue_callable(

@@ -327,3 +327,21 @@ def skip_backward(dy, x, skip, kind, weight=None, bias=None, eps=1e-5, *, skip_b
     k = geo["normalized_ndim"]
     dskip_bias = dh.reshape(-1, *dh.shape[dh.ndim - k :]).sum(axis=0)
     return dh, dweight, dbias, dskip_bias
+
+
+def check_finite_differences(loss, args, grads, rng, what, samples=6, step=1e-6):
+    """Compare analytic gradients with central differences of ``loss`` (float64).
+
+    ``loss(**changed)`` evaluates the loss with some of ``args`` replaced;
+    ``grads`` maps names of ``args`` to their analytic gradients; ``samples``
+    random entries of each are checked (``rtol=1e-5, atol=1e-6``).
+    """
+    for name, grad in grads.items():
+        value = args[name]
+        for index in rng.choice(value.size, size=min(samples, value.size), replace=False):
+            at = np.unravel_index(index, value.shape)
+            plus, minus = value.copy(), value.copy()
+            plus[at] += step
+            minus[at] -= step
+            numeric = (loss(**{name: plus}) - loss(**{name: minus})) / (2 * step)
+            np.testing.assert_allclose(grad[at], numeric, rtol=1e-5, atol=1e-6, err_msg=f"{what} d{name}")

@@ -618,7 +618,19 @@ def test_epilogue_workload_computes_the_same_as_torch(epilogue):
     if epilogue.layout == "nhwc":
         got = np.moveaxis(got, -1, 1)
     scale = float(np.abs(want).max())
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale, err_msg=epilogue.id)
+    close = np.isclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+    if epilogue.pass_ == "resrelu_fb":
+        # At ReLU's kink the two float32 computations of z may round to opposite sides of 0:
+        # there (only there) dz, hence dx, differs by about dy.
+        inputs = {k: np.asarray(v, np.float64) for k, v in workload.inputs.items()}
+        x = inputs["x"]
+        mean = x.mean(axis=(0, 2, 3), keepdims=True)
+        rstd = 1 / np.sqrt(x.var(axis=(0, 2, 3), keepdims=True) + bench.cases.EPS)
+        z = (x - mean) * rstd * inputs["weight"].reshape(1, -1, 1, 1) + inputs["bias"].reshape(1, -1, 1, 1)
+        z = z + inputs["other"]
+        assert np.all(np.abs(z[~close]) < 1e-5 * np.abs(z).max()), epilogue.id
+        close |= np.abs(z) < 1e-5 * np.abs(z).max()
+    assert close.all(), f"{epilogue.id}: {np.count_nonzero(~close)} elements differ"
 
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch, fake_cli, capsys):

@@ -303,6 +303,29 @@ ACTIVATION_CODES = {
 }
 
 
+def _compare_bitwise(capi, tmp_path, lines, expected):
+    """Run the manifest ``lines`` through ``compare``; every output file must be Python's bytes.
+
+    ``expected`` holds ``(prefix, dtype, {suffix: array or None})``; ``None``
+    means the file must not exist (an output not asked for).
+    """
+    manifest = tmp_path / "manifest.txt"
+    manifest.write_text("\n".join(lines) + "\n")
+    result = run([capi["compare"], manifest])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"compare: {len(lines)} cases, 0 failures" in result.stdout
+    differ = []
+    for prefix, dtype, arrays in expected:
+        for suffix, want in arrays.items():
+            if want is None:
+                assert not Path(f"{prefix}.{suffix}").exists()
+                continue
+            got = np.fromfile(f"{prefix}.{suffix}", dtype=np.float64 if suffix in ("mean", "rstd") else dtype)
+            if got.tobytes() != np.ascontiguousarray(want).tobytes():
+                differ.append(f"{Path(prefix).name}.{suffix}")
+    assert not differ, f"{len(differ)} C outputs differ from Python: {differ[:20]}"
+
+
 def test_header_activation_values_are_the_kernels_codes():
     from fastnorm import _kernels as K
 
@@ -350,21 +373,7 @@ def test_c_fused_epilogue_matches_python(capi, tmp_path):
         outputs = {"y": y, "mean": stats.mean, "rstd": stats.rstd, "yinf": yinf, "dx": grads.dx,
                    "dres": grads.dresidual, "dw": grads.dweight, "db": grads.dbias}  # fmt: skip
         expected.append((prefix, dtype, outputs))
-    manifest = tmp_path / "manifest.txt"
-    manifest.write_text("\n".join(lines) + "\n")
-    result = run([capi["compare"], manifest])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"compare: {len(lines)} cases, 0 failures" in result.stdout
-    differ = []
-    for prefix, dtype, arrays in expected:
-        for suffix, want in arrays.items():
-            if want is None:
-                assert not Path(f"{prefix}.{suffix}").exists()
-                continue
-            got = np.fromfile(f"{prefix}.{suffix}", dtype=np.float64 if suffix in ("mean", "rstd") else dtype)
-            if got.tobytes() != np.ascontiguousarray(want).tobytes():
-                differ.append(f"{Path(prefix).name}.{suffix}")
-    assert not differ, f"{len(differ)} C outputs differ from Python: {differ[:20]}"
+    _compare_bitwise(capi, tmp_path, lines, expected)
 
 
 def test_c_skip_add_matches_python(capi, tmp_path):
@@ -402,21 +411,7 @@ def test_c_skip_add_matches_python(capi, tmp_path):
         outputs = {"y": y, "h": stats.h, "mean": stats.mean, "rstd": stats.rstd, "dx": grads.dx,
                    "dw": grads.dweight, "db": grads.dbias, "dsb": grads.dskip_bias}  # fmt: skip
         expected.append((prefix, dtype, outputs))
-    manifest = tmp_path / "manifest.txt"
-    manifest.write_text("\n".join(lines) + "\n")
-    result = run([capi["compare"], manifest])
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"compare: {len(lines)} cases, 0 failures" in result.stdout
-    differ = []
-    for prefix, dtype, arrays in expected:
-        for suffix, want in arrays.items():
-            if want is None:
-                assert not Path(f"{prefix}.{suffix}").exists()
-                continue
-            got = np.fromfile(f"{prefix}.{suffix}", dtype=np.float64 if suffix in ("mean", "rstd") else dtype)
-            if got.tobytes() != np.ascontiguousarray(want).tobytes():
-                differ.append(f"{Path(prefix).name}.{suffix}")
-    assert not differ, f"{len(differ)} C outputs differ from Python: {differ[:20]}"
+    _compare_bitwise(capi, tmp_path, lines, expected)
 
 
 # ---------------------------------------------------------------------------

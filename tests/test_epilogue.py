@@ -148,18 +148,7 @@ def test_gradients_match_finite_differences(case, act):
     named = {"x": grads.dx, "w": grads.dweight, "r": grads.dresidual}
     if b is not None:
         named["b"] = grads.dbias
-    h = 1e-6
-    for name, grad in named.items():
-        value = args[name]
-        for index in rng.choice(value.size, size=min(6, value.size), replace=False):
-            at = np.unravel_index(index, value.shape)
-            plus, minus = value.copy(), value.copy()
-            plus[at] += h
-            minus[at] -= h
-            numeric = (loss(**{name: plus}) - loss(**{name: minus})) / (2 * h)
-            np.testing.assert_allclose(
-                grad[at], numeric, rtol=1e-5, atol=1e-6, err_msg=f"{case} {act} d{name}"
-            )
+    naive.check_finite_differences(loss, args, named, rng, f"{case} {act}")
 
 
 # ---------------------------------------------------------------------------

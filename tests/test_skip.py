@@ -149,16 +149,7 @@ def test_gradients_match_finite_differences(case):
     named = {"x": grads.dx, "skip": grads.dskip, "w": grads.dweight, "sb": grads.dskip_bias}
     if "b" in args:
         named["b"] = grads.dbias
-    step = 1e-6
-    for name, grad in named.items():
-        value = args[name]
-        for index in rng.choice(value.size, size=min(6, value.size), replace=False):
-            at = np.unravel_index(index, value.shape)
-            plus, minus = value.copy(), value.copy()
-            plus[at] += step
-            minus[at] -= step
-            numeric = (loss(**{name: plus}) - loss(**{name: minus})) / (2 * step)
-            np.testing.assert_allclose(grad[at], numeric, rtol=1e-5, atol=1e-6, err_msg=f"{case} d{name}")
+    naive.check_finite_differences(loss, args, named, rng, f"{case}")
 
 
 @pytest.mark.torch
