@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from .cases import DTYPES, EPILOGUE_PASSES, KINDS, LAYOUTS, PASSES, SCALING_MIN_BYTES, SIZES, select_cases
@@ -125,6 +127,44 @@ def _positive(parser, name, value):
         parser.error(f"{name} must be positive, got {value}")
 
 
+def _measurement_from_json(entry):
+    """Rebuild the :class:`Measurement` of one case entry of a ``--json`` file."""
+    return Measurement(
+        entry["id"],
+        entry["time_s"],
+        entry["fastnorm_over_memcpy"],
+        entry["fastnorm_over_torch"],
+        entry["rounds"],
+        entry.get("time_min_s", {}),
+        entry.get("fastnorm_over_floor"),
+        entry.get("fastnorm_over_onednn"),
+    )
+
+
+def _measure_in_fresh_process(case, args, threads, rounds, target_s, with_torch, seed):
+    """Measure ``case`` in a new ``python -m benchmarks`` process and return its :class:`Measurement`.
+
+    The gate re-measures a failing case this way: a real regression is slow in
+    any process, while the state a long run leaves behind is not carried over
+    (docs/benchmarks.md, "The short gate in CI").
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "case.json"
+        command = [sys.executable, "-m", "benchmarks", "--cases", case.id, "--threads", str(threads)]
+        command += ["--rounds", str(rounds), "--target-ms", repr(target_s * 1e3), "--seed", str(seed)]
+        command += ["--json", str(out)]
+        command += [] if with_torch else ["--no-torch"]
+        command += [flag for flag, on in (("--floor", args.floor), ("--onednn", args.onednn)) if on]
+        command += ["--fresh-pages"] if args.fresh_pages else []
+        done = subprocess.run(
+            command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"re-measuring {case.id} in a new process failed:\n{done.stderr}")
+        entry = json.loads(out.read_text(encoding="utf-8"))["cases"][0]
+    return _measurement_from_json(entry)
+
+
 def _render_saved(args, cases):
     """Print and write the outputs of a saved ``--json`` file (``--from-json``)."""
     try:
@@ -138,19 +178,7 @@ def _render_saved(args, cases):
     if not cases:
         print(f"error: {args.from_json} holds none of the selected cases", file=sys.stderr)
         return 2
-    measurements = {
-        c.id: Measurement(
-            c.id,
-            saved[c.id]["time_s"],
-            saved[c.id]["fastnorm_over_memcpy"],
-            saved[c.id]["fastnorm_over_torch"],
-            saved[c.id]["rounds"],
-            saved[c.id].get("time_min_s", {}),
-            saved[c.id].get("fastnorm_over_floor"),
-            saved[c.id].get("fastnorm_over_onednn"),
-        )
-        for c in cases
-    }
+    measurements = {c.id: _measurement_from_json(saved[c.id]) for c in cases}
     scaling = data.get("scaling")
     command = "python -m benchmarks " + " ".join(meta.get("argv", []))
     print(format_table(cases, measurements))
@@ -281,9 +309,12 @@ def main(argv=None):
     set_threads(threads)
 
     def measure(case, attempt=0):
+        if attempt:  # the gate's re-measurement of a failing case: twice the rounds, a new process
+            seed = args.seed + attempt
+            return _measure_in_fresh_process(case, args, threads, 2 * rounds, target_s, with_torch, seed)
         return measure_case(
             case,
-            rounds=rounds * (2 if attempt else 1),
+            rounds=rounds,
             threads=threads,
             target_s=target_s,
             with_torch=with_torch,

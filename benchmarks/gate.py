@@ -216,7 +216,8 @@ def run_check(cases, thresholds, measure, rechecks=2, on_progress=None):
     thresholds : dict of str to Threshold
     measure : callable
         ``measure(case, attempt)`` returns a :class:`Measurement`; ``attempt``
-        is 0 for the first measurement, 1.. for re-measurements.
+        is 0 for the first measurement, 1.. for re-measurements (the command
+        line runs those in a new process).
     rechecks : int
         Re-measurements of a failing case.
     on_progress : callable, optional
@@ -354,7 +355,8 @@ THRESHOLDS_HEADER = """\
 # rounds of the ratio of timings interleaved in one process.  Absolute times are
 # never compared.  Either key may be left out (not checked); max_vs_torch is
 # skipped when torch is not installed.  A case fails only if a ratio stays above
-# its limit in the first measurement and in every re-measurement.
+# its limit in the first measurement and in every re-measurement (each in a new
+# process, with twice the rounds and fresh data).
 # Regenerate from a fresh measurement with
 #   python -m benchmarks --write-thresholds benchmarks/thresholds.toml --headroom 2.0
 """

@@ -391,7 +391,13 @@ def fake_cli(monkeypatch):
             vs_onednn=vs_memcpy / 4 if with_onednn else None,
         )
 
+    def measure_in_fresh_process(case, args, threads, rounds, target_s, with_torch, seed):
+        fresh_processes.append((case.id, seed))
+        return measure_case(case, rounds, threads, target_s, with_torch, seed)
+
+    fresh_processes = script["fresh processes"] = []
     monkeypatch.setattr(cli, "measure_case", measure_case)
+    monkeypatch.setattr(cli, "_measure_in_fresh_process", measure_in_fresh_process)
     # main() would change this process's allocator (see test_reuse_freed_memory_...)
     monkeypatch.setattr(cli, "reuse_freed_memory", lambda: True)
     return script
@@ -418,6 +424,17 @@ def test_main_check_passes_after_recheck(tmp_path, fake_cli, capsys):
     assert bench.main(["--check", "--thresholds", str(path), "--no-torch", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "check passed" in out and "re-measured after a first failure" in out
+    assert fake_cli["fresh processes"] == [(CASE, 1)]
+
+
+def test_remeasure_in_a_fresh_process(tmp_path):
+    """The gate's re-measurement runs ``python -m benchmarks`` for the one case and reads its JSON."""
+    args = cli.build_parser().parse_args(["--floor"])
+    case_id = "ln-fwd-nchw-f32-1x768"
+    (case,) = bench.select_cases(ids=[case_id])
+    measurement = cli._measure_in_fresh_process(case, args, 1, 2, 1e-4, False, 3)
+    assert measurement.case_id == case_id and measurement.rounds == 2
+    assert measurement.vs_memcpy > 0 and measurement.vs_floor > 0 and measurement.vs_torch is None
 
 
 def test_main_check_only_selected_cases(tmp_path, fake_cli, capsys):
