@@ -29,6 +29,7 @@ import math
 from numba import prange
 
 from .._config import glue, helper
+from .vmath import exp
 
 #: Elements per task of :func:`activate_all` (the reduction block's size).
 _ACTIVATE_BLOCK = 4096
@@ -93,11 +94,11 @@ def _act(z, code, slope):
     if code == LEAKY_RELU:
         return _rectify(z, t(slope))
     if code == SIGMOID:
-        return t(1.0) / (t(1.0) + math.exp(-z))
+        return t(1.0) / (t(1.0) + exp(-z))
     if code == TANH:
         return math.tanh(z)
     if code == SILU:
-        return z / (t(1.0) + math.exp(-z))
+        return z / (t(1.0) + exp(-z))
     if code == GELU:
         return t(0.5) * z * (t(1.0) + math.erf(z * t(_SQRT_HALF)))
     if code == GELU_TANH:
@@ -115,17 +116,17 @@ def _act_grad(z, dy, code, slope):
     if code == LEAKY_RELU:
         return dy if z > t(0.0) else dy * t(slope)
     if code == SIGMOID:
-        s = t(1.0) / (t(1.0) + math.exp(-z))
+        s = t(1.0) / (t(1.0) + exp(-z))
         return dy * (t(1.0) - s) * s
     if code == TANH:
         th = math.tanh(z)
         return dy * (t(1.0) - th * th)
     if code == SILU:
-        s = t(1.0) / (t(1.0) + math.exp(-z))
+        s = t(1.0) / (t(1.0) + exp(-z))
         return dy * (s * (t(1.0) + z * (t(1.0) - s)))
     if code == GELU:
         cdf = t(0.5) * (t(1.0) + math.erf(z * t(_SQRT_HALF)))
-        pdf = math.exp(t(-0.5) * z * z) * t(_INV_SQRT_2PI)
+        pdf = exp(t(-0.5) * z * z) * t(_INV_SQRT_2PI)
         return dy * (cdf + z * pdf)
     if code == GELU_TANH:
         z_sq = z * z
