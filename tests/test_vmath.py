@@ -1,7 +1,8 @@
-"""``fastnorm._kernels.vmath.exp``: float32 within 1 ulp, libm's special values, vectorizable loops.
+"""``fastnorm._kernels.vmath``: float32 ``exp`` (1 ulp) and ``tanh`` (2 ulp), special values, SIMD loops.
 
-Float32 results are compared with float64 ``np.exp`` rounded to float32 (errors in
-its ulps); the float32 SiLU and sigmoid loops must keep no libm call.
+Float32 results are compared with the float64 function (errors in ulps of the
+result rounded to float32); the float32 sigmoid, SiLU, tanh and GELU-tanh loops
+must keep no libm call.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def _exp_all(x, out):
         out[i] = vmath.exp(x[i])
 
 
+@numba.njit(**{**JIT_OPTIONS, "cache": False})
+def _tanh_all(x, out):
+    for i in range(x.size):
+        out[i] = vmath.tanh(x[i])
+
+
 def _float32_sweep():
     """Every 512th float32 from ln(FLT_MIN) to ln(FLT_MAX) (about 4.4 million values)."""
     lo, hi = np.float32(-87.33654), np.float32(88.72283)
@@ -34,17 +41,16 @@ def _float32_sweep():
     return np.concatenate([negative.view(np.float32), positive.view(np.float32), [lo, hi]])
 
 
-def _ulp_errors(x, y):
-    """|y - exp(x)| in units of the last place of exp(x) rounded to float32 (float64 reference)."""
-    reference = np.exp(x.astype(np.float64))
-    return np.abs(y.astype(np.float64) - reference) / np.spacing(reference.astype(np.float32)).astype(
-        np.float64
-    )
+def _ulp_errors(x, y, function=np.exp):
+    """|y - f(x)| in units of the last place of f(x) rounded to float32 (float64 reference)."""
+    reference = function(x.astype(np.float64))
+    spacing = np.spacing(np.abs(reference).astype(np.float32)).astype(np.float64)
+    return np.abs(y.astype(np.float64) - reference) / spacing
 
 
-def _worst(x, errors):
+def _worst(x, errors, name="exp"):
     i = int(np.argmax(errors))
-    return f"worst: exp({x[i]!r}) off by {errors[i]:.3f} ulp"
+    return f"worst: {name}({x[i]!r}) off by {errors[i]:.3f} ulp"
 
 
 @pytest.mark.jit
@@ -100,14 +106,6 @@ def test_float32_exp_largest_finite():
     assert errors.max() <= 1.0, _worst(x, errors)
 
 
-@pytest.mark.jit
-def test_float64_exp_is_libm():
-    x = np.random.default_rng(0).uniform(-700, 700, 10_000)
-    y = np.empty_like(x)
-    _exp_all(x, y)
-    np.testing.assert_array_equal(y, [math.exp(v) for v in x])
-
-
 def _libm_calls(code, dtype):
     """Names of the exp/erf/tanh functions called by the compiled activation loop ``code``."""
     namespace = {"epilogue": epilogue}
@@ -120,9 +118,57 @@ def _libm_calls(code, dtype):
 
 
 @pytest.mark.jit
-@pytest.mark.parametrize("code", [epilogue.SIGMOID, epilogue.SILU], ids=["sigmoid", "silu"])
-def test_float32_sigmoid_and_silu_loops_call_no_libm(code):
-    """Forward and gradient loops of float32 SiLU / sigmoid: no scalar ``expf`` left (so they vectorize)."""
+@pytest.mark.parametrize(
+    "code",
+    [epilogue.SIGMOID, epilogue.SILU, epilogue.TANH, epilogue.GELU_TANH],
+    ids=["sigmoid", "silu", "tanh", "gelu_tanh"],
+)
+def test_float32_activation_loops_call_no_libm(code):
+    """Forward and gradient loops of these float32 activations: no scalar ``expf``/``tanhf`` left."""
     assert _libm_calls(code, types.float32) == []
-    # the control: float64 keeps libm's exp
-    assert "llvm.exp.f64" in _libm_calls(code, types.float64)
+    # the control: float64 keeps libm
+    assert _libm_calls(code, types.float64)
+
+
+def _tanh_sweep():
+    """Every 97th float32 in [0, 20) and their negatives (about 22 million values), and the specials."""
+    positive = np.arange(0, np.float32(20.0).view(np.int32), 97, dtype=np.int32).view(np.float32)
+    return np.concatenate([positive, -positive])
+
+
+@pytest.mark.jit
+def test_float32_tanh_within_two_ulp():
+    x = _tanh_sweep()
+    y = np.empty_like(x)
+    _tanh_all(x, y)
+    tiny = np.abs(x) < 1e-30  # the reference's float32 spacing is subnormal there
+    errors = np.where(tiny, 0.0, _ulp_errors(x, y, np.tanh))
+    assert errors.max() <= 2.0, _worst(x, errors, "tanh")
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(x))
+
+
+@pytest.mark.jit
+def test_float32_tanh_special_values():
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e-30, -1e-30, 10.0, 100.0, -100.0], np.float32)
+    y = np.empty_like(x)
+    _tanh_all(x, y)
+    np.testing.assert_array_equal(y, np.tanh(x))
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(x))
+
+
+def test_float32_tanh_algorithm_in_python(monkeypatch):
+    monkeypatch.setattr(vmath, "_pow2", vmath._pow2_python)
+    monkeypatch.setattr(vmath, "exp", vmath._exp_float32)
+    x = np.linspace(-10, 10, 2001, dtype=np.float32)
+    y = np.array([vmath._tanh_float32(value) for value in x], np.float32)
+    errors = _ulp_errors(x, y, np.tanh)
+    assert errors.max() <= 2.0, _worst(x, errors, "tanh")
+
+
+@pytest.mark.jit
+@pytest.mark.parametrize(("name", "bound"), [("exp", 700.0), ("tanh", 20.0)])
+def test_float64_is_libm(name, bound):
+    x = np.random.default_rng(0).uniform(-bound, bound, 10_000)
+    y = np.empty_like(x)
+    {"exp": _exp_all, "tanh": _tanh_all}[name](x, y)
+    np.testing.assert_array_equal(y, [getattr(math, name)(v) for v in x])

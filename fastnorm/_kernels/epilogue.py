@@ -29,7 +29,7 @@ import math
 from numba import prange
 
 from .._config import glue, helper
-from .vmath import exp
+from .vmath import exp, tanh
 
 #: Elements per task of :func:`activate_all` (the reduction block's size).
 _ACTIVATE_BLOCK = 4096
@@ -96,14 +96,14 @@ def _act(z, code, slope):
     if code == SIGMOID:
         return t(1.0) / (t(1.0) + exp(-z))
     if code == TANH:
-        return math.tanh(z)
+        return tanh(z)
     if code == SILU:
         return z / (t(1.0) + exp(-z))
     if code == GELU:
         return t(0.5) * z * (t(1.0) + math.erf(z * t(_SQRT_HALF)))
     if code == GELU_TANH:
         inner = t(_SQRT_2_OVER_PI) * (z + t(_GELU_KAPPA) * z * z * z)
-        return t(0.5) * z * (t(1.0) + math.tanh(inner))
+        return t(0.5) * z * (t(1.0) + tanh(inner))
     return z
 
 
@@ -119,7 +119,7 @@ def _act_grad(z, dy, code, slope):
         s = t(1.0) / (t(1.0) + exp(-z))
         return dy * (t(1.0) - s) * s
     if code == TANH:
-        th = math.tanh(z)
+        th = tanh(z)
         return dy * (t(1.0) - th * th)
     if code == SILU:
         s = t(1.0) / (t(1.0) + exp(-z))
@@ -131,7 +131,7 @@ def _act_grad(z, dy, code, slope):
     if code == GELU_TANH:
         z_sq = z * z
         inner = t(_SQRT_2_OVER_PI) * (z + t(_GELU_KAPPA) * z_sq * z)
-        th = math.tanh(inner)
+        th = tanh(inner)
         left_grad = t(0.5) * (t(1.0) + th)
         inner_grad = t(_SQRT_2_OVER_PI) * (t(1.0) + t(3.0 * _GELU_KAPPA) * z_sq)
         right_grad = t(0.5) * z * (t(1.0) - th * th) * inner_grad
