@@ -16,7 +16,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, helper, kernel
-from .epilogue import _dx_constants, _fold, _rectify, _split, _store_mode, activate_all
+from .epilogue import _activate_stored, _dx_constants, _fold, _rectify, _split, _store_mode
 from .numerics import CANCELLATION_LIMIT, _dx_coefs, _finish, _group, _merge, _moments_two_pass
 from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule
 
@@ -235,9 +235,9 @@ def _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows,
 def _cl_normalize_block(x, residual, grad, y, coef, spec, schedule, blk, tile_rows):
     """Normalize block ``blk``, ``tile_rows`` rows per step (``coef`` tiled by :func:`_cl_tile`).
 
-    The epilogue (:mod:`.epilogue`) as in :func:`~.epilogue._normalize`:
+    The epilogue (:mod:`.epilogue`) as in :func:`~.epilogue._normalize_fused`:
     plus ``residual`` unless empty, rectified in the loop; other activations
-    follow in :func:`~.epilogue.activate_all`.
+    (or the gradient, ``grad`` not empty) over the block just stored.
     """
     nc = spec.channels
     off, rows, base, span = _cl_steps(spec, schedule, blk, tile_rows, 3)
@@ -253,6 +253,7 @@ def _cl_normalize_block(x, residual, grad, y, coef, spec, schedule, blk, tile_ro
         _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, False, True, slope)
     else:
         _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, False, False, slope)
+    _activate_stored(y[off : off + rows * nc], grad, off, rows * nc, spec.activation, slope, fused)
 
 
 # ---------------------------------------------------------------------------
@@ -320,7 +321,6 @@ def channels_last_forward(x, weight, bias, residual, y, mean, rstd, params):
         _cl_forward_fused(x, weight, bias, residual, y, work, chan, stats, coef, spec, schedule)
     else:
         _cl_forward_split(x, weight, bias, residual, y, work, chan, stats, coef, spec, schedule)
-    activate_all(y, x[:0], spec)
     for k in range(nstats):
         mean[k] = stats[2 * k]
         rstd[k] = stats[2 * k + 1]
@@ -343,7 +343,6 @@ def channels_last_inference(x, weight, bias, residual, grad, y, mean, rstd, para
     for s in range(sets):
         _cl_set_coefs(weight, bias, stats, coef, spec, s)
     _cl_normalize(x, residual, grad, y, coef, spec, Schedule(*params[8:]))
-    activate_all(y, grad, spec)
 
 
 # ---------------------------------------------------------------------------

@@ -4,10 +4,10 @@ The epilogue is ``y = act(z)`` with ``z = (x - mean) * (rstd * weight) + bias
 + residual``: the affine transform, the optional residual add (in the store
 loops, so that ``y`` may be the residual's memory), and the optional
 activation: ReLU and leaky ReLU in the store loops too, the others by
-:func:`activate_all`, one more elementwise pass.  Its backward has two
-parts: :func:`activate_all` with a gradient turns a recomputed ``z`` into
-``dz = dy * act'(z)`` (the inference kernels run it), and ``dx = a * dz -
-kx * (x - mean) - k0`` is the norm's own backward.
+:func:`activate_span` over each span just stored, while it is in cache.  Its
+backward has two parts: :func:`activate_span` with a gradient turns a
+recomputed ``z`` into ``dz = dy * act'(z)`` (the inference kernels run it),
+and ``dx = a * dz - kx * (x - mean) - k0`` is the norm's own backward.
 
 Adding an activation is a local change: a code in :data:`ACTIVATIONS`, its
 value and derivative in :func:`_act` and :func:`_act_grad`, and one line in
@@ -26,13 +26,8 @@ from __future__ import annotations
 
 import math
 
-from numba import prange
-
 from .._config import glue, helper
 from .vmath import exp, tanh
-
-#: Elements per task of :func:`activate_all` (the reduction block's size).
-_ACTIVATE_BLOCK = 4096
 
 #: Activation codes of ``KernelSpec.activation``, by the public name.
 ACTIVATIONS = {
@@ -70,14 +65,14 @@ def _store_mode(spec, grad, residual, like):
     ``fused``: the loops apply the activation themselves, which they do for
     ReLU and leaky ReLU (:func:`_rectify`: a compare and a select on a value
     in a register) in a forward pass (``grad`` empty); every other
-    activation, and every gradient, runs in :func:`activate_all` after the
-    store pass.  ``slope`` is the rectifier's (0 for ReLU).  ``plain``: no
-    residual and no rectifier, the plain norm's loop
-    (docs/perf-notes/fused-epilogue.md).
+    activation, and every gradient, runs in :func:`activate_span` over each
+    span right after its store loop (:func:`_activate_stored`).  ``slope`` is
+    the rectifier's (0 for ReLU).  ``plain``: no residual and no activation,
+    the plain norm's loop (docs/perf-notes/fused-epilogue.md).
     """
     code = spec.activation
     fused = grad.size == 0 and (code == RELU or code == LEAKY_RELU)
-    plain = residual.size == 0 and not fused
+    plain = residual.size == 0 and code == IDENTITY
     return plain, fused, like.dtype.type(spec.slope if code == LEAKY_RELU else 0.0)
 
 
@@ -190,24 +185,18 @@ def activate_span(ys, dys, code, slope):
 
 
 @glue
-def activate_all(y, grad, spec):
-    """Apply the activation of ``spec`` to the whole output ``y``, after the store passes.
+def _activate_stored(ys, grad, off, count, code, slope, fused):
+    """After a store loop: ``ys = act(ys)``, or ``grad * act'(ys)``, unless the loop applied it.
 
-    Nothing for no activation, nor for a rectifier in a forward pass (the
-    store loops applied it, :func:`_store_mode`).  Otherwise one parallel
-    elementwise pass in blocks of ``_ACTIVATE_BLOCK`` elements: ``y =
-    act(z)``, or with a non-empty ``grad``, ``y = grad * act'(z)``
+    ``ys`` is the span ``[off, off+count)`` of the output just stored (so in
+    L1 or L2) and ``grad`` the whole upstream gradient, or empty for a
+    forward pass.  Nothing for no activation, nor for a rectifier the loop
+    applied (``fused``, :func:`_store_mode`).  The activation's cost is its
+    arithmetic, not a second trip to memory
     (docs/perf-notes/fused-epilogue.md).
     """
-    _, fused, _ = _store_mode(spec, grad, y[:0], y)  # the residual plays no part here
-    if spec.activation == IDENTITY or fused:
-        return
-    nblocks = (y.size + _ACTIVATE_BLOCK - 1) // _ACTIVATE_BLOCK
-    for blk in prange(nblocks):
-        lo = blk * _ACTIVATE_BLOCK
-        hi = min(y.size, lo + _ACTIVATE_BLOCK)
-        grads = grad[lo:hi] if grad.size > 0 else grad
-        activate_span(y[lo:hi], grads, spec.activation, spec.slope)
+    if code != IDENTITY and not fused:
+        activate_span(ys, grad[off : off + count] if grad.size > 0 else grad, code, slope)
 
 
 @glue
@@ -249,12 +238,15 @@ def _normalize(x, y, off, count, mean, scale, shift):
 
 
 @helper
-def _normalize_fused(x, residual, y, off, count, mean, scale, shift, fused, slope):
-    """:func:`_normalize` plus ``residual`` (unless empty), rectified with ``fused``.
+def _normalize_fused(x, residual, grad, y, off, count, mean, scale, shift, spec):
+    """:func:`_normalize` with the epilogue of ``spec``: plus ``residual`` (unless empty), then ``act``.
 
-    Called only when the call is not plain (:func:`_store_mode`): without a
-    residual, ``fused`` is true.
+    Called only when the call is not plain (:func:`_store_mode`).  ReLU and
+    leaky ReLU are applied in the store loop in a forward pass; any other
+    activation, or the gradient (``grad`` not empty), on the stored span by
+    :func:`_activate_stored`.
     """
+    _, fused, slope = _store_mode(spec, grad, residual, x)
     xs = x[off : off + count]
     ys = y[off : off + count]
     mean_hi, mean_lo = _split(xs, mean)
@@ -268,9 +260,13 @@ def _normalize_fused(x, residual, y, off, count, mean, scale, shift, fused, slop
         else:
             for i in range(count):
                 ys[i] = (xs[i] - mean_hi) * scale_x + shift_x + rs[i]
-    else:
+    elif fused:
         for i in range(count):
             ys[i] = _rectify((xs[i] - mean_hi) * scale_x + shift_x, slope)
+    else:
+        for i in range(count):
+            ys[i] = (xs[i] - mean_hi) * scale_x + shift_x
+    _activate_stored(ys, grad, off, count, spec.activation, slope, fused)
 
 
 @glue
@@ -300,8 +296,9 @@ def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
 
 
 @helper
-def _normalize_per_element_fused(x, residual, y, weight, bias, off, count, s0, mean, rstd, fused, slope):
-    """:func:`_normalize_per_element` plus ``residual`` (unless empty), rectified with ``fused``."""
+def _normalize_per_element_fused(x, residual, grad, y, weight, bias, off, count, s0, mean, rstd, spec):
+    """:func:`_normalize_per_element` with the epilogue of ``spec``, as :func:`_normalize_fused`."""
+    _, fused, slope = _store_mode(spec, grad, residual, x)
     xs = x[off : off + count]
     ys = y[off : off + count]
     ws = weight[s0 : s0 + count]
@@ -311,8 +308,11 @@ def _normalize_per_element_fused(x, residual, y, weight, bias, off, count, s0, m
     if residual.size > 0:
         rs = residual[off : off + count]
         _normalize_per_element_residual(xs, ys, ws, bs, rs, mean_hi, mean_lo, rstd_x, fused, slope)
-    else:
+    elif fused:
         _normalize_per_element_rectified(xs, ys, ws, bs, mean_hi, mean_lo, rstd_x, slope)
+    else:
+        _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd)
+    _activate_stored(ys, grad, off, count, spec.activation, slope, fused)
 
 
 @glue

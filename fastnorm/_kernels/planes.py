@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, kernel
-from .epilogue import _dx_span, _normalize, _normalize_fused, _store_mode, activate_all
+from .epilogue import _dx_span, _normalize, _normalize_fused, _store_mode
 from .numerics import (
     _block_plane,
     _dots,
@@ -139,7 +139,7 @@ def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, s
     """
     nblocks = schedule.nblocks
     centered = spec.flags & CENTERED != 0
-    plain, fused, slope = _store_mode(spec, grad, residual, x)
+    plain, _, _ = _store_mode(spec, grad, residual, x)
     for blk in prange(spec.batch * spec.channels * nblocks):
         plane, b = _block_plane(blk, nblocks)
         k = _plane_stat_index(spec, plane)
@@ -149,7 +149,7 @@ def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, s
         if plain:
             _normalize(x, y, off, count, group_mean, scale, shift)
         else:
-            _normalize_fused(x, residual, y, off, count, group_mean, scale, shift, fused, slope)
+            _normalize_fused(x, residual, grad, y, off, count, group_mean, scale, shift, spec)
 
 
 @glue
@@ -160,7 +160,7 @@ def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
     group of at most ``BLOCK`` elements is one block even when it spans
     several planes; its statistics go straight to ``mean``, ``rstd``.
     """
-    plain, fused, slope = _store_mode(spec, x[:0], residual, x)
+    plain, _, _ = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
         plane, group_mean, group_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
         for c in range(plane, plane + spec.channels // spec.groups):
@@ -169,7 +169,7 @@ def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
             if plain:
                 _normalize(x, y, off, spec.spatial, group_mean, scale, shift)
             else:
-                _normalize_fused(x, residual, y, off, spec.spatial, group_mean, scale, shift, fused, slope)
+                _normalize_fused(x, residual, x[:0], y, off, spec.spatial, group_mean, scale, shift, spec)
 
 
 @glue
@@ -177,7 +177,7 @@ def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedu
     """``FUSED``: one task per group reads it once and normalizes it while it is in cache."""
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * spec.channels * nblocks)
-    plain, fused, slope = _store_mode(spec, x[:0], residual, x)
+    plain, _, _ = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
         _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         n0, samples, c0, d = _group(spec, k)
@@ -190,7 +190,7 @@ def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedu
                     if plain:
                         _normalize(x, y, off, count, mean[k], scale, shift)
                     else:
-                        _normalize_fused(x, residual, y, off, count, mean[k], scale, shift, fused, slope)
+                        _normalize_fused(x, residual, x[:0], y, off, count, mean[k], scale, shift, spec)
 
 
 @glue
@@ -240,7 +240,6 @@ def planes_forward(x, weight, bias, residual, y, mean, rstd, params):
         _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule)
     else:
         _planes_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule)
-    activate_all(y, x[:0], spec)
 
 
 @kernel
@@ -260,7 +259,6 @@ def planes_inference(x, weight, bias, residual, grad, y, mean, rstd, params):
     """
     spec = KernelSpec(*params[:8])
     _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, Schedule(*params[8:]))
-    activate_all(y, grad, spec)
 
 
 # ---------------------------------------------------------------------------

@@ -30,7 +30,6 @@ from .epilogue import (
     _rectify,
     _split,
     _store_mode,
-    activate_all,
 )
 from .numerics import (
     _block_plane,
@@ -136,7 +135,7 @@ def _pipelined_rows(x, weight, bias, residual, y, spec, mean, rstd, k0, k1, with
             off = k * width
             if with_residual or fused:
                 _normalize_per_element_fused(
-                    x, residual, y, weight, bias, off, width, 0, row_mean, row_rstd, fused, slope
+                    x, residual, no_grad, y, weight, bias, off, width, 0, row_mean, row_rstd, spec
                 )
             else:
                 _normalize_per_element(x, y, weight, bias, off, width, 0, row_mean, row_rstd)
@@ -177,7 +176,7 @@ def _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, schedu
     """Normalize every block of every row with its statistics (parallel over blocks)."""
     nblocks = schedule.nblocks
     centered = spec.flags & CENTERED != 0
-    plain, fused, slope = _store_mode(spec, grad, residual, x)
+    plain, _, _ = _store_mode(spec, grad, residual, x)
     for blk in prange(spec.batch * nblocks):
         row, b = _block_plane(blk, nblocks)
         off, count, s0 = _cf_block_span(spec, row, b)
@@ -186,7 +185,7 @@ def _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, schedu
             _normalize_per_element(x, y, weight, bias, off, count, s0, row_mean, rstd[row])
         else:
             _normalize_per_element_fused(
-                x, residual, y, weight, bias, off, count, s0, row_mean, rstd[row], fused, slope
+                x, residual, grad, y, weight, bias, off, count, s0, row_mean, rstd[row], spec
             )
 
 
@@ -210,7 +209,7 @@ def _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, chun
 @glue
 def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip):
     """``ONE_BLOCK``: one task per row of at most ``BLOCK`` elements: moments, then normalize."""
-    plain, fused, slope = _store_mode(spec, x[:0], residual, x)
+    plain, _, _ = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
         if skip[0].size > 0:
             _add_skip_rows(skip[0], skip[1], skip[2], skip[3], spec.spatial, k, k + 1)
@@ -220,7 +219,7 @@ def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip
             _normalize_per_element(x, y, weight, bias, off, width, 0, row_mean, row_rstd)
         else:
             _normalize_per_element_fused(
-                x, residual, y, weight, bias, off, width, 0, row_mean, row_rstd, fused, slope
+                x, residual, x[:0], y, weight, bias, off, width, 0, row_mean, row_rstd, spec
             )
 
 
@@ -229,7 +228,7 @@ def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule
     """``FUSED``: one task per long row: block moments, merge, then its blocks normalized."""
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * nblocks)
-    plain, fused, slope = _store_mode(spec, x[:0], residual, x)
+    plain, _, _ = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
         if skip[0].size > 0:
             _add_skip_rows(skip[0], skip[1], skip[2], skip[3], spec.spatial, k, k + 1)
@@ -240,7 +239,7 @@ def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule
                 _normalize_per_element(x, y, weight, bias, off, count, s0, mean[k], rstd[k])
             else:
                 _normalize_per_element_fused(
-                    x, residual, y, weight, bias, off, count, s0, mean[k], rstd[k], fused, slope
+                    x, residual, x[:0], y, weight, bias, off, count, s0, mean[k], rstd[k], spec
                 )
 
 
@@ -317,7 +316,6 @@ def _rows_forward(x, weight, bias, residual, y, mean, rstd, params, skip):
         _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule, skip)
     else:
         _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule, skip)
-    activate_all(y, x[:0], spec)
 
 
 @kernel
@@ -329,7 +327,6 @@ def rows_inference(x, weight, bias, residual, grad, y, mean, rstd, params):
     """
     spec = KernelSpec(*params[:8])
     _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, Schedule(*params[8:]))
-    activate_all(y, grad, spec)
 
 
 # ---------------------------------------------------------------------------
