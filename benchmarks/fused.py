@@ -48,7 +48,11 @@ def measure(rounds):
                 for pass_ in ("fwd", f"{epilogue}_fwd", f"{epilogue}_fb")
             )
             entries = [("plain", plain.fastnorm, None), ("fused", fwd.fastnorm, None)]
-            entries.append(("fused_fb", fb.fastnorm, None))
+            entries += [
+                ("fused_fb", fb.fastnorm, None),
+                ("floor", fwd.floor, None),
+                ("floor_fb", fb.floor, None),
+            ]
             if fwd.torch is not None:
                 entries += [("torch", fwd.torch, None), ("torch_fb", fb.torch, None)]
             label = f"{kind} {epilogue} {layout} {'x'.join(map(str, shape))}"
@@ -65,16 +69,18 @@ def main():
     print(f"float32, medians of {args.rounds} interleaved rounds")
     print(
         "| case | plain fwd ms | fused fwd ms | fused fwd+bwd ms | torch fwd ms | torch fwd+bwd ms "
-        "| fused / plain fwd | fused / torch fwd | fused / torch fwd+bwd |"
+        "| fused / plain fwd | fused / torch fwd | fused / torch fwd+bwd | floor fwd+bwd ms "
+        "| fused / floor fwd+bwd | torch / floor fwd+bwd |"
     )
-    print("|" + "---|" * 9)
+    print("|" + "---|" * 12)
     for label, samples in rows:
         med = {name: statistics.median(values) * 1e3 for name, values in samples.items()}
         print(
             f"| {label} | {med['plain']:.2f} | {med['fused']:.2f} | {med['fused_fb']:.2f} | "
             f"{med.get('torch', float('nan')):.2f} | {med.get('torch_fb', float('nan')):.2f} | "
             f"{_ratio(samples, 'fused', 'plain'):.2f} | {_ratio(samples, 'fused', 'torch'):.2f} | "
-            f"{_ratio(samples, 'fused_fb', 'torch_fb'):.2f} |"
+            f"{_ratio(samples, 'fused_fb', 'torch_fb'):.2f} | {med['floor_fb']:.2f} | "
+            f"{_ratio(samples, 'fused_fb', 'floor_fb'):.2f} | {_ratio(samples, 'torch_fb', 'floor_fb'):.2f} |"
         )
 
 

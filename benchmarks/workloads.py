@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .baselines.floor import floor_add, floor_copy
+from .baselines.floor import floor_add, floor_add3_twice, floor_add_twice, floor_copy
 from .baselines.torch import _torch_callable, _torch_epilogue_callable
 from .cases import _ROW_KINDS, EPILOGUE_PASSES, EPS, KINDS, RMS_EPS, group_count
 from .runtime import load_onednn, optional_torch
@@ -176,11 +176,9 @@ def _epilogue_workload(case, rng, spec, arrays, memcpy, with_torch):
         _, stats = fastnorm.forward(x, spec, weight, bias, out=out, **extra)
         return fastnorm.backward(dy, x, stats, spec, weight, out=dx, **backward_extra)
 
-    scratch = np.empty_like(x)
-
-    def floor():  # what the unfused norm alone moves: one read, one write
-        floor_copy(x.reshape(-1), scratch.reshape(-1))
-
+    floor = _epilogue_floor(
+        epilogue, suffix, x.reshape(-1), dy.reshape(-1), None if other is None else other.reshape(-1)
+    )
     workload = Workload(
         fastnorm=fast_forward if suffix == "fwd" else fast_forward_backward, memcpy=memcpy, floor=floor
     )
@@ -191,6 +189,37 @@ def _epilogue_workload(case, rng, spec, arrays, memcpy, with_torch):
             torch, case, x_logical, other_logical, dy_logical, weight, bias, skip_bias
         )
     return workload
+
+
+def _epilogue_floor(epilogue, suffix, x, dy, other):
+    """Return the traffic floor of an epilogue pass: each input read once, each output written once.
+
+    ``fwd``: ``x`` (and the residual or skip) in; ``y`` (and ``h``) out.  ``fb``:
+    that, then ``dy``, ``x`` (``h`` after a skip add) and the residual in, ``dx``
+    (and ``dresidual``) out.  No implementation moves less: the statistics need
+    ``x`` before ``y`` and ``dy`` before ``dx``, so a real pass reads more
+    (docs/perf-notes/fused-epilogue.md).  Writes into its own scratch buffers.
+    """
+    y, h, dx, dresidual = (np.empty_like(x) for _ in range(4))
+
+    def forward():
+        if epilogue == "silu":
+            floor_copy(x, y)
+        elif epilogue == "resrelu":
+            floor_add(x, other, y)
+        else:
+            floor_add_twice(x, other, h, y)
+
+    def forward_backward():
+        forward()
+        if epilogue == "silu":
+            floor_add(dy, x, dx)
+        elif epilogue == "resrelu":
+            floor_add3_twice(dy, x, other, dx, dresidual)
+        else:
+            floor_add(dy, h, dx)
+
+    return forward if suffix == "fwd" else forward_backward
 
 
 def _memory_order(case, logical):

@@ -65,3 +65,42 @@ def floor_add(a, b, out):
     for t in prange(FLOOR_CHUNKS):
         lo, hi = _floor_chunk(a.size, t)
         _add_span(a[lo:hi], b[lo:hi], out[lo:hi])
+
+
+@helper
+def _add_twice_span(a, b, out, out2):
+    for i in range(a.size):
+        s = a[i] + b[i]
+        out[i] = s
+        out2[i] = s
+
+
+@helper
+def _add3_twice_span(a, b, c, out, out2):
+    for i in range(a.size):
+        s = a[i] + b[i] + c[i]
+        out[i] = s
+        out2[i] = s
+
+
+@kernel
+def floor_add_twice(a, b, out, out2):
+    """``out = out2 = a + b`` in parallel: the traffic of a skip add's forward (``h`` and ``y``).
+
+    Two reads and two writes, chunked as :func:`floor_copy`.
+    """
+    for t in prange(FLOOR_CHUNKS):
+        lo, hi = _floor_chunk(a.size, t)
+        _add_twice_span(a[lo:hi], b[lo:hi], out[lo:hi], out2[lo:hi])
+
+
+@kernel
+def floor_add3_twice(a, b, c, out, out2):
+    """``out = out2 = a + b + c`` in parallel: the traffic of a residual epilogue's backward.
+
+    Three reads and two writes (``dy``, ``x``, ``residual`` in; ``dx``,
+    ``dresidual`` out), chunked as :func:`floor_copy`.
+    """
+    for t in prange(FLOOR_CHUNKS):
+        lo, hi = _floor_chunk(a.size, t)
+        _add3_twice_span(a[lo:hi], b[lo:hi], c[lo:hi], out[lo:hi], out2[lo:hi])
