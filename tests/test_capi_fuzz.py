@@ -1,10 +1,12 @@
 """Fuzz the C ABI: ``capi/tests/fuzz.c`` under AddressSanitizer + UBSan.
 
-The harness makes >= 10**5 random calls of the three compute entry points
-(random descriptors, struct_size included, NULL / misaligned / aliased / overlapping buffers, valid
-calls mixed in), checks each status against the rules of docs/c-api.md, that
-invalid calls write nothing, and valid results against a float64 reference
-(see the comment at the top of fuzz.c and docs/c-api.md#fuzzing).
+The harness makes >= 2 * 10**5 random calls of the eight compute entry points (the plain
+forward training / inference / backward, their fused forms with the residual + activation
+epilogue, the skip add's forward and backward): random descriptors (struct_size and the epilogue
+fields included), NULL / misaligned / aliased / overlapping buffers, valid calls of every
+activation mixed in.  It checks each status against the rules of fastnorm.h and docs/c-api.md,
+that invalid calls write nothing, and valid results against a float64 reference (see the comment
+at the top of fuzz.c and docs/c-api.md#fuzzing).
 
 The library is built with ``-fsanitize=address,undefined`` into a temporary
 directory, like ``tests/test_capi.py::test_c_tests_under_address_sanitizer``;
@@ -24,7 +26,33 @@ from test_capi import ASAN_ENV, CAPI, GCC, _have_cffi, build_sanitized_library, 
 # C ABI / LLVM IR: needs the compiled kernels (skipped under NUMBA_DISABLE_JIT=1, see conftest.py).
 pytestmark = pytest.mark.jit
 
-MIN_CALLS = 100_000
+MIN_CALLS = 200_000
+
+#: The compute entry points, as fuzz.c names them in its summary lines.
+ENTRIES = (
+    "forward_training",
+    "forward_inference",
+    "backward",
+    "forward_training_fused",
+    "forward_inference_fused",
+    "backward_fused",
+    "skip_forward_training",
+    "skip_backward",
+)
+#: Every entry point can return each of these by the docs: all take a descriptor (struct_size:
+#: VERSION_MISMATCH; float16, flags: UNSUPPORTED; dims: SIZE_OVERFLOW), required pointers
+#: (NULL_POINTER) and outputs (OVERLAP).  NOT_INITIALIZED and INTERNAL_ERROR (runtime start-up, out of
+#: memory) must not happen here.
+STATUSES = (
+    "OK",
+    "INVALID_ARGUMENT",
+    "UNSUPPORTED",
+    "NULL_POINTER",
+    "SIZE_OVERFLOW",
+    "OVERLAP",
+    "VERSION_MISMATCH",
+)
+ACTIVATIONS = ("NONE", "RELU", "LEAKY_RELU", "SIGMOID", "TANH", "SILU", "GELU", "GELU_TANH")
 
 
 @pytest.fixture(scope="module")
@@ -50,25 +78,35 @@ def _summary(stdout):
 
 
 def test_fuzz_entry_points_under_sanitizers(fuzz_exe):
-    result = run([fuzz_exe, "--calls", str(MIN_CALLS + 20_000)], timeout=600, **ASAN_ENV)
+    result = run([fuzz_exe, "--calls", str(MIN_CALLS + 40_000)], timeout=600, **ASAN_ENV)
     report = result.stdout + result.stderr[-6000:]
     assert result.returncode == 0, report
     assert "ERROR: AddressSanitizer" not in result.stderr and "runtime error" not in result.stderr, report
     assert "FAIL" not in result.stderr, report
     calls, failures = _summary(result.stdout)
     assert calls >= MIN_CALLS and failures == 0, report
-    # Every entry point ran, with valid and rejected calls of every kind of error.
-    for entry in ("forward_training", "forward_inference", "backward"):
+    # Every entry point ran (about 1 / 8 of the calls each), with valid and rejected calls of every
+    # kind of error (each at least 0.1 % of its calls).
+    for entry in ENTRIES:
         line = re.search(rf"^fuzz: {entry}: (\d+) calls:(.*)$", result.stdout, re.MULTILINE)
-        assert line and int(line.group(1)) > MIN_CALLS // 5, report
-        for status in ("OK", "INVALID_ARGUMENT", "UNSUPPORTED", "NULL_POINTER", "SIZE_OVERFLOW", "OVERLAP",
-                       "VERSION_MISMATCH"):  # fmt: skip
-            assert re.search(rf"FASTNORM_{status}=[1-9]", line.group(2)), (entry, status, report)
+        assert line and int(line.group(1)) > MIN_CALLS // 10, (entry, report)
+        for status in STATUSES:
+            count = re.search(rf"FASTNORM_{status}=(\d+)", line.group(2))
+            assert count and int(count.group(1)) > int(line.group(1)) // 1000, (entry, status, report)
         # Nothing else: no NOT_INITIALIZED, INTERNAL_ERROR or unknown value.
         assert not re.search(r"FASTNORM_(NOT_INITIALIZED|INTERNAL_ERROR)|other=", line.group(2)), report
     pattern = r"valid=(\d+) \(checked against the reference (\d+),.* right after an invalid call (\d+)\)"
     valid = re.search(pattern, result.stdout)
     assert valid and int(valid.group(2)) > MIN_CALLS // 10 and int(valid.group(3)) > 1000, report
+    # Valid calls of every activation were checked against the reference, and backward passes with
+    # z exactly at (leaky) ReLU's kink (act' = 0 / the slope there).
+    line = re.search(
+        r"^fuzz: checked per activation:(.*)\(.*z == 0 exactly (\d+)", result.stdout, re.MULTILINE
+    )
+    assert line and int(line.group(2)) > 10, report
+    for activation in ACTIVATIONS:
+        count = re.search(rf" {activation}=(\d+)", line.group(1))
+        assert count and int(count.group(1)) > MIN_CALLS // 100, (activation, report)
 
 
 def test_fuzz_seed_and_replay_arguments(fuzz_exe):
