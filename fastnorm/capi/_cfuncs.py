@@ -90,6 +90,17 @@ def _serial(schedule, num_threads):
     return schedule
 
 
+@glue
+def _params(spec, pass_id, num_threads, itemsize, has_weight, has_bias, in_place):
+    """``spec`` and its schedule for ``pass_id``, as the Python API's ``_kernel_call`` passes them.
+
+    The schedule is :func:`~fastnorm._kernels.plan_schedule`'s for
+    ``num_threads`` threads, serial for 0 (:func:`_serial`).
+    """
+    schedule = K.plan_schedule(spec, pass_id, max(num_threads, 1), itemsize, has_weight, has_bias, in_place)
+    return spec + _serial(schedule, num_threads)
+
+
 def _make_forward(key, pass_id):
     """Forward cfunc: training statistics (``K.FORWARD``) or given statistics (``K.INFERENCE``)."""
 
@@ -105,9 +116,7 @@ def _make_forward(key, pass_id):
         ya = carray(y, size)
         ra = carray(r, nr)
         in_place = xa.ctypes.data == ya.ctypes.data or (nr > 0 and ra.ctypes.data == ya.ctypes.data)
-        threads = max(num_threads, 1)
-        schedule = K.plan_schedule(spec, pass_id, threads, xa.itemsize, nw > 0, nb > 0, in_place)
-        params = spec + _serial(schedule, num_threads)
+        params = _params(spec, pass_id, num_threads, xa.itemsize, nw > 0, nb > 0, in_place)
         wa = carray(w, nw)
         ba = carray(b, nb)
         meana = carray(mean, nstats)
@@ -140,20 +149,17 @@ def _make_backward(key):
         wa = carray(w, nw)
         meana = carray(mean, nstats)
         rstda = carray(rstd, nstats)
-        threads = max(num_threads, 1)
         in_place = dxa.ctypes.data == dya.ctypes.data or dxa.ctypes.data == xa.ctypes.data
         grad = dya
         if activation != 0:
             # dz into dresidual, or a workspace when there is none or it is dy's memory
             dz = dra if ndr > 0 and dra.ctypes.data != dya.ctypes.data else np.empty_like(xa)
-            schedule = K.plan_schedule(spec, K.INFERENCE, threads, xa.itemsize, nw > 0, nb > 0, False)
-            params = spec + _serial(schedule, num_threads)
+            params = _params(spec, K.INFERENCE, num_threads, xa.itemsize, nw > 0, nb > 0, False)
             K.run_forward(K.INFERENCE, xa, wa, carray(b, nb), carray(r, nr), dya, dz, meana, rstda, params)
             grad = dz
         elif ndr > 0 and dra.ctypes.data != dya.ctypes.data:
             dra[:] = dya  # dresidual = dy, before dx may overwrite dy
-        schedule = K.plan_schedule(spec, K.BACKWARD, threads, xa.itemsize, nw > 0, False, in_place)
-        params = spec + _serial(schedule, num_threads)
+        params = _params(spec, K.BACKWARD, num_threads, xa.itemsize, nw > 0, False, in_place)
         K.run_backward(grad, xa, wa, meana, rstda, dxa, carray(dw, ndw), carray(db, ndb), params)
         if ndr > 0 and dra.ctypes.data != grad.ctypes.data and dra.ctypes.data == dya.ctypes.data:
             dra[:] = grad  # dresidual is dy's memory: the workspace's dz, now that dy is read
@@ -180,9 +186,7 @@ def _make_skip_forward(key):
         spec = (batch, channels, spatial, groups, flags, eps, activation, slope)  # KernelSpec, as core's
         size = batch * channels * spatial
         xa = carray(x, size)
-        threads = max(num_threads, 1)
-        schedule = K.plan_schedule(spec, K.FORWARD, threads, xa.itemsize, nw > 0, nb > 0, False)
-        params = spec + _serial(schedule, num_threads)
+        params = _params(spec, K.FORWARD, num_threads, xa.itemsize, nw > 0, nb > 0, False)
         K.run_skip_forward(
             xa, carray(s, size), carray(sb, nsb), carray(w, nw), carray(b, nb), carray(h, size),
             carray(y, size), carray(mean, nstats), carray(rstd, nstats), params,
