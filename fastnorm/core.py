@@ -657,6 +657,8 @@ def forward(
 
 def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out):
     """:func:`forward` with the pre-norm skip add: ``h = x + skip (+ skip_bias)``, then the norm of ``h``."""
+    if not isinstance(spec, NormSpec):
+        raise TypeError(f"spec must be a fastnorm.NormSpec, got {type(spec).__name__}")
     if skip is None:
         given = "skip_bias" if skip_bias is not None else "sum_out"
         raise ValueError(f"{given} was given without skip")
@@ -825,7 +827,8 @@ def backward(
         ``dweight`` and ``dbias`` of the parameters' shape, ``x``'s dtype, or
         ``None`` when not requested.  Its attribute ``dresidual`` is the
         gradient with respect to the residual when the forward pass added
-        one (``dy`` itself when ``spec.activation`` is ``None``), else ``None``.
+        one (``dy`` itself when ``spec.activation`` is ``None``, a copy of it
+        taken before ``dx`` is written when ``out`` is ``dy``), else ``None``.
         After a skip add (``stats.h`` set), ``dskip`` is ``dx`` itself and
         ``dskip_bias`` the skip bias's gradient (when the forward pass had one).
 
@@ -870,6 +873,8 @@ def backward(
     dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
     dresidual = dy_array if has_residual else None
+    if has_residual and spec.activation is None and np.shares_memory(dx, dy_array):
+        dresidual = dy_array.copy()  # dresidual = dy, which out=dy is about to overwrite with dx
     params = None
     if dx_flat.size:
         empty = _EMPTY[x.dtype]

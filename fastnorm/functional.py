@@ -493,6 +493,8 @@ def skip_layer_norm(
     they are in cache (``docs/math.md``, "Pre-norm skip add").  For the
     backward, :func:`fastnorm.forward` with ``skip=`` returns the statistics.
     """
+    if skip is None:
+        raise ValueError("skip is required: the tensor added to x before the norm")
     if type(x) is not np.ndarray:
         x = _check_array(x, "x")
     spec = NormSpec.layer_norm(_normalized_ndim(x, normalized_shape), eps)
@@ -529,6 +531,8 @@ def skip_rms_norm(
     h : ndarray
         ``x + skip + skip_bias``.
     """
+    if skip is None:
+        raise ValueError("skip is required: the tensor added to x before the norm")
     if type(x) is not np.ndarray:
         x = _check_array(x, "x")
     spec = NormSpec.rms_norm(_normalized_ndim(x, normalized_shape), eps)

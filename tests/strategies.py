@@ -7,13 +7,17 @@
 * :func:`problems` -- valid problems with groups of at least 2 elements (``tests/test_properties.py``).
 * the call generator of ``tests/test_fuzz_api.py``: :class:`Call` and the ``draw_*`` builders, each
   of which draws one argument (valid, or invalid when its slot is mutated), given ``d``, the
-  ``draw`` of ``st.data()``.
+  ``draw`` of ``st.data()``; for the fused epilogue and the skip add :func:`draw_epilogue`,
+  :func:`draw_like_x` (residual, skip, ``stats.h``), :func:`draw_sum_out`, and
+  :func:`overlap_errors` (the documented overlap rules of the outputs); :data:`ACTS` is shared with
+  ``tests/test_epilogue.py``.
 
 Importing this module also pre-imports Hypothesis' failure-report machinery (see below).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import warnings
@@ -284,11 +288,16 @@ def draw_param(d, call, name, shape, dtype, rng):
     return value, np.asarray(value).astype(dtype).astype(np.float64)
 
 
-def draw_out(d, call, x, shape, dtype, kind, cl, *, allow_dy=None):
-    """An ``out=`` argument and whether it is valid; may replace ``x`` (partial overlap)."""
+def draw_out(d, call, x, shape, dtype, kind, cl, *, allow_dy=None, x_is_read=True):
+    """An ``out=`` argument and whether it is valid; may replace ``x`` (partial overlap).
+
+    ``x_is_read=False`` (a backward after a skip add reads ``stats.h``): no partial overlap of ``x``.
+    """
     good = ["none", "none", "fresh", "x"] + (["dy"] if allow_dy is not None else [])
     bad = ["wrong-shape", "wrong-dtype", "wrong-order", "readonly", "misaligned", "list", "partial"]
     mode = call.choose(d, "out", good, bad, "out")
+    if mode == "partial" and not x_is_read:
+        mode = "wrong-shape"
     need_cl = kind in PER_CHANNEL and not cl and is_cl_memory(x)
     native = native_dtype(dtype)
 
@@ -547,31 +556,39 @@ def counter_arg(call, mode, training):
     return c
 
 
-def draw_spec(d, call, kind, p, eps):
-    """Build the spec the way a user would, sometimes with invalid constructor arguments."""
+def draw_spec(d, call, kind, p, eps, *, epilogue=None, allow_not_a_spec=True):
+    """Build the spec the way a user would, sometimes with invalid constructor arguments.
+
+    ``epilogue`` (the ``activation`` / ``negative_slope`` keywords, possibly invalid) is passed to
+    every constructor; with it, a valid spec is sometimes built by ``NormSpec(...)`` directly.
+    ``allow_not_a_spec=False`` turns the "not a NormSpec" mutation into an unknown kind.
+    """
     cl, k, groups = p["cl"], p["k"], p["groups"]
+    epi = epilogue or {}
     how = call.choose(d, "spec", ["ok"], ["bad-field", "bad-kind", "not-a-spec", "bad-int"], "spec")
+    if how == "not-a-spec" and not allow_not_a_spec:
+        how = "bad-kind"
     if how == "not-a-spec":
         call.bad("spec is not a NormSpec", r"\bspec\b")
         return lambda: kind
     if how == "bad-kind":
         call.bad("unknown kind", r"\bkind\b")
-        return lambda: NormSpec(kind.replace("_norm", "norm"), eps)
+        return lambda: NormSpec(kind.replace("_norm", "norm"), eps, **epi)
     if how == "bad-field":
         if kind in TRAILING:
             field = d(st.sampled_from(["channels_last", "num_groups"]))
             call.bad(f"{field} for {kind}", field)
             if field == "channels_last":
-                return lambda: NormSpec(kind, eps, normalized_ndim=k, channels_last=True)
-            return lambda: NormSpec(kind, eps, num_groups=2, normalized_ndim=k)
+                return lambda: NormSpec(kind, eps, normalized_ndim=k, channels_last=True, **epi)
+            return lambda: NormSpec(kind, eps, num_groups=2, normalized_ndim=k, **epi)
         other = "num_groups" if kind != "group_norm" else "channels_last"
         field = d(st.sampled_from(["normalized_ndim", other]))
         call.bad(f"{field} for {kind}", field)
         if field == "normalized_ndim":
-            return lambda: NormSpec(kind, eps, num_groups=groups, normalized_ndim=1, channels_last=cl)
+            return lambda: NormSpec(kind, eps, num_groups=groups, normalized_ndim=1, channels_last=cl, **epi)
         if field == "channels_last":
-            return lambda: NormSpec(kind, eps, num_groups=groups, channels_last="no")
-        return lambda: NormSpec(kind, eps, num_groups=3, channels_last=cl)
+            return lambda: NormSpec(kind, eps, num_groups=groups, channels_last="no", **epi)
+        return lambda: NormSpec(kind, eps, num_groups=3, channels_last=cl, **epi)
     if how == "bad-int":
         bad = d(st.sampled_from([0, -2, True, 1.0, None, "2"]))
         if kind in TRAILING:
@@ -582,18 +599,28 @@ def draw_spec(d, call, kind, p, eps):
             groups = bad
         else:
             how = "ok"
+    if epilogue is not None and d(st.booleans(), label="spec by NormSpec(...)"):
+        return lambda: NormSpec(
+            kind,
+            eps,
+            num_groups=groups if kind == "group_norm" else None,
+            normalized_ndim=k if kind in TRAILING else None,
+            channels_last=cl if kind in PER_CHANNEL else False,
+            **epi,
+        )
     if kind == "batch_norm":
-        return lambda: NormSpec.batch_norm(eps, cl)
+        return lambda: NormSpec.batch_norm(eps, cl, **epi)
     if kind == "instance_norm":
-        return lambda: NormSpec.instance_norm(eps=eps, channels_last=cl)
+        return lambda: NormSpec.instance_norm(eps=eps, channels_last=cl, **epi)
     if kind == "group_norm":
-        return lambda: NormSpec.group_norm(groups, eps, channels_last=cl)
+        return lambda: NormSpec.group_norm(groups, eps, channels_last=cl, **epi)
     if kind == "layer_norm":
-        return lambda: NormSpec.layer_norm(k, eps)
-    return lambda: NormSpec.rms_norm(k, eps=eps)
+        return lambda: NormSpec.layer_norm(k, eps, **epi)
+    return lambda: NormSpec.rms_norm(k, eps=eps, **epi)
 
 
-def draw_stats(d, call, ref_mean, ref_rstd, has_bias, inference):
+def draw_stats(d, call, ref_mean, ref_rstd, has_bias, inference, **fields):
+    """A ``stats`` argument; ``fields`` are further ``Stats`` fields (``has_residual``, ``h``, ...)."""
     # backward needs the exact statistics of x (its formula assumes them); inference takes any
     good = ["ok", "ok"] + (["list"] if ref_mean.size else []) + (["f32"] if inference else [])
     how = call.choose(d, "stats", good, ["tuple", "bad-shape", "int", "complex"], "stats")
@@ -602,16 +629,267 @@ def draw_stats(d, call, ref_mean, ref_rstd, has_bias, inference):
         return (ref_mean, ref_rstd), ref_mean, ref_rstd
     if how == "bad-shape":
         call.bad("stats shape", r"\bstats\b")
-        return Stats(ref_mean.reshape(-1)[:-1] if ref_mean.size else np.zeros(1), ref_rstd), None, None
+        bad_mean = ref_mean.reshape(-1)[:-1] if ref_mean.size else np.zeros(1)
+        return Stats(bad_mean, ref_rstd, **fields), None, None
     if how == "int":
         call.bad("stats dtype", r"\bstats\b")
-        return Stats(ref_mean.astype(np.int64), ref_rstd), None, None
+        return Stats(ref_mean.astype(np.int64), ref_rstd, **fields), None, None
     if how == "complex":
         call.bad("stats dtype", r"\bstats\b")
-        return Stats(ref_mean, ref_rstd.astype(np.complex128)), None, None
+        return Stats(ref_mean, ref_rstd.astype(np.complex128), **fields), None, None
     if how == "f32":
         m, r = ref_mean.astype(np.float32), ref_rstd.astype(np.float32)
-        return Stats(m, r, has_bias), m.astype(np.float64), r.astype(np.float64)
+        return Stats(m, r, has_bias, **fields), m.astype(np.float64), r.astype(np.float64)
     if how == "list":
-        return Stats(ref_mean.tolist(), ref_rstd.tolist(), has_bias), ref_mean, ref_rstd
-    return Stats(ref_mean.copy(), ref_rstd.copy(), has_bias), ref_mean, ref_rstd
+        return Stats(ref_mean.tolist(), ref_rstd.tolist(), has_bias, **fields), ref_mean, ref_rstd
+    return Stats(ref_mean.copy(), ref_rstd.copy(), has_bias, **fields), ref_mean, ref_rstd
+
+
+# ---------------------------------------------------------------------------
+# tests/test_fuzz_api.py: the fused epilogue and the pre-norm skip add
+# ---------------------------------------------------------------------------
+
+#: The epilogue's activations (torch's F.relu, F.leaky_relu, sigmoid, tanh, F.silu, F.gelu two ways).
+ACTS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh"]
+#: Activation arguments that are not one of them (names, other types).
+BAD_ACTS = ["ReLU", "swish", "", "gelu ", "none", "identity", b"relu", 1, 0, True, ["relu"]]
+#: Stands for an argument left out of the call (its default applies).
+OMIT = object()
+
+
+def draw_epilogue(d, call):
+    """The ``activation`` / ``negative_slope`` keywords (a dict) and the (activation, slope) they mean.
+
+    ``negative_slope`` is validated whatever the activation (a finite real number).
+    """
+    good = [*ACTS, None, OMIT, np.str_("silu")]
+    act = call.choose(d, "activation", good, BAD_ACTS, "activation")
+    if "activation" in call.slots:
+        call.bad(f"activation={act!r}", r"\bactivation\b")
+    good_slopes = [OMIT, 0.01, 0.0, 0.2, -0.5, 2.0, 1, np.float32(0.25), np.float64(-0.125), np.int64(3)]
+    bad_slopes = [float("nan"), float("inf"), -float("inf"), "0.1", True, None, complex(0.1, 0), [0.1]]
+    slope = call.choose(d, "negative_slope", good_slopes, bad_slopes, "negative_slope")
+    if "negative_slope" in call.slots:
+        call.bad(f"negative_slope={slope!r}", r"negative_slope")
+    kwargs = {}
+    if act is not OMIT:
+        kwargs["activation"] = act
+    if slope is not OMIT:
+        kwargs["negative_slope"] = slope
+    act_ref = None if act is OMIT else act
+    slope_ref = 0.01 if slope is OMIT or "negative_slope" in call.slots else float(slope)
+    event(f"activation {act_ref!r}")
+    return kwargs, (str(act_ref) if act_ref is not None else None), slope_ref
+
+
+def in_kernel_order(a, need_cl):
+    """Whether ``a``'s memory is in the kernel's order: C order, or channels-last like ``x``."""
+    return np.moveaxis(a, 1, -1).flags.c_contiguous if need_cl else a.flags.c_contiguous
+
+
+def like_x_ok(a, shape, dtype, need_cl):
+    """Whether ``a`` is usable as a residual / skip / ``stats.h`` of an ``x`` (read in place, never copied).
+
+    An ndarray of ``x``'s shape and (native) dtype, aligned, in the kernel's memory order.
+    """
+    return (
+        isinstance(a, np.ndarray)
+        and a.shape == tuple(shape)
+        and a.dtype == native_dtype(dtype)
+        and a.flags.aligned
+        and in_kernel_order(a, need_cl)
+    )
+
+
+def writable_like_x(a, shape, dtype, need_cl):
+    """Whether ``a`` is usable as an output (``out``, ``sum_out``) of an ``x``."""
+    return like_x_ok(a, shape, dtype, need_cl) and a.flags.writeable
+
+
+def fresh_like_x(values, need_cl):
+    """A new array holding ``values`` in the kernel's memory order."""
+    return cl_view(values) if need_cl else np.array(values, copy=True, order="C")
+
+
+def same_memory(a, b):
+    """Whether two contiguous arrays are exactly the same memory (in place, not a partial overlap)."""
+    return a.__array_interface__["data"][0] == b.__array_interface__["data"][0] and a.nbytes == b.nbytes
+
+
+def overlapping_pair(values_a, values_b, need_cl):
+    """Two arrays in the kernel's order whose memory overlaps but for one element (``b`` one further).
+
+    ``a`` holds ``values_a``; ``b``'s values are whatever ``values_b`` leaves after ``a`` is written
+    (``b`` is meant as an output, or as a second input read as it is).
+    """
+    shape = values_a.shape
+    kshape = np.moveaxis(np.empty(shape, np.int8), 1, -1).shape if need_cl else shape
+    buf = np.zeros(values_a.size + 1, values_a.dtype)
+    a, b = buf[:-1].reshape(kshape), buf[1:].reshape(kshape)
+    if need_cl:
+        a, b = np.moveaxis(a, -1, 1), np.moveaxis(b, -1, 1)
+    if values_b is not None:
+        b[...] = values_b
+    a[...] = values_a
+    return a, b
+
+
+def draw_like_x(
+    d, call, name, values, arrays, shape, dtype, need_cl, *, allow_none=False, out_checked=True, keep=()
+):
+    """A residual / skip / ``stats.h`` argument holding ``values`` (``x``'s shape and dtype).
+
+    ``arrays`` holds the call's ``x`` and ``out`` (this may replace them: the argument may be ``out``
+    itself, partly overlap ``out`` -- a mutation naming ``out`` -- or share memory with ``x``).
+    Whether the argument is valid is decided by :func:`like_x_ok` on what was built, not by the mode:
+    e.g. a Fortran-ordered 1-D array is C-contiguous.  ``out_checked=False``: the pass does not check
+    ``out`` against this argument (the backward reads the residual before writing ``dx``), so no
+    partial overlap is drawn.  ``out`` is not used as the argument when it shares memory with one of
+    ``keep`` (e.g. ``out=dy``: its values must stay).  Returns ``(argument, float64 values)``, the
+    values None when the argument is invalid or None.
+    """
+    good = ["c", "c", "readonly", "x", "out", "shares-x"] + (["none", "none"] if allow_none else [])
+    bad = ["shape", "dtype", "bigendian", "strided", "order", "misaligned", "list", "broadcast"]
+    bad.append("partial-out")
+    mode = call.choose(d, name, good, bad, f"{name} mode")
+    pattern = rf"\b{re.escape(name)}\b" if "." not in name else re.escape(name)
+    native = native_dtype(dtype)
+    values = np.asarray(values, native)
+    x, out = arrays["x"], arrays.get("out")
+    out_usable = out is not None and writable_like_x(out, shape, dtype, need_cl)
+    x_usable = like_x_ok(x, shape, dtype, need_cl)
+    if mode == "none":
+        return None, None
+    if mode == "x" and not x_usable:
+        mode = "c"
+    if mode == "out" and not (out is None or out_usable):
+        mode = "c"
+    if mode == "out" and out is not None and any(np.shares_memory(out, a) for a in keep if a is not None):
+        mode = "c"
+    x_apart = out is None or not np.shares_memory(out, x)
+    if mode == "shares-x" and not (x_usable and x.size >= 2 and x_apart):
+        mode = "c"
+    if mode == "partial-out" and not (out_checked and values.size >= 2 and (out is None or out_usable)):
+        mode = "shape"
+    if mode == "c":
+        arg = fresh_like_x(values, need_cl)
+    elif mode == "readonly":
+        arg = fresh_like_x(values, need_cl)
+        arg.flags.writeable = False
+    elif mode == "x":
+        arg = x
+    elif mode == "out":
+        if out is None:
+            out = arrays["out"] = fresh_like_x(values, need_cl)
+        elif out is not x:
+            out[...] = values
+        arg = out
+    elif mode == "shares-x":
+        # x and the argument in one buffer, one element apart: two inputs may overlap
+        new_x, arg = overlapping_pair(np.asarray(x), values, need_cl)
+        arrays["x"] = new_x
+    elif mode == "partial-out":
+        arg, new_out = overlapping_pair(values, None, need_cl)
+        arrays["out"] = new_out
+        call.bad(f"out partly overlaps {name}", r"\bout\b")
+    elif mode == "shape":
+        bad_shape = d(st.sampled_from([tuple(shape) + (1,), (shape[0] + 1, *shape[1:]), ()]))
+        arg = np.zeros(bad_shape, native)
+    elif mode == "dtype":
+        other = np.float64 if native == np.float32 else np.float32
+        arg = values.astype(d(st.sampled_from([other, np.int64, np.float16, np.complex128, np.bool_])))
+    elif mode == "bigendian":
+        arg = values.astype(native.newbyteorder(">"))
+    elif mode == "strided":
+        big = np.zeros(values.shape[:-1] + (2 * values.shape[-1],), native)
+        big[..., ::2] = values
+        arg = big[..., ::2]
+    elif mode == "order":
+        if need_cl:
+            arg = np.array(values, order="C")
+        elif values.ndim > 2 and d(st.booleans(), label=f"{name} channels-last memory"):
+            arg = cl_view(values)
+        else:
+            arg = np.asfortranarray(values)
+    elif mode == "misaligned":  # in the kernel's order: only the alignment is wrong
+        kshape = np.moveaxis(values, 1, -1).shape if need_cl else values.shape
+        arg = np.ndarray(kshape, native, buffer=np.zeros(values.nbytes + 1, np.uint8), offset=1)
+        arg = np.moveaxis(arg, -1, 1) if need_cl else arg
+        arg[...] = values
+    elif mode == "list":
+        arg = values.tolist()
+    else:  # broadcast: zero strides along one axis (read-only, never contiguous when that axis is > 1)
+        axis = d(st.integers(0, values.ndim - 1))
+        arg = np.broadcast_to(values.take([0], axis=axis) if values.shape[axis] else values, values.shape)
+    ok = like_x_ok(arg, shape, dtype, need_cl)
+    event(f"{name}={mode} ({'ok' if ok else 'bad'})")
+    if not ok:
+        assert mode in bad, f"{name}: a valid mode {mode} built an unusable argument"
+        call.bad(f"{name} {mode}", pattern)
+        return arg, None
+    return arg, np.array(arg, dtype=np.float64)
+
+
+def draw_sum_out(d, call, arrays, shape, dtype):
+    """A ``sum_out=`` argument (LayerNorm / RMSNorm: C order) given ``arrays`` ``x``, ``skip``, ``out``.
+
+    Valid: None, a new buffer, ``x`` or ``skip`` itself.  Invalid: wrong shape / dtype / order,
+    read-only, misaligned, a list, ``out`` itself, partly overlapping ``skip``.  The overlap rules
+    between the outputs and the inputs are applied afterwards (:func:`overlap_errors`).
+    """
+    good = ["none", "none", "fresh", "x", "skip"]
+    bad = ["wrong-shape", "wrong-dtype", "order", "readonly", "misaligned", "list", "out", "partial"]
+    mode = call.choose(d, "sum_out", good, bad, "sum_out")
+    native = native_dtype(dtype)
+    skip, out = arrays["skip"], arrays.get("out")
+    if mode in ("x", "skip") and not writable_like_x(arrays[mode], shape, dtype, False):
+        mode = "fresh"
+    if mode == "out" and not (out is not None and writable_like_x(out, shape, dtype, False)):
+        mode = "wrong-shape"
+    if mode == "partial" and not (writable_like_x(skip, shape, dtype, False) and skip.size >= 2):
+        mode = "wrong-dtype"
+    if mode == "order" and np.empty(shape).T.flags.c_contiguous:
+        mode = "readonly"  # no other order for this shape
+    sum_out = None
+    if mode == "fresh":
+        sum_out = np.empty(shape, native)
+    elif mode in ("x", "skip", "out"):
+        sum_out = arrays[mode]
+    elif mode == "partial":
+        arrays["skip"], sum_out = overlapping_pair(np.asarray(skip), None, False)
+    elif mode == "wrong-shape":
+        sum_out = np.empty(tuple(shape) + (1,), native)
+    elif mode == "wrong-dtype":
+        sum_out = np.empty(shape, d(st.sampled_from([np.float32, np.float64, np.int64, np.float16])))
+    elif mode == "order":
+        sum_out = np.asfortranarray(np.empty(shape, native))
+    elif mode == "readonly":
+        sum_out = np.empty(shape, native)
+        sum_out.flags.writeable = False
+    elif mode == "misaligned":
+        buf = np.zeros(int(np.prod(shape)) * native.itemsize + 1, np.uint8)
+        sum_out = np.ndarray(shape, native, buffer=buf, offset=1)
+    elif mode == "list":
+        sum_out = np.zeros(shape).tolist()
+    if sum_out is not None and not writable_like_x(sum_out, shape, dtype, False):
+        call.bad(f"sum_out {mode}", r"\bsum_out\b")
+    event(f"sum_out={mode}")
+    return sum_out
+
+
+def overlap_errors(call, writes, reads, shape, dtype, need_cl):
+    """Register the documented overlap errors among the outputs ``writes`` and inputs ``reads``.
+
+    Each is ``(name, array or None)``.  An output may be exactly an input (in place) but must not
+    partly overlap one, and two outputs must not overlap.  An input that the kernel does not read
+    in place (not in kernel order, misaligned, ...: it is copied first) overlaps nothing.
+    """
+    outs = [(n, a) for n, a in writes if a is not None and writable_like_x(a, shape, dtype, need_cl)]
+    ins = [(n, a) for n, a in reads if a is not None and like_x_ok(a, shape, dtype, need_cl)]
+    for name, w in outs:
+        for other, r in ins:
+            if np.shares_memory(w, r) and not same_memory(w, r):
+                call.bad(f"{name} partly overlaps {other}", rf"\b{name}\b")
+    for (n1, w1), (n2, w2) in itertools.combinations(outs, 2):
+        if np.shares_memory(w1, w2):
+            call.bad(f"{n1} overlaps {n2}", rf"\b{n1}\b|\b{n2}\b")

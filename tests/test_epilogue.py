@@ -16,11 +16,10 @@ import pytest
 from cases import arrange, bn, data, gn, inorm, ln, rms, rng_for, to_ref_layout
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from strategies import rejected
+from strategies import ACTS, rejected
 
 import fastnorm
 
-ACTS = [None, "relu", "leaky_relu", "sigmoid", "tanh", "silu", "gelu", "gelu_tanh"]
 K = {np.dtype(np.float32): 32, np.dtype(np.float64): 64}
 
 SMALL = [bn(3, 4, 5, 6), inorm(2, 3, 4, 5), gn(2, 2, 4, 3, 5), ln(1, 6, 20), ln(2, 3, 4, 5), rms(1, 6, 20)]

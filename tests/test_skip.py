@@ -292,3 +292,26 @@ def test_read_only_inputs():
     _, stats = fastnorm.forward(x, spec, w, b, skip=skip, skip_bias=sb)
     stats.h.setflags(write=False)
     assert fastnorm.backward(dy, x, stats, spec, w).dskip_bias.shape == (300,)
+
+
+def test_skip_none_and_a_spec_that_is_not_a_normspec_are_rejected():
+    """``skip_*_norm(x, None, ...)`` names ``skip``; ``forward(x, "layer_norm", skip=...)`` names ``spec``."""
+    x = np.random.default_rng(0).standard_normal((4, 8))
+    for fn in (fastnorm.skip_layer_norm, fastnorm.skip_rms_norm):
+        rejected(ValueError, r"\bskip\b", lambda fn=fn: fn(x, None, 8), {"x": x})
+    skip = x + 1.0
+    rejected(
+        TypeError, r"\bspec\b", lambda: fastnorm.forward(x, "layer_norm", skip=skip), {"x": x, "skip": skip}
+    )
+
+
+def test_dresidual_survives_out_dy_without_an_activation():
+    """Without an activation ``dresidual = dy``; with ``out=dy`` it is dy's values from before ``dx``."""
+    rng = np.random.default_rng(1)
+    x, residual, dy = (rng.standard_normal((2, 4, 3)) for _ in range(3))
+    spec = fastnorm.NormSpec.group_norm(2)
+    _, stats = fastnorm.forward(x, spec, residual=residual)
+    dy_before = dy.copy()
+    grads = fastnorm.backward(dy, x, stats, spec, residual=residual, out=dy)
+    assert grads.dx is dy
+    np.testing.assert_array_equal(grads.dresidual, dy_before)
