@@ -2,11 +2,12 @@
 #   make demo   installs fastnorm into .venv and runs the demo
 #   make test   installs fastnorm with its test, parity, bench and capi extras into .venv and
 #               runs ruff and the whole test suite
+#   make docs   installs the docs extra and builds the documentation site into docs/_build/html
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test coverage capi bench bench-check bench-ci clean
+.PHONY: demo test coverage capi bench bench-check bench-ci docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,10 @@ $(VENV)/.installed-capi: pyproject.toml | $(PY)
 
 $(VENV)/.installed-bench: pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $@
+
+$(VENV)/.installed-docs: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[docs]'
 	touch $@
 
 demo: $(VENV)/.installed
@@ -60,6 +65,12 @@ bench-check: $(VENV)/.installed-bench
 bench-ci: $(VENV)/.installed-bench
 	$(PY) -m benchmarks --check --thresholds benchmarks/ci-thresholds.toml --no-torch
 
+# The documentation site (docs/conf.py: Sphinx, MyST for the Markdown pages, numpydoc, the
+# pydata theme) into docs/_build/html (open index.html). Warnings are errors; -E reads every
+# page again, so that a second run reports what the first did (about 5 s here).
+docs: $(VENV)/.installed-docs
+	$(PY) -m sphinx -W --keep-going -E -q -b html -d docs/_build/doctrees docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info docs/_build
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -90,7 +90,7 @@ class NormSpec:
         detects its strides and runs the channels-last kernel without a copy.
     activation : str or None
         The fused epilogue's activation, applied after the affine transform
-        and the optional residual add: one of :data:`ACTIVATION_NAMES`
+        and the optional residual add: one of :data:`~fastnorm.spec.ACTIVATION_NAMES`
         (``"relu"``, ``"leaky_relu"``, ``"sigmoid"``, ``"tanh"``, ``"silu"``,
         ``"gelu"``, ``"gelu_tanh"``) or ``None``.  Part of the spec because
         the kernels are specialized for it.
