@@ -23,10 +23,49 @@ from .spec import NormSpec
 
 __all__ = ["Gradients", "Stats", "forward", "forward_inference", "backward"]
 
+_FLOAT32 = np.dtype(np.float32)
 _FLOAT64 = np.dtype(np.float64)
-_EMPTY = {np.dtype(np.float32): np.empty(0, np.float32), _FLOAT64: np.empty(0, np.float64)}
+#: Empty parameter arrays (weight or bias absent), by parameter dtype.
+_EMPTY = {_FLOAT32: np.empty(0, np.float32), _FLOAT64: np.empty(0, np.float64)}
 #: Stands for the statistics in :func:`_check_alias` when a pass has none to check.
 _NO_STATS = _EMPTY[_FLOAT64]
+#: Empty data arrays (no residual, no gradient) in the kernels' view of each data dtype
+#: (a 16-bit float travels as a 16-bit integer view, see :func:`_storage`).
+_EMPTY_DATA = dict(_EMPTY)
+#: Data dtypes that passed :func:`_check_array` (native float32 / float64 / float16 / bfloat16).
+_DATA_DTYPES = {_FLOAT32, _FLOAT64}
+
+
+def _storage(dtype):
+    """Return the kernels' integer view type of a 16-bit float ``dtype`` (``None`` for float32/64).
+
+    Numba has no 16-bit float types: bfloat16 (``ml_dtypes.bfloat16``) data
+    reaches the kernels as a ``uint16`` view, float16 as an ``int16`` view
+    (``fastnorm/_kernels/storage.py``).
+    """
+    if dtype.itemsize != 2:
+        return None
+    return K.VIEWS.get(dtype.name)
+
+
+def _as_storage(flat):
+    """Return a flat data array as the kernels take it: itself, or the integer view of 16-bit floats."""
+    if flat.dtype.itemsize == 2:
+        return flat.view(K.VIEWS[flat.dtype.name])
+    return flat
+
+
+def _param_dtype(dtype):
+    """Return the dtype of the kernels' parameter arrays for ``dtype`` data (float32 for 16-bit data)."""
+    return _FLOAT32 if dtype.itemsize == 2 else dtype
+
+
+def _empty_data(dtype):
+    """Empty data array of the kernels' view of ``dtype`` (for no residual, no gradient)."""
+    empty = _EMPTY_DATA.get(dtype)
+    if empty is None:
+        empty = _EMPTY_DATA[dtype] = np.empty(0, _storage(dtype))
+    return empty
 
 
 @dataclass(frozen=True)
@@ -196,19 +235,26 @@ class _Plan:
 def _check_array(value, name) -> np.ndarray:
     if type(value) is not np.ndarray:
         value = np.asarray(value)  # also a subclass: the kernels see plain arrays
-    if value.dtype.kind != "f" or value.dtype.itemsize not in (4, 8):
-        hint = " (float16/bfloat16 are not supported: cast to float32)" if value.dtype.kind == "f" else ""
+    dtype = value.dtype
+    if dtype in _DATA_DTYPES:
+        return value
+    if not (dtype.kind == "f" and dtype.itemsize in (4, 8)) and _storage(dtype) is None:
         raise TypeError(
-            f"{name}.dtype={value.dtype} is not supported: fastnorm computes in float32 or "
-            f"float64{hint}; cast with {name}.astype(np.float32)"
+            f"{name}.dtype={dtype} is not supported: fastnorm takes float32, float64, float16 or "
+            f"bfloat16 (ml_dtypes) data; cast with {name}.astype(np.float32)"
         )
-    if not value.dtype.isnative:
-        value = value.astype(value.dtype.newbyteorder("="))
+    if not dtype.isnative:
+        value = value.astype(dtype.newbyteorder("="))
+    _DATA_DTYPES.add(value.dtype)
     return value
 
 
 def _check_param(value, name, plan, dtype):
-    """Validate weight/bias: real numbers of shape ``plan.param_shape``; return a flat ``dtype`` array."""
+    """Validate weight/bias: real numbers of shape ``plan.param_shape``; return a flat ``dtype`` array.
+
+    ``dtype`` is :func:`_param_dtype` of the data: 16-bit parameters are
+    converted to float32 here (a copy of ``C`` or ``K`` elements).
+    """
     if value is None:
         return _EMPTY[dtype]
     if type(value) is np.ndarray and value.dtype == dtype and value.shape == plan.param_shape:
@@ -217,7 +263,7 @@ def _check_param(value, name, plan, dtype):
             # fast path: already what the kernel takes
             return value if len(plan.param_shape) == 1 else value.ravel()
     value = np.asarray(value)
-    if value.dtype.kind not in "fiu":
+    if value.dtype.kind not in "fiu" and _storage(value.dtype) is None:
         raise TypeError(f"{name}.dtype={value.dtype} is not supported: {name} must hold real numbers")
     if value.shape != plan.param_shape:
         raise ValueError(f"{name}.shape={value.shape} does not match the expected shape {plan.param_shape}")
@@ -242,7 +288,7 @@ def _plan(x, spec, training):
     except (KeyError, TypeError):  # new geometry, or an unhashable spec (_make_plan names it)
         pass
     plan = _make_plan(x, spec, training)
-    if x.dtype in _EMPTY:  # native float32/float64 only: see _PLAN_CACHE
+    if x.dtype in _DATA_DTYPES:  # checked native dtypes only: see _PLAN_CACHE
         if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
             _PLAN_CACHE.clear()
         _PLAN_CACHE[key] = plan
@@ -285,6 +331,7 @@ def _make_plan(x, spec, training):
             raise ValueError(f"{spec.kind} over the last {k} dims needs x.ndim >= {k}, got x.shape={shape}")
         rows = math.prod(shape[: x.ndim - k])
         width = math.prod(shape[x.ndim - k :])
+        _check_storage_epilogue(x, spec)
         if training and width == 0 and rows > 0:
             raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k :]} hold no elements")
         eps = spec.eps if spec.eps is not None else float(np.finfo(x.dtype).eps)
@@ -296,6 +343,7 @@ def _make_plan(x, spec, training):
         raise ValueError(
             f"{spec.kind} expects a 2-D to 5-D input {layout} (spatial rank 0-3), got x.shape={shape}"
         )
+    _check_storage_epilogue(x, spec)
     kernel_axes = None
     if spec.channels_last:
         n, channels, spatial = shape[0], shape[-1], math.prod(shape[1:-1])
@@ -332,6 +380,15 @@ def _make_plan(x, spec, training):
         )
     kspec = K.KernelSpec(n, channels, spatial, groups, flags, spec.eps, *_epilogue_fields(spec))
     return _new_plan(kspec, x, kernel_axes, (channels,), stats_shape, group_size)
+
+
+def _check_storage_epilogue(x, spec):
+    """Refuse an activation with 16-bit data (its loops would read back the rounded ``z``)."""
+    if spec.activation is not None and x.dtype.itemsize == 2:
+        raise ValueError(
+            f"spec.activation={spec.activation!r} is not supported with {x.dtype} data yet; "
+            "normalize with activation=None (a residual is supported) and apply it afterwards"
+        )
 
 
 def _epilogue_fields(spec):
@@ -421,7 +478,7 @@ def _kernel_view(array, plan):
     """Flat C-order view of ``array`` in the plan's memory order (copies only if needed)."""
     if plan.kernel_axes is not None:
         array = array.transpose(plan.kernel_axes)
-    return array.ravel()  # a view when already contiguous in that order, else a C-order copy
+    return _as_storage(array.ravel())  # a view when already contiguous in that order, else a copy
 
 
 def _output(like, plan, out, name="out"):
@@ -429,7 +486,7 @@ def _output(like, plan, out, name="out"):
     if out is None:
         buffer = np.empty(plan.kernel_shape, like.dtype)
         result = buffer if plan.output_axes is None else buffer.transpose(plan.output_axes)
-        return result, buffer.ravel()
+        return result, _as_storage(buffer.ravel())
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != like.shape or out.dtype != like.dtype:
@@ -465,7 +522,13 @@ def _same_memory(a, b):
     return a.ctypes.data == b.ctypes.data and a.size == b.size
 
 
-@typed_helper([_overlap_signature(types.float32), _overlap_signature(types.float64)])
+@typed_helper(
+    [
+        _overlap_signature(types.float32),
+        _overlap_signature(types.float64),
+        types.int64(*[types.Array(types.uint8, 1, "C", readonly=True)] * 7),
+    ]
+)
 def _overlap_status(out, first, second, weight, bias, mean, rstd):
     """Classify how ``out`` overlaps the other arrays of a kernel call (one compiled call).
 
@@ -501,7 +564,11 @@ def _check_alias(out_flat, first, second, weight_flat, bias_flat, mean, rstd, na
     instead of a ``numpy.shares_memory`` per array (about 0.2 us each).
     Returns whether ``out`` is ``first`` or ``second`` (in place).
     """
-    status = _overlap_status(out_flat, first, second, weight_flat, bias_flat, mean, rstd)
+    if out_flat.itemsize == 2:  # 16-bit data with float32 parameters: compare bytes
+        arrays = (out_flat, first, second, weight_flat, bias_flat, mean, rstd)
+        status = _overlap_status(*[array.view(np.uint8) for array in arrays])
+    else:
+        status = _overlap_status(out_flat, first, second, weight_flat, bias_flat, mean, rstd)
     if status == 1:
         raise ValueError(f"{name} overlaps weight, bias or the statistics; pass a separate buffer")
     if status == 2:
@@ -516,10 +583,10 @@ def _prepare_forward(x, plan, weight, bias, residual, out, stats_flat=()):
     in_place)``; ``in_place`` is whether ``y`` is the memory of ``x`` or of
     the residual.
     """
-    weight_flat = _check_param(weight, "weight", plan, x.dtype)
-    bias_flat = _check_param(bias, "bias", plan, x.dtype)
+    weight_flat = _check_param(weight, "weight", plan, _param_dtype(x.dtype))
+    bias_flat = _check_param(bias, "bias", plan, _param_dtype(x.dtype))
     x_flat = _kernel_view(x, plan)
-    residual_flat = _EMPTY[x.dtype] if residual is None else _check_like_x(residual, "residual", x, plan)
+    residual_flat = _empty_data(x.dtype) if residual is None else _check_like_x(residual, "residual", x, plan)
     y, y_flat = _output(x, plan, out)
     in_place = False
     if out is not None:
@@ -555,7 +622,7 @@ def _flat_in_kernel_order(array, plan, name, purpose):
     if not view.flags.c_contiguous or not array.flags.aligned:
         order = "C-contiguous" if plan.kernel_axes is None else "channels-last (like x)"
         raise ValueError(f"{name} must be an aligned {order} array {purpose}")
-    return view.reshape(-1)
+    return _as_storage(view.reshape(-1))
 
 
 def _stats_arrays(stats, plan):
@@ -597,7 +664,7 @@ def forward(
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         ``(N, C, *spatial)`` (``(N, *spatial, C)`` with ``spec.channels_last``)
         for BN/IN/GN, spatial rank 0-3; any shape ending in the normalized dims
         for LN/RMS.  Non-contiguous inputs are copied once; channels-last memory
@@ -606,7 +673,8 @@ def forward(
         Which norm.
     weight, bias : array_like, optional
         Affine parameters, shape ``(C,)`` (BN/IN/GN) or the normalized shape
-        (LN/RMS), cast to ``x.dtype``.
+        (LN/RMS), cast to ``x.dtype`` (to float32 for 16-bit data, which
+        takes float32 or 16-bit parameters).
     residual : ndarray, optional
         Added after the affine transform, before ``spec.activation``: same
         shape, dtype and memory layout as ``x`` (read in place, never copied).
@@ -635,7 +703,7 @@ def forward(
     Raises
     ------
     TypeError
-        Unsupported dtype (integer, complex, float16) or argument type.
+        Unsupported dtype (integer, complex, longdouble) or argument type.
     ValueError
         Shapes that do not fit ``spec``, BatchNorm with one value per channel,
         groups of zero elements, an ``out``, ``residual`` or ``skip`` of the
@@ -673,13 +741,13 @@ def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out
         )
     x, plan = _prepare_input(x, spec)
     skip_flat = _check_like_x(skip, "skip", x, plan)
-    skip_bias_flat = _check_param(skip_bias, "skip_bias", plan, x.dtype)
-    weight_flat = _check_param(weight, "weight", plan, x.dtype)
-    bias_flat = _check_param(bias, "bias", plan, x.dtype)
+    skip_bias_flat = _check_param(skip_bias, "skip_bias", plan, _param_dtype(x.dtype))
+    weight_flat = _check_param(weight, "weight", plan, _param_dtype(x.dtype))
+    bias_flat = _check_param(bias, "bias", plan, _param_dtype(x.dtype))
     x_flat = _kernel_view(x, plan)
     h, h_flat = _output(x, plan, sum_out, "sum_out")
     y, y_flat = _output(x, plan, out)
-    empty = _EMPTY[x.dtype]
+    empty = _EMPTY[_param_dtype(x.dtype)]
     mean = np.empty(plan.stats_shape)
     rstd = np.empty(plan.stats_shape)
     if sum_out is not None:
@@ -745,7 +813,7 @@ def forward_inference(
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         As in :func:`forward`.
     stats : Stats
         ``mean`` and ``rstd`` of the shape :func:`forward` returns for this
@@ -772,7 +840,8 @@ def forward_inference(
     if y_flat.size:
         variant = (weight is not None) * 4 + (bias is not None) * 2 + in_place
         kernel, params = _kernel_call(plan, K.INFERENCE, variant)
-        kernel(x_flat, weight_flat, bias_flat, residual_flat, _EMPTY[x.dtype], y_flat, mean, rstd, params)
+        no_grad = _empty_data(x.dtype)
+        kernel(x_flat, weight_flat, bias_flat, residual_flat, no_grad, y_flat, mean, rstd, params)
     return y
 
 
@@ -857,7 +926,7 @@ def backward(
         if dy_array.dtype != x.dtype:
             raise TypeError(f"dy.dtype={dy_array.dtype} does not match x.dtype={x.dtype}")
     mean, rstd = _stats_arrays(stats, plan)
-    weight_flat = _check_param(weight, "weight", plan, x.dtype)
+    weight_flat = _check_param(weight, "weight", plan, _param_dtype(x.dtype))
     if with_bias is None:
         with_bias = stats.has_bias
     has_residual = stats.has_residual or residual is not None
@@ -869,15 +938,15 @@ def backward(
     dx, dx_flat = _output(x, plan, out)
     in_place = False
     if out is not None:
-        in_place = _check_alias(dx_flat, x_flat, dy_flat, weight_flat, _EMPTY[x.dtype], mean, rstd)
-    dweight = np.zeros(plan.param_shape, x.dtype) if weight is not None else None
-    dbias = np.zeros(plan.param_shape, x.dtype) if with_bias else None
+        in_place = _check_alias(dx_flat, x_flat, dy_flat, weight_flat, weight_flat[:0], mean, rstd)
+    dweight = np.zeros(plan.param_shape, weight_flat.dtype) if weight is not None else None
+    dbias = np.zeros(plan.param_shape, weight_flat.dtype) if with_bias else None
     dresidual = dy_array if has_residual else None
     if has_residual and spec.activation is None and np.shares_memory(dx, dy_array):
         dresidual = dy_array.copy()  # dresidual = dy, which out=dy is about to overwrite with dx
     params = None
     if dx_flat.size:
-        empty = _EMPTY[x.dtype]
+        empty = weight_flat[:0]
         if spec.activation is not None:
             # dz = dy * act'(z) by the inference kernel's epilogue, then the norm's backward on dz
             dz, dz_flat = _output(x, plan, None)
@@ -898,6 +967,10 @@ def backward(
             empty if dbias is None else dbias.ravel(),
             params,
         )
+    if x.dtype.itemsize == 2 and getattr(weight, "dtype", None) == x.dtype:
+        # 16-bit parameters: the gradients in their dtype, rounded once from float32
+        dweight = dweight.astype(x.dtype)
+        dbias = None if dbias is None else dbias.astype(x.dtype)
     if stats.h is not None:
         return Gradients(dx, dweight, dbias, dresidual, dx, _skip_bias_grad(dx_flat, plan, stats, params))
     if dresidual is None:
@@ -909,7 +982,7 @@ def _skip_bias_grad(dh_flat, plan, stats, params):
     """``dskip_bias``, the column sums of ``dh`` (None without a skip bias); ``params`` of the backward."""
     if not stats.has_skip_bias:
         return None
-    dskip_bias = np.zeros(plan.param_shape, dh_flat.dtype)
+    dskip_bias = np.zeros(plan.param_shape, _param_dtype(dh_flat.dtype))
     if dh_flat.size:
         K.select(K.SKIP_BIAS_BACKWARD, params)(dh_flat, dskip_bias.ravel(), params)
     return dskip_bias
@@ -925,6 +998,6 @@ def _epilogue_inputs(x, plan, stats, bias, residual):
         raise ValueError("residual is required: the forward pass added one and spec.activation needs it")
     if residual is not None and not stats.has_residual:
         raise ValueError("residual was given but the forward pass added none (stats.has_residual is False)")
-    bias_flat = _check_param(bias, "bias", plan, x.dtype)
-    residual_flat = _EMPTY[x.dtype] if residual is None else _check_like_x(residual, "residual", x, plan)
+    bias_flat = _check_param(bias, "bias", plan, _param_dtype(x.dtype))
+    residual_flat = _empty_data(x.dtype) if residual is None else _check_like_x(residual, "residual", x, plan)
     return bias_flat, residual_flat

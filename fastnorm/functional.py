@@ -118,7 +118,7 @@ def batch_norm(
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         ``(N, C, *spatial)``, spatial rank 0-3 (``(N, *spatial, C)`` with
         ``channels_last=True``).
     running_mean, running_var : ndarray of shape (C,) or None
@@ -233,7 +233,7 @@ def instance_norm(
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         ``(N, C, *spatial)``, spatial rank 1-3 (``(N, *spatial, C)`` with
         ``channels_last``).
     running_mean, running_var : ndarray of shape (C,) or None
@@ -336,7 +336,7 @@ def layer_norm(
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         Any shape ending in ``normalized_shape``.
     normalized_shape : int or tuple of int
         The trailing dims to normalize over.
@@ -379,7 +379,7 @@ def group_norm(
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         ``(N, C, *spatial)``, spatial rank 0-3 (``(N, *spatial, C)`` with
         ``channels_last``).
     num_groups : int
@@ -421,7 +421,7 @@ def rms_norm(
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         Any shape ending in ``normalized_shape``.
     normalized_shape : int or tuple of int
         The trailing dims to normalize over.
@@ -463,7 +463,7 @@ def skip_layer_norm(
 
     Parameters
     ----------
-    x : ndarray of float32 or float64
+    x : ndarray of float32, float64, float16 or bfloat16
         Any shape ending in ``normalized_shape``.
     skip : ndarray
         Added to ``x``: same shape, dtype and C order.

@@ -493,7 +493,7 @@ def draw_x(d, call, kind, functional, cl_allowed=True):
         mutation = "dtype"
     if mutation == "dtype":
         bad = d(
-            st.sampled_from([np.int32, np.int64, np.uint8, np.bool_, np.complex128, np.float16, object, "U4"])
+            st.sampled_from([np.int32, np.int64, np.uint8, np.bool_, np.complex128, np.longdouble, object, "U4"])
         )
         p["x"] = values.astype(bad)
         call.bad(f"x.dtype={np.dtype(bad)}", r"x\.dtype")

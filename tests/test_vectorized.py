@@ -43,7 +43,8 @@ VECTOR_LOOPS = {
     # rectifier, a compiled call (its loops, plus the versions LLVM makes of the generic ones)
     "_normalize_per_element": 4,
     "_normalize_per_element_rectified": 5,
-    "_normalize_per_element_residual": 7,
+    # (the four source loops, the generic rectified one in three versions)
+    "_normalize_per_element_residual": 6,
     # the activations' loops for a code known only at run time
     "_act_loop": 6,
     # LayerNorm's pipelined forward: one row normalized while the next one's moments are summed

@@ -24,7 +24,9 @@ flows through them:
   made of named strategy helpers;
 * :mod:`.epilogue` -- what happens to a normalized value before it is stored
   (affine transform, residual add, activation) and its backward;
-* :mod:`.numerics` -- moments, Chan merges, dot products, group geometry.
+* :mod:`.numerics` -- moments, Chan merges, dot products, group geometry;
+* :mod:`.storage` -- how a data element is loaded and stored (float32,
+  float64, and bfloat16 / float16 through 16-bit integer views).
 
 The kernels validate nothing: :mod:`fastnorm.core` checks every argument
 before calling them.  Results depend only on the shape, never on the thread
@@ -36,6 +38,7 @@ from .epilogue import ACTIVATIONS
 from .numerics import CANCELLATION_LIMIT
 from .schedule import *  # noqa: F403 -- the constants, KernelSpec, Schedule, plan_schedule
 from .schedule import __all__ as _schedule_names
+from .storage import VIEWS
 
 __all__ = [
     "ACTIVATIONS",
@@ -46,5 +49,6 @@ __all__ = [
     "run_skip_bias_backward",
     "run_skip_forward",
     "select",
+    "VIEWS",
     *_schedule_names,
 ]

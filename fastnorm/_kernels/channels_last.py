@@ -19,6 +19,7 @@ from .._config import glue, helper, kernel
 from .epilogue import _activate_stored, _dx_constants, _fold, _rectify, _split, _store_mode
 from .numerics import CANCELLATION_LIMIT, _dx_coefs, _finish, _group, _merge, _moments_two_pass
 from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule
+from .storage import compute_empty, load, store
 
 # ---------------------------------------------------------------------------
 # Blocks of rows
@@ -82,17 +83,17 @@ def _cl_block_moments(x, work, spec, schedule, blk):
     for j in range(quarter):
         o0, o1, o2, o3 = _four_rows(j, quarter, nc, consecutive)
         for c in range(nc):
-            shift_c = np.float64(first[c]) if centered else 0.0
-            d0 = xb[o0 + c] - shift_c
-            d1 = xb[o1 + c] - shift_c
-            d2 = xb[o2 + c] - shift_c
-            d3 = xb[o3 + c] - shift_c
+            shift_c = np.float64(load(first, c)) if centered else 0.0
+            d0 = load(xb, o0 + c) - shift_c
+            d1 = load(xb, o1 + c) - shift_c
+            d2 = load(xb, o2 + c) - shift_c
+            d3 = load(xb, o3 + c) - shift_c
             mean[c] += (d0 + d1) + (d2 + d3)
             m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
     for row in range(4 * quarter, rows):
         xr = x[off + row * nc : off + (row + 1) * nc]
         for c in range(nc):
-            dev = xr[c] - (np.float64(first[c]) if centered else 0.0)
+            dev = load(xr, c) - (np.float64(load(first, c)) if centered else 0.0)
             mean[c] += dev
             m2[c] += dev * dev
     if not centered:
@@ -102,7 +103,7 @@ def _cl_block_moments(x, work, spec, schedule, blk):
         sum_dev = mean[c]
         sum_sq = m2[c]
         m2[c] = sum_sq - sum_dev * sum_dev / rows
-        mean[c] = first[c] + sum_dev / rows
+        mean[c] = load(first, c) + sum_dev / rows
         if sum_sq > CANCELLATION_LIMIT * m2[c]:
             mean[c], m2[c] = _moments_two_pass(x[off + c : off + rows * nc : nc], rows)
 
@@ -223,12 +224,12 @@ def _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows,
         if with_residual:
             rs = residual[o : o + count]
             for i in range(count):
-                z = (xs[i] - mean[i]) * scale[i] + shift[i] + rs[i]
-                ys[i] = _rectify(z, slope) if fused else z
+                z = (load(xs, i) - mean[i]) * scale[i] + shift[i] + load(rs, i)
+                store(ys, i, _rectify(z, slope) if fused else z)
         else:
             for i in range(count):
-                z = (xs[i] - mean[i]) * scale[i] + shift[i]
-                ys[i] = _rectify(z, slope) if fused else z
+                z = (load(xs, i) - mean[i]) * scale[i] + shift[i]
+                store(ys, i, _rectify(z, slope) if fused else z)
 
 
 @helper
@@ -316,7 +317,7 @@ def channels_last_forward(x, weight, bias, residual, y, mean, rstd, params):
     work = np.empty(2 * spec.channels * spec.batch * schedule.nblocks)
     chan = np.empty(2 * spec.channels * sets)
     stats = np.empty(2 * nstats)
-    coef = np.empty(3 * spec.channels * sets, x.dtype)
+    coef = compute_empty(x, 3 * spec.channels * sets)
     if schedule.strategy == FUSED:
         _cl_forward_fused(x, weight, bias, residual, y, work, chan, stats, coef, spec, schedule)
     else:
@@ -339,7 +340,7 @@ def channels_last_inference(x, weight, bias, residual, grad, y, mean, rstd, para
     for k in range(nstats):
         stats[2 * k] = mean[k] if spec.flags & CENTERED else 0.0
         stats[2 * k + 1] = rstd[k]
-    coef = np.empty(3 * spec.channels * sets, x.dtype)
+    coef = compute_empty(x, 3 * spec.channels * sets)
     for s in range(sets):
         _cl_set_coefs(weight, bias, stats, coef, spec, s)
     _cl_normalize(x, residual, grad, y, coef, spec, Schedule(*params[8:]))
@@ -381,21 +382,21 @@ def _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk):
         o0, o1, o2, o3 = _four_rows(j, quarter, nc, False)
         for c in range(nc):
             mean_c = mean[c]
-            dy0 = dyb[o0 + c]
-            dy1 = dyb[o1 + c]
-            dy2 = dyb[o2 + c]
-            dy3 = dyb[o3 + c]
+            dy0 = load(dyb, o0 + c)
+            dy1 = load(dyb, o1 + c)
+            dy2 = load(dyb, o2 + c)
+            dy3 = load(dyb, o3 + c)
             sum_dy[c] += (dy0 + dy1) + (dy2 + dy3)
-            sum_dy_xc[c] += (dy0 * (xb[o0 + c] - mean_c) + dy1 * (xb[o1 + c] - mean_c)) + (
-                dy2 * (xb[o2 + c] - mean_c) + dy3 * (xb[o3 + c] - mean_c)
+            sum_dy_xc[c] += (dy0 * (load(xb, o0 + c) - mean_c) + dy1 * (load(xb, o1 + c) - mean_c)) + (
+                dy2 * (load(xb, o2 + c) - mean_c) + dy3 * (load(xb, o3 + c) - mean_c)
             )
     for row in range(4 * quarter, rows):
         xr = x[off + row * nc : off + (row + 1) * nc]
         dyr = dy[off + row * nc : off + (row + 1) * nc]
         for c in range(nc):
-            dy_c = dyr[c]  # loaded once: see _row_dots_and_partials
+            dy_c = load(dyr, c)  # loaded once: see _row_dots_and_partials
             sum_dy[c] += dy_c
-            sum_dy_xc[c] += dy_c * (xr[c] - mean[c])
+            sum_dy_xc[c] += dy_c * (load(xr, c) - mean[c])
 
 
 @helper
@@ -466,7 +467,7 @@ def _cl_dx_block(dy, x, dx, coef, spec, schedule, blk, tile_rows):
         dys = dy[o : o + count]
         dxs = dx[o : o + count]
         for i in range(count):
-            dxs[i] = a[i] * dys[i] - kx[i] * (xs[i] - mean[i]) - k0[i]
+            store(dxs, i, a[i] * load(dys, i) - kx[i] * (load(xs, i) - mean[i]) - k0[i])
 
 
 @glue
@@ -530,7 +531,7 @@ def channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params
     work = np.empty(2 * nc * spec.batch * schedule.nblocks)
     chan = np.empty(2 * nc * sets)
     chan_mean = np.empty(nc * sets)
-    coef = np.empty(4 * nc * sets, x.dtype)
+    coef = compute_empty(x, 4 * nc * sets)
     if schedule.strategy == FUSED:
         _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule)
     else:

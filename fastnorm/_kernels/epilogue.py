@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 
 from .._config import glue, helper
+from .storage import compute, load, store
 from .vmath import exp, tanh
 
 #: Activation codes of ``KernelSpec.activation``, by the public name.
@@ -73,7 +74,7 @@ def _store_mode(spec, grad, residual, like):
     code = spec.activation
     fused = grad.size == 0 and (code == RELU or code == LEAKY_RELU)
     plain = residual.size == 0 and code == IDENTITY
-    return plain, fused, like.dtype.type(spec.slope if code == LEAKY_RELU else 0.0)
+    return plain, fused, compute(like, spec.slope if code == LEAKY_RELU else 0.0)
 
 
 @glue
@@ -139,10 +140,10 @@ def _act_loop(ys, dys, code, slope):
     """``ys = act(ys)``, or ``ys = dys * act'(ys)`` when ``dys`` is not empty (``code`` a constant)."""
     if dys.size > 0:
         for i in range(ys.size):
-            ys[i] = _act_grad(ys[i], dys[i], code, slope)
+            store(ys, i, _act_grad(load(ys, i), load(dys, i), code, slope))
     else:
         for i in range(ys.size):
-            ys[i] = _act(ys[i], code, slope)
+            store(ys, i, _act(load(ys, i), code, slope))
 
 
 @helper
@@ -206,8 +207,8 @@ def _split(like, value):
     ``hi`` is ``value`` rounded, ``lo`` the rounded remainder: ``hi + lo``
     carries about twice the dtype's precision, and ``lo`` is 0 for float64.
     """
-    hi = like.dtype.type(value)
-    return hi, like.dtype.type(value - hi)
+    hi = compute(like, value)
+    return hi, compute(like, value - hi)
 
 
 @glue
@@ -218,8 +219,8 @@ def _fold(constant, factor, mean_lo, like):
     float32), so that an infinite ``factor`` does not turn ``constant`` into NaN.
     """
     if mean_lo == 0.0:
-        return like.dtype.type(constant)
-    return like.dtype.type(constant - factor * mean_lo)
+        return compute(like, constant)
+    return compute(like, constant - factor * mean_lo)
 
 
 @glue
@@ -231,10 +232,10 @@ def _normalize(x, y, off, count, mean, scale, shift):
     xs = x[off : off + count]
     ys = y[off : off + count]
     mean_hi, mean_lo = _split(xs, mean)
-    scale_x = xs.dtype.type(scale)
+    scale_x = compute(xs, scale)
     shift_x = _fold(shift, scale, mean_lo, xs)
     for i in range(count):
-        ys[i] = (xs[i] - mean_hi) * scale_x + shift_x
+        store(ys, i, (load(xs, i) - mean_hi) * scale_x + shift_x)
 
 
 @helper
@@ -250,22 +251,22 @@ def _normalize_fused(x, residual, grad, y, off, count, mean, scale, shift, spec)
     xs = x[off : off + count]
     ys = y[off : off + count]
     mean_hi, mean_lo = _split(xs, mean)
-    scale_x = xs.dtype.type(scale)
+    scale_x = compute(xs, scale)
     shift_x = _fold(shift, scale, mean_lo, xs)
     if residual.size > 0:
         rs = residual[off : off + count]
         if fused:
             for i in range(count):
-                ys[i] = _rectify((xs[i] - mean_hi) * scale_x + shift_x + rs[i], slope)
+                store(ys, i, _rectify((load(xs, i) - mean_hi) * scale_x + shift_x + load(rs, i), slope))
         else:
             for i in range(count):
-                ys[i] = (xs[i] - mean_hi) * scale_x + shift_x + rs[i]
+                store(ys, i, (load(xs, i) - mean_hi) * scale_x + shift_x + load(rs, i))
     elif fused:
         for i in range(count):
-            ys[i] = _rectify((xs[i] - mean_hi) * scale_x + shift_x, slope)
+            store(ys, i, _rectify((load(xs, i) - mean_hi) * scale_x + shift_x, slope))
     else:
         for i in range(count):
-            ys[i] = (xs[i] - mean_hi) * scale_x + shift_x
+            store(ys, i, (load(xs, i) - mean_hi) * scale_x + shift_x)
     _activate_stored(ys, grad, off, count, spec.activation, slope, fused)
 
 
@@ -280,19 +281,19 @@ def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
     ws = weight[s0 : s0 + count]
     bs = bias[s0 : s0 + count]
     mean_hi, mean_lo = _split(xs, mean)
-    rstd_x = xs.dtype.type(rstd)
+    rstd_x = compute(xs, rstd)
     if weight.size > 0 and bias.size > 0:
         for i in range(count):
-            ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
+            store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i])
     elif weight.size > 0:
         for i in range(count):
-            ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i])
+            store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * ws[i]))
     elif bias.size > 0:
         for i in range(count):
-            ys[i] = ((xs[i] - mean_hi) - mean_lo) * rstd_x + bs[i]
+            store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * rstd_x + bs[i])
     else:
         for i in range(count):
-            ys[i] = ((xs[i] - mean_hi) - mean_lo) * rstd_x
+            store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * rstd_x)
 
 
 @helper
@@ -304,7 +305,7 @@ def _normalize_per_element_fused(x, residual, grad, y, weight, bias, off, count,
     ws = weight[s0 : s0 + count]
     bs = bias[s0 : s0 + count]
     mean_hi, mean_lo = _split(xs, mean)
-    rstd_x = xs.dtype.type(rstd)
+    rstd_x = compute(xs, rstd)
     if residual.size > 0:
         rs = residual[off : off + count]
         _normalize_per_element_residual(xs, ys, ws, bs, rs, mean_hi, mean_lo, rstd_x, fused, slope)
@@ -318,16 +319,16 @@ def _normalize_per_element_fused(x, residual, grad, y, weight, bias, off, count,
 @glue
 def _normalize_per_element_rectified(xs, ys, ws, bs, mean_hi, mean_lo, rstd_x, slope):
     """Store :func:`_normalize_per_element` rectified (``ws`` / ``bs`` empty when absent)."""
-    one = xs.dtype.type(1.0)
-    zero = xs.dtype.type(0.0)
+    one = compute(xs, 1.0)
+    zero = compute(xs, 0.0)
     if ws.size > 0 and bs.size > 0:
         for i in range(xs.size):
-            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i], slope)
+            store(ys, i, _rectify(((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i], slope))
         return
     for i in range(xs.size):
         w = ws[i] if ws.size > 0 else one
         b = bs[i] if bs.size > 0 else zero
-        ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * w) + b, slope)
+        store(ys, i, _rectify(((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * w) + b, slope))
 
 
 @glue
@@ -336,31 +337,37 @@ def _normalize_per_element_residual(xs, ys, ws, bs, rs, mean_hi, mean_lo, rstd_x
 
     With ``fused``, rectified (:func:`_rectify`) in the loop.
     """
-    one = xs.dtype.type(1.0)
-    zero = xs.dtype.type(0.0)
+    one = compute(xs, 1.0)
+    zero = compute(xs, 0.0)
     if ws.size > 0 and bs.size > 0 and fused:
         for i in range(xs.size):
-            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + rs[i], slope)
+            store(
+                ys,
+                i,
+                _rectify(((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + load(rs, i), slope),
+            )
     elif ws.size > 0 and bs.size > 0:
         for i in range(xs.size):
-            ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + rs[i]
+            store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i] + load(rs, i))
     elif fused:
         for i in range(xs.size):
             w = ws[i] if ws.size > 0 else one
             b = bs[i] if bs.size > 0 else zero
-            ys[i] = _rectify(((xs[i] - mean_hi) - mean_lo) * (rstd_x * w) + b + rs[i], slope)
+            store(
+                ys, i, _rectify(((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * w) + b + load(rs, i), slope)
+            )
     else:
         for i in range(xs.size):
             w = ws[i] if ws.size > 0 else one
             b = bs[i] if bs.size > 0 else zero
-            ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * w) + b + rs[i]
+            store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * w) + b + load(rs, i))
 
 
 @glue
 def _dx_constants(like, mean, kx, k0):
     """``(mean_hi, kx, k0 - kx * mean_lo)`` of :func:`_dx_span` in ``like``'s dtype."""
     mean_hi, mean_lo = _split(like, mean)
-    return mean_hi, like.dtype.type(kx), _fold(k0, kx, mean_lo, like)
+    return mean_hi, compute(like, kx), _fold(k0, kx, mean_lo, like)
 
 
 @glue
@@ -370,18 +377,18 @@ def _dx_span(dys, xs, dxs, a, kx, k0, mean):
     Computed as ``a * dy - kx * (x - mean_hi) - (k0 - kx * mean_lo)``.
     """
     mean_hi, kx_x, k0_x = _dx_constants(xs, mean, kx, k0)
-    a_x = xs.dtype.type(a)
+    a_x = compute(xs, a)
     for i in range(xs.size):
-        dxs[i] = a_x * dys[i] - kx_x * (xs[i] - mean_hi) - k0_x
+        store(dxs, i, a_x * load(dys, i) - kx_x * (load(xs, i) - mean_hi) - k0_x)
 
 
 @glue
 def _dx_per_element_span(dys, xs, ws, dxs, rstd, kx, k0, mean):
     """:func:`_dx_span` with ``a = rstd * ws[i]`` (per-element affine)."""
     mean_hi, kx_x, k0_x = _dx_constants(xs, mean, kx, k0)
-    rstd_x = xs.dtype.type(rstd)
+    rstd_x = compute(xs, rstd)
     for i in range(xs.size):
-        dxs[i] = (rstd_x * ws[i]) * dys[i] - kx_x * (xs[i] - mean_hi) - k0_x
+        store(dxs, i, (rstd_x * ws[i]) * load(dys, i) - kx_x * (load(xs, i) - mean_hi) - k0_x)
 
 
 @glue

@@ -14,6 +14,7 @@ import numpy as np
 
 from .._config import glue, helper
 from .schedule import BATCH, CENTERED
+from .storage import load
 
 #: A one-pass (shifted) block moment that lost more than log2 of this many bits
 #: to cancellation is recomputed with two passes.
@@ -72,13 +73,13 @@ def _moments(x, off, count, centered):
     if not centered:
         sum_sq = 0.0
         for i in range(count):
-            sum_sq += xs[i] * np.float64(xs[i])
+            sum_sq += load(xs, i) * np.float64(load(xs, i))
         return 0.0, sum_sq
-    shift = np.float64(xs[0])
+    shift = np.float64(load(xs, 0))
     sum_dev = 0.0
     sum_sq = 0.0
     for i in range(count):
-        dev = xs[i] - shift
+        dev = load(xs, i) - shift
         sum_dev += dev
         sum_sq += dev * dev
     return _shifted_moments(xs, count, shift, sum_dev, sum_sq)
@@ -98,12 +99,12 @@ def _moments_two_pass(xs, count):
     """Corrected two-pass moments (Chan, Golub & LeVeque 1983, eq. 1.7) of ``xs``."""
     total = 0.0
     for i in range(count):
-        total += xs[i]
+        total += load(xs, i)
     mean = total / count
     sum_dev = 0.0
     m2 = 0.0
     for i in range(count):
-        dev = xs[i] - mean
+        dev = load(xs, i) - mean
         sum_dev += dev
         m2 += dev * dev
     return mean + sum_dev / count, m2 - sum_dev * sum_dev / count
@@ -122,8 +123,8 @@ def _dots(dy, x, off, count, mean):
     sum_dy = 0.0
     sum_dy_xc = 0.0
     for i in range(count):
-        sum_dy += dys[i]
-        sum_dy_xc += dys[i] * (xs[i] - mean)
+        sum_dy += load(dys, i)
+        sum_dy_xc += load(dys, i) * (load(xs, i) - mean)
     return sum_dy, sum_dy_xc
 
 
@@ -136,9 +137,9 @@ def _dots_weighted(dy, x, weight, off, count, s0, mean):
     sum_g = 0.0
     sum_g_xc = 0.0
     for i in range(count):
-        g = dys[i] * ws[i]
+        g = load(dys, i) * ws[i]
         sum_g += g
-        sum_g_xc += g * (xs[i] - mean)
+        sum_g_xc += g * (load(xs, i) - mean)
     return sum_g, sum_g_xc
 
 

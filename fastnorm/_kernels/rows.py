@@ -58,6 +58,7 @@ from .schedule import (
     KernelSpec,
     Schedule,
 )
+from .storage import compute, load, store
 
 # ---------------------------------------------------------------------------
 # Training forward and inference
@@ -78,10 +79,10 @@ def _add_skip_span(source, skip, skip_bias, h, off, count, s0):
     if skip_bias.size > 0:
         bs = skip_bias[s0 : s0 + count]
         for i in range(count):
-            hs[i] = (xs[i] + ss[i]) + bs[i]
+            store(hs, i, (load(xs, i) + load(ss, i)) + bs[i])
     else:
         for i in range(count):
-            hs[i] = xs[i] + ss[i]
+            store(hs, i, load(xs, i) + load(ss, i))
 
 
 @helper
@@ -105,15 +106,15 @@ def _normalize_row_sum_next(xs, ys, ws, bs, rs, mean, rstd, next_xs, shift, with
     constants at each call site (:func:`_pipelined_task`).
     """
     mean_hi, mean_lo = _split(xs, mean)
-    rstd_x = xs.dtype.type(rstd)
+    rstd_x = compute(xs, rstd)
     sum_dev = 0.0
     sum_sq = 0.0
     for i in range(xs.size):
-        z = ((xs[i] - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
+        z = ((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i]
         if with_residual:
-            z = z + rs[i]
-        ys[i] = _rectify(z, slope) if fused else z
-        dev = next_xs[i] - shift
+            z = z + load(rs, i)
+        store(ys, i, _rectify(z, slope) if fused else z)
+        dev = load(next_xs, i) - shift
         sum_dev += dev
         sum_sq += dev * dev
     return sum_dev, sum_sq
@@ -141,7 +142,7 @@ def _pipelined_rows(x, weight, bias, residual, y, spec, mean, rstd, k0, k1, with
                 _normalize_per_element(x, y, weight, bias, off, width, 0, row_mean, row_rstd)
             break
         next_xs = x[(k + 1) * width : (k + 2) * width]
-        shift = np.float64(next_xs[0])
+        shift = np.float64(load(next_xs, 0))
         rs = residual[k * width : (k + 1) * width] if with_residual else no_grad
         sum_dev, sum_sq = _normalize_row_sum_next(
             xs, ys, weight, bias, rs, row_mean, row_rstd, next_xs, shift, with_residual, fused, slope
@@ -349,8 +350,8 @@ def _row_dots_and_partials(dys, xs, ws, acc_dy, acc_dy_xhat, mean, rstd):
     # is loaded (and converted to float64) again.
     if ws.size > 0:
         for i in range(xs.size):
-            dy_i = dys[i]
-            xc = xs[i] - mean
+            dy_i = load(dys, i)
+            xc = load(xs, i) - mean
             g = dy_i * ws[i]
             acc_dy[i] += dy_i
             acc_dy_xhat[i] += dy_i * xc * rstd
@@ -358,8 +359,8 @@ def _row_dots_and_partials(dys, xs, ws, acc_dy, acc_dy_xhat, mean, rstd):
             sum_g_xc += g * xc
     else:
         for i in range(xs.size):
-            dy_i = dys[i]
-            xc = xs[i] - mean
+            dy_i = load(dys, i)
+            xc = load(xs, i) - mean
             acc_dy[i] += dy_i
             acc_dy_xhat[i] += dy_i * xc * rstd
             sum_g += dy_i
@@ -383,9 +384,9 @@ def _row_backward(dys, xs, ws, dxs, acc_dy, acc_dy_xhat, mean, rstd, flags):
 def _param_partials(dys, xs, mean, rstd, part_dy, part_dy_xhat):
     """Add ``dy`` and ``dy * xhat`` over equal-length spans to the partial sums."""
     for s in range(xs.size):
-        dy_s = dys[s]  # loaded once: see _row_dots_and_partials
+        dy_s = load(dys, s)  # loaded once: see _row_dots_and_partials
         part_dy[s] += dy_s
-        part_dy_xhat[s] += dy_s * (xs[s] - mean) * rstd
+        part_dy_xhat[s] += dy_s * (load(xs, s) - mean) * rstd
 
 
 @glue
@@ -606,4 +607,4 @@ def rows_skip_bias_backward(dh, dskip_bias, params):
 def _add_row(row, acc):
     """``acc += row`` in float64."""
     for s in range(row.size):
-        acc[s] += row[s]
+        acc[s] += load(row, s)

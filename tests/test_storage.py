@@ -1,0 +1,240 @@
+"""The 16-bit storage conversions of ``fastnorm/_kernels/storage.py``, on every bit pattern.
+
+The kernels load bfloat16 and float16 data through ``load`` (16 bits to
+float32) and store it through ``store`` (float32 to 16 bits, round to
+nearest even).  Both directions are compared with ml_dtypes (bfloat16) and
+NumPy (float16) over all 65,536 16-bit patterns (subnormals, infinities,
+every NaN payload), and float32 to 16 bits over every rounding tie and its
+neighbours, the overflow thresholds, and 2**22 random float32 patterns.
+
+NaN: bfloat16 follows ml_dtypes (a NaN becomes ``0x7FC0`` with its sign).
+float16 follows IEEE 754 and the F16C instructions: a NaN keeps its sign and
+the top of its payload and comes out quiet; NumPy agrees except that it keeps
+a *signaling* NaN signaling, the one documented difference checked here.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from fastnorm._config import JIT_OPTIONS
+from fastnorm._kernels.storage import load, store
+
+ml_dtypes = pytest.importorskip("ml_dtypes")
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+ALL_BITS = np.arange(1 << 16, dtype=np.uint16)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_casts():
+    """NumPy warns when it casts a NaN or an out-of-range value to a 16-bit float: expected here."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        yield
+
+
+@numba.njit(**{**JIT_OPTIONS, "cache": False})
+def _convert(src, dst):
+    for i in range(src.size):
+        store(dst, i, load(src, i))
+
+
+def _convert_py(src, dst):
+    """The pure-Python ``load`` / ``store`` (what ``NUMBA_DISABLE_JIT=1`` runs)."""
+    for i in range(src.size):
+        store(dst, i, load(src, i))
+
+
+def _f32(bits):
+    return np.asarray(bits, np.uint32).view(np.float32)
+
+
+def _to_16(values, view, convert=_convert):
+    out = np.empty(values.size, view)
+    convert(np.ascontiguousarray(values, np.float32), out)
+    return out.view(np.uint16)
+
+
+def _assert_bits_equal(actual, desired, inputs, what):
+    actual = np.asarray(actual)
+    desired = np.asarray(desired)
+    bad = np.flatnonzero(actual != desired)
+    if bad.size:
+        rows = [f"  input {inputs[i]:#x}: got {actual[i]:#x}, expected {desired[i]:#x}" for i in bad[:8]]
+        raise AssertionError(f"{what}: {bad.size} of {actual.size} differ\n" + "\n".join(rows))
+
+
+def _ties_and_neighbours(dtype):
+    """float32 patterns halfway between two consecutive finite ``dtype`` values, and one ulp either side.
+
+    The midpoint of two 16-bit values needs one more mantissa bit than the
+    format, so it is a float32; both signs, subnormals included.
+    """
+    bits = ALL_BITS.view(dtype)
+    with np.errstate(invalid="ignore", over="ignore"):
+        low = bits[:-1].astype(np.float64)
+        high = bits[1:].astype(np.float64)
+        keep = np.isfinite(low) & np.isfinite(high) & (np.sign(low) * np.sign(high) >= 0)
+    ties = ((low[keep] + high[keep]) / 2).astype(np.float32)
+    assert np.array_equal(ties.astype(np.float64), (low[keep] + high[keep]) / 2)  # exact midpoints
+    tie_bits = ties.view(np.uint32)
+    return np.concatenate([tie_bits - 1, tie_bits, tie_bits + 1]).astype(np.uint32)
+
+
+def _random_f32(count=1 << 22, seed=20261203):
+    return np.random.default_rng(seed).integers(0, 1 << 32, count, dtype=np.uint64).astype(np.uint32)
+
+
+# ---------------------------------------------------------------------------
+# bfloat16
+# ---------------------------------------------------------------------------
+
+
+def test_bf16_load_is_exact_on_every_pattern():
+    out = np.empty(ALL_BITS.size, np.float32)
+    _convert(ALL_BITS, out)
+    desired = ALL_BITS.view(BF16).astype(np.float32)
+    _assert_bits_equal(out.view(np.uint32), desired.view(np.uint32), ALL_BITS, "bfloat16 -> float32")
+
+
+def test_bf16_round_trip_on_every_pattern():
+    widened = ALL_BITS.view(BF16).astype(np.float32)
+    out = _to_16(widened, np.uint16)
+    desired = widened.astype(BF16).view(np.uint16)
+    _assert_bits_equal(out, desired, ALL_BITS, "bfloat16 -> float32 -> bfloat16")
+    finite = ~np.isnan(widened)
+    assert np.array_equal(out[finite], ALL_BITS[finite])  # every non-NaN pattern survives
+    assert np.all(np.isnan(out[~finite].view(BF16)))
+
+
+@pytest.mark.parametrize(
+    "name, bits",
+    [
+        ("ties", _ties_and_neighbours(BF16)),
+        ("random", _random_f32()),
+        (
+            "edges",
+            np.array([0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF, 0x00007FFF, 0x00008000, 0x80008000], np.uint32),
+        ),
+    ],
+)
+def test_f32_to_bf16_rounds_like_ml_dtypes(name, bits):
+    values = _f32(bits)
+    out = _to_16(values, np.uint16)
+    with np.errstate(invalid="ignore", over="ignore"):
+        desired = values.astype(BF16).view(np.uint16)
+    _assert_bits_equal(out, desired, bits, f"float32 -> bfloat16 ({name})")
+
+
+def test_f32_to_bf16_rounding_cases():
+    # 1 + 2**-8 is a tie between 1 and 1 + 2**-7: even is 1; 1 + 3 * 2**-8 ties to 1 + 2**-6
+    values = np.array([1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-8 + 2**-20, -(1 + 2**-8)], np.float32)
+    out = _to_16(values, np.uint16).view(BF16).astype(np.float64)
+    assert out.tolist() == [1.0, 1 + 2**-6, 1 + 2**-7, -1.0]
+    # the largest finite float32 rounds up to infinity, a NaN stays a NaN with its sign
+    special = _to_16(
+        np.array([np.finfo(np.float32).max, np.inf, -np.inf, np.nan, -np.nan], np.float32), np.uint16
+    )
+    assert special.tolist() == [0x7F80, 0x7F80, 0xFF80, 0x7FC0, 0xFFC0]
+
+
+# ---------------------------------------------------------------------------
+# float16
+# ---------------------------------------------------------------------------
+
+
+def _f16_nan_rule(bits, numpy_bits):
+    """NumPy's float16 bits, except for a NaN: IEEE 754's quiet NaN with the sign and top payload bits.
+
+    ``sign | 0x7E00 | payload >> 13``: NumPy agrees on quiet NaNs, but keeps a
+    signaling NaN signaling (and sets the lowest bit when its payload would
+    vanish).
+    """
+    bits = np.asarray(bits, np.uint32)
+    nan = (bits & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    ieee = ((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x3FF)
+    return np.where(nan, ieee.astype(np.uint16), numpy_bits)
+
+
+def test_f16_load_on_every_pattern():
+    out = np.empty(ALL_BITS.size, np.float32)
+    _convert(ALL_BITS.view(np.int16), out)
+    desired = ALL_BITS.view(np.float16).astype(np.float32).view(np.uint32)
+    nan = np.isnan(ALL_BITS.view(np.float16))
+    _assert_bits_equal(out.view(np.uint32)[~nan], desired[~nan], ALL_BITS[~nan], "float16 -> float32")
+    # a NaN keeps its sign and payload and comes out quiet (NumPy keeps a signaling NaN signaling)
+    _assert_bits_equal(
+        out.view(np.uint32)[nan],
+        desired[nan] | np.uint32(0x00400000),
+        ALL_BITS[nan],
+        "float16 NaN -> float32",
+    )
+
+
+def test_f16_round_trip_on_every_pattern():
+    with np.errstate(invalid="ignore"):
+        widened = ALL_BITS.view(np.float16).astype(np.float32)
+    out = _to_16(widened, np.int16)
+    finite = ~np.isnan(widened)
+    assert np.array_equal(out[finite], ALL_BITS[finite])
+    assert np.array_equal(out[~finite], ALL_BITS[~finite] | np.uint16(0x0200))
+
+
+@pytest.mark.parametrize(
+    "name, bits",
+    [
+        ("ties", _ties_and_neighbours(np.float16)),
+        ("random", _random_f32()),
+        # the overflow threshold (65520 rounds to inf), the smallest subnormal and half of it
+        (
+            "edges",
+            np.array([0x477FEFFF, 0x477FF000, 0x33800000, 0x33000000, 0x33000001, 0x80000001], np.uint32),
+        ),
+    ],
+)
+def test_f32_to_f16_rounds_like_numpy(name, bits):
+    values = _f32(bits)
+    out = _to_16(values, np.int16)
+    with np.errstate(invalid="ignore", over="ignore"):
+        desired = _f16_nan_rule(bits, values.astype(np.float16).view(np.uint16))
+    _assert_bits_equal(out, desired, bits, f"float32 -> float16 ({name})")
+
+
+# ---------------------------------------------------------------------------
+# the pure-Python fallback (NUMBA_DISABLE_JIT=1) does the same
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("view", [np.uint16, np.int16], ids=["bfloat16", "float16"])
+def test_pure_python_load_store_agree(view):
+    bits = np.concatenate([ALL_BITS[::257], _random_f32(2000).astype(np.uint16)])
+    dtype = BF16 if view == np.uint16 else np.float16
+    pattern = np.concatenate([_f32(_random_f32(2000)), _f32(_ties_and_neighbours(dtype)[::97])])
+    loaded_jit = np.empty(bits.size, np.float32)
+    loaded_py = np.empty(bits.size, np.float32)
+    _convert(bits.view(view), loaded_jit)
+    _convert_py(bits.view(view), loaded_py)
+    assert np.array_equal(loaded_jit.view(np.uint32), loaded_py.view(np.uint32))
+    with np.errstate(invalid="ignore", over="ignore"):
+        stored_py = _to_16(pattern, view, _convert_py)
+    _assert_bits_equal(_to_16(pattern, view), stored_py, pattern.view(np.uint32), "jit == pure Python")
+
+
+@pytest.mark.jit
+def test_conversion_loops_vectorize():
+    """The load and store loops of each 16-bit format compile to SIMD code (F16C, shifts)."""
+    from numba import types
+
+    for src, dst, instruction in [
+        (types.uint16, types.float32, "vpslld"),
+        (types.float32, types.uint16, "vpsrld"),
+        (types.int16, types.float32, "vcvtph2ps"),
+        (types.float32, types.int16, "vcvtps2ph"),
+    ]:
+        sig = (types.Array(src, 1, "C"), types.Array(dst, 1, "C"))
+        compiled = numba.njit(**{**JIT_OPTIONS, "cache": False})(_convert.py_func)
+        compiled.compile(sig)
+        assert "vector.body" in compiled.inspect_llvm(sig), (src, dst)
+        assert instruction in compiled.inspect_asm(sig), (src, dst, instruction)
