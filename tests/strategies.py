@@ -492,9 +492,8 @@ def draw_x(d, call, kind, functional, cl_allowed=True):
     if mutation == "channels0" and kind in TRAILING:
         mutation = "dtype"
     if mutation == "dtype":
-        bad = d(
-            st.sampled_from([np.int32, np.int64, np.uint8, np.bool_, np.complex128, np.longdouble, object, "U4"])
-        )
+        unsupported = [np.int32, np.int64, np.uint8, np.bool_, np.complex128, np.longdouble, object, "U4"]
+        bad = d(st.sampled_from(unsupported))
         p["x"] = values.astype(bad)
         call.bad(f"x.dtype={np.dtype(bad)}", r"x\.dtype")
     elif mutation == "rank" and kind in PER_CHANNEL:
