@@ -967,8 +967,8 @@ def backward(
             empty if dbias is None else dbias.ravel(),
             params,
         )
-    if x.dtype.itemsize == 2 and getattr(weight, "dtype", None) == x.dtype:
-        # 16-bit parameters: the gradients in their dtype, rounded once from float32
+    if dweight is not None and x.dtype.itemsize == 2 and getattr(weight, "dtype", None) == x.dtype:
+        # 16-bit parameters: the gradients in their dtype, rounded from float32 (as the C ABI does)
         dweight = dweight.astype(x.dtype)
         dbias = None if dbias is None else dbias.astype(x.dtype)
     if stats.h is not None:

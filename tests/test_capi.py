@@ -45,6 +45,8 @@ BUILD = importlib.import_module("fastnorm.capi.build")
 OK = "FASTNORM_OK"
 KINDS = {"batch_norm": 1, "instance_norm": 2, "group_norm": 3, "layer_norm": 4, "rms_norm": 5}
 DTYPES = {np.float32: 1, np.float64: 2}
+#: fastnorm_dtype of the 16-bit data dtypes, by name (bfloat16 is ml_dtypes').
+HALF_CODES = {"float16": 3, "bfloat16": 4}
 
 
 def _have_cffi():
@@ -208,7 +210,7 @@ def test_c_matches_python_every_kind_dtype_layout(capi, tmp_path):
         dims = " ".join(str(d) for d in shape)
         lines.append(
             f"{prefix} {KINDS[kind]} {DTYPES[dtype]} {layout_code} {len(shape)} {dims} {groups} {nd} "
-            f"{eps!r} {int(has_w)} {int(has_b)} 0 0.01 0 0"
+            f"{eps!r} {int(has_w)} {int(has_b)} 0 0.01 0 0 0"
         )
         expected.append((prefix, dtype, {"y": y, "mean": stats.mean, "rstd": stats.rstd, "yinf": yinf,
                                          "dx": dx, "dw": dw, "db": db}))  # fmt: skip
@@ -273,7 +275,7 @@ def test_c_gives_the_pinned_corpus_bitwise(capi, tmp_path):
         lines.append(
             f"{prefix} {KINDS[case.kind]} {DTYPES[dtype]} {int(channels_last)} "
             f"{x.ndim} {' '.join(map(str, x.shape))} {groups} {nd} {eps!r} {int(weight is not None)} "
-            f"{int(bias is not None)} 0 0.01 0 0"
+            f"{int(bias is not None)} 0 0.01 0 0 0"
         )
     manifest = tmp_path / "manifest.txt"
     manifest.write_text("\n".join(lines) + "\n")
@@ -368,7 +370,7 @@ def test_c_fused_epilogue_matches_python(capi, tmp_path):
         lines.append(
             f"{prefix} {KINDS[kind]} {DTYPES[dtype]} {int(layout == 'cl')} {len(shape)} "
             f"{' '.join(map(str, shape))} {groups} {nd} {eps!r} {int(has_w)} {int(has_b)} "
-            f"{ACTIVATION_CODES[act]} {slope!r} {int(has_r)} 0"
+            f"{ACTIVATION_CODES[act]} {slope!r} {int(has_r)} 0 0"
         )
         outputs = {"y": y, "mean": stats.mean, "rstd": stats.rstd, "yinf": yinf, "dx": grads.dx,
                    "dres": grads.dresidual, "dw": grads.dweight, "db": grads.dbias}  # fmt: skip
@@ -406,11 +408,83 @@ def test_c_skip_add_matches_python(capi, tmp_path):
                 np.ascontiguousarray(array).tofile(f"{prefix}.{suffix}")
         lines.append(
             f"{prefix} {KINDS[kind]} {DTYPES[dtype]} 0 {len(shape)} {' '.join(map(str, shape))} 0 {nd} "
-            f"{eps!r} {int(has_w)} {int(has_b)} {ACTIVATION_CODES[act]} 0.01 0 {1 + has_sb}"
+            f"{eps!r} {int(has_w)} {int(has_b)} {ACTIVATION_CODES[act]} 0.01 0 {1 + has_sb} 0"
         )
         outputs = {"y": y, "h": stats.h, "mean": stats.mean, "rstd": stats.rstd, "dx": grads.dx,
                    "dw": grads.dweight, "db": grads.dbias, "dsb": grads.dskip_bias}  # fmt: skip
         expected.append((prefix, dtype, outputs))
+    _compare_bitwise(capi, tmp_path, lines, expected)
+
+
+def test_c_16bit_storage_matches_python(capi, tmp_path):
+    """float16 / bfloat16 data, float32 or same-dtype parameters: C gives the Python API's bits.
+
+    Every kind and layout, training / inference / backward, a residual, and the skip add;
+    parameters in the data dtype go through the cfuncs' conversions (``param16``).
+    """
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    dtypes = {"float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+    rng = np.random.default_rng(16)
+    lines, expected = [], []
+    shapes = {"batch_norm": (3, 6, 5, 7), "instance_norm": (2, 4, 70, 65), "group_norm": (2, 48, 3, 3)}
+    cases = [(kind, shape, layout) for kind, shape in shapes.items() for layout in ("cf", "cl")]
+    cases += [("layer_norm", (4, 7, 33), "cf"), ("rms_norm", (3, 300, 130), "cf")]
+    index = 0
+    for name, dtype in dtypes.items():
+        for params in ("float32", "same"):
+            pdtype = np.dtype(np.float32) if params == "float32" else dtype
+            for kind, shape, layout in cases:
+                for has_r in (0, 1):
+                    prefix = tmp_path / f"half{index}"
+                    index += 1
+                    nd = 1 if kind in ("layer_norm", "rms_norm") else 0
+                    groups = 4 if kind == "group_norm" else 0
+                    eps = 1e-5 if kind != "rms_norm" else 1e-6
+                    spec = _spec(kind, layout, groups, nd, eps)
+                    logical = shape if layout == "cf" else (shape[0], *shape[2:], shape[1])
+                    x, dy, r = ((rng.standard_normal(logical) * 2 + 0.5).astype(dtype) for _ in range(3))
+                    pshape = logical[-1:] if nd or layout == "cl" else (logical[1],)
+                    w = (1 + 0.5 * rng.standard_normal(pshape)).astype(pdtype)
+                    b = rng.standard_normal(pshape).astype(pdtype)
+                    residual = r if has_r else None
+                    y, stats = fastnorm.forward(x, spec, w, b, residual=residual)
+                    imean = rng.standard_normal(stats.mean.shape)
+                    irstd = rng.uniform(0.5, 2.0, stats.rstd.shape)
+                    yinf = fastnorm.forward_inference(
+                        x, fastnorm.Stats(imean, irstd), spec, w, b, residual=residual
+                    )
+                    grads = fastnorm.backward(dy, x, stats, spec, w, with_bias=True)
+                    inputs = {"x": x, "dy": dy, "r": residual, "w": w, "b": b, "imean": imean, "irstd": irstd}
+                    for suffix, array in inputs.items():
+                        if array is not None:
+                            np.ascontiguousarray(array).tofile(f"{prefix}.{suffix}")
+                    param_code = 0 if params == "same" else DTYPES[np.float32]
+                    dims = " ".join(map(str, logical))
+                    lines.append(
+                        f"{prefix} {KINDS[kind]} {HALF_CODES[name]} {int(layout == 'cl')} {len(logical)} "
+                        f"{dims} {groups} {nd} {eps!r} 1 1 0 0.01 {has_r} 0 {param_code}"
+                    )
+                    outputs = {"y": y, "mean": stats.mean, "rstd": stats.rstd, "yinf": yinf, "dx": grads.dx,
+                               "dw": grads.dweight, "db": grads.dbias}  # fmt: skip
+                    if has_r:
+                        outputs["dres"] = grads.dresidual
+                    expected.append((prefix, dtype, outputs))
+            # the skip add: LayerNorm rows with a skip bias
+            prefix = tmp_path / f"half{index}"
+            index += 1
+            shape, spec = (5, 96), fastnorm.NormSpec.layer_norm(1, 1e-5)
+            x, skip, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+            sb, w, b = (rng.standard_normal(96).astype(pdtype) for _ in range(3))
+            y, stats = fastnorm.forward(x, spec, w, b, skip=skip, skip_bias=sb)
+            grads = fastnorm.backward(dy, x, stats, spec, w, with_bias=True)
+            for suffix, array in {"x": x, "s": skip, "sb": sb, "dy": dy, "w": w, "b": b}.items():
+                np.ascontiguousarray(array).tofile(f"{prefix}.{suffix}")
+            param_code = 0 if params == "same" else DTYPES[np.float32]
+            lines.append(f"{prefix} 4 {HALF_CODES[name]} 0 2 5 96 0 1 1e-05 1 1 0 0.01 0 2 {param_code}")
+            dskip_bias = grads.dskip_bias.astype(pdtype)  # Python returns float32; C writes param_dtype
+            expected.append((prefix, dtype, {"y": y, "h": stats.h, "mean": stats.mean, "rstd": stats.rstd,
+                                             "dx": grads.dx, "dw": grads.dweight, "db": grads.dbias,
+                                             "dsb": dskip_bias}))  # fmt: skip
     _compare_bitwise(capi, tmp_path, lines, expected)
 
 
@@ -504,8 +578,8 @@ def test_pythonhome_override(capi):
 def test_example_builds_with_pkg_config_and_runs(capi, tmp_path):
     pc = capi["out"] / "fastnorm.pc"
     assert pc.is_file()
-    assert "Version: 0.4.0\n" in pc.read_text()
-    assert BUILD.header_version() == "0.4.0"
+    assert "Version: 0.5.0\n" in pc.read_text()
+    assert BUILD.header_version() == "0.5.0"
     installed = capi["out"] / "include" / "fastnorm.h"
     assert installed.read_text() == (CAPI / "include" / "fastnorm.h").read_text()
     pkg_config = shutil.which("pkg-config")

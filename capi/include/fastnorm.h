@@ -83,7 +83,7 @@ extern "C" {
 
 /* Version of this header; fastnorm_version() / fastnorm_version_string() give the library's. */
 #define FASTNORM_VERSION_MAJOR 0
-#define FASTNORM_VERSION_MINOR 4
+#define FASTNORM_VERSION_MINOR 5
 #define FASTNORM_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH */
 #define FASTNORM_VERSION \
@@ -103,7 +103,8 @@ extern "C" {
 typedef enum fastnorm_status {
     FASTNORM_OK = 0,               /* success */
     FASTNORM_INVALID_ARGUMENT = 1, /* bad value: struct_size, dims, rank, enum, eps, groups, alignment */
-    FASTNORM_UNSUPPORTED = 2,      /* valid but not implemented (float16, mixed dtypes, flags) */
+    FASTNORM_UNSUPPORTED = 2,      /* valid but not implemented (mixed dtypes, flags, an activation
+                                      with 16-bit data) */
     FASTNORM_NOT_INITIALIZED = 3,  /* the embedded runtime could not be started */
     FASTNORM_INTERNAL_ERROR = 4,   /* the kernel raised (only: out of memory for its workspace;
                                       Numba then writes the exception to stderr) */
@@ -124,13 +125,15 @@ typedef enum fastnorm_kind {
     FASTNORM_RMS_NORM = 5       /* LayerNorm without centering */
 } fastnorm_kind;
 
-/* Element type of the data buffers.  mean / rstd are always double. */
+/* Element type of the data buffers.  mean / rstd are always double.  16-bit
+   data (since 0.5) is computed in float32 and each output rounded once to
+   nearest even; its parameters are float32 or the data dtype (param_dtype). */
 typedef enum fastnorm_dtype {
     FASTNORM_DTYPE_DEFAULT = 0, /* only for param_dtype: same as dtype */
     FASTNORM_FLOAT32 = 1,
     FASTNORM_FLOAT64 = 2,
-    FASTNORM_FLOAT16 = 3, /* recognized, returns FASTNORM_UNSUPPORTED */
-    FASTNORM_BFLOAT16 = 4 /* recognized, returns FASTNORM_UNSUPPORTED */
+    FASTNORM_FLOAT16 = 3, /* IEEE 754 binary16 (since 0.5) */
+    FASTNORM_BFLOAT16 = 4 /* bfloat16: the upper half of a float32 (since 0.5) */
 } fastnorm_dtype;
 
 /* Activation of the fused epilogue, desc->activation (since 0.3): torch's F.relu,
@@ -169,8 +172,10 @@ typedef enum fastnorm_layout {
  *                 FASTNORM_VERSION_MISMATCH.  Never change it by hand.
  * kind            fastnorm_kind.
  * dtype           fastnorm_dtype of x, y, dy, dx.
- * param_dtype     dtype of weight, bias, dweight, dbias; FASTNORM_DTYPE_DEFAULT
- *                 (0) means dtype.  A different dtype is FASTNORM_UNSUPPORTED.
+ * param_dtype     dtype of weight, bias, dweight, dbias (and skip_bias,
+ *                 dskip_bias); FASTNORM_DTYPE_DEFAULT (0) means dtype.  With
+ *                 16-bit data it may also be FASTNORM_FLOAT32 (since 0.5);
+ *                 any other difference is FASTNORM_UNSUPPORTED.
  * layout          fastnorm_layout; BN/IN/GN only (LN/RMS require
  *                 FASTNORM_CHANNELS_FIRST: they normalize the trailing dims).
  * rank, dims      logical shape, every dim >= 1 (a tensor with a 0 dim is
@@ -268,9 +273,9 @@ FASTNORM_API const char *fastnorm_last_error(void);
  *                    any descriptor this library knows:
  *                    FASTNORM_VERSION_MISMATCH.
  * @param kind        fastnorm_kind (FASTNORM_INVALID_ARGUMENT if unknown).
- * @param dtype       fastnorm_dtype of the data: FASTNORM_FLOAT32 or
- *                    FASTNORM_FLOAT64; FASTNORM_FLOAT16 / FASTNORM_BFLOAT16 give
- *                    FASTNORM_UNSUPPORTED, anything else (including
+ * @param dtype       fastnorm_dtype of the data: FASTNORM_FLOAT32,
+ *                    FASTNORM_FLOAT64, FASTNORM_FLOAT16 or FASTNORM_BFLOAT16
+ *                    (since 0.5); anything else (including
  *                    FASTNORM_DTYPE_DEFAULT) FASTNORM_INVALID_ARGUMENT.
  * @param rank        number of dims, 1..FASTNORM_MAX_RANK.
  * @param dims        rank values copied into desc->dims (unused entries set to

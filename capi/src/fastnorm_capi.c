@@ -54,20 +54,32 @@ int _fastnorm_py_init(int64_t *table, int64_t table_len, int32_t owns_interprete
 typedef int32_t (*forward_fn)(const void *x, const void *r, int64_t nr, const void *w, int64_t nw,
                               const void *b, int64_t nb, void *y, double *mean, double *rstd, int64_t nstats,
                               int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int64_t flags,
-                              double eps, int64_t activation, double slope, int64_t num_threads);
+                              double eps, int64_t activation, double slope, int64_t param16,
+                              int64_t num_threads);
 typedef int32_t (*backward_fn)(const void *dy, const void *x, const void *r, int64_t nr, const void *w,
                                int64_t nw, const void *b, int64_t nb, const double *mean, const double *rstd,
                                int64_t nstats, void *dx, void *dr, int64_t ndr, void *dw, int64_t ndw,
                                void *db, int64_t ndb, void *dsb, int64_t ndsb, int64_t batch,
                                int64_t channels, int64_t spatial, int64_t groups, int64_t flags, double eps,
-                               int64_t activation, double slope, int64_t num_threads);
+                               int64_t activation, double slope, int64_t param16, int64_t num_threads);
 typedef int32_t (*skip_forward_fn)(const void *x, const void *s, const void *sb, int64_t nsb, const void *w,
                                    int64_t nw, const void *b, int64_t nb, void *h, void *y, double *mean,
                                    double *rstd, int64_t nstats, int64_t batch, int64_t channels,
                                    int64_t spatial, int64_t groups, int64_t flags, double eps,
-                                   int64_t activation, double slope, int64_t num_threads);
+                                   int64_t activation, double slope, int64_t param16, int64_t num_threads);
 typedef void (*set_threads_fn)(int);
 typedef int (*get_threads_fn)(void);
+
+/* The cfunc slots of each operation, by plan.dtype_index. */
+static const int FORWARD_TRAINING_SLOTS[4] = {SLOT_FORWARD_TRAINING_FLOAT32, SLOT_FORWARD_TRAINING_FLOAT64,
+                                              SLOT_FORWARD_TRAINING_FLOAT16, SLOT_FORWARD_TRAINING_BFLOAT16};
+static const int FORWARD_INFERENCE_SLOTS[4] = {SLOT_FORWARD_INFERENCE_FLOAT32, SLOT_FORWARD_INFERENCE_FLOAT64,
+                                               SLOT_FORWARD_INFERENCE_FLOAT16,
+                                               SLOT_FORWARD_INFERENCE_BFLOAT16};
+static const int BACKWARD_SLOTS[4] = {SLOT_BACKWARD_FLOAT32, SLOT_BACKWARD_FLOAT64, SLOT_BACKWARD_FLOAT16,
+                                      SLOT_BACKWARD_BFLOAT16};
+static const int SKIP_FORWARD_SLOTS[4] = {SLOT_SKIP_FORWARD_FLOAT32, SLOT_SKIP_FORWARD_FLOAT64,
+                                          SLOT_SKIP_FORWARD_FLOAT16, SLOT_SKIP_FORWARD_BFLOAT16};
 
 /* ------------------------------------------------------------------------ */
 /* Errors                                                                    */
@@ -187,8 +199,10 @@ static fastnorm_status read_desc(const fastnorm_desc *in, fastnorm_desc *out)
 
 typedef struct plan {
     int32_t kind;    /* fastnorm_kind */
-    int dtype_index; /* 0: float32, 1: float64 */
+    int dtype_index; /* 0: float32, 1: float64, 2: float16, 3: bfloat16 (the cfunc slots' order) */
     int64_t itemsize;
+    int64_t param_itemsize; /* bytes per element of weight, bias and their gradients */
+    int64_t param16;        /* 1: 16-bit parameters (param_dtype == dtype, 16-bit data) */
     int64_t batch, channels, spatial, groups, flags;
     int64_t size;    /* elements of x */
     int64_t nparams; /* elements of weight / bias */
@@ -236,18 +250,27 @@ static fastnorm_status make_plan(const fastnorm_desc *desc, int training, plan *
         p->itemsize = 8;
         break;
     case FASTNORM_FLOAT16:
+        p->dtype_index = 2;
+        p->itemsize = 2;
+        break;
     case FASTNORM_BFLOAT16:
-        return fail(FASTNORM_UNSUPPORTED,
-                    "desc->dtype=%d (16-bit float) is not supported: convert to FASTNORM_FLOAT32",
-                    (int)d->dtype);
+        p->dtype_index = 3;
+        p->itemsize = 2;
+        break;
     default: return fail(FASTNORM_INVALID_ARGUMENT, "desc->dtype=%d is not a fastnorm_dtype", (int)d->dtype);
     }
-    if (d->param_dtype != FASTNORM_DTYPE_DEFAULT && d->param_dtype != d->dtype) {
-        if (d->param_dtype >= FASTNORM_FLOAT32 && d->param_dtype <= FASTNORM_BFLOAT16)
-            return fail(FASTNORM_UNSUPPORTED,
-                        "desc->param_dtype=%d differs from desc->dtype=%d: mixed dtypes are not "
-                        "supported, convert weight/bias to the data dtype",
-                        (int)d->param_dtype, (int)d->dtype);
+    p->param_itemsize = p->itemsize;
+    p->param16 = 0;
+    if (d->param_dtype == FASTNORM_DTYPE_DEFAULT || d->param_dtype == d->dtype) {
+        p->param16 = p->itemsize == 2;
+    } else if (d->param_dtype == FASTNORM_FLOAT32 && p->itemsize == 2) {
+        p->param_itemsize = 4; /* 16-bit data with float32 parameters (torch's "mixed" mode) */
+    } else if (d->param_dtype >= FASTNORM_FLOAT32 && d->param_dtype <= FASTNORM_BFLOAT16) {
+        return fail(FASTNORM_UNSUPPORTED,
+                    "desc->param_dtype=%d with desc->dtype=%d: parameters must have the data dtype, or "
+                    "FASTNORM_FLOAT32 with 16-bit data",
+                    (int)d->param_dtype, (int)d->dtype);
+    } else {
         return fail(FASTNORM_INVALID_ARGUMENT, "desc->param_dtype=%d is not a fastnorm_dtype",
                     (int)d->param_dtype);
     }
@@ -265,6 +288,11 @@ static fastnorm_status make_plan(const fastnorm_desc *desc, int training, plan *
         return fail(FASTNORM_INVALID_ARGUMENT, "desc->reserved=%d must be 0", (int)d->reserved);
     if (!isfinite(d->negative_slope))
         return fail(FASTNORM_INVALID_ARGUMENT, "desc->negative_slope=%g must be finite", d->negative_slope);
+    if (p->itemsize == 2 && d->activation != FASTNORM_ACTIVATION_NONE)
+        return fail(FASTNORM_UNSUPPORTED,
+                    "desc->activation=%d with 16-bit data is not supported yet: normalize with "
+                    "FASTNORM_ACTIVATION_NONE (a residual is supported) and apply it afterwards",
+                    (int)d->activation);
     p->activation = d->activation;
     p->negative_slope = d->negative_slope;
     rank = d->rank;
@@ -371,14 +399,13 @@ FASTNORM_API fastnorm_status fastnorm_desc_init(fastnorm_desc *desc, size_t stru
         return fail(FASTNORM_INVALID_ARGUMENT, "kind=%d is not a fastnorm_kind (1..5)", (int)kind);
     switch (dtype) {
     case FASTNORM_FLOAT32:
-    case FASTNORM_FLOAT64: break;
+    case FASTNORM_FLOAT64:
     case FASTNORM_FLOAT16:
-    case FASTNORM_BFLOAT16:
-        return fail(FASTNORM_UNSUPPORTED,
-                    "dtype=%d (16-bit float) is not supported: convert to FASTNORM_FLOAT32", (int)dtype);
+    case FASTNORM_BFLOAT16: break;
     default:
         return fail(FASTNORM_INVALID_ARGUMENT,
-                    "dtype=%d is not a data fastnorm_dtype (FASTNORM_FLOAT32 or 64)", (int)dtype);
+                    "dtype=%d is not a data fastnorm_dtype (FASTNORM_FLOAT32, 64, FLOAT16, BFLOAT16)",
+                    (int)dtype);
     }
     if (rank < 1 || rank > FASTNORM_MAX_RANK)
         return fail(FASTNORM_INVALID_ARGUMENT, "rank=%d must be in 1..%d", (int)rank, FASTNORM_MAX_RANK);
@@ -652,8 +679,8 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
         buffer bufs[] = {
             {"x", x, p.size * p.itemsize, 0, p.itemsize},
             {"residual", residual, p.size * p.itemsize, 0, p.itemsize},
-            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
-            {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
+            {"weight", weight, p.nparams * p.param_itemsize, 0, p.param_itemsize},
+            {"bias", bias, p.nparams * p.param_itemsize, 0, p.param_itemsize},
             {"mean", mean, p.nstats * 8, training, 8},
             {"rstd", rstd, p.nstats * 8, training, 8},
             {"y", y, p.size * p.itemsize, 1, p.itemsize},
@@ -662,12 +689,11 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
-    slot = training ? (p.dtype_index ? SLOT_FORWARD_TRAINING_FLOAT64 : SLOT_FORWARD_TRAINING_FLOAT32)
-                    : (p.dtype_index ? SLOT_FORWARD_INFERENCE_FLOAT64 : SLOT_FORWARD_INFERENCE_FLOAT32);
+    slot = training ? FORWARD_TRAINING_SLOTS[p.dtype_index] : FORWARD_INFERENCE_SLOTS[p.dtype_index];
     rc = ((forward_fn)(uintptr_t)runtime_table[slot])(
         x, residual, residual ? p.size : 0, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y,
         (double *)mean, (double *)rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps,
-        p.activation, p.negative_slope, (int64_t)threads);
+        p.activation, p.negative_slope, p.param16, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1)
         return fail(FASTNORM_INTERNAL_ERROR, "the %s kernel failed (out of memory?)",
@@ -738,9 +764,9 @@ FASTNORM_API fastnorm_status fastnorm_skip_forward_training(const fastnorm_desc 
         buffer bufs[] = {
             {"x", x, p.size * p.itemsize, 0, p.itemsize},
             {"skip", skip, p.size * p.itemsize, 0, p.itemsize},
-            {"skip_bias", skip_bias, p.nparams * p.itemsize, 0, p.itemsize},
-            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
-            {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
+            {"skip_bias", skip_bias, p.nparams * p.param_itemsize, 0, p.param_itemsize},
+            {"weight", weight, p.nparams * p.param_itemsize, 0, p.param_itemsize},
+            {"bias", bias, p.nparams * p.param_itemsize, 0, p.param_itemsize},
             {"mean", mean, p.nstats * 8, 1, 8},
             {"rstd", rstd, p.nstats * 8, 1, 8},
             {"h", h, p.size * p.itemsize, 1, p.itemsize},
@@ -750,11 +776,11 @@ FASTNORM_API fastnorm_status fastnorm_skip_forward_training(const fastnorm_desc 
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
-    slot = p.dtype_index ? SLOT_SKIP_FORWARD_FLOAT64 : SLOT_SKIP_FORWARD_FLOAT32;
+    slot = SKIP_FORWARD_SLOTS[p.dtype_index];
     rc = ((skip_forward_fn)(uintptr_t)runtime_table[slot])(
         x, skip, skip_bias, skip_bias ? p.nparams : 0, weight, weight ? p.nparams : 0, bias,
         bias ? p.nparams : 0, h, y, mean, rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags,
-        p.eps, p.activation, p.negative_slope, (int64_t)threads);
+        p.eps, p.activation, p.negative_slope, p.param16, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the skip forward kernel failed (out of memory?)");
     return FASTNORM_OK;
@@ -791,26 +817,26 @@ static fastnorm_status backward_common(const fastnorm_desc *desc, int fused, int
             {"dy", dy, p.size * p.itemsize, 0, p.itemsize},
             {skip ? "h" : "x", x, p.size * p.itemsize, 0, p.itemsize},
             {"residual", residual, p.size * p.itemsize, 0, p.itemsize},
-            {"weight", weight, p.nparams * p.itemsize, 0, p.itemsize},
-            {"bias", bias, p.nparams * p.itemsize, 0, p.itemsize},
+            {"weight", weight, p.nparams * p.param_itemsize, 0, p.param_itemsize},
+            {"bias", bias, p.nparams * p.param_itemsize, 0, p.param_itemsize},
             {"mean", mean, p.nstats * 8, 0, 8},
             {"rstd", rstd, p.nstats * 8, 0, 8},
             {"dx", dx, p.size * p.itemsize, 1, p.itemsize},
             {"dresidual", dresidual, p.size * p.itemsize, 1, p.itemsize},
-            {"dweight", dweight, p.nparams * p.itemsize, 1, p.itemsize},
-            {"dbias", dbias, p.nparams * p.itemsize, 1, p.itemsize},
-            {"dskip_bias", dskip_bias, p.nparams * p.itemsize, 1, p.itemsize},
+            {"dweight", dweight, p.nparams * p.param_itemsize, 1, p.param_itemsize},
+            {"dbias", dbias, p.nparams * p.param_itemsize, 1, p.param_itemsize},
+            {"dskip_bias", dskip_bias, p.nparams * p.param_itemsize, 1, p.param_itemsize},
         };
         if ((st = check_buffers(bufs, 12, allowed, 3)) != FASTNORM_OK) return st;
     }
     if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
-    slot = p.dtype_index ? SLOT_BACKWARD_FLOAT64 : SLOT_BACKWARD_FLOAT32;
+    slot = BACKWARD_SLOTS[p.dtype_index];
     rc = ((backward_fn)(uintptr_t)runtime_table[slot])(
         dy, x, residual, residual ? p.size : 0, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0,
         mean, rstd, p.nstats, dx, dresidual, dresidual ? p.size : 0, dweight, dweight ? p.nparams : 0, dbias,
         dbias ? p.nparams : 0, dskip_bias, dskip_bias ? p.nparams : 0, p.batch, p.channels, p.spatial,
-        p.groups, p.flags, p.eps, p.activation, p.negative_slope, (int64_t)threads);
+        p.groups, p.flags, p.eps, p.activation, p.negative_slope, p.param16, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward kernel failed (out of memory?)");
     return FASTNORM_OK;

@@ -67,7 +67,17 @@ TEST_HELPER int64_t desc_elements(const fastnorm_desc *d)
     return n;
 }
 
-TEST_HELPER size_t dtype_size(const fastnorm_desc *d) { return d->dtype == FASTNORM_FLOAT64 ? 8 : 4; }
+static size_t dtype_bytes(int32_t dtype)
+{
+    return dtype == FASTNORM_FLOAT64 ? 8 : (dtype == FASTNORM_FLOAT16 || dtype == FASTNORM_BFLOAT16) ? 2 : 4;
+}
+
+/* Bytes per element of the data, and of the parameters (param_dtype, 0 meaning dtype). */
+TEST_HELPER size_t dtype_size(const fastnorm_desc *d) { return dtype_bytes(d->dtype); }
+TEST_HELPER size_t param_size(const fastnorm_desc *d)
+{
+    return dtype_bytes(d->param_dtype == FASTNORM_DTYPE_DEFAULT ? d->dtype : d->param_dtype);
+}
 
 /* n pseudo-random values in [-1.5, 2.5) of the given dtype, the same for a given seed. */
 TEST_HELPER void fill(void *buf, int64_t n, int dtype, unsigned seed)

@@ -6,7 +6,7 @@
  *
  * Manifest lines:
  *   prefix kind dtype layout rank d0 .. d(rank-1) num_groups normalized_ndim eps has_weight has_bias
- *          activation negative_slope has_residual skip
+ *          activation negative_slope has_residual skip param_dtype
  * Inputs  prefix.x prefix.dy [prefix.r] [prefix.w] [prefix.b] prefix.imean prefix.irstd
  * Outputs prefix.y prefix.mean prefix.rstd prefix.yinf prefix.dx [prefix.dres] [prefix.dw] [prefix.db]
  * A case with an activation or a residual runs the _fused entry points, and
@@ -54,7 +54,7 @@ static fastnorm_status back(const fastnorm_desc *d, int fused, const void *dy, c
 static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int has_b, int has_r)
 {
     int64_t n = desc_elements(d), np_, ns;
-    size_t es = dtype_size(d), bytes;
+    size_t es = dtype_size(d), ps = param_size(d), bytes;
     int fused = has_r || d->activation != FASTNORM_ACTIVATION_NONE;
     void *x, *dy, *r = NULL, *w = NULL, *b = NULL, *y, *yinf, *dx, *dres = NULL, *dw = NULL, *db = NULL, *tmp,
                   *tmp2;
@@ -70,8 +70,8 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     x = read_file(path(prefix, "x"), bytes);
     dy = read_file(path(prefix, "dy"), bytes);
     if (has_r) r = read_file(path(prefix, "r"), bytes);
-    if (has_w) w = read_file(path(prefix, "w"), (size_t)np_ * es);
-    if (has_b) b = read_file(path(prefix, "b"), (size_t)np_ * es);
+    if (has_w) w = read_file(path(prefix, "w"), (size_t)np_ * ps);
+    if (has_b) b = read_file(path(prefix, "b"), (size_t)np_ * ps);
     imean = read_file(path(prefix, "imean"), (size_t)ns * 8);
     irstd = read_file(path(prefix, "irstd"), (size_t)ns * 8);
     y = xmalloc(bytes);
@@ -84,8 +84,8 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     m2 = xmalloc((size_t)ns * 8);
     r2 = xmalloc((size_t)ns * 8);
     if (has_r) dres = xmalloc(bytes);
-    if (has_w) dw = xmalloc((size_t)np_ * es);
-    if (has_b) db = xmalloc((size_t)np_ * es);
+    if (has_w) dw = xmalloc((size_t)np_ * ps);
+    if (has_b) db = xmalloc((size_t)np_ * ps);
 
     st = train(d, fused, x, r, w, b, y, mean, rstd);
     CHECK(st == FASTNORM_OK, "%s forward_training: %s %s", prefix, fastnorm_status_string(st),
@@ -135,8 +135,8 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
     write_file(path(prefix, "yinf"), yinf, bytes);
     write_file(path(prefix, "dx"), dx, bytes);
     if (has_r) write_file(path(prefix, "dres"), dres, bytes);
-    if (has_w) write_file(path(prefix, "dw"), dw, (size_t)np_ * es);
-    if (has_b) write_file(path(prefix, "db"), db, (size_t)np_ * es);
+    if (has_w) write_file(path(prefix, "dw"), dw, (size_t)np_ * ps);
+    if (has_b) write_file(path(prefix, "db"), db, (size_t)np_ * ps);
     free(x);
     free(dy);
     free(r);
@@ -162,7 +162,7 @@ static int run_case(const char *prefix, const fastnorm_desc *d, int has_w, int h
 static int run_skip_case(const char *prefix, const fastnorm_desc *d, int has_w, int has_b, int has_sb)
 {
     int64_t n = desc_elements(d), np_, ns;
-    size_t es = dtype_size(d), bytes, pbytes;
+    size_t es = dtype_size(d), ps = param_size(d), bytes, pbytes;
     void *x, *s, *sb = NULL, *dy, *w = NULL, *b = NULL, *y, *h, *dx, *dw = NULL, *db = NULL, *dsb = NULL, *t1,
                  *t2;
     double *mean, *rstd, *m2, *r2;
@@ -174,7 +174,7 @@ static int run_skip_case(const char *prefix, const fastnorm_desc *d, int has_w, 
         return 1;
     }
     bytes = (size_t)n * es;
-    pbytes = (size_t)np_ * es;
+    pbytes = (size_t)np_ * ps;
     x = read_file(path(prefix, "x"), bytes);
     s = read_file(path(prefix, "s"), bytes);
     dy = read_file(path(prefix, "dy"), bytes);
@@ -263,7 +263,7 @@ int main(int argc, char **argv)
     }
     while (fscanf(manifest, "%2047s", prefix) == 1) {
         fastnorm_desc d;
-        int kind, dtype, layout, rank, i, nd, has_w, has_b, activation, has_r, skip, failed;
+        int kind, dtype, layout, rank, i, nd, has_w, has_b, activation, has_r, skip, param_dtype, failed;
         long long groups, dim;
         int64_t dims[FASTNORM_MAX_RANK];
         double eps, slope;
@@ -282,10 +282,11 @@ int main(int argc, char **argv)
             return 2;
         }
         d.layout = layout;
-        if (fscanf(manifest, "%lld %d %lf %d %d %d %lf %d %d", &groups, &nd, &eps, &has_w, &has_b,
-                   &activation, &slope, &has_r, &skip)
-            != 9)
+        if (fscanf(manifest, "%lld %d %lf %d %d %d %lf %d %d %d", &groups, &nd, &eps, &has_w, &has_b,
+                   &activation, &slope, &has_r, &skip, &param_dtype)
+            != 10)
             return 2;
+        d.param_dtype = param_dtype;
         d.num_groups = groups;
         d.normalized_ndim = nd;
         d.eps = eps;

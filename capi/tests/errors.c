@@ -155,9 +155,9 @@ int main(void)
     }
 
     /* pure-C helpers */
-    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 400, "version %d",
+    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 500, "version %d",
           fastnorm_version());
-    CHECK(strcmp(fastnorm_version_string(), "0.4.0") == 0
+    CHECK(strcmp(fastnorm_version_string(), "0.5.0") == 0
               && strcmp(FASTNORM_VERSION_STRING, fastnorm_version_string()) == 0,
           "version string %s (header %s)", fastnorm_version_string(), FASTNORM_VERSION_STRING);
     CHECK(FASTNORM_OK == 0 && FASTNORM_INVALID_ARGUMENT == 1 && FASTNORM_UNSUPPORTED == 2
@@ -227,10 +227,18 @@ int main(void)
                      "dtype");
     expect_desc_init("dtype -1", sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, -1, 4, FASTNORM_INVALID_ARGUMENT,
                      "dtype");
-    expect_desc_init("float16", sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, FASTNORM_FLOAT16, 4,
-                     FASTNORM_UNSUPPORTED, "dtype");
-    expect_desc_init("bfloat16", sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, FASTNORM_BFLOAT16, 4,
-                     FASTNORM_UNSUPPORTED, "dtype");
+    {
+        static const int64_t dims[4] = {N, C, H, W};
+        fastnorm_desc half;
+        CHECK(fastnorm_desc_init(&half, sizeof half, FASTNORM_BATCH_NORM, FASTNORM_FLOAT16, 4, dims)
+                      == FASTNORM_OK
+                  && half.dtype == FASTNORM_FLOAT16,
+              "desc_init float16: %s", fastnorm_last_error());
+        CHECK(fastnorm_desc_init(&half, sizeof half, FASTNORM_BATCH_NORM, FASTNORM_BFLOAT16, 4, dims)
+                      == FASTNORM_OK
+                  && half.dtype == FASTNORM_BFLOAT16,
+              "desc_init bfloat16: %s", fastnorm_last_error());
+    }
     expect_desc_init("rank 0", sizeof(fastnorm_desc), FASTNORM_BATCH_NORM, FASTNORM_FLOAT32, 0,
                      FASTNORM_INVALID_ARGUMENT, "rank");
 
@@ -379,11 +387,20 @@ int main(void)
     d.dtype = 42;
     expect_all("dtype 42", &d, FASTNORM_INVALID_ARGUMENT);
     d = valid_desc();
+    d.param_dtype = FASTNORM_FLOAT16;
+    expect_all_named("float32 data, float16 params", &d, FASTNORM_UNSUPPORTED, "param_dtype");
+    d = valid_desc();
     d.dtype = FASTNORM_FLOAT16;
-    expect_all("float16", &d, FASTNORM_UNSUPPORTED);
+    d.param_dtype = FASTNORM_BFLOAT16;
+    expect_all_named("float16 data, bfloat16 params", &d, FASTNORM_UNSUPPORTED, "param_dtype");
     d = valid_desc();
     d.dtype = FASTNORM_BFLOAT16;
-    expect_all("bfloat16", &d, FASTNORM_UNSUPPORTED);
+    d.param_dtype = FASTNORM_FLOAT64;
+    expect_all_named("bfloat16 data, float64 params", &d, FASTNORM_UNSUPPORTED, "param_dtype");
+    d = valid_desc();
+    d.dtype = FASTNORM_BFLOAT16;
+    d.activation = FASTNORM_RELU;
+    expect_all_named("bfloat16 data with an activation", &d, FASTNORM_UNSUPPORTED, "activation");
     d = valid_desc();
     d.param_dtype = FASTNORM_FLOAT64;
     expect_all("mismatched param dtype", &d, FASTNORM_UNSUPPORTED);

@@ -10,16 +10,24 @@ already validated every argument; the cfuncs trust their inputs.
 
 Conventions
 -----------
-* One cfunc per (operation, dtype); 8 cfuncs cover 4 operations x 2 dtypes
-  (the training and inference forward passes, the backward pass, and the
-  forward pass after a pre-norm skip add).
-* Data buffers are ``T*`` (``float32`` or ``float64``); ``mean``/``rstd`` are
-  ``double*``.  An absent weight/bias/residual/dweight/dbias/dresidual/skip_bias/dskip_bias is
-  passed with length 0 (its pointer may be NULL) and becomes an empty array,
-  as the kernels expect.  The activation and its slope are the last two
+* One cfunc per (operation, data dtype); 16 cfuncs cover 4 operations x 4
+  dtypes (the training and inference forward passes, the backward pass, and
+  the forward pass after a pre-norm skip add; float32, float64, float16 and
+  bfloat16).
+* Data buffers are ``T*`` (``float32``, ``float64``, or the 16-bit views of
+  :mod:`fastnorm._kernels.storage`: ``int16`` for float16, ``uint16`` for
+  bfloat16); ``mean``/``rstd`` are ``double*``.  Parameter buffers (weight,
+  bias, skip_bias and their gradients) are ``void*``: the data dtype for
+  float32/float64 data; for 16-bit data float32, or the data dtype when the
+  argument ``param16`` is 1 (then converted to float32 for the kernels, and
+  the gradients rounded back, by the same conversions as the data:
+  :func:`_param_in`, :func:`_param_out`, :func:`_param_store`).  An absent
+  weight/bias/residual/dweight/dbias/dresidual/skip_bias/dskip_bias is passed
+  with length 0 (its pointer may be NULL) and becomes an empty array, as the
+  kernels expect.  The activation and its slope are the last two
   KernelSpec fields.
-* The last argument is the thread count of the call: the C layer sets it
-  with the threading layer's own ``set_num_threads`` (see
+* The last two arguments are ``param16`` and the thread count of the call:
+  the C layer sets the count with the threading layer's own ``set_num_threads`` (see
   :func:`threading_addresses`) and passes it, because a compiled function
   that asks Numba for the thread count cannot be cached.  ``0`` asks for the
   serial build of every kernel (:func:`_serial`), whatever the size: the C
@@ -46,9 +54,11 @@ import ctypes
 import numba
 import numpy as np
 from numba import carray, cfunc, types
+from numba.extending import overload
 
 from .. import _kernels as K
 from .._config import DEPS_KEY, glue
+from .._kernels.storage import load, store
 
 __all__ = ["DEPS_KEY", "SIGNATURES", "build_cfuncs", "threading_addresses"]
 
@@ -57,15 +67,28 @@ _f64 = types.float64
 _p64 = types.CPointer(types.float64)
 
 
+_vp = types.voidptr
+
+#: The Numba element type of each data dtype's buffers (16-bit floats as their integer views).
+DATA_TYPES = {
+    "float32": types.float32,
+    "float64": types.float64,
+    "float16": types.int16,
+    "bfloat16": types.uint16,
+}
+
+
 def _signatures(dtype):
     pt = types.CPointer(dtype)
     spec = (_i64, _i64, _i64, _i64, _i64, _f64, _i64, _f64)  # KernelSpec fields
-    forward = types.int32(pt, pt, _i64, pt, _i64, pt, _i64, pt, _p64, _p64, _i64, *spec, _i64)
+    forward = types.int32(pt, pt, _i64, _vp, _i64, _vp, _i64, pt, _p64, _p64, _i64, *spec, _i64, _i64)
     backward = types.int32(
-        pt, pt, pt, _i64, pt, _i64, pt, _i64, _p64, _p64, _i64, pt, pt, _i64, pt, _i64, pt, _i64, pt, _i64,
-        *spec, _i64,
+        pt, pt, pt, _i64, _vp, _i64, _vp, _i64, _p64, _p64, _i64, pt, pt, _i64, _vp, _i64, _vp, _i64,
+        _vp, _i64, *spec, _i64, _i64,
     )  # fmt: skip
-    skip_forward = types.int32(pt, pt, pt, _i64, pt, _i64, pt, _i64, pt, pt, _p64, _p64, _i64, *spec, _i64)
+    skip_forward = types.int32(
+        pt, pt, _vp, _i64, _vp, _i64, _vp, _i64, pt, pt, _p64, _p64, _i64, *spec, _i64, _i64
+    )
     return {
         "forward_training": forward,
         "forward_inference": forward,
@@ -76,10 +99,81 @@ def _signatures(dtype):
 
 #: ``{(operation, dtype name): numba signature}`` of every cfunc.
 SIGNATURES = {
-    (op, np.dtype(nb_dtype.name).name): sig
-    for nb_dtype in (types.float32, types.float64)
-    for op, sig in _signatures(nb_dtype).items()
+    (op, name): sig for name, nb_dtype in DATA_TYPES.items() for op, sig in _signatures(nb_dtype).items()
 }
+
+
+def _param_in(ptr, n, data, param16):
+    """Return the float array the kernels take for a parameter buffer of ``n`` elements (compiled only).
+
+    For float32/float64 ``data`` the buffer itself, of the data dtype; for
+    16-bit data the float32 buffer, or (``param16``) a float32 copy of the
+    16-bit one.
+    """
+
+
+def _param_out(ptr, n, data, param16):
+    """Return the float array a kernel writes a parameter gradient into (compiled only).
+
+    The buffer itself, except for 16-bit parameters (``param16``): a float32
+    workspace that :func:`_param_store` rounds into the buffer.
+    """
+
+
+def _param_store(ptr, n, data, param16, values):
+    """Round ``values`` (from :func:`_param_out`) into a 16-bit buffer when ``param16`` (compiled only)."""
+
+
+def _half_view(data):
+    """Return the NumPy dtype of a 16-bit data array type's view (None for float32/float64)."""
+    if data.dtype == types.uint16:
+        return np.uint16
+    if data.dtype == types.int16:
+        return np.int16
+    return None
+
+
+@overload(_param_in)
+def _ol_param_in(ptr, n, data, param16):
+    view = _half_view(data)
+    if view is None:
+        dtype = np.dtype(data.dtype.name)
+        return lambda ptr, n, data, param16: carray(ptr, n, dtype)
+
+    def impl(ptr, n, data, param16):
+        if param16:
+            bits = carray(ptr, n, view)
+            values = np.empty(n, np.float32)
+            for i in range(n):
+                values[i] = load(bits, i)
+            return values
+        return carray(ptr, n, np.float32)
+
+    return impl
+
+
+@overload(_param_out)
+def _ol_param_out(ptr, n, data, param16):
+    view = _half_view(data)
+    if view is None:
+        dtype = np.dtype(data.dtype.name)
+        return lambda ptr, n, data, param16: carray(ptr, n, dtype)
+    return lambda ptr, n, data, param16: np.empty(n, np.float32) if param16 else carray(ptr, n, np.float32)
+
+
+@overload(_param_store)
+def _ol_param_store(ptr, n, data, param16, values):
+    view = _half_view(data)
+    if view is None:
+        return lambda ptr, n, data, param16, values: None
+
+    def impl(ptr, n, data, param16, values):
+        if param16:
+            bits = carray(ptr, n, view)
+            for i in range(n):
+                store(bits, i, values[i])
+
+    return impl
 
 
 @glue
@@ -106,7 +200,7 @@ def _make_forward(key, pass_id):
 
     def forward(
         x, r, nr, w, nw, b, nb, y, mean, rstd, nstats,
-        batch, channels, spatial, groups, flags, eps, activation, slope, num_threads,
+        batch, channels, spatial, groups, flags, eps, activation, slope, param16, num_threads,
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
@@ -117,8 +211,8 @@ def _make_forward(key, pass_id):
         ra = carray(r, nr)
         in_place = xa.ctypes.data == ya.ctypes.data or (nr > 0 and ra.ctypes.data == ya.ctypes.data)
         params = _params(spec, pass_id, num_threads, xa.itemsize, nw > 0, nb > 0, in_place)
-        wa = carray(w, nw)
-        ba = carray(b, nb)
+        wa = _param_in(w, nw, xa, param16)
+        ba = _param_in(b, nb, xa, param16)
         meana = carray(mean, nstats)
         rstda = carray(rstd, nstats)
         K.run_forward(pass_id, xa, wa, ba, ra, xa[:0], ya, meana, rstda, params)
@@ -136,7 +230,7 @@ def _make_backward(key):
 
     def backward(
         dy, x, r, nr, w, nw, b, nb, mean, rstd, nstats, dx, dr, ndr, dw, ndw, db, ndb, dsb, ndsb,
-        batch, channels, spatial, groups, flags, eps, activation, slope, num_threads,
+        batch, channels, spatial, groups, flags, eps, activation, slope, param16, num_threads,
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
@@ -146,7 +240,7 @@ def _make_backward(key):
         dya = carray(dy, size)
         dxa = carray(dx, size)
         dra = carray(dr, ndr)
-        wa = carray(w, nw)
+        wa = _param_in(w, nw, xa, param16)
         meana = carray(mean, nstats)
         rstda = carray(rstd, nstats)
         in_place = dxa.ctypes.data == dya.ctypes.data or dxa.ctypes.data == xa.ctypes.data
@@ -155,16 +249,23 @@ def _make_backward(key):
             # dz into dresidual, or a workspace when there is none or it is dy's memory
             dz = dra if ndr > 0 and dra.ctypes.data != dya.ctypes.data else np.empty_like(xa)
             params = _params(spec, K.INFERENCE, num_threads, xa.itemsize, nw > 0, nb > 0, False)
-            K.run_forward(K.INFERENCE, xa, wa, carray(b, nb), carray(r, nr), dya, dz, meana, rstda, params)
+            ba = _param_in(b, nb, xa, param16)
+            K.run_forward(K.INFERENCE, xa, wa, ba, carray(r, nr), dya, dz, meana, rstda, params)
             grad = dz
         elif ndr > 0 and dra.ctypes.data != dya.ctypes.data:
             dra[:] = dya  # dresidual = dy, before dx may overwrite dy
         params = _params(spec, K.BACKWARD, num_threads, xa.itemsize, nw > 0, False, in_place)
-        K.run_backward(grad, xa, wa, meana, rstda, dxa, carray(dw, ndw), carray(db, ndb), params)
+        dwa = _param_out(dw, ndw, xa, param16)
+        dba = _param_out(db, ndb, xa, param16)
+        K.run_backward(grad, xa, wa, meana, rstda, dxa, dwa, dba, params)
+        _param_store(dw, ndw, xa, param16, dwa)
+        _param_store(db, ndb, xa, param16, dba)
         if ndr > 0 and dra.ctypes.data != grad.ctypes.data and dra.ctypes.data == dya.ctypes.data:
             dra[:] = grad  # dresidual is dy's memory: the workspace's dz, now that dy is read
         if ndsb > 0:  # after a skip add (x is h): dskip_bias, the column sums of dx
-            K.run_skip_bias_backward(dxa, carray(dsb, ndsb), params)
+            dsba = _param_out(dsb, ndsb, xa, param16)
+            K.run_skip_bias_backward(dxa, dsba, params)
+            _param_store(dsb, ndsb, xa, param16, dsba)
         return 1
 
     return backward
@@ -179,7 +280,7 @@ def _make_skip_forward(key):
 
     def skip_forward(
         x, s, sb, nsb, w, nw, b, nb, h, y, mean, rstd, nstats,
-        batch, channels, spatial, groups, flags, eps, activation, slope, num_threads,
+        batch, channels, spatial, groups, flags, eps, activation, slope, param16, num_threads,
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
@@ -188,8 +289,9 @@ def _make_skip_forward(key):
         xa = carray(x, size)
         params = _params(spec, K.FORWARD, num_threads, xa.itemsize, nw > 0, nb > 0, False)
         K.run_skip_forward(
-            xa, carray(s, size), carray(sb, nsb), carray(w, nw), carray(b, nb), carray(h, size),
-            carray(y, size), carray(mean, nstats), carray(rstd, nstats), params,
+            xa, carray(s, size), _param_in(sb, nsb, xa, param16), _param_in(w, nw, xa, param16),
+            _param_in(b, nb, xa, param16), carray(h, size), carray(y, size), carray(mean, nstats),
+            carray(rstd, nstats), params,
         )  # fmt: skip
         return 1
 

@@ -17,7 +17,7 @@ __all__ = ["AFTER_FORK_PARALLEL", "AFTER_FORK_SERIAL", "TABLE_ORDER", "fill_tabl
 #: cfunc order of the table slots (must match the SLOT_* enum of fastnorm_capi.c).
 TABLE_ORDER = [
     (op, dtype)
-    for dtype in ("float32", "float64")
+    for dtype in ("float32", "float64", "float16", "bfloat16")
     for op in ("forward_training", "forward_inference", "backward", "skip_forward")
 ]
 
@@ -37,7 +37,7 @@ def fill_table(table, table_len, owns_interpreter=False):
     Parameters
     ----------
     table : cffi ``int64_t *``
-        Slots: the 8 cfuncs of :data:`TABLE_ORDER`, the threading layer's
+        Slots: the 16 cfuncs of :data:`TABLE_ORDER`, the threading layer's
         ``set_num_threads`` and ``get_num_threads``, the thread-pool size,
         and what a forked child runs (:data:`AFTER_FORK_PARALLEL` or
         :data:`AFTER_FORK_SERIAL` when
