@@ -334,7 +334,8 @@ def _make_plan(x, spec, training):
         _check_storage_epilogue(x, spec)
         if training and width == 0 and rows > 0:
             raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k :]} hold no elements")
-        eps = spec.eps if spec.eps is not None else float(np.finfo(x.dtype).eps)
+        # the default eps is the compute dtype's, float32 for 16-bit data (torch's CPU rms_norm too)
+        eps = spec.eps if spec.eps is not None else float(np.finfo(_param_dtype(x.dtype)).eps)
         kspec = K.KernelSpec(rows, 1, width, 1, flags | K.PER_ELEMENT, eps, *_epilogue_fields(spec))
         param_shape = tuple(shape[x.ndim - k :])
         return _new_plan(kspec, x, None, param_shape, tuple(shape[: x.ndim - k]), width)

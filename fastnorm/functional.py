@@ -44,7 +44,7 @@ def _check_running(value, name, channels, writeable):
     if not isinstance(value, np.ndarray):
         kind = type(value).__name__
         raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got {kind}")
-    if value.dtype.kind != "f":
+    if value.dtype.kind != "f" and value.dtype.name != "bfloat16":  # ml_dtypes' bfloat16 is kind "V"
         raise TypeError(f"{name}.dtype={value.dtype} must be floating point")
     if value.shape != (channels,):
         raise ValueError(f"{name}.shape={value.shape} does not match the C={channels} channels of x")

@@ -139,7 +139,7 @@ def test_forward_inference_backward(case, name, param, layout):
     spec = case.spec(channels_last)
     kw = case.ref_kwargs(False)
     if case.eps is None:
-        kw["eps"] = float(np.finfo(dtype).eps)  # the default: the data dtype's epsilon, as torch
+        kw["eps"] = float(np.finfo(np.float32).eps)  # the default: the compute dtype's, as torch
     label = f"{case} {name} params={param} {layout}"
 
     y, stats = fastnorm.forward(x, spec, weight, bias)

@@ -99,7 +99,7 @@ def _moments_two_pass(xs, count):
     """Corrected two-pass moments (Chan, Golub & LeVeque 1983, eq. 1.7) of ``xs``."""
     total = 0.0
     for i in range(count):
-        total += load(xs, i)
+        total += np.float64(load(xs, i))  # float64 in pure Python too (NumPy 2 keeps 0.0 + float32 float32)
     mean = total / count
     sum_dev = 0.0
     m2 = 0.0
@@ -123,7 +123,7 @@ def _dots(dy, x, off, count, mean):
     sum_dy = 0.0
     sum_dy_xc = 0.0
     for i in range(count):
-        sum_dy += load(dys, i)
+        sum_dy += np.float64(load(dys, i))  # as in _moments_two_pass
         sum_dy_xc += load(dys, i) * (load(xs, i) - mean)
     return sum_dy, sum_dy_xc
 
