@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test coverage capi bench bench-check bench-ci docs clean
+.PHONY: demo test coverage capi bench bench-check bench-half bench-ci docs clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench: $(VENV)/.installed-bench
 
 bench-check: $(VENV)/.installed-bench
 	$(PY) -m benchmarks --check
+
+# bfloat16 and float16 data against float32, torch and oneDNN (about 1 min once compiled).
+bench-half: $(VENV)/.installed-bench
+	$(PY) -m benchmarks.half
 
 # The short gate of .ci/run: mid-size cases, 1 thread, fastnorm/memcpy only (about 5 s).
 bench-ci: $(VENV)/.installed-bench

@@ -49,10 +49,22 @@ them) time the fused paths against torch's unfused composites: ``resrelu_fwd``
 returned, LayerNorm and RMSNorm rows); ``_fwd`` is the training forward,
 ``_fb`` the forward then the backward of every input.
 
+The dtypes are float32 and float64, and the 16-bit storage types bfloat16
+(``ml_dtypes.bfloat16``, ids ``bf16``) and float16 (``f16``) with float32
+weight and bias.  The 16-bit cases (plain passes only) are opt-in: ``--dtypes``,
+``--cases`` or ``--half`` select them, the default sweep and ``--quick`` do not
+(:data:`DEFAULT_DTYPES`).  ``--half`` is the 16-bit comparison set
+(:data:`HALF_SET`: BN/IN/GN at ``(32, 64, 56, 56)`` in both layouts and LN/RMS
+at ``(4096, 768)``, forward and backward, each in float32, bfloat16 and
+float16); ``python -m benchmarks.half`` (:mod:`.half`) times it and prints the
+16-bit/float32 and fastnorm/torch ratios.  torch runs its own 16-bit CPU kernels
+in "mixed" mode (float32 weight and bias), oneDNN its bfloat16 primitives.
+
 With ``--onednn`` it also times oneDNN's primitives (``libdnnl`` from the
 ``onednn-cpu-gomp`` wheel, through :mod:`benchmarks.baselines.onednn`) on preallocated
 buffers, where oneDNN 3.2 has one: BatchNorm (both layouts), InstanceNorm
-(NCHW) and LayerNorm, float32; it reports ``fastnorm/onednn``.
+(NCHW) and LayerNorm, float32 and bfloat16 (float16 only on CPUs with
+``avx512_core_fp16``); it reports ``fastnorm/onednn``.
 
 torch's functional calls allocate their outputs.  glibc serves an
 allocation above its mmap threshold (at most 32 MiB) with fresh pages, and
@@ -75,15 +87,19 @@ OpenMP spinning, the allocator, loading torch and oneDNN), :mod:`.workloads`
 (the data and callables of a case), :mod:`.baselines` (torch, oneDNN, the
 traffic floor), :mod:`.timing` (interleaved rounds, ratios), :mod:`.gate`
 (thresholds files and the regression gate), :mod:`.report` (tables, JSON,
-Markdown, plot), :mod:`.cli` (the command line).  This package is not part of
+Markdown, plot), :mod:`.cli` (the command line); the scripts :mod:`.fused`
+(the fused epilogues) and :mod:`.half` (16-bit data).  This package is not part of
 the installed library: ``fastnorm`` never imports it.
 """
 
 from .baselines.floor import floor_add, floor_copy
 from .cases import (
+    DEFAULT_DTYPES,
     DTYPES,
     EPILOGUE_CASES,
     EPILOGUE_PASSES,
+    HALF_DTYPES,
+    HALF_SET,
     KINDS,
     LAYOUTS,
     PASSES,
@@ -92,6 +108,7 @@ from .cases import (
     Case,
     all_cases,
     group_count,
+    numpy_dtype,
     select_cases,
 )
 from .cli import build_parser, main
@@ -141,10 +158,14 @@ __all__ = [
     "EPILOGUE_PASSES",
     "LAYOUTS",
     "DTYPES",
+    "DEFAULT_DTYPES",
+    "HALF_DTYPES",
+    "HALF_SET",
     "SIZES",
     "QUICK_SHAPES",
     "TORCH_SPINCOUNT",
     "group_count",
+    "numpy_dtype",
     "all_cases",
     "select_cases",
     "make_workload",

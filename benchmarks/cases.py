@@ -23,9 +23,20 @@ KINDS = {
 PASSES = ("fwd", "inf", "bwd")
 #: ``nchw``: channels-first memory; ``nhwc``: channels-last (BN/IN/GN only).
 LAYOUTS = ("nchw", "nhwc")
-DTYPES = ("float32", "float64")
+#: Every data dtype.  ``bfloat16`` (``ml_dtypes.bfloat16``) and ``float16`` are the
+#: 16-bit storage types (:data:`HALF_DTYPES`): data in 16 bits, float32 arithmetic,
+#: float32 weight and bias (docs/api.md, "16-bit storage").
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+#: The 16-bit data dtypes.  They are opt-in: selected only by ``dtypes`` (``--dtypes``),
+#: ``ids`` (``--cases``) or ``half_set`` (``--half``), never by the default full sweep.
+HALF_DTYPES = ("bfloat16", "float16")
+#: The dtypes of a selection that names none: the full sweep and the gates stay at
+#: their 180 float32/float64 cases (each 16-bit kernel compiles on its first use, for
+#: seconds to minutes, and the full sweep would take twice as long).
+DEFAULT_DTYPES = ("float32", "float64")
 SIZES = ("tiny", "mid", "large")
-_DTYPE_SHORT = {"float32": "f32", "float64": "f64"}
+_DTYPE_SHORT = {"float32": "f32", "float64": "f64", "bfloat16": "bf16", "float16": "f16"}
+_ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2}
 _ROW_KINDS = ("ln", "rms")
 
 #: Shapes per size: ``conv`` for BN/IN/GN (logical NCHW), ``rows`` for LN/RMS.
@@ -51,6 +62,18 @@ EPILOGUE_CASES = (
     ("ln", "skip", ("nchw",), (4096, 768)),
     ("rms", "skip", ("nchw",), (2048, 4096)),
 )
+#: The 16-bit comparison set (``--half``, :mod:`benchmarks.half`): ``(kind, layouts, shape)``
+#: at a ResNet stage (BN/IN/GN, both layouts) and BERT-base rows (LN/RMS), each case in
+#: :data:`HALF_SET_DTYPES` so that a 16-bit time can be divided by its float32 twin's.
+HALF_SET = (
+    ("bn", ("nchw", "nhwc"), (32, 64, 56, 56)),
+    ("in", ("nchw", "nhwc"), (32, 64, 56, 56)),
+    ("gn", ("nchw", "nhwc"), (32, 64, 56, 56)),
+    ("ln", ("nchw",), (4096, 768)),
+    ("rms", ("nchw",), (4096, 768)),
+)
+HALF_SET_PASSES = ("fwd", "bwd")
+HALF_SET_DTYPES = ("float32", "bfloat16", "float16")
 #: Shapes of the ``--quick`` subset (with float32 only unless ``--dtypes`` is given).
 QUICK_SHAPES = frozenset({(8, 64, 32, 32), (32, 64, 56, 56), (512, 768), (4096, 768)})
 #: Minimum tensor size of the ``--scaling`` report.
@@ -92,7 +115,7 @@ class Case:
     layout : str
         ``"nchw"`` or ``"nhwc"`` (always ``"nchw"`` for LN/RMS).
     dtype : str
-        ``"float32"`` or ``"float64"``.
+        One of :data:`DTYPES`.
     size : str
         One of :data:`SIZES`.
     shape : tuple of int
@@ -116,7 +139,17 @@ class Case:
     @property
     def nbytes(self):
         """Size of the input tensor in bytes."""
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * _ITEMSIZE[self.dtype]
+
+    @property
+    def half(self):
+        """Whether the data are 16-bit (:data:`HALF_DTYPES`: float32 weight and bias)."""
+        return self.dtype in HALF_DTYPES
+
+    @property
+    def numpy_dtype(self):
+        """The NumPy dtype of the data (``bfloat16`` imports ``ml_dtypes``)."""
+        return numpy_dtype(self.dtype)
 
     @property
     def memory_shape(self):
@@ -126,20 +159,51 @@ class Case:
         return self.shape
 
 
-def all_cases():
+def numpy_dtype(name):
+    """Return the NumPy dtype of a dtype name of :data:`DTYPES`.
+
+    Parameters
+    ----------
+    name : str
+
+    Returns
+    -------
+    numpy.dtype
+
+    Raises
+    ------
+    ImportError
+        ``"bfloat16"`` without ``ml_dtypes`` (``pip install ml-dtypes``, in the
+        ``bench`` and ``bf16`` extras).
+    """
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def all_cases(half=False):
     """Every benchmark case, in a fixed order.
+
+    Parameters
+    ----------
+    half : bool
+        Also the plain passes in the 16-bit dtypes (:data:`HALF_DTYPES`), after
+        their float32/float64 twins; the epilogue cases stay float32.
 
     Returns
     -------
     list of Case
     """
     cases = []
+    dtypes = DTYPES if half else DEFAULT_DTYPES
     for kind in KINDS:
         family = "rows" if kind in _ROW_KINDS else "conv"
         layouts = ("nchw",) if kind in _ROW_KINDS else LAYOUTS
         for pass_ in PASSES:
             for layout in layouts:
-                for dtype in DTYPES:
+                for dtype in dtypes:
                     for size in SIZES:
                         for shape in SHAPES[family][size]:
                             cases.append(Case(kind, pass_, layout, dtype, size, shape))
@@ -163,6 +227,24 @@ def _normalize_kinds(kinds):
     return out
 
 
+def _normalize_dtypes(dtypes):
+    """Full dtype names of ``dtypes``, which may use the short names of case ids (``bf16``)."""
+    if dtypes is None:
+        return None
+    short_to_full = {v: k for k, v in _DTYPE_SHORT.items()}
+    return [short_to_full.get(d, d) for d in dtypes]
+
+
+def half_set_keys():
+    """Return the ``(kind, layout, shape)`` of every entry of :data:`HALF_SET`, in order.
+
+    Returns
+    -------
+    list of tuple
+    """
+    return [(kind, layout, shape) for kind, layouts, shape in HALF_SET for layout in layouts]
+
+
 def _check_choices(values, allowed, what):
     if values is None:
         return None
@@ -173,7 +255,9 @@ def _check_choices(values, allowed, what):
     return values
 
 
-def select_cases(kinds=None, passes=None, layouts=None, dtypes=None, sizes=None, quick=False, ids=None):
+def select_cases(
+    kinds=None, passes=None, layouts=None, dtypes=None, sizes=None, quick=False, ids=None, half_set=False
+):
     """Filter :func:`all_cases`; ``None`` means no restriction.
 
     Parameters
@@ -181,12 +265,20 @@ def select_cases(kinds=None, passes=None, layouts=None, dtypes=None, sizes=None,
     kinds : iterable of str, optional
         Short (``"bn"``) or full (``"batch_norm"``) kind names.
     passes, layouts, dtypes, sizes : iterable of str, optional
-        Values from :data:`PASSES`, :data:`LAYOUTS`, :data:`DTYPES`, :data:`SIZES`.
+        Values from :data:`PASSES`, :data:`LAYOUTS`, :data:`DTYPES` (or their
+        short names, ``"bf16"``), :data:`SIZES`.  Without ``dtypes`` (nor
+        ``ids`` or ``half_set``) the 16-bit dtypes are left out
+        (:data:`DEFAULT_DTYPES`).
     quick : bool
         Keep only the shapes of :data:`QUICK_SHAPES`, and float32 unless
         ``dtypes`` is given.
     ids : iterable of str, optional
-        Keep only these case ids (unknown ids raise ``ValueError``).
+        Keep only these case ids (unknown ids raise ``ValueError``); 16-bit
+        ids are known.
+    half_set : bool
+        Keep only the cases of :data:`HALF_SET`, in :data:`HALF_SET_DTYPES`
+        unless ``dtypes`` is given and :data:`HALF_SET_PASSES` unless
+        ``passes`` is given.
 
     Returns
     -------
@@ -200,11 +292,15 @@ def select_cases(kinds=None, passes=None, layouts=None, dtypes=None, sizes=None,
     kinds = _normalize_kinds(kinds)
     passes = _check_choices(passes, PASSES + EPILOGUE_PASSES, "pass")
     layouts = _check_choices(layouts, LAYOUTS, "layout")
-    dtypes = _check_choices(dtypes, DTYPES, "dtype")
+    dtypes = _check_choices(_normalize_dtypes(dtypes), DTYPES, "dtype")
     sizes = _check_choices(sizes, SIZES, "size")
+    half_keys = set(half_set_keys()) if half_set else None
+    if half_set:
+        dtypes = set(HALF_SET_DTYPES) if dtypes is None else dtypes
+        passes = set(HALF_SET_PASSES) if passes is None else passes
     if quick and dtypes is None:
         dtypes = {"float32"}
-    cases = all_cases()
+    cases = all_cases(half=dtypes is not None or ids is not None)
     if ids is not None:
         ids = set(ids)
         unknown = ids - {c.id for c in cases}
@@ -225,6 +321,8 @@ def select_cases(kinds=None, passes=None, layouts=None, dtypes=None, sizes=None,
         if quick and case.shape not in QUICK_SHAPES:
             continue
         if ids is not None and case.id not in ids:
+            continue
+        if half_keys is not None and (case.kind, case.layout, case.shape) not in half_keys:
             continue
         selected.append(case)
     return selected

@@ -49,13 +49,29 @@ def build_parser():
     sel.add_argument("--kinds", action="append", help=f"{','.join(KINDS)} (or full names); default all")
     sel.add_argument("--passes", action="append", help=f"{','.join(PASSES + EPILOGUE_PASSES)}; default all")
     sel.add_argument("--layouts", action="append", help=f"{','.join(LAYOUTS)}; default all")
-    sel.add_argument("--dtypes", action="append", help=f"{','.join(DTYPES)}; default all")
+    sel.add_argument(
+        "--dtypes",
+        action="append",
+        help=(
+            f"{','.join(DTYPES)} (or bf16,f16...); default float32,float64, with --check and "
+            "--from-json all (the 16-bit dtypes are opt-in: their kernels compile on first use)"
+        ),
+    )
     sel.add_argument("--sizes", action="append", help=f"{','.join(SIZES)}; default all")
     sel.add_argument("--cases", action="append", help="explicit case ids")
     sel.add_argument(
         "--quick",
         action="store_true",
         help="mid and first large shape only, float32 unless --dtypes; 7 rounds",
+    )
+    sel.add_argument(
+        "--half",
+        action="store_true",
+        help=(
+            "the 16-bit comparison set: BN/IN/GN (32,64,56,56) both layouts, LN/RMS (4096,768), "
+            "fwd and bwd, float32, bfloat16 and float16 (narrow with the options above); "
+            "python -m benchmarks.half prints their 16-bit/float32 ratios"
+        ),
     )
     sel.add_argument("--list", action="store_true", help="list the selected case ids and exit")
     run = parser.add_argument_group("measurement")
@@ -211,15 +227,19 @@ def main(argv=None):
         _positive(parser, "--" + name.replace("_", "-"), getattr(args, name))
     if args.rechecks is not None and args.rechecks < 0:
         parser.error("--rechecks must be >= 0")
+    dtypes = _split(args.dtypes)
+    if dtypes is None and (args.check or args.from_json) and not args.quick:
+        dtypes = list(DTYPES)  # the thresholds file or the saved run says which dtypes
     try:
         cases = select_cases(
             _split(args.kinds),
             _split(args.passes),
             _split(args.layouts),
-            _split(args.dtypes),
+            dtypes,
             _split(args.sizes),
             args.quick,
             _split(args.cases),
+            half_set=args.half,
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -70,7 +70,7 @@ def load_thresholds(path, known_ids=None):
     ----------
     path : str or Path
     known_ids : set of str, optional
-        Valid case ids (default: those of :func:`all_cases`).
+        Valid case ids (default: those of :func:`all_cases`, 16-bit ones included).
 
     Returns
     -------
@@ -92,7 +92,7 @@ def load_thresholds(path, known_ids=None):
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: invalid TOML: {exc}") from exc
     if known_ids is None:
-        known_ids = {c.id for c in all_cases()}
+        known_ids = {c.id for c in all_cases(half=True)}
     unknown_tables = set(data) - {"settings", "cases"}
     if unknown_tables:
         raise ValueError(

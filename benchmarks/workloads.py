@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .baselines.floor import floor_add, floor_add3_twice, floor_add_twice, floor_copy
-from .baselines.torch import _torch_callable, _torch_epilogue_callable
+from .baselines.torch import _torch_callable, _torch_epilogue_callable, half_baseline_reason
 from .cases import _ROW_KINDS, EPILOGUE_PASSES, EPS, KINDS, RMS_EPS, group_count
 from .runtime import load_onednn, optional_torch
 
@@ -23,18 +23,25 @@ class Workload:
     fastnorm : callable
         The fastnorm call, writing into preallocated buffers.
     memcpy : callable
-        ``np.copyto`` of the input tensor into a preallocated buffer.
+        ``np.copyto`` of the input tensor into a preallocated buffer (of its
+        ``uint16`` view for 16-bit data: the same bytes).
     torch : callable or None
-        The same work in ``torch.nn.functional``; ``None`` without torch.
+        The same work in ``torch.nn.functional``; ``None`` without torch, or
+        for a 16-bit case torch has no CPU kernel for (``torch_skip`` says why).
     floor : callable or None
         The pass's traffic floor (:func:`floor_copy` or :func:`floor_add`)
-        on the same tensors, writing into the memcpy buffer.
+        on the same tensors, writing into the memcpy buffer (on their
+        ``uint16`` views for 16-bit data: the floor moves bytes, the integer
+        add of the backward floor stands for any elementwise work).
     onednn : callable or None
         The same pass in oneDNN on preallocated buffers (:mod:`.baselines.onednn`);
         ``None`` when not asked for or oneDNN has no primitive for the case.
     inputs : dict
         The epilogue cases' logical input arrays by name (``x``, ``other`` -- the
         residual or the skip --, ``weight``, ``bias``), for checks; empty otherwise.
+    torch_skip : str or None
+        Why ``torch`` is ``None`` although torch is importable (a 16-bit case
+        without a torch CPU kernel), else ``None``.
     """
 
     fastnorm: Callable[[], object]
@@ -43,6 +50,7 @@ class Workload:
     floor: Callable[[], object] | None = None
     onednn: Callable[[], object] | None = None
     inputs: dict = dataclasses.field(default_factory=dict)
+    torch_skip: str | None = None
 
 
 def _spec(case):
@@ -67,6 +75,9 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
     Parameters
     ----------
     case : Case
+        With 16-bit data (:data:`~benchmarks.cases.HALF_DTYPES`) ``x`` and
+        ``dy`` are drawn in float64 and rounded to the 16-bit dtype, and
+        ``weight`` and ``bias`` are float32 (torch's "mixed" mode).
     seed : int
         Seed of the random data (activations with per-channel scales and offsets).
     with_torch : bool
@@ -88,7 +99,8 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
     import fastnorm
 
     rng = np.random.default_rng(seed)
-    dtype = np.dtype(case.dtype)
+    dtype = case.numpy_dtype
+    param_dtype = np.dtype(np.float32) if case.half else dtype
     rows = case.kind in _ROW_KINDS
     channels = case.shape[-1] if rows else case.shape[1]
     bshape = (1, -1) if rows else (1, -1) + (1,) * (len(case.shape) - 2)
@@ -96,16 +108,18 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
     offset = rng.uniform(-2.0, 2.0, channels).reshape(bshape)
     x_logical = (rng.standard_normal(case.shape) * scale + offset).astype(dtype)
     dy_logical = rng.standard_normal(case.shape).astype(dtype)
-    weight = rng.uniform(0.5, 1.5, channels).astype(dtype)
-    bias = None if case.kind == "rms" else rng.uniform(-0.5, 0.5, channels).astype(dtype)
+    weight = rng.uniform(0.5, 1.5, channels).astype(param_dtype)
+    bias = None if case.kind == "rms" else rng.uniform(-0.5, 0.5, channels).astype(param_dtype)
     x, dy = _memory_order(case, x_logical), _memory_order(case, dy_logical)
     spec = _spec(case)
     out = np.empty_like(x)
     copy_buffer = np.empty_like(x)
     _, stats = fastnorm.forward(x, spec, weight, bias)
 
+    copy_source, copy_target = _bytes_view(x), _bytes_view(copy_buffer)
+
     def memcpy():
-        np.copyto(copy_buffer, x)
+        np.copyto(copy_target, copy_source)
 
     if case.pass_ in EPILOGUE_PASSES:
         arrays = (x, dy, x_logical, dy_logical, weight, bias)
@@ -125,7 +139,7 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
         def fast():
             return fastnorm.backward(dy, x, stats, spec, weight, out=out)
 
-    x_flat, dy_flat, scratch = x.reshape(-1), dy.reshape(-1), copy_buffer.reshape(-1)
+    x_flat, dy_flat, scratch = (_bytes_view(a).reshape(-1) for a in (x, dy, copy_buffer))
     if case.pass_ == "bwd":
 
         def floor():
@@ -139,7 +153,9 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
     workload = Workload(fastnorm=fast, memcpy=memcpy, floor=floor)
     torch = optional_torch() if with_torch else None
     if torch is not None:
-        workload.torch = _torch_callable(torch, case, x_logical, dy_logical, weight, bias, stats)
+        workload.torch_skip = half_baseline_reason(torch, case)
+        if workload.torch_skip is None:
+            workload.torch = _torch_callable(torch, case, x_logical, dy_logical, weight, bias, stats)
     if with_onednn:
         workload.onednn = _onednn_callable(case, x, dy, weight, bias, stats)
     return workload
@@ -222,17 +238,26 @@ def _epilogue_floor(epilogue, suffix, x, dy, other):
     return forward if suffix == "fwd" else forward_backward
 
 
+def _bytes_view(array):
+    """``array`` itself, or the ``uint16`` view of 16-bit data (NumPy and Numba copy plain integers)."""
+    return array.view(np.uint16) if array.dtype.itemsize == 2 else array
+
+
 def _memory_order(case, logical):
     """``logical`` (N, C, ...) in ``case``'s memory layout."""
     return np.ascontiguousarray(np.moveaxis(logical, 1, -1)) if case.layout == "nhwc" else logical
 
 
 def _onednn_callable(case, x, dy, weight, bias, stats):
-    """Build the oneDNN callable of ``case`` on its own output buffers, or ``None``."""
+    """Build the oneDNN callable of ``case`` on its own output buffers, or ``None``.
+
+    ``None`` also when oneDNN has no implementation on this CPU (16-bit data:
+    float16 needs ``avx512_core_fp16``).
+    """
     from .baselines import onednn
 
     kind = KINDS[case.kind]
-    if not onednn.supports(kind, case.layout, case.dtype):
+    if not onednn.supports(kind, case.layout, case.numpy_dtype):
         return None
     load_onednn()
     repeat = case.shape[0] if kind == "instance_norm" else 1
@@ -242,17 +267,22 @@ def _onednn_callable(case, x, dy, weight, bias, stats):
     out = np.empty_like(x)
     x2d = x.reshape(case.shape) if kind == "layer_norm" else x
     grads = (np.empty_like(weight_v), np.empty_like(bias_v))
-    return onednn.normalization(
-        kind,
-        case.pass_,
-        case.layout,
-        x2d,
-        out.reshape(x2d.shape),
-        weight_v,
-        bias_v,
-        mean,
-        variance,
-        EPS,
-        dy=dy.reshape(x2d.shape),
-        grads=grads,
-    )
+    try:
+        return onednn.normalization(
+            kind,
+            case.pass_,
+            case.layout,
+            x2d,
+            out.reshape(x2d.shape),
+            weight_v,
+            bias_v,
+            mean,
+            variance,
+            EPS,
+            dy=dy.reshape(x2d.shape),
+            grads=grads,
+        )
+    except onednn.OneDNNError as exc:
+        if case.half and exc.status == onednn.UNIMPLEMENTED:
+            return None
+        raise

@@ -696,3 +696,193 @@ def test_torch_is_imported_with_a_short_openmp_spin():
     assert _spincount_after_optional_torch(env) == [bench.TORCH_SPINCOUNT] * 2
     env["GOMP_SPINCOUNT"] = "777"  # the user's own setting wins
     assert _spincount_after_optional_torch(env) == ["777"] * 2
+
+
+# --------------------------------------------------------------------------- 16-bit dtypes
+
+HALF_CASE = "ln-bwd-nchw-bf16-512x768"
+
+
+def test_half_cases_are_opt_in():
+    """bfloat16/float16 cases exist (ids, --dtypes, --cases, --half) but stay out of the default sweep."""
+    default = bench.all_cases()
+    every = bench.all_cases(half=True)
+    plain = [c for c in default if c.pass_ in bench.PASSES]
+    assert len(every) == len(default) + len(plain)  # the plain cases in 2 more dtypes, not the epilogues
+    assert not [c for c in default if c.half] and not [c for c in bench.select_cases() if c.half]
+    assert {c.dtype for c in every} == set(bench.DTYPES)
+    assert {c.dtype for c in every if c.pass_ in bench.EPILOGUE_PASSES} == {"float32"}
+    (half,) = bench.select_cases(ids=[HALF_CASE])
+    assert half.half and half.nbytes == 512 * 768 * 2 and half.numpy_dtype.name == "bfloat16"
+    assert case("ln-bwd-nchw-f32-512x768").nbytes == 2 * half.nbytes
+    short = bench.select_cases(dtypes=["bf16", "f16"], sizes=["tiny"], kinds=["rms"], passes=["fwd"])
+    assert [c.id for c in short] == ["rms-fwd-nchw-bf16-1x768", "rms-fwd-nchw-f16-1x768"]
+    with pytest.raises(ValueError, match="unknown dtype"):
+        bench.select_cases(dtypes=["f8"])
+
+
+def test_half_set_pairs_each_16_bit_case_with_its_float32_twin():
+    cases = bench.select_cases(half_set=True)
+    keys = {(c.kind, c.pass_, c.layout, c.shape) for c in cases}
+    assert len(cases) == 3 * len(keys) == 48  # 12 BN/IN/GN + 4 LN/RMS rows, 3 dtypes each
+    for key in keys:
+        assert sorted(c.dtype for c in cases if (c.kind, c.pass_, c.layout, c.shape) == key) == sorted(
+            bench.cases.HALF_SET_DTYPES
+        )
+    assert {c.shape for c in cases} == {(32, 64, 56, 56), (4096, 768)}
+    assert {c.pass_ for c in cases} == {"fwd", "bwd"}
+    narrowed = bench.select_cases(half_set=True, dtypes=["bf16"], passes=["inf"], kinds=["ln"])
+    assert [c.id for c in narrowed] == ["ln-inf-nchw-bf16-4096x768"]
+
+
+def test_main_lists_the_half_set_and_checks_16_bit_thresholds(tmp_path, fake_cli, capsys):
+    assert bench.main(["--list", "--half", "--kinds", "rms", "--passes", "fwd"]) == 0
+    assert capsys.readouterr().out.split() == [
+        "rms-fwd-nchw-f32-4096x768",
+        "rms-fwd-nchw-bf16-4096x768",
+        "rms-fwd-nchw-f16-4096x768",
+    ]
+    # a thresholds file may list 16-bit cases; --check measures them without --dtypes
+    fake_cli.update({HALF_CASE: [(2.0, 0.5)], CASE: [(1.0, 0.5)]})
+    path = write(
+        tmp_path,
+        f'[cases]\n"{HALF_CASE}" = {{ max_vs_memcpy = 3.0 }}\n"{CASE}" = {{ max_vs_memcpy = 3.0 }}\n',
+    )
+    json_path = tmp_path / "r.json"
+    assert bench.main(["--check", "--thresholds", str(path), "--threads", "1", "--json", str(json_path)]) == 0
+    assert "check passed: 2 case(s)" in capsys.readouterr().out
+    md = tmp_path / "r.md"
+    assert bench.main(["--from-json", str(json_path), "--markdown", str(md)]) == 0
+    assert HALF_CASE in md.read_text()
+
+
+def _as_float32(array):
+    from benchmarks.baselines.torch import to_numpy
+
+    return np.asarray(to_numpy(array) if hasattr(array, "detach") else array, dtype=np.float32)
+
+
+HALF_SMOKE = [
+    pytest.param(c, id=c.id, marks=TORCH_IN_CL_N1 if c.id.startswith("in-bwd-nhwc-") else ())
+    for c in bench.select_cases(sizes=["tiny"], dtypes=bench.cases.HALF_DTYPES)
+]
+
+
+@pytest.mark.parametrize("smoke", HALF_SMOKE)
+def test_half_workload_computes_the_same_as_torch(smoke):
+    """16-bit workloads run (memcpy and floor on the bytes) and agree with torch's mixed-mode kernels."""
+    pytest.importorskip("ml_dtypes")
+    workload = bench.make_workload(smoke)
+    workload.memcpy()
+    workload.floor()
+    result = workload.fastnorm()
+    if workload.torch is None:
+        pytest.skip(workload.torch_skip or "torch is not installed")
+    expected = workload.torch()
+    if smoke.pass_ == "fwd":
+        result = result[0]
+    got = [r for r in result if r is not None] if smoke.pass_ == "bwd" else [result]
+    expected = list(expected) if smoke.pass_ == "bwd" else [expected]
+    assert got[0].dtype == smoke.numpy_dtype and _as_float32(expected[0]).shape == smoke.shape
+    if smoke.layout == "nhwc":
+        got[0] = np.moveaxis(got[0], -1, 1)
+    assert len(got) == len(expected)
+    # outputs rounded to 16 bits from float32 on both sides: within 2 units of the format's last place
+    ulp = 2.0**-7 if smoke.dtype == "bfloat16" else 2.0**-10
+    for a, b in zip(got, expected, strict=True):
+        a, b = _as_float32(a), _as_float32(b)
+        np.testing.assert_allclose(a, b, rtol=2 * ulp, atol=2 * ulp * float(np.abs(b).max()))
+
+
+def test_half_memcpy_and_floor_move_the_16_bit_bytes():
+    pytest.importorskip("ml_dtypes")
+    (half,) = bench.select_cases(ids=["ln-fwd-nchw-f16-1x768"])
+    workload = bench.make_workload(half, with_torch=False)
+    workload.memcpy()  # np.copyto of the uint16 view; the floor copies the same bytes
+    workload.floor()
+
+
+def test_half_onednn_bf16_matches_fastnorm():
+    """oneDNN's bfloat16 primitives (f32 scale/shift) compute the same pass as fastnorm's bf16 kernels."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import fastnorm
+    from benchmarks.baselines import onednn
+
+    try:
+        bench.load_onednn()
+    except onednn.OneDNNError as exc:
+        pytest.skip(f"oneDNN not loadable: {exc}")
+    rng = np.random.default_rng(5)
+    for kind, layout, shape, spec in [
+        ("batch_norm", "nchw", (3, 16, 5, 7), fastnorm.NormSpec.batch_norm()),
+        ("batch_norm", "nhwc", (3, 5, 7, 16), fastnorm.NormSpec.batch_norm(channels_last=True)),
+        ("layer_norm", "nchw", (6, 48), fastnorm.NormSpec.layer_norm(1)),
+    ]:
+        x = (rng.standard_normal(shape) * 2 + 1).astype(ml_dtypes.bfloat16)
+        dy = rng.standard_normal(shape).astype(ml_dtypes.bfloat16)
+        channels = shape[-1] if layout == "nhwc" or kind == "layer_norm" else shape[1]
+        weight = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+        bias = rng.uniform(-0.5, 0.5, channels).astype(np.float32)
+        y, stats = fastnorm.forward(x, spec, weight, bias)
+        dx, dweight, dbias = fastnorm.backward(dy, x, stats, spec, weight)
+        mean = np.asarray(stats.mean, np.float32).reshape(-1)
+        variance = (1.0 / np.square(stats.rstd) - bench.cases.EPS).astype(np.float32).reshape(-1)
+        for pass_, want in (("fwd", y), ("inf", y), ("bwd", dx)):
+            out = np.zeros_like(x)
+            grads = (np.zeros_like(weight), np.zeros_like(bias))
+            m, v = (mean.copy(), variance.copy())
+            try:
+                primitive = onednn.normalization(
+                    kind, pass_, layout, x, out, weight, bias, m, v, 1e-5, dy, grads
+                )
+            except onednn.OneDNNError as exc:
+                assert exc.status == onednn.UNIMPLEMENTED
+                pytest.skip(f"oneDNN has no bfloat16 {kind} on this CPU")
+            primitive()
+            want32, got32 = want.astype(np.float32), out.astype(np.float32)
+            scale = float(np.abs(want32).max())
+            np.testing.assert_allclose(
+                got32, want32, rtol=2**-6, atol=2**-6 * scale, err_msg=f"{kind} {pass_}"
+            )
+            if pass_ == "bwd":
+                np.testing.assert_allclose(grads[0], dweight, rtol=1e-2, atol=1e-2 * np.abs(dweight).max())
+                np.testing.assert_allclose(grads[1], dbias, rtol=1e-2, atol=1e-2 * np.abs(dbias).max())
+    with pytest.raises(ValueError, match="C-contiguous float32"):  # data and out must share a dtype
+        onednn.normalization("layer_norm", "fwd", "nchw", x, out.astype(np.float32), weight, bias, m, v, 1e-5)
+
+
+def test_half_onednn_workload_is_none_where_unimplemented():
+    pytest.importorskip("ml_dtypes")
+    from benchmarks.baselines import onednn
+
+    try:
+        bench.load_onednn()
+    except onednn.OneDNNError as exc:
+        pytest.skip(f"oneDNN not loadable: {exc}")
+    for case_id in ("bn-fwd-nchw-bf16-1x64x8x8", "ln-bwd-nchw-bf16-1x768", "bn-bwd-nhwc-f16-1x64x8x8"):
+        (half,) = bench.select_cases(ids=[case_id])
+        workload = bench.make_workload(half, with_torch=False, with_onednn=True)
+        if workload.onednn is not None:  # bfloat16 on AVX-512; float16 only on avx512_core_fp16
+            workload.onednn()
+    (gn,) = bench.select_cases(ids=["gn-fwd-nchw-bf16-1x64x8x8"])
+    assert bench.make_workload(gn, with_torch=False, with_onednn=True).onednn is None
+
+
+def test_half_table_formatting_and_options(monkeypatch, capsys):
+    from benchmarks import half
+
+    samples = {"f32": [2.0e-3, 2.2e-3], "bf16": [1.0e-3, 1.2e-3], "torch_bf16": [4.0e-3, 4.0e-3]}
+    table = half.format_rows([("bn fwd nchw 32x64x56x56", samples)])
+    row = table.splitlines()[2]
+    assert row.startswith("| bn fwd nchw 32x64x56x56 | 2.10 | 1.10 | 0.52 | 4.00 | 0.28 | - | - | - |")
+    assert len(table.splitlines()[0].split("|")) == len(row.split("|"))
+    monkeypatch.setattr(
+        half, "measure", lambda *a, **k: ([("x", samples)], ["a-f16: no torch baseline: why"])
+    )
+    monkeypatch.setattr(half, "reuse_freed_memory", lambda: True)
+    half.main(["--rounds", "1", "--no-torch", "--no-onednn", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "| x | 2.10 |" in out and "- no torch baseline: why: a-f16" in out
+    for bad in (["--dtypes", "f64"], ["--kinds", "xx"], ["--passes", "skip_fwd"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            half.main(bad)

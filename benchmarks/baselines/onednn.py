@@ -21,9 +21,15 @@ What oneDNN 3.2 offers on the CPU, and therefore what is compared:
   ``(n, c)`` (their sum over ``n``, ``N*C`` additions, is not timed);
 * LayerNorm over the last dimension of a 2-D float32 array.
 
+The same three with bfloat16 data (``src``, ``dst``, ``diff_src``,
+``diff_dst``; scale, shift and statistics stay float32, as oneDNN requires):
+oneDNN 3.2 implements them on AVX-512 CPUs (``avx512_core`` and up).  float16
+data needs ``avx512_core_fp16`` (Sapphire Rapids); elsewhere oneDNN answers
+"unimplemented" when the primitive is built (:class:`OneDNNError` with
+``status == UNIMPLEMENTED``), which the benchmark treats as "no baseline".
 GroupNorm (oneDNN 3.3+) and RMSNorm (3.5+) are not in this version; float64
 is not supported by these primitives.  :func:`supports` says which cases
-have a baseline.
+may have a baseline.
 """
 
 from __future__ import annotations
@@ -36,13 +42,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["OneDNNError", "load", "supports", "normalization"]
+__all__ = ["OneDNNError", "UNIMPLEMENTED", "load", "supports", "normalization"]
 
 # Values from oneDNN 3.2's dnnl_common_types.h / dnnl_types.h.
 _SUCCESS = 0
 _ENGINE_CPU = 1
 _STREAM_IN_ORDER = 1
-_F32 = 3
+#: oneDNN data types (``dnnl_data_type_t``) of the NumPy dtype names the binding accepts.
+_DATA_TYPES = {"float16": 1, "bfloat16": 2, "float32": 3}
+#: ``dnnl_status_t`` of a primitive oneDNN has no implementation of (on this CPU).
+UNIMPLEMENTED = 3
 _TAG = {"a": 2, "ab": 3, "nchw": 5, "nhwc": 22}
 _FORWARD_TRAINING = 64
 _FORWARD_INFERENCE = 96
@@ -75,7 +84,19 @@ LIBRARY_ENV = "FASTNORM_ONEDNN_LIBRARY"
 
 
 class OneDNNError(RuntimeError):
-    """A oneDNN call failed, or the library cannot be loaded."""
+    """A oneDNN call failed, or the library cannot be loaded.
+
+    Parameters
+    ----------
+    message : str
+    status : int, optional
+        The ``dnnl_status_t`` of the failed call (:data:`UNIMPLEMENTED`: no
+        implementation on this CPU); ``None`` when no call failed.
+    """
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
 
 
 class _ExecArg(ctypes.Structure):
@@ -143,16 +164,17 @@ class _Library:
     def call(self, name, *args):
         status = getattr(self.dll, name)(*args)
         if status != _SUCCESS:
-            raise OneDNNError(f"{name} failed: {_STATUS.get(status, 'status')} ({status})")
+            raise OneDNNError(f"{name} failed: {_STATUS.get(status, 'status')} ({status})", status)
 
     def _create(self, name, *args):
         handle = ctypes.c_void_p()
         self.call(name, ctypes.byref(handle), *args)
         return handle
 
-    def memory_desc(self, dims, tag):
+    def memory_desc(self, dims, tag, dtype="float32"):
         array = (ctypes.c_int64 * len(dims))(*dims)
-        return self._create("dnnl_memory_desc_create_with_tag", len(dims), array, _F32, _TAG[tag])
+        data_type = _DATA_TYPES[_dtype_name(dtype)]
+        return self._create("dnnl_memory_desc_create_with_tag", len(dims), array, data_type, _TAG[tag])
 
     def memory(self, desc, array):
         return self._create("dnnl_memory_create", desc, self.engine, ctypes.c_void_p(array.ctypes.data))
@@ -241,21 +263,36 @@ def supports(kind, layout, dtype):
     layout : str
         ``"nchw"`` or ``"nhwc"``.
     dtype : numpy dtype-like
+        ``float32``, or the 16-bit ``bfloat16`` (``ml_dtypes``) or ``float16``
+        (whether this CPU runs those is known only when the primitive is built:
+        :func:`normalization` then raises :class:`OneDNNError` with ``status ==
+        UNIMPLEMENTED``).
 
     Returns
     -------
     bool
     """
-    if np.dtype(dtype) != np.float32:
+    if _dtype_name(dtype) not in _DATA_TYPES:
         return False
     if kind == "batch_norm" or kind == "layer_norm":
         return True
     return kind == "instance_norm" and layout == "nchw"
 
 
-def _f32(array):
-    if array.dtype != np.float32 or not array.flags.c_contiguous:
-        raise ValueError("oneDNN buffers must be C-contiguous float32 arrays")
+def _dtype_name(dtype):
+    """``np.dtype(dtype).name``; a name NumPy does not know (``"bfloat16"`` without ml_dtypes) as is."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        return str(dtype)
+
+
+def _checked(array, dtype_name):
+    if array.dtype.name != dtype_name or not array.flags.c_contiguous:
+        raise ValueError(
+            f"oneDNN buffers must be C-contiguous float32 arrays (data may be bfloat16 or float16, "
+            f"then x, out and dy alike); got {array.dtype.name}, expected {dtype_name}"
+        )
     return array
 
 
@@ -268,7 +305,7 @@ class _Primitive:
         self._primitive = library._create("dnnl_primitive_create", primitive_desc)
         memories = []
         for name, (desc, array) in arguments.items():
-            memories.append(_ExecArg(_ARG[name], library.memory(desc, _f32(array)).value))
+            memories.append(_ExecArg(_ARG[name], library.memory(desc, array).value))
         self._args = (_ExecArg * len(memories))(*memories)
         self._nargs = len(memories)
 
@@ -293,19 +330,20 @@ def normalization(kind, pass_, layout, x, out, weight, bias, mean, variance, eps
         Memory of ``x``: ``"nchw"`` or ``"nhwc"`` (an ``(N, H, W, C)`` array)
         for BatchNorm; ignored for LayerNorm (a ``(rows, width)`` array).
     x, out : numpy.ndarray
-        Input and output (``y`` or ``dx``), float32, C-contiguous, same shape.
+        Input and output (``y`` or ``dx``), C-contiguous, same shape, float32
+        or both bfloat16 or both float16 (see :func:`supports`).
     weight, bias : numpy.ndarray
-        Per channel (per element of a row for LayerNorm); for InstanceNorm
-        per ``(n, c)`` (``N*C`` values).
+        float32, per channel (per element of a row for LayerNorm); for
+        InstanceNorm per ``(n, c)`` (``N*C`` values).
     mean, variance : numpy.ndarray
-        One per statistic (channel, ``(n, c)`` or row): written by ``fwd``,
+        float32, one per statistic (channel, ``(n, c)`` or row): written by ``fwd``,
         read by ``inf`` and ``bwd``.  ``variance`` is the biased variance
         (``1 / rstd**2 - eps``).
     eps : float
     dy : numpy.ndarray, optional
         Upstream gradient, like ``x`` (``bwd`` only).
     grads : tuple of numpy.ndarray, optional
-        ``(dweight, dbias)`` outputs, like ``weight`` (``bwd`` only).
+        ``(dweight, dbias)`` outputs, float32 like ``weight`` (``bwd`` only).
 
     Returns
     -------
@@ -316,9 +354,12 @@ def normalization(kind, pass_, layout, x, out, weight, bias, mean, variance, eps
     Raises
     ------
     OneDNNError
-        When oneDNN cannot build the primitive.
+        When oneDNN cannot build the primitive (``status == UNIMPLEMENTED``:
+        not on this CPU, e.g. float16 data without ``avx512_core_fp16``).
     ValueError
-        For a case oneDNN 3.2 does not cover, or a buffer that is not float32.
+        For a case oneDNN 3.2 does not cover, or a buffer of the wrong dtype
+        (data not float32, bfloat16 or float16; parameters and statistics not
+        float32) or not C-contiguous.
     """
     library = load()
     if kind == "layer_norm":
@@ -341,7 +382,14 @@ def normalization(kind, pass_, layout, x, out, weight, bias, mean, variance, eps
     for name, array in (("weight", weight), ("bias", bias), ("mean", mean), ("variance", variance)):
         if array.size != sizes[name]:
             raise ValueError(f"{name} has {array.size} values; this oneDNN primitive needs {sizes[name]}")
-    data = library.memory_desc(dims, tag)
+    data_dtype = x.dtype.name if x.dtype.name in _DATA_TYPES else "float32"
+    buffers = [(x, data_dtype), (out, data_dtype), (weight, "float32"), (bias, "float32")]
+    buffers += [(mean, "float32"), (variance, "float32")]
+    if dy is not None:
+        buffers.append((dy, data_dtype))
+    for array, dtype_name in buffers + [(g, "float32") for g in grads or ()]:
+        _checked(array, dtype_name)
+    data = library.memory_desc(dims, tag, data_dtype)
     stats = library.memory_desc(stat_dims, "a")
     params = library.memory_desc([channels], "a")
     flags = _USE_SCALE | _USE_SHIFT
