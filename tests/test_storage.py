@@ -220,21 +220,3 @@ def test_pure_python_load_store_agree(view):
     with np.errstate(invalid="ignore", over="ignore"):
         stored_py = _to_16(pattern, view, _convert_py)
     _assert_bits_equal(_to_16(pattern, view), stored_py, pattern.view(np.uint32), "jit == pure Python")
-
-
-@pytest.mark.jit
-def test_conversion_loops_vectorize():
-    """The load and store loops of each 16-bit format compile to SIMD code (F16C, shifts)."""
-    from numba import types
-
-    for src, dst, instruction in [
-        (types.uint16, types.float32, "vpslld"),
-        (types.float32, types.uint16, "vpsrld"),
-        (types.int16, types.float32, "vcvtph2ps"),
-        (types.float32, types.int16, "vcvtps2ph"),
-    ]:
-        sig = (types.Array(src, 1, "C"), types.Array(dst, 1, "C"))
-        compiled = numba.njit(**{**JIT_OPTIONS, "cache": False})(_convert.py_func)
-        compiled.compile(sig)
-        assert "vector.body" in compiled.inspect_llvm(sig), (src, dst)
-        assert instruction in compiled.inspect_asm(sig), (src, dst, instruction)

@@ -24,7 +24,7 @@ from numba import types
 
 from fastnorm import _kernels as K
 from fastnorm._config import JIT_OPTIONS
-from fastnorm._kernels import channels_last, epilogue, numerics, planes, rows
+from fastnorm._kernels import channels_last, epilogue, numerics, planes, rows, storage
 
 # C ABI / LLVM IR: needs the compiled kernels (skipped under NUMBA_DISABLE_JIT=1, see conftest.py).
 pytestmark = pytest.mark.jit
@@ -262,29 +262,63 @@ KERNEL_VECTOR_LOOPS = {
 }
 
 
+@pytest.mark.parametrize(
+    "storage_type", [types.float32, types.uint16, types.int16], ids=["float32", "bfloat16", "float16"]
+)
 @pytest.mark.parametrize("name", sorted(KERNEL_VECTOR_LOOPS))
-def test_kernels_keep_their_vectorized_loops(name):
-    """The loops stay vectorized once inlined into the kernels (float32; float64 counts the same)."""
+def test_kernels_keep_their_vectorized_loops(name, storage_type):
+    """The loops stay vectorized once inlined into the kernels (float64 counts as float32).
+
+    Also with 16-bit data (the integer views of ``_kernels/storage.py``, float32 parameters):
+    the conversions are in the loops, which keep at least float32's count.
+    """
     dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(_compiled(name).py_func)
-    data = types.Array(types.float32, 1, "C")
+    data = types.Array(storage_type, 1, "C")
+    par = types.Array(types.float32, 1, "C")  # weight, bias, skip_bias and their gradients
     stats = types.Array(types.float64, 1, "C")
     spec = (types.int64,) * 5 + (types.float64, types.int64, types.float64)  # KernelSpec fields
     params = types.Tuple(spec + (types.int64,) * len(K.Schedule._fields))
     if name == "rows_skip_forward":  # x, skip, skip_bias, weight, bias, h, y
-        signature = (data, data, data, data, data, data, data, stats, stats, params)
+        signature = (data, data, par, par, par, data, data, stats, stats, params)
     elif name == "rows_skip_bias_backward":  # dh, dskip_bias
-        signature = (data, data, params)
-    elif name.endswith("backward"):
-        signature = (data, data, data, stats, stats, data, data, data, params)
+        signature = (data, par, params)
+    elif name.endswith("backward"):  # dy, x, weight, mean, rstd, dx, dweight, dbias
+        signature = (data, data, par, stats, stats, data, par, par, params)
     elif name.endswith("inference"):  # x, weight, bias, residual, grad, y
-        signature = (data, data, data, data, data, data, stats, stats, params)
+        signature = (data, par, par, data, data, data, stats, stats, params)
     else:  # x, weight, bias, residual, y
-        signature = (data, data, data, data, data, stats, stats, params)
+        signature = (data, par, par, data, data, stats, stats, params)
     dispatcher.compile(signature)
     loops, widths = _vector_loops(dispatcher.inspect_llvm(signature))
     assert loops >= KERNEL_VECTOR_LOOPS[name], (
-        f"{name}: {loops} vectorized loops, expected {KERNEL_VECTOR_LOOPS[name]}; vector widths {widths}"
+        f"{name} ({storage_type}): {loops} vectorized loops, expected {KERNEL_VECTOR_LOOPS[name]}; "
+        f"vector widths {widths}"
     )
+
+
+def _convert(src, dst):
+    for i in range(src.size):
+        storage.store(dst, i, storage.load(src, i))
+
+
+@pytest.mark.parametrize(
+    "src, dst, instruction",
+    [
+        (types.uint16, types.float32, "vpslld"),  # bfloat16 -> float32: a shift
+        (types.float32, types.uint16, "vpsrld"),  # float32 -> bfloat16: integer rounding
+        (types.int16, types.float32, "vcvtph2ps"),  # float16 <-> float32: F16C
+        (types.float32, types.int16, "vcvtps2ph"),
+    ],
+    ids=["bf16-load", "bf16-store", "f16-load", "f16-store"],
+)
+def test_16bit_conversion_loops_are_vectorized(src, dst, instruction):
+    """The load / store loops of the 16-bit storage formats compile to SIMD code (_kernels/storage.py)."""
+    signature = (types.Array(src, 1, "C"), types.Array(dst, 1, "C"))
+    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(_convert)
+    dispatcher.compile(signature)
+    loops, widths = _vector_loops(dispatcher.inspect_llvm(signature))
+    assert loops == 1, (loops, widths)  # bfloat16's loops are integer vectors: no float widths
+    assert instruction in dispatcher.inspect_asm(signature)
 
 
 def test_the_check_sees_a_scalar_loop():
