@@ -15,17 +15,28 @@
  *     no rule it must return FASTNORM_OK; otherwise it must return the status
  *     of one of the violated rules (the docs do not fix a precedence).
  *   - "possible": statuses the docs leave open (e.g. a rule that depends on a
- *     field that is itself invalid, or float32 tensors whose element count
- *     times 8 -- but not times 4 -- overflows int64: the library bounds every
- *     buffer's byte size conservatively).  Accepted, never required.
+ *     field that is itself invalid, or float32 / 16-bit tensors whose element
+ *     count times 8 -- but not times their largest element size -- overflows
+ *     int64: the library bounds every buffer's byte size conservatively).
+ *     Accepted, never required.
  * Invalid calls must leave the whole buffer arena (sentinel-filled outputs,
- * inputs, guard bytes) and the descriptor untouched and set a message.  Valid
- * calls (small tensors, every activation) must return FASTNORM_OK, write
- * nothing outside their outputs, and match a double-precision reference
- * computed here: the norm, z = norm(x) * weight + bias + residual, torch's
- * activation formulas and their derivatives (dz = dy * act'(z), ReLU's
- * derivative 0 at z == 0, leaky ReLU's the slope), the skip add
- * h = x + skip + skip_bias, and the norm's backward with dz.
+ * inputs, guard bytes) and the descriptor untouched and set a message (one
+ * that names param_dtype, activation or flags when that field alone makes the
+ * call FASTNORM_UNSUPPORTED).  Valid calls (small tensors, every dtype and
+ * activation) must return FASTNORM_OK, write nothing outside their outputs,
+ * and match a double-precision reference computed here: the norm,
+ * z = norm(x) * weight + bias + residual, torch's activation formulas and
+ * their derivatives (dz = dy * act'(z), ReLU's derivative 0 at z == 0, leaky
+ * ReLU's the slope), the skip add h = x + skip + skip_bias, and the norm's
+ * backward with dz.
+ *
+ * 16-bit data (FASTNORM_FLOAT16 / FASTNORM_BFLOAT16, since 0.5), with 16-bit or
+ * float32 parameters (param_dtype), is generated and checked like float32
+ * data (without an activation: FASTNORM_UNSUPPORTED): the harness converts
+ * with its own exact bit-level code (checked at start-up on all 65,536
+ * patterns and every tie), and a 16-bit output must be the float32 result
+ * rounded once to nearest even (see check_values); dskip_bias is the column
+ * sums of the 16-bit dx.
  *
  * All buffers live in one arena (so that they can alias); a call whose
  * descriptor implies buffers larger than the arena always violates some rule
@@ -45,12 +56,13 @@
 
 #define ARENA 32768
 #define GUARD 256
-#define MAX_ELEMS (ARENA / 4)
+#define MAX_ELEMS (ARENA / 2) /* 16-bit data */
 #define MAX_SLOTS 12
 #define SENTINEL 0xA5
 #define MAX_FAILURES 20
 #define DEFAULT_SEED 20261124ull
 #define DEFAULT_CALLS 240000L
+#define P_VALID16 0.4 /* share of 16-bit data among the valid descriptors */
 
 enum { FWD, INF, BWD, FWD_FUSED, INF_FUSED, BWD_FUSED, SKIP_FWD, SKIP_BWD, NENTRY };
 enum { DATA, PARAM, STAT };
@@ -76,7 +88,7 @@ enum {
     R_Y,
     R_DX,
     R_DRESIDUAL,
-    /* PARAM: fastnorm_num_params elements of desc->dtype */
+    /* PARAM: fastnorm_num_params elements of desc->param_dtype (0: desc->dtype) */
     R_WEIGHT,
     R_BIAS,
     R_SKIP_BIAS,
@@ -268,8 +280,13 @@ typedef struct model {
     unsigned definite, possible;
     int geom_ok, backed;
     int kind, layout;
-    int64_t itemsize, size, nparams, nstats, N, C, S, G, K;
+    int32_t dtype, pdtype;       /* of the data, of the parameters (0: unknown) */
+    int64_t itemsize, pitemsize; /* their bytes per element (0: unknown) */
+    int64_t size, nparams, nstats, N, C, S, G, K;
     int64_t bytes[MAX_SLOTS];
+    /* the field of the one rule making the call FASTNORM_UNSUPPORTED (param_dtype, activation, flags;
+       NULL if none, several, or UNSUPPORTED is only possible): its message names it */
+    const char *unsup_field;
 } model;
 
 static void note(call *c, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
@@ -300,6 +317,20 @@ static int64_t product(const int64_t *v, int n, int *over)
     return p;
 }
 
+/* Bytes per element of a fastnorm_dtype, 0 if it is not one. */
+static int64_t dtype_itemsize(int32_t dtype)
+{
+    switch (dtype) {
+    case FASTNORM_FLOAT32: return 4;
+    case FASTNORM_FLOAT64: return 8;
+    case FASTNORM_FLOAT16:
+    case FASTNORM_BFLOAT16: return 2;
+    default: return 0;
+    }
+}
+
+static int is16(int32_t dtype) { return dtype == FASTNORM_FLOAT16 || dtype == FASTNORM_BFLOAT16; }
+
 static int ranges_overlap(int64_t a, int64_t abytes, int64_t b, int64_t bbytes)
 {
     uint64_t a0 = (uint64_t)a, b0 = (uint64_t)b;
@@ -317,7 +348,10 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
     int e = c->entry, ns = nslots(e), i, o, b;
     int training = !desc_only && ENTRY[e].training;
     int kind_ok, lnlike, layout_ok, rank_ok = 0, dims_ok = 0;
+    int32_t pd = d->param_dtype == FASTNORM_DTYPE_DEFAULT ? d->dtype : d->param_dtype;
+    int64_t maxitem;
     unsigned def = 0, pos = 0, *overlap;
+    int n_unsup = 0;
 
     memset(m, 0, sizeof *m);
     if (desc_only) {
@@ -354,22 +388,43 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
     if (!kind_ok) def |= INV;
     /* the skip add: "FASTNORM_INVALID_ARGUMENT for a descriptor of another kind" */
     if (kind_ok && !lnlike && !desc_only && ENTRY[e].lnrms_only) def |= INV;
-    switch (d->dtype) {
-    case FASTNORM_FLOAT32: m->itemsize = 4; break;
-    case FASTNORM_FLOAT64: m->itemsize = 8; break;
-    case FASTNORM_FLOAT16:
-    case FASTNORM_BFLOAT16: def |= UNSUP; break;
-    default: def |= INV; break;
-    }
+    /* data: float32, float64, float16, bfloat16 (the 16-bit ones since 0.5) */
+    m->itemsize = dtype_itemsize(d->dtype);
+    if (m->itemsize) m->dtype = d->dtype;
+    else def |= INV;
+    /* parameters: the data dtype, or float32 with 16-bit data; another fastnorm_dtype is mixed */
     if (d->param_dtype != FASTNORM_DTYPE_DEFAULT && d->param_dtype != d->dtype) {
-        int pd_known = d->param_dtype >= FASTNORM_FLOAT32 && d->param_dtype <= FASTNORM_BFLOAT16;
-        if (!pd_known) def |= INV; /* unknown enum value */
-        else if (d->dtype >= FASTNORM_FLOAT32 && d->dtype <= FASTNORM_BFLOAT16) def |= UNSUP; /* mixed */
-        else pos |= UNSUP; /* "different" from an unknown dtype */
+        if (!dtype_itemsize(d->param_dtype)) def |= INV; /* unknown enum value */
+        else if (!m->itemsize) pos |= UNSUP;             /* "different" from an unknown dtype */
+        else if (!(is16(d->dtype) && d->param_dtype == FASTNORM_FLOAT32)) { /* mixed */ def |= UNSUP;
+            m->unsup_field = "param_dtype";
+            ++n_unsup;
+        }
+    }
+    if (m->itemsize && dtype_itemsize(pd)) {
+        m->pdtype = pd;
+        m->pitemsize = dtype_itemsize(pd);
+    }
+    maxitem = m->pitemsize > m->itemsize ? m->pitemsize : m->itemsize;
+    /* "an activation with 16-bit data" (not read from a 0.2 descriptor; an unknown value is invalid
+       anyway, and may be called unsupported too) */
+    if (is16(d->dtype) && d->struct_size == sizeof(fastnorm_desc)
+        && d->activation != FASTNORM_ACTIVATION_NONE) {
+        if (d->activation > FASTNORM_ACTIVATION_NONE && d->activation <= FASTNORM_GELU_TANH) {
+            def |= UNSUP;
+            m->unsup_field = "activation";
+            ++n_unsup;
+        } else {
+            pos |= UNSUP;
+        }
     }
     layout_ok = d->layout == FASTNORM_CHANNELS_FIRST || d->layout == FASTNORM_CHANNELS_LAST;
     if (!layout_ok) def |= INV;
-    if (d->flags != 0) def |= UNSUP;
+    if (d->flags != 0) {
+        def |= UNSUP;
+        m->unsup_field = "flags";
+        ++n_unsup;
+    }
     if (!isfinite(d->eps) || d->eps < 0.0) def |= INV;
     if (kind_ok) {
         if (lnlike) {
@@ -403,10 +458,11 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
             int over8, over_item;
             prod = product(d->dims, d->rank, &over);
             over8 = over || prod > INT64_MAX / 8;
-            over_item = over || (m->itemsize ? prod > INT64_MAX / m->itemsize : over8);
+            /* the largest element: 16-bit data may have float32 parameters (nparams <= size) */
+            over_item = over || (m->itemsize ? prod > INT64_MAX / maxitem : over8);
             if (kind_ok && rank_ok && m->itemsize) {
                 if (over_item) def |= OVF;  /* a data buffer's byte size overflows */
-                else if (over8) pos |= OVF; /* float32: only count * 8 overflows */
+                else if (over8) pos |= OVF; /* float32 / 16-bit: only count * 8 overflows */
                 dims_ok = !over_item;
             } else if (over8) {
                 pos |= OVF;
@@ -461,13 +517,13 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
     }
     if (!desc_only) {
         for (i = 0; i < ns; ++i) {
+            int cls = role_class(SLOT(e, i).role);
+            int64_t align = cls == STAT ? 8 : cls == PARAM ? m->pitemsize : m->itemsize;
             if (c->off[i] < 0) continue;
-            if (role_class(SLOT(e, i).role) == STAT) {
-                if (c->off[i] % 8 != 0) def |= INV;
-            } else if (m->itemsize) {
-                if (c->off[i] % m->itemsize != 0) def |= INV;
+            if (align) {
+                if (c->off[i] % align != 0) def |= INV;
             } else if (c->off[i] % 8 != 0) {
-                pos |= INV;
+                pos |= INV; /* element size unknown */
             }
         }
         /* The skip add's buffer sizes are those of a LayerNorm / RMSNorm descriptor: with another
@@ -478,7 +534,7 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
             for (i = 0; i < ns; ++i) {
                 int cls = role_class(SLOT(e, i).role);
                 m->bytes[i] = cls == DATA ? m->size * m->itemsize
-                    : cls == PARAM        ? m->nparams * m->itemsize
+                    : cls == PARAM        ? m->nparams * (m->pitemsize ? m->pitemsize : m->itemsize)
                                           : m->nstats * 8;
                 if (c->off[i] >= 0 && m->bytes[i] > ARENA - c->off[i]) m->backed = 0;
             }
@@ -501,6 +557,7 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
     }
     m->definite = def;
     m->possible = pos & ~def;
+    if (n_unsup != 1 || (pos & UNSUP)) m->unsup_field = NULL;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -528,8 +585,16 @@ static void gen_valid_desc(rng *r, int e, fastnorm_desc *d)
     memset(d, 0, sizeof *d);
     d->struct_size = sizeof *d;
     d->kind = kind;
-    d->dtype = 1 + (int)below(r, 2);
-    d->param_dtype = chance(r, 0.5) ? 0 : d->dtype;
+    /* float32 or float64 data (parameters of the same dtype) or, 40 % of the valid calls, 16-bit data
+       with 16-bit (param_dtype 0 or the dtype) or float32 parameters */
+    if (chance(r, P_VALID16)) {
+        d->dtype = chance(r, 0.5) ? FASTNORM_FLOAT16 : FASTNORM_BFLOAT16;
+        d->param_dtype = (int32_t)below(r, 3);
+        if (d->param_dtype == 2) d->param_dtype = d->dtype;
+    } else {
+        d->dtype = 1 + (int)below(r, 2);
+        d->param_dtype = chance(r, 0.5) ? 0 : d->dtype;
+    }
     d->eps = PICK(r, EPS_VALID);
     if (kind <= FASTNORM_GROUP_NORM) {
         int rank = 2 + (int)below(r, 4), cidx;
@@ -570,9 +635,11 @@ static void gen_valid_desc(rng *r, int e, fastnorm_desc *d)
         cap_elements(d, -1, 256);
         d->normalized_ndim = 1 + (int)below(r, d->rank);
     }
-    /* every forward applies the activation; fastnorm_backward refuses one */
-    d->activation =
-        ENTRY[e].no_activation || chance(r, 0.2) ? FASTNORM_ACTIVATION_NONE : (int32_t)below(r, NACTIVATION);
+    /* every forward applies the activation; fastnorm_backward refuses one, and 16-bit data has none
+       (FASTNORM_UNSUPPORTED: the mutations of dtype and activation make such calls) */
+    d->activation = ENTRY[e].no_activation || is16(d->dtype) || chance(r, 0.2)
+        ? FASTNORM_ACTIVATION_NONE
+        : (int32_t)below(r, NACTIVATION);
     d->negative_slope = PICK(r, SLOPE_VALID);
 }
 
@@ -636,10 +703,13 @@ static void place_valid(rng *r, call *c)
     }
     cursor = 8 * below(r, 8);
     for (j = 0; j < n; ++j) {
+        int cls;
+        int64_t item;
         i = order[j];
+        cls = role_class(SLOT(e, i).role);
+        item = cls == STAT ? 8 : cls == PARAM ? m.pitemsize : m.itemsize;
         cursor = (cursor + 7) / 8 * 8;
-        if (role_class(SLOT(e, i).role) != STAT && m.itemsize == 4 && chance(r, 0.3))
-            cursor += 4; /* 4-aligned only */
+        if (item < 8 && chance(r, 0.3)) cursor += item * (1 + below(r, 8 / item - 1)); /* item-aligned only */
         c->off[i] = cursor;
         last_end = cursor + m.bytes[i];
         cursor = last_end + 8 * below(r, 5);
@@ -878,37 +948,137 @@ static fastnorm_desc *g_desc; /* heap copy passed to the library (ASan sees over
    checked with z exactly 0 at ReLU's kink */
 static long g_checked_act[NACTIVATION], g_kink, g_zero_kink;
 
-static double load(int64_t off, int64_t i, int64_t itemsize)
+/*
+ * The 16-bit formats, in plain C (no _Float16: check_conversions compares with it where the compiler
+ * has it).  Values are held as doubles, which represent every float16 / bfloat16 / float32 value
+ * exactly.
+ *   round_binary: v rounded to nearest even to a binary format with `digits` significand bits (the
+ *     leading one included), exponents emin..emax (subnormals below 2^emin), overflowing to infinity
+ *     from the largest finite value plus half an ulp on, as IEEE 754 does.  Exact: frexp / ldexp
+ *     scale by powers of 2, rint rounds to nearest even (the default rounding mode) in one step.
+ *   float16: IEEE binary16 (11 digits, 2^-14 .. 65504, subnormals down to 2^-24).
+ *   bfloat16: the upper half of a float32 (8 digits, float32's exponents); the library rounds the
+ *     float32 bits to nearest even (a NaN stays a quiet NaN with its sign), which is round_binary
+ *     of the float32 value.  NaN outputs are compared as NaN, not by payload.
+ */
+static double round_binary(double v, int digits, int emin, int emax)
 {
-    if (itemsize == 4) {
-        float f;
-        memcpy(&f, g_arena + off + 4 * i, 4);
-        return f;
-    } else {
-        double v;
-        memcpy(&v, g_arena + off + 8 * i, 8);
-        return v;
+    int e;
+    double q;
+    if (!isfinite(v) || v == 0.0) return v;
+    (void)frexp(v, &e);             /* |v| in [2^(e-1), 2^e) */
+    if (e - 1 < emin) e = emin + 1; /* subnormal: the quantum of the smallest binade */
+    q = ldexp(rint(ldexp(v, digits - e)), e - digits);
+    if (fabs(q) > ldexp(2.0 - ldexp(1.0, 1 - digits), emax)) q = copysign(INFINITY, v);
+    return q;
+}
+
+static double round_f16(double v) { return round_binary(v, 11, -14, 15); }
+static double round_bf16(double v) { return round_binary(v, 8, -126, 127); }
+
+/* a float16 value (round_f16's result, inf or NaN) -> its bits; NaN: the quiet NaN with v's sign */
+static uint16_t f16_bits(double v)
+{
+    uint16_t sign = signbit(v) ? 0x8000 : 0;
+    double a = fabs(v);
+    int e;
+    if (isnan(v)) return sign | 0x7E00;
+    if (isinf(v)) return sign | 0x7C00;
+    if (a < ldexp(1.0, -14)) return sign | (uint16_t)ldexp(a, 24); /* subnormal: multiples of 2^-24 */
+    (void)frexp(a, &e);                                            /* a in [2^(e-1), 2^e) */
+    return sign | (uint16_t)((e + 14) << 10) | (uint16_t)(ldexp(a, 11 - e) - 1024.0);
+}
+
+static double f16_value(uint16_t b)
+{
+    int e = (b >> 10) & 0x1F, mant = b & 0x3FF;
+    double a = e == 0 ? ldexp(mant, -24) : e == 31 ? (mant ? NAN : INFINITY) : ldexp(mant + 1024, e - 25);
+    return b & 0x8000 ? -a : a;
+}
+
+/* a bfloat16 value (round_bf16's result, inf or NaN) -> its bits; NaN: 0x7FC0 with v's sign */
+static uint16_t bf16_bits(double v)
+{
+    float f = (float)v; /* exact */
+    uint32_t u;
+    if (isnan(v)) return (signbit(v) ? 0x8000 : 0) | 0x7FC0;
+    memcpy(&u, &f, 4);
+    return (uint16_t)(u >> 16);
+}
+
+static double bf16_value(uint16_t b)
+{
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* v rounded to the storage of dtype (float32 by C's conversion: the harness's values stay far
+   inside its range) */
+static double round_to(double v, int32_t dtype)
+{
+    switch (dtype) {
+    case FASTNORM_FLOAT32: return (double)(float)v;
+    case FASTNORM_FLOAT16: return round_f16(v);
+    case FASTNORM_BFLOAT16: return round_bf16(v);
+    default: return v;
     }
 }
 
-static void store(int64_t off, int64_t i, int64_t itemsize, double v)
+/* v rounded to the compute type of dtype's data: float32 for float32 and 16-bit data */
+static double to_compute(double v, int32_t dtype) { return dtype == FASTNORM_FLOAT64 ? v : (double)(float)v; }
+
+static double load(int64_t off, int64_t i, int32_t dtype)
 {
-    if (itemsize == 4) {
-        float f = (float)v;
-        memcpy(g_arena + off + 4 * i, &f, 4);
-    } else {
-        memcpy(g_arena + off + 8 * i, &v, 8);
+    unsigned char *p = g_arena + off + dtype_itemsize(dtype) * i;
+    float f;
+    double v;
+    uint16_t b;
+    switch (dtype) {
+    case FASTNORM_FLOAT32: memcpy(&f, p, 4); return f;
+    case FASTNORM_FLOAT16: memcpy(&b, p, 2); return f16_value(b);
+    case FASTNORM_BFLOAT16: memcpy(&b, p, 2); return bf16_value(b);
+    default: memcpy(&v, p, 8); return v;
     }
 }
 
-/* v rounded to the data dtype */
-static double to_dtype(double v, int64_t itemsize) { return itemsize == 4 ? (double)(float)v : v; }
+/* stores v rounded to nearest (even) */
+static void store(int64_t off, int64_t i, int32_t dtype, double v)
+{
+    unsigned char *p = g_arena + off + dtype_itemsize(dtype) * i;
+    float f;
+    uint16_t b;
+    switch (dtype) {
+    case FASTNORM_FLOAT32:
+        f = (float)v;
+        memcpy(p, &f, 4);
+        break;
+    case FASTNORM_FLOAT16:
+        b = f16_bits(round_f16(v));
+        memcpy(p, &b, 2);
+        break;
+    case FASTNORM_BFLOAT16:
+        b = bf16_bits(round_bf16(v));
+        memcpy(p, &b, 2);
+        break;
+    default: memcpy(p, &v, 8); break;
+    }
+}
 
-/* relative tolerance of the data outputs (their error scale is computed with the reference) */
-static double data_rtol(int64_t itemsize) { return itemsize == 4 ? 1e-5 : 1e-10; }
+/* Relative tolerance of the outputs computed in the compute type of dtype's data (their error scale
+   is computed with the reference); 16-bit outputs then get their own rounding (check_values). */
+static double data_rtol(int32_t dtype) { return dtype == FASTNORM_FLOAT64 ? 1e-10 : 1e-5; }
 
 /* absolute tolerance added where results underflow (e.g. eps = 1e300 makes rstd tiny) */
-static double underflow_floor(int64_t itemsize) { return itemsize == 4 ? 1e-37 : 1e-300; }
+static double underflow_floor(int32_t dtype) { return dtype == FASTNORM_FLOAT64 ? 1e-300 : 1e-37; }
+
+/* The dtype of the buffers of a role: the data's, the parameters' or float64 (mean, rstd). */
+static int32_t role_dtype(const model *m, int role)
+{
+    int cls = role_class(role);
+    return cls == DATA ? m->dtype : cls == PARAM ? m->pdtype : FASTNORM_FLOAT64;
+}
 
 /* statistic and parameter index of element i */
 static void index_map(const model *m, int64_t i, int64_t *stat, int64_t *param)
@@ -967,27 +1137,30 @@ static void reference_stats(const model *m, double eps, double *mean, double *rs
 
 /* n values of the input `role` of call c as the library will read them; `absent` if c has no such
    input or passes NULL */
-static void read_input(const call *c, int role, int64_t n, int64_t itemsize, double absent, double *v)
+static void read_input(const call *c, const model *m, int role, int64_t n, double absent, double *v)
 {
     int slot = slot_of(c->entry, role);
     int64_t off = slot < 0 ? -1 : c->off[slot], k;
-    for (k = 0; k < n; ++k) v[k] = off >= 0 ? load(off, k, itemsize) : absent;
+    int32_t dtype = role_dtype(m, role);
+    for (k = 0; k < n; ++k) v[k] = off >= 0 ? load(off, k, dtype) : absent;
 }
 
 /* x_ = the norm's input: h for the skip backward, h = x + skip + skip_bias for the skip forward
-   (rounded to the dtype after each add, summed left to right: also its output h), else x. */
+   (rounded to the compute type after each add, summed left to right, then stored: also its output
+   h, whose reference is the unrounded sum for 16-bit data, see check_values), else x. */
 static void read_norm_input(const call *c, const model *m)
 {
-    int64_t k, n = m->size, isz = m->itemsize;
-    read_input(c, c->entry == SKIP_BWD ? R_H : R_X, n, isz, 0.0, x_);
-    read_input(c, R_SKIP, n, isz, 0.0, skip_);
-    read_input(c, R_SKIP_BIAS, m->nparams, isz, 0.0, skip_bias_);
+    int64_t k, n = m->size;
+    int32_t dt = m->dtype;
+    read_input(c, m, c->entry == SKIP_BWD ? R_H : R_X, n, 0.0, x_);
+    read_input(c, m, R_SKIP, n, 0.0, skip_);
+    read_input(c, m, R_SKIP_BIAS, m->nparams, 0.0, skip_bias_);
     if (c->entry != SKIP_FWD) return;
     for (k = 0; k < n; ++k) {
         double sb = skip_bias_[param_of[k]];
-        ref_[R_H][k] = to_dtype(to_dtype(x_[k] + skip_[k], isz) + sb, isz);
+        ref_[R_H][k] = to_compute(to_compute(x_[k] + skip_[k], dt) + sb, dt);
         mag_[R_H][k] = fabs(x_[k]) + fabs(skip_[k]) + fabs(sb);
-        x_[k] = ref_[R_H][k];
+        x_[k] = round_to(ref_[R_H][k], dt);
     }
 }
 
@@ -1112,7 +1285,7 @@ static int reference_dz(const model *m, int act, double slope, int *zero_at_kink
 {
     int64_t k;
     int kinked = act == FASTNORM_RELU || act == FASTNORM_LEAKY_RELU;
-    double d1, d2, rtol = data_rtol(m->itemsize), tiny = underflow_floor(m->itemsize);
+    double d1, d2, rtol = data_rtol(m->dtype), tiny = underflow_floor(m->dtype);
     activation_bounds(act, slope, &d1, &d2);
     *zero_at_kink = 0;
     for (k = 0; k < m->size; ++k) {
@@ -1181,7 +1354,7 @@ static int prepare_valid(rng *r, call *c, const model *m)
 {
     int e = c->entry, ns = nslots(e), i, act, backward = slot_of(e, R_DX) >= 0, zero_at_kink;
     int stats_out = SLOT(e, slot_of(e, R_MEAN)).output;
-    int64_t k, s, isz = m->itemsize, n = m->size, np = m->nparams, nst = m->nstats;
+    int64_t k, s, n = m->size, np = m->nparams, nst = m->nstats;
     double min_var, slope, xmax = 0.0;
 
     for (k = 0; k < n; ++k) index_map(m, k, &stat_of[k], &param_of[k]);
@@ -1192,13 +1365,14 @@ static int prepare_valid(rng *r, call *c, const model *m)
         if (SLOT(e, i).output || off < 0) continue;
         if (cls == DATA) {
             double amp = role == R_DY || role == R_RESIDUAL ? 1.0 : 2.0;
-            for (k = 0; k < n; ++k) store(off, k, isz, between(r, -amp, amp));
+            for (k = 0; k < n; ++k) store(off, k, m->dtype, between(r, -amp, amp));
         } else if (cls == PARAM) {
             double amp = role == R_WEIGHT ? 1.5 : 1.0;
-            for (k = 0; k < np; ++k) store(off, k, isz, between(r, -amp, amp));
+            for (k = 0; k < np; ++k) store(off, k, m->pdtype, between(r, -amp, amp));
         } else if (!ENTRY[e].training) {
             for (k = 0; k < nst; ++k)
-                store(off, k, 8, role == R_RSTD ? between(r, 0.25, 4.0) : between(r, -1.0, 1.0));
+                store(off, k, FASTNORM_FLOAT64,
+                      role == R_RSTD ? between(r, 0.25, 4.0) : between(r, -1.0, 1.0));
         }
     }
     if (ENTRY[e].training) { /* statistics of the norm's input; eps 0 with a zero variance would give inf */
@@ -1210,19 +1384,19 @@ static int prepare_valid(rng *r, call *c, const model *m)
             reference_stats(m, c->d.eps, mean_, rstd_, &min_var);
         }
         if (backward) { /* as written by the forward pass */
-            for (s = 0; s < nst; ++s) store(c->off[slot_of(e, R_MEAN)], s, 8, mean_[s]);
-            for (s = 0; s < nst; ++s) store(c->off[slot_of(e, R_RSTD)], s, 8, rstd_[s]);
+            for (s = 0; s < nst; ++s) store(c->off[slot_of(e, R_MEAN)], s, FASTNORM_FLOAT64, mean_[s]);
+            for (s = 0; s < nst; ++s) store(c->off[slot_of(e, R_RSTD)], s, FASTNORM_FLOAT64, rstd_[s]);
         }
     }
     /* read back what the library will read */
     read_norm_input(c, m);
-    read_input(c, R_DY, n, isz, 0.0, dy_);
-    read_input(c, R_RESIDUAL, n, isz, 0.0, res_);
-    read_input(c, R_WEIGHT, np, isz, 1.0, w_);
-    read_input(c, R_BIAS, np, isz, 0.0, b_);
+    read_input(c, m, R_DY, n, 0.0, dy_);
+    read_input(c, m, R_RESIDUAL, n, 0.0, res_);
+    read_input(c, m, R_WEIGHT, np, 1.0, w_);
+    read_input(c, m, R_BIAS, np, 0.0, b_);
     if (!stats_out) {
-        read_input(c, R_MEAN, nst, 8, 0.0, mean_);
-        read_input(c, R_RSTD, nst, 8, 0.0, rstd_);
+        read_input(c, m, R_MEAN, nst, 0.0, mean_);
+        read_input(c, m, R_RSTD, nst, 0.0, rstd_);
     }
     if (!all_reasonable(x_, n) || !all_reasonable(dy_, n) || !all_reasonable(res_, n)
         || !all_reasonable(skip_, n) || !all_reasonable(w_, np) || !all_reasonable(b_, np)
@@ -1262,6 +1436,9 @@ static int prepare_valid(rng *r, call *c, const model *m)
 /* ------------------------------------------------------------------------ */
 
 static long g_count[NENTRY][NSTATUS + 1], g_helper_count[NSTATUS + 1];
+/* valid calls and those checked against the reference, per data dtype; 16-bit data with float32
+   parameters checked */
+static long g_valid_dtype[FASTNORM_BFLOAT16 + 1], g_checked_dtype[FASTNORM_BFLOAT16 + 1], g_checked_mixed;
 static long g_calls, g_valid, g_checked, g_unchecked, g_after_invalid, g_single, g_forced, g_helpers;
 static int g_fail, g_verbose;
 static uint64_t g_seed;
@@ -1388,24 +1565,62 @@ static void check_helpers(long index, rng *r, call *c)
     }
 }
 
-/* The outputs of a valid call against the reference. */
+/* dskip_bias after 16-bit data: "the column sums of dx" (fastnorm.h), of the 16-bit dx the call
+   wrote (as torch's autograd sums the 16-bit gradient of h), so its reference is summed here from
+   the arena; dx itself is checked against the float64 reference. */
+static void dskip_bias_of_dx(const call *c, const model *m)
+{
+    int64_t k, p, off = c->off[slot_of(c->entry, R_DX)];
+    for (p = 0; p < m->nparams; ++p) ref_[R_DSKIP_BIAS][p] = mag_[R_DSKIP_BIAS][p] = 0.0;
+    for (k = 0; k < m->size; ++k) {
+        double g = load(off, k, m->dtype);
+        ref_[R_DSKIP_BIAS][param_of[k]] += g;
+        mag_[R_DSKIP_BIAS][param_of[k]] += fabs(g);
+    }
+}
+
+/*
+ * The outputs of a valid call against the reference.  The tolerance of an element is
+ * rtol * (mag + 1e-3 * the output's largest mag) + floor, with rtol and floor of the compute type
+ * (float32 for float32 and 16-bit data: rtol 1e-5, some 80 float32 ulps of the error scale mag;
+ * float64 1e-10; mean / rstd, float64 for every dtype, 1e-9).  A float32 / float64 output must lie
+ * within it of the reference.  A 16-bit output is its float32 result rounded once to nearest even
+ * (fastnorm.h), and rounding is monotonic, so it must lie in [round(want - tol), round(want + tol)]
+ * in its format: exactly the correctly rounded reference when no rounding boundary lies within the
+ * float32 tolerance (most elements, counted in g_exact16), else one of the two neighbours, i.e. at
+ * most one 16-bit ulp (2^-7 of the value for bfloat16, 2^-10 for float16) beyond the float32
+ * tolerance.  Beyond float16's range the output must be infinite (IEEE overflow from 65520 on,
+ * e.g. dx of a nearly constant row with a tiny eps).
+ */
+static long g_elems16, g_exact16;
 static void check_values(long index, const call *c, const model *m, fastnorm_status st)
 {
     int e = c->entry, i;
+    if (e == SKIP_BWD && is16(m->dtype)) dskip_bias_of_dx(c, m);
     for (i = 0; i < nslots(e); ++i) {
         int role = SLOT(e, i).role, cls = role_class(role);
-        int64_t k, isz = cls == STAT ? 8 : m->itemsize;
-        int64_t n = cls == DATA ? m->size : cls == PARAM ? m->nparams : m->nstats;
-        double rtol = cls == STAT ? 1e-9 : data_rtol(m->itemsize), smag = 0.0;
+        int32_t dt = role_dtype(m, role);
+        int64_t k, n = cls == DATA ? m->size : cls == PARAM ? m->nparams : m->nstats;
+        double rtol = cls == STAT ? 1e-9 : data_rtol(m->dtype), smag = 0.0;
+        double tiny = underflow_floor(cls == STAT ? FASTNORM_FLOAT64 : m->dtype);
         if (!SLOT(e, i).output || c->off[i] < 0) continue;
         for (k = 0; k < n; ++k)
             if (mag_[role][k] > smag) smag = mag_[role][k];
         for (k = 0; k < n; ++k) {
-            double got = load(c->off[i], k, isz), want = ref_[role][k];
-            double tol = rtol * (mag_[role][k] + 1e-3 * smag) + underflow_floor(isz);
-            if (!(fabs(got - want) <= tol)) {
-                failure(index, c, m, st, "%s[%lld] = %.17g, reference %.17g (tolerance %.3g)",
-                        ROLE_NAME[role], (long long)k, got, want, tol);
+            double got = load(c->off[i], k, dt), want = ref_[role][k];
+            double tol = rtol * (mag_[role][k] + 1e-3 * smag) + tiny, lo = want - tol, hi = want + tol;
+            int ok;
+            if (is16(dt) && isfinite(want)) {
+                lo = round_to(lo, dt);
+                hi = round_to(hi, dt);
+                ++g_elems16;
+                g_exact16 += lo == hi;
+            }
+            /* a non-finite reference: dskip_bias of an infinite (overflowed float16) dx */
+            ok = isfinite(want) ? got >= lo && got <= hi : got == want || (isnan(want) && isnan(got));
+            if (!ok) {
+                failure(index, c, m, st, "%s[%lld] = %.17g, reference %.17g (tolerance %.3g: %.17g .. %.17g)",
+                        ROLE_NAME[role], (long long)k, got, want, tol, lo, hi);
                 break;
             }
         }
@@ -1491,11 +1706,14 @@ static void run_call(long index, int *previous_invalid)
         }
         if (fastnorm_last_error()[0] == '\0')
             failure(index, &c, &m, st, "no message from fastnorm_last_error()");
+        else if (st == FASTNORM_UNSUPPORTED && m.unsup_field && !strstr(fastnorm_last_error(), m.unsup_field))
+            failure(index, &c, &m, st, "the message does not name %s", m.unsup_field);
         *previous_invalid = 1;
     } else {
         int64_t lo[MAX_SLOTS], hi[MAX_SLOTS], cursor = 0;
         int no = 0;
         ++g_valid;
+        ++g_valid_dtype[m.dtype];
         if (*previous_invalid) ++g_after_invalid;
         *previous_invalid = 0;
         if (st != FASTNORM_OK) {
@@ -1527,6 +1745,8 @@ static void run_call(long index, int *previous_invalid)
             if (checked) {
                 check_values(index, &c, &m, st);
                 ++g_checked;
+                ++g_checked_dtype[m.dtype];
+                g_checked_mixed += is16(m.dtype) && m.pdtype == FASTNORM_FLOAT32;
             } else {
                 ++g_unchecked;
             }
@@ -1545,10 +1765,68 @@ static void print_counts(const char *what, long total, const long *count)
     printf("\n");
 }
 
+/*
+ * The harness's own 16-bit conversions, before they judge the library: every bit pattern decodes,
+ * is a fixed point of the rounding and encodes back (a NaN to the canonical quiet NaN with its
+ * sign); the midpoint of every two neighbours rounds to the even one (above the largest finite
+ * value: to infinity); float32 values (random bits, exponents around float16's range, ties among
+ * them) round to bfloat16 as the library's rule does (add 0x7FFF plus the lowest kept bit, drop 16
+ * bits: fastnorm/_kernels/storage.py) and, where the compiler has _Float16, to float16 as it does.
+ */
+static void check_conversions(void)
+{
+    long bad = 0, n = 0, i;
+    int f16_compiler = 0;
+    rng r = {20260505u};
+    for (i = 0; i < 65536; ++i) {
+        uint16_t u = (uint16_t)i, sign = u & 0x8000;
+        double f = f16_value(u), g = bf16_value(u);
+        if (isnan(f) ? f16_bits(f) != (sign | 0x7E00) : f16_bits(f) != u || round_f16(f) != f) ++bad;
+        if (isnan(g) ? bf16_bits(g) != (sign | 0x7FC0) : bf16_bits(g) != u || round_bf16(g) != g) ++bad;
+        if (u < 0x7C00) { /* finite positive float16: the midpoint to the next one up */
+            double up = u == 0x7BFF ? 65536.0 : f16_value((uint16_t)(u + 1)), mid = (f + up) / 2.0;
+            double want = u & 1 ? (u == 0x7BFF ? INFINITY : up) : f;
+            if (round_f16(mid) != want || round_f16(-mid) != -want) ++bad;
+        }
+        if (u < 0x7F80) { /* finite positive bfloat16 */
+            double up = u == 0x7F7F ? ldexp(1.0, 128) : bf16_value((uint16_t)(u + 1)), mid = (g + up) / 2.0;
+            double want = u & 1 ? (u == 0x7F7F ? INFINITY : up) : g;
+            if (round_bf16(mid) != want || round_bf16(-mid) != -want) ++bad;
+        }
+        n += 4;
+    }
+    for (i = 0; i < 400000; ++i) {
+        uint32_t x = (uint32_t)next_u64(&r);
+        float f;
+        if (i % 2) x = (x & 0x807FFFFFu) | (uint32_t)(127 - 30 + below(&r, 48)) << 23; /* 2^-30 .. 2^17 */
+        if (i % 4 == 1) x &= ~(uint32_t)0xFFF; /* a tie (or exact) in float16 one time in two */
+        memcpy(&f, &x, 4);
+        if (isnan(f)) continue;
+        if (bf16_bits(round_bf16(f)) != (uint16_t)((x + 0x7FFFu + ((x >> 16) & 1u)) >> 16)) ++bad;
+#if defined(__FLT16_MAX__)
+        {
+            _Float16 h = (_Float16)f;
+            uint16_t hb;
+            memcpy(&hb, &h, 2);
+            if (f16_bits(round_f16(f)) != hb) ++bad;
+            f16_compiler = 1;
+        }
+#endif
+        n += 1 + f16_compiler;
+    }
+    printf("fuzz: 16-bit conversions: %ld checks%s, %ld wrong\n", n,
+           f16_compiler ? " (float16 also against the compiler's _Float16)" : "", bad);
+    if (bad) {
+        ++g_fail;
+        fprintf(stderr, "FAIL the harness's 16-bit conversions are wrong (%ld checks)\n", bad);
+    }
+}
+
 int main(int argc, char **argv)
 {
     static const char *ACTIVATION_NAME[NACTIVATION] = {"NONE", "RELU", "LEAKY_RELU", "SIGMOID",
                                                        "TANH", "SILU", "GELU",       "GELU_TANH"};
+    static const char *DTYPE_NAME[] = {"-", "float32", "float64", "float16", "bfloat16"};
     long calls = DEFAULT_CALLS, first = 0, i;
     int e, s, previous_invalid = 0;
     fastnorm_status st;
@@ -1575,6 +1853,7 @@ int main(int argc, char **argv)
     }
     printf("fuzz: seed=%llu calls=%ld first=%ld\n", (unsigned long long)g_seed, calls, first);
     fflush(stdout);
+    check_conversions();
     if ((st = fastnorm_init()) != FASTNORM_OK) {
         fprintf(stderr, "fastnorm_init: %s: %s\n", fastnorm_status_string(st), fastnorm_last_error());
         return 1;
@@ -1596,6 +1875,12 @@ int main(int argc, char **argv)
     for (s = 0; s < NACTIVATION; ++s) printf(" %s=%ld", ACTIVATION_NAME[s], g_checked_act[s]);
     printf(" (backward at (leaky) ReLU's kink: z == 0 exactly %ld, too close to 0 to check %ld)\n",
            g_zero_kink, g_kink);
+    printf("fuzz: valid per dtype (checked against the reference):");
+    for (s = FASTNORM_FLOAT32; s <= FASTNORM_BFLOAT16; ++s)
+        printf(" %s=%ld (%ld)", DTYPE_NAME[s], g_valid_dtype[s], g_checked_dtype[s]);
+    printf("; 16-bit data with float32 parameters checked %ld; 16-bit output elements checked %ld, "
+           "exactly (the reference correctly rounded) %ld\n",
+           g_checked_mixed, g_elems16, g_exact16);
     printf("fuzz: seed=%llu calls=%ld failures=%d\n", (unsigned long long)g_seed, g_calls, g_fail);
     free(g_arena);
     free(g_snapshot);
