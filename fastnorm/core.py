@@ -947,7 +947,7 @@ def backward(
         dresidual = dy_array.copy()  # dresidual = dy, which out=dy is about to overwrite with dx
     params = None
     if dx_flat.size:
-        empty = weight_flat[:0]
+        empty = _EMPTY[weight_flat.dtype]  # writable (weight_flat[:0] is read-only for a read-only weight)
         if spec.activation is not None:
             # dz = dy * act'(z) by the inference kernel's epilogue, then the norm's backward on dz
             dz, dz_flat = _output(x, plan, None)
