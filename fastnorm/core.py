@@ -50,9 +50,8 @@ def _storage(dtype):
 
 def _as_storage(flat):
     """Return a flat data array as the kernels take it: itself, or the integer view of 16-bit floats."""
-    if flat.dtype.itemsize == 2:
-        return flat.view(K.VIEWS[flat.dtype.name])
-    return flat
+    view = _storage(flat.dtype)
+    return flat if view is None else flat.view(view)
 
 
 def _param_dtype(dtype):
@@ -323,6 +322,7 @@ def _make_plan(x, spec, training):
     """
     if not isinstance(spec, NormSpec):
         raise TypeError(f"spec must be a fastnorm.NormSpec, got {type(spec).__name__}")
+    _check_storage_epilogue(x, spec)
     shape = x.shape
     flags = K.CENTERED if spec.centered else 0
     if spec.kind in ("layer_norm", "rms_norm"):
@@ -331,7 +331,6 @@ def _make_plan(x, spec, training):
             raise ValueError(f"{spec.kind} over the last {k} dims needs x.ndim >= {k}, got x.shape={shape}")
         rows = math.prod(shape[: x.ndim - k])
         width = math.prod(shape[x.ndim - k :])
-        _check_storage_epilogue(x, spec)
         if training and width == 0 and rows > 0:
             raise ValueError(f"{spec.kind}: the normalized dims {shape[x.ndim - k :]} hold no elements")
         # the default eps is the compute dtype's, float32 for 16-bit data (torch's CPU rms_norm too)
@@ -344,7 +343,6 @@ def _make_plan(x, spec, training):
         raise ValueError(
             f"{spec.kind} expects a 2-D to 5-D input {layout} (spatial rank 0-3), got x.shape={shape}"
         )
-    _check_storage_epilogue(x, spec)
     kernel_axes = None
     if spec.channels_last:
         n, channels, spatial = shape[0], shape[-1], math.prod(shape[1:-1])
@@ -937,9 +935,10 @@ def backward(
     x_flat = _kernel_view(x, plan) if stats.h is None else _check_like_x(stats.h, "stats.h", x, plan)
     dy_flat = _kernel_view(dy_array if dy_array.flags.aligned else dy_array.copy(order="K"), plan)
     dx, dx_flat = _output(x, plan, out)
+    empty = _EMPTY[weight_flat.dtype]  # for absent parameter slots (writable, unlike weight_flat[:0])
     in_place = False
     if out is not None:
-        in_place = _check_alias(dx_flat, x_flat, dy_flat, weight_flat, weight_flat[:0], mean, rstd)
+        in_place = _check_alias(dx_flat, x_flat, dy_flat, weight_flat, empty, mean, rstd)
     dweight = np.zeros(plan.param_shape, weight_flat.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, weight_flat.dtype) if with_bias else None
     dresidual = dy_array if has_residual else None
@@ -947,7 +946,6 @@ def backward(
         dresidual = dy_array.copy()  # dresidual = dy, which out=dy is about to overwrite with dx
     params = None
     if dx_flat.size:
-        empty = _EMPTY[weight_flat.dtype]  # writable (weight_flat[:0] is read-only for a read-only weight)
         if spec.activation is not None:
             # dz = dy * act'(z) by the inference kernel's epilogue, then the norm's backward on dz
             dz, dz_flat = _output(x, plan, None)
