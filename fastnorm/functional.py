@@ -14,7 +14,8 @@ from typing import cast
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .core import Stats, _check_array, _forward, _plan, forward, forward_inference
+from ._plan import _check_array, _plan
+from .core import Stats, _forward, forward, forward_inference
 from .spec import NormSpec, check_positive_int
 
 __all__ = [

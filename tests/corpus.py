@@ -33,7 +33,7 @@ if str(HERE) not in sys.path:
 from cases import Case, arrange, rng_for  # noqa: E402
 
 import fastnorm  # noqa: E402
-from fastnorm.core import _plan  # noqa: E402
+from fastnorm._plan import _plan  # noqa: E402
 
 DIGEST_FILE = HERE / "data" / "corpus.json"
 DTYPES = (np.float32, np.float64)

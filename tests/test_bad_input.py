@@ -570,7 +570,7 @@ def test_backward_out_partly_overlapping_dy():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_overlap_status_classifies_every_argument(dtype):
     """The compiled overlap check behind every ``out=``: each slot, each boundary, read-only views."""
-    from fastnorm.core import _overlap_status
+    from fastnorm._buffers import _overlap_status
 
     buf = np.zeros(64, dtype)
     none = np.empty(0, dtype)

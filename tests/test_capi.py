@@ -242,14 +242,14 @@ def test_c_gives_the_pinned_corpus_bitwise(capi, tmp_path):
     import corpus
 
     from fastnorm import _kernels as K
-    from fastnorm import core
+    from fastnorm._plan import _plan
 
     lines, expected = [], []
     for index, (name, (case, layout, dtype, affine)) in enumerate(sorted(corpus.corpus().items())):
         prefix = tmp_path / f"corpus{index}"
         x, dy, weight, bias, given, spec = corpus.inputs(case, layout, dtype, affine)
         # the layout Python runs (a 2-D "channels-last memory" array is plain (N, C): channels-first)
-        channels_last = bool(core._plan(x, spec, True).kspec.flags & K.CHANNELS_LAST)
+        channels_last = bool(_plan(x, spec, True).kspec.flags & K.CHANNELS_LAST)
         if channels_last and not spec.channels_last:  # NCHW view of NHWC memory: (N, *spatial, C) in C
             x, dy = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, dy))
         names = (

@@ -23,7 +23,7 @@ from corpus import PATH_CASES
 import fastnorm
 from fastnorm import _kernels as K
 from fastnorm._kernels import channels_last, planes
-from fastnorm.core import _kernel_call, _plan
+from fastnorm._plan import _kernel_call, _plan
 
 CASES = PATH_CASES
 

@@ -1,4 +1,4 @@
-"""The plan cache of ``fastnorm.core``: a hit is only a shortcut, never a way around a check.
+"""The plan cache of ``fastnorm._plan``: a hit is only a shortcut, never a way around a check.
 
 A plan is cached per ``(x.shape, x.strides, x.dtype, spec, training)``.  These
 tests warm the cache with a valid call, then make calls that differ in exactly
@@ -16,23 +16,24 @@ from cases import misaligned, normal
 from strategies import rejected
 
 import fastnorm
-from fastnorm import NormSpec, Stats, core
+from fastnorm import NormSpec, Stats
+from fastnorm import _plan as planner
 
 
 @pytest.fixture(autouse=True)
 def _cold_cache():
-    core._PLAN_CACHE.clear()
+    planner._PLAN_CACHE.clear()
     yield
-    core._PLAN_CACHE.clear()
+    planner._PLAN_CACHE.clear()
 
 
 def test_repeated_call_hits_the_cache_and_gives_the_same_result():
     x, w = normal((1, 8, 4, 4)), np.linspace(0.5, 1.5, 8)
     spec = NormSpec.group_norm(4)
     first, stats = fastnorm.forward(x, spec, w)
-    assert len(core._PLAN_CACHE) == 1
+    assert len(planner._PLAN_CACHE) == 1
     again, stats_again = fastnorm.forward(x, spec, w)
-    assert len(core._PLAN_CACHE) == 1
+    assert len(planner._PLAN_CACHE) == 1
     np.testing.assert_array_equal(again, first)
     np.testing.assert_array_equal(stats_again.rstd, stats.rstd)
 
@@ -75,8 +76,8 @@ def test_dtypes_do_not_share_a_plan():
     x32 = normal((2, 8), np.float32)[:, ::2]
     assert x32.strides == x64.strides
     spec = NormSpec.rms_norm(1)
-    assert core._plan(x64, spec, True).kspec.eps == np.finfo(np.float64).eps
-    assert core._plan(x32, spec, True).kspec.eps == np.finfo(np.float32).eps
+    assert planner._plan(x64, spec, True).kspec.eps == np.finfo(np.float64).eps
+    assert planner._plan(x32, spec, True).kspec.eps == np.finfo(np.float32).eps
     y32 = fastnorm.rms_norm(x32, 4)
     x = x32.astype(np.float64)
     eps32 = float(np.finfo(np.float32).eps)
@@ -88,11 +89,11 @@ def test_big_endian_input_is_converted_after_a_native_call():
     spec = NormSpec.group_norm(2)
     expected, _ = fastnorm.forward(x, spec)
     big = x.astype(">f8")
-    core._plan(big, spec, True)  # planning a big-endian array must not cache it as kernel-ready
+    planner._plan(big, spec, True)  # planning a big-endian array must not cache it as kernel-ready
     y, _ = fastnorm.forward(big, spec)
     assert y.dtype == np.float64 and y.dtype.isnative
     np.testing.assert_array_equal(y, expected)
-    assert all(key[2].isnative for key in core._PLAN_CACHE)
+    assert all(key[2].isnative for key in planner._PLAN_CACHE)
 
 
 def test_strides_do_not_share_a_plan():
@@ -103,9 +104,9 @@ def test_strides_do_not_share_a_plan():
     as_nchw = np.moveaxis(nhwc_memory, -1, 1)
     y, stats = fastnorm.forward(nchw, spec)
     y_cl, stats_cl = fastnorm.forward(as_nchw, spec)
-    assert len(core._PLAN_CACHE) == 2
-    assert not core._plan(nchw, spec, True).kspec.flags & fastnorm._kernels.CHANNELS_LAST
-    assert core._plan(as_nchw, spec, True).kspec.flags & fastnorm._kernels.CHANNELS_LAST
+    assert len(planner._PLAN_CACHE) == 2
+    assert not planner._plan(nchw, spec, True).kspec.flags & fastnorm._kernels.CHANNELS_LAST
+    assert planner._plan(as_nchw, spec, True).kspec.flags & fastnorm._kernels.CHANNELS_LAST
     np.testing.assert_allclose(y_cl, y, rtol=1e-12, atol=1e-12)
     assert np.moveaxis(y_cl, 1, -1).flags.c_contiguous  # output in the memory order of x
     np.testing.assert_allclose(stats_cl.mean, stats.mean, rtol=1e-12, atol=1e-12)
@@ -171,9 +172,9 @@ def test_bad_arguments_beside_a_cached_plan_still_raise_and_modify_nothing():
 
 def test_cache_size_is_bounded():
     spec = NormSpec.layer_norm(1)
-    for width in range(1, core._PLAN_CACHE_SIZE + 20):
+    for width in range(1, planner._PLAN_CACHE_SIZE + 20):
         fastnorm.forward(np.ones((1, width)), spec)
-        assert len(core._PLAN_CACHE) <= core._PLAN_CACHE_SIZE
+        assert len(planner._PLAN_CACHE) <= planner._PLAN_CACHE_SIZE
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from strategies import rejected
 
 import fastnorm
 from fastnorm import _kernels as K
-from fastnorm.core import _prepare_input
+from fastnorm._plan import _prepare_input
 
 KDT = {np.dtype(np.float32): 32, np.dtype(np.float64): 64}
 
