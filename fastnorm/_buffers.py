@@ -142,6 +142,23 @@ def _check_alias(out_flat, first, second, weight_flat, bias_flat, mean, rstd, na
     return status == 3
 
 
+def _check_copied_params(out, params, name="out"):
+    """Refuse ``out`` overlapping a parameter array that :func:`_check_param` copied.
+
+    ``params`` holds ``(given, flat)`` pairs: the caller's argument and its
+    kernel view.  :func:`_check_alias` sees only the view, which is a copy when
+    the parameter was converted (16-bit or another dtype) or not contiguous.
+    The kernels read that copy, so no value would come out wrong; the overlap
+    is refused all the same, so that the rule does not depend on the dtype
+    (the C ABI compares the caller's own buffers too).
+    """
+    for given, flat in params:
+        if given is flat or type(given) is not np.ndarray or np.may_share_memory(given, flat):
+            continue  # absent, or read in place (then _check_alias saw it)
+        if np.shares_memory(out, given):
+            raise ValueError(f"{name} overlaps weight, bias or the statistics; pass a separate buffer")
+
+
 def _check_like_x(value, name, x, plan):
     """Check a tensor that must be laid out like ``x`` (a residual); return its flat kernel view.
 
@@ -180,7 +197,7 @@ def _stats_array(value, name, plan):
         if flags.c_contiguous and flags.aligned:
             return value if value.ndim == 1 else value.ravel()
     value = np.asarray(value)
-    if value.dtype.kind != "f":
+    if value.dtype.kind != "f" and _storage(value.dtype) is None:
         raise TypeError(f"stats.{name}.dtype={value.dtype} must be floating point")
     if value.shape != plan.stats_shape:
         raise ValueError(f"stats.{name}.shape={value.shape} does not match {plan.stats_shape} for this x")

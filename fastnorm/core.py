@@ -16,6 +16,7 @@ from . import _kernels as K
 from ._buffers import (
     _NO_STATS,
     _check_alias,
+    _check_copied_params,
     _check_like_x,
     _check_param,
     _kernel_view,
@@ -150,6 +151,7 @@ def _prepare_forward(x, plan, weight, bias, residual, out, stats_flat=()):
         mean, rstd = stats_flat if stats_flat else (_NO_STATS, _NO_STATS)
         second = x_flat if residual is None else residual_flat
         in_place = _check_alias(y_flat, x_flat, second, weight_flat, bias_flat, mean, rstd)
+        _check_copied_params(y, ((weight, weight_flat), (bias, bias_flat)))
     return weight_flat, bias_flat, residual_flat, x_flat, y, y_flat, in_place
 
 
@@ -256,6 +258,7 @@ def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out
     skip_bias_flat = _check_param(skip_bias, "skip_bias", plan, _param_dtype(x.dtype))
     weight_flat = _check_param(weight, "weight", plan, _param_dtype(x.dtype))
     bias_flat = _check_param(bias, "bias", plan, _param_dtype(x.dtype))
+    given_params = ((weight, weight_flat), (bias, bias_flat), (skip_bias, skip_bias_flat))
     x_flat = _kernel_view(x, plan)
     h, h_flat = _output(x, plan, sum_out, "sum_out")
     y, y_flat = _output(x, plan, out)
@@ -265,9 +268,11 @@ def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out
     if sum_out is not None:
         _check_alias(h_flat, x_flat, skip_flat, weight_flat, bias_flat, _NO_STATS, _NO_STATS, "sum_out")
         _check_alias(h_flat, x_flat, skip_flat, skip_bias_flat, empty, _NO_STATS, _NO_STATS, "sum_out")
+        _check_copied_params(h, given_params, "sum_out")
     if out is not None:
         _check_alias(y_flat, x_flat, skip_flat, weight_flat, bias_flat, _NO_STATS, _NO_STATS)
         _check_alias(y_flat, x_flat, skip_flat, skip_bias_flat, empty, _NO_STATS, _NO_STATS)
+        _check_copied_params(y, given_params)
         if sum_out is not None and _check_alias(y_flat, h_flat, h_flat, empty, empty, _NO_STATS, _NO_STATS):
             raise ValueError("out and sum_out are the same memory; pass separate buffers")
     if plan.stats_size:
@@ -452,10 +457,11 @@ def backward(
     in_place = False
     if out is not None:
         in_place = _check_alias(dx_flat, x_flat, dy_flat, weight_flat, empty, mean, rstd)
+        _check_copied_params(dx, ((weight, weight_flat),))
     dweight = np.zeros(plan.param_shape, weight_flat.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, weight_flat.dtype) if with_bias else None
     dresidual = dy_array if has_residual else None
-    if has_residual and spec.activation is None and np.shares_memory(dx, dy_array):
+    if has_residual and spec.activation is None and (dx is dy_array or np.shares_memory(dx, dy_array)):
         dresidual = dy_array.copy()  # dresidual = dy, which out=dy is about to overwrite with dx
     params = None
     if dx_flat.size:
@@ -479,8 +485,10 @@ def backward(
             empty if dbias is None else dbias.ravel(),
             params,
         )
-    if dweight is not None and x.dtype.itemsize == 2 and getattr(weight, "dtype", None) == x.dtype:
-        # 16-bit parameters: the gradients in their dtype, rounded from float32 (as the C ABI does)
+    weight_dtype = getattr(weight, "dtype", None)
+    if dweight is not None and x.dtype.itemsize == 2 and getattr(weight_dtype, "name", None) == x.dtype.name:
+        # 16-bit parameters (either byte order): the gradients in the data dtype, rounded from float32
+        # (as the C ABI does)
         dweight = dweight.astype(x.dtype)
         dbias = None if dbias is None else dbias.astype(x.dtype)
     if stats.h is not None:

@@ -430,8 +430,6 @@ def draw_alias_into_out(d, call, out, make_out, targets, avoid):
     ):
         out = make_out()
     usable = [n for n, (v, _, _) in targets.items() if 0 < np.size(v) <= out.size]
-    if is_half(out.dtype):  # a known library bug, steered around: see KNOWN_BUGS in test_fuzz_api.py
-        usable = [n for n in usable if n not in ("weight", "bias", "skip_bias")]
     if not usable:
         return None
     name = d(st.sampled_from(usable), label="aliased argument")

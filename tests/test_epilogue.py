@@ -338,6 +338,18 @@ def test_backward_returns_three_gradients_and_dresidual_by_name():
     assert grads.dx is dx and grads.dweight is dweight and grads.dbias is dbias
 
 
+@pytest.mark.parametrize("shape", [(3, 4, 5), (0, 4, 5)], ids=["filled", "empty"])
+def test_dresidual_is_a_copy_when_out_is_dy(shape):
+    """``out=dy`` overwrites ``dy`` with ``dx``: ``dresidual`` is the copy taken before, even when empty."""
+    x = rng_for("dresidual", *shape).standard_normal(shape)
+    spec = fastnorm.NormSpec.layer_norm(1)
+    _, stats = fastnorm.forward(x, spec, residual=np.ones_like(x))
+    dy = np.ones_like(x)
+    grads = fastnorm.backward(dy, x, stats, spec, out=dy)
+    assert grads.dx is dy and grads.dresidual is not dy
+    assert (grads.dresidual == 1).all() and grads.dresidual.shape == shape
+
+
 # ---------------------------------------------------------------------------
 # Bad input: a clear error naming the argument, nothing modified
 # ---------------------------------------------------------------------------

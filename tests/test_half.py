@@ -262,3 +262,64 @@ def test_mismatched_16bit_dtypes_are_refused():
         )
     with pytest.raises(TypeError, match="residual.dtype"):
         fastnorm.forward(x, fastnorm.NormSpec.batch_norm(), residual=np.ones((2, 3, 4), np.float32))
+
+
+@pytest.mark.parametrize("name", HALF_DTYPES)
+@pytest.mark.parametrize("what", ["weight", "bias", "skip_bias", "backward weight"])
+def test_out_overlapping_a_converted_parameter_is_refused(name, what):
+    """A 16-bit parameter is converted to a float32 copy; ``out`` over its memory is refused all the same."""
+    dtype = HALF_DTYPES[name]
+    x = rng_for("alias", name).standard_normal((3, 16)).astype(dtype)
+    spec = fastnorm.NormSpec.layer_norm(1)
+    buffer = np.ones((3, 16), dtype)
+    param = buffer[0]  # a parameter of the data dtype living inside out
+    before = buffer.copy()
+    with pytest.raises(ValueError, match="overlaps weight, bias"):
+        if what == "weight":
+            fastnorm.forward(x, spec, param, out=buffer)
+        elif what == "bias":
+            fastnorm.forward(x, spec, None, param, out=buffer)
+        elif what == "skip_bias":
+            fastnorm.forward(x, spec, skip=x.copy(), skip_bias=param, out=buffer)
+        else:
+            _, stats = fastnorm.forward(x, spec)
+            fastnorm.backward(x.copy(), x, stats, spec, param, out=buffer)
+    assert np.array_equal(buffer.view(np.uint16), before.view(np.uint16))
+
+
+def test_out_overlapping_a_copied_float32_parameter_is_refused():
+    """The same rule for a float32 weight that is copied because it is not contiguous."""
+    x = np.ones((8, 8), np.float32) + np.arange(8, dtype=np.float32)
+    out = np.ones((8, 8), np.float32)
+    weight = out[:, 0]  # every 8th element of out: strided, so the kernel gets a copy
+    with pytest.raises(ValueError, match="overlaps weight, bias"):
+        fastnorm.forward(x, fastnorm.NormSpec.layer_norm(1), weight, out=out)
+    assert (out == 1).all()
+
+
+def test_byte_swapped_float16_weight_gives_gradients_in_the_data_dtype():
+    """(ml_dtypes.bfloat16 has one byte order.)"""
+    dtype = F16
+    x = rng_for("swap").standard_normal((4, 8)).astype(dtype)
+    spec = fastnorm.NormSpec.layer_norm(1)
+    weight = np.linspace(0.5, 1.5, 8).astype(dtype)
+    _, stats = fastnorm.forward(x, spec, weight, weight)
+    native = fastnorm.backward(x, x, stats, spec, weight)
+    swapped = fastnorm.backward(x, x, stats, spec, weight.astype(dtype.newbyteorder()))
+    for a, b in zip(native, swapped, strict=True):
+        assert b.dtype == dtype
+        assert np.array_equal(a.view(np.uint16), b.view(np.uint16))
+
+
+@pytest.mark.parametrize("name", HALF_DTYPES)
+def test_16bit_statistics_are_accepted(name):
+    """``Stats`` of 16-bit floats (e.g. running statistics kept in bfloat16) are read as float64."""
+    dtype = HALF_DTYPES[name]
+    x = rng_for("stats", name).standard_normal((4, 3, 5)).astype(dtype)
+    spec = fastnorm.NormSpec.batch_norm()
+    mean = np.array([0.25, -0.5, 1.0], dtype)
+    rstd = np.array([2.0, 0.5, 1.0], dtype)
+    y16 = fastnorm.forward_inference(x, fastnorm.Stats(mean, rstd), spec)
+    stats64 = fastnorm.Stats(mean.astype(np.float64), rstd.astype(np.float64))
+    y64 = fastnorm.forward_inference(x, stats64, spec)
+    assert np.array_equal(y16.view(np.uint16), y64.view(np.uint16))

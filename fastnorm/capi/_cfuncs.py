@@ -204,7 +204,7 @@ def _make_forward(key, pass_id):
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
-        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)  # KernelSpec, as core's
+        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)  # a KernelSpec (_plan.py)
         size = batch * channels * spatial
         xa = carray(x, size)
         ya = carray(y, size)
@@ -234,7 +234,7 @@ def _make_backward(key):
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
-        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)  # KernelSpec, as core's
+        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)  # a KernelSpec (_plan.py)
         size = batch * channels * spatial
         xa = carray(x, size)
         dya = carray(dy, size)
@@ -284,7 +284,7 @@ def _make_skip_forward(key):
     ):  # fmt: skip
         if key < 0:  # never true: ties the cache entry to DEPS_KEY
             return 0
-        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)  # KernelSpec, as core's
+        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)  # a KernelSpec (_plan.py)
         size = batch * channels * spatial
         xa = carray(x, size)
         params = _params(spec, K.FORWARD, num_threads, xa.itemsize, nw > 0, nb > 0, False)
