@@ -13,18 +13,21 @@ import numpy as np
 from numba import types
 
 from ._config import glue, typed_helper
-from ._plan import _EMPTY, _FLOAT64, _as_storage, _storage
+from ._plan import _EMPTY, _FLOAT64, _UINT16, _as_storage, _param_dtype, _storage
 
 #: Stands for the statistics in :func:`_check_alias` when a pass has none to check.
 _NO_STATS = _EMPTY[_FLOAT64]
 
 
-def _check_param(value, name, plan, dtype):
-    """Validate weight/bias: real numbers of shape ``plan.param_shape``; return a flat ``dtype`` array.
+def _check_param(value, name, plan, data_dtype):
+    """Validate weight/bias: real numbers of shape ``plan.param_shape``; return a flat kernel array.
 
-    ``dtype`` is :func:`_param_dtype` of the data: 16-bit parameters are
-    converted to float32 here (a copy of ``C`` or ``K`` elements).
+    The kernel array has the dtype :func:`_param_dtype` of ``data_dtype``:
+    16-bit parameters are converted to float32 here (a copy of ``C`` or ``K``
+    elements).  With uint16 data (bfloat16 bits, ``dtype="bfloat16"``), a
+    uint16 parameter is bfloat16 bits too.
     """
+    dtype = _param_dtype(data_dtype)
     if value is None:
         return _EMPTY[dtype]
     if type(value) is np.ndarray and value.dtype == dtype and value.shape == plan.param_shape:
@@ -37,6 +40,9 @@ def _check_param(value, name, plan, dtype):
         raise TypeError(f"{name}.dtype={value.dtype} is not supported: {name} must hold real numbers")
     if value.shape != plan.param_shape:
         raise ValueError(f"{name}.shape={value.shape} does not match the expected shape {plan.param_shape}")
+    if data_dtype == _UINT16 and value.dtype.kind == "u" and value.dtype.itemsize == 2:
+        bits = np.ascontiguousarray(value, _UINT16).reshape(-1)
+        return (bits.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is float32's top half
     return np.ascontiguousarray(value, dtype=dtype).reshape(-1)
 
 

@@ -30,6 +30,11 @@ _EMPTY = {_FLOAT32: np.empty(0, np.float32), _FLOAT64: np.empty(0, np.float64)}
 _EMPTY_DATA = dict(_EMPTY)
 #: Data dtypes that passed :func:`_check_array` (native float32 / float64 / float16 / bfloat16).
 _DATA_DTYPES = {_FLOAT32, _FLOAT64}
+#: uint16 data is bfloat16 bits, accepted only with ``dtype="bfloat16"`` (:func:`_check_bits`).
+_UINT16 = np.dtype(np.uint16)
+#: Stands for ``x.dtype`` in the plan cache key of bfloat16 bits (never ``_UINT16`` itself: a
+#: plain uint16 array must miss the cache and be refused by :func:`_check_array`).
+_BFLOAT16_BITS = "bfloat16 bits"
 
 
 def _storage(dtype):
@@ -37,11 +42,12 @@ def _storage(dtype):
 
     Numba has no 16-bit float types: bfloat16 (``ml_dtypes.bfloat16``) data
     reaches the kernels as a ``uint16`` view, float16 as an ``int16`` view
-    (``fastnorm/_kernels/storage.py``).
+    (``fastnorm/_kernels/storage.py``); ``uint16`` data is bfloat16 bits
+    already (``dtype="bfloat16"``, :func:`_check_bits`).
     """
     if dtype.itemsize != 2:
         return None
-    return K.VIEWS.get(dtype.name)
+    return K.VIEWS["bfloat16"] if dtype == _UINT16 else K.VIEWS.get(dtype.name)
 
 
 def _as_storage(flat):
@@ -53,6 +59,13 @@ def _as_storage(flat):
 def _param_dtype(dtype):
     """Return the dtype of the kernels' parameter arrays for ``dtype`` data (float32 for 16-bit data)."""
     return _FLOAT32 if dtype.itemsize == 2 else dtype
+
+
+def _to_data_dtype(values, dtype):
+    """float32 ``values`` rounded to the 16-bit data dtype ``dtype`` (bfloat16 bits for uint16)."""
+    if dtype == _UINT16:
+        return K.bfloat16_bits(values).reshape(values.shape)
+    return values.astype(dtype)
 
 
 def _empty_data(dtype):
@@ -128,6 +141,11 @@ def _check_array(value, name) -> np.ndarray:
     dtype = value.dtype
     if dtype in _DATA_DTYPES:
         return value
+    if dtype.kind == "u" and dtype.itemsize == 2:
+        raise TypeError(
+            f"{name}.dtype={dtype} is not supported: pass dtype='bfloat16' to read uint16 arrays "
+            "as bfloat16 bit patterns"
+        )
     if not (dtype.kind == "f" and dtype.itemsize in (4, 8)) and _storage(dtype) is None:
         raise TypeError(
             f"{name}.dtype={dtype} is not supported: fastnorm takes float32, float64, float16 or "
@@ -139,9 +157,34 @@ def _check_array(value, name) -> np.ndarray:
     return value
 
 
+def _check_bits(value, name, dtype) -> np.ndarray:
+    """:func:`_check_array` with ``dtype="bfloat16"``: ``value`` must hold bfloat16 values.
+
+    A uint16 array is read as bfloat16 bit patterns (for callers without
+    ml_dtypes); an ``ml_dtypes.bfloat16`` array is taken as is.  Returns a
+    native-order array.
+    """
+    if not (isinstance(dtype, str) and dtype == "bfloat16"):
+        raise ValueError(
+            f"dtype={dtype!r} is not supported: the one value is 'bfloat16' (read uint16 arrays as "
+            "bfloat16 bit patterns)"
+        )
+    if type(value) is not np.ndarray:
+        value = np.asarray(value)
+    if value.dtype.name == "bfloat16":
+        return _check_array(value, name)
+    if value.dtype.kind != "u" or value.dtype.itemsize != 2:
+        raise TypeError(
+            f"{name}.dtype={value.dtype} is not supported with dtype='bfloat16': pass uint16 arrays "
+            "of bfloat16 bit patterns (or ml_dtypes.bfloat16 arrays)"
+        )
+    return value if value.dtype.isnative else value.astype(_UINT16)
+
+
 #: Plans by (shape, strides, dtype, spec, training); a plan depends on nothing else.
-#: Only valid plans of native float32/float64 arrays are stored, so a hit proves
-#: that ``x`` passed every check that does not depend on its values.
+#: Only valid plans of checked native data dtypes are stored (bfloat16 bits under the key
+#: ``_BFLOAT16_BITS``), so a hit proves that ``x`` passed every check that does not depend on
+#: its values.
 _PLAN_CACHE: dict = {}
 _PLAN_CACHE_SIZE = 512
 
@@ -151,27 +194,33 @@ def _plan(x, spec, training):
 
     Invalid combinations raise every time (only valid plans are cached).
     """
+    # x passed _check_array, or _check_bits (uint16: bfloat16 bits)
+    bits = x.dtype == _UINT16
     try:
-        key = (x.shape, x.strides, x.dtype, spec, training)
+        key = (x.shape, x.strides, _BFLOAT16_BITS if bits else x.dtype, spec, training)
         return _PLAN_CACHE[key]
     except (KeyError, TypeError):  # new geometry, or an unhashable spec (_make_plan names it)
         pass
     plan = _make_plan(x, spec, training)
-    if x.dtype in _DATA_DTYPES:  # checked native dtypes only: see _PLAN_CACHE
+    if bits or x.dtype in _DATA_DTYPES:  # checked native dtypes only: see _PLAN_CACHE
         if len(_PLAN_CACHE) >= _PLAN_CACHE_SIZE:
             _PLAN_CACHE.clear()
         _PLAN_CACHE[key] = plan
     return plan
 
 
-def _prepare_input(x, spec, training=True) -> tuple[np.ndarray, _Plan]:
+def _prepare_input(x, spec, training=True, dtype=None) -> tuple[np.ndarray, _Plan]:
     """Validate ``x`` against ``spec``: return it as an aligned native ndarray, and its plan.
 
     A plain ndarray whose geometry was seen before costs one dict lookup;
     anything else takes the full checks of :func:`_check_array` and :func:`_plan`.
+    ``dtype="bfloat16"`` reads uint16 data as bfloat16 bits (:func:`_check_bits`).
     """
     plan = None
-    if type(x) is np.ndarray:
+    if dtype is not None:
+        x = _check_bits(x, "x", dtype)
+        plan = _plan(x, spec, training)
+    elif type(x) is np.ndarray:
         try:
             plan = _PLAN_CACHE.get((x.shape, x.strides, x.dtype, spec, training))
         except TypeError:  # unhashable spec

@@ -23,7 +23,16 @@ from ._buffers import (
     _output,
     _stats_array,
 )
-from ._plan import _EMPTY, _check_array, _empty_data, _kernel_call, _param_dtype, _prepare_input
+from ._plan import (
+    _EMPTY,
+    _check_array,
+    _check_bits,
+    _empty_data,
+    _kernel_call,
+    _param_dtype,
+    _prepare_input,
+    _to_data_dtype,
+)
 from .spec import NormSpec
 
 __all__ = ["Gradients", "Stats", "forward", "forward_inference", "backward"]
@@ -141,8 +150,8 @@ def _prepare_forward(x, plan, weight, bias, residual, out, stats_flat=()):
     in_place)``; ``in_place`` is whether ``y`` is the memory of ``x`` or of
     the residual.
     """
-    weight_flat = _check_param(weight, "weight", plan, _param_dtype(x.dtype))
-    bias_flat = _check_param(bias, "bias", plan, _param_dtype(x.dtype))
+    weight_flat = _check_param(weight, "weight", plan, x.dtype)
+    bias_flat = _check_param(bias, "bias", plan, x.dtype)
     x_flat = _kernel_view(x, plan)
     residual_flat = _empty_data(x.dtype) if residual is None else _check_like_x(residual, "residual", x, plan)
     y, y_flat = _output(x, plan, out)
@@ -173,6 +182,7 @@ def forward(
     skip_bias: ArrayLike | None = None,
     sum_out: np.ndarray | None = None,
     out: np.ndarray | None = None,
+    dtype: str | None = None,
 ) -> tuple[np.ndarray, Stats]:
     """Training forward pass: normalize with the statistics of ``x``.
 
@@ -205,6 +215,13 @@ def forward(
     out : ndarray, optional
         Preallocated output with ``x``'s shape, dtype and memory order; may be
         ``x``, ``residual`` or ``skip`` itself (in-place), never ``sum_out``.
+    dtype : {None, 'bfloat16'}, optional
+        ``'bfloat16'`` reads uint16 arrays as bfloat16 bit patterns, for
+        callers without ml_dtypes: ``x`` and every data array given or
+        returned (``residual``, ``skip``, ``out``, ``sum_out``, ``y``,
+        ``stats.h``) are then uint16 arrays of bfloat16 bits, and so are
+        uint16 parameters (float32 parameters are taken too).  Without it a
+        uint16 ``x`` raises ``TypeError``.
 
     Returns
     -------
@@ -232,12 +249,12 @@ def forward(
     blocks (Chan et al. merge), so results do not depend on the thread count.
     """
     if skip is not None or skip_bias is not None or sum_out is not None:
-        return _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out)
-    y, mean, rstd = _forward(x, spec, weight, bias, out, residual)
+        return _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out, dtype)
+    y, mean, rstd = _forward(x, spec, weight, bias, out, residual, dtype)
     return y, _new_stats(mean, rstd, bias is not None, residual is not None)
 
 
-def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out):
+def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out, dtype):
     """:func:`forward` with the pre-norm skip add: ``h = x + skip (+ skip_bias)``, then the norm of ``h``."""
     if not isinstance(spec, NormSpec):
         raise TypeError(f"spec must be a fastnorm.NormSpec, got {type(spec).__name__}")
@@ -253,11 +270,11 @@ def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out
         raise ValueError(
             "skip and residual cannot be combined: skip is added before the norm, residual after"
         )
-    x, plan = _prepare_input(x, spec)
+    x, plan = _prepare_input(x, spec, True, dtype)
     skip_flat = _check_like_x(skip, "skip", x, plan)
-    skip_bias_flat = _check_param(skip_bias, "skip_bias", plan, _param_dtype(x.dtype))
-    weight_flat = _check_param(weight, "weight", plan, _param_dtype(x.dtype))
-    bias_flat = _check_param(bias, "bias", plan, _param_dtype(x.dtype))
+    skip_bias_flat = _check_param(skip_bias, "skip_bias", plan, x.dtype)
+    weight_flat = _check_param(weight, "weight", plan, x.dtype)
+    bias_flat = _check_param(bias, "bias", plan, x.dtype)
     given_params = ((weight, weight_flat), (bias, bias_flat), (skip_bias, skip_bias_flat))
     x_flat = _kernel_view(x, plan)
     h, h_flat = _output(x, plan, sum_out, "sum_out")
@@ -294,12 +311,12 @@ def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out
     return y, _new_stats(mean, rstd, bias is not None, False, h, skip_bias is not None)
 
 
-def _forward(x, spec, weight, bias, out, residual=None):
+def _forward(x, spec, weight, bias, out, residual=None, dtype=None):
     """:func:`forward` without building its :class:`Stats`: ``(y, mean, rstd)``.
 
     The functional API returns only ``y``; a ``Stats`` costs 0.25 us a call.
     """
-    x, plan = _prepare_input(x, spec)
+    x, plan = _prepare_input(x, spec, True, dtype)
     prepared = _prepare_forward(x, plan, weight, bias, residual, out)
     weight_flat, bias_flat, residual_flat, x_flat, y, y_flat, in_place = prepared
     mean = np.empty(plan.stats_shape)
@@ -325,6 +342,7 @@ def forward_inference(
     *,
     residual: np.ndarray | None = None,
     out: np.ndarray | None = None,
+    dtype: str | None = None,
 ) -> np.ndarray:
     """Inference forward pass: normalize ``x`` with given statistics.
 
@@ -336,7 +354,7 @@ def forward_inference(
         ``mean`` and ``rstd`` of the shape :func:`forward` returns for this
         ``x`` (for BatchNorm, ``(C,)``: build it from running statistics with
         ``Stats(running_mean, 1 / np.sqrt(running_var + eps))``).
-    spec, weight, bias, residual, out
+    spec, weight, bias, residual, out, dtype
         As in :func:`forward`.
 
     Returns
@@ -350,7 +368,7 @@ def forward_inference(
     bias``, one multiply-add per element after the subtraction (then the
     residual and the activation, as in :func:`forward`).
     """
-    x, plan = _prepare_input(x, spec, training=False)
+    x, plan = _prepare_input(x, spec, False, dtype)
     mean, rstd = _stats_arrays(stats, plan)
     prepared = _prepare_forward(x, plan, weight, bias, residual, out, (mean, rstd))
     weight_flat, bias_flat, residual_flat, x_flat, y, y_flat, in_place = prepared
@@ -373,6 +391,7 @@ def backward(
     residual: np.ndarray | None = None,
     with_bias: bool | None = None,
     out: np.ndarray | None = None,
+    dtype: str | None = None,
 ) -> Gradients:
     """Backward pass: gradients of the loss with respect to x, weight and bias (and the residual).
 
@@ -405,6 +424,9 @@ def backward(
     out : ndarray, optional
         Preallocated ``dx`` (``x``'s shape, dtype and memory order); may be
         ``dy`` or ``x`` itself.
+    dtype : {None, 'bfloat16'}, optional
+        As in :func:`forward`: ``dy``, ``x`` and ``dx`` are then uint16 arrays
+        of bfloat16 bits, and ``dweight`` / ``dbias`` too when ``weight`` is.
 
     Returns
     -------
@@ -433,17 +455,17 @@ def backward(
     gradient at the activation's input (``dy`` without one); derived in
     ``docs/math.md``.
     """
-    x, plan = _prepare_input(x, spec)
+    x, plan = _prepare_input(x, spec, True, dtype)
     if type(dy) is np.ndarray and dy.dtype == x.dtype and dy.shape == x.shape:
         dy_array = dy
     else:
-        dy_array = _check_array(dy, "dy")
+        dy_array = _check_array(dy, "dy") if dtype is None else _check_bits(dy, "dy", dtype)
         if dy_array.shape != x.shape:
             raise ValueError(f"dy.shape={dy_array.shape} does not match x.shape={x.shape}")
         if dy_array.dtype != x.dtype:
             raise TypeError(f"dy.dtype={dy_array.dtype} does not match x.dtype={x.dtype}")
     mean, rstd = _stats_arrays(stats, plan)
-    weight_flat = _check_param(weight, "weight", plan, _param_dtype(x.dtype))
+    weight_flat = _check_param(weight, "weight", plan, x.dtype)
     if with_bias is None:
         with_bias = stats.has_bias
     has_residual = stats.has_residual or residual is not None
@@ -489,8 +511,8 @@ def backward(
     if dweight is not None and x.dtype.itemsize == 2 and getattr(weight_dtype, "name", None) == x.dtype.name:
         # 16-bit parameters (either byte order): the gradients in the data dtype, rounded from float32
         # (as the C ABI does)
-        dweight = dweight.astype(x.dtype)
-        dbias = None if dbias is None else dbias.astype(x.dtype)
+        dweight = _to_data_dtype(dweight, x.dtype)
+        dbias = None if dbias is None else _to_data_dtype(dbias, x.dtype)
     if stats.h is not None:
         return Gradients(dx, dweight, dbias, dresidual, dx, _skip_bias_grad(dx_flat, plan, stats, params))
     if dresidual is None:
@@ -518,6 +540,6 @@ def _epilogue_inputs(x, plan, stats, bias, residual):
         raise ValueError("residual is required: the forward pass added one and spec.activation needs it")
     if residual is not None and not stats.has_residual:
         raise ValueError("residual was given but the forward pass added none (stats.has_residual is False)")
-    bias_flat = _check_param(bias, "bias", plan, _param_dtype(x.dtype))
+    bias_flat = _check_param(bias, "bias", plan, x.dtype)
     residual_flat = _empty_data(x.dtype) if residual is None else _check_like_x(residual, "residual", x, plan)
     return bias_flat, residual_flat

@@ -14,7 +14,7 @@ from typing import cast
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._plan import _check_array, _plan
+from ._plan import _check_array, _check_bits, _plan
 from .core import Stats, _forward, forward, forward_inference
 from .spec import NormSpec, check_positive_int
 
@@ -27,6 +27,11 @@ __all__ = [
     "skip_layer_norm",
     "skip_rms_norm",
 ]
+
+
+def _check_input(x, dtype):
+    """``x`` checked as :func:`fastnorm.forward` checks it (uint16 bfloat16 bits with ``dtype``)."""
+    return _check_array(x, "x") if dtype is None else _check_bits(x, "x", dtype)
 
 
 def _check_momentum(momentum, allow_none):
@@ -114,6 +119,7 @@ def batch_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     out: np.ndarray | None = None,
+    dtype: str | None = None,
 ) -> np.ndarray:
     """Batch normalization (Ioffe & Szegedy 2015), like ``torch.nn.functional.batch_norm``.
 
@@ -148,6 +154,9 @@ def batch_norm(
         :func:`fastnorm.forward` and :class:`NormSpec`.
     out : ndarray, optional
         Preallocated output (``x``'s shape, dtype and memory order; may be ``x``).
+    dtype : {None, 'bfloat16'}, optional
+        ``'bfloat16'`` reads uint16 arrays as bfloat16 bit patterns (every data array and
+        uint16 parameters), for callers without ml_dtypes: see :func:`fastnorm.forward`.
 
     Returns
     -------
@@ -169,7 +178,7 @@ def batch_norm(
     >>> bool(abs(y.mean()) < 1e-5)
     True
     """
-    x = _check_array(x, "x")
+    x = _check_input(x, dtype)
     spec = NormSpec.batch_norm(eps, channels_last, activation=activation, negative_slope=negative_slope)
     channels = _channels(x, channels_last)
     running = _running_pair(running_mean, running_var, channels, writeable=bool(training))
@@ -177,12 +186,12 @@ def batch_norm(
         if running is None:
             raise ValueError("batch_norm with training=False needs running_mean and running_var")
         stats = _running_stats(running, spec.eps)
-        return forward_inference(x, stats, spec, weight, bias, residual=residual, out=out)
+        return forward_inference(x, stats, spec, weight, bias, residual=residual, out=out, dtype=dtype)
     momentum = _check_momentum(momentum, allow_none=True)
     counter = _check_counter(num_batches_tracked, required=momentum is None and running is not None)
     plan = _plan(x, spec, training=True)  # validate before anything is written
     _check_out_not_running(out, running)
-    y, stats = forward(x, spec, weight, bias, residual=residual, out=out)
+    y, stats = forward(x, spec, weight, bias, residual=residual, out=out, dtype=dtype)
     if counter is not None:
         counter += 1
     if running is not None:
@@ -229,6 +238,7 @@ def instance_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     out: np.ndarray | None = None,
+    dtype: str | None = None,
 ) -> np.ndarray:
     """Instance normalization (Ulyanov et al. 2016), like ``torch.nn.functional.instance_norm``.
 
@@ -258,13 +268,16 @@ def instance_norm(
         :func:`fastnorm.forward` and :class:`NormSpec`.
     out : ndarray, optional
         Preallocated output.
+    dtype : {None, 'bfloat16'}, optional
+        ``'bfloat16'`` reads uint16 arrays as bfloat16 bit patterns (every data array and
+        uint16 parameters), for callers without ml_dtypes: see :func:`fastnorm.forward`.
 
     Returns
     -------
     ndarray
         Normalized ``x``.
     """
-    x = _check_array(x, "x")
+    x = _check_input(x, dtype)
     # validates eps and channels_last before channels_last is used to find C
     epilogue = {"activation": activation, "negative_slope": negative_slope}
     spec = NormSpec.instance_norm(eps, channels_last, **epilogue)
@@ -275,11 +288,11 @@ def instance_norm(
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
         spec = NormSpec.batch_norm(eps, channels_last, **epilogue)
         stats = _running_stats(running, spec.eps)
-        return forward_inference(x, stats, spec, weight, bias, residual=residual, out=out)
+        return forward_inference(x, stats, spec, weight, bias, residual=residual, out=out, dtype=dtype)
     momentum = _check_momentum(momentum, allow_none=False)
     plan = _plan(x, spec, training=True)
     _check_out_not_running(out, running)
-    y, stats = forward(x, spec, weight, bias, residual=residual, out=out)
+    y, stats = forward(x, spec, weight, bias, residual=residual, out=out, dtype=dtype)
     if running is not None and y.shape[0] > 0:
         # torch: the batch average of the per-instance mean and unbiased variance.
         var = _variance(stats, spec.eps)
@@ -332,6 +345,7 @@ def layer_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     out: np.ndarray | None = None,
+    dtype: str | None = None,
 ) -> np.ndarray:
     """Layer normalization (Ba et al. 2016), like ``torch.nn.functional.layer_norm``.
 
@@ -350,6 +364,9 @@ def layer_norm(
         :func:`fastnorm.forward` and :class:`NormSpec`.
     out : ndarray, optional
         Preallocated C-contiguous output; may be ``x``.
+    dtype : {None, 'bfloat16'}, optional
+        ``'bfloat16'`` reads uint16 arrays as bfloat16 bit patterns (every data array and
+        uint16 parameters), for callers without ml_dtypes: see :func:`fastnorm.forward`.
 
     Returns
     -------
@@ -357,10 +374,10 @@ def layer_norm(
         Normalized ``x``.
     """
     if type(x) is not np.ndarray:  # forward checks the dtype of a plain ndarray itself
-        x = _check_array(x, "x")
+        x = _check_input(x, dtype)
     ndim = _normalized_ndim(x, normalized_shape)
     spec = NormSpec.layer_norm(ndim, eps, activation=activation, negative_slope=negative_slope)
-    return _forward(x, spec, weight, bias, out, residual)[0]
+    return _forward(x, spec, weight, bias, out, residual, dtype)[0]
 
 
 def group_norm(
@@ -375,6 +392,7 @@ def group_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     out: np.ndarray | None = None,
+    dtype: str | None = None,
 ) -> np.ndarray:
     """Group normalization (Wu & He 2018), like ``torch.nn.functional.group_norm``.
 
@@ -396,6 +414,9 @@ def group_norm(
         :func:`fastnorm.forward` and :class:`NormSpec`.
     out : ndarray, optional
         Preallocated output.
+    dtype : {None, 'bfloat16'}, optional
+        ``'bfloat16'`` reads uint16 arrays as bfloat16 bit patterns (every data array and
+        uint16 parameters), for callers without ml_dtypes: see :func:`fastnorm.forward`.
 
     Returns
     -------
@@ -404,7 +425,7 @@ def group_norm(
     """
     epilogue = {"activation": activation, "negative_slope": negative_slope}
     spec = NormSpec.group_norm(num_groups, eps, channels_last, **epilogue)
-    return _forward(x, spec, weight, bias, out, residual)[0]
+    return _forward(x, spec, weight, bias, out, residual, dtype)[0]
 
 
 def rms_norm(
@@ -417,6 +438,7 @@ def rms_norm(
     activation: str | None = None,
     negative_slope: float = 0.01,
     out: np.ndarray | None = None,
+    dtype: str | None = None,
 ) -> np.ndarray:
     """RMS normalization (Zhang & Sennrich 2019), like ``torch.nn.functional.rms_norm``.
 
@@ -435,6 +457,9 @@ def rms_norm(
         :func:`fastnorm.forward` and :class:`NormSpec`.
     out : ndarray, optional
         Preallocated C-contiguous output; may be ``x``.
+    dtype : {None, 'bfloat16'}, optional
+        ``'bfloat16'`` reads uint16 arrays as bfloat16 bit patterns (every data array and
+        uint16 parameters), for callers without ml_dtypes: see :func:`fastnorm.forward`.
 
     Returns
     -------
@@ -442,10 +467,10 @@ def rms_norm(
         ``x / sqrt(mean(x**2) + eps) * weight``.
     """
     if type(x) is not np.ndarray:  # forward checks the dtype of a plain ndarray itself
-        x = _check_array(x, "x")
+        x = _check_input(x, dtype)
     ndim = _normalized_ndim(x, normalized_shape)
     spec = NormSpec.rms_norm(ndim, eps, activation=activation, negative_slope=negative_slope)
-    return _forward(x, spec, weight, None, out, residual)[0]
+    return _forward(x, spec, weight, None, out, residual, dtype)[0]
 
 
 def skip_layer_norm(
@@ -459,6 +484,7 @@ def skip_layer_norm(
     skip_bias: ArrayLike | None = None,
     out: np.ndarray | None = None,
     sum_out: np.ndarray | None = None,
+    dtype: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pre-norm skip add and layer normalization, like ONNX Runtime's ``SkipLayerNormalization``.
 
@@ -480,6 +506,9 @@ def skip_layer_norm(
         Preallocated ``y``; may be ``x`` or ``skip``, not ``sum_out``.
     sum_out : ndarray, optional
         Preallocated ``h``; may be ``x`` or ``skip``.
+    dtype : {None, 'bfloat16'}, optional
+        ``'bfloat16'`` reads uint16 arrays as bfloat16 bit patterns (every data array and
+        uint16 parameters), for callers without ml_dtypes: see :func:`fastnorm.forward`.
 
     Returns
     -------
@@ -497,9 +526,11 @@ def skip_layer_norm(
     if skip is None:
         raise ValueError("skip is required: the tensor added to x before the norm")
     if type(x) is not np.ndarray:
-        x = _check_array(x, "x")
+        x = _check_input(x, dtype)
     spec = NormSpec.layer_norm(_normalized_ndim(x, normalized_shape), eps)
-    y, stats = forward(x, spec, weight, bias, skip=skip, skip_bias=skip_bias, sum_out=sum_out, out=out)
+    y, stats = forward(
+        x, spec, weight, bias, skip=skip, skip_bias=skip_bias, sum_out=sum_out, out=out, dtype=dtype
+    )
     return y, cast(np.ndarray, stats.h)  # set by every forward with a skip
 
 
@@ -513,12 +544,13 @@ def skip_rms_norm(
     skip_bias: ArrayLike | None = None,
     out: np.ndarray | None = None,
     sum_out: np.ndarray | None = None,
+    dtype: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pre-norm skip add and RMS normalization, like ONNX Runtime's ``SkipSimplifiedLayerNormalization``.
 
     Parameters
     ----------
-    x, skip, normalized_shape, skip_bias, out, sum_out
+    x, skip, normalized_shape, skip_bias, out, sum_out, dtype
         As in :func:`skip_layer_norm`.
     weight : array_like of shape ``normalized_shape``, optional
         Per-element scale.
@@ -535,7 +567,9 @@ def skip_rms_norm(
     if skip is None:
         raise ValueError("skip is required: the tensor added to x before the norm")
     if type(x) is not np.ndarray:
-        x = _check_array(x, "x")
+        x = _check_input(x, dtype)
     spec = NormSpec.rms_norm(_normalized_ndim(x, normalized_shape), eps)
-    y, stats = forward(x, spec, weight, None, skip=skip, skip_bias=skip_bias, sum_out=sum_out, out=out)
+    y, stats = forward(
+        x, spec, weight, None, skip=skip, skip_bias=skip_bias, sum_out=sum_out, out=out, dtype=dtype
+    )
     return y, cast(np.ndarray, stats.h)  # set by every forward with a skip

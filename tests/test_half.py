@@ -323,3 +323,135 @@ def test_16bit_statistics_are_accepted(name):
     stats64 = fastnorm.Stats(mean.astype(np.float64), rstd.astype(np.float64))
     y64 = fastnorm.forward_inference(x, stats64, spec)
     assert np.array_equal(y16.view(np.uint16), y64.view(np.uint16))
+
+
+# ---------------------------------------------------------------------------
+# uint16 arrays read as bfloat16 bits (dtype="bfloat16"), for callers without ml_dtypes
+# ---------------------------------------------------------------------------
+
+BITS_CASES = [bn(2, 3, 5, 7), gn(2, 4, 2, 3, 5), ln(1, 3, 40), rms(1, 4, 24)]
+
+
+def _bits(array):
+    return None if array is None else np.asarray(array).view(np.uint16)
+
+
+def _same_bits(a, b, what):
+    assert a is not None and b is not None and a.dtype == np.uint16, what
+    assert np.array_equal(np.asarray(a), _bits(b)), what
+
+
+@pytest.mark.parametrize(
+    "case, param, layout",
+    [
+        pytest.param(case, param, layout, id=f"{case}-{param}-{layout}")
+        for case in BITS_CASES
+        for param in ("float32", "bits")
+        for layout in (("cf", "cl") if case.per_channel else ("cf",))
+    ],
+)
+def test_uint16_bits_give_the_bfloat16_results(case, param, layout):
+    """Every pass on uint16 bits with ``dtype="bfloat16"`` equals the ml_dtypes bfloat16 call bitwise."""
+    x, dy, weight, bias, residual, channels_last, _ = _problem(case, BF16, _param_dtype(param, BF16), layout)
+    spec = case.spec(channels_last=channels_last)
+    w_bits = _bits(weight) if param == "bits" else weight
+    b_bits = _bits(bias) if param == "bits" else bias
+    y, stats = fastnorm.forward(x, spec, weight, bias, residual=residual)
+    bits = {"dtype": "bfloat16"}
+    y_u, stats_u = fastnorm.forward(_bits(x), spec, w_bits, b_bits, residual=_bits(residual), **bits)
+    _same_bits(y_u, y, "y")
+    assert np.array_equal(stats_u.mean, stats.mean) and np.array_equal(stats_u.rstd, stats.rstd)
+    y_inf = fastnorm.forward_inference(x, stats, spec, weight, bias)
+    _same_bits(fastnorm.forward_inference(_bits(x), stats, spec, w_bits, b_bits, **bits), y_inf, "yinf")
+    grads = fastnorm.backward(dy, x, stats, spec, weight)
+    grads_u = fastnorm.backward(_bits(dy), _bits(x), stats, spec, w_bits, dtype="bfloat16")
+    _same_bits(grads_u.dx, grads.dx, "dx")
+    if param == "bits":
+        _same_bits(grads_u.dweight, grads.dweight, "dweight")
+        _same_bits(grads_u.dbias, grads.dbias, "dbias")
+    else:
+        assert np.array_equal(grads_u.dweight, grads.dweight) and grads_u.dweight.dtype == np.float32
+    out = np.empty_like(_bits(x))
+    assert fastnorm.forward(_bits(x), spec, w_bits, b_bits, out=out, dtype="bfloat16")[0] is out
+    _same_bits(out, fastnorm.forward(x, spec, weight, bias)[0], "out")
+
+
+@pytest.mark.parametrize(
+    "name", ["batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "skip"]
+)
+def test_functional_api_takes_uint16_bits(name):
+    rng = rng_for("bits functional", name)
+    x = rng.standard_normal((4, 6, 5)).astype(BF16)
+    w = rng.uniform(0.5, 1.5, 5 if name in ("layer_norm", "rms_norm", "skip") else 6).astype(BF16)
+    u = _bits(x)
+    if name == "batch_norm":
+        rm, rv = np.zeros(6, np.float32), np.ones(6, np.float32)
+        rm_u, rv_u = rm.copy(), rv.copy()
+        y = fastnorm.batch_norm(x, rm, rv, w, training=True)
+        y_u = fastnorm.batch_norm(u, rm_u, rv_u, _bits(w), training=True, dtype="bfloat16")
+        assert np.array_equal(rm, rm_u) and np.array_equal(rv, rv_u)
+        y_inf = fastnorm.batch_norm(x, rm, rv, w)
+        _same_bits(fastnorm.batch_norm(u, rm, rv, _bits(w), dtype="bfloat16"), y_inf, "inference")
+    elif name == "instance_norm":
+        y = fastnorm.instance_norm(x, weight=w)
+        y_u = fastnorm.instance_norm(u, weight=_bits(w), dtype="bfloat16")
+    elif name == "group_norm":
+        y, y_u = fastnorm.group_norm(x, 3, w), fastnorm.group_norm(u, 3, _bits(w), dtype="bfloat16")
+    elif name == "layer_norm":
+        y, y_u = fastnorm.layer_norm(x, 5, w), fastnorm.layer_norm(u, 5, _bits(w), dtype="bfloat16")
+    elif name == "rms_norm":
+        y, y_u = fastnorm.rms_norm(x, 5, w), fastnorm.rms_norm(u, 5, _bits(w), dtype="bfloat16")
+    else:
+        skip = rng.standard_normal(x.shape).astype(BF16)
+        (y, h), (y_u, h_u) = (
+            fastnorm.skip_layer_norm(x, skip, 5, w),
+            fastnorm.skip_layer_norm(u, _bits(skip), 5, _bits(w), dtype="bfloat16"),
+        )
+        _same_bits(h_u, h, "h")
+        spec = fastnorm.NormSpec.layer_norm(1)
+        _, stats = fastnorm.forward(x, spec, w, skip=skip)
+        _, stats_u = fastnorm.forward(u, spec, _bits(w), skip=_bits(skip), dtype="bfloat16")
+        grads = fastnorm.backward(x, x, stats, spec, w)
+        grads_u = fastnorm.backward(u, u, stats_u, spec, _bits(w), dtype="bfloat16")
+        _same_bits(grads_u.dskip, grads.dskip, "dskip")
+    _same_bits(y_u, y, name)
+
+
+def test_uint16_without_dtype_is_refused_even_after_a_bits_call():
+    """A plan made for bfloat16 bits must not let a plain uint16 array through the plan cache."""
+    u = np.arange(24, dtype=np.uint16).reshape(4, 6) + np.uint16(0x3F80)
+    spec = fastnorm.NormSpec.layer_norm(1)
+    fastnorm.forward(u, spec, dtype="bfloat16")
+    fastnorm.layer_norm(u, 6, dtype="bfloat16")
+    with pytest.raises(TypeError, match="dtype='bfloat16'"):
+        fastnorm.forward(u, spec)
+    with pytest.raises(TypeError, match="dtype='bfloat16'"):
+        fastnorm.layer_norm(u, 6)
+    with pytest.raises(TypeError, match="dtype='bfloat16'"):
+        fastnorm.forward_inference(u, fastnorm.Stats(np.zeros(4), np.ones(4)), spec)
+
+
+def test_bad_bits_arguments_are_refused():
+    u = np.full((4, 6), 0x3F80, np.uint16)
+    before = u.copy()
+    spec = fastnorm.NormSpec.layer_norm(1)
+    with pytest.raises(ValueError, match="dtype='float16' is not supported"):
+        fastnorm.forward(u, spec, dtype="float16")
+    with pytest.raises(TypeError, match=r"x.dtype=float32 is not supported with dtype='bfloat16'"):
+        fastnorm.forward(u.astype(np.float32), spec, dtype="bfloat16")
+    with pytest.raises(TypeError, match=r"x.dtype=int16 is not supported with dtype='bfloat16'"):
+        fastnorm.layer_norm(u.view(np.int16), 6, dtype="bfloat16")
+    with pytest.raises(TypeError, match="residual.dtype"):
+        fastnorm.forward(u, spec, residual=u.view(BF16), dtype="bfloat16")
+    _, stats = fastnorm.forward(u, spec, dtype="bfloat16")
+    with pytest.raises(TypeError, match=r"dy.dtype=float32 is not supported with dtype='bfloat16'"):
+        fastnorm.backward(u.astype(np.float32), u, stats, spec, dtype="bfloat16")
+    assert np.array_equal(u, before)
+
+
+def test_ml_dtypes_bfloat16_with_dtype_bfloat16_is_the_same_call():
+    x = rng_for("bits same").standard_normal((3, 8)).astype(BF16)
+    spec = fastnorm.NormSpec.rms_norm(1)
+    y = fastnorm.forward(x, spec)[0]
+    y2 = fastnorm.forward(x, spec, dtype="bfloat16")[0]
+    assert y2.dtype == BF16 and np.array_equal(_bits(y2), _bits(y))

@@ -38,7 +38,7 @@ from .epilogue import ACTIVATIONS
 from .numerics import CANCELLATION_LIMIT
 from .schedule import *  # noqa: F403 -- the constants, KernelSpec, Schedule, plan_schedule
 from .schedule import __all__ as _schedule_names
-from .storage import VIEWS
+from .storage import VIEWS, bfloat16_bits
 
 __all__ = [
     "ACTIVATIONS",
@@ -50,5 +50,6 @@ __all__ = [
     "run_skip_forward",
     "select",
     "VIEWS",
+    "bfloat16_bits",
     *_schedule_names,
 ]

@@ -51,8 +51,10 @@ _I16 = ir.IntType(16)
 _I32 = ir.IntType(32)
 
 
-def _f32_to_bf16_bits_numpy(value):
-    """float32 to bfloat16 bits, rounded to nearest even (NumPy; :func:`_narrow` compiled).
+def bfloat16_bits(value):
+    """float32 values to bfloat16 bits (a flat uint16 array), rounded to nearest even.
+
+    NumPy, for the public layer and :func:`narrow`; compiled code: :func:`_narrow`.
 
     Adds ``0x7FFF`` plus the lowest kept bit, then drops the low 16 bits; a
     carry into the exponent rounds up to the next binade or to infinity, as
@@ -61,7 +63,7 @@ def _f32_to_bf16_bits_numpy(value):
     turn a NaN into an infinity).  ml_dtypes agrees on every NaN except that
     it stores each as ``0x7FC0`` with its sign.
     """
-    bits = np.asarray(value, np.float32).reshape(1).view(np.uint32)
+    bits = np.ascontiguousarray(value, np.float32).reshape(-1).view(np.uint32)
     rounded = ((bits + (np.uint32(0x7FFF) + ((bits >> 16) & 1))) >> 16).astype(np.uint16)
     nan = ((bits >> 16) | 0x40).astype(np.uint16)
     return np.where((bits & 0x7FFFFFFF) > 0x7F800000, nan, rounded)
@@ -88,7 +90,7 @@ def narrow(dtype, value):
     Pure-Python version; compiled: the intrinsic :func:`_narrow`.
     """
     if dtype == BFLOAT16_VIEW:
-        return _f32_to_bf16_bits_numpy(np.float32(value))[0]
+        return bfloat16_bits(np.float32(value))[0]
     if dtype == FLOAT16_VIEW:
         bits = np.float32(value).view(np.uint32)
         if np.isnan(np.float32(value)):  # quiet, sign and top payload bits, as fptrunc (and F16C)
@@ -143,7 +145,7 @@ def _widen(typingctx, bits):
 
 @intrinsic
 def _narrow(typingctx, dtype, value):
-    """Compile :func:`narrow` for an array's ``dtype``: :func:`_f32_to_bf16_bits_numpy`'s rule in LLVM IR."""
+    """Compile :func:`narrow` for an array's ``dtype``: :func:`bfloat16_bits`'s rule in LLVM IR."""
     element = getattr(dtype, "dtype", None)
     if element == types.uint16:
 
