@@ -38,10 +38,12 @@ $(VENV)/.installed-docs: pyproject.toml | $(PY)
 demo: $(VENV)/.installed
 	$(PY) -m fastnorm.demo
 
+# Two pytest-xdist workers, one test module at a time each (tests/conftest.py groups them): a
+# cold run is mostly Numba compiling, one core per process. `pytest` alone runs serially.
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 # Line and branch coverage of fastnorm/ by the whole suite, kernels included: with
 # NUMBA_DISABLE_JIT=1 they run as Python (tests marked jit or slow are skipped; 5.6 min here).

@@ -28,7 +28,18 @@ def pytest_configure(config):
         config.addinivalue_line("filterwarnings", "ignore::RuntimeWarning:fastnorm._kernels")
 
 
+#: Test modules that share one pytest-xdist worker: both build libfastnorm.so, whose cold
+#: compile (minutes) would otherwise run twice at once.
+_SHARED_GROUPS = {"test_capi": "capi", "test_capi_fuzz": "capi"}
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    # With `pytest -n 2 --dist loadgroup` (make test) a worker runs a whole module: the
+    # kernels a module compiles are compiled once, by one process, then cached on disk.
+    for item in items:
+        module = item.path.stem
+        item.add_marker(pytest.mark.xdist_group(_SHARED_GROUPS.get(module, module)))
     if not numba.config.DISABLE_JIT:
         return
     skip = pytest.mark.skip(reason="needs compiled kernels; NUMBA_DISABLE_JIT=1 runs them as Python")
