@@ -43,7 +43,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -n 2 --dist loadgroup
+	$(PY) -m pytest -n 2
 
 # Line and branch coverage of fastnorm/ by the whole suite, kernels included: with
 # NUMBA_DISABLE_JIT=1 they run as Python (tests marked jit or slow are skipped; 5.6 min here).

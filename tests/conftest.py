@@ -30,16 +30,35 @@ def pytest_configure(config):
 
 #: Test modules that share one pytest-xdist worker: both build libfastnorm.so, whose cold
 #: compile (minutes) would otherwise run twice at once.
-_SHARED_GROUPS = {"test_capi": "capi", "test_capi_fuzz": "capi"}
+_SHARED_SCOPES = {"tests/test_capi_fuzz.py": "tests/test_capi.py"}
 
 
-@pytest.hookimpl(tryfirst=True)
+def _module_scope(nodeid):
+    """The unit of work of a pytest-xdist worker: a test module (:data:`_SHARED_SCOPES` merged)."""
+    module = nodeid.split("::", 1)[0]
+    return _SHARED_SCOPES.get(module, module)
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config, log):
+    """With ``pytest -n 2`` (``make test``): each worker runs whole modules, in collection order.
+
+    A cold run is mostly Numba compiling, one core per process: a module's kernels are
+    compiled once, by one worker, then loaded from the on-disk cache by any other.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            return _module_scope(nodeid)
+
+    config.option.loadscopereorder = False  # collection order: the C ABI's modules first
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    # With `pytest -n 2 --dist loadgroup` (make test) a worker runs a whole module: the
-    # kernels a module compiles are compiled once, by one process, then cached on disk.
-    for item in items:
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group(_SHARED_GROUPS.get(module, module)))
+    # The C ABI's modules run first: their library build is the longest unit of work.
+    items.sort(key=lambda item: _module_scope(item.nodeid) != "tests/test_capi.py")
     if not numba.config.DISABLE_JIT:
         return
     skip = pytest.mark.skip(reason="needs compiled kernels; NUMBA_DISABLE_JIT=1 runs them as Python")
