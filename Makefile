@@ -38,11 +38,14 @@ $(VENV)/.installed-docs: pyproject.toml | $(PY)
 demo: $(VENV)/.installed
 	$(PY) -m fastnorm.demo
 
-# Two pytest-xdist workers, one test module at a time each (tests/conftest.py groups them): a
-# cold run is mostly Numba compiling, one core per process. `pytest` alone runs serially.
+# A cold run is mostly Numba compiling, on one core per process. First the C ABI's cfuncs
+# compile every kernel for every dtype, the dtypes shared among 2 processes; the Python API
+# loads the same kernels from the cache. Then two pytest-xdist workers, one test module at a
+# time each (tests/conftest.py). `pytest` alone runs serially.
 test: $(VENV)/.installed-test
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m fastnorm.capi --warm --jobs 2
 	$(PY) -m pytest -n 2
 
 # Line and branch coverage of fastnorm/ by the whole suite, kernels included: with

@@ -742,3 +742,26 @@ def test_c_sources_are_clang_formatted():
         capture_output=True, text=True, cwd=REPO,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_warm_in_several_processes_leaves_every_cfunc_cached(capi):
+    """``--warm --jobs 2`` shares the dtypes among two processes; afterwards all 16 cfuncs load."""
+    warmed = subprocess.run(
+        [sys.executable, "-m", "fastnorm.capi", "--warm", "--jobs", "2"],
+        capture_output=True, text=True, timeout=1200,
+    )  # fmt: skip
+    assert warmed.returncode == 0, warmed.stderr
+    assert "(16 from cache, 0 compiled)" in warmed.stderr, warmed.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--warm", "--jobs", "0"], "--jobs must be at least 1"),
+        (["--warm", "--dtypes", "float32,float8"], "unknown dtype(s) ['float8']"),
+        (["--warm", "--dtypes", ","], "unknown dtype(s) ','"),
+    ],
+)
+def test_warm_rejects_bad_arguments(args, message):
+    result = subprocess.run([sys.executable, "-m", "fastnorm.capi", *args], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr, result.stderr

@@ -7,7 +7,7 @@ kernels of :mod:`fastnorm._kernels` compiled as Numba cfuncs (module
 Command line (``python -m fastnorm.capi --help``)::
 
     python -m fastnorm.capi build [--out DIR]   # libfastnorm.so, include/fastnorm.h, fastnorm.pc
-    python -m fastnorm.capi --warm              # compile the cfuncs into Numba's cache
+    python -m fastnorm.capi --warm [--jobs N]   # compile the cfuncs into Numba's cache
     python -m fastnorm.capi --cflags            # -I... for a C compiler
     python -m fastnorm.capi --libs              # -L... -lfastnorm for the linker
 
@@ -21,23 +21,54 @@ from .build import LIBRARY_NAME, build, cflags, default_build_dir, libs, source_
 __all__ = ["LIBRARY_NAME", "build", "cflags", "default_build_dir", "libs", "source_dir", "warm"]
 
 
-def warm():
+def warm(jobs=1, dtypes=None):
     """Compile every cfunc of the C ABI into Numba's cache (or check that it is there).
 
     Run it once after installing or after changing the kernels, so that the
     first C call of every later process only loads machine code.
 
+    Parameters
+    ----------
+    jobs : int, optional
+        Processes that compile at once.  Numba compiles on one core; with
+        ``jobs > 1`` the data dtypes are shared out among that many
+        ``python -m fastnorm.capi --warm --dtypes ...`` processes, each
+        writing its cfuncs (and the kernels they call) to the cache, and this
+        process then loads them all.
+    dtypes : collection of str, optional
+        Only the cfuncs of these data dtypes (``"float32"``, ``"float64"``,
+        ``"float16"``, ``"bfloat16"``); all by default.
+
     Returns
     -------
     dict
         ``{"seconds": float, "cached": int, "compiled": int, "layer": str, "max_threads": int}``.
+
+    Raises
+    ------
+    RuntimeError
+        A compiling process failed (its output is in the message).
     """
+    import subprocess
+    import sys
     import time
 
     start = time.perf_counter()
-    from ._cfuncs import build_cfuncs, threading_addresses
+    from ._cfuncs import DATA_TYPES, build_cfuncs, threading_addresses
 
-    cfuncs = build_cfuncs()
+    names = list(DATA_TYPES) if dtypes is None else [name for name in DATA_TYPES if name in dtypes]
+    if jobs > 1 and len(names) > 1:
+        shares = [names[i::jobs] for i in range(min(jobs, len(names)))]
+        command = [sys.executable, "-m", "fastnorm.capi", "--warm", "--dtypes"]
+        processes = [
+            subprocess.Popen([*command, ",".join(share)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            for share in shares
+        ]
+        outputs = [process.communicate()[0].decode(errors="replace") for process in processes]
+        for process, output in zip(processes, outputs, strict=True):
+            if process.returncode:
+                raise RuntimeError(f"{' '.join(process.args)} failed ({process.returncode}):\n{output}")
+    cfuncs = build_cfuncs(dtypes=names)
     _, _, max_threads, layer = threading_addresses()
     cached = sum(1 for f in cfuncs.values() if f.cache_hits)
     return {

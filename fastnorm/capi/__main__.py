@@ -32,6 +32,12 @@ def main(argv=None):
     parser.add_argument("--no-warm", action="store_true", help="build: do not warm Numba's cache")
     parser.add_argument("--verbose", action="store_true", help="build: show compiler commands")
     parser.add_argument("--warm", action="store_true", help="compile the kernels' cfuncs into Numba's cache")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="--warm: processes compiling at once (one core each; default 1)"
+    )
+    parser.add_argument(
+        "--dtypes", help="--warm: only these data dtypes, comma-separated (float32,float64,float16,bfloat16)"
+    )
     parser.add_argument("--cflags", action="store_true", help="print the compiler flags")
     parser.add_argument("--libs", action="store_true", help="print the linker flags")
     args = parser.parse_args(argv)
@@ -43,8 +49,16 @@ def main(argv=None):
         print(f"built {path}", file=sys.stderr)
         if not args.no_warm:
             args.warm = True
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    dtypes = None
+    if args.dtypes is not None:
+        dtypes = [name for name in args.dtypes.split(",") if name]
+        unknown = sorted(set(dtypes) - {"float32", "float64", "float16", "bfloat16"})
+        if unknown or not dtypes:
+            parser.error(f"--dtypes: unknown dtype(s) {unknown or args.dtypes!r}")
     if args.warm:
-        info = warm()
+        info = warm(args.jobs, dtypes)
         print(
             f"cfuncs ready in {info['seconds']:.2f} s ({info['cached']} from cache, {info['compiled']} "
             f"compiled); threading layer {info['layer']}, {info['max_threads']} threads",

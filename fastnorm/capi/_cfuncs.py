@@ -306,15 +306,18 @@ _FACTORIES = {
 }
 
 
-def build_cfuncs(cache=True):
+def build_cfuncs(cache=True, dtypes=None):
     """Compile (or load from Numba's cache) every cfunc of the C ABI.
 
     Parameters
     ----------
     cache : bool, optional
         Use Numba's on-disk cache (default).  The first run compiles every
-        kernel specialization (about a minute on 2 cores); later runs load
-        the machine code from the cache in a fraction of a second.
+        kernel specialization (minutes, one core); later runs load the
+        machine code from the cache in a fraction of a second.
+    dtypes : collection of str, optional
+        Only the cfuncs of these data dtypes (names of :data:`DATA_TYPES`);
+        all by default.
 
     Returns
     -------
@@ -330,7 +333,8 @@ def build_cfuncs(cache=True):
     parallel._launch_threads()
     result = {}
     for (op, dtype), sig in SIGNATURES.items():
-        result[op, dtype] = cfunc(sig, cache=cache)(_FACTORIES[op](DEPS_KEY))
+        if dtypes is None or dtype in dtypes:
+            result[op, dtype] = cfunc(sig, cache=cache)(_FACTORIES[op](DEPS_KEY))
     return result
 
 
