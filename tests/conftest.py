@@ -33,9 +33,18 @@ def pytest_configure(config):
 _SHARED_SCOPES = {"tests/test_capi_fuzz.py": "tests/test_capi.py"}
 
 
+#: Modules whose tests are units of work of their own (each runs for minutes).
+_SPLIT_MODULES = {"tests/test_fuzz_api.py"}
+
+
 def _module_scope(nodeid):
-    """The unit of work of a pytest-xdist worker: a test module (:data:`_SHARED_SCOPES` merged)."""
+    """A pytest-xdist worker's unit of work: a module, or a test of :data:`_SPLIT_MODULES`.
+
+    The modules of :data:`_SHARED_SCOPES` are one unit.
+    """
     module = nodeid.split("::", 1)[0]
+    if module in _SPLIT_MODULES:
+        return nodeid
     return _SHARED_SCOPES.get(module, module)
 
 
@@ -52,13 +61,25 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid):
             return _module_scope(nodeid)
 
-    config.option.loadscopereorder = False  # collection order: the C ABI's modules first
+    config.option.loadscopereorder = False  # collection order: the longest modules first
     return ModuleScheduling(config, log)
 
 
+#: Modules that run first, longest first (the C library's build and fuzzing, the Python
+#: fuzzer, the vectorization check's uncached builds), so that no worker is left with a long
+#: one at the end.
+_FIRST = ("tests/test_capi.py", "tests/test_fuzz_api.py", "tests/test_vectorized.py")
+
+
+def _run_order(item):
+    """Sort key of a test: the modules of :data:`_FIRST` in that order, then the rest as collected."""
+    module = item.nodeid.split("::", 1)[0]
+    module = _SHARED_SCOPES.get(module, module)
+    return _FIRST.index(module) if module in _FIRST else len(_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
-    # The C ABI's modules run first: their library build is the longest unit of work.
-    items.sort(key=lambda item: _module_scope(item.nodeid) != "tests/test_capi.py")
+    items.sort(key=_run_order)
     if not numba.config.DISABLE_JIT:
         return
     skip = pytest.mark.skip(reason="needs compiled kernels; NUMBA_DISABLE_JIT=1 runs them as Python")
