@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test coverage capi bench bench-check bench-half bench-ci docs clean
+.PHONY: demo test coverage capi bench bench-check bench-half bench-ci docs wheel-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,18 @@ test: $(VENV)/.installed-test
 coverage: $(VENV)/.installed-test
 	NUMBA_DISABLE_JIT=1 $(PY) -m coverage run -m pytest -q -m "not slow"
 	$(PY) -m coverage report
+
+# The wheel as a new user gets it: `python -m build` makes it, a fresh venv installs it with the
+# capi extra (numba, numpy, cffi, tbb from PyPI; no torch), and tests/smoke_wheel.py runs there
+# from outside the checkout: one norm against NumPy, the C library built from the sources the
+# wheel ships, and a C program linked to it. .ci/run runs it.
+WHEEL_CHECK := build/wheel-check
+wheel-check: $(VENV)/.installed-test
+	rm -rf $(WHEEL_CHECK)
+	$(PY) -m build --wheel --outdir $(WHEEL_CHECK)/dist .
+	$(PY) -m venv $(WHEEL_CHECK)/venv
+	$(WHEEL_CHECK)/venv/bin/python -m pip install --quiet "$$(ls $(WHEEL_CHECK)/dist/fastnorm-*.whl)[capi]"
+	cd $(WHEEL_CHECK) && venv/bin/python $(CURDIR)/tests/smoke_wheel.py
 
 # Build capi/build/libfastnorm.so (+ fastnorm.pc) and warm the Numba cache (docs/c-api.md).
 capi: $(VENV)/.installed-capi

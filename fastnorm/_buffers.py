@@ -13,7 +13,7 @@ import numpy as np
 from numba import types
 
 from ._config import glue, typed_helper
-from ._plan import _EMPTY, _FLOAT64, _UINT16, _as_storage, _param_dtype, _storage
+from ._plan import _EMPTY, _FLOAT64, _UINT16, _as_storage, _kernel_input, _param_dtype, _storage
 
 #: Stands for the statistics in :func:`_check_alias` when a pass has none to check.
 _NO_STATS = _EMPTY[_FLOAT64]
@@ -32,7 +32,7 @@ def _check_param(value, name, plan, data_dtype):
         return _EMPTY[dtype]
     if type(value) is np.ndarray and value.dtype == dtype and value.shape == plan.param_shape:
         flags = value.flags
-        if flags.c_contiguous and flags.aligned:
+        if flags.c_contiguous and flags.behaved:
             # fast path: already what the kernel takes
             return value if len(plan.param_shape) == 1 else value.ravel()
     value = np.asarray(value)
@@ -43,14 +43,15 @@ def _check_param(value, name, plan, data_dtype):
     if data_dtype == _UINT16 and value.dtype.kind == "u" and value.dtype.itemsize == 2:
         bits = np.ascontiguousarray(value, _UINT16).reshape(-1)
         return (bits.astype(np.uint32) << 16).view(np.float32)  # bfloat16 is float32's top half
-    return np.ascontiguousarray(value, dtype=dtype).reshape(-1)
+    return _kernel_input(np.ascontiguousarray(value, dtype=dtype).reshape(-1))
 
 
 def _kernel_view(array, plan):
     """Flat C-order view of ``array`` in the plan's memory order (copies only if needed)."""
     if plan.kernel_axes is not None:
         array = array.transpose(plan.kernel_axes)
-    return _as_storage(array.ravel())  # a view when already contiguous in that order, else a copy
+    # a view when already contiguous in that order, else a copy
+    return _kernel_input(_as_storage(array.ravel()))
 
 
 def _output(like, plan, out, name="out"):
@@ -191,7 +192,7 @@ def _flat_in_kernel_order(array, plan, name, purpose):
     if not view.flags.c_contiguous or not array.flags.aligned:
         order = "C-contiguous" if plan.kernel_axes is None else "channels-last (like x)"
         raise ValueError(f"{name} must be an aligned {order} array {purpose}")
-    return _as_storage(view.reshape(-1))
+    return _kernel_input(_as_storage(view.reshape(-1)))
 
 
 def _stats_array(value, name, plan):
@@ -200,11 +201,11 @@ def _stats_array(value, name, plan):
     # full path); a 1-D array needs no ravel view.
     if type(value) is np.ndarray and value.dtype is _FLOAT64 and value.shape == plan.stats_shape:
         flags = value.flags
-        if flags.c_contiguous and flags.aligned:
+        if flags.c_contiguous and flags.behaved:
             return value if value.ndim == 1 else value.ravel()
     value = np.asarray(value)
     if value.dtype.kind != "f" and _storage(value.dtype) is None:
         raise TypeError(f"stats.{name}.dtype={value.dtype} must be floating point")
     if value.shape != plan.stats_shape:
         raise ValueError(f"stats.{name}.shape={value.shape} does not match {plan.stats_shape} for this x")
-    return np.ascontiguousarray(value, dtype=np.float64).reshape(-1)
+    return _kernel_input(np.ascontiguousarray(value, dtype=np.float64).reshape(-1))

@@ -10,6 +10,7 @@ here: the mapping from a data dtype to the kernels' storage view.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 from dataclasses import dataclass
@@ -54,6 +55,24 @@ def _as_storage(flat):
     """Return a flat data array as the kernels take it: itself, or the integer view of 16-bit floats."""
     view = _storage(flat.dtype)
     return flat if view is None else flat.view(view)
+
+
+def _kernel_input(flat):
+    """Return a flat array the kernels read as the one Numba type of its dtype: writable and aligned.
+
+    Numba compiles a kernel once per combination of its arguments' types, and
+    read-only and misaligned arrays are types of their own: every new
+    combination would compile the whole kernel again on first use (tens of
+    seconds).  A read-only array (JAX arrays, ``np.frombuffer``, read-only
+    memory maps) is passed as a writable alias of the same memory, which the
+    kernels only read; a misaligned one as an aligned copy.
+    """
+    flags = flat.flags
+    if flags.behaved:
+        return flat
+    if not flags.aligned:
+        return flat.copy()
+    return np.frombuffer((ctypes.c_char * flat.nbytes).from_address(flat.ctypes.data), flat.dtype)
 
 
 def _param_dtype(dtype):

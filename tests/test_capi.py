@@ -744,6 +744,30 @@ def test_c_sources_are_clang_formatted():
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+#: Pages whose ```c blocks are complete programs (the reader copies them as they are).
+C_DOC_PAGES = ["README.md", "docs/c-api.md", "docs/tutorial.md"]
+
+
+def test_c_programs_of_the_docs_compile_and_run(capi, tmp_path):
+    """Every ```c block of the docs compiles with ``-Wall -Wextra -Werror`` and runs (exit 0)."""
+    blocks = []
+    for page in C_DOC_PAGES:
+        text = (REPO / page).read_text(encoding="utf-8")
+        for match in re.finditer(r"^```c\n(.*?)^```", text, re.MULTILINE | re.DOTALL):
+            blocks.append((f"{page}:{text[: match.start()].count(chr(10)) + 1}", match.group(1)))
+    assert any(where.startswith("docs/c-api.md") for where, _ in blocks), "docs/c-api.md lost its C program"
+    for index, (where, code) in enumerate(blocks):
+        assert "int main(" in code, f"{where}: not a complete program"
+        source, exe = tmp_path / f"doc{index}.c", tmp_path / f"doc{index}"
+        source.write_text(code)
+        cc = subprocess.run(
+            [GCC, *CFLAGS, str(source), "-o", str(exe), *capi["flags"], "-lm"], capture_output=True, text=True
+        )
+        assert cc.returncode == 0, f"{where}:\n{cc.stderr}"
+        result = run([exe])
+        assert result.returncode == 0, f"{where}: exit {result.returncode}\n{result.stdout}{result.stderr}"
+
+
 def test_warm_in_several_processes_leaves_every_cfunc_cached(capi):
     """``--warm --jobs 2`` shares the dtypes among two processes; afterwards all 16 cfuncs load."""
     warmed = subprocess.run(

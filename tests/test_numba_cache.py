@@ -1,4 +1,5 @@
-"""Numba's on-disk cache never serves stale machine code after an edit to any kernel file.
+"""Numba's on-disk cache never serves stale machine code after an edit to any kernel file;
+unusual inputs reuse the compiled kernels.
 
 Numba keys a cached function on its own source file only (numba#1833): a
 kernel in ``planes.py`` calling a helper of ``numerics.py`` would load its old
@@ -9,6 +10,7 @@ C ABI's cfuncs close over the same key.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -16,9 +18,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
+import numba
+import numpy as np
 import pytest
 
+import fastnorm
 from fastnorm import _config
+from fastnorm._kernels import channels_last, epilogue, numerics, planes, rows
+from fastnorm._kernels import dispatch as dispatch_module
 from fastnorm.capi import _cfuncs
 
 pytestmark = pytest.mark.jit
@@ -86,3 +94,73 @@ def test_an_edit_to_another_kernel_file_recompiles_a_cached_kernel(tmp_path):
     numerics.write_text(numerics.read_text() + "\n# an edit that changes no code\n")
     edited = _probe(root, cache)
     assert edited["hits"] == 0 and edited["misses"] >= 1
+
+
+def _compiled_versions():
+    """``{kernel or helper name: number of compiled versions}`` of every dispatcher of the kernels."""
+    versions = {}
+    for module in (dispatch_module, rows, planes, channels_last, numerics, epilogue):
+        for name, obj in vars(module).items():
+            if isinstance(obj, numba.core.registry.CPUDispatcher):
+                versions[f"{module.__name__}.{name}"] = len(obj.overloads)
+    return versions
+
+
+def _unusual(a, how):
+    """``a``'s values in a read-only or misaligned array (both valid inputs)."""
+    if how == "readonly":
+        r = a.copy()
+        r.flags.writeable = False
+        return r
+    r = np.ndarray(a.shape, a.dtype, buffer=np.zeros(a.nbytes + 1, np.uint8), offset=1)
+    r[...] = a
+    return r
+
+
+@pytest.mark.parametrize("how", ["readonly", "misaligned"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("kind", ["group_norm", "layer_norm", "group_norm_cl"])
+def test_unusual_inputs_reuse_the_compiled_kernels(kind, dtype, how):
+    """Read-only or misaligned inputs run the kernels compiled for ordinary arrays, bitwise the same.
+
+    Numba types such arrays apart and would compile every kernel again for each
+    combination (tens of seconds each, on a user's first call); the Python layer
+    passes them as ordinary arrays (``_plan._kernel_input``).
+    """
+    rng = np.random.default_rng(7)
+    if kind == "layer_norm":
+        spec, shape, pshape = fastnorm.NormSpec.layer_norm(1), (6, 40), (40,)
+    else:
+        channels_last = kind.endswith("_cl")
+        spec = fastnorm.NormSpec.group_norm(2, channels_last=channels_last)
+        shape, pshape = ((3, 5, 5, 8) if channels_last else (3, 8, 5, 5)), (8,)
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    residual, dy = rng.standard_normal(shape).astype(dtype), rng.standard_normal(shape).astype(dtype)
+    weight, bias = (
+        rng.uniform(0.5, 1.5, pshape).astype(np.float32),
+        rng.uniform(-1, 1, pshape).astype(np.float32),
+    )
+    if dtype == np.float64:
+        weight, bias = weight.astype(dtype), bias.astype(dtype)
+
+    def run(x, weight, bias, residual, dy, stats=None):
+        y, new_stats = fastnorm.forward(x, spec, weight, bias, residual=residual)
+        stats = new_stats if stats is None else stats
+        y_inference = fastnorm.forward_inference(x, stats, spec, weight, bias, residual=residual)
+        grads = fastnorm.backward(dy, x, stats, spec, weight, bias=bias, residual=residual)
+        return y, y_inference, *grads, new_stats.mean, new_stats.rstd
+
+    expected = run(x, weight, bias, residual, dy)
+    _, stats = fastnorm.forward(x, spec, weight, bias, residual=residual)
+    stats = dataclasses.replace(stats, mean=_unusual(stats.mean, how), rstd=_unusual(stats.rstd, how))
+    before = _compiled_versions()
+    x, weight, bias, dy = (_unusual(a, how) for a in (x, weight, bias, dy))
+    if how == "readonly":  # a residual must be aligned (it is read in place, never copied)
+        residual = _unusual(residual, how)
+    results = run(x, weight, bias, residual, dy, stats=stats)
+    after = _compiled_versions()
+    assert after == before, {
+        name: (before.get(name), n) for name, n in after.items() if before.get(name) != n
+    }
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))

@@ -42,39 +42,53 @@ def warm(jobs=1, dtypes=None):
     Returns
     -------
     dict
-        ``{"seconds": float, "cached": int, "compiled": int, "layer": str, "max_threads": int}``.
+        ``{"seconds": float, "cached": int, "compiled": int, "layer": str, "max_threads": int}``;
+        with ``jobs > 1``, ``compiled`` counts the cfuncs the processes compiled.
 
     Raises
     ------
     RuntimeError
         A compiling process failed (its output is in the message).
     """
+    import contextlib
+    import re
     import subprocess
     import sys
+    import tempfile
     import time
 
     start = time.perf_counter()
     from ._cfuncs import DATA_TYPES, build_cfuncs, threading_addresses
 
     names = list(DATA_TYPES) if dtypes is None else [name for name in DATA_TYPES if name in dtypes]
+    compiled_by_children = 0
     if jobs > 1 and len(names) > 1:
         shares = [names[i::jobs] for i in range(min(jobs, len(names)))]
         command = [sys.executable, "-m", "fastnorm.capi", "--warm", "--dtypes"]
-        processes = [
-            subprocess.Popen([*command, ",".join(share)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-            for share in shares
-        ]
-        outputs = [process.communicate()[0].decode(errors="replace") for process in processes]
-        for process, output in zip(processes, outputs, strict=True):
-            if process.returncode:
-                raise RuntimeError(f"{' '.join(process.args)} failed ({process.returncode}):\n{output}")
+        with contextlib.ExitStack() as stack:
+            # each child writes to a file: a pipe read after another child's could fill and stall it
+            logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in shares]
+            processes = [
+                subprocess.Popen([*command, ",".join(share)], stdout=log, stderr=subprocess.STDOUT)
+                for share, log in zip(shares, logs, strict=True)
+            ]
+            stack.callback(lambda: [process.kill() for process in processes if process.poll() is None])
+            for process, log in zip(processes, logs, strict=True):
+                process.wait()
+                log.seek(0)
+                output = log.read().decode(errors="replace")
+                if process.returncode:
+                    args = " ".join(process.args)
+                    raise RuntimeError(f"{args} failed ({process.returncode}):\n{output}")
+                counted = re.search(r"\((\d+) from cache, (\d+) compiled\)", output)
+                compiled_by_children += int(counted.group(2)) if counted else 0
     cfuncs = build_cfuncs(dtypes=names)
     _, _, max_threads, layer = threading_addresses()
-    cached = sum(1 for f in cfuncs.values() if f.cache_hits)
+    compiled = compiled_by_children + sum(1 for f in cfuncs.values() if not f.cache_hits)
     return {
         "seconds": time.perf_counter() - start,
-        "cached": cached,
-        "compiled": len(cfuncs) - cached,
+        "cached": len(cfuncs) - compiled,
+        "compiled": compiled,
         "layer": layer,
         "max_threads": max_threads,
     }

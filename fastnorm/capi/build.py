@@ -100,8 +100,18 @@ def _fastnorm_py_init(table, table_len, owns_interpreter, message, message_len):
 """
 
 
+def _checkout():
+    """Whether the package runs from a source checkout (``capi/`` of the repository beside it)."""
+    repo = _REPO_ROOT
+    return (repo / "capi" / "include" / "fastnorm.h").is_file() and (repo / "pyproject.toml").is_file()
+
+
 def source_dir():
-    """Return the ``capi/`` directory holding ``include/fastnorm.h`` and ``src/fastnorm_capi.c``.
+    """Return the directory holding ``include/fastnorm.h`` and ``src/fastnorm_capi.c``.
+
+    ``capi/`` of a source checkout (or editable install); in an installed
+    wheel, the data package ``fastnorm.capi.sources`` that ships the same two
+    files (``pyproject.toml``).
 
     Returns
     -------
@@ -110,21 +120,25 @@ def source_dir():
     Raises
     ------
     FileNotFoundError
-        If the C sources are not next to the package (``fastnorm`` installed
-        from a wheel that does not ship them).
+        If the C sources are in neither place.
     """
-    path = _REPO_ROOT / "capi"
+    path = _REPO_ROOT / "capi" if _checkout() else _PACKAGE_ROOT / "capi" / "sources"
     if not (path / "include" / "fastnorm.h").is_file() or not (path / "src" / "fastnorm_capi.c").is_file():
         raise FileNotFoundError(
-            f"the C API sources are not at {path} (include/fastnorm.h, src/fastnorm_capi.c): build from a "
-            "source checkout or an editable install"
+            f"the C API sources are not at {path} (include/fastnorm.h, src/fastnorm_capi.c): reinstall "
+            "fastnorm, or build from a source checkout"
         )
     return path
 
 
 def default_build_dir():
-    """Return the default output directory, ``capi/build/`` of the source tree."""
-    return _REPO_ROOT / "capi" / "build"
+    """Return the default output directory.
+
+    ``capi/build/`` of a source checkout; ``fastnorm/capi/build/`` inside an
+    installed package (beside Numba's cache of the kernels, which is also
+    written into the package).
+    """
+    return (_REPO_ROOT / "capi" if _checkout() else _PACKAGE_ROOT / "capi") / "build"
 
 
 def _c_string(text):
@@ -210,7 +224,7 @@ def header_version(header=None):
     Parameters
     ----------
     header : path-like, optional
-        Header to read (default ``capi/include/fastnorm.h`` of the source tree).
+        Header to read (default ``include/fastnorm.h`` of :func:`source_dir`).
 
     Returns
     -------
@@ -293,7 +307,7 @@ def build(out_dir=None, verbose=False, extra_cflags=(), extra_ldflags=()):
     Parameters
     ----------
     out_dir : path-like, optional
-        Output directory (default ``capi/build/``).  Receives
+        Output directory (default :func:`default_build_dir`).  Receives
         ``libfastnorm.so``, ``include/fastnorm.h`` and ``fastnorm.pc`` (the
         generated ``fastnorm_generated.h`` stays in the temporary build
         directory).
