@@ -1,0 +1,339 @@
+"""fastnorm.torch: autograd functions and nn modules against torch's own, both memory formats."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+ft = pytest.importorskip("fastnorm.torch")
+
+pytestmark = pytest.mark.torch
+
+#: Tolerances of a value of magnitude ~1 (the inputs are standard normal).
+TOL = {torch.float32: dict(rtol=3e-5, atol=3e-5), torch.float64: dict(rtol=1e-11, atol=1e-11)}
+
+ACTIVATIONS = {
+    None: lambda z: z,
+    "relu": F.relu,
+    "leaky_relu": lambda z: F.leaky_relu(z, 0.2),
+    "tanh": torch.tanh,
+    "silu": F.silu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+}
+
+
+def _close(got, want, dtype, what):
+    assert got is not None and want is not None, what
+    torch.testing.assert_close(got, want, **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+#: name -> (shape, fastnorm call, torch call, parameter shape)
+FUNCTIONS = {
+    "batch_norm": (
+        (4, 6, 5, 3),
+        lambda x, w, b, r, act: ft.batch_norm(x, None, None, w, b, True, residual=r, **act),
+        lambda x, w, b: F.batch_norm(x, None, None, w, b, True),
+        (6,),
+    ),
+    "instance_norm": (
+        (3, 6, 7, 4),
+        lambda x, w, b, r, act: ft.instance_norm(x, weight=w, bias=b, residual=r, **act),
+        lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
+        (6,),
+    ),
+    "group_norm": (
+        (3, 6, 5, 4),
+        lambda x, w, b, r, act: ft.group_norm(x, 3, w, b, residual=r, **act),
+        lambda x, w, b: F.group_norm(x, 3, w, b),
+        (6,),
+    ),
+    "layer_norm": (
+        (3, 6, 5, 4),
+        lambda x, w, b, r, act: ft.layer_norm(x, (5, 4), w, b, residual=r, **act),
+        lambda x, w, b: F.layer_norm(x, (5, 4), w, b),
+        (5, 4),
+    ),
+    "rms_norm": (
+        (3, 6, 5, 16),
+        lambda x, w, b, r, act: ft.rms_norm(x, 16, w, residual=r, **act),
+        lambda x, w, b: F.rms_norm(x, (16,), w),
+        (16,),
+    ),
+}
+
+
+def _inputs(name, dtype, channels_last, seed=0):
+    shape, _, _, pshape = FUNCTIONS[name]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, dtype=dtype, generator=gen) * 2 + 0.5
+    r = torch.randn(shape, dtype=dtype, generator=gen)
+    if channels_last:
+        x, r = (
+            x.contiguous(memory_format=torch.channels_last),
+            r.contiguous(memory_format=torch.channels_last),
+        )
+    w = 1 + 0.3 * torch.randn(pshape, dtype=dtype, generator=gen)
+    b = None if name == "rms_norm" else torch.randn(pshape, dtype=dtype, generator=gen)
+    leaves = [t.requires_grad_() for t in (x, w, b, r) if t is not None]
+    return x, w, b, r, leaves
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", list(FUNCTIONS))
+def test_function_matches_torch_forward_and_gradients(name, dtype, channels_last, activation):
+    """y and the gradients of x, weight, bias and residual equal torch's composite."""
+    _, ours, theirs, _ = FUNCTIONS[name]
+    x, w, b, r, leaves = _inputs(name, dtype, channels_last)
+    act = (
+        {"activation": activation}
+        if activation != "leaky_relu"
+        else {"activation": activation, "negative_slope": 0.2}
+    )
+    act = {} if activation is None else act
+    y = ours(x, w, b, r, act)
+    y_torch = ACTIVATIONS[activation](theirs(x, w, b) + r)
+    _close(y, y_torch, dtype, "y")
+    if channels_last and name in ("batch_norm", "instance_norm", "group_norm"):
+        assert y.is_contiguous(memory_format=torch.channels_last), y.stride()
+    elif not channels_last:
+        assert y.is_contiguous()
+    dy = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(9))
+    grads = torch.autograd.grad(y, leaves, dy)
+    grads_torch = torch.autograd.grad(y_torch, leaves, dy)
+    for got, want, what in zip(
+        grads, grads_torch, ["dx", "dweight", "dbias", "dresidual"][: len(leaves)], strict=True
+    ):
+        if what == "dbias" and name == "rms_norm":
+            what = "dresidual"
+        _close(got, want, dtype, what)
+
+
+#: name -> (x shape, parameter shape, call with a GELU / SiLU epilogue): small, for finite differences.
+GRADCHECK = {
+    "batch_norm": (
+        (3, 2, 3),
+        (2,),
+        lambda x, w, b, r: ft.batch_norm(x, None, None, w, b, True, residual=r, activation="gelu"),
+    ),
+    "instance_norm": (
+        (2, 2, 4),
+        (2,),
+        lambda x, w, b, r: ft.instance_norm(x, None, None, w, b, residual=r, activation="gelu"),
+    ),
+    "group_norm": (
+        (2, 4, 3),
+        (4,),
+        lambda x, w, b, r: ft.group_norm(x, 2, w, b, residual=r, activation="silu"),
+    ),
+    "layer_norm": (
+        (3, 2, 4),
+        (4,),
+        lambda x, w, b, r: ft.layer_norm(x, 4, w, b, residual=r, activation="gelu"),
+    ),
+    "rms_norm": ((3, 2, 4), (4,), lambda x, w, b, r: ft.rms_norm(x, 4, w, residual=r, activation="silu")),
+}
+
+
+@pytest.mark.parametrize("name", list(GRADCHECK))
+def test_gradcheck_float64(name):
+    """Gradients of x, weight, bias and residual against finite differences, through an activation."""
+    shape, pshape, call = GRADCHECK[name]
+    gen = torch.Generator().manual_seed(11)
+    x, r = (torch.randn(shape, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(2))
+    w, b = (torch.randn(pshape, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(2))
+    if name == "rms_norm":
+        assert torch.autograd.gradcheck(lambda x, w, r: call(x, w, None, r), (x, w, r))
+    else:
+        assert torch.autograd.gradcheck(call, (x, w, b, r))
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "tanh"])
+def test_fixed_statistics_backward_gradcheck(activation):
+    """BatchNorm in eval mode and InstanceNorm with running statistics: the affine map's gradients."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen).requires_grad_()
+    r = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen).requires_grad_()
+    w = torch.randn(4, dtype=torch.float64, generator=gen).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, generator=gen).requires_grad_()
+    rm, rv = (
+        torch.randn(4, dtype=torch.float64, generator=gen),
+        torch.rand(4, dtype=torch.float64, generator=gen) + 0.5,
+    )
+
+    def bn(x, w, b, r):
+        return ft.batch_norm(x, rm, rv, w, b, False, residual=r, activation=activation)
+
+    def inorm(x, w, b, r):
+        return ft.instance_norm(x, rm, rv, w, b, use_input_stats=False, residual=r, activation=activation)
+
+    for call in (bn, inorm):
+        assert torch.autograd.gradcheck(call, (x, w, b, r))
+    want = ACTIVATIONS[activation](F.batch_norm(x, rm, rv, w, b, False) + r)
+    _close(bn(x, w, b, r), want, torch.float64, "eval y")
+
+
+def _module_pairs():
+    """(torch module, fastnorm module class, input shape); same constructor arguments."""
+    return [
+        (torch.nn.BatchNorm1d(6), ft.BatchNorm1d, (8, 6)),
+        (torch.nn.BatchNorm1d(6, momentum=None), ft.BatchNorm1d, (4, 6, 5)),
+        (torch.nn.BatchNorm2d(6), ft.BatchNorm2d, (4, 6, 5, 3)),
+        (torch.nn.BatchNorm2d(6, affine=False, track_running_stats=False), ft.BatchNorm2d, (4, 6, 5, 3)),
+        (torch.nn.BatchNorm3d(4, momentum=0.3), ft.BatchNorm3d, (2, 4, 3, 3, 2)),
+        (torch.nn.InstanceNorm1d(6), ft.InstanceNorm1d, (3, 6, 9)),
+        (torch.nn.InstanceNorm2d(6, affine=True, track_running_stats=True), ft.InstanceNorm2d, (3, 6, 5, 4)),
+        (torch.nn.InstanceNorm3d(4, affine=True), ft.InstanceNorm3d, (2, 4, 3, 3, 2)),
+        (torch.nn.GroupNorm(3, 6), ft.GroupNorm, (3, 6, 5, 4)),
+        (torch.nn.LayerNorm((5, 4)), ft.LayerNorm, (3, 6, 5, 4)),
+        (torch.nn.LayerNorm(8, bias=False), ft.LayerNorm, (3, 7, 8)),
+        (torch.nn.RMSNorm(8), ft.RMSNorm, (3, 7, 8)),
+        (torch.nn.RMSNorm(8, eps=1e-6, elementwise_affine=False), ft.RMSNorm, (3, 7, 8)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_module_pairs())))
+def test_module_trains_like_torch(index):
+    """Three training steps and an eval step: outputs, gradients, running statistics, state_dict."""
+    theirs, cls, shape = _module_pairs()[index]
+    theirs = theirs.double()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.uniform_(0.5, 1.5)
+    ours = copy.deepcopy(theirs)
+    ours.__class__ = cls
+    ours._set_epilogue(None, 0.01)
+    state = theirs.state_dict()
+    fresh = _fresh(theirs, cls)
+    fresh.load_state_dict(state)  # a torch checkpoint loads into the fastnorm module
+    assert list(fresh.state_dict()) == list(state)
+    gen = torch.Generator().manual_seed(index)
+    for step in range(4):
+        if step == 3:
+            theirs.eval(), ours.eval()
+        x = (torch.randn(shape, dtype=torch.float64, generator=gen) * 2 + 1).requires_grad_()
+        y_torch, y = theirs(x), ours(x)
+        _close(y, y_torch, torch.float64, f"step {step} y")
+        dy = torch.randn(shape, dtype=torch.float64, generator=gen)
+        wanted = [x, *theirs.parameters()]
+        grads_torch = torch.autograd.grad(y_torch, wanted, dy)
+        grads = torch.autograd.grad(y, [x, *ours.parameters()], dy)
+        for got, want in zip(grads, grads_torch, strict=True):
+            _close(got, want, torch.float64, f"step {step} gradients")
+        for (key, got), (_, want) in zip(ours.state_dict().items(), theirs.state_dict().items(), strict=True):
+            if got.is_floating_point():
+                _close(got, want, torch.float64, f"step {step} {key}")
+            else:
+                assert torch.equal(got, want), (key, got, want)
+    back = copy.deepcopy(theirs)
+    back.load_state_dict(ours.state_dict())  # and back into torch's
+
+
+def _fresh(theirs, cls):
+    """A new fastnorm module built with ``theirs``'s constructor arguments."""
+    if isinstance(theirs, torch.nn.GroupNorm):
+        return cls(theirs.num_groups, theirs.num_channels, theirs.eps, theirs.affine, dtype=torch.float64)
+    if isinstance(theirs, torch.nn.LayerNorm):
+        bias = theirs.bias is not None
+        return cls(theirs.normalized_shape, theirs.eps, theirs.elementwise_affine, bias, dtype=torch.float64)
+    if isinstance(theirs, torch.nn.RMSNorm):
+        return cls(theirs.normalized_shape, theirs.eps, theirs.elementwise_affine, dtype=torch.float64)
+    return cls(
+        theirs.num_features,
+        theirs.eps,
+        theirs.momentum,
+        theirs.affine,
+        theirs.track_running_stats,
+        dtype=torch.float64,
+    )
+
+
+def test_module_activation_and_residual():
+    torch.manual_seed(0)
+    ours = ft.BatchNorm2d(6, activation="relu")
+    theirs = torch.nn.BatchNorm2d(6)
+    x, identity = torch.randn(4, 6, 5, 5), torch.randn(4, 6, 5, 5)
+    torch.testing.assert_close(ours(x, identity), F.relu(theirs(x) + identity), **TOL[torch.float32])
+    assert "activation='relu'" in repr(ours)
+    with pytest.raises(ValueError, match="activation"):
+        ft.GroupNorm(2, 6, activation="swish")
+
+
+def _small_cnn():
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        torch.nn.GroupNorm(4, 8),
+        torch.nn.SiLU(),
+        torch.nn.Flatten(2),
+        torch.nn.LayerNorm(36),
+        torch.nn.Linear(36, 16),
+        torch.nn.RMSNorm(16),
+    )
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_convert_keeps_the_parameters_and_the_outputs(channels_last):
+    torch.manual_seed(1)
+    model = _small_cnn()
+    reference = copy.deepcopy(model)
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert ft.convert(model) is model
+    assert [type(m).__module__ for m in model if "Norm" in type(m).__name__] == ["fastnorm.torch"] * 4
+    assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
+    x = torch.randn(4, 3, 6, 6)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(2):  # training steps with the optimizer built before the conversion
+        for net in (model, reference):
+            net.zero_grad()
+            net(x).square().mean().backward()
+        optimizer.step()
+        torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    model.eval(), reference.eval()
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var, rtol=1e-5, atol=1e-6)
+
+
+def test_convert_refuses_tensors_off_the_cpu():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).to("meta")
+    with pytest.raises(ValueError, match="1.weight is on meta"):
+        ft.convert(model)
+    assert type(model[1]) is torch.nn.BatchNorm1d  # nothing converted
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="CPU tensors only"):
+        ft.layer_norm(torch.zeros(2, 4, device="meta"), 4)
+    with pytest.raises(TypeError, match="input.dtype=torch.int64"):
+        ft.layer_norm(torch.zeros(2, 4, dtype=torch.int64), 4)
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        ft.layer_norm(np.zeros((2, 4)), 4)
+    with pytest.raises(ValueError, match="needs running_mean and running_var"):
+        ft.batch_norm(torch.zeros(2, 4), None, None)
+
+
+def test_bfloat16_matches_torch():
+    """bfloat16 data, float32 parameters: y and dx within torch's own bfloat16 tolerance."""
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 32, 6, 6, generator=gen) * 3 + 1).bfloat16().requires_grad_()
+    w = torch.rand(32, generator=gen).add(0.5).requires_grad_()
+    b = torch.randn(32, generator=gen).requires_grad_()
+    y = ft.group_norm(x, 8, w, b)
+    assert y.dtype == torch.bfloat16
+    x32 = x.detach().float().requires_grad_()
+    want = F.group_norm(x32, 8, w, b)
+    torch.testing.assert_close(y.float(), want, rtol=1.6e-2, atol=1e-2)
+    dy = torch.randn(y.shape, generator=gen).bfloat16()
+    dx, dw = torch.autograd.grad(y, (x, w), dy)
+    dx_want, dw_want = torch.autograd.grad(want, (x32, w), dy.float())
+    torch.testing.assert_close(dx.float(), dx_want, rtol=1.6e-2, atol=2e-2)
+    torch.testing.assert_close(dw, dw_want, rtol=1e-3, atol=1e-3)
