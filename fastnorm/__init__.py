@@ -13,13 +13,19 @@ Functional (``torch.nn.functional`` names and semantics, NumPy arrays):
 Explicit passes: :class:`NormSpec`, :func:`forward`, :func:`forward_inference`,
 :func:`backward`, :class:`Stats`, :class:`Gradients`.
 
+Folding an inference BatchNorm into the layer before it: :func:`fold_batch_norm`.
+
 Configuration: :func:`show_config` (versions, threading layer, CPU, cache).
+
+PyTorch (CPU tensors, autograd, ``torch.nn`` modules): ``fastnorm.torch``, which
+``import fastnorm`` does not import.
 """
 
 # First: loads the tbb package's library before anything can start Numba's pool.
 from . import _threading  # noqa: F401
 from ._info import show_config
 from .core import Gradients, Stats, backward, forward, forward_inference
+from .folding import fold_batch_norm
 from .functional import (
     batch_norm,
     group_norm,
@@ -47,6 +53,7 @@ __all__ = [
     "rms_norm",
     "skip_layer_norm",
     "skip_rms_norm",
+    "fold_batch_norm",
     "show_config",
     "__version__",
 ]

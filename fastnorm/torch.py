@@ -25,8 +25,11 @@ torch operations.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
+import torch.fx
 import torch.nn.functional as torch_functional
 
 import fastnorm
@@ -45,6 +48,7 @@ __all__ = [
     "RMSNorm",
     "batch_norm",
     "convert",
+    "fold_conv_bn",
     "group_norm",
     "instance_norm",
     "layer_norm",
@@ -320,10 +324,27 @@ def instance_norm(
 ) -> torch.Tensor:
     """Instance normalization (Ulyanov et al. 2016), like ``torch.nn.functional.instance_norm``.
 
-    Differentiable. Arguments as :func:`batch_norm`; ``use_input_stats=False``
-    normalizes with the running statistics. With ``use_input_stats``, given
-    running statistics are updated in place with the batch average of the
-    per-instance mean and unbiased variance, as torch does.
+    Differentiable.
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        ``(N, C, *spatial)`` CPU tensor, spatial rank 1-3, any memory format.
+    running_mean, running_var : torch.Tensor of shape (C,), optional
+        Running statistics. With ``use_input_stats`` they are updated in place
+        (if given) with the batch average of the per-instance mean and
+        unbiased variance, as torch does; otherwise they normalize.
+    weight, bias : torch.Tensor of shape (C,), optional
+        Affine parameters.
+    use_input_stats : bool
+        Normalize each instance with its own statistics (True) or the running ones.
+    momentum : float
+        Update factor of the running statistics.
+    eps : float
+        Added to the variance.
+    residual, activation, negative_slope
+        The fused epilogue ``y = activation(normalized + residual)`` (see
+        :class:`fastnorm.NormSpec`); ``residual`` has ``input``'s shape.
 
     Returns
     -------
@@ -365,6 +386,20 @@ def group_norm(
 ) -> torch.Tensor:
     """Group normalization (Wu & He 2018), like ``torch.nn.functional.group_norm``; differentiable.
 
+    Parameters
+    ----------
+    input : torch.Tensor
+        ``(N, C, *spatial)`` CPU tensor, any memory format.
+    num_groups : int
+        Number of groups; divides ``C``.
+    weight, bias : torch.Tensor of shape (C,), optional
+        Affine parameters.
+    eps : float
+        Added to the variance.
+    residual, activation, negative_slope
+        The fused epilogue ``y = activation(normalized + residual)`` (see
+        :class:`fastnorm.NormSpec`); ``residual`` has ``input``'s shape.
+
     Returns
     -------
     torch.Tensor
@@ -386,6 +421,20 @@ def layer_norm(
     negative_slope: float = 0.01,
 ) -> torch.Tensor:
     """Layer normalization (Ba et al. 2016), like ``torch.nn.functional.layer_norm``; differentiable.
+
+    Parameters
+    ----------
+    input : torch.Tensor
+        CPU tensor whose trailing dims are ``normalized_shape``.
+    normalized_shape : int or tuple of int
+        The trailing dims normalized over.
+    weight, bias : torch.Tensor of shape ``normalized_shape``, optional
+        Affine parameters.
+    eps : float
+        Added to the variance.
+    residual, activation, negative_slope
+        The fused epilogue ``y = activation(normalized + residual)`` (see
+        :class:`fastnorm.NormSpec`); ``residual`` has ``input``'s shape.
 
     Returns
     -------
@@ -409,8 +458,20 @@ def rms_norm(
 ) -> torch.Tensor:
     """RMS normalization (Zhang & Sennrich 2019), like ``torch.nn.functional.rms_norm``; differentiable.
 
-    ``eps=None`` is the machine epsilon of the input's dtype (float32's for
-    16-bit data), as torch's.
+    Parameters
+    ----------
+    input : torch.Tensor
+        CPU tensor whose trailing dims are ``normalized_shape``.
+    normalized_shape : int or tuple of int
+        The trailing dims normalized over.
+    weight : torch.Tensor of shape ``normalized_shape``, optional
+        Scale.
+    eps : float or None
+        Added to the mean square; ``None``: the machine epsilon of the input's
+        dtype (float32's for 16-bit data), as torch's.
+    residual, activation, negative_slope
+        The fused epilogue ``y = activation(normalized + residual)`` (see
+        :class:`fastnorm.NormSpec`); ``residual`` has ``input``'s shape.
 
     Returns
     -------
@@ -455,7 +516,19 @@ class _BatchNorm(_Epilogue):
         self._set_epilogue(activation, negative_slope)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``act(batch_norm(input) + residual)``, with torch's rules for the running statistics."""
+        """``act(batch_norm(input) + residual)``, with torch's rules for the running statistics.
+
+        Parameters
+        ----------
+        input : torch.Tensor
+            CPU tensor, as the torch module takes it.
+        residual : torch.Tensor, optional
+            Added after the affine transform, before the activation; ``input``'s shape.
+
+        Returns
+        -------
+        torch.Tensor
+        """
         self._check_input_dim(input)
         track = self.training and self.track_running_stats
         if track and self.num_batches_tracked is not None and self.momentum is not None:
@@ -498,7 +571,19 @@ class _InstanceNorm(_Epilogue):
         self._set_epilogue(activation, negative_slope)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``act(instance_norm(input) + residual)``; an unbatched input is one sample."""
+        """``act(instance_norm(input) + residual)``; an unbatched input is one sample.
+
+        Parameters
+        ----------
+        input : torch.Tensor
+            CPU tensor, as the torch module takes it.
+        residual : torch.Tensor, optional
+            Added after the affine transform, before the activation; ``input``'s shape.
+
+        Returns
+        -------
+        torch.Tensor
+        """
         self._check_input_dim(input)
         unbatched = input.dim() == self._get_no_batch_dim()
         if unbatched:
@@ -540,7 +625,19 @@ class GroupNorm(_Epilogue, torch.nn.GroupNorm):
         self._set_epilogue(activation, negative_slope)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``act(group_norm(input) + residual)``."""
+        """``act(group_norm(input) + residual)``.
+
+        Parameters
+        ----------
+        input : torch.Tensor
+            CPU tensor, as the torch module takes it.
+        residual : torch.Tensor, optional
+            Added after the affine transform, before the activation; ``input``'s shape.
+
+        Returns
+        -------
+        torch.Tensor
+        """
         return group_norm(
             input, self.num_groups, self.weight, self.bias, self.eps, residual=residual, **self._epilogue()
         )
@@ -554,7 +651,19 @@ class LayerNorm(_Epilogue, torch.nn.LayerNorm):
         self._set_epilogue(activation, negative_slope)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``act(layer_norm(input) + residual)``."""
+        """``act(layer_norm(input) + residual)``.
+
+        Parameters
+        ----------
+        input : torch.Tensor
+            CPU tensor, as the torch module takes it.
+        residual : torch.Tensor, optional
+            Added after the affine transform, before the activation; ``input``'s shape.
+
+        Returns
+        -------
+        torch.Tensor
+        """
         return layer_norm(
             input,
             self.normalized_shape,
@@ -574,7 +683,19 @@ class RMSNorm(_Epilogue, torch.nn.RMSNorm):
         self._set_epilogue(activation, negative_slope)
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``act(rms_norm(input) + residual)``."""
+        """``act(rms_norm(input) + residual)``.
+
+        Parameters
+        ----------
+        input : torch.Tensor
+            CPU tensor, as the torch module takes it.
+        residual : torch.Tensor, optional
+            Added after the affine transform, before the activation; ``input``'s shape.
+
+        Returns
+        -------
+        torch.Tensor
+        """
         return rms_norm(
             input, self.normalized_shape, self.weight, self.eps, residual=residual, **self._epilogue()
         )
@@ -628,3 +749,81 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
         module.__class__ = _CONVERSIONS[type(module)]
         module._set_epilogue(None, 0.01)
     return model
+
+
+#: Layers an inference BatchNorm folds into: their weight's axis 0 is the output channels.
+_FOLDABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
+_BATCH_NORMS = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+
+
+class _Tracer(torch.fx.Tracer):
+    """``torch.fx``'s tracer, with fastnorm's modules as leaves like torch's own."""
+
+    def is_leaf_module(self, module, qualified_name):
+        return type(module).__module__ == __name__ or super().is_leaf_module(module, qualified_name)
+
+
+def fold_conv_bn(model: torch.nn.Module) -> torch.fx.GraphModule:
+    """Fold every BatchNorm fed only by a convolution or linear layer into that layer.
+
+    ``model`` is traced with ``torch.fx``; each ``Conv1d/2d/3d`` or ``Linear`` →
+    ``BatchNorm1d/2d/3d`` pair (torch's modules or fastnorm's, without an
+    activation or residual) whose layer output goes nowhere else becomes one layer
+    with the weights of :func:`fastnorm.fold_batch_norm`. ``model`` itself is left
+    unchanged: the folded layers are new modules of the returned graph module.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        In eval mode (a training BatchNorm normalizes with the batch's statistics,
+        which no weights can fold), traceable by ``torch.fx`` (fastnorm's modules are leaves).
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        The model with the pairs folded; the same outputs to rounding.
+
+    Raises
+    ------
+    ValueError
+        ``model`` is in training mode.
+    """
+    if model.training:
+        raise ValueError("fold_conv_bn needs an eval-mode model (call model.eval() first)")
+    traced = torch.fx.GraphModule(model, _Tracer().trace(model))
+    modules = dict(traced.named_modules())
+    for node in list(traced.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], _BATCH_NORMS):
+            continue
+        bn, source = modules[node.target], node.args[0] if node.args else None
+        if len(node.args) != 1 or node.kwargs or getattr(bn, "activation", None) is not None:
+            continue  # a residual or an activation does not fold
+        if not (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1):
+            continue
+        layer = modules[source.target]
+        if (
+            not isinstance(layer, _FOLDABLE)
+            or bn.running_mean is None
+            or layer.weight.shape[0] != bn.num_features
+        ):
+            continue
+        weight, bias = fastnorm.fold_batch_norm(
+            layer.weight.detach().numpy(),
+            None if layer.bias is None else layer.bias.detach().numpy(),
+            bn.running_mean.detach().numpy(),
+            bn.running_var.detach().numpy(),
+            None if bn.weight is None else bn.weight.detach().numpy(),
+            None if bn.bias is None else bn.bias.detach().numpy(),
+            bn.eps,
+        )
+        folded = copy.deepcopy(layer)
+        folded.weight = torch.nn.Parameter(torch.from_numpy(weight), requires_grad=layer.weight.requires_grad)
+        folded.bias = torch.nn.Parameter(torch.from_numpy(bias), requires_grad=layer.weight.requires_grad)
+        parent, _, name = source.target.rpartition(".")
+        setattr(traced.get_submodule(parent), name, folded)
+        node.replace_all_uses_with(source)
+        traced.graph.erase_node(node)
+    traced.delete_all_unused_submodules()
+    traced.graph.lint()
+    traced.recompile()
+    return traced
