@@ -220,6 +220,43 @@ def run_dataloader():
     }
 
 
+def run_dataloader_module():
+    """A fastnorm.torch module trains in the parent, then in the 2 forked workers of a DataLoader."""
+    import torch
+
+    import fastnorm.torch as fnt
+
+    torch.manual_seed(0)
+    module = fnt.GroupNorm(4, 64, activation="silu")
+    inputs = [torch.randn(4, 64, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+
+    def step(index):
+        x = inputs[index % 2].clone().requires_grad_()
+        y = module(x)
+        y.square().sum().backward()
+        digest = hashlib.sha256(y.detach().numpy().tobytes() + x.grad.numpy().tobytes()).hexdigest()
+        module.zero_grad()
+        return digest
+
+    class Steps(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return {"digest": step(index), "pid": os.getpid()}
+
+    parent = [step(i) for i in range(4)]  # fastnorm has run (and started its pool) before the fork
+    loader = torch.utils.data.DataLoader(Steps(), batch_size=None, num_workers=2, timeout=CHILD_TIMEOUT)
+    with _forking(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the serial-builds warning under GNU OpenMP
+        items = list(loader)
+    return {
+        "parent": parent,
+        "digests": [i["digest"] for i in items],
+        "pids": sorted({i["pid"] for i in items}),
+    }
+
+
 def run_without_fallback():
     """``run_os_fork`` with the child's fallback disabled: shows what it prevents."""
     _threading.fork_unsafe = lambda: False  # this process only (a subprocess)
@@ -230,6 +267,7 @@ SCENARIOS = {
     "os_fork": run_os_fork,
     "multiprocessing_fork": run_multiprocessing_fork,
     "dataloader": run_dataloader,
+    "dataloader_module": run_dataloader_module,
     "without_fallback": run_without_fallback,
 }
 
@@ -299,6 +337,15 @@ def test_dataloader_workers_match_parent():
     assert report["digests"] == report["parent"] * 2
     assert len(report["pids"]) == 2 and os.getpid() not in report["pids"]
     assert len(report["warnings"]) == (2 if _threading.fork_unsafe() else 0)  # once per worker
+
+
+@pytest.mark.torch
+def test_dataloader_workers_train_a_fastnorm_torch_module_like_the_parent():
+    """fastnorm.torch in DataLoader workers forked after the parent ran it: the same bits."""
+    pytest.importorskip("torch")
+    report = run_dataloader_module()
+    assert sorted(report["digests"]) == sorted(report["parent"])
+    assert len(report["pids"]) == 2 and os.getpid() not in report["pids"]
 
 
 # ---------------------------------------------------------------------------
