@@ -40,6 +40,33 @@ def check_eps(eps, *, allow_none=False):
     return eps
 
 
+def check_epilogue(activation, negative_slope):
+    """Check the fused epilogue's arguments; return ``negative_slope`` as a float.
+
+    Parameters
+    ----------
+    activation : str or None
+        ``None`` or one of :data:`ACTIVATION_NAMES`.
+    negative_slope : real number
+        Finite.
+
+    Returns
+    -------
+    float
+
+    Raises
+    ------
+    ValueError
+        Naming the argument.
+    """
+    if activation is not None and activation not in ACTIVATION_NAMES:
+        raise ValueError(f"activation={activation!r} is not None or one of {ACTIVATION_NAMES}")
+    slope = negative_slope
+    if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not math.isfinite(slope):
+        raise ValueError(f"negative_slope={slope!r} must be a finite real number")
+    return float(slope)
+
+
 def check_positive_int(value, name):
     """Return ``value`` as an int >= 1, or raise naming ``name``.
 
@@ -133,12 +160,7 @@ activation=None, negative_slope=0.01)
                 )
         elif self.normalized_ndim is not None:
             raise ValueError(f"normalized_ndim is only meaningful for layer_norm/rms_norm, not {self.kind}")
-        if self.activation is not None and self.activation not in ACTIVATION_NAMES:
-            raise ValueError(f"activation={self.activation!r} is not None or one of {ACTIVATION_NAMES}")
-        slope = self.negative_slope
-        if isinstance(slope, bool) or not isinstance(slope, numbers.Real) or not math.isfinite(slope):
-            raise ValueError(f"negative_slope={slope!r} must be a finite real number")
-        object.__setattr__(self, "negative_slope", float(slope))
+        object.__setattr__(self, "negative_slope", check_epilogue(self.activation, self.negative_slope))
         # Specs key the plan cache on every call: hash the fields once (0.18 us a call otherwise).
         object.__setattr__(self, "_hash", hash(self._fields()))
 

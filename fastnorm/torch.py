@@ -17,10 +17,12 @@ the same memory format; any other strides are copied once into C order. float32 
 float64; bfloat16 and float16 data (float32 or same-dtype parameters) when ml_dtypes
 is installed (the ``bf16`` extra), without an activation.
 
-The training pass (statistics of the batch) runs fastnorm's forward and backward
-kernels. The backward of a pass with fixed statistics (``BatchNorm`` in eval mode,
-``InstanceNorm`` with running statistics) is an elementwise affine map, computed with
-torch operations.
+The kernels are ``torch.library`` custom ops with fake implementations and autograd
+(``fastnorm::forward``, ``fastnorm::backward``, ``fastnorm::forward_inference``), so
+that ``torch.compile`` traces through them. The training pass (statistics of the batch)
+runs fastnorm's forward and backward kernels. The backward of a pass with fixed
+statistics (``BatchNorm`` in eval mode, ``InstanceNorm`` with running statistics) is an
+elementwise affine map, computed with torch operations.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.nn.functional as torch_functional
 
 import fastnorm
 from fastnorm import functional as _np_functional
-from fastnorm.spec import NormSpec
+from fastnorm.spec import NormSpec, check_epilogue, check_eps, check_positive_int
 
 __all__ = [
     "BatchNorm1d",
@@ -58,7 +60,7 @@ __all__ = [
 _FLOAT_TYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 
 
-def _array(tensor, name):
+def _array(tensor, name="tensor"):
     """Return the NumPy view of a CPU tensor (``None`` stays ``None``); bfloat16 as ml_dtypes'."""
     if tensor is None:
         return None
@@ -87,48 +89,205 @@ def _tensor(array):
     return torch.from_numpy(array)
 
 
-class _Normalize(torch.autograd.Function):
-    """``y = act(norm(x) * weight + bias + residual)`` with the statistics of ``x``.
+def _check_tensor(tensor, name, optional=True):
+    """Raise ``TypeError`` / ``ValueError`` naming ``tensor`` unless it is a floating CPU tensor."""
+    if tensor is None and optional:
+        return
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.device.type != "cpu":
+        raise ValueError(f"{name} is on {tensor.device}: fastnorm.torch runs on CPU tensors only")
+    if tensor.dtype not in _FLOAT_TYPES:
+        raise TypeError(
+            f"{name}.dtype={tensor.dtype} is not supported: float32, float64, float16 or bfloat16"
+        )
 
-    ``forward`` appends the :class:`fastnorm.Stats` to ``stats_out`` (for the
-    running statistics); ``backward`` is :func:`fastnorm.backward`.
+
+def _spec(kind, arg, eps, activation, negative_slope):
+    """Return the :class:`fastnorm.NormSpec` of an op's arguments."""
+    epilogue = {"activation": activation, "negative_slope": negative_slope}
+    if kind == "batch_norm":
+        return NormSpec.batch_norm(eps, **epilogue)
+    if kind == "instance_norm":
+        return NormSpec.instance_norm(eps, **epilogue)
+    if kind == "group_norm":
+        return NormSpec.group_norm(arg, eps, **epilogue)
+    if kind == "layer_norm":
+        return NormSpec.layer_norm(arg, eps, **epilogue)
+    return NormSpec.rms_norm(arg, eps, **epilogue)
+
+
+def _channels_last_format(x, kind):
+    """Return the channels-last format in which the kernel reads ``x`` in place, or ``None`` (C order)."""
+    if kind in ("layer_norm", "rms_norm") or x.is_contiguous():
+        return None
+    for memory_format, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if x.dim() == ndim and x.is_contiguous(memory_format=memory_format):
+            return memory_format
+    return None
+
+
+def _kernel_layout(tensor, x, kind):
+    """Return ``tensor`` (``x`` or one of its shape) in the order the kernel reads ``x`` in (a copy if not).
+
+    The channel norms read a ``channels_last`` / ``channels_last_3d`` input in
+    place and anything else in C order; LayerNorm and RMSNorm read C order.
     """
+    if tensor is None:
+        return None
+    memory_format = _channels_last_format(x, kind)
+    return tensor.contiguous(memory_format=memory_format or torch.contiguous_format)
 
-    @staticmethod
-    def forward(ctx, spec, stats_out, x, weight, bias, residual):
-        y, stats = fastnorm.forward(
-            _array(x, "input"),
-            spec,
-            _array(weight, "weight"),
-            _array(bias, "bias"),
-            residual=_array(residual, "residual"),
-        )
-        stats_out.append(stats)
-        ctx.spec, ctx.stats = spec, stats
-        ctx.save_for_backward(x, weight, bias, residual)
-        return _tensor(y)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        x, weight, bias, residual = ctx.saved_tensors
-        activation = ctx.spec.activation is not None
-        grads = fastnorm.backward(
-            _array(dy, "grad_output"),
-            _array(x, "input"),
-            ctx.stats,
-            ctx.spec,
-            _array(weight, "weight"),
-            bias=_array(bias, "bias") if activation else None,
-            residual=_array(residual, "residual") if activation else None,
-            with_bias=bias is not None,
-        )
-        dx, dweight, dbias = grads
-        if residual is None:
-            dresidual = None
-        else:
-            dresidual = _tensor(grads.dresidual) if activation else dy
-        return None, None, _tensor(dx), _tensor(dweight), _tensor(dbias), dresidual
+def _empty_output(x, kind):
+    memory_format = _channels_last_format(x, kind)
+    return torch.empty_like(x, memory_format=memory_format or torch.contiguous_format)
+
+
+def _stats_shape(x, kind, arg):
+    if kind == "batch_norm":
+        return (x.shape[1],)
+    if kind == "instance_norm":
+        return (x.shape[0], x.shape[1])
+    if kind == "group_norm":
+        return (x.shape[0], arg)
+    return tuple(x.shape[: x.dim() - arg])
+
+
+@torch.library.custom_op("fastnorm::forward", mutates_args=(), device_types="cpu")
+def _forward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    kind: str,
+    arg: int,
+    eps: float | None,
+    activation: str | None,
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, mean, rstd)`` of :func:`fastnorm.forward` (the training pass)."""
+    spec = _spec(kind, arg, eps, activation, negative_slope)
+    residual = _kernel_layout(residual, x, kind)
+    x = _kernel_layout(x, x, kind)
+    y, stats = fastnorm.forward(_array(x), spec, _array(weight), _array(bias), residual=_array(residual))
+    return _tensor(y), torch.from_numpy(stats.mean), torch.from_numpy(stats.rstd)
+
+
+@_forward_op.register_fake
+def _forward_fake(x, weight, bias, residual, kind, arg, eps, activation, negative_slope):
+    shape = _stats_shape(x, kind, arg)
+    return (
+        _empty_output(x, kind),
+        x.new_empty(shape, dtype=torch.float64),
+        x.new_empty(shape, dtype=torch.float64),
+    )
+
+
+@torch.library.custom_op("fastnorm::backward", mutates_args=(), device_types="cpu")
+def _backward_op(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    kind: str,
+    arg: int,
+    eps: float | None,
+    activation: str | None,
+    negative_slope: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias, dresidual)`` of :func:`fastnorm.backward`; empty where not computed.
+
+    ``dresidual`` is computed only with an activation (otherwise it is ``dy``).
+    """
+    spec = _spec(kind, arg, eps, activation, negative_slope)
+    residual = _kernel_layout(residual, x, kind)
+    x = _kernel_layout(x, x, kind)
+    stats = fastnorm.Stats(
+        mean.numpy(), rstd.numpy(), has_bias=bias is not None, has_residual=residual is not None
+    )
+    fused = activation is not None
+    grads = fastnorm.backward(
+        _array(dy),
+        _array(x),
+        stats,
+        spec,
+        _array(weight),
+        bias=_array(bias) if fused else None,
+        residual=_array(residual) if fused else None,
+        with_bias=bias is not None,
+    )
+    dx, dweight, dbias = grads
+    return (  # a fresh empty tensor for each gradient not computed (outputs must not alias)
+        _tensor(dx),
+        x.new_empty(0) if dweight is None else _tensor(dweight).to(weight.dtype),
+        x.new_empty(0) if dbias is None else _tensor(dbias).to(bias.dtype),
+        _tensor(grads.dresidual) if fused and residual is not None else x.new_empty(0),
+    )
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, x, weight, bias, residual, mean, rstd, kind, arg, eps, activation, negative_slope):
+    return (
+        _empty_output(x, kind),
+        x.new_empty(0) if weight is None else torch.empty_like(weight),
+        x.new_empty(0) if bias is None else torch.empty_like(bias),
+        _empty_output(x, kind) if activation is not None and residual is not None else x.new_empty(0),
+    )
+
+
+def _forward_setup(ctx, inputs, output):
+    x, weight, bias, residual, *params = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
+    ctx.params = params
+
+
+def _forward_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias, dresidual = _backward_op(dy, x, weight, bias, residual, mean, rstd, *ctx.params)
+    if residual is not None and ctx.params[3] is None:
+        dresidual = dy  # no activation: the residual's gradient is y's
+    return (
+        dx,
+        None if weight is None else dweight,
+        None if bias is None else dbias,
+        None if residual is None else dresidual,
+        *[None] * len(ctx.params),
+    )
+
+
+_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
+
+
+@torch.library.custom_op("fastnorm::forward_inference", mutates_args=(), device_types="cpu")
+def _inference_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    activation: str | None,
+    negative_slope: float,
+) -> torch.Tensor:
+    """:func:`fastnorm.forward_inference` with per-channel statistics (BatchNorm's ``eps`` is in ``rstd``)."""
+    spec = NormSpec.batch_norm(0.0, activation=activation, negative_slope=negative_slope)
+    residual = _kernel_layout(residual, x, "batch_norm")
+    x = _kernel_layout(x, x, "batch_norm")
+    stats = fastnorm.Stats(mean.numpy(), rstd.numpy())
+    y = fastnorm.forward_inference(
+        _array(x), stats, spec, _array(weight), _array(bias), residual=_array(residual)
+    )
+    return _tensor(y)
+
+
+@_inference_op.register_fake
+def _inference_fake(x, weight, bias, residual, mean, rstd, activation, negative_slope):
+    return _empty_output(x, "batch_norm")
 
 
 _TORCH_ACTIVATIONS = {
@@ -142,86 +301,95 @@ _TORCH_ACTIVATIONS = {
 }
 
 
-class _NormalizeWithStats(torch.autograd.Function):
-    """``y = act((x - mean) * rstd * weight + bias + residual)`` with given (fixed) statistics.
+def _inference_setup(ctx, inputs, output):
+    x, weight, bias, residual, mean, rstd, activation, negative_slope = inputs
+    ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
+    ctx.activation, ctx.negative_slope = activation, negative_slope
 
-    The forward is :func:`fastnorm.forward_inference`; the backward, of an
-    elementwise map, recomputes it with torch operations and differentiates those.
-    """
 
-    @staticmethod
-    def forward(ctx, spec, stats, x, weight, bias, residual):
-        y = fastnorm.forward_inference(
-            _array(x, "input"),
-            stats,
-            spec,
-            _array(weight, "weight"),
-            _array(bias, "bias"),
-            residual=_array(residual, "residual"),
-        )
-        ctx.spec, ctx.stats = spec, stats
-        ctx.save_for_backward(x, weight, bias, residual)
-        return _tensor(y)
+def _inference_backward(ctx, dy):
+    """Differentiate ``act((x - mean) * rstd * weight + bias + residual)`` with torch operations."""
+    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    saved = (x, weight, bias, residual)
+    wanted = [s is not None and ctx.needs_input_grad[i] for i, s in enumerate(saved)]
+    inputs = [None if s is None else s.detach().requires_grad_(w) for s, w in zip(saved, wanted, strict=True)]
+    x, weight, bias, residual = inputs
+    shape = (1, -1) + (1,) * (x.dim() - 2)  # per channel, axis 1
+    compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    with torch.enable_grad():
+        z = (x.to(compute) - mean.to(compute).reshape(shape)) * rstd.to(compute).reshape(shape)
+        if weight is not None:
+            z = z * weight.to(compute).reshape(shape)
+        if bias is not None:
+            z = z + bias.to(compute).reshape(shape)
+        if residual is not None:
+            z = z + residual.to(compute)
+        if ctx.activation is not None:
+            z = _TORCH_ACTIVATIONS[ctx.activation](z, ctx.negative_slope)
+        targets = [t for t, w in zip(inputs, wanted, strict=True) if w]
+        found = iter(torch.autograd.grad(z, targets, dy.to(compute)) if targets else ())
+    grads = [next(found).to(s.dtype) if w else None for s, w in zip(saved, wanted, strict=True)]
+    return *grads, None, None, None, None
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        saved = ctx.saved_tensors
-        wanted = [s is not None and ctx.needs_input_grad[2 + i] for i, s in enumerate(saved)]
-        inputs = [
-            None if s is None else s.detach().requires_grad_(w) for s, w in zip(saved, wanted, strict=True)
-        ]
-        x, weight, bias, residual = inputs
-        shape = (1, -1) + (1,) * (x.dim() - 2)  # per channel, axis 1
-        compute = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        with torch.enable_grad():
-            mean = torch.from_numpy(ctx.stats.mean).to(compute).reshape(shape)
-            rstd = torch.from_numpy(ctx.stats.rstd).to(compute).reshape(shape)
-            z = (x.to(compute) - mean) * rstd
-            if weight is not None:
-                z = z * weight.to(compute).reshape(shape)
-            if bias is not None:
-                z = z + bias.to(compute).reshape(shape)
-            if residual is not None:
-                z = z + residual.to(compute)
-            if ctx.spec.activation is not None:
-                z = _TORCH_ACTIVATIONS[ctx.spec.activation](z, ctx.spec.negative_slope)
-            targets = [t for t, w in zip(inputs, wanted, strict=True) if w]
-            found = iter(torch.autograd.grad(z, targets, dy.to(compute)) if targets else ())
-        grads = [next(found).to(s.dtype) if w else None for s, w in zip(saved, wanted, strict=True)]
-        return None, None, *grads
+
+_inference_op.register_autograd(_inference_backward, setup_context=_inference_setup)
 
 
 def _epilogue(activation, negative_slope):
     return {"activation": activation, "negative_slope": negative_slope}
 
 
-def _residual_like(residual, x, spec):
-    """Return ``residual`` in the memory order the kernel reads ``x`` in (a copy only when it is not).
+def _normalize(kind, arg, eps, x, weight, bias, residual, activation, negative_slope):
+    """Check the tensors and run the training pass: ``(y, mean, rstd)``."""
+    for tensor, name in ((x, "input"), (weight, "weight"), (bias, "bias"), (residual, "residual")):
+        _check_tensor(tensor, name, optional=name != "input")
+    negative_slope = check_epilogue(activation, negative_slope)
+    return _forward_op(x, weight, bias, residual, kind, arg, eps, activation, negative_slope)
 
-    The channel norms read a ``channels_last`` / ``channels_last_3d`` input in
-    place and anything else in C order; LayerNorm and RMSNorm read C order.
+
+def _normalize_with(running, eps, x, weight, bias, residual, activation, negative_slope):
+    """Run the pass with fixed per-channel statistics ``running = (running_mean, running_var)``."""
+    for tensor, name in ((x, "input"), (weight, "weight"), (bias, "bias"), (residual, "residual")):
+        _check_tensor(tensor, name, optional=name != "input")
+    negative_slope = check_epilogue(activation, negative_slope)
+    running_mean, running_var = running
+    mean = running_mean.detach().to(torch.float64)
+    rstd = 1.0 / torch.sqrt(running_var.detach().to(torch.float64) + check_eps(eps))
+    return _inference_op(x, weight, bias, residual, mean, rstd, activation, negative_slope)
+
+
+def _running_pair(running_mean, running_var, x, training):
+    """``(running_mean, running_var)`` checked against ``x``'s channels, or ``None``."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("pass both running_mean and running_var, or neither")
+    if running_mean is None:
+        return None
+    if x.dim() < 2:
+        raise ValueError(f"expected a 2-D to 5-D input (N, C, *spatial), got input.shape={tuple(x.shape)}")
+    for tensor, name in ((running_mean, "running_mean"), (running_var, "running_var")):
+        _check_tensor(tensor, name, optional=False)
+        if tuple(tensor.shape) != (x.shape[1],):
+            raise ValueError(
+                f"{name}.shape={tuple(tensor.shape)} does not match ({x.shape[1]},), the channels"
+            )
+    return running_mean, running_var
+
+
+@torch.no_grad()
+def _update_running(running, mean, var, count, factor):
+    """Update ``running = (1 - factor) * running + factor * batch`` in float64 (unbiased variance).
+
+    The same operations as the NumPy API's update (``fastnorm/functional.py``).
     """
-    if residual is None or not isinstance(residual, torch.Tensor):
-        return residual
-    if spec.kind not in ("layer_norm", "rms_norm") and not x.is_contiguous():
-        for memory_format, ndim in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
-            if x.dim() == ndim and x.is_contiguous(memory_format=memory_format):
-                return residual.contiguous(memory_format=memory_format)
-    return residual.contiguous()
+    running_mean, running_var = running
+    unbiased = var * (count / (count - 1))
+    running_mean.copy_((1.0 - factor) * running_mean.to(torch.float64) + factor * mean)
+    running_var.copy_((1.0 - factor) * running_var.to(torch.float64) + factor * unbiased)
 
 
-def _normalize(spec, x, weight, bias, residual):
-    """Run the training pass: return ``(y, stats)``."""
-    residual = _residual_like(residual, x, spec)
-    stats_out = []
-    y = _Normalize.apply(spec, stats_out, x, weight, bias, residual)
-    return y, stats_out[0]
-
-
-def _running_arrays(running_mean, running_var, channels, writeable):
-    mean, var = _array(running_mean, "running_mean"), _array(running_var, "running_var")
-    return _np_functional._running_pair(mean, var, channels, writeable=writeable)
+def _variance(rstd, eps):
+    """Biased variance from ``rstd`` in float64 (never below 0), as the NumPy API's."""
+    return torch.clamp(1.0 / torch.square(rstd) - eps, min=0.0)
 
 
 def batch_norm(
@@ -274,38 +442,45 @@ def batch_norm(
     -----
     Ioffe & Szegedy 2015, Algorithm 1 (training) and Algorithm 2 (inference).
     """
-    spec = NormSpec.batch_norm(eps, **_epilogue(activation, negative_slope))
-    x = _array(input, "input")
-    channels = _np_functional._channels(x, False)
-    running = _running_arrays(running_mean, running_var, channels, writeable=bool(training))
+    _check_tensor(input, "input", optional=False)
+    running = _running_pair(running_mean, running_var, input, training)
     if not training:
         if running is None:
             raise ValueError("batch_norm with training=False needs running_mean and running_var")
-        stats = _np_functional._running_stats(running, spec.eps)
-        residual = _residual_like(residual, input, spec)
-        return _NormalizeWithStats.apply(spec, stats, input, weight, bias, residual)
+        return _normalize_with(running, eps, input, weight, bias, residual, activation, negative_slope)
     momentum = _np_functional._check_momentum(momentum, allow_none=True)
-    counter = _np_functional._check_counter(
-        _array_counter(num_batches_tracked), required=momentum is None and running is not None
+    counter = _check_counter(num_batches_tracked, required=momentum is None and running is not None)
+    eps = check_eps(eps)
+    y, mean, rstd = _normalize(
+        "batch_norm", 0, eps, input, weight, bias, residual, activation, negative_slope
     )
-    y, stats = _normalize(spec, input, weight, bias, residual)
     if counter is not None:
-        counter += 1
+        counter.add_(1)
     if running is not None:
-        factor = momentum if momentum is not None else 1.0 / float(counter.reshape(-1)[0])
-        count = x.size // channels
-        _np_functional._update_running(
-            running, stats.mean, _np_functional._variance(stats, spec.eps), count, factor
-        )
+        factor = momentum if momentum is not None else 1.0 / float(counter)
+        _update_running(running, mean, _variance(rstd, eps), input.numel() // input.shape[1], factor)
     return y
 
 
-def _array_counter(counter):
+def _check_counter(counter, required):
+    """``num_batches_tracked`` checked: an integer CPU tensor of one element, or ``None``."""
     if counter is None:
+        if required:
+            raise ValueError(
+                "momentum=None (cumulative average) needs num_batches_tracked, an integer tensor counting "
+                "the batches seen, e.g. torch.zeros((), dtype=torch.long)"
+            )
         return None
-    if not isinstance(counter, torch.Tensor) or counter.device.type != "cpu":
-        raise TypeError("num_batches_tracked must be an integer CPU torch.Tensor of shape () or (1,)")
-    return counter.detach().numpy()
+    if (
+        not isinstance(counter, torch.Tensor)
+        or counter.is_floating_point()
+        or counter.is_complex()
+        or counter.dtype == torch.bool
+        or counter.numel() != 1
+        or counter.device.type != "cpu"
+    ):
+        raise TypeError("num_batches_tracked must be an integer CPU torch.Tensor of one element")
+    return counter
 
 
 def instance_norm(
@@ -351,25 +526,20 @@ def instance_norm(
     torch.Tensor
         Of ``input``'s shape, dtype and memory format.
     """
-    epilogue = _epilogue(activation, negative_slope)
-    spec = NormSpec.instance_norm(eps, **epilogue)
-    x = _array(input, "input")
-    channels = _np_functional._channels(x, False)
-    running = _running_arrays(running_mean, running_var, channels, writeable=bool(use_input_stats))
+    _check_tensor(input, "input", optional=False)
+    running = _running_pair(running_mean, running_var, input, use_input_stats)
     if not use_input_stats:
         if running is None:
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
-        stats = _np_functional._running_stats(running, spec.eps)
-        residual = _residual_like(residual, input, spec)
-        return _NormalizeWithStats.apply(
-            NormSpec.batch_norm(eps, **epilogue), stats, input, weight, bias, residual
-        )
+        return _normalize_with(running, eps, input, weight, bias, residual, activation, negative_slope)
     momentum = _np_functional._check_momentum(momentum, allow_none=False)
-    y, stats = _normalize(spec, input, weight, bias, residual)
-    if running is not None and x.shape[0] > 0:
-        var = _np_functional._variance(stats, spec.eps)
-        count = x.size // (x.shape[0] * channels)
-        _np_functional._update_running(running, stats.mean.mean(axis=0), var.mean(axis=0), count, momentum)
+    eps = check_eps(eps)
+    y, mean, rstd = _normalize(
+        "instance_norm", 0, eps, input, weight, bias, residual, activation, negative_slope
+    )
+    if running is not None and input.shape[0] > 0:
+        count = input.numel() // (input.shape[0] * input.shape[1])
+        _update_running(running, mean.mean(0), _variance(rstd, eps).mean(0), count, momentum)
     return y
 
 
@@ -405,8 +575,10 @@ def group_norm(
     torch.Tensor
         Of ``input``'s shape, dtype and memory format.
     """
-    spec = NormSpec.group_norm(num_groups, eps, **_epilogue(activation, negative_slope))
-    return _normalize(spec, input, weight, bias, residual)[0]
+    num_groups = check_positive_int(num_groups, "num_groups")
+    return _normalize(
+        "group_norm", num_groups, check_eps(eps), input, weight, bias, residual, activation, negative_slope
+    )[0]
 
 
 def layer_norm(
@@ -441,9 +613,11 @@ def layer_norm(
     torch.Tensor
         Of ``input``'s shape and dtype.
     """
-    ndim = _np_functional._normalized_ndim(_array(input, "input"), normalized_shape)
-    spec = NormSpec.layer_norm(ndim, eps, **_epilogue(activation, negative_slope))
-    return _normalize(spec, input, weight, bias, residual)[0]
+    _check_tensor(input, "input", optional=False)
+    ndim = _np_functional._normalized_ndim(input, normalized_shape)
+    return _normalize(
+        "layer_norm", ndim, check_eps(eps), input, weight, bias, residual, activation, negative_slope
+    )[0]
 
 
 def rms_norm(
@@ -478,9 +652,10 @@ def rms_norm(
     torch.Tensor
         Of ``input``'s shape and dtype.
     """
-    ndim = _np_functional._normalized_ndim(_array(input, "input"), normalized_shape)
-    spec = NormSpec.rms_norm(ndim, eps, **_epilogue(activation, negative_slope))
-    return _normalize(spec, input, weight, None, residual)[0]
+    _check_tensor(input, "input", optional=False)
+    ndim = _np_functional._normalized_ndim(input, normalized_shape)
+    eps = check_eps(eps, allow_none=True)
+    return _normalize("rms_norm", ndim, eps, input, weight, None, residual, activation, negative_slope)[0]
 
 
 # ---------------------------------------------------------------------------
@@ -495,8 +670,7 @@ class _Epilogue:
     negative_slope: float = 0.01
 
     def _set_epilogue(self, activation, negative_slope):
-        NormSpec.layer_norm(1, activation=activation, negative_slope=negative_slope)  # checks both
-        self.activation, self.negative_slope = activation, float(negative_slope)
+        self.activation, self.negative_slope = activation, check_epilogue(activation, negative_slope)
 
     def _epilogue(self):
         return _epilogue(self.activation, self.negative_slope)

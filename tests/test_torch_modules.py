@@ -337,3 +337,37 @@ def test_bfloat16_matches_torch():
     dx_want, dw_want = torch.autograd.grad(want, (x32, w), dy.float())
     torch.testing.assert_close(dx.float(), dx_want, rtol=1.6e-2, atol=2e-2)
     torch.testing.assert_close(dw, dw_want, rtol=1e-3, atol=1e-3)
+
+
+# inductor's own import of torch.jit code warns (torch 2.13), nothing of fastnorm's
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_torch_compile_runs_the_kernels_without_a_graph_break():
+    """``torch.compile(fullgraph=True)`` (inductor): the custom ops trace; forward, backward and
+    the running statistics match eager, in training and in eval mode."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        ft.BatchNorm2d(8, activation="relu"),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        ft.GroupNorm(4, 8, activation="silu"),
+        torch.nn.Flatten(2),
+        ft.LayerNorm(36),
+        torch.nn.Linear(36, 4),
+        ft.RMSNorm(4),
+    )
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True)  # fullgraph: a graph break is an error
+    x = torch.randn(4, 3, 6, 6).contiguous(memory_format=torch.channels_last)
+    for mode in ("train", "eval"):
+        model.train(mode == "train"), eager.train(mode == "train")
+        y, y_eager = compiled(x), eager(x)
+        torch.testing.assert_close(y, y_eager, rtol=1e-5, atol=1e-5)
+        y.square().sum().backward()
+        y_eager.square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), eager.parameters(), strict=True):
+            torch.testing.assert_close(
+                p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=f"{mode} {name}": f"{n}: {m}"
+            )
+        torch.testing.assert_close(model[1].running_var, eager[1].running_var, rtol=1e-6, atol=1e-7)
+        assert int(model[1].num_batches_tracked) == int(eager[1].num_batches_tracked) == 1
