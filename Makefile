@@ -82,7 +82,7 @@ bench-check: $(VENV)/.installed-bench
 bench-half: $(VENV)/.installed-bench
 	$(PY) -m benchmarks.half
 
-# The short gate of .ci/run: mid-size cases, 1 thread, fastnorm/memcpy only (about 5 s).
+# The short gate of .ci/run: mid-size cases of every dtype, 1 thread, fastnorm/memcpy only (about 18 s).
 bench-ci: $(VENV)/.installed-bench
 	$(PY) -m benchmarks --check --thresholds benchmarks/ci-thresholds.toml --no-torch
 
