@@ -33,19 +33,20 @@ def pytest_configure(config):
 _SHARED_SCOPES = {"tests/test_capi_fuzz.py": "tests/test_capi.py"}
 
 
-#: Modules whose tests are units of work of their own (each runs for minutes).
-_SPLIT_MODULES = {"tests/test_fuzz_api.py"}
+#: Modules whose tests are units of work of their own (the fuzzer's run for minutes; the
+#: vectorization check's each compile a kernel without the cache).
+_SPLIT_MODULES = {"tests/test_fuzz_api.py", "tests/test_vectorized.py"}
+
+
+def _module_of(nodeid):
+    """The test module of ``nodeid``, or the module it shares a worker with (:data:`_SHARED_SCOPES`)."""
+    module = nodeid.split("::", 1)[0]
+    return _SHARED_SCOPES.get(module, module)
 
 
 def _module_scope(nodeid):
-    """A pytest-xdist worker's unit of work: a module, or a test of :data:`_SPLIT_MODULES`.
-
-    The modules of :data:`_SHARED_SCOPES` are one unit.
-    """
-    module = nodeid.split("::", 1)[0]
-    if module in _SPLIT_MODULES:
-        return nodeid
-    return _SHARED_SCOPES.get(module, module)
+    """A pytest-xdist worker's unit of work: a module, or a test of :data:`_SPLIT_MODULES`."""
+    return nodeid if nodeid.split("::", 1)[0] in _SPLIT_MODULES else _module_of(nodeid)
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
@@ -73,8 +74,7 @@ _FIRST = ("tests/test_capi.py", "tests/test_fuzz_api.py", "tests/test_vectorized
 
 def _run_order(item):
     """Sort key of a test: the modules of :data:`_FIRST` in that order, then the rest as collected."""
-    module = item.nodeid.split("::", 1)[0]
-    module = _SHARED_SCOPES.get(module, module)
+    module = _module_of(item.nodeid)
     return _FIRST.index(module) if module in _FIRST else len(_FIRST)
 
 
