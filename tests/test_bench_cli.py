@@ -150,11 +150,13 @@ def test_committed_thresholds_are_valid(name):
 
 
 def test_ci_gate_is_short_single_threaded_and_needs_no_torch():
-    """The gate .ci/run runs: mid-size cases at 1 thread, memcpy limits only, rechecks on."""
+    """The gate .ci/run runs: every mid-size case (all dtypes) at 1 thread, memcpy limits, rechecks."""
     settings, thresholds = bench.load_thresholds(ROOT / "benchmarks" / "ci-thresholds.toml")
     assert settings["threads"] == 1
     assert settings["rechecks"] >= 2
-    mid = {c.id for c in bench.select_cases(sizes=["mid"])}
+    mid = {
+        c.id for c in bench.select_cases(sizes=["mid"], dtypes=["float32", "float64", "bfloat16", "float16"])
+    }
     assert set(thresholds) == mid
     assert all(t.max_vs_memcpy is not None and t.max_vs_torch is None for t in thresholds.values())
     command = "-m benchmarks --check --thresholds benchmarks/ci-thresholds.toml --no-torch"

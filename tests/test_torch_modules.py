@@ -371,3 +371,43 @@ def test_torch_compile_runs_the_kernels_without_a_graph_break():
             )
         torch.testing.assert_close(model[1].running_var, eager[1].running_var, rtol=1e-6, atol=1e-7)
         assert int(model[1].num_batches_tracked) == int(eager[1].num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_convert_resnet18_and_a_transformer_block(channels_last):
+    """ResNet-18 and a pre-LN transformer block (benchmarks/models.py), converted: two training
+    steps (SGD) and an eval forward as torch's layers give them."""
+    from benchmarks.models import PreNormBlock, ResNet18
+
+    torch.manual_seed(0)
+    resnet = ResNet18(num_classes=10)
+    x = torch.randn(4, 3, 32, 32)
+    if channels_last:
+        resnet, x = (
+            resnet.to(memory_format=torch.channels_last),
+            x.contiguous(memory_format=torch.channels_last),
+        )
+    cases = [
+        (resnet, x, torch.randint(0, 10, (4,))),
+        (PreNormBlock(width=64, heads=4, norm="rms"), torch.randn(2, 8, 64), None),
+    ]
+    for reference, inputs, target in cases:
+        ours = ft.convert(copy.deepcopy(reference))
+        assert not any(
+            type(m).__module__.startswith("torch.nn") and "Norm" in type(m).__name__ for m in ours.modules()
+        )
+        for net in (reference, ours):
+            optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+            for _ in range(2):
+                optimizer.zero_grad()
+                out = net(inputs)
+                loss = (
+                    torch.nn.functional.cross_entropy(out, target)
+                    if target is not None
+                    else out.square().mean()
+                )
+                loss.backward()
+                optimizer.step()
+        reference.eval(), ours.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(inputs), reference(inputs), rtol=1e-3, atol=1e-3)
