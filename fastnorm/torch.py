@@ -55,6 +55,8 @@ __all__ = [
     "instance_norm",
     "layer_norm",
     "rms_norm",
+    "skip_layer_norm",
+    "skip_rms_norm",
 ]
 
 _FLOAT_TYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
@@ -656,6 +658,196 @@ def rms_norm(
     ndim = _np_functional._normalized_ndim(input, normalized_shape)
     eps = check_eps(eps, allow_none=True)
     return _normalize("rms_norm", ndim, eps, input, weight, None, residual, activation, negative_slope)[0]
+
+
+@torch.library.custom_op("fastnorm::skip_forward", mutates_args=(), device_types="cpu")
+def _skip_forward_op(
+    x: torch.Tensor,
+    skip: torch.Tensor,
+    skip_bias: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    kind: str,
+    arg: int,
+    eps: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, h, mean, rstd)`` of :func:`fastnorm.forward` with ``skip=`` (``h = x + skip + skip_bias``)."""
+    spec = _spec(kind, arg, eps, None, 0.01)
+    y, stats = fastnorm.forward(
+        _array(x.contiguous()),
+        spec,
+        _array(weight),
+        _array(bias),
+        skip=_array(skip.contiguous()),
+        skip_bias=_array(skip_bias),
+    )
+    return _tensor(y), _tensor(stats.h), torch.from_numpy(stats.mean), torch.from_numpy(stats.rstd)
+
+
+@_skip_forward_op.register_fake
+def _skip_forward_fake(x, skip, skip_bias, weight, bias, kind, arg, eps):
+    shape = _stats_shape(x, kind, arg)
+    y, h = (torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(2))
+    return y, h, x.new_empty(shape, dtype=torch.float64), x.new_empty(shape, dtype=torch.float64)
+
+
+@torch.library.custom_op("fastnorm::skip_backward", mutates_args=(), device_types="cpu")
+def _skip_backward_op(
+    dy: torch.Tensor,
+    dh: torch.Tensor | None,
+    h: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    skip_bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    kind: str,
+    arg: int,
+    eps: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dh_total, dweight, dbias, dskip_bias)``: the norm's backward at ``h`` plus ``h``'s own gradient.
+
+    ``dh_total`` is the gradient of ``h = x + skip + skip_bias``, so of ``x`` and of
+    ``skip``; ``dskip_bias`` its column sums (float64 over the rows in order, for
+    ``dh``'s share). Empty where not computed.
+    """
+    spec = _spec(kind, arg, eps, None, 0.01)
+    h_array = _array(h.contiguous())
+    stats = fastnorm.Stats(
+        mean.numpy(), rstd.numpy(), has_bias=bias is not None, h=h_array, has_skip_bias=skip_bias is not None
+    )
+    grads = fastnorm.backward(_array(dy), h_array, stats, spec, _array(weight), with_bias=bias is not None)
+    dx, dweight, dbias = grads
+    dskip_bias = grads.dskip_bias
+    if dh is not None:
+        dh_array = _array(dh.contiguous())
+        dx = dx + dh_array  # a new array: dx may be the only reference to the kernel's output
+        if skip_bias is not None:
+            columns = dh_array.reshape(-1, dskip_bias.size).astype(np.float64).sum(axis=0)
+            dskip_bias = (dskip_bias.astype(np.float64) + columns).astype(dskip_bias.dtype)
+    return (
+        _tensor(dx),
+        h.new_empty(0) if dweight is None else _tensor(dweight).to(weight.dtype),
+        h.new_empty(0) if dbias is None else _tensor(dbias).to(bias.dtype),
+        h.new_empty(0) if skip_bias is None else _tensor(dskip_bias).to(skip_bias.dtype),
+    )
+
+
+@_skip_backward_op.register_fake
+def _skip_backward_fake(dy, dh, h, weight, bias, skip_bias, mean, rstd, kind, arg, eps):
+    return (
+        torch.empty_like(h, memory_format=torch.contiguous_format),
+        h.new_empty(0) if weight is None else torch.empty_like(weight),
+        h.new_empty(0) if bias is None else torch.empty_like(bias),
+        h.new_empty(0) if skip_bias is None else torch.empty_like(skip_bias),
+    )
+
+
+def _skip_setup(ctx, inputs, output):
+    x, skip, skip_bias, weight, bias, *params = inputs
+    _, h, mean, rstd = output
+    ctx.save_for_backward(h, weight, bias, skip_bias, mean, rstd)
+    ctx.params = params
+
+
+def _skip_backward(ctx, dy, dh, _dmean, _drstd):
+    h, weight, bias, skip_bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias, dskip_bias = _skip_backward_op(
+        dy, dh, h, weight, bias, skip_bias, mean, rstd, *ctx.params
+    )
+    return (
+        dx,
+        dx,
+        None if skip_bias is None else dskip_bias,
+        None if weight is None else dweight,
+        None if bias is None else dbias,
+        *[None] * len(ctx.params),
+    )
+
+
+_skip_forward_op.register_autograd(_skip_backward, setup_context=_skip_setup)
+
+
+def _skip_norm(kind, x, skip, normalized_shape, weight, bias, eps, skip_bias):
+    for tensor, name in ((x, "input"), (skip, "skip")):
+        _check_tensor(tensor, name, optional=False)
+    for tensor, name in ((weight, "weight"), (bias, "bias"), (skip_bias, "skip_bias")):
+        _check_tensor(tensor, name)
+    ndim = _np_functional._normalized_ndim(x, normalized_shape)
+    y, h, _, _ = _skip_forward_op(x, skip, skip_bias, weight, bias, kind, ndim, eps)
+    return y, h
+
+
+def skip_layer_norm(
+    input: torch.Tensor,
+    skip: torch.Tensor,
+    normalized_shape: int | tuple[int, ...],
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    skip_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm skip add and LayerNorm in one pass: ``h = input + skip + skip_bias``, ``y = layer_norm(h)``.
+
+    Differentiable with respect to every tensor, through ``y`` and ``h`` (the next
+    residual stream): as ONNX Runtime's ``SkipLayerNormalization``.
+
+    Parameters
+    ----------
+    input, skip : torch.Tensor
+        CPU tensors of the same shape, whose trailing dims are ``normalized_shape``.
+    normalized_shape : int or tuple of int
+        The trailing dims normalized over.
+    weight, bias : torch.Tensor of shape ``normalized_shape``, optional
+        Affine parameters.
+    eps : float
+        Added to the variance.
+    skip_bias : torch.Tensor of shape ``normalized_shape``, optional
+        Added to every row of the sum.
+
+    Returns
+    -------
+    y, h : torch.Tensor
+        The normalized sum and the sum, C-contiguous.
+    """
+    return _skip_norm("layer_norm", input, skip, normalized_shape, weight, bias, check_eps(eps), skip_bias)
+
+
+def skip_rms_norm(
+    input: torch.Tensor,
+    skip: torch.Tensor,
+    normalized_shape: int | tuple[int, ...],
+    weight: torch.Tensor | None = None,
+    eps: float | None = None,
+    *,
+    skip_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-norm skip add and RMSNorm in one pass: ``h = input + skip + skip_bias``, ``y = rms_norm(h)``.
+
+    Differentiable with respect to every tensor, through ``y`` and ``h``: as ONNX
+    Runtime's ``SkipSimplifiedLayerNormalization``.
+
+    Parameters
+    ----------
+    input, skip : torch.Tensor
+        CPU tensors of the same shape, whose trailing dims are ``normalized_shape``.
+    normalized_shape : int or tuple of int
+        The trailing dims normalized over.
+    weight : torch.Tensor of shape ``normalized_shape``, optional
+        Scale.
+    eps : float or None
+        Added to the mean square; ``None``: the machine epsilon of the dtype.
+    skip_bias : torch.Tensor of shape ``normalized_shape``, optional
+        Added to every row of the sum.
+
+    Returns
+    -------
+    y, h : torch.Tensor
+        The normalized sum and the sum, C-contiguous.
+    """
+    eps = check_eps(eps, allow_none=True)
+    return _skip_norm("rms_norm", input, skip, normalized_shape, weight, None, eps, skip_bias)
 
 
 # ---------------------------------------------------------------------------

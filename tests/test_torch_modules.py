@@ -411,3 +411,48 @@ def test_convert_resnet18_and_a_transformer_block(channels_last):
         reference.eval(), ours.eval()
         with torch.no_grad():
             torch.testing.assert_close(ours(inputs), reference(inputs), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+@pytest.mark.parametrize("with_skip_bias", [False, True], ids=["", "skip_bias"])
+def test_skip_norms_match_torch_through_y_and_h(kind, dtype, with_skip_bias):
+    """``y, h = skip_*_norm(x, skip)``: a loss on both; gradients of x, skip, skip_bias, weight, bias."""
+    gen = torch.Generator().manual_seed(2)
+    x, skip = (torch.randn(3, 5, 16, dtype=dtype, generator=gen).requires_grad_() for _ in range(2))
+    w = (1 + 0.3 * torch.randn(16, dtype=dtype, generator=gen)).requires_grad_()
+    b = torch.randn(16, dtype=dtype, generator=gen).requires_grad_() if kind == "layer" else None
+    sb = torch.randn(16, dtype=dtype, generator=gen).requires_grad_() if with_skip_bias else None
+    if kind == "layer":
+        y, h = ft.skip_layer_norm(x, skip, 16, w, b, skip_bias=sb)
+    else:
+        y, h = ft.skip_rms_norm(x, skip, 16, w, 1e-6, skip_bias=sb)
+    h_torch = x + skip + (sb if sb is not None else 0)
+    y_torch = F.layer_norm(h_torch, (16,), w, b) if kind == "layer" else F.rms_norm(h_torch, (16,), w, 1e-6)
+    _close(h, h_torch, dtype, "h")
+    _close(y, y_torch, dtype, "y")
+    gy, gh = (torch.randn(3, 5, 16, dtype=dtype, generator=gen) for _ in range(2))
+    leaves = [t for t in (x, skip, w, b, sb) if t is not None]
+    grads = torch.autograd.grad((y * gy).sum() + (h * gh).sum(), leaves)
+    grads_torch = torch.autograd.grad((y_torch * gy).sum() + (h_torch * gh).sum(), leaves)
+    for got, want in zip(grads, grads_torch, strict=True):
+        _close(got, want, dtype, "gradients")
+    only_y = torch.autograd.grad(ft.skip_layer_norm(x, skip, 16, w, None)[0].sum(), [x])[0]
+    torch.testing.assert_close(
+        only_y, torch.autograd.grad(F.layer_norm(x + skip, (16,), w).sum(), [x])[0], **TOL[dtype]
+    )
+
+
+def test_skip_layer_norm_gradcheck_and_compile():
+    gen = torch.Generator().manual_seed(4)
+    x, skip = (torch.randn(2, 3, 4, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(2))
+    w, b, sb = (torch.randn(4, dtype=torch.float64, generator=gen).requires_grad_() for _ in range(3))
+
+    def both(x, skip, w, b, sb):
+        y, h = ft.skip_layer_norm(x, skip, 4, w, b, skip_bias=sb)
+        return y * 2 + h.sin()
+
+    assert torch.autograd.gradcheck(both, (x, skip, w, b, sb))
+    torch._dynamo.reset()
+    compiled = torch.compile(both, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, skip, w, b, sb), both(x, skip, w, b, sb), rtol=0, atol=0)
