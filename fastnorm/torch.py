@@ -861,6 +861,10 @@ class _Epilogue:
     activation: str | None = None
     negative_slope: float = 0.01
 
+    def __init__(self, *args, activation=None, negative_slope=0.01, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._set_epilogue(activation, negative_slope)
+
     def _set_epilogue(self, activation, negative_slope):
         self.activation, self.negative_slope = activation, check_epilogue(activation, negative_slope)
 
@@ -877,23 +881,10 @@ class _Epilogue:
 
 
 class _BatchNorm(_Epilogue):
-    def __init__(self, *args, activation=None, negative_slope=0.01, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_epilogue(activation, negative_slope)
-
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(batch_norm(input) + residual)``, with torch's rules for the running statistics.
 
-        Parameters
-        ----------
-        input : torch.Tensor
-            CPU tensor, as the torch module takes it.
-        residual : torch.Tensor, optional
-            Added after the affine transform, before the activation; ``input``'s shape.
-
-        Returns
-        -------
-        torch.Tensor
+        Parameters are those of :func:`batch_norm`: ``input``, and ``residual`` (``input``'s shape).
         """
         self._check_input_dim(input)
         track = self.training and self.track_running_stats
@@ -932,23 +923,10 @@ class BatchNorm3d(_BatchNorm, torch.nn.BatchNorm3d):
 
 
 class _InstanceNorm(_Epilogue):
-    def __init__(self, *args, activation=None, negative_slope=0.01, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_epilogue(activation, negative_slope)
-
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(instance_norm(input) + residual)``; an unbatched input is one sample.
 
-        Parameters
-        ----------
-        input : torch.Tensor
-            CPU tensor, as the torch module takes it.
-        residual : torch.Tensor, optional
-            Added after the affine transform, before the activation; ``input``'s shape.
-
-        Returns
-        -------
-        torch.Tensor
+        Parameters are those of :func:`instance_norm`: ``input``, and ``residual`` (``input``'s shape).
         """
         self._check_input_dim(input)
         unbatched = input.dim() == self._get_no_batch_dim()
@@ -986,23 +964,10 @@ class InstanceNorm3d(_InstanceNorm, torch.nn.InstanceNorm3d):
 class GroupNorm(_Epilogue, torch.nn.GroupNorm):
     """``torch.nn.GroupNorm`` with fastnorm's kernels; also ``activation=``, ``negative_slope=``."""
 
-    def __init__(self, *args, activation=None, negative_slope=0.01, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_epilogue(activation, negative_slope)
-
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(group_norm(input) + residual)``.
 
-        Parameters
-        ----------
-        input : torch.Tensor
-            CPU tensor, as the torch module takes it.
-        residual : torch.Tensor, optional
-            Added after the affine transform, before the activation; ``input``'s shape.
-
-        Returns
-        -------
-        torch.Tensor
+        Parameters are those of :func:`group_norm`: ``input``, and ``residual`` (``input``'s shape).
         """
         return group_norm(
             input, self.num_groups, self.weight, self.bias, self.eps, residual=residual, **self._epilogue()
@@ -1012,23 +977,10 @@ class GroupNorm(_Epilogue, torch.nn.GroupNorm):
 class LayerNorm(_Epilogue, torch.nn.LayerNorm):
     """``torch.nn.LayerNorm`` with fastnorm's kernels; also ``activation=``, ``negative_slope=``."""
 
-    def __init__(self, *args, activation=None, negative_slope=0.01, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_epilogue(activation, negative_slope)
-
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(layer_norm(input) + residual)``.
 
-        Parameters
-        ----------
-        input : torch.Tensor
-            CPU tensor, as the torch module takes it.
-        residual : torch.Tensor, optional
-            Added after the affine transform, before the activation; ``input``'s shape.
-
-        Returns
-        -------
-        torch.Tensor
+        Parameters are those of :func:`layer_norm`: ``input``, and ``residual`` (``input``'s shape).
         """
         return layer_norm(
             input,
@@ -1044,23 +996,10 @@ class LayerNorm(_Epilogue, torch.nn.LayerNorm):
 class RMSNorm(_Epilogue, torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` with fastnorm's kernels; also ``activation=``, ``negative_slope=``."""
 
-    def __init__(self, *args, activation=None, negative_slope=0.01, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._set_epilogue(activation, negative_slope)
-
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """``act(rms_norm(input) + residual)``.
 
-        Parameters
-        ----------
-        input : torch.Tensor
-            CPU tensor, as the torch module takes it.
-        residual : torch.Tensor, optional
-            Added after the affine transform, before the activation; ``input``'s shape.
-
-        Returns
-        -------
-        torch.Tensor
+        Parameters are those of :func:`rms_norm`: ``input``, and ``residual`` (``input``'s shape).
         """
         return rms_norm(
             input, self.normalized_shape, self.weight, self.eps, residual=residual, **self._epilogue()
