@@ -65,7 +65,8 @@ def _kernel_input(flat):
     combination would compile the whole kernel again on first use (tens of
     seconds).  A read-only array (JAX arrays, ``np.frombuffer``, read-only
     memory maps) is passed as a writable alias of the same memory, which the
-    kernels only read; a misaligned one as an aligned copy.
+    kernels only read; a misaligned one as an aligned copy
+    (docs/perf-notes/one-compiled-type-per-dtype.md).
     """
     flags = flat.flags
     if flags.behaved:
