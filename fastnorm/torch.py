@@ -62,18 +62,13 @@ __all__ = [
 _FLOAT_TYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
 
 
-def _array(tensor, name="tensor"):
-    """Return the NumPy view of a CPU tensor (``None`` stays ``None``); bfloat16 as ml_dtypes'."""
+def _array(tensor):
+    """Return the NumPy view of a CPU tensor (``None`` stays ``None``); bfloat16 as ml_dtypes'.
+
+    The public functions have checked the tensor (:func:`_check_tensor`).
+    """
     if tensor is None:
         return None
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cpu":
-        raise ValueError(f"{name} is on {tensor.device}: fastnorm.torch runs on CPU tensors only")
-    if tensor.dtype not in _FLOAT_TYPES:
-        raise TypeError(
-            f"{name}.dtype={tensor.dtype} is not supported: float32, float64, float16 or bfloat16"
-        )
     tensor = tensor.detach()
     if tensor.dtype == torch.bfloat16:
         import ml_dtypes  # the bf16 extra
@@ -141,6 +136,11 @@ def _kernel_layout(tensor, x, kind):
     return tensor.contiguous(memory_format=memory_format or torch.contiguous_format)
 
 
+def _kernel_layouts(x, residual, kind):
+    """``(x, residual)`` in the order the kernel reads ``x`` in (:func:`_kernel_layout`)."""
+    return _kernel_layout(x, x, kind), _kernel_layout(residual, x, kind)
+
+
 def _empty_output(x, kind):
     memory_format = _channels_last_format(x, kind)
     return torch.empty_like(x, memory_format=memory_format or torch.contiguous_format)
@@ -170,8 +170,7 @@ def _forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, mean, rstd)`` of :func:`fastnorm.forward` (the training pass)."""
     spec = _spec(kind, arg, eps, activation, negative_slope)
-    residual = _kernel_layout(residual, x, kind)
-    x = _kernel_layout(x, x, kind)
+    x, residual = _kernel_layouts(x, residual, kind)
     y, stats = fastnorm.forward(_array(x), spec, _array(weight), _array(bias), residual=_array(residual))
     return _tensor(y), torch.from_numpy(stats.mean), torch.from_numpy(stats.rstd)
 
@@ -206,8 +205,7 @@ def _backward_op(
     ``dresidual`` is computed only with an activation (otherwise it is ``dy``).
     """
     spec = _spec(kind, arg, eps, activation, negative_slope)
-    residual = _kernel_layout(residual, x, kind)
-    x = _kernel_layout(x, x, kind)
+    x, residual = _kernel_layouts(x, residual, kind)
     stats = fastnorm.Stats(
         mean.numpy(), rstd.numpy(), has_bias=bias is not None, has_residual=residual is not None
     )
@@ -278,8 +276,7 @@ def _inference_op(
 ) -> torch.Tensor:
     """:func:`fastnorm.forward_inference` with per-channel statistics (BatchNorm's ``eps`` is in ``rstd``)."""
     spec = NormSpec.batch_norm(0.0, activation=activation, negative_slope=negative_slope)
-    residual = _kernel_layout(residual, x, "batch_norm")
-    x = _kernel_layout(x, x, "batch_norm")
+    x, residual = _kernel_layouts(x, residual, "batch_norm")
     stats = fastnorm.Stats(mean.numpy(), rstd.numpy())
     y = fastnorm.forward_inference(
         _array(x), stats, spec, _array(weight), _array(bias), residual=_array(residual)
@@ -337,30 +334,29 @@ def _inference_backward(ctx, dy):
 _inference_op.register_autograd(_inference_backward, setup_context=_inference_setup)
 
 
-def _epilogue(activation, negative_slope):
-    return {"activation": activation, "negative_slope": negative_slope}
+def _check_inputs(x, weight, bias, residual, activation, negative_slope):
+    """Check the tensors and the epilogue of a pass; return ``negative_slope`` as a float."""
+    for tensor, name in ((x, "input"), (weight, "weight"), (bias, "bias"), (residual, "residual")):
+        _check_tensor(tensor, name, optional=name != "input")
+    return check_epilogue(activation, negative_slope)
 
 
 def _normalize(kind, arg, eps, x, weight, bias, residual, activation, negative_slope):
     """Check the tensors and run the training pass: ``(y, mean, rstd)``."""
-    for tensor, name in ((x, "input"), (weight, "weight"), (bias, "bias"), (residual, "residual")):
-        _check_tensor(tensor, name, optional=name != "input")
-    negative_slope = check_epilogue(activation, negative_slope)
+    negative_slope = _check_inputs(x, weight, bias, residual, activation, negative_slope)
     return _forward_op(x, weight, bias, residual, kind, arg, eps, activation, negative_slope)
 
 
 def _normalize_with(running, eps, x, weight, bias, residual, activation, negative_slope):
     """Run the pass with fixed per-channel statistics ``running = (running_mean, running_var)``."""
-    for tensor, name in ((x, "input"), (weight, "weight"), (bias, "bias"), (residual, "residual")):
-        _check_tensor(tensor, name, optional=name != "input")
-    negative_slope = check_epilogue(activation, negative_slope)
+    negative_slope = _check_inputs(x, weight, bias, residual, activation, negative_slope)
     running_mean, running_var = running
     mean = running_mean.detach().to(torch.float64)
     rstd = 1.0 / torch.sqrt(running_var.detach().to(torch.float64) + check_eps(eps))
     return _inference_op(x, weight, bias, residual, mean, rstd, activation, negative_slope)
 
 
-def _running_pair(running_mean, running_var, x, training):
+def _running_pair(running_mean, running_var, x):
     """``(running_mean, running_var)`` checked against ``x``'s channels, or ``None``."""
     if (running_mean is None) != (running_var is None):
         raise ValueError("pass both running_mean and running_var, or neither")
@@ -445,7 +441,7 @@ def batch_norm(
     Ioffe & Szegedy 2015, Algorithm 1 (training) and Algorithm 2 (inference).
     """
     _check_tensor(input, "input", optional=False)
-    running = _running_pair(running_mean, running_var, input, training)
+    running = _running_pair(running_mean, running_var, input)
     if not training:
         if running is None:
             raise ValueError("batch_norm with training=False needs running_mean and running_var")
@@ -529,7 +525,7 @@ def instance_norm(
         Of ``input``'s shape, dtype and memory format.
     """
     _check_tensor(input, "input", optional=False)
-    running = _running_pair(running_mean, running_var, input, use_input_stats)
+    running = _running_pair(running_mean, running_var, input)
     if not use_input_stats:
         if running is None:
             raise ValueError("instance_norm with use_input_stats=False needs running_mean and running_var")
@@ -869,7 +865,7 @@ class _Epilogue:
         self.activation, self.negative_slope = activation, check_epilogue(activation, negative_slope)
 
     def _epilogue(self):
-        return _epilogue(self.activation, self.negative_slope)
+        return {"activation": self.activation, "negative_slope": self.negative_slope}
 
     def extra_repr(self):
         text = super().extra_repr()
