@@ -13,6 +13,11 @@ Functional (``torch.nn.functional`` names and semantics, NumPy arrays):
 Explicit passes: :class:`NormSpec`, :func:`forward`, :func:`forward_inference`,
 :func:`backward`, :class:`Stats`, :class:`Gradients`.
 
+BatchNorm over a batch split across processes (the passes around a collective;
+:mod:`fastnorm.distributed`, :mod:`fastnorm.mpi`): :func:`batch_stats`,
+:func:`merge_stats`, :func:`batch_norm_backward_reduce`,
+:func:`batch_norm_backward_apply`, :func:`update_running_stats`.
+
 Folding an inference BatchNorm into the layer before it: :func:`fold_batch_norm`.
 
 Configuration: :func:`show_config` (versions, threading layer, CPU, cache).
@@ -25,6 +30,13 @@ PyTorch (CPU tensors, autograd, ``torch.nn`` modules): ``fastnorm.torch``, which
 from . import _threading  # noqa: F401
 from ._info import show_config
 from .core import Gradients, Stats, backward, forward, forward_inference
+from .distributed import (
+    batch_norm_backward_apply,
+    batch_norm_backward_reduce,
+    batch_stats,
+    merge_stats,
+    update_running_stats,
+)
 from .folding import fold_batch_norm
 from .functional import (
     batch_norm,
@@ -53,6 +65,11 @@ __all__ = [
     "rms_norm",
     "skip_layer_norm",
     "skip_rms_norm",
+    "batch_stats",
+    "merge_stats",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_apply",
+    "update_running_stats",
     "fold_batch_norm",
     "show_config",
     "__version__",

@@ -299,6 +299,9 @@ def test_dispatch_table_covers_every_pass_view_and_build():
     }
     # the pre-norm skip add's passes exist for LayerNorm / RMSNorm rows only
     keys |= {(p, K.ROWS, b) for p in (K.SKIP_FORWARD, K.SKIP_BIAS_BACKWARD) for b in (0, 1)}
+    # BatchNorm split around a collective: the two BatchNorm views only
+    split_passes = (K.BATCH_STATS, K.BACKWARD_REDUCE, K.BACKWARD_APPLY)
+    keys |= {(p, v, b) for p in split_passes for v in (K.PLANES, K.CHANNELS_LAST_VIEW) for b in (0, 1)}
     assert set(K.KERNELS) == keys
     assert len(set(map(id, K.KERNELS.values()))) == len(keys)
 

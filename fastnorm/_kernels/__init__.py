@@ -35,7 +35,7 @@ count (fixed blocks merged in a fixed order).
 
 from .dispatch import KERNELS, run_backward, run_forward, run_skip_bias_backward, run_skip_forward, select
 from .epilogue import ACTIVATIONS
-from .numerics import CANCELLATION_LIMIT
+from .numerics import CANCELLATION_LIMIT, merge_rank_moments
 from .schedule import *  # noqa: F403 -- the constants, KernelSpec, Schedule, plan_schedule
 from .schedule import __all__ as _schedule_names
 from .storage import VIEWS, bfloat16_bits
@@ -44,6 +44,7 @@ __all__ = [
     "ACTIVATIONS",
     "CANCELLATION_LIMIT",
     "KERNELS",
+    "merge_rank_moments",
     "run_backward",
     "run_forward",
     "run_skip_bias_backward",

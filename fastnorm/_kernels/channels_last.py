@@ -17,7 +17,15 @@ from numba import prange
 
 from .._config import glue, helper, kernel
 from .epilogue import _activate_stored, _dx_constants, _fold, _rectify, _split, _store_mode
-from .numerics import CANCELLATION_LIMIT, _dx_coefs, _finish, _group, _merge, _moments_two_pass
+from .numerics import (
+    CANCELLATION_LIMIT,
+    _dx_coefs,
+    _dx_coefs_of_sums,
+    _finish,
+    _group,
+    _merge,
+    _moments_two_pass,
+)
 from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule
 from .storage import compute_empty, load, store
 
@@ -284,13 +292,19 @@ def _cl_forward_fused(x, weight, bias, residual, y, work, chan, stats, coef, spe
 
 
 @glue
+def _cl_split_statistics(x, work, chan, stats, spec, schedule):
+    """Block moments in parallel, then the set and group merges into ``stats``."""
+    for blk in prange(spec.batch * schedule.nblocks):
+        _cl_block_moments(x, work, spec, schedule, blk)
+    for s in prange(stats.size // 2 // spec.groups):
+        _cl_set_stats(work, chan, stats, spec, schedule, s)
+
+
+@glue
 def _cl_forward_split(x, weight, bias, residual, y, work, chan, stats, coef, spec, schedule):
     """``SPLIT``: block moments in parallel, set and group merges, then the normalize pass."""
     sets = stats.size // 2 // spec.groups
-    for blk in prange(spec.batch * schedule.nblocks):
-        _cl_block_moments(x, work, spec, schedule, blk)
-    for s in prange(sets):
-        _cl_set_stats(work, chan, stats, spec, schedule, s)
+    _cl_split_statistics(x, work, chan, stats, spec, schedule)
     for s in range(sets):
         _cl_set_coefs(weight, bias, stats, coef, spec, s)
     _cl_normalize(x, residual, x[:0], y, coef, spec, schedule)
@@ -440,10 +454,18 @@ def _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k):
         sum_g += w * chan[2 * nc * set_index + c]
         sum_g_xc += w * chan[2 * nc * set_index + nc + c]
     m = float(samples * d * spec.spatial)
+    kx, k0 = _dx_coefs(sum_g, sum_g_xc, rstd[k], m, spec.flags)
+    _cl_store_dx_coefs(weight, mean, rstd, coef, spec, k, kx, k0)
+
+
+@glue
+def _cl_store_dx_coefs(weight, mean, rstd, coef, spec, k, kx, k0):
+    """Store group ``k``'s ``kx``, ``k0`` in its channels' coefficient vectors (:func:`_cl_group_coefs`)."""
+    _, _, c0, d = _group(spec, k)
+    nc = spec.channels
     r = rstd[k]
-    kx, k0 = _dx_coefs(sum_g, sum_g_xc, r, m, spec.flags)
     mean_hi, kx_x, k0_x = _dx_constants(coef, mean[k] if spec.flags & CENTERED else 0.0, kx, k0)
-    base = 4 * nc * set_index
+    base = 4 * nc * (k // spec.groups)
     for c in range(c0, c0 + d):
         coef[base + c] = mean_hi
         coef[base + nc + c] = r * weight[c] if weight.size > 0 else r
@@ -487,6 +509,15 @@ def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coe
 @glue
 def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule):
     """``SPLIT``: dot products over blocks, sums over sets, coefficients over groups, ``dx`` over blocks."""
+    _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule)
+    for k in prange(mean.size):
+        _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k)
+    _cl_split_dx(dy, x, dx, coef, spec, schedule)
+
+
+@glue
+def _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule):
+    """Every set's per-channel dot products into ``chan``: blocks in parallel, then sums over sets."""
     sets = chan_mean.size // spec.channels
     for s in range(sets):
         _cl_set_means(mean, chan_mean, spec, s)
@@ -494,8 +525,11 @@ def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coe
         _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk)
     for s in prange(sets):
         _cl_sum_set(work, chan, spec, schedule, s)
-    for k in prange(mean.size):
-        _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k)
+
+
+@glue
+def _cl_split_dx(dy, x, dx, coef, spec, schedule):
+    """``dx`` of every block from the coefficient vectors, ``schedule.tile_rows`` rows per step."""
     tiled = _cl_tile(coef, 4, spec.channels, schedule.tile_rows)
     for blk in prange(spec.batch * schedule.nblocks):
         _cl_dx_block(dy, x, dx, tiled, spec, schedule, blk, schedule.tile_rows)
@@ -538,3 +572,57 @@ def channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params
         _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule)
     if dweight.size > 0 or dbias.size > 0:
         _cl_param_grads(rstd, chan, dweight, dbias, spec, sets)
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm split around a collective (fastnorm.sync_batch_norm)
+# ---------------------------------------------------------------------------
+
+
+@kernel
+def channels_last_batch_stats(x, mean, m2, params):
+    """Local BatchNorm moments of an (N, S, C) buffer.
+
+    Parameters and Notes as :func:`~.planes.planes_batch_stats`.
+    """
+    spec = KernelSpec(*params[:8])
+    schedule = Schedule(*params[8:])
+    nc = spec.channels
+    work = np.empty(2 * nc * spec.batch * schedule.nblocks)
+    chan = np.empty(2 * nc)
+    stats = np.empty(2 * nc)
+    _cl_split_statistics(x, work, chan, stats, spec, schedule)
+    for c in range(nc):
+        mean[c] = stats[2 * c]
+        m2[c] = stats[2 * c + 1]
+
+
+@kernel
+def channels_last_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat, params):
+    """Local BatchNorm backward sums of an (N, S, C) buffer.
+
+    Parameters and Notes as :func:`~.planes.planes_backward_reduce`.
+    """
+    spec = KernelSpec(*params[:8])
+    schedule = Schedule(*params[8:])
+    nc = spec.channels
+    work = np.empty(2 * nc * spec.batch * schedule.nblocks)
+    chan = np.empty(2 * nc)
+    chan_mean = np.empty(nc)
+    _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule)
+    _cl_param_grads(rstd, chan, sum_dy_xhat, sum_dy, spec, 1)
+
+
+@kernel
+def channels_last_backward_apply(dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx, params):
+    """BatchNorm ``dx`` of an (N, S, C) buffer from sums over the global batch.
+
+    Parameters and Notes as :func:`~.planes.planes_backward_apply`.
+    """
+    spec = KernelSpec(*params[:8])
+    coef = compute_empty(x, 4 * spec.channels)
+    for c in range(spec.channels):
+        w = weight[c] if weight.size > 0 else 1.0
+        kx, k0 = _dx_coefs_of_sums(w, sum_dy[c], sum_dy_xhat[c], rstd[c], count)
+        _cl_store_dx_coefs(weight, mean, rstd, coef, spec, c, kx, k0)
+    _cl_split_dx(dy, x, dx, coef, spec, Schedule(*params[8:]))

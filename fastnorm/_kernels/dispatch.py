@@ -14,11 +14,28 @@ from __future__ import annotations
 import types
 
 from .._config import helper
-from .channels_last import channels_last_backward, channels_last_forward, channels_last_inference
-from .planes import planes_backward, planes_forward, planes_inference
+from .channels_last import (
+    channels_last_backward,
+    channels_last_backward_apply,
+    channels_last_backward_reduce,
+    channels_last_batch_stats,
+    channels_last_forward,
+    channels_last_inference,
+)
+from .planes import (
+    planes_backward,
+    planes_backward_apply,
+    planes_backward_reduce,
+    planes_batch_stats,
+    planes_forward,
+    planes_inference,
+)
 from .rows import rows_backward, rows_forward, rows_inference, rows_skip_bias_backward, rows_skip_forward
 from .schedule import (
     BACKWARD,
+    BACKWARD_APPLY,
+    BACKWARD_REDUCE,
+    BATCH_STATS,
     CHANNELS_LAST_VIEW,
     FORWARD,
     INFERENCE,
@@ -57,9 +74,17 @@ planes_backward_serial = _serial_build(planes_backward)
 channels_last_forward_serial = _serial_build(channels_last_forward)
 channels_last_inference_serial = _serial_build(channels_last_inference)
 channels_last_backward_serial = _serial_build(channels_last_backward)
+planes_batch_stats_serial = _serial_build(planes_batch_stats)
+planes_backward_reduce_serial = _serial_build(planes_backward_reduce)
+planes_backward_apply_serial = _serial_build(planes_backward_apply)
+channels_last_batch_stats_serial = _serial_build(channels_last_batch_stats)
+channels_last_backward_reduce_serial = _serial_build(channels_last_backward_reduce)
+channels_last_backward_apply_serial = _serial_build(channels_last_backward_apply)
 
 #: ``{(pass, view, parallel): kernel}``; ``SKIP_FORWARD`` and ``SKIP_BIAS_BACKWARD`` exist
-#: for the row view only (they take the ``FORWARD`` and ``BACKWARD`` schedules).
+#: for the row view only (they take the ``FORWARD`` and ``BACKWARD`` schedules), the split
+#: BatchNorm passes ``BATCH_STATS`` (``FORWARD`` schedule), ``BACKWARD_REDUCE`` and
+#: ``BACKWARD_APPLY`` (``BACKWARD`` schedule) for the planes and channels-last views only.
 KERNELS = {
     (FORWARD, ROWS, 0): rows_forward_serial,
     (FORWARD, ROWS, 1): rows_forward,
@@ -83,6 +108,18 @@ KERNELS = {
     (SKIP_FORWARD, ROWS, 1): rows_skip_forward,
     (SKIP_BIAS_BACKWARD, ROWS, 0): rows_skip_bias_backward_serial,
     (SKIP_BIAS_BACKWARD, ROWS, 1): rows_skip_bias_backward,
+    (BATCH_STATS, PLANES, 0): planes_batch_stats_serial,
+    (BATCH_STATS, PLANES, 1): planes_batch_stats,
+    (BATCH_STATS, CHANNELS_LAST_VIEW, 0): channels_last_batch_stats_serial,
+    (BATCH_STATS, CHANNELS_LAST_VIEW, 1): channels_last_batch_stats,
+    (BACKWARD_REDUCE, PLANES, 0): planes_backward_reduce_serial,
+    (BACKWARD_REDUCE, PLANES, 1): planes_backward_reduce,
+    (BACKWARD_REDUCE, CHANNELS_LAST_VIEW, 0): channels_last_backward_reduce_serial,
+    (BACKWARD_REDUCE, CHANNELS_LAST_VIEW, 1): channels_last_backward_reduce,
+    (BACKWARD_APPLY, PLANES, 0): planes_backward_apply_serial,
+    (BACKWARD_APPLY, PLANES, 1): planes_backward_apply,
+    (BACKWARD_APPLY, CHANNELS_LAST_VIEW, 0): channels_last_backward_apply_serial,
+    (BACKWARD_APPLY, CHANNELS_LAST_VIEW, 1): channels_last_backward_apply,
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._config import glue, helper
-from .schedule import BATCH, CENTERED
+from .schedule import BATCH, CENTERED, MOMENTS
 from .storage import load
 
 #: A one-pass (shifted) block moment that lost more than log2 of this many bits
@@ -43,15 +43,40 @@ def _merge(count_a, mean_a, m2_a, count_b, mean_b, m2_b):
     return count, mean_a + delta * frac, m2_a + m2_b + delta * delta * count_a * frac
 
 
+@helper
+def merge_rank_moments(counts, means, m2s, mean, m2):
+    """Merge per-rank moments ``(counts[r], means[r], m2s[r])`` in rank order into ``mean``, ``m2``.
+
+    ``means`` and ``m2s`` are (R, C) float64; a rank with count 0 is skipped.
+    Each channel is the chain of :func:`_merge` from rank 0 on, so every
+    process that merges the same numbers gets the same bits.
+    """
+    for c in range(mean.size):
+        count = 0.0
+        channel_mean = 0.0
+        channel_m2 = 0.0
+        for r in range(counts.size):
+            if counts[r] > 0.0:
+                count, channel_mean, channel_m2 = _merge(
+                    count, channel_mean, channel_m2, counts[r], means[r, c], m2s[r, c]
+                )
+        mean[c] = channel_mean
+        m2[c] = channel_m2
+
+
 @glue
 def _finish(count, mean, m2, flags, eps):
-    """Return the ``(mean, rstd)`` used to normalize a group.
+    """Return the ``(mean, rstd)`` used to normalize a group (``(mean, m2)`` with ``MOMENTS``).
 
     ``rstd = 1 / sqrt(m2 / count + eps)``: with ``CENTERED`` ``m2`` is the sum
     of squared deviations (biased variance ``m2 / count``); without it
     (RMSNorm) the moments are ``(0, sum(x**2))``, so this is
-    ``1 / sqrt(mean(x**2) + eps)`` and the mean used is 0.
+    ``1 / sqrt(mean(x**2) + eps)`` and the mean used is 0.  The statistics
+    pass of a BatchNorm split across processes sets ``MOMENTS``: its moments
+    are merged with other processes' before any ``rstd`` is taken.
     """
+    if flags & MOMENTS:
+        return mean, m2
     return mean, 1.0 / np.sqrt(m2 / count + eps)
 
 
@@ -153,6 +178,18 @@ def _dx_coefs(sum_g, sum_g_xc, rstd, m, flags):
     kx = rstd * rstd * rstd * sum_g_xc / m
     k0 = rstd * sum_g / m if flags & CENTERED else 0.0
     return kx, k0
+
+
+@glue
+def _dx_coefs_of_sums(w, sum_dy, sum_dy_xhat, rstd, m):
+    """:func:`_dx_coefs` of a BatchNorm channel from its sums over a batch split across processes.
+
+    ``sum_dy`` and ``sum_dy_xhat = sum(dy * xhat)`` span the global batch of
+    ``m`` elements; with ``g = w * dy``, ``sum(g * (x - mean)) = w *
+    sum_dy_xhat / rstd``, so ``kx = rstd^2 * w * sum_dy_xhat / m`` and
+    ``k0 = rstd * w * sum_dy / m``.
+    """
+    return rstd * rstd * w * sum_dy_xhat / m, rstd * w * sum_dy / m
 
 
 # ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from .numerics import (
     _block_plane,
     _dots,
     _dx_coefs,
+    _dx_coefs_of_sums,
     _finish,
     _group,
     _merge,
@@ -343,17 +344,28 @@ def _planes_backward_fused(dy, x, weight, dx, coef, work, spec, nblocks):
 
 
 @glue
-def _planes_backward_split(dy, x, weight, dx, coef, work, spec, nblocks):
-    """``SPLIT``: dot products over blocks, coefficients over groups, ``dx`` over blocks."""
-    planes = spec.batch * spec.channels
-    for blk in prange(planes * nblocks):
+def _cf_split_dots(dy, x, work, coef, spec, nblocks):
+    """Store the dot products of every block in ``work`` (parallel over blocks)."""
+    for blk in prange(spec.batch * spec.channels * nblocks):
         plane, b = _block_plane(blk, nblocks)
         _cf_dots_block(dy, x, work, coef, spec, nblocks, plane, b, _plane_stat_index(spec, plane))
-    for k in prange(coef.size // 4):
-        _cf_group_coefs(weight, work, coef, spec, nblocks, k)
-    for blk in prange(planes * nblocks):
+
+
+@glue
+def _cf_split_dx(dy, x, weight, dx, coef, spec, nblocks):
+    """``dx`` of every block from the groups' coefficients (parallel over blocks)."""
+    for blk in prange(spec.batch * spec.channels * nblocks):
         plane, b = _block_plane(blk, nblocks)
         _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, _plane_stat_index(spec, plane))
+
+
+@glue
+def _planes_backward_split(dy, x, weight, dx, coef, work, spec, nblocks):
+    """``SPLIT``: dot products over blocks, coefficients over groups, ``dx`` over blocks."""
+    _cf_split_dots(dy, x, work, coef, spec, nblocks)
+    for k in prange(coef.size // 4):
+        _cf_group_coefs(weight, work, coef, spec, nblocks, k)
+    _cf_split_dx(dy, x, weight, dx, coef, spec, nblocks)
 
 
 @glue
@@ -414,3 +426,91 @@ def planes_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
         _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule.nblocks)
     if dweight.size > 0 or dbias.size > 0:
         _planes_param_grads(work, coef, dweight, dbias, spec, schedule.nblocks)
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm split around a collective (fastnorm.sync_batch_norm)
+# ---------------------------------------------------------------------------
+
+
+@kernel
+def planes_batch_stats(x, mean, m2, params):
+    """Local BatchNorm moments of an (N, C, S) buffer: per-channel ``mean`` and ``m2``.
+
+    Parameters
+    ----------
+    x : ndarray, 1-D, C-contiguous
+        Input, as in :func:`planes_forward`.
+    mean, m2 : ndarray, 1-D, float64, length C
+        Outputs: the mean and the sum of squared deviations of each channel
+        over the ``N * S`` local elements.
+    params : tuple
+        As in :func:`planes_forward`, for a BatchNorm spec with ``MOMENTS`` in
+        its flags, and the ``FORWARD`` schedule.
+
+    Notes
+    -----
+    The moments of the training forward pass (fixed blocks, Chan et al. 1979
+    merge in a fixed order), before ``rstd`` is taken: the processes' moments
+    are merged first (:func:`fastnorm.merge_stats`).
+    """
+    spec = KernelSpec(*params[:8])
+    _cf_split_statistics(x, mean, m2, spec, Schedule(*params[8:]).nblocks)
+
+
+@kernel
+def planes_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat, params):
+    """Local BatchNorm backward sums of an (N, C, S) buffer: ``sum(dy)``, ``sum(dy * xhat)`` per channel.
+
+    Parameters
+    ----------
+    dy, x : ndarray, 1-D, C-contiguous, same dtype
+        Upstream gradient and forward input.
+    mean, rstd : ndarray, float64, length C
+        The global statistics the forward pass normalized with.
+    sum_dy, sum_dy_xhat : ndarray, float64, length C
+        Outputs.
+    params : tuple
+        As in :func:`planes_forward`, with the ``BACKWARD`` schedule.
+
+    Notes
+    -----
+    The dot products of :func:`planes_backward` (Ioffe & Szegedy 2015,
+    Section 3): ``sum_dy`` is the local ``dbias``, ``sum_dy_xhat`` the local
+    ``dweight``.
+    """
+    spec = KernelSpec(*params[:8])
+    nblocks = Schedule(*params[8:]).nblocks
+    work = np.empty(2 * spec.batch * spec.channels * nblocks)
+    coef = _group_coef_table(mean, rstd, spec)
+    _cf_split_dots(dy, x, work, coef, spec, nblocks)
+    _planes_param_grads(work, coef, sum_dy_xhat, sum_dy, spec, nblocks)
+
+
+@kernel
+def planes_backward_apply(dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx, params):
+    """BatchNorm ``dx`` of an (N, C, S) buffer from sums over the global batch of ``count`` per channel.
+
+    Parameters
+    ----------
+    dy, x, weight, mean, rstd, dx
+        As in :func:`planes_backward`.
+    sum_dy, sum_dy_xhat : ndarray, float64, length C
+        ``sum(dy)`` and ``sum(dy * xhat)`` over the global batch.
+    count : float
+        Elements per channel in the global batch.
+    params : tuple
+        As in :func:`planes_backward_reduce`.
+
+    Notes
+    -----
+    ``dx = rstd * w * (dy - sum_dy / m - xhat * sum_dy_xhat / m)`` with the
+    global ``m = count`` (Ioffe & Szegedy 2015, Section 3), computed as
+    :func:`planes_backward` computes it.
+    """
+    spec = KernelSpec(*params[:8])
+    coef = _group_coef_table(mean, rstd, spec)
+    for c in range(spec.channels):
+        w = weight[c] if weight.size > 0 else 1.0
+        coef[4 * c + 2], coef[4 * c + 3] = _dx_coefs_of_sums(w, sum_dy[c], sum_dy_xhat[c], rstd[c], count)
+    _cf_split_dx(dy, x, weight, dx, coef, spec, Schedule(*params[8:]).nblocks)

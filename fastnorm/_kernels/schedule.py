@@ -21,13 +21,13 @@ from .._config import glue, helper
 from .epilogue import IDENTITY, LEAKY_RELU, RELU
 
 __all__ = [
-    "BACKWARD", "BATCH", "BLOCK", "CENTERED", "CHANNELS_LAST", "CHANNELS_LAST_VIEW",
-    "CL_CONSECUTIVE_ROW_BYTES", "CL_MIN_ROWS", "CL_TILE_BYTES", "CL_TILE_MAX_CHANNELS", "COLUMN_TILE",
-    "COLUMN_TILES", "ELEMENTWISE",
-    "FORWARD", "FUSED", "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "ONE_BLOCK", "PER_ELEMENT",
-    "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_WIDTH", "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS",
-    "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD", "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT",
-    "KernelSpec", "Schedule", "num_stats", "plan_schedule", "schedule_of",
+    "BACKWARD", "BACKWARD_APPLY", "BACKWARD_REDUCE", "BATCH", "BATCH_STATS", "BLOCK", "CENTERED",
+    "CHANNELS_LAST", "CHANNELS_LAST_VIEW", "CL_CONSECUTIVE_ROW_BYTES", "CL_MIN_ROWS", "CL_TILE_BYTES",
+    "CL_TILE_MAX_CHANNELS", "COLUMN_TILE", "COLUMN_TILES", "ELEMENTWISE",
+    "FORWARD", "FUSED", "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "MOMENTS", "ONE_BLOCK",
+    "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_WIDTH", "PLANES", "ROWS", "ROW_CHUNK",
+    "ROW_CHUNKS", "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD", "SKIP_FORWARD", "SPEC_FIELDS",
+    "SPLIT", "KernelSpec", "Schedule", "num_stats", "plan_schedule", "schedule_of",
 ]  # fmt: skip
 
 # ---------------------------------------------------------------------------
@@ -42,6 +42,9 @@ CENTERED = 2
 PER_ELEMENT = 4
 #: The buffer is (N, S, C) instead of (N, C, S).
 CHANNELS_LAST = 8
+#: The statistics pass returns each group's ``(mean, m2)`` (sum of squared
+#: deviations) instead of ``(mean, rstd)``: a BatchNorm split across processes.
+MOMENTS = 16
 
 KernelSpec = namedtuple(
     "KernelSpec",
@@ -61,7 +64,8 @@ spatial : int
 groups : int
     ``G``, number of channel groups; divides ``channels``.
 flags : int
-    Bitwise or of ``BATCH``, ``CENTERED``, ``PER_ELEMENT``, ``CHANNELS_LAST``.
+    Bitwise or of ``BATCH``, ``CENTERED``, ``PER_ELEMENT``, ``CHANNELS_LAST``
+    and ``MOMENTS``.
 eps : float
     Added to the variance (mean square for RMSNorm) before the square root.
 activation : int
@@ -84,6 +88,12 @@ INFERENCE = 1
 BACKWARD = 2
 SKIP_FORWARD = 3
 SKIP_BIAS_BACKWARD = 4
+#: BatchNorm split around a collective (planes and channels-last views): BATCH_STATS, the
+#: local moments (the FORWARD schedule); BACKWARD_REDUCE, the local ``sum(dy)`` and
+#: ``sum(dy * xhat)``, and BACKWARD_APPLY, ``dx`` from global sums (the BACKWARD schedule).
+BATCH_STATS = 5
+BACKWARD_REDUCE = 6
+BACKWARD_APPLY = 7
 
 #: Data views: LayerNorm / RMSNorm rows (R, K); channels-first planes (N, C, S); (N, S, C).
 ROWS = 0
