@@ -343,9 +343,13 @@ class SyncState:
     local_count: int
 
 
-def _check_ranks_agree(allgather, channels, dtype, channels_last):
-    """Gather a small header and raise the same ``ValueError`` on every rank if the ranks disagree."""
-    header = np.array([_HEADER_TAG, channels, np.dtype(dtype).num, np.dtype(dtype).itemsize, channels_last])
+def _check_ranks_agree(allgather, channels, dtype):
+    """Gather a small header; raise the same ``ValueError`` on every rank if their channels or dtypes differ.
+
+    The memory layouts may differ (an empty or one-sample batch has no
+    distinct layout): each rank's is its own.
+    """
+    header = np.array([_HEADER_TAG, channels, np.dtype(dtype).num, np.dtype(dtype).itemsize])
     rows = np.asarray(allgather(header))
     if rows.shape[1:] != header.shape or np.any(rows[:, 0] != _HEADER_TAG):
         raise RuntimeError(
@@ -355,10 +359,10 @@ def _check_ranks_agree(allgather, channels, dtype, channels_last):
     if np.all(rows == rows[0]):
         return
     described = ", ".join(
-        f"rank {r}: C={int(row[1])} {_dtype_name(row)}{' channels-last' if row[4] else ''}"
+        f"rank {r}: C={int(row[1])} {_dtype_name(row)}"
         for r, row in enumerate(rows)
     )
-    raise ValueError(f"SyncBatchNorm: the ranks disagree on the channels, dtype or layout ({described})")
+    raise ValueError(f"SyncBatchNorm: the ranks disagree on the channels or the dtype ({described})")
 
 
 def _dtype_name(row):
@@ -412,14 +416,14 @@ def sync_forward(
     Raises
     ------
     ValueError
-        On every rank: ranks with other channel counts, dtypes or layouts; a
+        On every rank: ranks with other channel counts or dtypes; a
         global batch of one value per channel.
     """
     if spec.activation is not None:
         raise ValueError("the synchronized passes have no fused activation yet: spec.activation must be None")
     x, plan = _prepare_local(x, spec, dtype)
     channels = plan.kspec.channels
-    _check_ranks_agree(allgather, channels, x.dtype, bool(plan.kspec.flags & K.CHANNELS_LAST))
+    _check_ranks_agree(allgather, channels, x.dtype)
     count, mean, m2 = batch_stats(x, spec)
     rows = np.asarray(allgather(np.concatenate(([float(count)], mean, m2))))
     mean, var, total = merge_stats(rows[:, 0], rows[:, 1 : 1 + channels], rows[:, 1 + channels :])

@@ -48,8 +48,10 @@ __all__ = [
     "InstanceNorm3d",
     "LayerNorm",
     "RMSNorm",
+    "SyncBatchNorm",
     "batch_norm",
     "convert",
+    "convert_sync_batchnorm",
     "fold_conv_bn",
     "group_norm",
     "instance_norm",
@@ -1002,7 +1004,7 @@ class RMSNorm(_Epilogue, torch.nn.RMSNorm):
         )
 
 
-#: torch's module type -> fastnorm's (exact types: subclasses such as SyncBatchNorm are not converted).
+#: torch's module type -> fastnorm's (exact types: subclasses of them are not converted).
 _CONVERSIONS = {
     torch.nn.BatchNorm1d: BatchNorm1d,
     torch.nn.BatchNorm2d: BatchNorm2d,
@@ -1051,6 +1053,11 @@ def convert(model: torch.nn.Module) -> torch.nn.Module:
         module._set_epilogue(None, 0.01)
     return model
 
+
+# SyncBatchNorm lives in its own file (it imports torch.distributed); torch's converts to it too.
+from ._torch_sync import SyncBatchNorm, convert_sync_batchnorm  # noqa: E402
+
+_CONVERSIONS[torch.nn.SyncBatchNorm] = SyncBatchNorm
 
 #: Layers an inference BatchNorm folds into: their weight's axis 0 is the output channels.
 _FOLDABLE = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear)
