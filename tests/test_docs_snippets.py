@@ -19,7 +19,7 @@ _BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 #: Pages whose Python blocks must run (README.md: the example; docs/tutorial.md: every step;
 #: docs/pytorch.md needs torch, which the test extras install).
-PAGES = ["README.md", "docs/tutorial.md", "docs/api.md", "docs/pytorch.md"]
+PAGES = ["README.md", "docs/tutorial.md", "docs/api.md", "docs/pytorch.md", "docs/distributed.md"]
 #: Blocks that are fragments, by page and first line: they are not run.
 FRAGMENTS = {
     # the explicit passes in outline: x, weight, bias, dy, identity, attn_out, skip_bias are placeholders
