@@ -102,6 +102,15 @@ def helper(func):
     return _jit(func, **JIT_OPTIONS)
 
 
+def exact_helper(func):
+    """Compile a serial helper without fastmath: every operation rounds as written.
+
+    For the few lines whose results must equal NumPy's and torch's to the bit
+    (the running-statistics update): no re-association, no FMA contraction.
+    """
+    return _jit(func, **{**JIT_OPTIONS, "fastmath": False})
+
+
 def typed_helper(signatures):
     """Return a decorator compiling a serial helper for exactly ``signatures``, eagerly.
 

@@ -31,9 +31,9 @@ from numpy.typing import ArrayLike
 
 from . import _kernels as K
 from ._buffers import _check_param, _kernel_view, _output
-from ._plan import _check_array, _check_bits, _kernel_call, _prepare_input
+from ._plan import _check_array, _check_bits, _kernel_call, _Plan, _prepare_input
 from .core import Stats, forward_inference
-from .functional import _update_running
+from .functional import _check_momentum, _running_pair, _update_running
 from .spec import NormSpec
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
 AllGather = Callable[[np.ndarray], np.ndarray]
 
 
-def _prepare_local(x, spec, dtype):
+def _prepare_local(x: ArrayLike, spec: NormSpec, dtype: str | None) -> tuple[np.ndarray, _Plan]:
     """``x`` and its plan for a local pass: a BatchNorm spec; any local batch (even empty) is valid."""
     if not isinstance(spec, NormSpec) or spec.kind != "batch_norm":
         raise ValueError(f"the split BatchNorm passes need a NormSpec.batch_norm spec, got {spec!r}")
@@ -63,7 +63,7 @@ def _with_moments(params):
     return (*params[:4], params[4] | K.MOMENTS, *params[5:])
 
 
-def _check_grad(dy, x, dtype, name="dy"):
+def _check_grad(dy: ArrayLike, x: np.ndarray, dtype: str | None, name: str = "dy") -> np.ndarray:
     """``dy`` checked against the (checked) ``x``: same shape and dtype; returns an aligned array."""
     array = _check_array(dy, name) if dtype is None else _check_bits(dy, name, dtype)
     if array.shape != x.shape:
@@ -71,6 +71,14 @@ def _check_grad(dy, x, dtype, name="dy"):
     if array.dtype != x.dtype:
         raise TypeError(f"{name}.dtype={array.dtype} does not match x.dtype={x.dtype}")
     return array if array.flags.aligned else array.copy(order="K")
+
+
+def _check_running_pair(running_mean, running_var, channels):
+    """Return ``(running_mean, running_var)`` checked: both given, writable, ``channels`` long."""
+    running = _running_pair(running_mean, running_var, channels, writeable=True)
+    if running is None:
+        raise ValueError("pass both running_mean and running_var")
+    return running
 
 
 def _channel_vector(value, name, channels):
@@ -305,15 +313,13 @@ def update_running_stats(
         The update factor ``m`` in [0, 1]; for torch's cumulative average
         (``momentum=None``) pass ``1 / num_batches_tracked``.
     """
-    from .functional import _check_momentum, _running_pair
-
     channels = np.shape(running_mean)[0] if np.ndim(running_mean) == 1 else -1
-    running = _running_pair(running_mean, running_var, channels, writeable=True)
+    running = _check_running_pair(running_mean, running_var, channels)
     factor = _check_momentum(momentum, allow_none=False)
     if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 2:
         raise ValueError(f"count must be an integer > 1 (the unbiased variance divides by count-1): {count}")
-    batch = [_channel_vector(v, n, channels) for v, n in ((mean, "mean"), (var, "var"))]
-    _update_running(running, *batch, int(count), factor)
+    batch_mean, batch_var = _channel_vector(mean, "mean", channels), _channel_vector(var, "var", channels)
+    _update_running(running, batch_mean, batch_var, int(count), factor)
 
 
 # ---------------------------------------------------------------------------
@@ -358,10 +364,7 @@ def _check_ranks_agree(allgather, channels, dtype):
         )
     if np.all(rows == rows[0]):
         return
-    described = ", ".join(
-        f"rank {r}: C={int(row[1])} {_dtype_name(row)}"
-        for r, row in enumerate(rows)
-    )
+    described = ", ".join(f"rank {r}: C={int(row[1])} {_dtype_name(row)}" for r, row in enumerate(rows))
     raise ValueError(f"SyncBatchNorm: the ranks disagree on the channels or the dtype ({described})")
 
 
@@ -423,6 +426,9 @@ def sync_forward(
         raise ValueError("the synchronized passes have no fused activation yet: spec.activation must be None")
     x, plan = _prepare_local(x, spec, dtype)
     channels = plan.kspec.channels
+    running = None  # checked before any exchange: a bad pair fails on this rank before the others wait
+    if running_mean is not None or running_var is not None:
+        running = _check_running_pair(running_mean, running_var, channels)
     _check_ranks_agree(allgather, channels, x.dtype)
     count, mean, m2 = batch_stats(x, spec)
     rows = np.asarray(allgather(np.concatenate(([float(count)], mean, m2))))
@@ -432,8 +438,8 @@ def sync_forward(
     rstd = 1.0 / np.sqrt(var + spec.eps)
     state = SyncState(Stats(mean, rstd), total, count)
     y = forward_inference(x, state.stats, spec, weight, bias)
-    if running_mean is not None or running_var is not None:
-        update_running_stats(running_mean, running_var, mean, var, total, momentum)
+    if running is not None:
+        update_running_stats(running[0], running[1], mean, var, total, momentum)
     return y, state
 
 

@@ -14,7 +14,8 @@ from typing import cast
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._plan import _check_array, _check_bits, _plan
+from . import _kernels as K
+from ._plan import _as_storage, _check_array, _check_bits, _plan
 from .core import Stats, _forward, forward, forward_inference
 from .spec import NormSpec, check_positive_int
 
@@ -83,12 +84,26 @@ def _running_stats(running, eps):
     return Stats(mean, rstd)
 
 
+def _in_place_running(array):
+    """Whether the compiled update reads and writes ``array`` itself (contiguous, a kernel dtype)."""
+    native = array.dtype in (np.float32, np.float64, np.float16) or array.dtype.name == "bfloat16"
+    return native and array.dtype.isnative and array.flags.c_contiguous
+
+
 def _update_running(running, batch_mean, batch_var, count, factor):
-    """Update ``running = (1 - factor) * running + factor * batch`` (unbiased variance)."""
-    running_mean, running_var = running
-    unbiased = batch_var * (count / (count - 1))  # count > 1: checked by _plan in training
-    running_mean[...] = (1.0 - factor) * running_mean.astype(np.float64) + factor * batch_mean
-    running_var[...] = (1.0 - factor) * running_var.astype(np.float64) + factor * unbiased
+    """Update ``running = (1 - factor) * running + factor * batch`` (unbiased variance).
+
+    By the compiled :func:`fastnorm._kernels.update_running_stats`, which the C
+    ABI's ``fastnorm_update_running_stats`` calls too.  ``count > 1``: checked
+    by the callers.
+    """
+    # the arrays themselves when contiguous in a kernel dtype; else float64 copies, written back
+    buffers = [r if _in_place_running(r) else r.astype(np.float64) for r in running]
+    batch = [np.ascontiguousarray(v, np.float64) for v in (batch_mean, batch_var)]
+    K.update_running_stats(*(_as_storage(b) for b in buffers), *batch, float(count), float(factor))
+    for array, buffer in zip(running, buffers, strict=True):
+        if buffer is not array:
+            array[...] = buffer
 
 
 def _check_out_not_running(out, running):

@@ -130,7 +130,7 @@ def capi(tmp_path_factory):
         check=True,
     ).stdout.split()
     programs = {}
-    for name in ("compare", "errors", "threads", "init_status", "fork"):
+    for name in ("compare", "errors", "threads", "init_status", "fork", "split"):
         exe = out / name
         cc = subprocess.run(
             [GCC, *CFLAGS, str(CAPI / "tests" / f"{name}.c"), "-o", str(exe), *flags, "-lm", "-pthread"],
@@ -578,8 +578,8 @@ def test_pythonhome_override(capi):
 def test_example_builds_with_pkg_config_and_runs(capi, tmp_path):
     pc = capi["out"] / "fastnorm.pc"
     assert pc.is_file()
-    assert "Version: 0.5.0\n" in pc.read_text()
-    assert BUILD.header_version() == "0.5.0"
+    assert "Version: 0.6.0\n" in pc.read_text()
+    assert BUILD.header_version() == "0.6.0"
     installed = capi["out"] / "include" / "fastnorm.h"
     assert installed.read_text() == (CAPI / "include" / "fastnorm.h").read_text()
     pkg_config = shutil.which("pkg-config")
@@ -589,7 +589,9 @@ def test_example_builds_with_pkg_config_and_runs(capi, tmp_path):
         ).stdout.split()
     else:
         flags = capi["flags"]
-    for example, says in (("normalize", "all kinds OK"), ("resnet_block", "max error")):
+    examples = [("normalize", "all kinds OK"), ("resnet_block", "max error")]
+    examples.append(("sync_batch_norm", "split pipeline OK"))
+    for example, says in examples:
         exe = tmp_path / example
         cc = subprocess.run(
             [GCC, *CFLAGS, str(CAPI / "examples" / f"{example}.c"), "-o", str(exe), *flags, "-lm"],
@@ -769,13 +771,15 @@ def test_c_programs_of_the_docs_compile_and_run(capi, tmp_path):
 
 
 def test_warm_in_several_processes_leaves_every_cfunc_cached(capi):
-    """``--warm --jobs 2`` shares the dtypes among two processes; afterwards all 16 cfuncs load."""
+    """``--warm --jobs 2`` shares the dtypes among two processes; afterwards every cfunc loads."""
     warmed = subprocess.run(
         [sys.executable, "-m", "fastnorm.capi", "--warm", "--jobs", "2"],
         capture_output=True, text=True, timeout=1200,
     )  # fmt: skip
     assert warmed.returncode == 0, warmed.stderr
-    assert "(16 from cache, 0 compiled)" in warmed.stderr, warmed.stderr
+    from fastnorm.capi._cfuncs import SIGNATURES
+
+    assert f"({len(SIGNATURES)} from cache, 0 compiled)" in warmed.stderr, warmed.stderr
 
 
 @pytest.mark.parametrize(
@@ -789,3 +793,75 @@ def test_warm_in_several_processes_leaves_every_cfunc_cached(capi):
 def test_warm_rejects_bad_arguments(args, message):
     result = subprocess.run([sys.executable, "-m", "fastnorm.capi", *args], capture_output=True, text=True)
     assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+# ---------------------------------------------------------------------------
+# BatchNorm split across processes: the same bits as fastnorm.distributed
+# ---------------------------------------------------------------------------
+
+SPLIT_CASES = [
+    # (dtype, channels_last, whole-batch shape in (N, C, *spatial) order, samples per rank)
+    (np.float64, False, (8, 4, 5, 6), (3, 0, 5)),
+    (np.float32, False, (8, 4, 5, 6), (3, 0, 5)),
+    (np.float32, True, (6, 5, 7, 9), (1, 5)),
+    (np.float64, True, (5, 3, 4), (2, 2, 1)),
+    (np.float32, False, (9, 3, 40, 40), (4, 5)),  # several reduction blocks per plane
+    (np.float32, True, (9, 70, 60), (4, 5)),  # several channels-last blocks per sample
+]
+
+
+def _split_python(x, dy, w, spec, samples, momentum):
+    """The split pipeline in Python, as capi/tests/split.c runs it in C."""
+    import fastnorm.distributed as D
+
+    bounds = np.cumsum(samples)[:-1]
+    parts, dy_parts = np.split(x, bounds), np.split(dy, bounds)
+    local = [D.batch_stats(p, spec) for p in parts]
+    mean, var, count = D.merge_stats(*zip(*local, strict=True))
+    rstd = 1.0 / np.sqrt(var + spec.eps)
+    stats = fastnorm.Stats(mean, rstd)
+    y = np.concatenate([fastnorm.forward_inference(p, stats, spec, w) for p in parts])
+    running = np.zeros(w.shape, w.dtype), np.ones(w.shape, w.dtype)
+    D.update_running_stats(*running, mean, var, count, momentum)
+    pieces = list(zip(dy_parts, parts, strict=True))
+    sums = [D.batch_norm_backward_reduce(d, p, mean, rstd, spec) for d, p in pieces]
+    sum_dy, sum_dy_xhat = sums[0][0].copy(), sums[0][1].copy()
+    for rank_dy, rank_dy_xhat in sums[1:]:
+        sum_dy += rank_dy
+        sum_dy_xhat += rank_dy_xhat
+    dx = np.concatenate(
+        [
+            D.batch_norm_backward_apply(d, p, mean, rstd, w, sum_dy, sum_dy_xhat, count, spec)
+            for d, p in pieces
+        ]
+    )
+    counts = np.array([c for c, _, _ in local], np.int64)
+    sums = {"sum_dy": sum_dy, "sum_dy_xhat": sum_dy_xhat}
+    running = {"rm": running[0], "rv": running[1]}
+    return {"counts": counts, "mean": mean, "var": var, "rstd": rstd, **sums, "y": y, "dx": dx, **running}
+
+
+@pytest.mark.parametrize(("dtype", "channels_last", "shape", "samples"), SPLIT_CASES)
+def test_split_batch_norm_matches_python_bitwise(capi, tmp_path, dtype, channels_last, shape, samples):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal(shape) * 2.0 + 30.0).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    if channels_last:
+        x, dy = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, dy))
+    channels = x.shape[-1] if channels_last else x.shape[1]
+    w = rng.standard_normal(channels).astype(dtype)
+    spec = fastnorm.NormSpec.batch_norm(1e-5, channels_last=channels_last)
+    want = _split_python(x, dy, w, spec, samples, 0.1)
+    prefix = tmp_path / "case"
+    for name, array in (("x", x), ("dy", dy), ("w", w)):
+        array.tofile(f"{prefix}.{name}")
+    code = 2 if dtype == np.float64 else 1
+    args = [prefix, code, int(channels_last), x.ndim, *x.shape, "1e-5", "0.1", len(samples), *samples]
+    result = run([capi["split"], *map(str, args)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    differ = []
+    for name, array in want.items():
+        got = np.fromfile(f"{prefix}.{name}", dtype=array.dtype)
+        if got.tobytes() != np.ascontiguousarray(array).tobytes():
+            differ.append(name)
+    assert not differ, f"C differs from Python in {differ}"

@@ -1,13 +1,14 @@
 """Fuzz the C ABI: ``capi/tests/fuzz.c`` under AddressSanitizer + UBSan.
 
-The harness makes >= 2 * 10**5 random calls of the eight compute entry points (the plain
+The harness makes >= 2 * 10**5 random calls of the thirteen compute entry points (the plain
 forward training / inference / backward, their fused forms with the residual + activation
-epilogue, the skip add's forward and backward): random descriptors (struct_size and the epilogue
-fields included), NULL / misaligned / aliased / overlapping buffers, valid calls of every
-activation and of every data dtype (float16 and bfloat16 with 16-bit or float32 parameters too)
-mixed in.  It checks each status against the rules of fastnorm.h and docs/c-api.md,
-that invalid calls write nothing, and valid results against a float64 reference (see the comment
-at the top of fuzz.c and docs/c-api.md#fuzzing).
+epilogue, the skip add's forward and backward, the five passes of the BatchNorm split across
+processes): random descriptors (struct_size and the epilogue fields included) and scalar arguments
+(counts, momentum, merge_stats' ranks and channels), NULL / misaligned / aliased / overlapping
+buffers, valid calls of every activation and of every data dtype (float16 and bfloat16 with 16-bit
+or float32 parameters too) mixed in.  It checks each status against the rules of fastnorm.h and
+docs/c-api.md, that invalid calls write nothing, and valid results against a float64 reference (see
+the comment at the top of fuzz.c and docs/c-api.md#fuzzing).
 
 The library is built with ``-fsanitize=address,undefined`` into a temporary
 directory, like ``tests/test_capi.py::test_c_tests_under_address_sanitizer``;
@@ -54,6 +55,15 @@ STATUSES = (
     "OVERLAP",
     "VERSION_MISMATCH",
 )
+#: The BatchNorm split across processes (0.6), and the statuses each can return by the docs:
+#: merge_stats takes no descriptor (no UNSUPPORTED, no VERSION_MISMATCH).
+SPLIT_ENTRIES = {
+    "batch_stats": STATUSES,
+    "merge_stats": ("OK", "INVALID_ARGUMENT", "NULL_POINTER", "SIZE_OVERFLOW", "OVERLAP"),
+    "backward_reduce": STATUSES,
+    "backward_apply": STATUSES,
+    "update_running_stats": STATUSES,
+}
 ACTIVATIONS = ("NONE", "RELU", "LEAKY_RELU", "SIGMOID", "TANH", "SILU", "GELU", "GELU_TANH")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 
@@ -88,16 +98,28 @@ def test_fuzz_entry_points_under_sanitizers(fuzz_exe):
     assert "FAIL" not in result.stderr, report
     calls, failures = _summary(result.stdout)
     assert calls >= MIN_CALLS and failures == 0, report
-    # Every entry point ran (about 1 / 8 of the calls each), with valid and rejected calls of every
-    # kind of error (each at least 0.1 % of its calls).
-    for entry in ENTRIES:
+    # Every entry point ran (those before 0.6 about 1 / 10 of the calls each, the split passes
+    # 1 / 25), with valid and rejected calls of every kind of error (each at least 0.1 % of its
+    # calls).
+    for entry, statuses, least in [(entry, STATUSES, MIN_CALLS // 10) for entry in ENTRIES] + [
+        (entry, statuses, MIN_CALLS // 30) for entry, statuses in SPLIT_ENTRIES.items()
+    ]:
         line = re.search(rf"^fuzz: {entry}: (\d+) calls:(.*)$", result.stdout, re.MULTILINE)
-        assert line and int(line.group(1)) > MIN_CALLS // 10, (entry, report)
-        for status in STATUSES:
+        assert line and int(line.group(1)) > least, (entry, report)
+        for status in statuses:
             count = re.search(rf"FASTNORM_{status}=(\d+)", line.group(2))
             assert count and int(count.group(1)) > int(line.group(1)) // 1000, (entry, status, report)
         # Nothing else: no NOT_INITIALIZED, INTERNAL_ERROR or unknown value.
         assert not re.search(r"FASTNORM_(NOT_INITIALIZED|INTERNAL_ERROR)|other=", line.group(2)), report
+    # Valid calls of every split pass were checked against the reference, merge_stats' also with NaN
+    # moments at ranks of count 0 (which it must not read).
+    line = re.search(r"^fuzz: checked per entry point:(.*)$", result.stdout, re.MULTILINE)
+    assert line, report
+    for entry in SPLIT_ENTRIES:
+        count = re.search(rf" {entry}=(\d+)", line.group(1))
+        assert count and int(count.group(1)) > MIN_CALLS // 200, (entry, report)
+    nan = re.search(r"NaN moments at a rank of count 0: (\d+)", line.group(1))
+    assert nan and int(nan.group(1)) > MIN_CALLS // 1000, report
     pattern = r"valid=(\d+) \(checked against the reference (\d+),.* right after an invalid call (\d+)\)"
     valid = re.search(pattern, result.stdout)
     assert valid and int(valid.group(2)) > MIN_CALLS // 10 and int(valid.group(3)) > 1000, report

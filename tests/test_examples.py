@@ -41,3 +41,22 @@ def test_digits_accuracy_matches_torch_over_three_seeds(norm, layout):
     for row in rows:
         assert abs(row["accuracy_torch"] - row["accuracy_fastnorm"]) <= 1.0, row
         assert min(row["accuracy_torch"], row["accuracy_fastnorm"]) > 90.0, row
+
+
+DDP_EXAMPLE = EXAMPLE.with_name("ddp_syncbn.py")
+
+
+def test_ddp_with_sync_batch_norm_trains_as_one_process_and_plain_batch_norm_does_not():
+    """2 gloo processes x 8 images with SyncBatchNorm compute what one process does with 16."""
+    command = [sys.executable, str(DDP_EXAMPLE), "--world", "2", "--epochs", "2", "--json"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = json.loads(result.stdout)["runs"]
+    one, sync, plain = runs["one process"], runs["SyncBatchNorm"], runs["per-process BatchNorm"]
+    assert one["max_weight_difference"] == 0.0
+    assert abs(sync["accuracy"] - one["accuracy"]) <= 1.0, runs
+    assert min(one["accuracy"], sync["accuracy"]) > 90.0, runs
+    # the same computation up to rounding, which two epochs of SGD amplify a little ...
+    assert sync["max_weight_difference"] < 1e-3, runs
+    # ... and per-process statistics are another computation
+    assert plain["max_weight_difference"] > 100 * sync["max_weight_difference"], runs

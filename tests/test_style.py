@@ -122,7 +122,7 @@ def test_public_function_has_numpydoc_docstring(name, obj):
 
 
 #: The modules of the public API, whose type hints mypy checks (fastnorm ships py.typed).
-TYPED_MODULES = ("__init__.py", "_info.py", "core.py", "functional.py", "spec.py")
+TYPED_MODULES = ("__init__.py", "_info.py", "core.py", "distributed.py", "functional.py", "mpi.py", "spec.py")
 
 
 def test_public_api_type_checks():

@@ -230,6 +230,10 @@ def test_every_loop_helper_is_listed():
         "_group_coef_table",
         "_row_chunk",  # calls the row loops of _row_dots_and_partials and _dx_*_span
         "_add_skip_rows",  # calls _add_skip_span per row
+        "_cl_forward_split",  # its loop sets up coefficients per statistics set (the phases are helpers)
+        "_cl_store_dx_coefs",  # over the channels of one group
+        "merge_rank_moments",  # over channels and ranks: a few numbers per rank (split BatchNorm)
+        "update_running_stats",  # over channels, once per training step
     }, sorted(helpers - set(VECTOR_LOOPS))
 
 
@@ -259,6 +263,13 @@ KERNEL_VECTOR_LOOPS = {
     "channels_last_backward": 18,
     "rows_skip_forward": 68,
     "rows_skip_bias_backward": 3,
+    # BatchNorm split across processes
+    "planes_batch_stats": 4,
+    "channels_last_batch_stats": 13,
+    "planes_backward_reduce": 8,
+    "channels_last_backward_reduce": 9,
+    "planes_backward_apply": 5,
+    "channels_last_backward_apply": 6,
 }
 
 
@@ -282,6 +293,12 @@ def test_kernels_keep_their_vectorized_loops(name, storage_type):
         signature = (data, data, par, par, par, data, data, stats, stats, params)
     elif name == "rows_skip_bias_backward":  # dh, dskip_bias
         signature = (data, par, params)
+    elif name.endswith("batch_stats"):  # x, mean, m2
+        signature = (data, stats, stats, params)
+    elif name.endswith("backward_reduce"):  # dy, x, mean, rstd, sum_dy, sum_dy_xhat
+        signature = (data, data, stats, stats, stats, stats, params)
+    elif name.endswith("backward_apply"):  # dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx
+        signature = (data, data, par, stats, stats, stats, stats, types.float64, data, params)
     elif name.endswith("backward"):  # dy, x, weight, mean, rstd, dx, dweight, dbias
         signature = (data, data, par, stats, stats, data, par, par, params)
     elif name.endswith("inference"):  # x, weight, bias, residual, grad, y

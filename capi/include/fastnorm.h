@@ -1,7 +1,8 @@
 /*
  * fastnorm.h -- C ABI of fastnorm: BatchNorm, InstanceNorm, GroupNorm,
  * LayerNorm and RMSNorm forward / backward on the CPU, with a fused residual
- * add and activation, and a pre-norm skip add.  Version 0.4.
+ * add and activation, a pre-norm skip add, and BatchNorm split across
+ * processes.  Version 0.6.
  *
  * The library (libfastnorm.so) embeds a CPython interpreter and calls the
  * very same Numba kernels as the Python package, compiled once as Numba
@@ -83,7 +84,7 @@ extern "C" {
 
 /* Version of this header; fastnorm_version() / fastnorm_version_string() give the library's. */
 #define FASTNORM_VERSION_MAJOR 0
-#define FASTNORM_VERSION_MINOR 5
+#define FASTNORM_VERSION_MINOR 6
 #define FASTNORM_VERSION_PATCH 0
 /* MAJOR * 10000 + MINOR * 100 + PATCH */
 #define FASTNORM_VERSION \
@@ -600,6 +601,150 @@ FASTNORM_API fastnorm_status fastnorm_skip_backward(const fastnorm_desc *desc, c
                                                     const void *weight, const void *bias, const double *mean,
                                                     const double *rstd, void *dx, void *dweight, void *dbias,
                                                     void *dskip_bias);
+
+/*
+ * BatchNorm split across processes (since 0.6)
+ * --------------------------------------------
+ * A synchronized BatchNorm normalizes each process's part of a batch with the
+ * statistics of the whole (global) batch.  Each pass is a local reduction, an
+ * exchange of a few doubles per channel over the caller's own communicator,
+ * and a local elementwise pass (docs/distributed.md):
+ *
+ *   forward:  fastnorm_batch_stats (local count, mean, m2) -> gather every
+ *             rank's -> fastnorm_merge_stats (rank order) -> rstd = 1 /
+ *             sqrt(var + eps) -> fastnorm_forward_inference ->
+ *             fastnorm_update_running_stats (global count);
+ *   backward: fastnorm_backward_reduce (local sum(dy), sum(dy * xhat)) ->
+ *             gather -> sum in rank order -> fastnorm_backward_apply (dx with
+ *             the global count); the global sums are dbias and dweight.
+ *
+ * Gather, never reduce: every rank merges the same numbers in the same order
+ * and gets the same bits.  The descriptor is a FASTNORM_BATCH_NORM one for
+ * this rank's samples, without an activation; float32 and float64 data
+ * (16-bit data: FASTNORM_UNSUPPORTED).  A rank with no samples skips the
+ * local calls: it contributes count 0 (its mean and m2 are not read) and
+ * sums 0.  None of these calls checks for one value per channel: the caller
+ * checks the global count (> 1 in training).
+ */
+
+/**
+ * Local moments of this rank's samples (since 0.6).
+ *
+ * Inputs:
+ * @param desc  a FASTNORM_BATCH_NORM descriptor of this rank's x (read only).
+ * @param x     this rank's samples.
+ * Outputs:
+ * @param count elements per channel, N * prod(spatial) (one int64).
+ * @param mean  C doubles: the mean of each channel.
+ * @param m2    C doubles: the sum of squared deviations from it.
+ * @returns FASTNORM_OK; FASTNORM_NULL_POINTER; FASTNORM_INVALID_ARGUMENT (a
+ *          descriptor of another kind or with an activation, misaligned
+ *          buffers); FASTNORM_UNSUPPORTED (16-bit data); FASTNORM_OVERLAP;
+ *          the descriptor's statuses; FASTNORM_NOT_INITIALIZED;
+ *          FASTNORM_INTERNAL_ERROR.  Nothing is written unless FASTNORM_OK.
+ * Ownership: nothing retained.  Starts the runtime if needed.  Thread-safe.
+ * Deterministic, identical to fastnorm.batch_stats() in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_batch_stats(const fastnorm_desc *desc, const void *x, int64_t *count,
+                                                  double *mean, double *m2);
+
+/**
+ * Merge the ranks' moments in rank order (since 0.6): Chan et al.'s pairwise
+ * update, rank 0's moments with rank 1's, the result with rank 2's, ...
+ *
+ * Inputs:
+ * @param num_ranks R >= 1.
+ * @param channels  C >= 1.
+ * @param counts    R int64 counts (>= 0; a rank with 0 is skipped).
+ * @param means     R * C doubles, rank-major (rank r's means at r * C).
+ * @param m2s       R * C doubles, rank-major.
+ * Outputs:
+ * @param count     the global count (one int64).
+ * @param mean      C doubles: the global mean.
+ * @param var       C doubles: the global biased variance, m2 / count.
+ * @returns FASTNORM_OK; FASTNORM_NULL_POINTER; FASTNORM_INVALID_ARGUMENT
+ *          (R or C < 1, a negative count, every count 0, misaligned
+ *          buffers); FASTNORM_SIZE_OVERFLOW; FASTNORM_OVERLAP;
+ *          FASTNORM_NOT_INITIALIZED.  Nothing is written unless FASTNORM_OK.
+ * Ownership: nothing retained.  Starts the runtime if needed.  Thread-safe.
+ * Deterministic, identical to fastnorm.merge_stats() in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_merge_stats(int64_t num_ranks, int64_t channels, const int64_t *counts,
+                                                  const double *means, const double *m2s, int64_t *count,
+                                                  double *mean, double *var);
+
+/**
+ * Local backward sums of this rank's samples (since 0.6).
+ *
+ * Inputs:
+ * @param desc        descriptor of this rank's x (as fastnorm_batch_stats).
+ * @param dy          gradient at the norm's output, same size as x.
+ * @param x           this rank's forward input.
+ * @param mean, rstd  C doubles each: the global statistics of the forward.
+ * Outputs:
+ * @param sum_dy      C doubles: sum(dy) over this rank's elements.
+ * @param sum_dy_xhat C doubles: sum(dy * xhat), xhat = (x - mean) * rstd.
+ * @returns as fastnorm_batch_stats.
+ * Ownership, threads: as fastnorm_batch_stats.  Deterministic, identical to
+ * fastnorm.batch_norm_backward_reduce() in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_backward_reduce(const fastnorm_desc *desc, const void *dy,
+                                                      const void *x, const double *mean, const double *rstd,
+                                                      double *sum_dy, double *sum_dy_xhat);
+
+/**
+ * dx of this rank's samples from the global sums (since 0.6):
+ * dx = rstd * w * (dy - sum_dy / m - xhat * sum_dy_xhat / m), m = count.
+ *
+ * Inputs:
+ * @param desc        descriptor of this rank's x (as fastnorm_batch_stats).
+ * @param dy, x       as fastnorm_backward_reduce.
+ * @param weight      C elements of the parameter dtype, or NULL (weight 1).
+ * @param mean, rstd  the global statistics.
+ * @param sum_dy, sum_dy_xhat C doubles each: the sums over every rank.
+ * @param count       the global count (>= this rank's N * prod(spatial)).
+ * Output:
+ * @param dx          same size as x.  May be dy or x itself (in place).
+ * @returns as fastnorm_batch_stats; FASTNORM_INVALID_ARGUMENT for a count
+ *          below this rank's.
+ * Ownership, threads: as fastnorm_batch_stats.  Deterministic, identical to
+ * fastnorm.batch_norm_backward_apply() in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_backward_apply(const fastnorm_desc *desc, const void *dy, const void *x,
+                                                     const void *weight, const double *mean,
+                                                     const double *rstd, const double *sum_dy,
+                                                     const double *sum_dy_xhat, int64_t count, void *dx);
+
+/**
+ * Update running statistics in place (since 0.6):
+ * running = (1 - momentum) * running + momentum * batch, in float64, with
+ * the unbiased variance var * count / (count - 1), each rounded once to the
+ * parameter dtype (16-bit: to float32, then to the 16-bit dtype, as every
+ * 16-bit store of the library and torch's c10::Half from a double).  For torch's cumulative average pass momentum = 1 /
+ * num_batches_tracked.  Also the running-statistics update of a
+ * one-process training pass (mean from fastnorm_forward_training, var =
+ * 1 / rstd^2 - eps).
+ *
+ * Inputs:
+ * @param desc     a FASTNORM_BATCH_NORM descriptor: C, and the parameter
+ *                 dtype of the running statistics (any data dtype).
+ * @param mean     C doubles: the batch mean.
+ * @param var      C doubles: the batch's biased variance.
+ * @param count    elements per channel of the batch, > 1.
+ * @param momentum in [0, 1].
+ * Outputs (read and written):
+ * @param running_mean C elements of the parameter dtype.
+ * @param running_var  C elements of the parameter dtype.
+ * @returns FASTNORM_OK; FASTNORM_NULL_POINTER; FASTNORM_INVALID_ARGUMENT
+ *          (another kind, count < 2, momentum outside [0, 1], misaligned
+ *          buffers); FASTNORM_OVERLAP; the descriptor's statuses;
+ *          FASTNORM_NOT_INITIALIZED.  Nothing is written unless FASTNORM_OK.
+ * Ownership: nothing retained.  Starts the runtime if needed.  Thread-safe.
+ * Identical to fastnorm.update_running_stats() in Python.
+ */
+FASTNORM_API fastnorm_status fastnorm_update_running_stats(const fastnorm_desc *desc, const double *mean,
+                                                           const double *var, int64_t count, double momentum,
+                                                           void *running_mean, void *running_var);
 
 #ifdef __cplusplus
 } /* extern "C" */

@@ -67,6 +67,22 @@ typedef int32_t (*skip_forward_fn)(const void *x, const void *s, const void *sb,
                                    double *rstd, int64_t nstats, int64_t batch, int64_t channels,
                                    int64_t spatial, int64_t groups, int64_t flags, double eps,
                                    int64_t activation, double slope, int64_t param16, int64_t num_threads);
+typedef int32_t (*batch_stats_fn)(const void *x, double *mean, double *m2, int64_t batch, int64_t channels,
+                                  int64_t spatial, int64_t groups, int64_t flags, double eps,
+                                  int64_t activation, double slope, int64_t num_threads);
+typedef int32_t (*backward_reduce_fn)(const void *dy, const void *x, const double *mean, const double *rstd,
+                                      double *sum_dy, double *sum_dy_xhat, int64_t batch, int64_t channels,
+                                      int64_t spatial, int64_t groups, int64_t flags, double eps,
+                                      int64_t activation, double slope, int64_t num_threads);
+typedef int32_t (*backward_apply_fn)(const void *dy, const void *x, const void *w, int64_t nw,
+                                     const double *mean, const double *rstd, const double *sum_dy,
+                                     const double *sum_dy_xhat, double count, void *dx, int64_t batch,
+                                     int64_t channels, int64_t spatial, int64_t groups, int64_t flags,
+                                     double eps, int64_t activation, double slope, int64_t num_threads);
+typedef int32_t (*update_running_fn)(void *running_mean, void *running_var, const double *mean,
+                                     const double *var, int64_t channels, double count, double factor);
+typedef int32_t (*merge_stats_fn)(int64_t ranks, int64_t channels, const int64_t *counts, const double *means,
+                                  const double *m2s, double *mean, double *var, int64_t *total);
 typedef void (*set_threads_fn)(int);
 typedef int (*get_threads_fn)(void);
 
@@ -80,6 +96,12 @@ static const int BACKWARD_SLOTS[4] = {SLOT_BACKWARD_FLOAT32, SLOT_BACKWARD_FLOAT
                                       SLOT_BACKWARD_BFLOAT16};
 static const int SKIP_FORWARD_SLOTS[4] = {SLOT_SKIP_FORWARD_FLOAT32, SLOT_SKIP_FORWARD_FLOAT64,
                                           SLOT_SKIP_FORWARD_FLOAT16, SLOT_SKIP_FORWARD_BFLOAT16};
+static const int UPDATE_RUNNING_SLOTS[4] = {SLOT_UPDATE_RUNNING_FLOAT32, SLOT_UPDATE_RUNNING_FLOAT64,
+                                            SLOT_UPDATE_RUNNING_FLOAT16, SLOT_UPDATE_RUNNING_BFLOAT16};
+/* The split BatchNorm's cfuncs exist for float32 and float64 data (dtype_index 0 and 1). */
+static const int BATCH_STATS_SLOTS[2] = {SLOT_BATCH_STATS_FLOAT32, SLOT_BATCH_STATS_FLOAT64};
+static const int BACKWARD_REDUCE_SLOTS[2] = {SLOT_BACKWARD_REDUCE_FLOAT32, SLOT_BACKWARD_REDUCE_FLOAT64};
+static const int BACKWARD_APPLY_SLOTS[2] = {SLOT_BACKWARD_APPLY_FLOAT32, SLOT_BACKWARD_APPLY_FLOAT64};
 
 /* ------------------------------------------------------------------------ */
 /* Errors                                                                    */
@@ -865,4 +887,229 @@ FASTNORM_API fastnorm_status fastnorm_skip_backward(const fastnorm_desc *desc, c
 {
     return backward_common(desc, 1, 1, dy, h, NULL, weight, bias, mean, rstd, dx, NULL, dweight, dbias,
                            dskip_bias);
+}
+
+/* ------------------------------------------------------------------------ */
+/* BatchNorm split across processes                                          */
+/* ------------------------------------------------------------------------ */
+
+/* The plan of a split pass: this rank's samples (no one-value-per-channel check), a BatchNorm
+   descriptor without an activation, float32 or float64 data. */
+static fastnorm_status split_plan(const fastnorm_desc *desc, const char *function, plan *p)
+{
+    fastnorm_status st;
+    if ((st = make_plan(desc, 0, p)) != FASTNORM_OK) return st;
+    if (p->kind != FASTNORM_BATCH_NORM)
+        return fail(FASTNORM_INVALID_ARGUMENT, "%s: desc->kind=%s: the split passes are BatchNorm's",
+                    function, kind_name(p->kind));
+    if (p->activation != FASTNORM_ACTIVATION_NONE)
+        return fail(FASTNORM_INVALID_ARGUMENT,
+                    "%s: desc->activation=%d: the split passes take the gradient at the norm's output "
+                    "(no fused activation)",
+                    function, (int)p->activation);
+    if (p->dtype_index > 1)
+        return fail(FASTNORM_UNSUPPORTED, "%s: 16-bit data is not supported by the split passes yet",
+                    function);
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_batch_stats(const fastnorm_desc *desc, const void *x, int64_t *count,
+                                                  double *mean, double *m2)
+{
+    plan p;
+    fastnorm_status st;
+    int32_t rc;
+    int previous, threads;
+    if ((st = split_plan(desc, "fastnorm_batch_stats", &p)) != FASTNORM_OK) return st;
+    REQUIRE(x);
+    REQUIRE(count);
+    REQUIRE(mean);
+    REQUIRE(m2);
+    {
+        buffer bufs[] = {
+            {"x", x, p.size * p.itemsize, 0, p.itemsize},
+            {"count", count, 8, 1, 8},
+            {"mean", mean, p.channels * 8, 1, 8},
+            {"m2", m2, p.channels * 8, 1, 8},
+        };
+        if ((st = check_buffers(bufs, 4, NULL, 0)) != FASTNORM_OK) return st;
+    }
+    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    previous = enter_threads(&threads);
+    rc = ((batch_stats_fn)(uintptr_t)runtime_table[BATCH_STATS_SLOTS[p.dtype_index]])(
+        x, mean, m2, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps, p.activation, p.negative_slope,
+        (int64_t)threads);
+    leave_threads(previous);
+    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the batch statistics kernel failed (out of memory?)");
+    *count = p.group_size;
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_merge_stats(int64_t num_ranks, int64_t channels, const int64_t *counts,
+                                                  const double *means, const double *m2s, int64_t *count,
+                                                  double *mean, double *var)
+{
+    fastnorm_status st;
+    int64_t r, total = 0, values;
+    int32_t rc;
+    REQUIRE(counts);
+    REQUIRE(means);
+    REQUIRE(m2s);
+    REQUIRE(count);
+    REQUIRE(mean);
+    REQUIRE(var);
+    if (num_ranks < 1 || channels < 1)
+        return fail(FASTNORM_INVALID_ARGUMENT, "num_ranks=%lld and channels=%lld must be >= 1",
+                    (long long)num_ranks, (long long)channels);
+    if (!mul_checked(num_ranks, channels, INT64_MAX / 8, &values))
+        return fail(FASTNORM_SIZE_OVERFLOW, "num_ranks * channels doubles overflow int64 bytes");
+    if (num_ranks > INT64_MAX / 8)
+        return fail(FASTNORM_SIZE_OVERFLOW, "num_ranks int64 counts overflow int64 bytes");
+    {
+        buffer bufs[] = {
+            {"counts", counts, num_ranks * 8, 0, 8}, {"means", means, values * 8, 0, 8},
+            {"m2s", m2s, values * 8, 0, 8},          {"count", count, 8, 1, 8},
+            {"mean", mean, channels * 8, 1, 8},      {"var", var, channels * 8, 1, 8},
+        };
+        if ((st = check_buffers(bufs, 6, NULL, 0)) != FASTNORM_OK) return st;
+    }
+    for (r = 0; r < num_ranks; ++r) {
+        if (counts[r] < 0)
+            return fail(FASTNORM_INVALID_ARGUMENT, "counts[%lld]=%lld must be >= 0", (long long)r,
+                        (long long)counts[r]);
+        if (counts[r] > INT64_MAX - total)
+            return fail(FASTNORM_SIZE_OVERFLOW, "the sum of counts overflows int64");
+        total += counts[r];
+    }
+    if (total == 0)
+        return fail(FASTNORM_INVALID_ARGUMENT,
+                    "every count is 0: no rank has any element; the statistics "
+                    "are undefined");
+    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    rc = ((merge_stats_fn)(uintptr_t)runtime_table[SLOT_MERGE_STATS_FLOAT64])(num_ranks, channels, counts,
+                                                                              means, m2s, mean, var, count);
+    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the merge failed (out of memory?)");
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_backward_reduce(const fastnorm_desc *desc, const void *dy,
+                                                      const void *x, const double *mean, const double *rstd,
+                                                      double *sum_dy, double *sum_dy_xhat)
+{
+    plan p;
+    fastnorm_status st;
+    int32_t rc;
+    int previous, threads;
+    if ((st = split_plan(desc, "fastnorm_backward_reduce", &p)) != FASTNORM_OK) return st;
+    REQUIRE(dy);
+    REQUIRE(x);
+    REQUIRE(mean);
+    REQUIRE(rstd);
+    REQUIRE(sum_dy);
+    REQUIRE(sum_dy_xhat);
+    {
+        buffer bufs[] = {
+            {"dy", dy, p.size * p.itemsize, 0, p.itemsize},
+            {"x", x, p.size * p.itemsize, 0, p.itemsize},
+            {"mean", mean, p.channels * 8, 0, 8},
+            {"rstd", rstd, p.channels * 8, 0, 8},
+            {"sum_dy", sum_dy, p.channels * 8, 1, 8},
+            {"sum_dy_xhat", sum_dy_xhat, p.channels * 8, 1, 8},
+        };
+        if ((st = check_buffers(bufs, 6, NULL, 0)) != FASTNORM_OK) return st;
+    }
+    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    previous = enter_threads(&threads);
+    rc = ((backward_reduce_fn)(uintptr_t)runtime_table[BACKWARD_REDUCE_SLOTS[p.dtype_index]])(
+        dy, x, mean, rstd, sum_dy, sum_dy_xhat, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps,
+        p.activation, p.negative_slope, (int64_t)threads);
+    leave_threads(previous);
+    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward reduce kernel failed (out of memory?)");
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_backward_apply(const fastnorm_desc *desc, const void *dy, const void *x,
+                                                     const void *weight, const double *mean,
+                                                     const double *rstd, const double *sum_dy,
+                                                     const double *sum_dy_xhat, int64_t count, void *dx)
+{
+    static const int allowed[][2] = {{7, 0}, {7, 1}}; /* dx == dy, dx == x */
+    plan p;
+    fastnorm_status st;
+    int32_t rc;
+    int previous, threads;
+    if ((st = split_plan(desc, "fastnorm_backward_apply", &p)) != FASTNORM_OK) return st;
+    REQUIRE(dy);
+    REQUIRE(x);
+    REQUIRE(mean);
+    REQUIRE(rstd);
+    REQUIRE(sum_dy);
+    REQUIRE(sum_dy_xhat);
+    REQUIRE(dx);
+    if (count < p.group_size)
+        return fail(FASTNORM_INVALID_ARGUMENT,
+                    "fastnorm_backward_apply: count=%lld is below this rank's %lld elements per channel: "
+                    "pass the global count",
+                    (long long)count, (long long)p.group_size);
+    {
+        buffer bufs[] = {
+            {"dy", dy, p.size * p.itemsize, 0, p.itemsize},
+            {"x", x, p.size * p.itemsize, 0, p.itemsize},
+            {"weight", weight, p.nparams * p.param_itemsize, 0, p.param_itemsize},
+            {"mean", mean, p.channels * 8, 0, 8},
+            {"rstd", rstd, p.channels * 8, 0, 8},
+            {"sum_dy", sum_dy, p.channels * 8, 0, 8},
+            {"sum_dy_xhat", sum_dy_xhat, p.channels * 8, 0, 8},
+            {"dx", dx, p.size * p.itemsize, 1, p.itemsize},
+        };
+        if ((st = check_buffers(bufs, 8, allowed, 2)) != FASTNORM_OK) return st;
+    }
+    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    previous = enter_threads(&threads);
+    rc = ((backward_apply_fn)(uintptr_t)runtime_table[BACKWARD_APPLY_SLOTS[p.dtype_index]])(
+        dy, x, weight, weight ? p.nparams : 0, mean, rstd, sum_dy, sum_dy_xhat, (double)count, dx, p.batch,
+        p.channels, p.spatial, p.groups, p.flags, p.eps, p.activation, p.negative_slope, (int64_t)threads);
+    leave_threads(previous);
+    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward apply kernel failed (out of memory?)");
+    return FASTNORM_OK;
+}
+
+FASTNORM_API fastnorm_status fastnorm_update_running_stats(const fastnorm_desc *desc, const double *mean,
+                                                           const double *var, int64_t count, double momentum,
+                                                           void *running_mean, void *running_var)
+{
+    plan p;
+    fastnorm_status st;
+    int32_t rc;
+    int slot;
+    if ((st = make_plan(desc, 0, &p)) != FASTNORM_OK) return st;
+    if (p.kind != FASTNORM_BATCH_NORM)
+        return fail(FASTNORM_INVALID_ARGUMENT,
+                    "fastnorm_update_running_stats: desc->kind=%s: running statistics are BatchNorm's",
+                    kind_name(p.kind));
+    REQUIRE(mean);
+    REQUIRE(var);
+    REQUIRE(running_mean);
+    REQUIRE(running_var);
+    if (count < 2)
+        return fail(FASTNORM_INVALID_ARGUMENT,
+                    "count=%lld must be > 1 (the unbiased variance divides by count - 1)", (long long)count);
+    if (!(momentum >= 0.0 && momentum <= 1.0))
+        return fail(FASTNORM_INVALID_ARGUMENT, "momentum=%g must be in [0, 1]", momentum);
+    {
+        buffer bufs[] = {
+            {"mean", mean, p.channels * 8, 0, 8},
+            {"var", var, p.channels * 8, 0, 8},
+            {"running_mean", running_mean, p.nparams * p.param_itemsize, 1, p.param_itemsize},
+            {"running_var", running_var, p.nparams * p.param_itemsize, 1, p.param_itemsize},
+        };
+        if ((st = check_buffers(bufs, 4, NULL, 0)) != FASTNORM_OK) return st;
+    }
+    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    /* the running statistics have the parameter dtype: float32 ones with 16-bit data use float32's cfunc */
+    slot = p.param_itemsize == 4 ? UPDATE_RUNNING_SLOTS[0] : UPDATE_RUNNING_SLOTS[p.dtype_index];
+    rc = ((update_running_fn)(uintptr_t)runtime_table[slot])(running_mean, running_var, mean, var, p.channels,
+                                                             (double)count, momentum);
+    if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the running statistics update failed");
+    return FASTNORM_OK;
 }

@@ -155,9 +155,9 @@ int main(void)
     }
 
     /* pure-C helpers */
-    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 500, "version %d",
+    CHECK(fastnorm_version() == FASTNORM_VERSION && FASTNORM_VERSION == 600, "version %d",
           fastnorm_version());
-    CHECK(strcmp(fastnorm_version_string(), "0.5.0") == 0
+    CHECK(strcmp(fastnorm_version_string(), "0.6.0") == 0
               && strcmp(FASTNORM_VERSION_STRING, fastnorm_version_string()) == 0,
           "version string %s (header %s)", fastnorm_version_string(), FASTNORM_VERSION_STRING);
     CHECK(FASTNORM_OK == 0 && FASTNORM_INVALID_ARGUMENT == 1 && FASTNORM_UNSUPPORTED == 2
@@ -607,6 +607,91 @@ int main(void)
         g_checks += 5;
     }
     check_valid_call_works("skip add");
+
+    /* the BatchNorm split across processes (0.6): mean/rstd/dx/y serve as its outputs */
+    {
+        fastnorm_desc bn, half;
+        int64_t bn_dims[4] = {N, C, H, W}, count = -7, counts[3] = {3, 0, 5}, bad_counts[2] = {1, -1};
+        int64_t zero_counts[2] = {0, 0};
+        fastnorm_desc_init(&bn, sizeof bn, FASTNORM_BATCH_NORM, FASTNORM_FLOAT32, 4, bn_dims);
+        half = bn;
+        half.dtype = FASTNORM_FLOAT16;
+        d = valid_desc();
+        EXPECT(fastnorm_batch_stats(&d, x, &count, mean, rstd), FASTNORM_INVALID_ARGUMENT,
+               "batch_stats with a group_norm descriptor");
+        CHECK(strstr(fastnorm_last_error(), "BatchNorm") != NULL, "message names BatchNorm: %s",
+              fastnorm_last_error());
+        EXPECT(fastnorm_batch_stats(&half, x, &count, mean, rstd), FASTNORM_UNSUPPORTED,
+               "batch_stats float16");
+        EXPECT(fastnorm_batch_stats(&bn, NULL, &count, mean, rstd), FASTNORM_NULL_POINTER,
+               "batch_stats x NULL");
+        EXPECT(fastnorm_batch_stats(&bn, x, NULL, mean, rstd), FASTNORM_NULL_POINTER,
+               "batch_stats count NULL");
+        EXPECT(fastnorm_batch_stats(&bn, x, &count, mean, mean + 1), FASTNORM_OVERLAP,
+               "batch_stats m2 = mean + 1");
+        EXPECT(fastnorm_batch_stats(&bn, (const char *)x + 2, &count, mean, rstd), FASTNORM_INVALID_ARGUMENT,
+               "batch_stats misaligned x");
+        bn.activation = FASTNORM_RELU;
+        EXPECT(fastnorm_batch_stats(&bn, x, &count, mean, rstd), FASTNORM_INVALID_ARGUMENT,
+               "batch_stats with an activation");
+        bn.activation = FASTNORM_ACTIVATION_NONE;
+        CHECK(count == -7, "count was written by a failed call");
+        EXPECT(fastnorm_merge_stats(0, C, counts, (double *)x, (double *)dy, &count, mean, rstd),
+               FASTNORM_INVALID_ARGUMENT, "merge_stats with 0 ranks");
+        EXPECT(fastnorm_merge_stats(2, C, bad_counts, (double *)x, (double *)dy, &count, mean, rstd),
+               FASTNORM_INVALID_ARGUMENT, "merge_stats with a negative count");
+        EXPECT(fastnorm_merge_stats(2, C, zero_counts, (double *)x, (double *)dy, &count, mean, rstd),
+               FASTNORM_INVALID_ARGUMENT, "merge_stats with every count 0");
+        EXPECT(fastnorm_merge_stats(3, C, counts, (double *)x, (double *)dy, &count, mean, (double *)x),
+               FASTNORM_OVERLAP, "merge_stats var over the means");
+        EXPECT(fastnorm_merge_stats(3, C, counts, NULL, (double *)dy, &count, mean, rstd),
+               FASTNORM_NULL_POINTER, "merge_stats means NULL");
+        CHECK(count == -7, "count was written by a failed merge");
+        EXPECT(fastnorm_backward_reduce(&bn, dy, x, mean + 8, rstd + 8, mean, mean), FASTNORM_OVERLAP,
+               "backward_reduce sum_dy == sum_dy_xhat");
+        EXPECT(fastnorm_backward_reduce(&bn, dy, x, mean + 8, NULL, mean, rstd), FASTNORM_NULL_POINTER,
+               "backward_reduce rstd NULL");
+        EXPECT(fastnorm_backward_apply(&bn, dy, x, weight, mean + 8, rstd + 8, mean + 8, rstd + 8,
+                                       N * H * W - 1, dx),
+               FASTNORM_INVALID_ARGUMENT, "backward_apply with a count below the rank's");
+        CHECK(strstr(fastnorm_last_error(), "global count") != NULL, "message asks for the global count: %s",
+              fastnorm_last_error());
+        EXPECT(fastnorm_backward_apply(&bn, dy, x, weight, mean + 8, rstd + 8, mean + 8, rstd + 8, N * H * W,
+                                       dy + 1),
+               FASTNORM_OVERLAP, "backward_apply dx = dy + 1");
+        EXPECT(fastnorm_update_running_stats(&bn, mean + 8, rstd + 8, 1, 0.1, y, dx),
+               FASTNORM_INVALID_ARGUMENT, "update_running_stats with count 1");
+        EXPECT(fastnorm_update_running_stats(&bn, mean + 8, rstd + 8, 5, 1.5, y, dx),
+               FASTNORM_INVALID_ARGUMENT, "update_running_stats with momentum 1.5");
+        EXPECT(fastnorm_update_running_stats(&bn, mean + 8, rstd + 8, 5, NAN, y, dx),
+               FASTNORM_INVALID_ARGUMENT, "update_running_stats with momentum NaN");
+        EXPECT(fastnorm_update_running_stats(&bn, mean + 8, rstd + 8, 5, 0.1, y, y + 1), FASTNORM_OVERLAP,
+               "update_running_stats running_var = running_mean + 1");
+        EXPECT(fastnorm_update_running_stats(&d, mean + 8, rstd + 8, 5, 0.1, y, dx),
+               FASTNORM_INVALID_ARGUMENT, "update_running_stats with a group_norm descriptor");
+        /* valid calls: the local moments of x, then the merge of two copies of them */
+        reset_outputs();
+        CHECK(fastnorm_batch_stats(&bn, x, &count, mean, rstd) == FASTNORM_OK && count == N * H * W,
+              "batch_stats: %s", fastnorm_last_error());
+        {
+            int64_t two[2] = {count, count}, total = 0;
+            double means2[2 * C], m2s2[2 * C], merged_mean[C], merged_var[C];
+            int ok = 1;
+            for (i = 0; i < C; ++i) {
+                means2[i] = means2[C + i] = mean[i];
+                m2s2[i] = m2s2[C + i] = rstd[i];
+            }
+            CHECK(fastnorm_merge_stats(2, C, two, means2, m2s2, &total, merged_mean, merged_var)
+                          == FASTNORM_OK
+                      && total == 2 * count,
+                  "merge_stats: %s", fastnorm_last_error());
+            for (i = 0; i < C; ++i)
+                ok &= merged_mean[i] == mean[i]
+                    && fabs(merged_var[i] - rstd[i] / count) <= 1e-12 * merged_var[i];
+            CHECK(ok, "two equal halves merge to their own mean and variance");
+        }
+        g_checks += 4;
+    }
 
     /* threads */
     EXPECT(fastnorm_set_num_threads(-1), FASTNORM_INVALID_ARGUMENT, "num_threads -1");

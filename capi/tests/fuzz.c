@@ -1,13 +1,17 @@
 /*
- * fuzz: random calls of the eight compute entry points of the C ABI
+ * fuzz: random calls of the thirteen compute entry points of the C ABI
  * (fastnorm_forward_training, fastnorm_forward_inference, fastnorm_backward;
  * their fused forms with the residual + activation epilogue,
  * fastnorm_forward_training_fused, fastnorm_forward_inference_fused,
  * fastnorm_backward_fused; the pre-norm skip add's
- * fastnorm_skip_forward_training, fastnorm_skip_backward) with random
- * descriptors (struct_size and the epilogue fields activation, reserved,
- * negative_slope included), NULL / misaligned / aliased / overlapping buffers,
- * plus fastnorm_num_stats / fastnorm_num_params on the same descriptors.
+ * fastnorm_skip_forward_training, fastnorm_skip_backward; the BatchNorm split
+ * across processes (since 0.6): fastnorm_batch_stats, fastnorm_merge_stats,
+ * fastnorm_backward_reduce, fastnorm_backward_apply,
+ * fastnorm_update_running_stats) with random descriptors (struct_size and the
+ * epilogue fields activation, reserved, negative_slope included), random
+ * scalar arguments (count, momentum; merge_stats' num_ranks, channels and the
+ * counts it reads), NULL / misaligned / aliased / overlapping buffers, plus
+ * fastnorm_num_stats / fastnorm_num_params on the same descriptors.
  *
  * For every call the harness derives the acceptable statuses from the rules of
  * fastnorm.h / docs/c-api.md alone (its own model, not the library's code):
@@ -38,6 +42,27 @@
  * rounded once to nearest even (see check_values); dskip_bias is the column
  * sums of the 16-bit dx.
  *
+ * The split BatchNorm passes share the descriptor rules, with their own:
+ * batch_stats, backward_reduce and backward_apply take a FASTNORM_BATCH_NORM
+ * descriptor (another kind: FASTNORM_INVALID_ARGUMENT) without an activation
+ * (FASTNORM_INVALID_ARGUMENT) and float32 / float64 data (16-bit:
+ * FASTNORM_UNSUPPORTED), never check for one value per channel, and
+ * backward_apply's count must be >= this rank's N * prod(spatial);
+ * update_running_stats takes a BatchNorm descriptor of any data dtype (its
+ * running statistics have the parameter dtype), count >= 2 and a momentum in
+ * [0, 1] (NaN is not); merge_stats takes no descriptor: num_ranks >= 1,
+ * channels >= 1, counts >= 0 and not all 0 (FASTNORM_INVALID_ARGUMENT), and
+ * FASTNORM_SIZE_OVERFLOW for num_ranks * channels doubles or a sum of counts
+ * beyond int64.  No output of theirs may overlap another buffer, except
+ * backward_apply's dx == dy and dx == x.  Their references: count,
+ * per-channel mean and m2 (sum of squared deviations); the mean and biased
+ * variance of the union of the ranks (ranks with count 0 get NaN moments,
+ * which must not be read); sum(dy) and sum(dy * xhat); dx = rstd * w * (dy -
+ * sum_dy / m - xhat * sum_dy_xhat / m); the running statistics
+ * (1 - momentum) * running + momentum * batch (the variance unbiased,
+ * var * count / (count - 1)), computed in float64 and rounded once to the
+ * parameter dtype.
+ *
  * All buffers live in one arena (so that they can alias); a call whose
  * descriptor implies buffers larger than the arena always violates some rule
  * (a NULL required pointer is forced if nothing else would stop it), so the
@@ -64,8 +89,33 @@
 #define DEFAULT_CALLS 240000L
 #define P_VALID16 0.4 /* share of 16-bit data among the valid descriptors */
 
-enum { FWD, INF, BWD, FWD_FUSED, INF_FUSED, BWD_FUSED, SKIP_FWD, SKIP_BWD, NENTRY };
-enum { DATA, PARAM, STAT };
+enum {
+    FWD,
+    INF,
+    BWD,
+    FWD_FUSED,
+    INF_FUSED,
+    BWD_FUSED,
+    SKIP_FWD,
+    SKIP_BWD,
+    BATCH_STATS, /* the BatchNorm split across processes (since 0.6) */
+    MERGE,
+    BWD_REDUCE,
+    BWD_APPLY,
+    RUNNING,
+    NENTRY
+};
+#define NENTRY_OLD BATCH_STATS /* the entry points before 0.6: each 1 / 10 of the calls */
+/* Buffer classes: their element count and dtype. */
+enum {
+    DATA,  /* the size of x, desc->dtype */
+    PARAM, /* fastnorm_num_params elements of desc->param_dtype (0: desc->dtype) */
+    STAT,  /* fastnorm_num_stats doubles (BatchNorm: C; merge_stats: channels) */
+    ONE,   /* one int64 (a count) */
+    RANKS, /* num_ranks int64 (merge_stats) */
+    RSTAT  /* num_ranks * channels doubles (merge_stats) */
+};
+#define MAX_RANKS 16 /* merge_stats: counts[r] is call.counts[r % MAX_RANKS] */
 #define NSTATUS 9
 #define NACTIVATION (FASTNORM_GELU_TANH + 1)
 #define BIT(s) (1u << (unsigned)(s))
@@ -95,15 +145,39 @@ enum {
     R_DWEIGHT,
     R_DBIAS,
     R_DSKIP_BIAS,
+    R_RUNNING_MEAN, /* read and written (update_running_stats) */
+    R_RUNNING_VAR,
     /* STAT: fastnorm_num_stats doubles */
     R_MEAN,
     R_RSTD,
+    R_M2,
+    R_VAR,
+    R_SUM_DY,
+    R_SUM_DY_XHAT,
+    /* ONE: an int64 */
+    R_COUNT,
+    /* RANKS: num_ranks int64 */
+    R_COUNTS,
+    /* RSTAT: num_ranks * channels doubles */
+    R_MEANS,
+    R_M2S,
     NROLE
 };
-static const char *ROLE_NAME[NROLE] = {"-",       "x",     "dy",         "h",      "residual", "skip",
-                                       "y",       "dx",    "dresidual",  "weight", "bias",     "skip_bias",
-                                       "dweight", "dbias", "dskip_bias", "mean",   "rstd"};
-static int role_class(int role) { return role >= R_MEAN ? STAT : role >= R_WEIGHT ? PARAM : DATA; }
+/* clang-format off */
+static const char *ROLE_NAME[NROLE] = {
+    "-", "x", "dy", "h", "residual", "skip", "y", "dx", "dresidual", "weight", "bias", "skip_bias", "dweight",
+    "dbias", "dskip_bias", "running_mean", "running_var", "mean", "rstd", "m2", "var", "sum_dy", "sum_dy_xhat",
+    "count", "counts", "means", "m2s"};
+/* clang-format on */
+static int role_class(int role)
+{
+    return role >= R_MEANS ? RSTAT
+        : role >= R_COUNTS ? RANKS
+        : role >= R_COUNT  ? ONE
+        : role >= R_MEAN   ? STAT
+        : role >= R_WEIGHT ? PARAM
+                           : DATA;
+}
 
 typedef struct slot_info {
     int role;
@@ -114,10 +188,18 @@ typedef struct slot_info {
 typedef struct entry_info {
     const char *name;
     int training;              /* statistics of a training batch (one value per channel is rejected) */
-    int no_activation;         /* refuses desc->activation (fastnorm_backward) */
-    int lnrms_only;            /* LayerNorm / RMSNorm descriptors only (the skip add) */
+    int no_activation;         /* refuses desc->activation (fastnorm_backward, the split passes) */
+    unsigned kinds;            /* the kinds it takes (kind_bit; 0: every kind; others: INVALID_ARGUMENT) */
+    int no16;                  /* 16-bit data is FASTNORM_UNSUPPORTED (the split passes) */
     slot_info slot[MAX_SLOTS]; /* buffer arguments in the order of fastnorm.h, up to R_NONE */
 } entry_info;
+
+static unsigned kind_bit(int32_t kind)
+{
+    return kind >= FASTNORM_BATCH_NORM && kind <= FASTNORM_RMS_NORM ? 1u << kind : 0u;
+}
+#define BN_ONLY (1u << FASTNORM_BATCH_NORM)
+#define LNRMS_ONLY ((1u << FASTNORM_LAYER_NORM) | (1u << FASTNORM_RMS_NORM))
 
 /* clang-format off */
 #define IN(role) {role, 0, 1}
@@ -126,27 +208,40 @@ typedef struct entry_info {
 #define OUT_OPT(role) {role, 1, 0} /* NULL: not wanted */
 
 static const entry_info ENTRY[NENTRY] = {
-    /* name, training, no_activation, lnrms_only, the buffer arguments */
-    {"forward_training", 1, 0, 0,
+    /* name, training, no_activation, kinds, no16, the buffer arguments */
+    {"forward_training", 1, 0, 0, 0,
      {IN(R_X), IN_OPT(R_WEIGHT), IN_OPT(R_BIAS), OUT(R_Y), OUT(R_MEAN), OUT(R_RSTD)}},
-    {"forward_inference", 0, 0, 0,
+    {"forward_inference", 0, 0, 0, 0,
      {IN(R_X), IN_OPT(R_WEIGHT), IN_OPT(R_BIAS), IN(R_MEAN), IN(R_RSTD), OUT(R_Y)}},
-    {"backward", 1, 1, 0,
+    {"backward", 1, 1, 0, 0,
      {IN(R_DY), IN(R_X), IN_OPT(R_WEIGHT), IN(R_MEAN), IN(R_RSTD), OUT(R_DX), OUT_OPT(R_DWEIGHT),
       OUT_OPT(R_DBIAS)}},
-    {"forward_training_fused", 1, 0, 0,
+    {"forward_training_fused", 1, 0, 0, 0,
      {IN(R_X), IN_OPT(R_RESIDUAL), IN_OPT(R_WEIGHT), IN_OPT(R_BIAS), OUT(R_Y), OUT(R_MEAN), OUT(R_RSTD)}},
-    {"forward_inference_fused", 0, 0, 0,
+    {"forward_inference_fused", 0, 0, 0, 0,
      {IN(R_X), IN_OPT(R_RESIDUAL), IN_OPT(R_WEIGHT), IN_OPT(R_BIAS), IN(R_MEAN), IN(R_RSTD), OUT(R_Y)}},
-    {"backward_fused", 1, 0, 0,
+    {"backward_fused", 1, 0, 0, 0,
      {IN(R_DY), IN(R_X), IN_OPT(R_RESIDUAL), IN_OPT(R_WEIGHT), IN_OPT(R_BIAS), IN(R_MEAN), IN(R_RSTD),
       OUT(R_DX), OUT_OPT(R_DRESIDUAL), OUT_OPT(R_DWEIGHT), OUT_OPT(R_DBIAS)}},
-    {"skip_forward_training", 1, 0, 1,
+    {"skip_forward_training", 1, 0, LNRMS_ONLY, 0,
      {IN(R_X), IN(R_SKIP), IN_OPT(R_SKIP_BIAS), IN_OPT(R_WEIGHT), IN_OPT(R_BIAS), OUT(R_H), OUT(R_Y),
       OUT(R_MEAN), OUT(R_RSTD)}},
-    {"skip_backward", 1, 0, 1,
+    {"skip_backward", 1, 0, LNRMS_ONLY, 0,
      {IN(R_DY), IN(R_H), IN_OPT(R_WEIGHT), IN_OPT(R_BIAS), IN(R_MEAN), IN(R_RSTD), OUT(R_DX),
       OUT_OPT(R_DWEIGHT), OUT_OPT(R_DBIAS), OUT_OPT(R_DSKIP_BIAS)}},
+    /* the split passes: this rank's samples, no one-value-per-channel check (training 0); the count
+       argument is an output of batch_stats and merge_stats */
+    {"batch_stats", 0, 1, BN_ONLY, 1,
+     {IN(R_X), OUT(R_COUNT), OUT(R_MEAN), OUT(R_M2)}},
+    {"merge_stats", 0, 0, 0, 0, /* no descriptor: see run_model_merge */
+     {IN(R_COUNTS), IN(R_MEANS), IN(R_M2S), OUT(R_COUNT), OUT(R_MEAN), OUT(R_VAR)}},
+    {"backward_reduce", 0, 1, BN_ONLY, 1,
+     {IN(R_DY), IN(R_X), IN(R_MEAN), IN(R_RSTD), OUT(R_SUM_DY), OUT(R_SUM_DY_XHAT)}},
+    {"backward_apply", 0, 1, BN_ONLY, 1,
+     {IN(R_DY), IN(R_X), IN_OPT(R_WEIGHT), IN(R_MEAN), IN(R_RSTD), IN(R_SUM_DY), IN(R_SUM_DY_XHAT),
+      OUT(R_DX)}},
+    {"update_running_stats", 0, 0, BN_ONLY, 0, /* running_mean / running_var: read and written */
+     {IN(R_MEAN), IN(R_VAR), OUT(R_RUNNING_MEAN), OUT(R_RUNNING_VAR)}},
 };
 /* clang-format on */
 #define SLOT(e, i) (ENTRY[(e)].slot[(i)])
@@ -169,7 +264,8 @@ static int slot_of(int e, int role)
 
 /* The documented exact aliases (docs/c-api.md, "Ownership and aliasing"): y == x (every forward),
    y == residual (fused forward), y == skip and h == x, h == skip (skip forward; never y == h),
-   dx == dy, dx == x (backward), dx == h (skip backward), dresidual == dy (fused backward). */
+   dx == dy, dx == x (backward, backward_apply), dx == h (skip backward), dresidual == dy (fused
+   backward).  None for the other split passes. */
 static int allowed_alias(int out_role, int in_role)
 {
     switch (out_role) {
@@ -244,6 +340,34 @@ static const double EPS_VALID[] = {1e-5, 1e-3, 0.1, 1.0, FLT_EPSILON, DBL_EPSILO
 /* leaky ReLU slopes: any finite value is valid (torch's default 0.01) */
 static const double SLOPE_VALID[] = {0.01, 0.2, 0.0, -0.0, 1.0, -0.5, 3.0, 1e-3};
 
+/* count arguments (backward_apply: >= N * prod(spatial); update_running_stats: >= 2), momenta (in
+   [0, 1]), merge_stats' num_ranks / channels (>= 1) and counts (>= 0, not all 0, sum in int64) */
+/* clang-format off */
+static const int64_t COUNT_POOL[] = {0, 1, 2, 3, -1, -2, 1000, INT64_MIN, INT64_MAX, INT64_MAX - 1,
+                                     (int64_t)1 << 53, ((int64_t)1 << 53) + 1, (int64_t)1 << 62};
+/* clang-format on */
+static const double MOMENTUM_VALID[] = {0.1, 0.01, 0.5, 1.0, 0.0, -0.0, 1.0 / 3.0, 0.999, DBL_MIN};
+static const int64_t RANKS_POOL[] = {
+    0, 1, 2, 3, 5, 8, 17, -1, INT64_MIN, INT64_MAX, (int64_t)1 << 32, (int64_t)1 << 60, 4096, 4097};
+static const int64_t RANK_COUNT_POOL[] = {
+    0, 0, 1, 2, 7, 100, -1, INT64_MIN, INT64_MAX, INT64_MAX / 2 + 1, (int64_t)1 << 62, (int64_t)1 << 40};
+
+static double bad_or_odd_momentum(rng *r)
+{
+    switch (below(r, 12)) {
+    case 0: return NAN;
+    case 1: return -NAN;
+    case 2: return INFINITY;
+    case 3: return -INFINITY;
+    case 4: return 1.0000000000000002; /* the next double after 1 */
+    case 5: return -DBL_MIN;
+    case 6: return 2.0;
+    case 7: return -0.5;
+    case 8: return 4.9406564584124654e-324;
+    default: return PICK(r, MOMENTUM_VALID);
+    }
+}
+
 static double bad_or_odd_eps(rng *r)
 {
     switch (below(r, 14)) {
@@ -273,7 +397,12 @@ typedef struct call {
     int desc_null;
     fastnorm_desc d;
     int64_t off[MAX_SLOTS]; /* offset of each buffer in the arena, -1 = NULL */
-    char what[512];         /* how the call was made (for failure messages) */
+    int64_t count;          /* backward_apply, update_running_stats */
+    double momentum;        /* update_running_stats */
+    /* merge_stats: num_ranks, channels, and the counts it reads (counts[r % MAX_RANKS], written into
+       the arena by write_counts just before the call) */
+    int64_t ranks, channels, counts[MAX_RANKS];
+    char what[512]; /* how the call was made (for failure messages) */
 } call;
 
 typedef struct model {
@@ -283,6 +412,7 @@ typedef struct model {
     int32_t dtype, pdtype;       /* of the data, of the parameters (0: unknown) */
     int64_t itemsize, pitemsize; /* their bytes per element (0: unknown) */
     int64_t size, nparams, nstats, N, C, S, G, K;
+    int64_t R, total; /* merge_stats: num_ranks, the sum of the counts */
     int64_t bytes[MAX_SLOTS];
     /* the field of the one rule making the call FASTNORM_UNSUPPORTED (param_dtype, activation, flags;
        NULL if none, several, or UNSUPPORTED is only possible): its message names it */
@@ -337,6 +467,92 @@ static int ranges_overlap(int64_t a, int64_t abytes, int64_t b, int64_t bbytes)
     return a0 < b0 + (uint64_t)bbytes && b0 < a0 + (uint64_t)abytes;
 }
 
+/* Bytes a buffer of class cls must be aligned to: its element size (0: unknown). */
+static int64_t class_align(const model *m, int cls)
+{
+    return cls == DATA ? m->itemsize : cls == PARAM ? m->pitemsize : 8;
+}
+
+/* Bytes of a buffer of class cls (parameters of an unknown dtype: the data's element size). */
+static int64_t class_bytes(const model *m, int cls)
+{
+    switch (cls) {
+    case DATA: return m->size * m->itemsize;
+    case PARAM: return m->nparams * (m->pitemsize ? m->pitemsize : m->itemsize);
+    case STAT: return m->nstats * 8;
+    case ONE: return 8;
+    case RANKS: return m->R * 8;
+    default: return m->R * m->C * 8;
+    }
+}
+
+/* merge_stats' counts[r], as written into the arena */
+static int64_t count_of(const call *c, int64_t r) { return c->counts[r % MAX_RANKS]; }
+
+/*
+ * The rules of fastnorm_merge_stats (fastnorm.h): every pointer required, every buffer of 8-byte
+ * elements, num_ranks and channels >= 1, num_ranks * channels doubles within int64 bytes
+ * (FASTNORM_SIZE_OVERFLOW), outputs overlapping nothing, and the counts it reads: >= 0, not all 0
+ * (FASTNORM_INVALID_ARGUMENT), their sum within int64 (FASTNORM_SIZE_OVERFLOW).  The counts are those
+ * of the call (write_counts puts them into the arena); unknown when the counts buffer does not fit in
+ * the arena (then nothing is "backed").
+ */
+static void run_model_merge(const call *c, model *m)
+{
+    int e = c->entry, ns = nslots(e), i, o, b, cslot = slot_of(e, R_COUNTS);
+    unsigned def = 0, pos = 0;
+    int64_t R = c->ranks, C = c->channels, r;
+    memset(m, 0, sizeof *m);
+    for (i = 0; i < ns; ++i) {
+        if (c->off[i] < 0) def |= NUL;
+        else if (c->off[i] % 8 != 0) def |= INV;
+    }
+    if (R < 1 || C < 1) {
+        def |= INV;
+    } else if (R > INT64_MAX / 8 / C) {
+        def |= OVF; /* num_ranks * channels doubles */
+    } else {
+        m->R = R;
+        m->C = m->nstats = C;
+        m->geom_ok = m->backed = 1;
+        for (i = 0; i < ns; ++i) {
+            m->bytes[i] = class_bytes(m, role_class(SLOT(e, i).role));
+            if (c->off[i] >= 0 && m->bytes[i] > ARENA - c->off[i]) m->backed = 0;
+        }
+        for (o = 0; o < ns; ++o) {
+            if (!SLOT(e, o).output || c->off[o] < 0) continue;
+            for (b = 0; b < ns; ++b)
+                if (b != o && c->off[b] >= 0
+                    && ranges_overlap(c->off[o], m->bytes[o], c->off[b], m->bytes[b]))
+                    def |= OVL;
+        }
+        if (c->off[cslot] >= 0 && m->bytes[cslot] <= ARENA - c->off[cslot]) {
+            int neg = 0, over = 0;
+            int64_t total = 0;
+            for (r = 0; r < R; ++r) {
+                int64_t n = count_of(c, r);
+                if (n < 0) neg = 1;
+                else if (n > INT64_MAX - total) over = 1;
+                else total += n;
+            }
+            if (neg) def |= INV;
+            if (over) *(neg ? &pos : &def) |= OVF; /* "the sum of counts": with a negative one, open */
+            if (!neg && !over && total == 0) def |= INV;
+            m->total = total;
+        } else if (c->off[cslot] >= 0) {
+            pos |= INV | OVF; /* counts beyond the arena: not known here */
+        }
+    }
+    if (!m->geom_ok) /* buffer sizes unknown */
+        for (o = 0; o < ns; ++o) {
+            if (!SLOT(e, o).output || c->off[o] < 0) continue;
+            for (b = 0; b < ns; ++b)
+                if (b != o && c->off[b] == c->off[o]) pos |= OVL;
+        }
+    m->definite = def;
+    m->possible = pos & ~def;
+}
+
 /*
  * The rules of docs/c-api.md, checked independently.  desc_only: the rules of
  * fastnorm_num_stats / fastnorm_num_params (descriptor only, not training;
@@ -347,18 +563,28 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
     const fastnorm_desc *d = &c->d;
     int e = c->entry, ns = nslots(e), i, o, b;
     int training = !desc_only && ENTRY[e].training;
+    int no_data = !desc_only && slot_of(e, R_X) < 0 && slot_of(e, R_H) < 0 && slot_of(e, R_DY) < 0;
     int kind_ok, lnlike, layout_ok, rank_ok = 0, dims_ok = 0;
     int32_t pd = d->param_dtype == FASTNORM_DTYPE_DEFAULT ? d->dtype : d->param_dtype;
     int64_t maxitem;
     unsigned def = 0, pos = 0, *overlap;
     int n_unsup = 0;
 
+    if (e == MERGE && !desc_only) {
+        run_model_merge(c, m);
+        return;
+    }
     memset(m, 0, sizeof *m);
     if (desc_only) {
         if (count_null) def |= NUL;
     } else {
         for (i = 0; i < ns; ++i)
             if (SLOT(e, i).required && c->off[i] < 0) def |= NUL;
+        /* update_running_stats: "count < 2, momentum outside [0, 1]" (NaN is not inside) */
+        if (e == RUNNING && c->count < 2) def |= INV;
+        if (e == RUNNING && !(c->momentum >= 0.0 && c->momentum <= 1.0)) def |= INV;
+        /* backward_apply: the count rule needs the descriptor's N * prod(spatial) */
+        if (e == BWD_APPLY && c->desc_null) pos |= INV;
     }
     if (c->desc_null) {
         def |= NUL;
@@ -386,8 +612,9 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
     kind_ok = d->kind >= FASTNORM_BATCH_NORM && d->kind <= FASTNORM_RMS_NORM;
     lnlike = d->kind == FASTNORM_LAYER_NORM || d->kind == FASTNORM_RMS_NORM;
     if (!kind_ok) def |= INV;
-    /* the skip add: "FASTNORM_INVALID_ARGUMENT for a descriptor of another kind" */
-    if (kind_ok && !lnlike && !desc_only && ENTRY[e].lnrms_only) def |= INV;
+    /* the skip add (LayerNorm / RMSNorm), the split passes (BatchNorm): "FASTNORM_INVALID_ARGUMENT for a
+       descriptor of another kind" */
+    if (kind_ok && !desc_only && ENTRY[e].kinds && !(ENTRY[e].kinds & kind_bit(d->kind))) def |= INV;
     /* data: float32, float64, float16, bfloat16 (the 16-bit ones since 0.5) */
     m->itemsize = dtype_itemsize(d->dtype);
     if (m->itemsize) m->dtype = d->dtype;
@@ -417,6 +644,12 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
         } else {
             pos |= UNSUP;
         }
+    }
+    /* the split passes: "float32 and float64 data (16-bit data: FASTNORM_UNSUPPORTED)"; the message
+       need not name a field */
+    if (!desc_only && ENTRY[e].no16 && is16(d->dtype)) {
+        def |= UNSUP;
+        ++n_unsup;
     }
     layout_ok = d->layout == FASTNORM_CHANNELS_FIRST || d->layout == FASTNORM_CHANNELS_LAST;
     if (!layout_ok) def |= INV;
@@ -461,8 +694,11 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
             /* the largest element: 16-bit data may have float32 parameters (nparams <= size) */
             over_item = over || (m->itemsize ? prod > INT64_MAX / maxitem : over8);
             if (kind_ok && rank_ok && m->itemsize) {
-                if (over_item) def |= OVF;  /* a data buffer's byte size overflows */
-                else if (over8) pos |= OVF; /* float32 / 16-bit: only count * 8 overflows */
+                if (over_item) def |= OVF; /* a data buffer's byte size overflows */
+                /* float32 / 16-bit: only count * 8 overflows.  Without a data buffer
+                   (update_running_stats) such a call is otherwise valid: the status table's rule ("the
+                   element count implied by dims, times 8 bytes, does not fit in int64") decides. */
+                else if (over8) *(no_data ? &def : &pos) |= OVF;
                 dims_ok = !over_item;
             } else if (over8) {
                 pos |= OVF;
@@ -515,10 +751,17 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
             m->geom_ok = 0;
         }
     }
+    /* backward_apply: "a count below this rank's" N * prod(spatial) is FASTNORM_INVALID_ARGUMENT */
+    if (!desc_only && e == BWD_APPLY) {
+        if (m->geom_ok && d->kind == FASTNORM_BATCH_NORM) {
+            if (c->count < m->N * m->S) def |= INV;
+        } else {
+            pos |= INV;
+        }
+    }
     if (!desc_only) {
         for (i = 0; i < ns; ++i) {
-            int cls = role_class(SLOT(e, i).role);
-            int64_t align = cls == STAT ? 8 : cls == PARAM ? m->pitemsize : m->itemsize;
+            int64_t align = class_align(m, role_class(SLOT(e, i).role));
             if (c->off[i] < 0) continue;
             if (align) {
                 if (c->off[i] % align != 0) def |= INV;
@@ -526,16 +769,13 @@ static void run_model(const call *c, int desc_only, int count_null, model *m)
                 pos |= INV; /* element size unknown */
             }
         }
-        /* The skip add's buffer sizes are those of a LayerNorm / RMSNorm descriptor: with another
-           kind (rejected anyway) an overlap is only possible. */
-        overlap = ENTRY[e].lnrms_only && !lnlike ? &pos : &def;
+        /* The skip add's buffer sizes are those of a LayerNorm / RMSNorm descriptor, the split passes'
+           those of a BatchNorm one: with another kind (rejected anyway) an overlap is only possible. */
+        overlap = ENTRY[e].kinds && !(ENTRY[e].kinds & kind_bit(d->kind)) ? &pos : &def;
         if (m->geom_ok) {
             m->backed = 1;
             for (i = 0; i < ns; ++i) {
-                int cls = role_class(SLOT(e, i).role);
-                m->bytes[i] = cls == DATA ? m->size * m->itemsize
-                    : cls == PARAM        ? m->nparams * (m->pitemsize ? m->pitemsize : m->itemsize)
-                                          : m->nstats * 8;
+                m->bytes[i] = class_bytes(m, role_class(SLOT(e, i).role));
                 if (c->off[i] >= 0 && m->bytes[i] > ARENA - c->off[i]) m->backed = 0;
             }
             for (o = 0; o < ns; ++o) {
@@ -576,18 +816,20 @@ static void cap_elements(fastnorm_desc *d, int keep, int64_t cap)
     }
 }
 
-/* A small valid descriptor for entry point e (for the skip add, one time in ten a descriptor valid
-   for the other entry points, whose kind alone breaks its LayerNorm / RMSNorm rule). */
+/* A small valid descriptor for entry point e (for the skip add and the split passes, one time in ten
+   a descriptor valid for the other entry points, whose kind alone breaks its LayerNorm / RMSNorm or
+   BatchNorm rule; for the split passes but update_running_stats, one time in ten 16-bit data). */
 static void gen_valid_desc(rng *r, int e, fastnorm_desc *d)
 {
     int i, kind = 1 + (int)below(r, 5);
-    if (ENTRY[e].lnrms_only && !chance(r, 0.1)) kind = FASTNORM_LAYER_NORM + (int)below(r, 2);
+    if (ENTRY[e].kinds == LNRMS_ONLY && !chance(r, 0.1)) kind = FASTNORM_LAYER_NORM + (int)below(r, 2);
+    if (ENTRY[e].kinds == BN_ONLY && !chance(r, 0.1)) kind = FASTNORM_BATCH_NORM;
     memset(d, 0, sizeof *d);
     d->struct_size = sizeof *d;
     d->kind = kind;
     /* float32 or float64 data (parameters of the same dtype) or, 40 % of the valid calls, 16-bit data
        with 16-bit (param_dtype 0 or the dtype) or float32 parameters */
-    if (chance(r, P_VALID16)) {
+    if (chance(r, ENTRY[e].no16 ? 0.1 : P_VALID16)) {
         d->dtype = chance(r, 0.5) ? FASTNORM_FLOAT16 : FASTNORM_BFLOAT16;
         d->param_dtype = (int32_t)below(r, 3);
         if (d->param_dtype == 2) d->param_dtype = d->dtype;
@@ -707,7 +949,7 @@ static void place_valid(rng *r, call *c)
         int64_t item;
         i = order[j];
         cls = role_class(SLOT(e, i).role);
-        item = cls == STAT ? 8 : cls == PARAM ? m.pitemsize : m.itemsize;
+        item = class_align(&m, cls);
         cursor = (cursor + 7) / 8 * 8;
         if (item < 8 && chance(r, 0.3)) cursor += item * (1 + below(r, 8 / item - 1)); /* item-aligned only */
         c->off[i] = cursor;
@@ -729,6 +971,86 @@ static void place_valid(rng *r, call *c)
 /* a + b with wrap-around (no signed overflow in the harness itself) */
 static int64_t wrap_add(int64_t a, int64_t b) { return (int64_t)((uint64_t)a + (uint64_t)b); }
 
+/* backward_apply's lower bound of count: this rank's N * prod(spatial) (2 if unknown) */
+static int64_t local_count(const call *c)
+{
+    model m;
+    run_model(c, 0, 0, &m);
+    return m.geom_ok && c->d.kind == FASTNORM_BATCH_NORM ? m.N * m.S : 2;
+}
+
+/* The scalar arguments of a valid call: backward_apply's global count (this rank's N * prod(spatial)
+   or more, up to INT64_MAX), update_running_stats' count (> 1) and momentum (in [0, 1]). */
+static void gen_valid_scalars(rng *r, call *c)
+{
+    if (c->entry == BWD_APPLY) {
+        int64_t local = local_count(c);
+        double u = uniform(r);
+        c->count = u < 0.3 ? local : u < 0.95 ? local * (1 + below(r, 4)) + below(r, 3) : PICK(r, COUNT_POOL);
+        if (c->count < local) c->count = local;
+    } else if (c->entry == RUNNING) {
+        c->count = chance(r, 0.9) ? 2 + below(r, 1000) : PICK(r, COUNT_POOL);
+        if (c->count < 2) c->count = 2;
+        c->momentum = PICK(r, MOMENTUM_VALID);
+    }
+}
+
+/* A valid merge_stats call's num_ranks (1..6), channels (1..8) and counts (some 0, some up to 2^49;
+   not all 0). */
+static void gen_valid_merge(rng *r, call *c)
+{
+    int64_t k, total = 0;
+    c->ranks = 1 + below(r, 6);
+    c->channels = 1 + below(r, 8);
+    for (k = 0; k < MAX_RANKS; ++k) {
+        double u = uniform(r);
+        c->counts[k] = u < 0.25 ? 0 : u < 0.95 ? 1 + below(r, 300) : (int64_t)1 << (20 + below(r, 30));
+    }
+    for (k = 0; k < c->ranks; ++k) total += c->counts[k];
+    if (total == 0) c->counts[below(r, c->ranks)] = 1 + below(r, 50);
+}
+
+/* merge_stats: num_ranks, channels and the counts (negative, all 0, a sum beyond int64, ...) */
+static void mutate_merge(rng *r, call *c)
+{
+    int64_t k, n = c->ranks >= 1 && c->ranks <= MAX_RANKS ? c->ranks : MAX_RANKS;
+    switch (below(r, 7)) {
+    case 0:
+        c->ranks = PICK(r, RANKS_POOL);
+        note(c, "num_ranks=%lld", (long long)c->ranks);
+        break;
+    case 1:
+        c->channels = PICK(r, RANKS_POOL);
+        note(c, "channels=%lld", (long long)c->channels);
+        break;
+    case 2:
+    case 3:
+        k = below(r, n);
+        c->counts[k] = PICK(r, RANK_COUNT_POOL);
+        note(c, "counts[%lld]=%lld", (long long)k, (long long)c->counts[k]);
+        break;
+    case 4:
+        for (k = 0; k < MAX_RANKS; ++k) c->counts[k] = 0;
+        note(c, "counts=0");
+        break;
+    case 5: /* the sum just beyond INT64_MAX, or right at it */
+        k = below(r, n);
+        c->counts[k] = INT64_MAX - below(r, 3);
+        c->counts[(k + 1) % MAX_RANKS] = chance(r, 0.5) ? 1 : 0;
+        note(c, "counts[%lld]=INT64_MAX-%lld,counts[%lld]=%lld", (long long)k,
+             (long long)(INT64_MAX - c->counts[k]), (long long)((k + 1) % MAX_RANKS),
+             (long long)c->counts[(k + 1) % MAX_RANKS]);
+        break;
+    default: { /* num_ranks * channels doubles right at the int64 byte-size limit */
+        int64_t ch = c->channels >= 1 && c->channels <= 64 ? c->channels : 1 + below(r, 8);
+        c->channels = ch;
+        c->ranks = wrap_add(INT64_MAX / 8 / ch, below(r, 3) - 1);
+        note(c, "num_ranks=%lld(boundary) channels=%lld", (long long)c->ranks, (long long)ch);
+        break;
+    }
+    }
+}
+
 static int64_t clamp_off(int64_t v)
 {
     if (v < 0) return 0;
@@ -739,9 +1061,18 @@ static int64_t clamp_off(int64_t v)
 static void mutate(rng *r, call *c)
 {
     fastnorm_desc *d = &c->d;
-    int e = c->entry, ns = nslots(e), i, k;
+    int e = c->entry, ns = nslots(e), i, k, what = (int)below(r, 27);
     int rank_idx = d->rank >= 1 && d->rank <= FASTNORM_MAX_RANK ? d->rank : FASTNORM_MAX_RANK;
-    switch (below(r, 25)) {
+    /* 25: count (backward_apply, update_running_stats), 26: momentum (update_running_stats) */
+    if ((what == 25 && e != BWD_APPLY && e != RUNNING) || (what == 26 && e != RUNNING))
+        what = (int)below(r, 25);
+    /* merge_stats has no descriptor: its own arguments instead of the descriptor's fields */
+    if (e == MERGE && what != 12 && what != 13 && what != 14 && what != 15 && what != 16 && what != 18
+        && what != 23) {
+        mutate_merge(r, c);
+        return;
+    }
+    switch (what) {
     case 0:
         d->kind = PICK(r, KIND_POOL);
         note(c, "kind=%d", (int)d->kind);
@@ -816,7 +1147,7 @@ static void mutate(rng *r, call *c)
         break;
     case 12:
     case 13:
-        if (below(r, 8) == 0) {
+        if (below(r, 8) == 0 && e != MERGE) {
             c->desc_null = 1;
             note(c, "desc=NULL");
         } else {
@@ -901,6 +1232,17 @@ static void mutate(rng *r, call *c)
              ROLE_NAME[SLOT(e, pair[k][1]).role]);
         break;
     }
+    case 25: { /* around this rank's N * prod(spatial) (backward_apply) or 2 (update_running_stats) */
+        int64_t local = e == BWD_APPLY ? local_count(c) : 2;
+        int64_t rel[] = {local - 1, local, wrap_add(local, 1), local / 2, wrap_add(local, -2)};
+        c->count = chance(r, 0.6) ? PICK(r, rel) : PICK(r, COUNT_POOL);
+        note(c, "count=%lld", (long long)c->count);
+        break;
+    }
+    case 26:
+        c->momentum = bad_or_odd_momentum(r);
+        note(c, "momentum=%g", c->momentum);
+        break;
     default:
         d->kind = 1 + (int32_t)below(r, 5);
         note(c, "kind->%d", (int)d->kind);
@@ -926,7 +1268,12 @@ static void gen_random(rng *r, call *c)
     d->activation = chance(r, 0.6) ? 0 : PICK(r, ACTIVATION_POOL);
     d->reserved = chance(r, 0.9) ? 0 : PICK(r, RANK_POOL);
     d->negative_slope = chance(r, 0.8) ? 0.01 : bad_or_odd_eps(r);
-    c->desc_null = below(r, 50) == 0;
+    c->desc_null = below(r, 50) == 0 && c->entry != MERGE;
+    c->count = chance(r, 0.5) ? PICK(r, COUNT_POOL) : 1 + below(r, 300);
+    c->momentum = chance(r, 0.6) ? PICK(r, MOMENTUM_VALID) : bad_or_odd_momentum(r);
+    c->ranks = chance(r, 0.5) ? 1 + below(r, 8) : PICK(r, RANKS_POOL);
+    c->channels = chance(r, 0.5) ? 1 + below(r, 8) : PICK(r, RANKS_POOL);
+    for (i = 0; i < MAX_RANKS; ++i) c->counts[i] = chance(r, 0.8) ? below(r, 100) : PICK(r, RANK_COUNT_POOL);
     for (i = 0; i < nslots(c->entry); ++i) {
         if (chance(r, 0.15)) {
             c->off[i] = -1;
@@ -1431,6 +1778,211 @@ static int prepare_valid(rng *r, call *c, const model *m)
     return 1;
 }
 
+/* merge_stats: the call's counts into its counts buffer (the part inside the arena) */
+static void write_counts(const call *c)
+{
+    int64_t k, off = c->off[slot_of(MERGE, R_COUNTS)];
+    if (off < 0) return;
+    for (k = 0; k < c->ranks && off + 8 * (k + 1) <= ARENA; ++k) {
+        int64_t v = count_of(c, k);
+        memcpy(g_arena + off + 8 * k, &v, 8);
+    }
+}
+
+/* Inputs of the split passes as the library will read them: the global statistics' sums, the batch
+   variance, the running statistics before the update, merge_stats' means and m2s. */
+static double var_[MAX_ELEMS], sdy_[MAX_ELEMS], sdyx_[MAX_ELEMS], rmean_[MAX_ELEMS], rvar_[MAX_ELEMS],
+    means_[MAX_ELEMS], m2s_[MAX_ELEMS];
+/* the count output's reference (batch_stats, merge_stats) */
+static int64_t g_ref_count;
+/* valid merge_stats calls checked with NaN moments at a rank of count 0 ("not read") */
+static long g_merge_nan;
+
+/* n random values in [lo, hi) of dtype at arena offset off (rounded to nearest even) */
+static void fill_random(rng *r, int64_t off, int64_t n, int32_t dtype, double lo, double hi)
+{
+    int64_t k;
+    for (k = 0; k < n; ++k) store(off, k, dtype, between(r, lo, hi));
+}
+
+/* read_input, with the outputs absent but the running statistics (read and written) */
+static void read_split_input(const call *c, const model *m, int role, int64_t n, double absent, double *v)
+{
+    int slot = slot_of(c->entry, role);
+    int64_t k;
+    if (slot >= 0 && SLOT(c->entry, slot).output && role != R_RUNNING_MEAN && role != R_RUNNING_VAR)
+        for (k = 0; k < n; ++k) v[k] = absent;
+    else read_input(c, m, role, n, absent, v);
+}
+
+static int all_finite_below(const double *v, int64_t n, double limit)
+{
+    int64_t i;
+    for (i = 0; i < n; ++i)
+        if (!(fabs(v[i]) <= limit)) return 0;
+    return 1;
+}
+
+/* merge_stats' reference: the mean and biased variance of the union of the ranks (ranks of count 0
+   skipped), in double precision, with error scales (sums of the magnitudes of the terms). */
+static int reference_merge(const call *c, const model *m)
+{
+    int64_t R = m->R, C = m->C, rr, ch;
+    double total = (double)m->total;
+    for (rr = 0; rr < R; ++rr)
+        if (count_of(c, rr) > 0
+            && (!all_finite_below(means_ + rr * C, C, 1e6) || !all_finite_below(m2s_ + rr * C, C, 1e20)))
+            return 0; /* e.g. means on the counts' bytes */
+    for (ch = 0; ch < C; ++ch) {
+        double sum = 0.0, asum = 0.0, mean, m2 = 0.0, am2 = 0.0;
+        for (rr = 0; rr < R; ++rr) {
+            double n = (double)count_of(c, rr), mu = means_[rr * C + ch];
+            if (n == 0.0) continue;
+            sum += n * mu;
+            asum += n * fabs(mu);
+        }
+        mean = sum / total;
+        for (rr = 0; rr < R; ++rr) {
+            double n = (double)count_of(c, rr), mu = means_[rr * C + ch], q = m2s_[rr * C + ch];
+            if (n == 0.0) continue;
+            m2 += q + n * (mu - mean) * (mu - mean);
+            am2 += fabs(q) + n * (fabs(mu) + fabs(mean)) * (fabs(mu) + fabs(mean));
+        }
+        ref_[R_MEAN][ch] = mean;
+        mag_[R_MEAN][ch] = asum / total;
+        ref_[R_VAR][ch] = m2 / total;
+        mag_[R_VAR][ch] = am2 / total;
+    }
+    g_ref_count = m->total;
+    return 1;
+}
+
+/*
+ * Valid call of a split pass: fill the inputs (and the running statistics, read and written), compute
+ * the reference of every output from the arena contents the library will see.  Returns 1 if the
+ * outputs' values are to be compared, 0 if not (inputs unusual, e.g. aliased across types).
+ */
+static int prepare_split(rng *r, call *c, const model *m)
+{
+    int e = c->entry, ns = nslots(e), i;
+    /* n: 0 without data (update_running_stats reads none: its dims may be beyond the arena) */
+    int64_t k, s, n = slot_of(e, R_X) >= 0 ? m->size : 0, np = m->nparams, nst = m->nstats;
+    int64_t group = nst ? n / nst : 0;
+    double count = (double)c->count;
+
+    for (k = 0; k < n; ++k) index_map(m, k, &stat_of[k], &param_of[k]);
+    /* inputs, in argument order (aliased inputs share values) */
+    for (i = 0; i < ns; ++i) {
+        int role = SLOT(e, i).role;
+        int64_t off = c->off[i], rr;
+        if (off < 0 || (SLOT(e, i).output && role != R_RUNNING_MEAN && role != R_RUNNING_VAR)) continue;
+        switch (role) {
+        case R_X: fill_random(r, off, n, m->dtype, -2.0, 2.0); break;
+        case R_DY: fill_random(r, off, n, m->dtype, -1.0, 1.0); break;
+        case R_WEIGHT: fill_random(r, off, np, m->pdtype, -1.5, 1.5); break;
+        case R_MEAN: fill_random(r, off, nst, FASTNORM_FLOAT64, -1.0, 1.0); break;
+        case R_RSTD: fill_random(r, off, nst, FASTNORM_FLOAT64, 0.25, 4.0); break;
+        case R_VAR: fill_random(r, off, nst, FASTNORM_FLOAT64, 0.0, 4.0); break;
+        case R_SUM_DY:
+        case R_SUM_DY_XHAT: fill_random(r, off, nst, FASTNORM_FLOAT64, -count, count); break;
+        case R_RUNNING_MEAN: fill_random(r, off, np, m->pdtype, -1.0, 1.0); break;
+        case R_RUNNING_VAR: fill_random(r, off, np, m->pdtype, 0.0, 2.0); break;
+        case R_MEANS:
+        case R_M2S: /* a rank of count 0: NaN one time in two (not read) */
+            for (rr = 0; rr < m->R; ++rr) {
+                int64_t cnt = count_of(c, rr);
+                int nan = cnt == 0 && chance(r, 0.5);
+                double hi = role == R_MEANS ? 2.0 : 4.0 * (double)cnt, lo = role == R_MEANS ? -2.0 : 0.0;
+                for (k = 0; k < m->C; ++k)
+                    store(off, rr * m->C + k, FASTNORM_FLOAT64, nan ? NAN : between(r, lo, hi));
+            }
+            break;
+        default: break;
+        }
+    }
+    if (e == MERGE) write_counts(c); /* last: the counts stay the call's if an input overlaps them */
+    /* read back what the library will read */
+    read_split_input(c, m, R_X, n, 0.0, x_);
+    read_split_input(c, m, R_DY, n, 0.0, dy_);
+    read_split_input(c, m, R_WEIGHT, np, 1.0, w_);
+    read_split_input(c, m, R_MEAN, nst, 0.0, mean_);
+    read_split_input(c, m, R_RSTD, nst, 0.0, rstd_);
+    read_split_input(c, m, R_VAR, nst, 0.0, var_);
+    read_split_input(c, m, R_SUM_DY, nst, 0.0, sdy_);
+    read_split_input(c, m, R_SUM_DY_XHAT, nst, 0.0, sdyx_);
+    read_split_input(c, m, R_RUNNING_MEAN, np, 0.0, rmean_);
+    read_split_input(c, m, R_RUNNING_VAR, np, 0.0, rvar_);
+    read_split_input(c, m, R_MEANS, m->R * m->C, 0.0, means_);
+    read_split_input(c, m, R_M2S, m->R * m->C, 0.0, m2s_);
+    if (!all_reasonable(x_, n) || !all_reasonable(dy_, n) || !all_reasonable(w_, np)
+        || !all_reasonable(mean_, nst) || !all_reasonable(rstd_, nst) || !all_reasonable(var_, nst)
+        || !all_finite_below(sdy_, nst, 1e20) || !all_finite_below(sdyx_, nst, 1e20)
+        || !all_reasonable(rmean_, np) || !all_reasonable(rvar_, np))
+        return 0;
+
+    switch (e) {
+    case BATCH_STATS: { /* count, mean, m2 = sum((x - mean)^2) per channel (two passes) */
+        double xmax = 0.0;
+        for (s = 0; s < nst; ++s) ref_[R_MEAN][s] = ref_[R_M2][s] = mag_[R_M2][s] = 0.0;
+        for (k = 0; k < n; ++k) {
+            ref_[R_MEAN][stat_of[k]] += x_[k];
+            if (fabs(x_[k]) > xmax) xmax = fabs(x_[k]);
+        }
+        for (s = 0; s < nst; ++s) {
+            ref_[R_MEAN][s] /= (double)group;
+            mag_[R_MEAN][s] = xmax;
+        }
+        for (k = 0; k < n; ++k) {
+            double mu = ref_[R_MEAN][stat_of[k]], dev = x_[k] - mu, a = fabs(x_[k]) + fabs(mu);
+            ref_[R_M2][stat_of[k]] += dev * dev;
+            mag_[R_M2][stat_of[k]] += a * a;
+        }
+        g_ref_count = group;
+        return 1;
+    }
+    case MERGE: {
+        int nan = 0;
+        int64_t rr;
+        for (rr = 0; rr < m->R; ++rr)
+            if (count_of(c, rr) == 0 && (isnan(means_[rr * m->C]) || isnan(m2s_[rr * m->C]))) nan = 1;
+        if (!reference_merge(c, m)) return 0;
+        g_merge_nan += nan;
+        return 1;
+    }
+    case BWD_REDUCE: /* sum(dy), sum(dy * (x - mean) * rstd) per channel */
+        for (s = 0; s < nst; ++s)
+            ref_[R_SUM_DY][s] = mag_[R_SUM_DY][s] = ref_[R_SUM_DY_XHAT][s] = mag_[R_SUM_DY_XHAT][s] = 0.0;
+        for (k = 0; k < n; ++k) {
+            int64_t st = stat_of[k];
+            ref_[R_SUM_DY][st] += dy_[k];
+            mag_[R_SUM_DY][st] += fabs(dy_[k]);
+            ref_[R_SUM_DY_XHAT][st] += dy_[k] * (x_[k] - mean_[st]) * rstd_[st];
+            mag_[R_SUM_DY_XHAT][st] += fabs(dy_[k]) * (fabs(x_[k]) + fabs(mean_[st])) * fabs(rstd_[st]);
+        }
+        return 1;
+    case BWD_APPLY: /* dx = rstd * w * (dy - sum_dy / m - xhat * sum_dy_xhat / m), m = count */
+        for (k = 0; k < n; ++k) {
+            int64_t st = stat_of[k], p = param_of[k];
+            double rs = rstd_[st], w = w_[p], xh = (x_[k] - mean_[st]) * rs;
+            ref_[R_DX][k] = rs * w * (dy_[k] - sdy_[st] / count - xh * sdyx_[st] / count);
+            mag_[R_DX][k] = fabs(rs * w)
+                * (fabs(dy_[k]) + fabs(sdy_[st]) / count
+                   + (fabs(x_[k]) + fabs(mean_[st])) * fabs(rs) * fabs(sdyx_[st]) / count);
+        }
+        return 1;
+    default: { /* update_running_stats, in float64: rounded once to the parameter dtype (check_values) */
+        double keep = 1.0 - c->momentum, f = c->momentum, corr = count / (count - 1.0);
+        for (s = 0; s < np; ++s) {
+            ref_[R_RUNNING_MEAN][s] = keep * rmean_[s] + f * mean_[s];
+            mag_[R_RUNNING_MEAN][s] = fabs(keep * rmean_[s]) + fabs(f * mean_[s]);
+            ref_[R_RUNNING_VAR][s] = keep * rvar_[s] + f * (var_[s] * corr);
+            mag_[R_RUNNING_VAR][s] = fabs(keep * rvar_[s]) + fabs(f * var_[s] * corr);
+        }
+        return 1;
+    }
+    }
+}
+
 /* ------------------------------------------------------------------------ */
 /* Running and checking                                                      */
 /* ------------------------------------------------------------------------ */
@@ -1439,6 +1991,7 @@ static long g_count[NENTRY][NSTATUS + 1], g_helper_count[NSTATUS + 1];
 /* valid calls and those checked against the reference, per data dtype; 16-bit data with float32
    parameters checked */
 static long g_valid_dtype[FASTNORM_BFLOAT16 + 1], g_checked_dtype[FASTNORM_BFLOAT16 + 1], g_checked_mixed;
+static long g_checked_entry[NENTRY];
 static long g_calls, g_valid, g_checked, g_unchecked, g_after_invalid, g_single, g_forced, g_helpers;
 static int g_fail, g_verbose;
 static uint64_t g_seed;
@@ -1448,7 +2001,14 @@ static void describe(const call *c, char *buf, size_t size)
     const fastnorm_desc *d = &c->d;
     int i, n;
     size_t used;
-    if (c->desc_null) {
+    if (c->entry == MERGE) {
+        n = snprintf(buf, size, "%s(num_ranks=%lld channels=%lld counts=[", ENTRY[c->entry].name,
+                     (long long)c->ranks, (long long)c->channels);
+        for (i = 0; i < MAX_RANKS && i < c->ranks && n > 0 && (size_t)n < size; ++i)
+            n += snprintf(buf + n, size - (size_t)n, "%s%lld", i ? "," : "", (long long)c->counts[i]);
+        if (n > 0 && (size_t)n < size)
+            n += snprintf(buf + n, size - (size_t)n, "%s]", c->ranks > MAX_RANKS ? ",... repeated" : "");
+    } else if (c->desc_null) {
         n = snprintf(buf, size, "%s(desc=NULL", ENTRY[c->entry].name);
     } else {
         n = snprintf(
@@ -1464,6 +2024,10 @@ static void describe(const call *c, char *buf, size_t size)
             n += snprintf(buf + n, size - (size_t)n, "%s%lld", i ? "," : "", (long long)d->dims[i]);
         if (n > 0 && (size_t)n < size) n += snprintf(buf + n, size - (size_t)n, "]");
     }
+    if ((c->entry == BWD_APPLY || c->entry == RUNNING) && n > 0 && (size_t)n < size)
+        n += snprintf(buf + n, size - (size_t)n, " count=%lld", (long long)c->count);
+    if (c->entry == RUNNING && n > 0 && (size_t)n < size)
+        n += snprintf(buf + n, size - (size_t)n, " momentum=%.17g", c->momentum);
     for (i = 0; i < nslots(c->entry) && n > 0 && (size_t)n < size; ++i) {
         const char *name = ROLE_NAME[SLOT(c->entry, i).role];
         if (c->off[i] < 0) n += snprintf(buf + n, size - (size_t)n, " %s=NULL", name);
@@ -1523,7 +2087,14 @@ static fastnorm_status invoke(const call *c)
         return fastnorm_backward_fused(dp, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9], p[10]);
     case SKIP_FWD:
         return fastnorm_skip_forward_training(dp, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]);
-    default: return fastnorm_skip_backward(dp, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9]);
+    case SKIP_BWD:
+        return fastnorm_skip_backward(dp, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9]);
+    case BATCH_STATS: return fastnorm_batch_stats(dp, p[0], p[1], p[2], p[3]);
+    case MERGE: return fastnorm_merge_stats(c->ranks, c->channels, p[0], p[1], p[2], p[3], p[4], p[5]);
+    case BWD_REDUCE: return fastnorm_backward_reduce(dp, p[0], p[1], p[2], p[3], p[4], p[5]);
+    case BWD_APPLY:
+        return fastnorm_backward_apply(dp, p[0], p[1], p[2], p[3], p[4], p[5], p[6], c->count, p[7]);
+    default: return fastnorm_update_running_stats(dp, p[0], p[1], c->count, c->momentum, p[2], p[3]);
     }
 }
 
@@ -1542,6 +2113,7 @@ static void check_helpers(long index, rng *r, call *c)
     int count_null = chance(r, 0.05), which = (int)below(r, 2);
     int64_t count = -12345;
     fastnorm_status st;
+    if (c->entry == MERGE) return; /* no descriptor */
     run_model(c, 1, count_null, &m);
     st = which ? fastnorm_num_params(c->desc_null ? NULL : g_desc, count_null ? NULL : &count)
                : fastnorm_num_stats(c->desc_null ? NULL : g_desc, count_null ? NULL : &count);
@@ -1591,7 +2163,24 @@ static void dskip_bias_of_dx(const call *c, const model *m)
  * most one 16-bit ulp (2^-7 of the value for bfloat16, 2^-10 for float16) beyond the float32
  * tolerance.  Beyond float16's range the output must be infinite (IEEE overflow from 65520 on,
  * e.g. dx of a nearly constant row with a tiny eps).
+ * The split passes: their float64 statistics (mean, m2, var) as mean / rstd; sum_dy and
+ * sum_dy_xhat, sums of the data's products, with the data's rtol and floor; the running statistics,
+ * computed in float64 (rtol 1e-9) and rounded once to the parameter dtype, in the rounded interval
+ * as 16-bit outputs are (for every parameter dtype); counts exactly.
  */
+static int is_running(int role) { return role == R_RUNNING_MEAN || role == R_RUNNING_VAR; }
+static int is_sum(int role) { return role == R_SUM_DY || role == R_SUM_DY_XHAT; }
+static double role_rtol(const model *m, int role)
+{
+    if (is_running(role)) return 1e-9;
+    return role_class(role) == STAT && !is_sum(role) ? 1e-9 : data_rtol(m->dtype);
+}
+static double role_floor(const model *m, int role)
+{
+    if (is_running(role)) return underflow_floor(FASTNORM_FLOAT64);
+    return underflow_floor(role_class(role) == STAT && !is_sum(role) ? FASTNORM_FLOAT64 : m->dtype);
+}
+
 static long g_elems16, g_exact16;
 static void check_values(long index, const call *c, const model *m, fastnorm_status st)
 {
@@ -1601,20 +2190,36 @@ static void check_values(long index, const call *c, const model *m, fastnorm_sta
         int role = SLOT(e, i).role, cls = role_class(role);
         int32_t dt = role_dtype(m, role);
         int64_t k, n = cls == DATA ? m->size : cls == PARAM ? m->nparams : m->nstats;
-        double rtol = cls == STAT ? 1e-9 : data_rtol(m->dtype), smag = 0.0;
-        double tiny = underflow_floor(cls == STAT ? FASTNORM_FLOAT64 : m->dtype);
+        double rtol = role_rtol(m, role), smag = 0.0;
+        double tiny = role_floor(m, role);
         if (!SLOT(e, i).output || c->off[i] < 0) continue;
+        if (cls == ONE) { /* a count: exact */
+            int64_t got;
+            memcpy(&got, g_arena + c->off[i], 8);
+            if (got != g_ref_count)
+                failure(index, c, m, st, "%s = %lld, expected %lld", ROLE_NAME[role], (long long)got,
+                        (long long)g_ref_count);
+            continue;
+        }
         for (k = 0; k < n; ++k)
             if (mag_[role][k] > smag) smag = mag_[role][k];
         for (k = 0; k < n; ++k) {
             double got = load(c->off[i], k, dt), want = ref_[role][k];
             double tol = rtol * (mag_[role][k] + 1e-3 * smag) + tiny, lo = want - tol, hi = want + tol;
             int ok;
-            if (is16(dt) && isfinite(want)) {
+            if ((is16(dt) || is_running(role)) && isfinite(want)) {
+                /* 16-bit running statistics are rounded to float32 first, as every 16-bit store
+                   (fastnorm.h, fastnorm_update_running_stats); rounding is monotone either way */
+                if (is_running(role) && is16(dt)) {
+                    lo = (double)(float)lo;
+                    hi = (double)(float)hi;
+                }
                 lo = round_to(lo, dt);
                 hi = round_to(hi, dt);
-                ++g_elems16;
-                g_exact16 += lo == hi;
+                if (is16(dt)) {
+                    ++g_elems16;
+                    g_exact16 += lo == hi;
+                }
             }
             /* a non-finite reference: dskip_bias of an infinite (overflowed float16) dx */
             ok = isfinite(want) ? got >= lo && got <= hi : got == want || (isnan(want) && isnan(got));
@@ -1625,6 +2230,13 @@ static void check_values(long index, const call *c, const model *m, fastnorm_sta
             }
         }
     }
+}
+
+/* The entry point of a call: each of those before 0.6 1 / 10 of the calls, each split pass 1 / 25. */
+static int pick_entry(rng *r)
+{
+    int u = (int)below(r, 100);
+    return u < 10 * NENTRY_OLD ? u / 10 : NENTRY_OLD + (u - 10 * NENTRY_OLD) / 4;
 }
 
 static void run_call(long index, int *previous_invalid)
@@ -1640,12 +2252,14 @@ static void run_call(long index, int *previous_invalid)
     r.s = g_seed * 0xD1B54A32D192ED03ull + (uint64_t)index * 0x9E3779B97F4A7C15ull + 1;
     (void)next_u64(&r);
     memset(&c, 0, sizeof c);
-    c.entry = e = (int)below(&r, NENTRY);
+    c.entry = e = pick_entry(&r);
     ns = nslots(e);
     mode = uniform(&r);
     if (mode < 0.85) {
-        gen_valid_desc(&r, e, &c.d);
+        if (e == MERGE) gen_valid_merge(&r, &c);
+        else gen_valid_desc(&r, e, &c.d);
         place_valid(&r, &c);
+        gen_valid_scalars(&r, &c);
         if (mode >= 0.3) {
             int k, nm = 1 + (int)below(&r, 3);
             for (k = 0; k < nm; ++k) mutate(&r, &c);
@@ -1678,7 +2292,8 @@ static void run_call(long index, int *previous_invalid)
         if (len > ARENA - c.off[i]) len = ARENA - c.off[i];
         memset(g_arena + c.off[i], SENTINEL, (size_t)len);
     }
-    if (valid) checked = prepare_valid(&r, &c, &m);
+    if (e == MERGE) write_counts(&c); /* what run_model_merge assumed (prepare_split writes them again) */
+    if (valid) checked = e >= BATCH_STATS ? prepare_split(&r, &c, &m) : prepare_valid(&r, &c, &m);
     if (!c.desc_null) *g_desc = c.d;
     before = *g_desc;
     memcpy(g_snapshot, g_arena, ARENA + GUARD);
@@ -1745,6 +2360,7 @@ static void run_call(long index, int *previous_invalid)
             if (checked) {
                 check_values(index, &c, &m, st);
                 ++g_checked;
+                ++g_checked_entry[e];
                 ++g_checked_dtype[m.dtype];
                 g_checked_mixed += is16(m.dtype) && m.pdtype == FASTNORM_FLOAT32;
             } else {
@@ -1866,6 +2482,9 @@ int main(int argc, char **argv)
         print_counts(ENTRY[e].name, total, g_count[e]);
     }
     print_counts("num_stats/num_params", g_helpers, g_helper_count);
+    printf("fuzz: checked per entry point:");
+    for (e = 0; e < NENTRY; ++e) printf(" %s=%ld", ENTRY[e].name, g_checked_entry[e]);
+    printf(" (merge_stats with NaN moments at a rank of count 0: %ld)\n", g_merge_nan);
     printf(
         "fuzz: valid=%ld (checked against the reference %ld, not checked: unusual inputs such as aliased "
         "across types or z at ReLU's kink %ld, right after an invalid call %ld) invalid=%ld (one acceptable "

@@ -33,9 +33,19 @@ before calling them.  Results depend only on the shape, never on the thread
 count (fixed blocks merged in a fixed order).
 """
 
-from .dispatch import KERNELS, run_backward, run_forward, run_skip_bias_backward, run_skip_forward, select
+from .dispatch import (
+    KERNELS,
+    run_backward,
+    run_backward_apply,
+    run_backward_reduce,
+    run_batch_stats,
+    run_forward,
+    run_skip_bias_backward,
+    run_skip_forward,
+    select,
+)
 from .epilogue import ACTIVATIONS
-from .numerics import CANCELLATION_LIMIT, merge_rank_moments
+from .numerics import CANCELLATION_LIMIT, merge_rank_moments, update_running_stats
 from .schedule import *  # noqa: F403 -- the constants, KernelSpec, Schedule, plan_schedule
 from .schedule import __all__ as _schedule_names
 from .storage import VIEWS, bfloat16_bits
@@ -45,7 +55,11 @@ __all__ = [
     "CANCELLATION_LIMIT",
     "KERNELS",
     "merge_rank_moments",
+    "update_running_stats",
     "run_backward",
+    "run_backward_apply",
+    "run_backward_reduce",
+    "run_batch_stats",
     "run_forward",
     "run_skip_bias_backward",
     "run_skip_forward",

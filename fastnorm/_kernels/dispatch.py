@@ -6,6 +6,8 @@ the build, for the Python API, and :func:`run_forward`,
 :func:`run_backward` and the skip add's :func:`run_skip_forward` /
 :func:`run_skip_bias_backward` make the same choice inside compiled code, for
 the C ABI's cfuncs (a compiled function cannot index a table of functions).
+:func:`run_batch_stats`, :func:`run_backward_reduce` and
+:func:`run_backward_apply` those of the BatchNorm split across processes.
 ``tests/test_kernel_paths.py`` checks that both agree.
 """
 
@@ -183,6 +185,48 @@ def run_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
         channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
     else:
         channels_last_backward_serial(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
+
+
+@helper
+def run_batch_stats(x, mean, m2, params):
+    """Run the ``BATCH_STATS`` kernel of :data:`KERNELS` for ``params`` (compiled)."""
+    if params[8] == PLANES:
+        if params[10]:
+            planes_batch_stats(x, mean, m2, params)
+        else:
+            planes_batch_stats_serial(x, mean, m2, params)
+    elif params[10]:
+        channels_last_batch_stats(x, mean, m2, params)
+    else:
+        channels_last_batch_stats_serial(x, mean, m2, params)
+
+
+@helper
+def run_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat, params):
+    """Run the ``BACKWARD_REDUCE`` kernel of :data:`KERNELS` for ``params`` (compiled)."""
+    if params[8] == PLANES:
+        if params[10]:
+            planes_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat, params)
+        else:
+            planes_backward_reduce_serial(dy, x, mean, rstd, sum_dy, sum_dy_xhat, params)
+    elif params[10]:
+        channels_last_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat, params)
+    else:
+        channels_last_backward_reduce_serial(dy, x, mean, rstd, sum_dy, sum_dy_xhat, params)
+
+
+@helper
+def run_backward_apply(dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx, params):
+    """Run the ``BACKWARD_APPLY`` kernel of :data:`KERNELS` for ``params`` (compiled)."""
+    if params[8] == PLANES:
+        if params[10]:
+            planes_backward_apply(dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx, params)
+        else:
+            planes_backward_apply_serial(dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx, params)
+    elif params[10]:
+        channels_last_backward_apply(dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx, params)
+    else:
+        channels_last_backward_apply_serial(dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx, params)
 
 
 @helper

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._config import glue, helper
+from .._config import exact_helper, glue, helper
 from .schedule import BATCH, CENTERED, MOMENTS
-from .storage import load
+from .storage import load, store
 
 #: A one-pass (shifted) block moment that lost more than log2 of this many bits
 #: to cancellation is recomputed with two passes.
@@ -62,6 +62,22 @@ def merge_rank_moments(counts, means, m2s, mean, m2):
                 )
         mean[c] = channel_mean
         m2[c] = channel_m2
+
+
+@exact_helper
+def update_running_stats(running_mean, running_var, mean, var, count, factor):
+    """Update ``running = (1 - factor) * running + factor * batch`` per channel, in place, in float64.
+
+    The variance stored is the unbiased ``var * (count / (count - 1))``
+    (``count > 1``); ``running_mean`` and ``running_var`` are storage arrays
+    (:mod:`.storage`), rounded once.  Compiled without fastmath: the same
+    operations, rounded as NumPy and torch round them.
+    """
+    correction = count / (count - 1.0)
+    keep = 1.0 - factor
+    for c in range(mean.size):
+        store(running_mean, c, keep * np.float64(load(running_mean, c)) + factor * mean[c])
+        store(running_var, c, keep * np.float64(load(running_var, c)) + factor * (var[c] * correction))
 
 
 @glue

@@ -10,10 +10,12 @@ already validated every argument; the cfuncs trust their inputs.
 
 Conventions
 -----------
-* One cfunc per (operation, data dtype); 16 cfuncs cover 4 operations x 4
-  dtypes (the training and inference forward passes, the backward pass, and
-  the forward pass after a pre-norm skip add; float32, float64, float16 and
-  bfloat16).
+* One cfunc per (operation, data dtype): the training and inference forward
+  passes, the backward pass, the forward pass after a pre-norm skip add and
+  the running-statistics update for float32, float64, float16 and bfloat16;
+  the split BatchNorm's local moments, backward sums and ``dx``
+  (:mod:`fastnorm.distributed`) for float32 and float64 (:data:`SPLIT_DTYPES`);
+  and one merge of per-rank moments (doubles only).
 * Data buffers are ``T*`` (``float32``, ``float64``, or the 16-bit views of
   :mod:`fastnorm._kernels.storage`: ``int16`` for float16, ``uint16`` for
   bfloat16); ``mean``/``rstd`` are ``double*``.  Parameter buffers (weight,
@@ -94,12 +96,31 @@ def _signatures(dtype):
         "forward_inference": forward,
         "backward": backward,
         "skip_forward": skip_forward,
+        "update_running": types.int32(pt, pt, _p64, _p64, _i64, _f64, _f64),
     }
 
 
+def _split_signatures(dtype):
+    """Signatures of the BatchNorm split across processes (float32 and float64 data)."""
+    pt = types.CPointer(dtype)
+    spec = (_i64, _i64, _i64, _i64, _i64, _f64, _i64, _f64)  # KernelSpec fields
+    return {
+        "batch_stats": types.int32(pt, _p64, _p64, *spec, _i64),
+        "backward_reduce": types.int32(pt, pt, _p64, _p64, _p64, _p64, *spec, _i64),
+        "backward_apply": types.int32(pt, pt, pt, _i64, _p64, _p64, _p64, _p64, _f64, pt, *spec, _i64),
+    }
+
+
+#: Data dtypes of the split BatchNorm cfuncs (16-bit data: ``FASTNORM_UNSUPPORTED`` in C).
+SPLIT_DTYPES = ("float32", "float64")
+
 #: ``{(operation, dtype name): numba signature}`` of every cfunc.
 SIGNATURES = {
-    (op, name): sig for name, nb_dtype in DATA_TYPES.items() for op, sig in _signatures(nb_dtype).items()
+    **{(op, name): sig for name, nb_dtype in DATA_TYPES.items() for op, sig in _signatures(nb_dtype).items()},
+    **{(op, name): sig for name in SPLIT_DTYPES for op, sig in _split_signatures(DATA_TYPES[name]).items()},
+    ("merge_stats", "float64"): types.int32(
+        _i64, _i64, types.CPointer(_i64), _p64, _p64, _p64, _p64, types.CPointer(_i64)
+    ),
 }
 
 
@@ -298,11 +319,123 @@ def _make_skip_forward(key):
     return skip_forward
 
 
+def _make_batch_stats(key):
+    """Split BatchNorm: the local moments (``K.BATCH_STATS``, the ``FORWARD`` schedule)."""
+
+    def batch_stats(
+        x, mean, m2, batch, channels, spatial, groups, flags, eps, activation, slope, num_threads
+    ):  # fmt: skip
+        if key < 0:  # never true: ties the cache entry to DEPS_KEY
+            return 0
+        spec = (batch, channels, spatial, groups, flags | K.MOMENTS, eps, activation, slope)
+        xa = carray(x, batch * channels * spatial)
+        params = _params(spec, K.FORWARD, num_threads, xa.itemsize, False, False, False)
+        K.run_batch_stats(xa, carray(mean, channels), carray(m2, channels), params)
+        return 1
+
+    return batch_stats
+
+
+def _make_backward_reduce(key):
+    """Split BatchNorm: the local ``sum(dy)`` and ``sum(dy * xhat)`` (the ``BACKWARD`` schedule)."""
+
+    def backward_reduce(
+        dy, x, mean, rstd, sum_dy, sum_dy_xhat,
+        batch, channels, spatial, groups, flags, eps, activation, slope, num_threads,
+    ):  # fmt: skip
+        if key < 0:  # never true: ties the cache entry to DEPS_KEY
+            return 0
+        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)
+        size = batch * channels * spatial
+        xa = carray(x, size)
+        params = _params(spec, K.BACKWARD, num_threads, xa.itemsize, False, False, False)
+        K.run_backward_reduce(
+            carray(dy, size), xa, carray(mean, channels), carray(rstd, channels), carray(sum_dy, channels),
+            carray(sum_dy_xhat, channels), params,
+        )  # fmt: skip
+        return 1
+
+    return backward_reduce
+
+
+def _make_backward_apply(key):
+    """Split BatchNorm: ``dx`` from the global sums and count (the ``BACKWARD`` schedule)."""
+
+    def backward_apply(
+        dy, x, w, nw, mean, rstd, sum_dy, sum_dy_xhat, count, dx,
+        batch, channels, spatial, groups, flags, eps, activation, slope, num_threads,
+    ):  # fmt: skip
+        if key < 0:  # never true: ties the cache entry to DEPS_KEY
+            return 0
+        spec = (batch, channels, spatial, groups, flags, eps, activation, slope)
+        size = batch * channels * spatial
+        xa = carray(x, size)
+        dxa = carray(dx, size)
+        dya = carray(dy, size)
+        in_place = dxa.ctypes.data == dya.ctypes.data or dxa.ctypes.data == xa.ctypes.data
+        params = _params(spec, K.BACKWARD, num_threads, xa.itemsize, nw > 0, False, in_place)
+        K.run_backward_apply(
+            dya, xa, carray(w, nw), carray(mean, channels), carray(rstd, channels), carray(sum_dy, channels),
+            carray(sum_dy_xhat, channels), count, dxa, params,
+        )  # fmt: skip
+        return 1
+
+    return backward_apply
+
+
+def _make_update_running(key):
+    """Update running statistics from a batch's (:func:`fastnorm._kernels.update_running_stats`)."""
+
+    def update_running(running_mean, running_var, mean, var, channels, count, factor):
+        if key < 0:  # never true: ties the cache entry to DEPS_KEY
+            return 0
+        K.update_running_stats(
+            carray(running_mean, channels), carray(running_var, channels), carray(mean, channels),
+            carray(var, channels), count, factor,
+        )  # fmt: skip
+        return 1
+
+    return update_running
+
+
+def _make_merge_stats(key):
+    """Merge per-rank moments in rank order (:func:`fastnorm._kernels.merge_rank_moments`).
+
+    Writes the global mean, ``var = m2 / count`` and the count, as
+    :func:`fastnorm.merge_stats` returns them.
+    """
+
+    def merge_stats(ranks, channels, counts, means, m2s, mean, var, total):
+        if key < 0:  # never true: ties the cache entry to DEPS_KEY
+            return 0
+        counts_a = carray(counts, ranks)
+        rank_counts = np.empty(ranks)
+        count = 0
+        for r in range(ranks):
+            rank_counts[r] = counts_a[r]
+            count += counts_a[r]
+        vara = carray(var, channels)
+        shape = (ranks, channels)
+        meana = carray(mean, channels)
+        K.merge_rank_moments(rank_counts, carray(means, shape), carray(m2s, shape), meana, vara)
+        for c in range(channels):
+            vara[c] = vara[c] / count
+        total[0] = count
+        return 1
+
+    return merge_stats
+
+
 _FACTORIES = {
     "forward_training": lambda key: _make_forward(key, K.FORWARD),
     "forward_inference": lambda key: _make_forward(key, K.INFERENCE),
     "backward": _make_backward,
     "skip_forward": _make_skip_forward,
+    "update_running": _make_update_running,
+    "batch_stats": _make_batch_stats,
+    "backward_reduce": _make_backward_reduce,
+    "backward_apply": _make_backward_apply,
+    "merge_stats": _make_merge_stats,
 }
 
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 import sys
 
 from .._threading import fork_unsafe
-from ._cfuncs import build_cfuncs, threading_addresses
+from ._cfuncs import SPLIT_DTYPES, build_cfuncs, threading_addresses
 
 __all__ = ["AFTER_FORK_PARALLEL", "AFTER_FORK_SERIAL", "TABLE_ORDER", "fill_table"]
 
 #: cfunc order of the table slots (must match the SLOT_* enum of fastnorm_capi.c).
 TABLE_ORDER = [
-    (op, dtype)
-    for dtype in ("float32", "float64", "float16", "bfloat16")
-    for op in ("forward_training", "forward_inference", "backward", "skip_forward")
+    *(
+        (op, dtype)
+        for dtype in ("float32", "float64", "float16", "bfloat16")
+        for op in ("forward_training", "forward_inference", "backward", "skip_forward", "update_running")
+    ),
+    *((op, dtype) for dtype in SPLIT_DTYPES for op in ("batch_stats", "backward_reduce", "backward_apply")),
+    ("merge_stats", "float64"),
 ]
 
 #: Values of the table's after-fork slot: a forked child keeps running the parallel
@@ -37,7 +41,7 @@ def fill_table(table, table_len, owns_interpreter=False):
     Parameters
     ----------
     table : cffi ``int64_t *``
-        Slots: the 16 cfuncs of :data:`TABLE_ORDER`, the threading layer's
+        Slots: the cfuncs of :data:`TABLE_ORDER`, the threading layer's
         ``set_num_threads`` and ``get_num_threads``, the thread-pool size,
         and what a forked child runs (:data:`AFTER_FORK_PARALLEL` or
         :data:`AFTER_FORK_SERIAL` when
