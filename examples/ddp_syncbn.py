@@ -17,7 +17,7 @@ the largest difference of its weights from run 1's after training::
     python examples/ddp_syncbn.py --world 4 --json
 
 Each process runs one thread (``torch.set_num_threads(1)``, ``NUMBA_NUM_THREADS=1``);
-the one-process run uses ``--world`` threads, so every run has the same cores.
+the one-process run uses ``--world`` threads (at most one per core).
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def _parallel_run(world, sync, epochs, seed):
 
 def compare(world=2, epochs=5, seed=0):
     """Run the three trainings; return a dict of results (accuracies in %, step times in ms)."""
-    torch.set_num_threads(world)
+    torch.set_num_threads(min(world, os.cpu_count() or 1))
     data = digits(seed)
     reference = fnt.convert(make_model("batch", seed))
     model = copy.deepcopy(reference)
