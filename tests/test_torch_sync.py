@@ -97,3 +97,61 @@ def test_mismatched_channels_raise_the_same_error_on_every_rank(tmp_path):
     assert len(errors) == 1, errors
     (error,) = errors
     assert error.startswith("ValueError") and "rank 0: C=4" in error and "rank 1: C=5" in error, error
+
+
+# ---------------------------------------------------------------------------
+# In this process: no process group (the one-process pass), conversion
+# ---------------------------------------------------------------------------
+
+
+def test_without_a_process_group_it_is_batch_norm():
+    """Not initialized (or in eval): fastnorm's BatchNorm2d pass, running statistics included."""
+    import fastnorm.torch as fnt
+
+    assert not torch.distributed.is_initialized()
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 5, 5, dtype=torch.float64)
+    sync, plain = fnt.SyncBatchNorm(3, momentum=None, dtype=torch.float64), fnt.BatchNorm2d(3, momentum=None)
+    plain = plain.double()
+    for module in (sync, plain):
+        with torch.no_grad():
+            module.weight.copy_(torch.linspace(0.5, 1.5, 3))
+    for _ in range(2):
+        assert torch.equal(sync(x), plain(x))
+    assert torch.equal(sync.running_mean, plain.running_mean)
+    assert torch.equal(sync.running_var, plain.running_var)
+    assert int(sync.num_batches_tracked) == int(plain.num_batches_tracked) == 2
+    sync.eval()
+    plain.eval()
+    assert torch.equal(sync(x), plain(x))
+    with pytest.raises(ValueError, match="expected at least 2D input"):
+        sync(torch.randn(3))
+
+
+def test_convert_sync_batchnorm_shares_the_tensors_of_torch_and_fastnorm_modules():
+    import fastnorm.torch as fnt
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3),
+        torch.nn.BatchNorm2d(4),
+        fnt.BatchNorm2d(4, activation="relu"),
+        torch.nn.Sequential(torch.nn.BatchNorm1d(4, affine=False, momentum=None)),
+        torch.nn.GroupNorm(2, 4),
+    )
+    model[2].eval()
+    before = {name: tensor for name, tensor in [*model.named_parameters(), *model.named_buffers()]}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = fnt.convert_sync_batchnorm(model)
+    assert converted is model
+    assert [type(m).__name__ for m in model[1:4]] == ["SyncBatchNorm", "SyncBatchNorm", "Sequential"]
+    assert type(model[3][0]) is fnt.SyncBatchNorm and type(model[4]) is torch.nn.GroupNorm
+    assert model[2].activation == "relu" and not model[2].training and model[1].training
+    assert model[3][0].momentum is None and model[3][0].weight is None
+    after = dict([*model.named_parameters(), *model.named_buffers()])
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    # a single module converts to a new one
+    single = fnt.convert_sync_batchnorm(torch.nn.BatchNorm3d(2))
+    assert type(single) is fnt.SyncBatchNorm and single.num_features == 2
+    # torch's own SyncBatchNorm converts too, by fnt.convert as well
+    assert type(fnt.convert(torch.nn.SyncBatchNorm(2))) is fnt.SyncBatchNorm
