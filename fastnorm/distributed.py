@@ -5,12 +5,12 @@ statistics of the whole (global) batch.  Its forward and backward passes each
 split into a local reduction, an exchange of a few per-channel numbers, and a
 local elementwise pass:
 
-* forward: :func:`batch_stats` (local count, mean, sum of squared deviations)
-  -> gather every rank's -> :func:`merge_stats` in rank order -> normalize
-  with :func:`fastnorm.forward_inference` -> :func:`update_running_stats`;
-* backward: :func:`batch_norm_backward_reduce` (local ``sum(dy)``,
+* forward: :func:`~fastnorm.batch_stats` (local count, mean, sum of squared deviations)
+  -> gather every rank's -> :func:`~fastnorm.merge_stats` in rank order -> normalize
+  with :func:`fastnorm.forward_inference` -> :func:`~fastnorm.update_running_stats`;
+* backward: :func:`~fastnorm.batch_norm_backward_reduce` (local ``sum(dy)``,
   ``sum(dy * xhat)``) -> gather -> sum in rank order ->
-  :func:`batch_norm_backward_apply` (``dx`` with the global count).
+  :func:`~fastnorm.batch_norm_backward_apply` (``dx`` with the global count).
 
 The exchange gathers; it never reduces: every rank merges the same gathered
 numbers in the same (rank) order, so every rank gets the same bits, whatever
@@ -102,7 +102,7 @@ def batch_stats(
         This process's samples, as :func:`fastnorm.forward` takes them for
         ``spec``; may hold no samples (``N = 0``).
     spec : NormSpec
-        A :meth:`NormSpec.batch_norm` spec (its ``eps`` is not used here).
+        A :meth:`fastnorm.NormSpec.batch_norm` spec (its ``eps`` is not used here).
     dtype : {None, 'bfloat16'}, optional
         As in :func:`fastnorm.forward`.
 
@@ -118,7 +118,7 @@ def batch_stats(
     -----
     The moments of :func:`fastnorm.forward` (float64 over fixed blocks,
     Chan et al. 1979 merges in a fixed order), before any ``rstd`` is taken,
-    so that :func:`merge_stats` can merge them across processes exactly as
+    so that :func:`~fastnorm.merge_stats` can merge them across processes exactly as
     one process merges its blocks.
     """
     x, plan = _prepare_local(x, spec, dtype)
@@ -142,7 +142,7 @@ def merge_stats(counts: ArrayLike, means: ArrayLike, m2s: ArrayLike) -> tuple[np
         Each rank's elements per channel (0 for a rank without samples).
     means, m2s : array_like, shape (R, C)
         Each rank's per-channel mean and sum of squared deviations
-        (:func:`batch_stats`).
+        (:func:`~fastnorm.batch_stats`).
 
     Returns
     -------
@@ -206,7 +206,7 @@ def batch_norm_backward_reduce(
     mean, rstd : array_like, shape (C,)
         The global statistics the forward pass normalized with.
     spec : NormSpec
-        The forward pass's :meth:`NormSpec.batch_norm` spec.
+        The forward pass's :meth:`fastnorm.NormSpec.batch_norm` spec.
     dtype : {None, 'bfloat16'}, optional
         As in :func:`fastnorm.backward`.
 
@@ -254,13 +254,13 @@ def batch_norm_backward_apply(
     Parameters
     ----------
     dy, x, mean, rstd, spec, dtype
-        As in :func:`batch_norm_backward_reduce`.
+        As in :func:`~fastnorm.batch_norm_backward_reduce`.
     weight : array_like of shape (C,), optional
         The forward weight (``None``: no affine weight).
     sum_dy, sum_dy_xhat : array_like, shape (C,)
-        The sums of :func:`batch_norm_backward_reduce` over every rank.
+        The sums of :func:`~fastnorm.batch_norm_backward_reduce` over every rank.
     count : int
-        Elements per channel in the global batch (:func:`merge_stats`).
+        Elements per channel in the global batch (:func:`~fastnorm.merge_stats`).
 
     Returns
     -------
@@ -305,7 +305,7 @@ def update_running_stats(
     running_mean, running_var : ndarray, shape (C,)
         Updated in place (their own dtype).
     mean, var : array_like, shape (C,)
-        The batch's mean and biased variance (:func:`merge_stats`).
+        The batch's mean and biased variance (:func:`~fastnorm.merge_stats`).
     count : int
         Elements per channel of the batch (> 1): the variance stored is the
         unbiased ``var * count / (count - 1)``.
@@ -394,7 +394,7 @@ def sync_forward(
     x : ndarray
         This rank's samples (may be empty).
     spec : NormSpec
-        A :meth:`NormSpec.batch_norm` spec without an activation.
+        A :meth:`fastnorm.NormSpec.batch_norm` spec without an activation.
     weight, bias : array_like of shape (C,), optional
         Affine parameters.
     allgather : callable
