@@ -507,17 +507,26 @@ def backward(
             empty if dbias is None else dbias.ravel(),
             params,
         )
-    weight_dtype = getattr(weight, "dtype", None)
-    if dweight is not None and x.dtype.itemsize == 2 and getattr(weight_dtype, "name", None) == x.dtype.name:
-        # 16-bit parameters (either byte order): the gradients in the data dtype, rounded from float32
-        # (as the C ABI does)
-        dweight = _to_data_dtype(dweight, x.dtype)
-        dbias = None if dbias is None else _to_data_dtype(dbias, x.dtype)
+    dweight, dbias = _param_grads_in_weight_dtype(dweight, dbias, weight, x.dtype)
     if stats.h is not None:
         return Gradients(dx, dweight, dbias, dresidual, dx, _skip_bias_grad(dx_flat, plan, stats, params))
     if dresidual is None:
         return tuple.__new__(Gradients, (dx, dweight, dbias))
     return Gradients(dx, dweight, dbias, dresidual)
+
+
+def _param_grads_in_weight_dtype(dweight, dbias, weight, data_dtype):
+    """Return ``(dweight, dbias)``, in the data dtype for 16-bit parameters of the data dtype.
+
+    16-bit parameters (either byte order) get their gradients in the data
+    dtype, rounded from float32 (as the C ABI does).  Shared with
+    :mod:`fastnorm.mpi`.
+    """
+    weight_dtype_name = getattr(getattr(weight, "dtype", None), "name", None)
+    if dweight is not None and data_dtype.itemsize == 2 and weight_dtype_name == data_dtype.name:
+        dweight = _to_data_dtype(dweight, data_dtype)
+        dbias = None if dbias is None else _to_data_dtype(dbias, data_dtype)
+    return dweight, dbias
 
 
 def _skip_bias_grad(dh_flat, plan, stats, params):

@@ -33,7 +33,8 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._plan import _param_dtype, _to_data_dtype
+from ._plan import _param_dtype
+from .core import _param_grads_in_weight_dtype
 from .distributed import AllGather, SyncState, sync_backward, sync_forward
 from .functional import (
     _channels,
@@ -309,12 +310,5 @@ def sync_batch_norm_backward(
     param_dtype = _param_dtype(dx.dtype)
     dweight = None if weight is None else sum_dy_xhat.astype(param_dtype)
     dbias = sum_dy.astype(param_dtype)
-    weight_dtype = getattr(weight, "dtype", None)
-    if (
-        dweight is not None
-        and dx.dtype.itemsize == 2
-        and getattr(weight_dtype, "name", None) == dx.dtype.name
-    ):
-        dweight = _to_data_dtype(dweight, dx.dtype)
-        dbias = _to_data_dtype(dbias, dx.dtype)
+    dweight, dbias = _param_grads_in_weight_dtype(dweight, dbias, weight, dx.dtype)
     return dx, dweight, dbias
