@@ -66,6 +66,16 @@ buffers, where oneDNN 3.2 has one: BatchNorm (both layouts), InstanceNorm
 (NCHW) and LayerNorm, float32 and bfloat16 (float16 only on CPUs with
 ``avx512_core_fp16``); it reports ``fastnorm/onednn``.
 
+With ``--onnxruntime`` it also times ONNX Runtime's CPU operators
+(:mod:`benchmarks.baselines.onnxruntime`: a one-node ONNX model per case,
+``intra_op_num_threads`` = the bench's threads, inputs and outputs bound to
+preallocated buffers through an IOBinding) in the same interleaved rounds,
+where ONNX Runtime has the case: the forward passes only (``fwd``, ``inf``,
+``skip_fwd``) of BatchNorm (both layouts; channels-last as the ``(N*H*W, C)``
+view), InstanceNorm (NCHW, float32), GroupNorm (NCHW; ONNX Runtime runs the
+operator's function body), LayerNorm and RMSNorm, float32 and float64; it
+reports ``fastnorm/onnxruntime``.
+
 torch's functional calls allocate their outputs.  glibc serves an
 allocation above its mmap threshold (at most 32 MiB) with fresh pages, and
 first-touching them costs more than the kernel (about 10 ms for 33.5 MB
@@ -84,7 +94,7 @@ Modules
 -------
 :mod:`.cases` (the case matrix and its selection), :mod:`.runtime` (threads,
 OpenMP spinning, the allocator, loading torch and oneDNN), :mod:`.workloads`
-(the data and callables of a case), :mod:`.baselines` (torch, oneDNN, the
+(the data and callables of a case), :mod:`.baselines` (torch, oneDNN, ONNX Runtime, the
 traffic floor), :mod:`.timing` (interleaved rounds, ratios), :mod:`.gate`
 (thresholds files and the regression gate), :mod:`.report` (tables, JSON,
 Markdown, plot), :mod:`.cli` (the command line); the scripts :mod:`.fused`

@@ -87,6 +87,14 @@ def build_parser():
         help="also time oneDNN 3.2 (onednn-cpu-gomp) where it has the case; report fastnorm/onednn",
     )
     run.add_argument(
+        "--onnxruntime",
+        action="store_true",
+        help=(
+            "also time ONNX Runtime's CPU operators (forward passes: BN/IN/GN/LN/RMS and skip_fwd) "
+            "where it has the case; report fastnorm/onnxruntime"
+        ),
+    )
+    run.add_argument(
         "--fresh-pages",
         action="store_true",
         help="do not make glibc reuse freed memory: torch's outputs then page-fault on every call",
@@ -154,6 +162,7 @@ def _measurement_from_json(entry):
         entry.get("time_min_s", {}),
         entry.get("fastnorm_over_floor"),
         entry.get("fastnorm_over_onednn"),
+        entry.get("fastnorm_over_onnxruntime"),
     )
 
 
@@ -170,7 +179,8 @@ def _measure_in_fresh_process(case, args, threads, rounds, target_s, with_torch,
         command += ["--rounds", str(rounds), "--target-ms", repr(target_s * 1e3), "--seed", str(seed)]
         command += ["--json", str(out)]
         command += [] if with_torch else ["--no-torch"]
-        command += [flag for flag, on in (("--floor", args.floor), ("--onednn", args.onednn)) if on]
+        flags = (("--floor", args.floor), ("--onednn", args.onednn), ("--onnxruntime", args.onnxruntime))
+        command += [flag for flag, on in flags if on]
         command += ["--fresh-pages"] if args.fresh_pages else []
         done = subprocess.run(
             command, capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent
@@ -326,6 +336,14 @@ def main(argv=None):
         except onednn.OneDNNError as exc:
             print(f"error: --onednn: {exc}", file=sys.stderr)
             return 2
+    if args.onnxruntime:
+        from .baselines import onnxruntime
+
+        try:
+            onnxruntime.load()
+        except onnxruntime.OnnxRuntimeError as exc:
+            print(f"error: --onnxruntime: {exc}", file=sys.stderr)
+            return 2
     set_threads(threads)
 
     def measure(case, attempt=0):
@@ -341,6 +359,7 @@ def main(argv=None):
             seed=args.seed + attempt,
             with_floor=args.floor,
             with_onednn=args.onednn,
+            with_onnxruntime=args.onnxruntime,
         )
 
     scaling_cases = [c for c in cases if c.nbytes >= SCALING_MIN_BYTES] if args.scaling else []
@@ -372,6 +391,7 @@ def main(argv=None):
     progress.close()
 
     others = "torch vs memcpy" + (" vs oneDNN" if args.onednn else "")
+    others += " vs ONNX Runtime" if args.onnxruntime else ""
     print(f"fastnorm vs {others}, {threads} threads, {rounds} interleaved rounds, medians")
     print(format_table(cases, measurements))
     if scaling:

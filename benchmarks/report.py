@@ -110,12 +110,18 @@ def summarize_scaling(scaling):
 _OPTIONAL_BASELINES = (
     ("floor", "vs_floor", "fastnorm / traffic floor (1 = bandwidth floor)", "tab:green"),
     ("onednn", "vs_onednn", "fastnorm / oneDNN (< 1: fastnorm faster)", "tab:purple"),
+    ("onnxruntime", "vs_onnxruntime", "fastnorm / ONNX Runtime (< 1: fastnorm faster)", "tab:red"),
 )
+
+
+def _ratio(measurement, attr):
+    """``measurement``'s ratio ``attr``, or ``None``."""
+    return getattr(measurement, attr, None)
 
 
 def _measured_baselines(ids, measurements):
     """Return the entries of :data:`_OPTIONAL_BASELINES` that any of the cases ``ids`` has a ratio for."""
-    return [b for b in _OPTIONAL_BASELINES if any(getattr(measurements[i], b[1]) is not None for i in ids)]
+    return [b for b in _OPTIONAL_BASELINES if any(_ratio(measurements[i], b[1]) is not None for i in ids)]
 
 
 #: Ratios of a :class:`Measurement`: (name in tables and summaries, attribute).
@@ -124,6 +130,7 @@ _METRICS = (
     ("fastnorm/memcpy", "vs_memcpy"),
     ("fastnorm/floor", "vs_floor"),
     ("fastnorm/onednn", "vs_onednn"),
+    ("fastnorm/onnxruntime", "vs_onnxruntime"),
 )
 
 
@@ -138,13 +145,13 @@ def summarize(measurements):
     -------
     dict
         ``{"fastnorm/torch": {"worst", "median", "worst_case"}, "fastnorm/memcpy": {...},
-        "fastnorm/floor": {...}, "fastnorm/onednn": {...}}`` (a metric without any
-        value is left out).
+        "fastnorm/floor": {...}, "fastnorm/onednn": {...}, "fastnorm/onnxruntime": {...}}``
+        (a metric without any value is left out).
     """
     measurements = list(measurements)
     summary = {}
     for metric, attr in _METRICS:
-        values = [(getattr(m, attr), m.case_id) for m in measurements if getattr(m, attr) is not None]
+        values = [(_ratio(m, attr), m.case_id) for m in measurements if _ratio(m, attr) is not None]
         if values:
             worst = max(values)
             summary[metric] = {
@@ -158,8 +165,8 @@ def summarize(measurements):
 def table_rows(cases, measurements):
     """Rows (lists of str) of the results table, with a header row first.
 
-    The ``floor``/``fastnorm/floor`` and ``onednn``/``fastnorm/onednn`` columns
-    are there when any case has them.
+    The ``floor``/``fastnorm/floor``, ``onednn``/``fastnorm/onednn`` and
+    ``onnxruntime``/``fastnorm/onnxruntime`` columns are there when any case has them.
     """
     optional = _measured_baselines([c.id for c in cases], measurements)
     rows = [["case", "MB", "fastnorm", "torch", "fastnorm/torch", "fastnorm/memcpy"]]
@@ -176,7 +183,7 @@ def table_rows(cases, measurements):
             _fmt_ratio(m.vs_memcpy),
         ]
         for key, attr, _, _ in optional:
-            row += [format_time(m.times.get(key)), _fmt_ratio(getattr(m, attr))]
+            row += [format_time(m.times.get(key)), _fmt_ratio(_ratio(m, attr))]
         rows.append(row)
     return rows
 
@@ -233,6 +240,7 @@ def environment(threads):
         "torch": None if torch is None else torch.__version__,
         "gomp_spincount": os.environ.get("GOMP_SPINCOUNT"),
         "onednn": _onednn_version(),
+        "onnxruntime": _onnxruntime_version(),
     }
 
 
@@ -240,6 +248,12 @@ def _onednn_version():
     """``"major.minor.patch"`` of the oneDNN loaded in this process, or ``None``."""
     onednn = _loaded_onednn()
     return None if onednn is None else ".".join(str(v) for v in onednn.version)
+
+
+def _onnxruntime_version():
+    """Return the version of the ONNX Runtime imported in this process, or ``None`` (never imports it)."""
+    module = sys.modules.get("onnxruntime")
+    return None if module is None else getattr(module, "__version__", None)
 
 
 def results_dict(cases, measurements, meta, scaling=None):
@@ -264,6 +278,7 @@ def results_dict(cases, measurements, meta, scaling=None):
                 "fastnorm_over_memcpy": m.vs_memcpy,
                 "fastnorm_over_floor": m.vs_floor,
                 "fastnorm_over_onednn": m.vs_onednn,
+                "fastnorm_over_onnxruntime": _ratio(m, "vs_onnxruntime"),
             }
         )
     result = {"meta": meta, "cases": out_cases, "summary": summarize(measurements[c.id] for c in cases)}
@@ -289,8 +304,9 @@ def write_json(path, cases, measurements, meta, scaling=None):
     -----
     Layout: ``{"meta": {...}, "cases": [{"id", "kind", "pass", "layout",
     "dtype", "size", "shape", "nbytes", "rounds", "time_s": {"fastnorm",
-    "memcpy", "torch", "floor", "onednn"}, "fastnorm_over_torch",
-    "fastnorm_over_memcpy", "fastnorm_over_floor", "fastnorm_over_onednn"},
+    "memcpy", "torch", "floor", "onednn", "onnxruntime"}, "fastnorm_over_torch",
+    "fastnorm_over_memcpy", "fastnorm_over_floor", "fastnorm_over_onednn",
+    "fastnorm_over_onnxruntime"},
     ...], "summary": {...}, "scaling": [...]}``; times
     are median seconds per call; a ratio not measured is ``null``.
     """
@@ -318,6 +334,7 @@ def write_markdown(path, cases, measurements, meta, scaling=None, command=None):
         f"numpy {meta.get('numpy')}, torch {meta.get('torch')} "
         f"(GOMP_SPINCOUNT={meta.get('gomp_spincount')})"
         + (f", oneDNN {meta['onednn']}" if meta.get("onednn") else "")
+        + (f", ONNX Runtime {meta['onnxruntime']}" if meta.get("onnxruntime") else "")
         + (
             f"; freed memory {'reused' if meta['reused_freed_memory'] else 'returned to the system'}"
             if "reused_freed_memory" in meta
@@ -388,7 +405,7 @@ def write_plot(path, cases, measurements, title=None):
         ("fastnorm / memcpy (1 = copy speed)", [measurements[i].vs_memcpy for i in ids], "tab:orange"),
     ]
     for _, attr, label, color in _measured_baselines(ids, measurements):
-        panels.append((label, [getattr(measurements[i], attr) for i in ids], color))
+        panels.append((label, [_ratio(measurements[i], attr) for i in ids], color))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), height), sharey=True)
     for ax, (label, values, color) in zip(axes, panels, strict=True):
         vals = np.array([np.nan if v is None else v for v in values], dtype=float)

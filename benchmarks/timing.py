@@ -34,6 +34,8 @@ class Measurement:
         Median over rounds of fastnorm / traffic floor; ``None`` unless measured.
     vs_onednn : float or None
         Median over rounds of fastnorm / oneDNN; ``None`` unless measured.
+    vs_onnxruntime : float or None
+        Median over rounds of fastnorm / ONNX Runtime; ``None`` unless measured.
     """
 
     case_id: str
@@ -44,6 +46,7 @@ class Measurement:
     min_times: dict = dataclasses.field(default_factory=dict)
     vs_floor: float | None = None
     vs_onednn: float | None = None
+    vs_onnxruntime: float | None = None
 
 
 def _time_block(fn, inner):
@@ -107,8 +110,9 @@ def measure_case(
     seed=0,
     with_floor=False,
     with_onednn=False,
+    with_onnxruntime=False,
 ):
-    """Measure fastnorm, torch and memcpy (and the traffic floor, oneDNN) for ``case``, interleaved.
+    """Measure fastnorm, torch, memcpy (and the floor, oneDNN, ONNX Runtime) for ``case``, interleaved.
 
     Parameters
     ----------
@@ -125,12 +129,22 @@ def measure_case(
         Also time the pass's traffic floor (:func:`floor_copy`, :func:`floor_add`).
     with_onednn : bool
         Also time oneDNN where it has the case (see :func:`make_workload`).
+    with_onnxruntime : bool
+        Also time ONNX Runtime where it has the case, its session on
+        ``threads`` intra-op threads.
 
     Returns
     -------
     Measurement
     """
-    workload = make_workload(case, seed=seed, with_torch=with_torch, with_onednn=with_onednn)
+    workload = make_workload(
+        case,
+        seed=seed,
+        with_torch=with_torch,
+        with_onednn=with_onednn,
+        with_onnxruntime=with_onnxruntime,
+        threads=threads,
+    )
     entries = [("fastnorm", workload.fastnorm, threads), ("memcpy", workload.memcpy, threads)]
     if workload.torch is not None:
         entries.append(("torch", workload.torch, threads))
@@ -138,14 +152,26 @@ def measure_case(
         entries.append(("floor", workload.floor, threads))
     if workload.onednn is not None:
         entries.append(("onednn", workload.onednn, threads))
+    if getattr(workload, "onnxruntime", None) is not None:
+        entries.append(("onnxruntime", workload.onnxruntime, threads))
     samples = interleaved(entries, rounds, target_s)
+
+    def ratio(name):
+        return _median_ratio(samples["fastnorm"], samples[name]) if name in samples else None
+
     times = {name: statistics.median(values) for name, values in samples.items()}
-    vs_torch = _median_ratio(samples["fastnorm"], samples["torch"]) if "torch" in samples else None
-    vs_memcpy = _median_ratio(samples["fastnorm"], samples["memcpy"])
-    vs_floor = _median_ratio(samples["fastnorm"], samples["floor"]) if with_floor else None
-    vs_onednn = _median_ratio(samples["fastnorm"], samples["onednn"]) if "onednn" in samples else None
     min_times = {name: min(values) for name, values in samples.items()}
-    return Measurement(case.id, times, vs_memcpy, vs_torch, rounds, min_times, vs_floor, vs_onednn)
+    return Measurement(
+        case.id,
+        times,
+        ratio("memcpy"),
+        ratio("torch"),
+        rounds,
+        min_times,
+        ratio("floor"),
+        ratio("onednn"),
+        ratio("onnxruntime"),
+    )
 
 
 def measure_scaling(case, threads, rounds=5, target_s=0.001, with_torch=True, seed=0):

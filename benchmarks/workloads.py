@@ -36,9 +36,14 @@ class Workload:
     onednn : callable or None
         The same pass in oneDNN on preallocated buffers (:mod:`.baselines.onednn`);
         ``None`` when not asked for or oneDNN has no primitive for the case.
+    onnxruntime : callable or None
+        The same pass in ONNX Runtime on preallocated buffers, through an
+        IOBinding (:mod:`.baselines.onnxruntime`); ``None`` when not asked for
+        or ONNX Runtime has no operator for the case (backward passes among them).
     inputs : dict
         The epilogue cases' logical input arrays by name (``x``, ``other`` -- the
-        residual or the skip --, ``weight``, ``bias``), for checks; empty otherwise.
+        residual or the skip --, ``weight``, ``bias``, and ``skip_bias`` for the
+        skip epilogue), for checks; empty otherwise.
     torch_skip : str or None
         Why ``torch`` is ``None`` although torch is importable (a 16-bit case
         without a torch CPU kernel), else ``None``.
@@ -49,6 +54,7 @@ class Workload:
     torch: Callable[[], object] | None = None
     floor: Callable[[], object] | None = None
     onednn: Callable[[], object] | None = None
+    onnxruntime: Callable[[], object] | None = None
     inputs: dict = dataclasses.field(default_factory=dict)
     torch_skip: str | None = None
 
@@ -69,7 +75,7 @@ def _spec(case):
     return fastnorm.NormSpec.rms_norm(1, RMS_EPS)
 
 
-def make_workload(case, seed=0, with_torch=True, with_onednn=False):
+def make_workload(case, seed=0, with_torch=True, with_onednn=False, with_onnxruntime=False, threads=None):
     """Build the data and the callables of ``case``.
 
     Parameters
@@ -85,11 +91,19 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
     with_onednn : bool
         Also build the oneDNN callable when oneDNN has the case
         (:func:`benchmarks.baselines.onednn.supports`).
+    with_onnxruntime : bool
+        Also build the ONNX Runtime callable when it has the case
+        (:func:`benchmarks.baselines.onnxruntime.supports`).
+    threads : int, optional
+        Intra-op threads of the ONNX Runtime session (fixed when it is built;
+        default: Numba's current thread count).
 
     Raises
     ------
     benchmarks.baselines.onednn.OneDNNError
         ``with_onednn`` and oneDNN cannot be loaded.
+    benchmarks.baselines.onnxruntime.OnnxRuntimeError
+        ``with_onnxruntime`` and ONNX Runtime cannot be imported.
 
     Returns
     -------
@@ -123,7 +137,10 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
 
     if case.pass_ in EPILOGUE_PASSES:
         arrays = (x, dy, x_logical, dy_logical, weight, bias)
-        return _epilogue_workload(case, rng, spec, arrays, memcpy, with_torch)
+        workload = _epilogue_workload(case, rng, spec, arrays, memcpy, with_torch)
+        if with_onnxruntime:
+            workload.onnxruntime = _onnxruntime_skip_callable(case, workload.inputs, threads)
+        return workload
     if case.pass_ == "fwd":
 
         def fast():
@@ -158,6 +175,8 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False):
             workload.torch = _torch_callable(torch, case, x_logical, dy_logical, weight, bias, stats)
     if with_onednn:
         workload.onednn = _onednn_callable(case, x, dy, weight, bias, stats)
+    if with_onnxruntime:
+        workload.onnxruntime = _onnxruntime_callable(case, x, weight, bias, stats, threads)
     return workload
 
 
@@ -199,6 +218,8 @@ def _epilogue_workload(case, rng, spec, arrays, memcpy, with_torch):
         fastnorm=fast_forward if suffix == "fwd" else fast_forward_backward, memcpy=memcpy, floor=floor
     )
     workload.inputs = {"x": x_logical, "other": other_logical, "weight": weight, "bias": bias}
+    if skip_bias is not None:
+        workload.inputs["skip_bias"] = skip_bias
     torch = optional_torch() if with_torch else None
     if torch is not None:
         workload.torch = _torch_epilogue_callable(
@@ -286,3 +307,72 @@ def _onednn_callable(case, x, dy, weight, bias, stats):
         if case.half and exc.status == onednn.UNIMPLEMENTED:
             return None
         raise
+
+
+def _onnxruntime_threads(threads):
+    if threads is not None:
+        return threads
+    import numba
+
+    return numba.get_num_threads()
+
+
+def _onnxruntime_callable(case, x, weight, bias, stats, threads):
+    """Build the ONNX Runtime callable of a plain pass of ``case`` on its own output buffer, or ``None``.
+
+    BatchNorm's ``inf`` reads fastnorm's statistics (the biased variance
+    ``1 / rstd**2 - eps``); its ``fwd`` computes batch statistics and updates
+    running ones it is given (the same values, read only).
+    """
+    from .baselines import onnxruntime
+
+    kind = KINDS[case.kind]
+    if not onnxruntime.supports(kind, case.pass_, case.layout, case.numpy_dtype):
+        return None
+    mean = variance = None
+    if kind == "batch_norm":
+        mean = np.ascontiguousarray(np.asarray(stats.mean, x.dtype).reshape(-1))
+        rstd = np.asarray(stats.rstd, np.float64).reshape(-1)
+        variance = (1.0 / np.square(rstd) - EPS).astype(x.dtype)
+    return onnxruntime.normalization(
+        kind,
+        case.pass_,
+        case.layout,
+        x,
+        np.empty_like(x),
+        weight,
+        bias,
+        RMS_EPS if kind == "rms_norm" else EPS,
+        threads=_onnxruntime_threads(threads),
+        groups=group_count(case.shape[1]) if kind == "group_norm" else None,
+        mean=mean,
+        variance=variance,
+    )
+
+
+def _onnxruntime_skip_callable(case, inputs, threads):
+    """Build the ONNX Runtime callable of an epilogue case (``skip_fwd`` only), or ``None``.
+
+    ``inputs`` are the epilogue workload's (:attr:`Workload.inputs`): the same
+    ``x``, skip, weight, bias and skip bias as fastnorm's call.
+    """
+    from .baselines import onnxruntime
+
+    kind = KINDS[case.kind]
+    if not onnxruntime.supports(kind, case.pass_, case.layout, case.numpy_dtype):
+        return None
+    x = inputs["x"]
+    return onnxruntime.normalization(
+        kind,
+        case.pass_,
+        case.layout,
+        x,
+        np.empty_like(x),
+        inputs["weight"],
+        inputs["bias"],
+        RMS_EPS if kind == "rms_norm" else EPS,
+        threads=_onnxruntime_threads(threads),
+        skip=inputs["other"],
+        skip_bias=inputs["skip_bias"],
+        sum_out=np.empty_like(x),
+    )

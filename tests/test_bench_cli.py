@@ -888,3 +888,79 @@ def test_half_table_formatting_and_options(monkeypatch, capsys):
     for bad in (["--dtypes", "f64"], ["--kinds", "xx"], ["--passes", "skip_fwd"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
             half.main(bad)
+
+
+# --------------------------------------------------------------------------- ONNX Runtime (--onnxruntime)
+
+
+def with_ort(measurement, vs_onnxruntime):
+    """``measurement`` with an ONNX Runtime ratio (as :func:`bench.measure_case` gives it)."""
+    if vs_onnxruntime is not None:
+        measurement.times["onnxruntime"] = measurement.times["fastnorm"] / vs_onnxruntime
+    measurement.vs_onnxruntime = vs_onnxruntime
+    return measurement
+
+
+def test_onnxruntime_ratio_in_json_markdown_table_and_plot(tmp_path):
+    cases = bench.select_cases(ids=[CASE, OTHER])
+    measurements = {CASE: with_ort(m(CASE, 2.0, 0.5), 0.4), OTHER: m(OTHER, 4.0, None)}
+    meta = {"date": "2026-01-01", "threads": 2, "platform": "test", "onnxruntime": "1.32.0"}
+    json_path = tmp_path / "r.json"
+    bench.write_json(json_path, cases, measurements, meta)
+    data = json.loads(json_path.read_text())
+    assert [c["fastnorm_over_onnxruntime"] for c in data["cases"]] == [0.4, None]
+    assert data["summary"]["fastnorm/onnxruntime"] == {"worst": 0.4, "worst_case": CASE, "median": 0.4}
+    md_path = tmp_path / "r.md"
+    bench.write_markdown(md_path, cases, measurements, meta)
+    text = md_path.read_text()
+    assert "| onnxruntime | fastnorm/onnxruntime |" in text and "| 5.00 ms | 0.40 |" in text
+    assert "ONNX Runtime 1.32.0" in text
+    assert "fastnorm/onnxruntime: median 0.40" in bench.format_table(cases, measurements)
+    assert "onnxruntime" not in bench.format_table(cases, {CASE: m(CASE, 2.0), OTHER: m(OTHER, 4.0)})
+    saved = tmp_path / "saved.md"  # --from-json keeps the ratio
+    assert bench.main(["--from-json", str(json_path), "--markdown", str(saved)]) == 0
+    assert "| 5.00 ms | 0.40 |" in saved.read_text()
+    if report._require_matplotlib() is not None:
+        bench.write_plot(tmp_path / "p.png", cases, measurements)
+        assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_main_onnxruntime_option(tmp_path, fake_cli, monkeypatch, capsys):
+    from benchmarks.baselines import onnxruntime
+
+    try:  # main() imports ONNX Runtime for --onnxruntime (the bench extra installs it)
+        onnxruntime.load()
+    except onnxruntime.OnnxRuntimeError as exc:
+        pytest.skip(f"ONNX Runtime not importable: {exc}")
+    calls = []
+
+    def measure(case, rounds=7, threads=None, target_s=0.005, with_torch=True, seed=0, **options):
+        calls.append((case.id, threads, options))
+        return with_ort(m(case.id, 2.0, 0.5, rounds), 0.25 if options["with_onnxruntime"] else None)
+
+    monkeypatch.setattr(cli, "measure_case", measure)
+    fake_cli.update({CASE: [(2.0, 0.5)]})
+    json_path = tmp_path / "r.json"
+    args = ["--cases", CASE, "--threads", "1", "--json", str(json_path)]
+    assert bench.main([*args, "--onnxruntime", "--onednn"]) == 0
+    out = capsys.readouterr().out
+    assert "vs ONNX Runtime" in out and "fastnorm/onnxruntime: median 0.25, worst 0.25" in out
+    assert calls == [(CASE, 1, {"with_floor": False, "with_onednn": True, "with_onnxruntime": True})]
+    data = json.loads(json_path.read_text())
+    assert data["cases"][0]["fastnorm_over_onnxruntime"] == 0.25
+    assert data["meta"]["onnxruntime"] == onnxruntime.load().__version__
+    assert bench.main(args) == 0  # without the option: no ONNX Runtime, no ratio
+    assert calls[1] == (CASE, 1, {"with_floor": False, "with_onednn": False, "with_onnxruntime": False})
+    assert json.loads(json_path.read_text())["cases"][0]["fastnorm_over_onnxruntime"] is None
+
+
+def test_main_onnxruntime_missing_is_a_usage_error(fake_cli, capsys, monkeypatch):
+    from benchmarks.baselines import onnxruntime
+
+    def fail():
+        raise onnxruntime.OnnxRuntimeError("cannot import ONNX Runtime (test)")
+
+    monkeypatch.setattr(onnxruntime, "load", fail)
+    fake_cli.update({CASE: [(2.0, 0.5)]})
+    assert bench.main(["--cases", CASE, "--threads", "1", "--onnxruntime"]) == 2
+    assert "error: --onnxruntime: cannot import ONNX Runtime (test)" in capsys.readouterr().err
