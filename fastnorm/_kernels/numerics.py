@@ -70,7 +70,9 @@ def update_running_stats(running_mean, running_var, mean, var, count, factor):
 
     The variance stored is the unbiased ``var * (count / (count - 1))``
     (``count > 1``); ``running_mean`` and ``running_var`` are storage arrays
-    (:mod:`.storage`), rounded once.  Compiled without fastmath: the same
+    (:mod:`.storage`): each value is rounded once to float32 or float64, and
+    a 16-bit one then to 16 bits, as every 16-bit store (and torch's
+    ``c10::Half`` from a double).  Compiled without fastmath: the same
     operations, rounded as NumPy and torch round them.
     """
     correction = count / (count - 1.0)
