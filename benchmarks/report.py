@@ -114,14 +114,9 @@ _OPTIONAL_BASELINES = (
 )
 
 
-def _ratio(measurement, attr):
-    """``measurement``'s ratio ``attr``, or ``None``."""
-    return getattr(measurement, attr, None)
-
-
 def _measured_baselines(ids, measurements):
     """Return the entries of :data:`_OPTIONAL_BASELINES` that any of the cases ``ids`` has a ratio for."""
-    return [b for b in _OPTIONAL_BASELINES if any(_ratio(measurements[i], b[1]) is not None for i in ids)]
+    return [b for b in _OPTIONAL_BASELINES if any(getattr(measurements[i], b[1]) is not None for i in ids)]
 
 
 #: Ratios of a :class:`Measurement`: (name in tables and summaries, attribute).
@@ -151,7 +146,7 @@ def summarize(measurements):
     measurements = list(measurements)
     summary = {}
     for metric, attr in _METRICS:
-        values = [(_ratio(m, attr), m.case_id) for m in measurements if _ratio(m, attr) is not None]
+        values = [(getattr(m, attr), m.case_id) for m in measurements if getattr(m, attr) is not None]
         if values:
             worst = max(values)
             summary[metric] = {
@@ -183,7 +178,7 @@ def table_rows(cases, measurements):
             _fmt_ratio(m.vs_memcpy),
         ]
         for key, attr, _, _ in optional:
-            row += [format_time(m.times.get(key)), _fmt_ratio(_ratio(m, attr))]
+            row += [format_time(m.times.get(key)), _fmt_ratio(getattr(m, attr))]
         rows.append(row)
     return rows
 
@@ -278,7 +273,7 @@ def results_dict(cases, measurements, meta, scaling=None):
                 "fastnorm_over_memcpy": m.vs_memcpy,
                 "fastnorm_over_floor": m.vs_floor,
                 "fastnorm_over_onednn": m.vs_onednn,
-                "fastnorm_over_onnxruntime": _ratio(m, "vs_onnxruntime"),
+                "fastnorm_over_onnxruntime": m.vs_onnxruntime,
             }
         )
     result = {"meta": meta, "cases": out_cases, "summary": summarize(measurements[c.id] for c in cases)}
@@ -405,7 +400,7 @@ def write_plot(path, cases, measurements, title=None):
         ("fastnorm / memcpy (1 = copy speed)", [measurements[i].vs_memcpy for i in ids], "tab:orange"),
     ]
     for _, attr, label, color in _measured_baselines(ids, measurements):
-        panels.append((label, [_ratio(measurements[i], attr) for i in ids], color))
+        panels.append((label, [getattr(measurements[i], attr) for i in ids], color))
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), height), sharey=True)
     for ax, (label, values, color) in zip(axes, panels, strict=True):
         vals = np.array([np.nan if v is None else v for v in values], dtype=float)

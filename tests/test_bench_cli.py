@@ -28,7 +28,7 @@ def write(tmp_path, text, name="thresholds.toml"):
     return path
 
 
-def m(case_id, vs_memcpy, vs_torch=None, rounds=7, vs_floor=None, vs_onednn=None):
+def m(case_id, vs_memcpy, vs_torch=None, rounds=7, vs_floor=None, vs_onednn=None, vs_onnxruntime=None):
     times = {"fastnorm": vs_memcpy * 1e-3, "memcpy": 1e-3}
     if vs_torch is not None:
         times["torch"] = vs_memcpy * 1e-3 / vs_torch
@@ -36,7 +36,11 @@ def m(case_id, vs_memcpy, vs_torch=None, rounds=7, vs_floor=None, vs_onednn=None
         times["floor"] = vs_memcpy * 1e-3 / vs_floor
     if vs_onednn is not None:
         times["onednn"] = vs_memcpy * 1e-3 / vs_onednn
-    return bench.Measurement(case_id, times, vs_memcpy, vs_torch, rounds, {}, vs_floor, vs_onednn)
+    if vs_onnxruntime is not None:
+        times["onnxruntime"] = vs_memcpy * 1e-3 / vs_onnxruntime
+    return bench.Measurement(
+        case_id, times, vs_memcpy, vs_torch, rounds, {}, vs_floor, vs_onednn, vs_onnxruntime
+    )
 
 
 def case(case_id):
@@ -893,17 +897,9 @@ def test_half_table_formatting_and_options(monkeypatch, capsys):
 # --------------------------------------------------------------------------- ONNX Runtime (--onnxruntime)
 
 
-def with_ort(measurement, vs_onnxruntime):
-    """``measurement`` with an ONNX Runtime ratio (as :func:`bench.measure_case` gives it)."""
-    if vs_onnxruntime is not None:
-        measurement.times["onnxruntime"] = measurement.times["fastnorm"] / vs_onnxruntime
-    measurement.vs_onnxruntime = vs_onnxruntime
-    return measurement
-
-
 def test_onnxruntime_ratio_in_json_markdown_table_and_plot(tmp_path):
     cases = bench.select_cases(ids=[CASE, OTHER])
-    measurements = {CASE: with_ort(m(CASE, 2.0, 0.5), 0.4), OTHER: m(OTHER, 4.0, None)}
+    measurements = {CASE: m(CASE, 2.0, 0.5, vs_onnxruntime=0.4), OTHER: m(OTHER, 4.0, None)}
     meta = {"date": "2026-01-01", "threads": 2, "platform": "test", "onnxruntime": "1.32.0"}
     json_path = tmp_path / "r.json"
     bench.write_json(json_path, cases, measurements, meta)
@@ -936,7 +932,7 @@ def test_main_onnxruntime_option(tmp_path, fake_cli, monkeypatch, capsys):
 
     def measure(case, rounds=7, threads=None, target_s=0.005, with_torch=True, seed=0, **options):
         calls.append((case.id, threads, options))
-        return with_ort(m(case.id, 2.0, 0.5, rounds), 0.25 if options["with_onnxruntime"] else None)
+        return m(case.id, 2.0, 0.5, rounds, vs_onnxruntime=0.25 if options["with_onnxruntime"] else None)
 
     monkeypatch.setattr(cli, "measure_case", measure)
     fake_cli.update({CASE: [(2.0, 0.5)]})

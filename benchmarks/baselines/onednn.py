@@ -40,7 +40,7 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
+from . import dtype_name as _dtype_name
 
 __all__ = ["OneDNNError", "UNIMPLEMENTED", "load", "supports", "normalization"]
 
@@ -277,14 +277,6 @@ def supports(kind, layout, dtype):
     if kind == "batch_norm" or kind == "layer_norm":
         return True
     return kind == "instance_norm" and layout == "nchw"
-
-
-def _dtype_name(dtype):
-    """``np.dtype(dtype).name``; a name NumPy does not know (``"bfloat16"`` without ml_dtypes) as is."""
-    try:
-        return np.dtype(dtype).name
-    except TypeError:
-        return str(dtype)
 
 
 def _checked(array, dtype_name):

@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import dtype_name as _dtype_name
+
 __all__ = ["OnnxRuntimeError", "load", "supports", "normalization", "OPSETS", "SPINNING"]
 
 #: The ONNX opset each operator's model imports (the version of the operator it uses).
@@ -107,13 +109,6 @@ def load():
         raise OnnxRuntimeError(f"cannot import ONNX Runtime (pip install onnxruntime onnx): {exc}") from exc
     onnxruntime.set_default_logger_severity(3)
     return onnxruntime
-
-
-def _dtype_name(dtype):
-    try:
-        return np.dtype(dtype).name
-    except TypeError:
-        return str(dtype)
 
 
 def supports(kind, pass_, layout, dtype):
