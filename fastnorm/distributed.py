@@ -31,7 +31,7 @@ from numpy.typing import ArrayLike
 
 from . import _kernels as K
 from ._buffers import _check_param, _kernel_view, _output
-from ._plan import _check_array, _check_bits, _kernel_call, _Plan, _prepare_input
+from ._plan import _check_array, _check_bits, _kernel_call, _kernel_input, _Plan, _prepare_input
 from .core import Stats, forward_inference
 from .functional import _check_momentum, _running_pair, _update_running
 from .spec import NormSpec
@@ -82,13 +82,17 @@ def _check_running_pair(running_mean, running_var, channels):
 
 
 def _channel_vector(value, name, channels):
-    """Return ``value`` checked as a vector of ``channels`` real numbers, as contiguous float64."""
+    """Return ``value`` checked as a vector of ``channels`` real numbers, as the kernels take it.
+
+    Contiguous float64, writable and aligned (:func:`~fastnorm._plan._kernel_input`: one
+    compiled type, whatever the caller's array).
+    """
     array = np.asarray(value)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name}.dtype={array.dtype} must hold real numbers")
     if array.shape != (channels,):
         raise ValueError(f"{name}.shape={array.shape} does not match the C={channels} channels of x")
-    return np.ascontiguousarray(array, np.float64)
+    return _kernel_input(np.ascontiguousarray(array, np.float64))
 
 
 def batch_stats(
@@ -181,7 +185,9 @@ def merge_stats(counts: ArrayLike, means: ArrayLike, m2s: ArrayLike) -> tuple[np
         raise ValueError("merge_stats: no rank has any element; the statistics are undefined")
     mean = np.zeros(means.shape[1])
     m2 = np.zeros(means.shape[1])
-    K.merge_rank_moments(np.ascontiguousarray(counts, np.float64), means, m2s, mean, m2)
+    # fresh C-contiguous float64 copies (R x C numbers): one compiled type for any caller's arrays
+    rank_arrays = [np.array(a, np.float64, order="C") for a in (counts, means, m2s)]
+    K.merge_rank_moments(*rank_arrays, mean, m2)
     return mean, m2 / total, total
 
 

@@ -164,3 +164,33 @@ def test_unusual_inputs_reuse_the_compiled_kernels(kind, dtype, how):
     }
     for got, want in zip(results, expected, strict=True):
         np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
+
+
+@pytest.mark.parametrize("how", ["readonly", "misaligned"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unusual_inputs_reuse_the_compiled_split_batch_norm_kernels(channels_last, how):
+    """The split BatchNorm passes too: read-only or misaligned statistics, sums, weights compile nothing."""
+    rng = np.random.default_rng(8)
+    spec = fastnorm.NormSpec.batch_norm(channels_last=channels_last)
+    shape = (4, 5, 5, 8) if channels_last else (4, 8, 5, 5)
+    x, dy = rng.standard_normal(shape).astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+    weight = rng.uniform(0.5, 1.5, 8).astype(np.float32)
+
+    def run(x, dy, weight, unusual):
+        count, mean, m2 = fastnorm.batch_stats(x, spec)
+        pieces = [unusual(a) for a in (np.array([count, count]), np.stack([mean, mean]), np.stack([m2, m2]))]
+        mean, var, total = fastnorm.merge_stats(*pieces)
+        mean, rstd = unusual(mean), unusual(1.0 / np.sqrt(var + spec.eps))
+        sums = [unusual(s) for s in fastnorm.batch_norm_backward_reduce(dy, x, mean, rstd, spec)]
+        dx = fastnorm.batch_norm_backward_apply(dy, x, mean, rstd, weight, *sums, total, spec)
+        return mean, rstd, *sums, dx
+
+    expected = run(x, dy, weight, lambda a: a)
+    before = _compiled_versions()
+    results = run(*(_unusual(a, how) for a in (x, dy, weight)), lambda a: _unusual(a, how))
+    after = _compiled_versions()
+    assert after == before, {
+        name: (before.get(name), n) for name, n in after.items() if before.get(name) != n
+    }
+    for got, want in zip(results, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(got).view(np.uint8), np.asarray(want).view(np.uint8))
