@@ -36,7 +36,7 @@ from benchmarks.timing import interleaved
 torch = optional_torch()  # first: sets GOMP_SPINCOUNT before torch loads libgomp
 
 #: Substrings of the profiler's operator names that are norm layers (torch's and fastnorm's).
-NORM_OPS = ("batch_norm", "group_norm", "layer_norm", "rms_norm", "fastnorm::")
+NORM_OPS = ("batch_norm", "group_norm", "layer_norm", "rms_norm", "fastnorm")
 
 
 class BasicBlock(torch.nn.Module):

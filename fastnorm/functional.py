@@ -113,9 +113,9 @@ def _check_out_not_running(out, running):
             raise ValueError("out overlaps running_mean or running_var; pass a separate buffer")
 
 
-def _variance(stats, eps):
+def _variance(rstd, eps):
     """Biased variance recovered from ``rstd`` in float64 (never below 0)."""
-    return np.maximum(1.0 / np.square(stats.rstd) - eps, 0.0)
+    return np.maximum(1.0 / np.square(rstd) - eps, 0.0)
 
 
 def batch_norm(
@@ -211,7 +211,7 @@ def batch_norm(
         counter += 1
     if running is not None:
         factor = momentum if momentum is not None else 1.0 / float(counter.reshape(-1)[0])
-        _update_running(running, stats.mean, _variance(stats, spec.eps), plan.group_size, factor)
+        _update_running(running, stats.mean, _variance(stats.rstd, spec.eps), plan.group_size, factor)
     return y
 
 
@@ -310,7 +310,7 @@ def instance_norm(
     y, stats = forward(x, spec, weight, bias, residual=residual, out=out, dtype=dtype)
     if running is not None and y.shape[0] > 0:
         # torch: the batch average of the per-instance mean and unbiased variance.
-        var = _variance(stats, spec.eps)
+        var = _variance(stats.rstd, spec.eps)
         _update_running(running, stats.mean.mean(axis=0), var.mean(axis=0), plan.group_size, momentum)
     return y
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as torch_functional
+from torch.autograd.function import once_differentiable
 
 import fastnorm
 from fastnorm import functional as _np_functional
@@ -144,6 +145,11 @@ def _kernel_layouts(x, residual, kind):
 
 
 def _empty_output(x, kind):
+    """Return an uninitialized tensor of ``x``'s shape and dtype, in the order the kernel writes it in.
+
+    The kernels write every output into tensors from torch's allocator, 64-byte
+    aligned as torch's own outputs (NumPy's large arrays start 16 bytes into a page).
+    """
     memory_format = _channels_last_format(x, kind)
     return torch.empty_like(x, memory_format=memory_format or torch.contiguous_format)
 
@@ -158,8 +164,51 @@ def _stats_shape(x, kind, arg):
     return tuple(x.shape[: x.dim() - arg])
 
 
-@torch.library.custom_op("fastnorm::forward", mutates_args=(), device_types="cpu")
-def _forward_op(
+# Each pass is a Python body registered twice: as a torch.library custom op (with a
+# fake implementation and autograd) for torch.compile, and as a torch.autograd.Function
+# with the same autograd formulas for eager calls, whose dispatch costs a fraction of
+# the custom op's: docs/perf-notes/torch-eager-dispatch.md.
+
+
+def _custom_op(name, body):
+    """Register ``body`` as the CPU custom op ``name`` (it returns fresh tensors, mutates none)."""
+    return torch.library.custom_op(name, mutates_args=(), device_types="cpu")(body)
+
+
+def _eager_function(body, setup_context, backward, backward_pass=None):
+    """Return the ``torch.autograd.Function`` that runs ``body`` with a custom op's autograd formulas.
+
+    ``setup_context`` and ``backward`` are the functions registered with the op's
+    ``register_autograd``; ``setup_context`` stores the op that the backward calls
+    in ``ctx.backward_pass``, which here becomes that op's body ``backward_pass``.
+    """
+
+    # forward(ctx, ...) rather than a setup_context method, which costs about 25 us
+    # a call more (torch binds the arguments to forward's signature with inspect).
+    def forward(ctx, *args):
+        output = body(*args)
+        setup_context(ctx, args, output)
+        if backward_pass is not None:
+            ctx.backward_pass = backward_pass
+        return output
+
+    def run_backward(ctx, *grads):
+        return backward(ctx, *grads)
+
+    # the profiler names the calls after the class: fastnorm_forward, fastnorm_forwardBackward
+    name = "fastnorm_" + body.__name__.strip("_").removesuffix("_impl")
+    methods = {"forward": staticmethod(forward), "backward": staticmethod(once_differentiable(run_backward))}
+    return type(name, (torch.autograd.Function,), methods)
+
+
+def _run(op, function, *args):
+    """Call the custom op ``op`` when torch.compile traces the call, else its eager ``function``."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    return function.apply(*args)
+
+
+def _forward_impl(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -173,8 +222,14 @@ def _forward_op(
     """``(y, mean, rstd)`` of :func:`fastnorm.forward` (the training pass)."""
     spec = _spec(kind, arg, eps, activation, negative_slope)
     x, residual = _kernel_layouts(x, residual, kind)
-    y, stats = fastnorm.forward(_array(x), spec, _array(weight), _array(bias), residual=_array(residual))
-    return _tensor(y), torch.from_numpy(stats.mean), torch.from_numpy(stats.rstd)
+    y = _empty_output(x, kind)
+    _, stats = fastnorm.forward(
+        _array(x), spec, _array(weight), _array(bias), residual=_array(residual), out=_array(y)
+    )
+    return y, torch.from_numpy(stats.mean), torch.from_numpy(stats.rstd)
+
+
+_forward_op = _custom_op("fastnorm::forward", _forward_impl)
 
 
 @_forward_op.register_fake
@@ -187,8 +242,7 @@ def _forward_fake(x, weight, bias, residual, kind, arg, eps, activation, negativ
     )
 
 
-@torch.library.custom_op("fastnorm::backward", mutates_args=(), device_types="cpu")
-def _backward_op(
+def _backward_impl(
     dy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -212,6 +266,7 @@ def _backward_op(
         mean.numpy(), rstd.numpy(), has_bias=bias is not None, has_residual=residual is not None
     )
     fused = activation is not None
+    dx = _empty_output(x, kind)
     grads = fastnorm.backward(
         _array(dy),
         _array(x),
@@ -221,14 +276,18 @@ def _backward_op(
         bias=_array(bias) if fused else None,
         residual=_array(residual) if fused else None,
         with_bias=bias is not None,
+        out=_array(dx),
     )
-    dx, dweight, dbias = grads
+    _, dweight, dbias = grads
     return (  # a fresh empty tensor for each gradient not computed (outputs must not alias)
-        _tensor(dx),
+        dx,
         x.new_empty(0) if dweight is None else _tensor(dweight).to(weight.dtype),
         x.new_empty(0) if dbias is None else _tensor(dbias).to(bias.dtype),
         _tensor(grads.dresidual) if fused and residual is not None else x.new_empty(0),
     )
+
+
+_backward_op = _custom_op("fastnorm::backward", _backward_impl)
 
 
 @_backward_op.register_fake
@@ -246,11 +305,12 @@ def _forward_setup(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, bias, residual, mean, rstd)
     ctx.params = params
+    ctx.backward_pass = _backward_op
 
 
 def _forward_backward(ctx, dy, _dmean, _drstd):
     x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias, dresidual = _backward_op(dy, x, weight, bias, residual, mean, rstd, *ctx.params)
+    dx, dweight, dbias, dresidual = ctx.backward_pass(dy, x, weight, bias, residual, mean, rstd, *ctx.params)
     if residual is not None and ctx.params[3] is None:
         dresidual = dy  # no activation: the residual's gradient is y's
     return (
@@ -263,10 +323,10 @@ def _forward_backward(ctx, dy, _dmean, _drstd):
 
 
 _forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
+_Forward = _eager_function(_forward_impl, _forward_setup, _forward_backward, _backward_impl)
 
 
-@torch.library.custom_op("fastnorm::forward_inference", mutates_args=(), device_types="cpu")
-def _inference_op(
+def _inference_impl(
     x: torch.Tensor,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
@@ -280,10 +340,14 @@ def _inference_op(
     spec = NormSpec.batch_norm(0.0, activation=activation, negative_slope=negative_slope)
     x, residual = _kernel_layouts(x, residual, "batch_norm")
     stats = fastnorm.Stats(mean.numpy(), rstd.numpy())
-    y = fastnorm.forward_inference(
-        _array(x), stats, spec, _array(weight), _array(bias), residual=_array(residual)
+    y = _empty_output(x, "batch_norm")
+    fastnorm.forward_inference(
+        _array(x), stats, spec, _array(weight), _array(bias), residual=_array(residual), out=_array(y)
     )
-    return _tensor(y)
+    return y
+
+
+_inference_op = _custom_op("fastnorm::forward_inference", _inference_impl)
 
 
 @_inference_op.register_fake
@@ -334,6 +398,7 @@ def _inference_backward(ctx, dy):
 
 
 _inference_op.register_autograd(_inference_backward, setup_context=_inference_setup)
+_Inference = _eager_function(_inference_impl, _inference_setup, _inference_backward)
 
 
 def _check_inputs(x, weight, bias, residual, activation, negative_slope):
@@ -346,7 +411,7 @@ def _check_inputs(x, weight, bias, residual, activation, negative_slope):
 def _normalize(kind, arg, eps, x, weight, bias, residual, activation, negative_slope):
     """Check the tensors and run the training pass: ``(y, mean, rstd)``."""
     negative_slope = _check_inputs(x, weight, bias, residual, activation, negative_slope)
-    return _forward_op(x, weight, bias, residual, kind, arg, eps, activation, negative_slope)
+    return _run(_forward_op, _Forward, x, weight, bias, residual, kind, arg, eps, activation, negative_slope)
 
 
 def _normalize_with(running, eps, x, weight, bias, residual, activation, negative_slope):
@@ -355,7 +420,7 @@ def _normalize_with(running, eps, x, weight, bias, residual, activation, negativ
     running_mean, running_var = running
     mean = running_mean.detach().to(torch.float64)
     rstd = 1.0 / torch.sqrt(running_var.detach().to(torch.float64) + check_eps(eps))
-    return _inference_op(x, weight, bias, residual, mean, rstd, activation, negative_slope)
+    return _run(_inference_op, _Inference, x, weight, bias, residual, mean, rstd, activation, negative_slope)
 
 
 def _running_pair(running_mean, running_var, x):
@@ -376,20 +441,29 @@ def _running_pair(running_mean, running_var, x):
 
 
 @torch.no_grad()
-def _update_running(running, mean, var, count, factor):
+def _update_running(running, mean, rstd, eps, count, factor, per_instance=False):
     """Update ``running = (1 - factor) * running + factor * batch`` in float64 (unbiased variance).
 
-    The same operations as the NumPy API's update (``fastnorm/functional.py``).
+    The batch variance is recovered from ``rstd`` (never below 0); with
+    ``per_instance`` (InstanceNorm's ``(N, C)`` statistics) the batch's are
+    their averages over the instances, as torch's.  Eagerly by the NumPy API's
+    update (the compiled ``fastnorm._kernels.update_running_stats``, about 5 us
+    where the torch operations take 30); under torch.compile by the same IEEE
+    operations as torch operations, which trace.
     """
-    running_mean, running_var = running
-    unbiased = var * (count / (count - 1))
-    running_mean.copy_((1.0 - factor) * running_mean.to(torch.float64) + factor * mean)
-    running_var.copy_((1.0 - factor) * running_var.to(torch.float64) + factor * unbiased)
-
-
-def _variance(rstd, eps):
-    """Biased variance from ``rstd`` in float64 (never below 0), as the NumPy API's."""
-    return torch.clamp(1.0 / torch.square(rstd) - eps, min=0.0)
+    if torch.compiler.is_compiling():
+        var = torch.clamp(1.0 / torch.square(rstd) - eps, min=0.0)
+        if per_instance:
+            mean, var = mean.mean(0), var.mean(0)
+        running_mean, running_var = running
+        unbiased = var * (count / (count - 1))
+        running_mean.copy_((1.0 - factor) * running_mean.to(torch.float64) + factor * mean)
+        running_var.copy_((1.0 - factor) * running_var.to(torch.float64) + factor * unbiased)
+        return
+    mean, var = mean.numpy(), _np_functional._variance(rstd.numpy(), eps)
+    if per_instance:
+        mean, var = mean.mean(axis=0), var.mean(axis=0)
+    _np_functional._update_running(tuple(_array(r) for r in running), mean, var, count, factor)
 
 
 def batch_norm(
@@ -458,7 +532,7 @@ def batch_norm(
         counter.add_(1)
     if running is not None:
         factor = momentum if momentum is not None else 1.0 / float(counter)
-        _update_running(running, mean, _variance(rstd, eps), input.numel() // input.shape[1], factor)
+        _update_running(running, mean, rstd, eps, input.numel() // input.shape[1], factor)
     return y
 
 
@@ -539,7 +613,7 @@ def instance_norm(
     )
     if running is not None and input.shape[0] > 0:
         count = input.numel() // (input.shape[0] * input.shape[1])
-        _update_running(running, mean.mean(0), _variance(rstd, eps).mean(0), count, momentum)
+        _update_running(running, mean, rstd, eps, count, momentum, per_instance=True)
     return y
 
 
@@ -658,8 +732,7 @@ def rms_norm(
     return _normalize("rms_norm", ndim, eps, input, weight, None, residual, activation, negative_slope)[0]
 
 
-@torch.library.custom_op("fastnorm::skip_forward", mutates_args=(), device_types="cpu")
-def _skip_forward_op(
+def _skip_forward_impl(
     x: torch.Tensor,
     skip: torch.Tensor,
     skip_bias: torch.Tensor | None,
@@ -671,15 +744,22 @@ def _skip_forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(y, h, mean, rstd)`` of :func:`fastnorm.forward` with ``skip=`` (``h = x + skip + skip_bias``)."""
     spec = _spec(kind, arg, eps, None, 0.01)
-    y, stats = fastnorm.forward(
-        _array(x.contiguous()),
+    x = x.contiguous()
+    y, h = _empty_output(x, kind), _empty_output(x, kind)
+    _, stats = fastnorm.forward(
+        _array(x),
         spec,
         _array(weight),
         _array(bias),
         skip=_array(skip.contiguous()),
         skip_bias=_array(skip_bias),
+        out=_array(y),
+        sum_out=_array(h),
     )
-    return _tensor(y), _tensor(stats.h), torch.from_numpy(stats.mean), torch.from_numpy(stats.rstd)
+    return y, h, torch.from_numpy(stats.mean), torch.from_numpy(stats.rstd)
+
+
+_skip_forward_op = _custom_op("fastnorm::skip_forward", _skip_forward_impl)
 
 
 @_skip_forward_op.register_fake
@@ -689,8 +769,7 @@ def _skip_forward_fake(x, skip, skip_bias, weight, bias, kind, arg, eps):
     return y, h, x.new_empty(shape, dtype=torch.float64), x.new_empty(shape, dtype=torch.float64)
 
 
-@torch.library.custom_op("fastnorm::skip_backward", mutates_args=(), device_types="cpu")
-def _skip_backward_op(
+def _skip_backward_impl(
     dy: torch.Tensor,
     dh: torch.Tensor | None,
     h: torch.Tensor,
@@ -714,21 +793,28 @@ def _skip_backward_op(
     stats = fastnorm.Stats(
         mean.numpy(), rstd.numpy(), has_bias=bias is not None, h=h_array, has_skip_bias=skip_bias is not None
     )
-    grads = fastnorm.backward(_array(dy), h_array, stats, spec, _array(weight), with_bias=bias is not None)
-    dx, dweight, dbias = grads
+    dx = _empty_output(h, kind)
+    grads = fastnorm.backward(
+        _array(dy), h_array, stats, spec, _array(weight), with_bias=bias is not None, out=_array(dx)
+    )
+    _, dweight, dbias = grads
     dskip_bias = grads.dskip_bias
     if dh is not None:
         dh_array = _array(dh.contiguous())
-        dx = dx + dh_array  # a new array: dx may be the only reference to the kernel's output
+        dx_array = _array(dx)
+        np.add(dx_array, dh_array, out=dx_array)
         if skip_bias is not None:
             columns = dh_array.reshape(-1, dskip_bias.size).astype(np.float64).sum(axis=0)
             dskip_bias = (dskip_bias.astype(np.float64) + columns).astype(dskip_bias.dtype)
     return (
-        _tensor(dx),
+        dx,
         h.new_empty(0) if dweight is None else _tensor(dweight).to(weight.dtype),
         h.new_empty(0) if dbias is None else _tensor(dbias).to(bias.dtype),
         h.new_empty(0) if skip_bias is None else _tensor(dskip_bias).to(skip_bias.dtype),
     )
+
+
+_skip_backward_op = _custom_op("fastnorm::skip_backward", _skip_backward_impl)
 
 
 @_skip_backward_op.register_fake
@@ -746,11 +832,12 @@ def _skip_setup(ctx, inputs, output):
     _, h, mean, rstd = output
     ctx.save_for_backward(h, weight, bias, skip_bias, mean, rstd)
     ctx.params = params
+    ctx.backward_pass = _skip_backward_op
 
 
 def _skip_backward(ctx, dy, dh, _dmean, _drstd):
     h, weight, bias, skip_bias, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias, dskip_bias = _skip_backward_op(
+    dx, dweight, dbias, dskip_bias = ctx.backward_pass(
         dy, dh, h, weight, bias, skip_bias, mean, rstd, *ctx.params
     )
     return (
@@ -764,6 +851,7 @@ def _skip_backward(ctx, dy, dh, _dmean, _drstd):
 
 
 _skip_forward_op.register_autograd(_skip_backward, setup_context=_skip_setup)
+_SkipForward = _eager_function(_skip_forward_impl, _skip_setup, _skip_backward, _skip_backward_impl)
 
 
 def _skip_norm(kind, x, skip, normalized_shape, weight, bias, eps, skip_bias):
@@ -772,7 +860,7 @@ def _skip_norm(kind, x, skip, normalized_shape, weight, bias, eps, skip_bias):
     for tensor, name in ((weight, "weight"), (bias, "bias"), (skip_bias, "skip_bias")):
         _check_tensor(tensor, name)
     ndim = _np_functional._normalized_ndim(x, normalized_shape)
-    y, h, _, _ = _skip_forward_op(x, skip, skip_bias, weight, bias, kind, ndim, eps)
+    y, h, _, _ = _run(_skip_forward_op, _SkipForward, x, skip, skip_bias, weight, bias, kind, ndim, eps)
     return y, h
 
 
