@@ -28,6 +28,7 @@ elementwise affine map, computed with torch operations.
 from __future__ import annotations
 
 import copy
+import functools
 
 import numpy as np
 import torch
@@ -103,8 +104,9 @@ def _check_tensor(tensor, name, optional=True):
         )
 
 
+@functools.lru_cache(maxsize=256)
 def _spec(kind, arg, eps, activation, negative_slope):
-    """Return the :class:`fastnorm.NormSpec` of an op's arguments."""
+    """Return the :class:`fastnorm.NormSpec` of an op's arguments (built once per distinct call)."""
     epilogue = {"activation": activation, "negative_slope": negative_slope}
     if kind == "batch_norm":
         return NormSpec.batch_norm(eps, **epilogue)

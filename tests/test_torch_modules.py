@@ -339,6 +339,57 @@ def test_bfloat16_matches_torch():
     torch.testing.assert_close(dw, dw_want, rtol=1e-3, atol=1e-3)
 
 
+def _route_models():
+    """name -> (module, input shape, memory format): every eager route of fastnorm.torch."""
+    last = torch.channels_last
+    return {
+        "batch_norm train": (ft.BatchNorm2d(6, activation="relu"), (4, 6, 5, 3), last),
+        "batch_norm momentum=None": (ft.BatchNorm2d(6, momentum=None), (4, 6, 5, 3), None),
+        "batch_norm eval": (ft.BatchNorm2d(6).eval(), (4, 6, 5, 3), last),
+        "instance_norm running": (
+            ft.InstanceNorm2d(6, affine=True, track_running_stats=True),
+            (3, 6, 5, 4),
+            None,
+        ),
+        "group_norm": (ft.GroupNorm(3, 6, activation="silu"), (3, 6, 5, 4), last),
+        "layer_norm": (ft.LayerNorm(8), (5, 8), None),
+        "rms_norm": (ft.RMSNorm(8), (5, 8), None),
+    }
+
+
+@pytest.mark.parametrize("name", list(_route_models()))
+def test_eager_function_and_custom_op_routes_give_the_same_bits(name, monkeypatch):
+    """Eager calls run the torch.autograd.Function twin; under torch.compile the calls are the
+    custom ops and the running statistics update by torch operations.  Forced through the ops
+    route eagerly (is_compiling patched to True), the outputs, every gradient and the running
+    statistics are bitwise those of the Function route."""
+    torch.manual_seed(1)
+    module, shape, memory_format = _route_models()[name]
+    x = torch.randn(shape, dtype=torch.float64).to(torch.float32)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    dy = torch.randn(shape)
+    results = []
+    for ops in (False, True):
+        model = copy.deepcopy(module)
+        leaf = x.clone().requires_grad_()
+        with monkeypatch.context() as patch:
+            if ops:
+                patch.setattr(torch.compiler, "is_compiling", lambda: True)
+            for _ in range(2):  # twice: the running statistics are read back
+                y = model(leaf)
+                y.backward(dy)
+        grads = [leaf.grad] + [p.grad for p in model.parameters()]
+        results.append((y.detach(), grads, [b.clone() for b in model.buffers()]))
+    (y, grads, buffers), (y_op, grads_op, buffers_op) = results
+    assert torch.equal(y, y_op), name
+    for got, want in zip(grads, grads_op, strict=True):
+        assert torch.equal(got, want), name
+    assert len(buffers) == len(buffers_op)
+    for got, want in zip(buffers, buffers_op, strict=True):
+        assert torch.equal(got, want), name
+
+
 # inductor's own import of torch.jit code warns (torch 2.13), nothing of fastnorm's
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_torch_compile_runs_the_kernels_without_a_graph_break():
