@@ -218,6 +218,25 @@ def _render_saved(args, cases):
     return 0
 
 
+def _load_peer(peer):
+    """Load oneDNN or ONNX Runtime (``peer``); return ``None``, or the error message."""
+    if peer == "onednn":
+        from .baselines import onednn
+
+        try:
+            load_onednn()
+        except onednn.OneDNNError as exc:
+            return str(exc)
+        return None
+    from .baselines import onnxruntime
+
+    try:
+        onnxruntime.load()
+    except onnxruntime.OnnxRuntimeError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv=None):
     """Run the benchmark CLI.
 
@@ -254,7 +273,7 @@ def main(argv=None):
     except ValueError as exc:
         parser.error(str(exc))
 
-    settings, thresholds = {}, {}
+    settings, thresholds, peers_bounded = {}, {}, {}
     if args.check:
         path = Path(args.thresholds) if args.thresholds else _default_thresholds_path()
         if not path.exists():
@@ -269,6 +288,10 @@ def main(argv=None):
         if not cases:
             print(f"error: no selected case has a threshold in {path}", file=sys.stderr)
             return 2
+        peers_bounded = {
+            peer: any(getattr(thresholds[c.id], f"max_vs_{peer}") is not None for c in cases)
+            for peer in ("onednn", "onnxruntime")
+        }
     if args.list:
         print("\n".join(c.id for c in cases))
         return 0
@@ -328,22 +351,16 @@ def main(argv=None):
     with_torch = not args.no_torch and optional_torch() is not None
     if not args.no_torch and not with_torch:
         print("note: torch is not importable: fastnorm/torch is not measured", file=sys.stderr)
-    if args.onednn:
-        from .baselines import onednn
-
-        try:
-            load_onednn()
-        except onednn.OneDNNError as exc:
-            print(f"error: --onednn: {exc}", file=sys.stderr)
+    for peer in ("onednn", "onnxruntime"):
+        # asked for on the command line, or bounded by the thresholds of a --check
+        wanted = getattr(args, peer) or peers_bounded.get(peer, False)
+        error = _load_peer(peer) if wanted else None
+        if error is not None and getattr(args, peer):
+            print(f"error: --{peer}: {error}", file=sys.stderr)
             return 2
-    if args.onnxruntime:
-        from .baselines import onnxruntime
-
-        try:
-            onnxruntime.load()
-        except onnxruntime.OnnxRuntimeError as exc:
-            print(f"error: --onnxruntime: {exc}", file=sys.stderr)
-            return 2
+        if error is not None:
+            print(f"note: {error}: fastnorm/{peer} limits are not checked", file=sys.stderr)
+        setattr(args, peer, wanted and error is None)  # the re-measurement processes read args too
     set_threads(threads)
 
     def measure(case, attempt=0):
@@ -430,9 +447,8 @@ def main(argv=None):
     if args.check:
         if result.rechecked:
             print(f"\nre-measured after a first failure: {', '.join(result.rechecked)}")
-        if result.torch_unchecked:
-            count = len(result.torch_unchecked)
-            print(f"torch thresholds not checked (torch unavailable) for {count} case(s)")
+        for metric, unchecked in result.unchecked.items():
+            print(f"{metric} limits not checked (not measured) for {len(unchecked)} case(s)")
         if result.passed:
             print(f"\ncheck passed: {len(cases)} case(s) within their thresholds")
         else:

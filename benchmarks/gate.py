@@ -11,7 +11,16 @@ from pathlib import Path
 from .cases import all_cases
 
 DEFAULT_THRESHOLDS = Path("benchmarks") / "thresholds.toml"
-_THRESHOLD_KEYS = ("max_vs_memcpy", "max_vs_torch")
+#: The ratios a threshold may bound, in file order: (thresholds key, reference as named in
+#: the JSON results' ``time_s``, ``Measurement`` attribute, metric name).  memcpy is always
+#: measured; the other references only when their library loads.
+_RATIOS = (
+    ("max_vs_memcpy", "memcpy", "vs_memcpy", "fastnorm/memcpy"),
+    ("max_vs_torch", "torch", "vs_torch", "fastnorm/torch"),
+    ("max_vs_onednn", "onednn", "vs_onednn", "fastnorm/onednn"),
+    ("max_vs_onnxruntime", "onnxruntime", "vs_onnxruntime", "fastnorm/onnxruntime"),
+)
+_THRESHOLD_KEYS = tuple(key for key, *_ in _RATIOS)
 _SETTING_KEYS = {"rounds": int, "threads": int, "rechecks": int, "target_ms": float}
 
 
@@ -22,13 +31,15 @@ class Threshold:
     Attributes
     ----------
     case_id : str
-    max_vs_memcpy : float or None
-    max_vs_torch : float or None
+    max_vs_memcpy, max_vs_torch, max_vs_onednn, max_vs_onnxruntime : float or None
+        Bounds of fastnorm's time over memcpy's, torch's, oneDNN's and ONNX Runtime's.
     """
 
     case_id: str
     max_vs_memcpy: float | None = None
     max_vs_torch: float | None = None
+    max_vs_onednn: float | None = None
+    max_vs_onnxruntime: float | None = None
 
 
 @dataclass(frozen=True)
@@ -39,7 +50,8 @@ class Violation:
     ----------
     case_id : str
     metric : str
-        ``"fastnorm/memcpy"`` or ``"fastnorm/torch"``.
+        ``"fastnorm/memcpy"``, ``"fastnorm/torch"``, ``"fastnorm/onednn"`` or
+        ``"fastnorm/onnxruntime"``.
     measured : float
         The (best re-measured) ratio.
     limit : float
@@ -124,11 +136,7 @@ def load_thresholds(path, known_ids=None):
         for key, value in entry.items():
             if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
                 raise ValueError(f"{path}: case {case_id!r}: {key} = {value!r} must be a positive number")
-        thresholds[case_id] = Threshold(
-            case_id,
-            None if "max_vs_memcpy" not in entry else float(entry["max_vs_memcpy"]),
-            None if "max_vs_torch" not in entry else float(entry["max_vs_torch"]),
-        )
+        thresholds[case_id] = Threshold(case_id, **{key: float(value) for key, value in entry.items()})
     return settings, thresholds
 
 
@@ -143,35 +151,27 @@ def evaluate(measurement, threshold):
     Returns
     -------
     list of Violation
-        Empty when every checked ratio is within its limit.  A torch limit is
-        not checked when the measurement has no torch ratio.
+        Empty when every checked ratio is within its limit, else one per ratio
+        above its limit, in the order of :data:`_RATIOS`.  A limit is not
+        checked when the measurement lacks its ratio (torch, oneDNN or ONNX
+        Runtime not loaded, or without the case).
     """
     violations = []
-    if threshold.max_vs_memcpy is not None and measurement.vs_memcpy > threshold.max_vs_memcpy:
-        violations.append(
-            Violation(measurement.case_id, "fastnorm/memcpy", measurement.vs_memcpy, threshold.max_vs_memcpy)
-        )
-    if (
-        threshold.max_vs_torch is not None
-        and measurement.vs_torch is not None
-        and measurement.vs_torch > threshold.max_vs_torch
-    ):
-        violations.append(
-            Violation(measurement.case_id, "fastnorm/torch", measurement.vs_torch, threshold.max_vs_torch)
-        )
+    for key, _, attribute, metric in _RATIOS:
+        limit, measured = getattr(threshold, key), getattr(measurement, attribute)
+        if limit is not None and measured is not None and measured > limit:
+            violations.append(Violation(measurement.case_id, metric, measured, limit))
     return violations
 
 
 def _best_of(measurements):
     """Merge repeated measurements of one case keeping the lowest (best) ratios."""
-    torch_ratios = [m.vs_torch for m in measurements if m.vs_torch is not None]
     best = min(measurements, key=lambda m: m.vs_memcpy)
-    return dataclasses.replace(
-        best,
-        vs_memcpy=min(m.vs_memcpy for m in measurements),
-        vs_torch=min(torch_ratios) if torch_ratios else None,
-        rounds=sum(m.rounds for m in measurements),
-    )
+    ratios = {}
+    for _, _, attribute, _ in _RATIOS:
+        measured = [getattr(m, attribute) for m in measurements if getattr(m, attribute) is not None]
+        ratios[attribute] = min(measured) if measured else None
+    return dataclasses.replace(best, **ratios, rounds=sum(m.rounds for m in measurements))
 
 
 @dataclass
@@ -186,19 +186,25 @@ class CheckResult:
         Regressions that persisted through every re-measurement.
     rechecked : list of str
         Cases that failed at first and were re-measured.
-    torch_unchecked : list of str
-        Cases with a torch threshold that could not be checked (no torch).
+    unchecked : dict of str to list of str
+        By metric (``"fastnorm/torch"``, ...), the cases with a limit that
+        could not be checked: the measurement lacks that ratio.
     """
 
     measurements: dict
     violations: list
     rechecked: list
-    torch_unchecked: list
+    unchecked: dict
 
     @property
     def passed(self):
         """Whether no case regressed."""
         return not self.violations
+
+    @property
+    def torch_unchecked(self):
+        """The cases with a torch limit that could not be checked (torch not importable)."""
+        return self.unchecked.get("fastnorm/torch", [])
 
 
 def run_check(cases, thresholds, measure, rechecks=2, on_progress=None):
@@ -249,19 +255,20 @@ def run_check(cases, thresholds, measure, rechecks=2, on_progress=None):
                 still.append(case)
         failing = still
     violations = [v for case in failing for v in evaluate(measurements[case.id], thresholds[case.id])]
-    torch_unchecked = [
-        case.id
-        for case in cases
-        if thresholds[case.id].max_vs_torch is not None and measurements[case.id].vs_torch is None
-    ]
-    return CheckResult(measurements, violations, rechecked, torch_unchecked)
+    unchecked = {}
+    for key, _, attribute, metric in _RATIOS:
+        bounded = [case.id for case in cases if getattr(thresholds[case.id], key) is not None]
+        missing = [case_id for case_id in bounded if getattr(measurements[case_id], attribute) is None]
+        if missing:
+            unchecked[metric] = missing
+    return CheckResult(measurements, violations, rechecked, unchecked)
 
 
 def worst_ratios(results, cases):
     """Largest (worst) ratios of each case over several runs' JSON results.
 
     Besides the median ratio of each run, the median fastnorm time over the
-    *fastest* round of the reference is considered: on a loaded machine the
+    *fastest* round of each reference is considered: on a loaded machine a
     reference (torch, whose OpenMP barriers suffer most from preemption) may
     have been slowed down in most rounds, and limits derived from such a run
     alone would be too tight on a quiet machine.
@@ -275,23 +282,25 @@ def worst_ratios(results, cases):
 
     Returns
     -------
-    dict of str to (float, float or None)
-        ``case_id -> (fastnorm/memcpy, fastnorm/torch)``.
+    dict of str to tuple
+        ``case_id -> (fastnorm/memcpy, fastnorm/torch, fastnorm/onednn,
+        fastnorm/onnxruntime)``, ``None`` for a reference no run measured.
     """
     worst = {}
     for result in results:
         for entry in result["cases"]:
-            memcpy, torch = entry["fastnorm_over_memcpy"], entry["fastnorm_over_torch"]
             fast, fastest = entry.get("time_s", {}).get("fastnorm"), entry.get("time_min_s", {})
-            if fast is not None and fastest.get("memcpy"):
-                memcpy = max(memcpy, fast / fastest["memcpy"])
-            if fast is not None and torch is not None and fastest.get("torch"):
-                torch = max(torch, fast / fastest["torch"])
-            old_memcpy, old_torch = worst.get(entry["id"], (memcpy, torch))
-            if old_torch is not None and torch is not None:
-                torch = max(torch, old_torch)
-            worst[entry["id"]] = (max(memcpy, old_memcpy), torch if torch is not None else old_torch)
-    return {case.id: worst[case.id] for case in cases if case.id in worst}
+            old = worst.get(entry["id"], (None,) * len(_RATIOS))
+            ratios = []
+            for (_, reference, _, _), previous in zip(_RATIOS, old, strict=True):
+                ratio = entry.get(f"fastnorm_over_{reference}")
+                if ratio is not None and fast is not None and fastest.get(reference):
+                    ratio = max(ratio, fast / fastest[reference])
+                if ratio is not None and previous is not None:
+                    ratio = max(ratio, previous)
+                ratios.append(previous if ratio is None else ratio)
+            worst[entry["id"]] = tuple(ratios)
+    return {case.id: worst[case.id] for case in cases if case.id in worst and worst[case.id][0] is not None}
 
 
 def format_thresholds(ratios, headroom=2.0, settings=None, comment=None):
@@ -299,8 +308,10 @@ def format_thresholds(ratios, headroom=2.0, settings=None, comment=None):
 
     Parameters
     ----------
-    ratios : dict of str to (float, float or None)
-        ``case_id -> (fastnorm/memcpy, fastnorm/torch)``, in output order.
+    ratios : dict of str to tuple
+        ``case_id -> (fastnorm/memcpy, fastnorm/torch, ...)`` in the order of
+        :func:`worst_ratios` (trailing entries may be left out), ``None`` for
+        a ratio not bounded; cases in output order.
     headroom : float
         Each limit is the measured ratio times this, rounded up to 2
         significant digits.
@@ -328,10 +339,10 @@ def format_thresholds(ratios, headroom=2.0, settings=None, comment=None):
         lines += [f"{k} = {v}" for k, v in settings.items()]
         lines.append("")
     lines.append("[cases]")
-    for case_id, (vs_memcpy, vs_torch) in ratios.items():
-        parts = [f"max_vs_memcpy = {limit(vs_memcpy):g}"]
-        if vs_torch is not None:
-            parts.append(f"max_vs_torch = {limit(vs_torch):g}")
+    for case_id, values in ratios.items():
+        keys = [key for key, *_ in _RATIOS][: len(values)]
+        bounds = [(key, value) for key, value in zip(keys, values, strict=True) if value is not None]
+        parts = [f"{key} = {limit(value):g}" for key, value in bounds]
         lines.append(f'"{case_id}" = {{ {", ".join(parts)} }}')
     return "\n".join(lines) + "\n"
 
@@ -350,13 +361,17 @@ THRESHOLDS_HEADER = """\
 #   [cases]               one entry per checked case id (`python -m benchmarks --list`)
 #   "bn-fwd-nchw-f32-8x64x32x32" = { max_vs_memcpy = 3.0, max_vs_torch = 1.2 }
 #
-# max_vs_memcpy bounds fastnorm time / np.copyto time of the same tensor, and
-# max_vs_torch bounds fastnorm time / torch.nn.functional time, both medians over
-# rounds of the ratio of timings interleaved in one process.  Absolute times are
-# never compared.  Either key may be left out (not checked); max_vs_torch is
-# skipped when torch is not installed.  A case fails only if a ratio stays above
+# max_vs_memcpy bounds fastnorm time / np.copyto time of the same tensor;
+# max_vs_torch, max_vs_onednn and max_vs_onnxruntime bound fastnorm time / the time of
+# torch.nn.functional, of oneDNN's primitive and of ONNX Runtime's one-node model;
+# all are medians over rounds of the ratio of timings interleaved in one process.
+# Absolute times are never compared.  Any key may be left out (not checked).  A
+# torch, oneDNN or ONNX Runtime limit is skipped, and counted as unchecked, when that
+# library is not installed.  A case fails only if a ratio stays above
 # its limit in the first measurement and in every re-measurement (each in a new
 # process, with twice the rounds and fresh data).
 # Regenerate from a fresh measurement with
-#   python -m benchmarks --write-thresholds benchmarks/thresholds.toml --headroom 2.0
+#   python -m benchmarks --onednn --onnxruntime --write-thresholds benchmarks/thresholds.toml
+# (--headroom 2.0 by default), or from saved --json runs with --thresholds-from.
+# --check measures oneDNN and ONNX Runtime when the file bounds them.
 """

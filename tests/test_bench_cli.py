@@ -5,6 +5,7 @@ smoke test that runs each benchmark workload once on a tiny tensor and checks
 that fastnorm and torch compute the same thing.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -185,7 +186,25 @@ def test_worst_ratios():
 
     cases = bench.select_cases(ids=[CASE, OTHER])
     worst = bench.worst_ratios([result(2.0, 0.5), result(3.0, 0.4), result(1.0, None)], cases)
-    assert worst == {CASE: (3.0, 0.5)}
+    assert worst == {CASE: (3.0, 0.5, None, None)}
+
+
+def test_worst_ratios_and_limits_of_onednn_and_onnxruntime(tmp_path):
+    """Peer ratios are worst-of-runs too (a run without the peer leaves it as it was), become
+    max_vs_onednn / max_vs_onnxruntime limits, and load back."""
+
+    def result(onednn, ort):
+        entry = {"id": CASE, "fastnorm_over_memcpy": 2.0, "fastnorm_over_torch": 0.5}
+        entry |= {"fastnorm_over_onednn": onednn, "fastnorm_over_onnxruntime": ort}
+        return {"cases": [entry]}
+
+    cases = bench.select_cases(ids=[CASE])
+    worst = bench.worst_ratios([result(1.2, None), result(1.1, 0.7), result(None, 0.9)], cases)
+    assert worst == {CASE: (2.0, 0.5, 1.2, 0.9)}
+    target = tmp_path / "t.toml"
+    target.write_text(bench.format_thresholds(worst, headroom=1.5), encoding="utf-8")
+    # limits are ratio * headroom rounded up to 2 significant digits: 0.9 * 1.5 = 1.35 -> 1.4
+    assert bench.load_thresholds(target)[1] == {CASE: bench.Threshold(CASE, 3.0, 0.75, 1.8, 1.4)}
 
 
 def test_worst_ratios_uses_the_fastest_reference_round():
@@ -199,7 +218,7 @@ def test_worst_ratios_uses_the_fastest_reference_round():
         "time_min_s": {"fastnorm": 1.9e-3, "memcpy": 0.8e-3, "torch": 1e-3},
     }
     worst = bench.worst_ratios([{"cases": [entry]}], bench.select_cases(ids=[CASE]))
-    assert worst[CASE] == pytest.approx((2.5, 2.0))
+    assert worst[CASE][:2] == pytest.approx((2.5, 2.0))
 
 
 # --------------------------------------------------------------------------- gate decision
@@ -216,6 +235,18 @@ def test_evaluate():
     both = bench.evaluate(m(CASE, 3.6, 1.5), limit)
     assert [v.metric for v in both] == ["fastnorm/memcpy", "fastnorm/torch"]
     assert bench.evaluate(m(CASE, 2.0, None), limit) == []  # no torch: torch limit not checked
+
+
+def test_evaluate_onednn_and_onnxruntime_limits():
+    limit = bench.Threshold(CASE, max_vs_memcpy=3.0, max_vs_onednn=1.5, max_vs_onnxruntime=1.0)
+    within = dataclasses.replace(m(CASE, 2.0, 0.5), vs_onednn=1.5, vs_onnxruntime=0.9)
+    assert bench.evaluate(within, limit) == []
+    slow = dataclasses.replace(within, vs_onednn=1.8, vs_onnxruntime=1.2)
+    assert [(v.metric, v.measured) for v in bench.evaluate(slow, limit)] == [
+        ("fastnorm/onednn", 1.8),
+        ("fastnorm/onnxruntime", 1.2),
+    ]
+    assert bench.evaluate(m(CASE, 2.0, 9.0), limit) == []  # peers not measured; no torch limit
 
 
 def fake_measure(script):
@@ -272,6 +303,24 @@ def test_run_check_no_recheck():
     result = bench.run_check(cases, thresholds_for(CASE), measure, rechecks=0)
     assert not result.passed
     assert result.torch_unchecked == [CASE]
+    assert result.unchecked == {"fastnorm/torch": [CASE]}
+
+
+def test_run_check_rechecks_and_reports_peer_limits():
+    """A oneDNN limit fails like the others: re-measured, the best ratio kept; an ONNX Runtime
+    limit with no measurement is reported unchecked."""
+    cases = bench.select_cases(ids=[CASE])
+    limits = {CASE: bench.Threshold(CASE, max_vs_memcpy=3.0, max_vs_onednn=1.0, max_vs_onnxruntime=1.0)}
+    onednn = iter([1.4, 1.3, 1.2])
+
+    def measure(case, attempt):
+        return dataclasses.replace(m(case.id, 2.0, None), vs_onednn=next(onednn))
+
+    result = bench.run_check(cases, limits, measure, rechecks=2)
+    assert not result.passed
+    (violation,) = result.violations
+    assert (violation.metric, violation.measured) == ("fastnorm/onednn", 1.2)
+    assert result.unchecked == {"fastnorm/onnxruntime": [CASE]}
 
 
 # --------------------------------------------------------------------------- output
@@ -431,6 +480,23 @@ def test_main_check_passes_after_recheck(tmp_path, fake_cli, capsys):
     out = capsys.readouterr().out
     assert "check passed" in out and "re-measured after a first failure" in out
     assert fake_cli["fresh processes"] == [(CASE, 1)]
+
+
+def test_main_check_measures_the_peers_its_thresholds_bound(tmp_path, capsys):
+    """A thresholds file with oneDNN and ONNX Runtime limits makes --check measure both, with no
+    --onednn / --onnxruntime flag: generous limits pass, an impossible one fails naming its metric."""
+    case_id = "ln-fwd-nchw-f32-1x768"
+    run = ["--check", "--threads", "1", "--rounds", "2", "--target-ms", "0.1", "--rechecks", "0"]
+    for onnxruntime_limit, status in ((1000, 0), (1e-6, 1)):
+        limits = f"max_vs_memcpy = 1000, max_vs_onednn = 1000, max_vs_onnxruntime = {onnxruntime_limit:g}"
+        path = write(tmp_path, f'[cases]\n"{case_id}" = {{ {limits} }}\n')
+        json_path = tmp_path / "check.json"
+        assert bench.main([*run, "--thresholds", str(path), "--json", str(json_path)]) == status
+        (entry,) = json.loads(json_path.read_text())["cases"]
+        assert entry["fastnorm_over_onednn"] > 0 and entry["fastnorm_over_onnxruntime"] > 0
+        out = capsys.readouterr().out
+        assert ("fastnorm/onnxruntime =" in out) == (status == 1), out
+        assert "not checked" not in out
 
 
 def test_remeasure_in_a_fresh_process(tmp_path):
