@@ -85,7 +85,7 @@ def _tensor(array):
     """Return a tensor over ``array``'s memory (``None`` stays ``None``)."""
     if array is None:
         return None
-    if array.dtype.name == "bfloat16":
+    if array.dtype.itemsize == 2 and array.dtype.name == "bfloat16":  # .name: 1-3 us
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
 
