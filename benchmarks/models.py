@@ -19,9 +19,10 @@ loss and the backward pass (no optimizer step):
 
 For each variant the table gives the median step time, the median over rounds of the
 per-round ratio to torch's variant, and the shares of the step spent in the norm
-layers (``norms``: self CPU time of torch's norm operators, or of the ``fastnorm::``
-operators) and in them and the ReLUs (``+relu``: to compare with the fused variant,
-whose norm operators run the ReLUs), from one step under ``torch.profiler``.
+layers (``norms``: self CPU time of torch's norm operators, or of fastnorm's calls,
+``fastnorm_forward`` and the like eagerly, ``fastnorm::`` ops compiled) and in them and
+the ReLUs (``+relu``: to compare with the fused variant, whose norm operators run the
+ReLUs), from one step under ``torch.profiler``.
 """
 
 from __future__ import annotations
