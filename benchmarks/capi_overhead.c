@@ -74,7 +74,10 @@ int main(int argc, char **argv)
             ((float *)b)[i] = 0.0f;
         }
     }
-    if (fastnorm_forward_training(&d, x, w, b, y, mean, rstd) != FASTNORM_OK) { /* init + warm up */
+    /* init, and warm up: each operation's first call loads its kernel */
+    if (fastnorm_forward_training(&d, x, w, b, y, mean, rstd) != FASTNORM_OK
+        || fastnorm_forward_inference(&d, x, w, b, mean, rstd, y) != FASTNORM_OK
+        || fastnorm_backward(&d, dy, x, w, mean, rstd, dx, dw, db) != FASTNORM_OK) {
         fprintf(stderr, "%s\n", fastnorm_last_error());
         return 1;
     }

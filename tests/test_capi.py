@@ -526,6 +526,9 @@ def _tbb_installed():
 def test_forked_child_matches_parent(capi, layer):
     """A child forked after the parent's calls gets bitwise the parent's results (fork.c).
 
+    The child also loads a kernel the parent had not loaded yet, and gets the
+    parent's bits from it.
+
     Default: TBB when the tbb package is installed (fork-safe).  Forced GNU
     OpenMP: its parallel regions kill a forked child (SIGTERM), so the library
     runs the serial builds there.  The child has an alarm; the timeout below
@@ -539,6 +542,9 @@ def test_forked_child_matches_parent(capi, layer):
     assert info.get("child_exit") == "0", result.stdout + result.stderr
     assert info["child_mismatches"] == "0"
     assert info["parent_after_fork_mismatches"] == "0"
+    # a kernel first loaded in the child (the parent loads it only after the fork)
+    assert info["child_update"].startswith(OK + " "), info
+    assert info["child_update"] == info["parent_update"]
     assert "Terminating" not in result.stderr
 
 
@@ -556,6 +562,66 @@ def test_clean_environment_cold_start_uses_cache(capi):
     # seconds, so this bound only catches a cache miss (not load noise).
     assert float(info["first_call_seconds"]) < 8.0, info
     assert float(info["second_call_seconds"]) < 0.05, info
+
+
+#: Run by a host Python process: libfastnorm through ctypes, a cfunc load that fails, then succeeds.
+_FAILED_LOAD_SCRIPT = """
+import ctypes, sys
+import numpy as np
+import fastnorm
+from fastnorm.capi import _runtime
+
+class Desc(ctypes.Structure):
+    _fields_ = [("struct_size", ctypes.c_size_t), ("kind", ctypes.c_int32), ("dtype", ctypes.c_int32),
+                ("param_dtype", ctypes.c_int32), ("layout", ctypes.c_int32), ("rank", ctypes.c_int32),
+                ("normalized_ndim", ctypes.c_int32), ("num_groups", ctypes.c_int64),
+                ("dims", ctypes.c_int64 * 8), ("eps", ctypes.c_double), ("flags", ctypes.c_uint64),
+                ("activation", ctypes.c_int32), ("reserved", ctypes.c_int32),
+                ("negative_slope", ctypes.c_double)]
+
+lib = ctypes.CDLL(sys.argv[1])
+lib.fastnorm_last_error.restype = ctypes.c_char_p
+desc = Desc()
+dims = (ctypes.c_int64 * 3)(2, 8, 3)
+assert lib.fastnorm_desc_init(ctypes.byref(desc), ctypes.c_size_t(ctypes.sizeof(Desc)), 1, 1, 3, dims) == 0
+x = (np.arange(48) % 5).astype(np.float32).reshape(2, 8, 3)
+y, mean, rstd = np.full_like(x, 7.0), np.full(8, 7.0), np.full(8, 7.0)
+
+def call():
+    ptr = lambda a: a.ctypes.data_as(ctypes.c_void_p)
+    return lib.fastnorm_forward_training(ctypes.byref(desc), ptr(x), None, None, ptr(y), ptr(mean), ptr(rstd))
+
+build_cfunc = _runtime.build_cfunc
+def broken(op, dtype):
+    raise MemoryError(f"simulated failure loading {op} {dtype}")
+_runtime.build_cfunc = broken
+print("failed_status", call())
+print("failed_message", lib.fastnorm_last_error().decode().replace(chr(10), " | "))
+print("untouched", bool((y == 7).all() and (mean == 7).all() and (rstd == 7).all()))
+_runtime.build_cfunc = build_cfunc
+print("retry_status", call())
+want_y, stats = fastnorm.forward(x, fastnorm.NormSpec.batch_norm())
+print("retry_equal", bool((y == want_y).all() and (mean == stats.mean).all() and (rstd == stats.rstd).all()))
+"""
+
+
+def test_a_failed_kernel_load_is_reported_and_retried(capi):
+    """A cfunc that cannot load: FASTNORM_INTERNAL_ERROR with the cause, nothing written; a retry loads it.
+
+    The library runs in a host Python process (ctypes), whose ``_runtime`` the
+    script patches: the first call's load raises, the second's succeeds.
+    """
+    result = subprocess.run(
+        [sys.executable, "-c", _FAILED_LOAD_SCRIPT, str(capi["out"] / "libfastnorm.so")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = dict(line.split(" ", 1) for line in result.stdout.splitlines())
+    assert info["failed_status"] == "4", info  # FASTNORM_INTERNAL_ERROR
+    assert "cannot load the kernel" in info["failed_message"], info
+    assert "simulated failure loading forward_training float32" in info["failed_message"], info
+    assert info["untouched"] == "True"
+    assert info["retry_status"] == "0" and info["retry_equal"] == "True", info
 
 
 def test_numba_num_threads_is_honoured(capi):
@@ -692,26 +758,32 @@ def test_generated_constants_equal_the_python_ones(tmp_path):
 
 
 @pytest.mark.parametrize("unsafe", [False, True])
-def test_generated_slots_match_fill_table(monkeypatch, unsafe):
-    """The SLOT_* values are where fastnorm.capi._runtime.fill_table writes each address."""
+def test_generated_slots_match_fill_table_and_load_slot(monkeypatch, unsafe):
+    """The SLOT_* values are where fill_table writes the threading slots and which cfunc load_slot loads."""
     from fastnorm.capi import _runtime
 
     keys = sorted(_runtime.TABLE_ORDER)
     fake = {key: types.SimpleNamespace(address=1000 + i) for i, key in enumerate(keys)}
-    monkeypatch.setattr(_runtime, "build_cfuncs", lambda: fake)
+    monkeypatch.setattr(_runtime, "build_cfunc", lambda op, dtype: fake[op, dtype])
     monkeypatch.setattr(_runtime, "threading_addresses", lambda: (901, 902, 903, "fake"))
     monkeypatch.setattr(_runtime, "_KEEP_ALIVE", [])
     monkeypatch.setattr(_runtime, "fork_unsafe", lambda: unsafe)
     constants = BUILD.generated_constants()
     table = [0] * constants["SLOT_COUNT"]
     assert _runtime.fill_table(table, len(table)) == "fake"
+    assert table[: len(keys)] == [0] * len(keys)  # the cfuncs are loaded on first use
     for op, dtype in keys:
-        assert table[constants[f"SLOT_{op.upper()}_{dtype.upper()}"]] == fake[op, dtype].address
+        assert _runtime.load_slot(constants[f"SLOT_{op.upper()}_{dtype.upper()}"]) == fake[op, dtype].address
     assert table[constants["SLOT_SET_THREADS"]] == 901
     assert table[constants["SLOT_GET_THREADS"]] == 902
     assert table[constants["SLOT_MAX_THREADS"]] == 903
     after_fork = constants["AFTER_FORK_SERIAL" if unsafe else "AFTER_FORK_PARALLEL"]
     assert table[constants["SLOT_AFTER_FORK"]] == after_fork
+    for slot in (-1, len(keys), constants["SLOT_AFTER_FORK"]):
+        with pytest.raises(IndexError, match="not a cfunc slot"):
+            _runtime.load_slot(slot)
+    with pytest.raises(RuntimeError, match="table slots"):
+        _runtime.fill_table(table, len(table) + 1)
 
 
 def test_capi_source_compiles_on_its_own(tmp_path):

@@ -49,6 +49,9 @@
  *   single-threaded (see docs/c-api.md, Fork).
  * - Initialization: fastnorm_init() starts the runtime explicitly; otherwise
  *   the first call that needs it does (lazy, thread-safe, once per process).
+ *   Each operation's kernel for a data dtype is loaded by its first call
+ *   (thread-safe, once per process): one call of each operation a program
+ *   uses, at start-up, takes all of that latency up front.
  *   Pure-C helpers (fastnorm_version, fastnorm_version_string,
  *   fastnorm_status_string, fastnorm_last_error, fastnorm_desc_init,
  *   fastnorm_num_stats, fastnorm_num_params) never start it.
@@ -108,7 +111,9 @@ typedef enum fastnorm_status {
                                       with 16-bit data) */
     FASTNORM_NOT_INITIALIZED = 3,  /* the embedded runtime could not be started */
     FASTNORM_INTERNAL_ERROR = 4,   /* the kernel raised (only: out of memory for its workspace;
-                                      Numba then writes the exception to stderr) */
+                                      Numba then writes the exception to stderr), or the
+                                      call's kernel could not be loaded (the reason is in
+                                      fastnorm_last_error(); the next call tries again) */
     FASTNORM_NULL_POINTER = 5,     /* a required pointer is NULL */
     FASTNORM_SIZE_OVERFLOW = 6,    /* element count of dims times 8 bytes overflows int64 */
     FASTNORM_OVERLAP = 7,          /* an output overlaps another buffer (beyond allowed aliases) */
@@ -314,9 +319,10 @@ FASTNORM_API fastnorm_status fastnorm_num_stats(const fastnorm_desc *desc, int64
 
 /**
  * Start the runtime now: the embedded Python interpreter (if the process has
- * none), Numba, and the compiled kernels (loaded from Numba's cache; the
- * very first run compiles them, run `python -m fastnorm.capi --warm` once
- * to do that ahead of time).  Calling it again is a cheap no-op.
+ * none), Numba and its thread pool.  The compiled kernels are loaded from
+ * Numba's cache by the first call of each operation and data dtype (the very
+ * first run compiles them: run `python -m fastnorm.capi --warm` once to do
+ * that ahead of time).  Calling it again is a cheap no-op.
  *
  * Environment read at this point: FASTNORM_PYTHONHOME (overrides the Python
  * home baked in at build time), NUMBA_NUM_THREADS (size of the thread pool),
@@ -665,7 +671,8 @@ FASTNORM_API fastnorm_status fastnorm_batch_stats(const fastnorm_desc *desc, con
  * @returns FASTNORM_OK; FASTNORM_NULL_POINTER; FASTNORM_INVALID_ARGUMENT
  *          (R or C < 1, a negative count, every count 0, misaligned
  *          buffers); FASTNORM_SIZE_OVERFLOW; FASTNORM_OVERLAP;
- *          FASTNORM_NOT_INITIALIZED.  Nothing is written unless FASTNORM_OK.
+ *          FASTNORM_NOT_INITIALIZED; FASTNORM_INTERNAL_ERROR.  Nothing is
+ *          written unless FASTNORM_OK.
  * Ownership: nothing retained.  Starts the runtime if needed.  Thread-safe.
  * Deterministic, identical to fastnorm.merge_stats() in Python.
  */
@@ -738,7 +745,8 @@ FASTNORM_API fastnorm_status fastnorm_backward_apply(const fastnorm_desc *desc, 
  * @returns FASTNORM_OK; FASTNORM_NULL_POINTER; FASTNORM_INVALID_ARGUMENT
  *          (another kind, count < 2, momentum outside [0, 1], misaligned
  *          buffers); FASTNORM_OVERLAP; the descriptor's statuses;
- *          FASTNORM_NOT_INITIALIZED.  Nothing is written unless FASTNORM_OK.
+ *          FASTNORM_NOT_INITIALIZED; FASTNORM_INTERNAL_ERROR.  Nothing is
+ *          written unless FASTNORM_OK.
  * Ownership: nothing retained.  Starts the runtime if needed.  Thread-safe.
  * Identical to fastnorm.update_running_stats() in Python.
  */

@@ -14,8 +14,8 @@
  *     after-fork slot (AFTER_FORK_PARALLEL, AFTER_FORK_SERIAL), and the Python environment
  *     baked into the library (FASTNORM_BAKED_EXECUTABLE,
  *     FASTNORM_BAKED_PY_VERSION).  Nothing here is copied from Python by hand;
- *   - _fastnorm_py_init, defined by cffi from the extern "Python" declaration
- *     of build.py (declared below).
+ *   - _fastnorm_py_init and _fastnorm_py_load, defined by cffi from the
+ *     extern "Python" declarations of build.py (declared below).
  * With those, the file compiles on its own (tests/test_capi.py checks it with
  * gcc -fsyntax-only).
  *
@@ -24,9 +24,12 @@
  *   2. runtime start: the embedded interpreter (PyConfig, with the baked
  *      executable so that the build environment's sys.path is found), then
  *      one call into Python (_fastnorm_py_init, cffi extern "Python") that
- *      compiles / loads the Numba cfuncs and returns their addresses;
- *   3. entry points: validate, make sure the runtime is up, set the thread
- *      count, call the cfunc through a function pointer (no Python, no GIL).
+ *      starts Numba's threading layer and returns its entry points;
+ *   3. entry points: validate, make sure the runtime is up and the cfunc of
+ *      the call loaded (the first call of each operation and dtype asks
+ *      Python for it: _fastnorm_py_load, which loads it from Numba's cache),
+ *      set the thread count, call the cfunc through a function pointer (no
+ *      Python, no GIL).
  *      In a child forked after the runtime started on GNU OpenMP (whose
  *      parallel regions kill a forked child), the cfuncs get the thread
  *      count 0 and run the kernels' serial builds (same results, bitwise).
@@ -49,6 +52,7 @@
 /* Implemented in Python (embedding init code), see fastnorm/capi/build.py. */
 int _fastnorm_py_init(int64_t *table, int64_t table_len, int32_t owns_interpreter, char *message,
                       int64_t message_len);
+int _fastnorm_py_load(int32_t slot, int64_t *address, char *message, int64_t message_len);
 
 /* Signatures of the cfuncs of fastnorm/capi/_cfuncs.py, and of the threading layer's. */
 typedef int32_t (*forward_fn)(const void *x, const void *r, int64_t nr, const void *w, int64_t nw,
@@ -520,8 +524,11 @@ static fastnorm_status check_overlaps(const buffer *bufs, int n, const int (*all
 
 enum { STATE_NONE = 0, STATE_READY = 1, STATE_FAILED = 2 };
 
+/* Held while the runtime starts and while a cfunc loads (the only times C
+   runs Python); see the fork handlers below. */
 static pthread_mutex_t init_lock = PTHREAD_MUTEX_INITIALIZER;
 static int runtime_state = STATE_NONE; /* atomic */
+/* cfunc slots are 0 until their first call loads them (atomic); then fixed. */
 static int64_t runtime_table[SLOT_COUNT];
 static char runtime_message[4096]; /* layer name on success, reason on failure */
 static int max_threads = 1;
@@ -530,9 +537,31 @@ static int wanted_threads = 0; /* atomic; 0 = max_threads */
    cannot run there (SLOT_AFTER_FORK == AFTER_FORK_SERIAL: GNU OpenMP). */
 static int serial_after_fork = 0; /* atomic */
 
-static void mark_forked_child(void) { __atomic_store_n(&serial_after_fork, 1, __ATOMIC_RELAXED); }
-
 static int owns_interpreter = 0;
+
+/* Fork handlers.  With the library's own interpreter, fork() waits for a
+   cfunc load under way, so the child inherits a consistent runtime and a free
+   GIL.  A host Python process may fork (os.fork) while holding the GIL, which
+   a load under way waits for: waiting for init_lock there could deadlock, so
+   the child instead gets a fresh init_lock (the loading thread is not in the
+   child; its slot is still 0 and loads again on first use). */
+static void lock_for_fork(void)
+{
+    if (owns_interpreter) pthread_mutex_lock(&init_lock);
+}
+
+static void unlock_in_parent(void)
+{
+    if (owns_interpreter) pthread_mutex_unlock(&init_lock);
+}
+
+static void reset_in_child(void)
+{
+    if (runtime_table[SLOT_AFTER_FORK] == AFTER_FORK_SERIAL)
+        __atomic_store_n(&serial_after_fork, 1, __ATOMIC_RELAXED);
+    if (owns_interpreter) pthread_mutex_unlock(&init_lock);
+    else pthread_mutex_init(&init_lock, NULL);
+}
 
 static fastnorm_status start_interpreter(void)
 {
@@ -580,9 +609,8 @@ FASTNORM_API fastnorm_status fastnorm_init(void)
                                   (int64_t)sizeof runtime_message)
                 == 1) {
                 int i, ok = 1;
-                for (i = 0; i < SLOT_COUNT; ++i) ok = ok && runtime_table[i] != 0;
-                if (ok && runtime_table[SLOT_AFTER_FORK] == AFTER_FORK_SERIAL
-                    && pthread_atfork(NULL, NULL, mark_forked_child) != 0) {
+                for (i = SLOT_SET_THREADS; i < SLOT_COUNT; ++i) ok = ok && runtime_table[i] != 0;
+                if (ok && pthread_atfork(lock_for_fork, unlock_in_parent, reset_in_child) != 0) {
                     snprintf(runtime_message, sizeof runtime_message,
                              "cannot register the fork handler (pthread_atfork failed)");
                 } else if (ok) {
@@ -609,6 +637,35 @@ static fastnorm_status ensure_runtime(void)
 {
     if (__atomic_load_n(&runtime_state, __ATOMIC_ACQUIRE) == STATE_READY) return FASTNORM_OK;
     return fastnorm_init();
+}
+
+/* Start the runtime if needed and return the cfunc of table slot `slot` in
+   *fn, loading it on the first call (one load per slot and process, under
+   init_lock).  A failed load is not sticky: the next call tries again. */
+static fastnorm_status ensure_kernel(int slot, void **fn)
+{
+    static char message[4096]; /* written under init_lock, copied out before it is released */
+    char reason[sizeof message];
+    int64_t address;
+    fastnorm_status st = ensure_runtime();
+    if (st != FASTNORM_OK) return st;
+    address = __atomic_load_n(&runtime_table[slot], __ATOMIC_ACQUIRE);
+    if (address == 0) {
+        pthread_mutex_lock(&init_lock);
+        address = __atomic_load_n(&runtime_table[slot], __ATOMIC_ACQUIRE);
+        if (address == 0) {
+            message[0] = '\0';
+            if (_fastnorm_py_load(slot, &address, message, (int64_t)sizeof message) != 1) address = 0;
+            if (address != 0) __atomic_store_n(&runtime_table[slot], address, __ATOMIC_RELEASE);
+            else snprintf(reason, sizeof reason, "%s", message[0] ? message : "(no traceback)");
+        }
+        pthread_mutex_unlock(&init_lock);
+        if (address == 0)
+            return fail(FASTNORM_INTERNAL_ERROR, "cannot load the kernel of this call (table slot %d): %s",
+                        slot, reason);
+    }
+    *fn = (void *)(uintptr_t)address;
+    return FASTNORM_OK;
 }
 
 FASTNORM_API fastnorm_status fastnorm_set_num_threads(int num_threads)
@@ -687,6 +744,7 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
                                       const void *residual, const void *weight, const void *bias,
                                       const double *mean, const double *rstd, void *y)
 {
+    void *fn;
     static const int allowed[][2] = {{6, 0}, {6, 1}}; /* y == x, y == residual */
     plan p;
     fastnorm_status st;
@@ -709,13 +767,13 @@ static fastnorm_status forward_common(const fastnorm_desc *desc, int training, c
         };
         if ((st = check_buffers(bufs, 7, allowed, 2)) != FASTNORM_OK) return st;
     }
-    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
-    previous = enter_threads(&threads);
     slot = training ? FORWARD_TRAINING_SLOTS[p.dtype_index] : FORWARD_INFERENCE_SLOTS[p.dtype_index];
-    rc = ((forward_fn)(uintptr_t)runtime_table[slot])(
-        x, residual, residual ? p.size : 0, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0, y,
-        (double *)mean, (double *)rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps,
-        p.activation, p.negative_slope, p.param16, (int64_t)threads);
+    if ((st = ensure_kernel(slot, &fn)) != FASTNORM_OK) return st;
+    previous = enter_threads(&threads);
+    rc = ((forward_fn)fn)(x, residual, residual ? p.size : 0, weight, weight ? p.nparams : 0, bias,
+                          bias ? p.nparams : 0, y, (double *)mean, (double *)rstd, p.nstats, p.batch,
+                          p.channels, p.spatial, p.groups, p.flags, p.eps, p.activation, p.negative_slope,
+                          p.param16, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1)
         return fail(FASTNORM_INTERNAL_ERROR, "the %s kernel failed (out of memory?)",
@@ -768,12 +826,13 @@ FASTNORM_API fastnorm_status fastnorm_skip_forward_training(const fastnorm_desc 
                                                             const void *weight, const void *bias, void *h,
                                                             void *y, double *mean, double *rstd)
 {
+    void *fn;
     /* h == x, h == skip, y == x, y == skip (never y == h) */
     static const int allowed[][2] = {{7, 0}, {7, 1}, {8, 0}, {8, 1}};
     plan p;
     fastnorm_status st;
     int32_t rc;
-    int previous, slot, threads;
+    int previous, threads;
     if ((st = make_plan(desc, 1, &p)) != FASTNORM_OK) return st;
     if ((st = check_skip_kind(&p, "fastnorm_skip_forward_training")) != FASTNORM_OK) return st;
     REQUIRE(x);
@@ -796,13 +855,12 @@ FASTNORM_API fastnorm_status fastnorm_skip_forward_training(const fastnorm_desc 
         };
         if ((st = check_buffers(bufs, 9, allowed, 4)) != FASTNORM_OK) return st;
     }
-    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    if ((st = ensure_kernel(SKIP_FORWARD_SLOTS[p.dtype_index], &fn)) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
-    slot = SKIP_FORWARD_SLOTS[p.dtype_index];
-    rc = ((skip_forward_fn)(uintptr_t)runtime_table[slot])(
-        x, skip, skip_bias, skip_bias ? p.nparams : 0, weight, weight ? p.nparams : 0, bias,
-        bias ? p.nparams : 0, h, y, mean, rstd, p.nstats, p.batch, p.channels, p.spatial, p.groups, p.flags,
-        p.eps, p.activation, p.negative_slope, p.param16, (int64_t)threads);
+    rc = ((skip_forward_fn)fn)(x, skip, skip_bias, skip_bias ? p.nparams : 0, weight, weight ? p.nparams : 0,
+                               bias, bias ? p.nparams : 0, h, y, mean, rstd, p.nstats, p.batch, p.channels,
+                               p.spatial, p.groups, p.flags, p.eps, p.activation, p.negative_slope, p.param16,
+                               (int64_t)threads);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the skip forward kernel failed (out of memory?)");
     return FASTNORM_OK;
@@ -816,12 +874,13 @@ static fastnorm_status backward_common(const fastnorm_desc *desc, int fused, int
                                        const void *bias, const double *mean, const double *rstd, void *dx,
                                        void *dresidual, void *dweight, void *dbias, void *dskip_bias)
 {
+    void *fn;
     /* dx == dy, dx == x, dresidual == dy */
     static const int allowed[][2] = {{7, 0}, {7, 1}, {8, 0}};
     plan p;
     fastnorm_status st;
     int32_t rc;
-    int previous, slot, threads;
+    int previous, threads;
     if ((st = make_plan(desc, 1, &p)) != FASTNORM_OK) return st;
     if (skip && (st = check_skip_kind(&p, "fastnorm_skip_backward")) != FASTNORM_OK) return st;
     if (!fused && p.activation != FASTNORM_ACTIVATION_NONE)
@@ -851,14 +910,13 @@ static fastnorm_status backward_common(const fastnorm_desc *desc, int fused, int
         };
         if ((st = check_buffers(bufs, 12, allowed, 3)) != FASTNORM_OK) return st;
     }
-    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    if ((st = ensure_kernel(BACKWARD_SLOTS[p.dtype_index], &fn)) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
-    slot = BACKWARD_SLOTS[p.dtype_index];
-    rc = ((backward_fn)(uintptr_t)runtime_table[slot])(
-        dy, x, residual, residual ? p.size : 0, weight, weight ? p.nparams : 0, bias, bias ? p.nparams : 0,
-        mean, rstd, p.nstats, dx, dresidual, dresidual ? p.size : 0, dweight, dweight ? p.nparams : 0, dbias,
-        dbias ? p.nparams : 0, dskip_bias, dskip_bias ? p.nparams : 0, p.batch, p.channels, p.spatial,
-        p.groups, p.flags, p.eps, p.activation, p.negative_slope, p.param16, (int64_t)threads);
+    rc = ((backward_fn)fn)(dy, x, residual, residual ? p.size : 0, weight, weight ? p.nparams : 0, bias,
+                           bias ? p.nparams : 0, mean, rstd, p.nstats, dx, dresidual, dresidual ? p.size : 0,
+                           dweight, dweight ? p.nparams : 0, dbias, dbias ? p.nparams : 0, dskip_bias,
+                           dskip_bias ? p.nparams : 0, p.batch, p.channels, p.spatial, p.groups, p.flags,
+                           p.eps, p.activation, p.negative_slope, p.param16, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward kernel failed (out of memory?)");
     return FASTNORM_OK;
@@ -916,6 +974,7 @@ static fastnorm_status split_plan(const fastnorm_desc *desc, const char *functio
 FASTNORM_API fastnorm_status fastnorm_batch_stats(const fastnorm_desc *desc, const void *x, int64_t *count,
                                                   double *mean, double *m2)
 {
+    void *fn;
     plan p;
     fastnorm_status st;
     int32_t rc;
@@ -934,11 +993,10 @@ FASTNORM_API fastnorm_status fastnorm_batch_stats(const fastnorm_desc *desc, con
         };
         if ((st = check_buffers(bufs, 4, NULL, 0)) != FASTNORM_OK) return st;
     }
-    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    if ((st = ensure_kernel(BATCH_STATS_SLOTS[p.dtype_index], &fn)) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
-    rc = ((batch_stats_fn)(uintptr_t)runtime_table[BATCH_STATS_SLOTS[p.dtype_index]])(
-        x, mean, m2, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps, p.activation, p.negative_slope,
-        (int64_t)threads);
+    rc = ((batch_stats_fn)fn)(x, mean, m2, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps,
+                              p.activation, p.negative_slope, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the batch statistics kernel failed (out of memory?)");
     *count = p.group_size;
@@ -949,6 +1007,7 @@ FASTNORM_API fastnorm_status fastnorm_merge_stats(int64_t num_ranks, int64_t cha
                                                   const double *means, const double *m2s, int64_t *count,
                                                   double *mean, double *var)
 {
+    void *fn;
     fastnorm_status st;
     int64_t r, total = 0, values;
     int32_t rc;
@@ -985,9 +1044,8 @@ FASTNORM_API fastnorm_status fastnorm_merge_stats(int64_t num_ranks, int64_t cha
         return fail(FASTNORM_INVALID_ARGUMENT,
                     "every count is 0: no rank has any element; the statistics "
                     "are undefined");
-    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
-    rc = ((merge_stats_fn)(uintptr_t)runtime_table[SLOT_MERGE_STATS_FLOAT64])(num_ranks, channels, counts,
-                                                                              means, m2s, mean, var, count);
+    if ((st = ensure_kernel(SLOT_MERGE_STATS_FLOAT64, &fn)) != FASTNORM_OK) return st;
+    rc = ((merge_stats_fn)fn)(num_ranks, channels, counts, means, m2s, mean, var, count);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the merge failed (out of memory?)");
     return FASTNORM_OK;
 }
@@ -996,6 +1054,7 @@ FASTNORM_API fastnorm_status fastnorm_backward_reduce(const fastnorm_desc *desc,
                                                       const void *x, const double *mean, const double *rstd,
                                                       double *sum_dy, double *sum_dy_xhat)
 {
+    void *fn;
     plan p;
     fastnorm_status st;
     int32_t rc;
@@ -1018,11 +1077,10 @@ FASTNORM_API fastnorm_status fastnorm_backward_reduce(const fastnorm_desc *desc,
         };
         if ((st = check_buffers(bufs, 6, NULL, 0)) != FASTNORM_OK) return st;
     }
-    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    if ((st = ensure_kernel(BACKWARD_REDUCE_SLOTS[p.dtype_index], &fn)) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
-    rc = ((backward_reduce_fn)(uintptr_t)runtime_table[BACKWARD_REDUCE_SLOTS[p.dtype_index]])(
-        dy, x, mean, rstd, sum_dy, sum_dy_xhat, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps,
-        p.activation, p.negative_slope, (int64_t)threads);
+    rc = ((backward_reduce_fn)fn)(dy, x, mean, rstd, sum_dy, sum_dy_xhat, p.batch, p.channels, p.spatial,
+                                  p.groups, p.flags, p.eps, p.activation, p.negative_slope, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward reduce kernel failed (out of memory?)");
     return FASTNORM_OK;
@@ -1033,6 +1091,7 @@ FASTNORM_API fastnorm_status fastnorm_backward_apply(const fastnorm_desc *desc, 
                                                      const double *rstd, const double *sum_dy,
                                                      const double *sum_dy_xhat, int64_t count, void *dx)
 {
+    void *fn;
     static const int allowed[][2] = {{7, 0}, {7, 1}}; /* dx == dy, dx == x */
     plan p;
     fastnorm_status st;
@@ -1064,11 +1123,11 @@ FASTNORM_API fastnorm_status fastnorm_backward_apply(const fastnorm_desc *desc, 
         };
         if ((st = check_buffers(bufs, 8, allowed, 2)) != FASTNORM_OK) return st;
     }
-    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
+    if ((st = ensure_kernel(BACKWARD_APPLY_SLOTS[p.dtype_index], &fn)) != FASTNORM_OK) return st;
     previous = enter_threads(&threads);
-    rc = ((backward_apply_fn)(uintptr_t)runtime_table[BACKWARD_APPLY_SLOTS[p.dtype_index]])(
-        dy, x, weight, weight ? p.nparams : 0, mean, rstd, sum_dy, sum_dy_xhat, (double)count, dx, p.batch,
-        p.channels, p.spatial, p.groups, p.flags, p.eps, p.activation, p.negative_slope, (int64_t)threads);
+    rc = ((backward_apply_fn)fn)(dy, x, weight, weight ? p.nparams : 0, mean, rstd, sum_dy, sum_dy_xhat,
+                                 (double)count, dx, p.batch, p.channels, p.spatial, p.groups, p.flags, p.eps,
+                                 p.activation, p.negative_slope, (int64_t)threads);
     leave_threads(previous);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the backward apply kernel failed (out of memory?)");
     return FASTNORM_OK;
@@ -1078,6 +1137,7 @@ FASTNORM_API fastnorm_status fastnorm_update_running_stats(const fastnorm_desc *
                                                            const double *var, int64_t count, double momentum,
                                                            void *running_mean, void *running_var)
 {
+    void *fn;
     plan p;
     fastnorm_status st;
     int32_t rc;
@@ -1105,11 +1165,10 @@ FASTNORM_API fastnorm_status fastnorm_update_running_stats(const fastnorm_desc *
         };
         if ((st = check_buffers(bufs, 4, NULL, 0)) != FASTNORM_OK) return st;
     }
-    if ((st = ensure_runtime()) != FASTNORM_OK) return st;
     /* the running statistics have the parameter dtype: float32 ones with 16-bit data use float32's cfunc */
     slot = p.param_itemsize == 4 ? UPDATE_RUNNING_SLOTS[0] : UPDATE_RUNNING_SLOTS[p.dtype_index];
-    rc = ((update_running_fn)(uintptr_t)runtime_table[slot])(running_mean, running_var, mean, var, p.channels,
-                                                             (double)count, momentum);
+    if ((st = ensure_kernel(slot, &fn)) != FASTNORM_OK) return st;
+    rc = ((update_running_fn)fn)(running_mean, running_var, mean, var, p.channels, (double)count, momentum);
     if (rc != 1) return fail(FASTNORM_INTERNAL_ERROR, "the running statistics update failed");
     return FASTNORM_OK;
 }

@@ -5,7 +5,10 @@
  * inherited), and the parent calls again after the fork.  Prints "key=value"
  * lines for tests/test_capi.py: the threading layer, the child's exit status
  * (or signal: GNU OpenMP's parallel regions kill a forked child unless the
- * library runs the serial builds there) and the mismatch counts.
+ * library runs the serial builds there) and the mismatch counts.  The child
+ * also makes a call whose kernel the parent never loaded (the running-
+ * statistics update), which it loads itself; it prints the result, and the
+ * parent the same call's after the fork, for the test to compare.
  */
 #define _POSIX_C_SOURCE 200809L
 #include <sys/wait.h>
@@ -79,6 +82,22 @@ static int same(const result *a, const result *b)
         && !memcmp(a->rstd, b->rstd, a->stats_bytes);
 }
 
+/* A running-statistics update, whose kernel no other call of this program
+   loads; prints its status and results as "<label>_update=...". */
+static void print_update(const char *label)
+{
+    static const int64_t dims[2] = {4, 3};
+    const double mean[3] = {0.5, -1.25, 3.0}, var[3] = {2.0, 0.125, 7.5};
+    double running_mean[3] = {0.0, 1.0, -2.0}, running_var[3] = {1.0, 0.5, 4.0};
+    fastnorm_desc d;
+    fastnorm_status st;
+    fastnorm_desc_init(&d, sizeof d, FASTNORM_BATCH_NORM, FASTNORM_FLOAT64, 2, dims);
+    st = fastnorm_update_running_stats(&d, mean, var, 4, 0.1, running_mean, running_var);
+    printf("%s_update=%s %a %a %a %a %a %a\n", label, fastnorm_status_string(st), running_mean[0],
+           running_mean[1], running_mean[2], running_var[0], running_var[1], running_var[2]);
+    fflush(stdout);
+}
+
 /* Runs every case into `out` and counts the results that differ from `want` (or failed). */
 static int mismatches(const result *want, result *out)
 {
@@ -132,11 +151,13 @@ int main(void)
         /* `again` is the child's copy: the parent's results stay untouched in `parent`. */
         printf("child_mismatches=%d\n", mismatches(parent, again));
         fflush(stdout);
+        print_update("child");
         _exit(0);
     }
     if (waitpid(pid, &status, 0) != pid) return 2;
     if (WIFEXITED(status)) printf("child_exit=%d\n", WEXITSTATUS(status));
     else if (WIFSIGNALED(status)) printf("child_signal=%d\n", WTERMSIG(status));
     printf("parent_after_fork_mismatches=%d\n", mismatches(parent, again));
+    print_update("parent");
     return 0;
 }

@@ -62,7 +62,7 @@ from .. import _kernels as K
 from .._config import DEPS_KEY, glue
 from .._kernels.storage import load, store
 
-__all__ = ["DEPS_KEY", "SIGNATURES", "build_cfuncs", "threading_addresses"]
+__all__ = ["DEPS_KEY", "SIGNATURES", "build_cfunc", "build_cfuncs", "threading_addresses"]
 
 _i64 = types.int64
 _f64 = types.float64
@@ -439,8 +439,34 @@ _FACTORIES = {
 }
 
 
+def build_cfunc(op, dtype, cache=True):
+    """Compile (or load from Numba's cache) the cfunc of one operation for one data dtype.
+
+    Parameters
+    ----------
+    op : str
+        An operation of :data:`SIGNATURES` (``"forward_training"``, ...).
+    dtype : str
+        A data dtype of :data:`DATA_TYPES` (the merge has only ``"float64"``).
+    cache : bool, optional
+        Use Numba's on-disk cache (default).
+
+    Returns
+    -------
+    numba CFunc
+        Keep it alive for as long as its address (``.address``) is in use.
+    """
+    # A cfunc loaded from the cache does not start the threading layer (its
+    # parfor symbols, e.g. ``allocate_sched``, would be unresolved: LLVM aborts
+    # the process), so start it first.
+    from numba.np.ufunc import parallel
+
+    parallel._launch_threads()
+    return cfunc(SIGNATURES[op, dtype], cache=cache)(_FACTORIES[op](DEPS_KEY))
+
+
 def build_cfuncs(cache=True, dtypes=None):
-    """Compile (or load from Numba's cache) every cfunc of the C ABI.
+    """Compile (or load from Numba's cache) every cfunc of the C ABI (:func:`build_cfunc`).
 
     Parameters
     ----------
@@ -458,17 +484,11 @@ def build_cfuncs(cache=True, dtypes=None):
         ``{(operation, dtype name): numba CFunc}``; keep it alive for as long
         as the addresses (``cfunc.address``) are in use.
     """
-    # A cfunc loaded from the cache does not start the threading layer (its
-    # parfor symbols, e.g. ``allocate_sched``, would be unresolved: LLVM aborts
-    # the process), so start it first.
-    from numba.np.ufunc import parallel
-
-    parallel._launch_threads()
-    result = {}
-    for (op, dtype), sig in SIGNATURES.items():
-        if dtypes is None or dtype in dtypes:
-            result[op, dtype] = cfunc(sig, cache=cache)(_FACTORIES[op](DEPS_KEY))
-    return result
+    return {
+        (op, dtype): build_cfunc(op, dtype, cache)
+        for op, dtype in SIGNATURES
+        if dtypes is None or dtype in dtypes
+    }
 
 
 def threading_addresses():

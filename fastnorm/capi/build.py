@@ -62,7 +62,8 @@ _REPO_ROOT = _PACKAGE_ROOT.parent
 
 _EMBEDDING_API = (
     "int _fastnorm_py_init(int64_t *table, int64_t table_len, int32_t owns_interpreter, "
-    "char *message, int64_t message_len);"
+    "char *message, int64_t message_len);\n"
+    "int _fastnorm_py_load(int32_t slot, int64_t *address, char *message, int64_t message_len);"
 )
 
 _INIT_CODE = """
@@ -81,22 +82,38 @@ if {package_parent!r} not in sys.path:
 from _fastnorm_capi import ffi
 
 
+def _reply(text, message, message_len):
+    data = text.encode("utf-8", "replace")[: max(0, message_len - 1)]
+    ffi.memmove(message, data, len(data))
+    message[len(data)] = b"\\0"
+
+
 @ffi.def_extern()
 def _fastnorm_py_init(table, table_len, owns_interpreter, message, message_len):
     try:
         from fastnorm.capi import _runtime
 
-        text = _runtime.fill_table(table, table_len, bool(owns_interpreter))
-        status = 1
+        _reply(_runtime.fill_table(table, table_len, bool(owns_interpreter)), message, message_len)
+        return 1
     except BaseException:
         import traceback
 
-        text = traceback.format_exc()
-        status = 0
-    data = text.encode("utf-8", "replace")[: max(0, message_len - 1)]
-    ffi.memmove(message, data, len(data))
-    message[len(data)] = b"\\0"
-    return status
+        _reply(traceback.format_exc(), message, message_len)
+        return 0
+
+
+@ffi.def_extern()
+def _fastnorm_py_load(slot, address, message, message_len):
+    try:
+        from fastnorm.capi import _runtime
+
+        address[0] = _runtime.load_slot(slot)
+        return 1
+    except BaseException:
+        import traceback
+
+        _reply(traceback.format_exc(), message, message_len)
+        return 0
 """
 
 
@@ -205,9 +222,10 @@ def generated_header():
         "#ifndef FASTNORM_GENERATED_H\n#define FASTNORM_GENERATED_H\n\n"
         f"/* Kernel flags: fastnorm._kernels.{{{flags}}}. */\n"
         + enum("K_")
-        + "\n/* Slots of the function table filled by fastnorm.capi._runtime.fill_table:\n"
-        " * its TABLE_ORDER, then the threading layer's set/get_num_threads, the pool size and\n"
-        " * what a forked child runs (one of the AFTER_FORK_* values below). */\n"
+        + "\n/* Slots of the function table: the cfuncs of fastnorm.capi._runtime.TABLE_ORDER\n"
+        " * (each written at its first use, from _runtime.load_slot), then what\n"
+        " * _runtime.fill_table writes at the start: the threading layer's set/get_num_threads,\n"
+        " * the pool size and what a forked child runs (one of the AFTER_FORK_* values below). */\n"
         + enum("SLOT_")
         + "\n/* Values of the SLOT_AFTER_FORK slot (fastnorm.capi._runtime). */\n"
         + enum("AFTER_FORK_")
