@@ -93,6 +93,21 @@ def test_case_lands_on_its_path(name):
     assert path["quarters"] == ("quarters" in name)
 
 
+@pytest.mark.parametrize("name", sorted(name for name in CASES if "pipelined" in name))
+def test_16bit_rows_run_the_two_loops(name):
+    """The pipelined forward is for 4- and 8-byte data: 16-bit rows take the moments and normalize loops.
+
+    ``PIPELINE_MIN_ITEMSIZE``: two loops take 0.73-0.88x the pipelined time on
+    16-bit rows (docs/perf-notes/layernorm-pipelined-forward.md).  Both give the same bits.
+    """
+    kind, shape, arg, cl = CASES[name]
+    spec = _spec(kind, arg, cl)
+    assert _path(_plan(np.empty(shape, np.float32), spec, True))["pipelined"]
+    for x in (np.empty(shape, np.float16), np.empty(shape, np.uint16)):  # float16; bfloat16 bits
+        forward = K.schedule_of(_kernel_call(_plan(x, spec, True), K.FORWARD, 6)[1])
+        assert forward.strategy == K.ONE_BLOCK, (name, x.dtype)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_forward_backward_against_reference(name, dtype):

@@ -25,9 +25,10 @@ __all__ = [
     "CHANNELS_LAST", "CHANNELS_LAST_VIEW", "CL_CONSECUTIVE_ROW_BYTES", "CL_MIN_ROWS", "CL_TILE_BYTES",
     "CL_TILE_MAX_CHANNELS", "COLUMN_TILE", "COLUMN_TILES", "ELEMENTWISE",
     "FORWARD", "FUSED", "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "MOMENTS", "ONE_BLOCK",
-    "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_WIDTH", "PLANES", "ROWS", "ROW_CHUNK",
-    "ROW_CHUNKS", "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD", "SKIP_FORWARD", "SPEC_FIELDS",
-    "SPLIT", "KernelSpec", "Schedule", "num_stats", "plan_schedule", "schedule_of",
+    "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_ITEMSIZE", "PIPELINE_MIN_WIDTH",
+    "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS", "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD",
+    "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT", "KernelSpec", "Schedule", "num_stats", "plan_schedule",
+    "schedule_of",
 ]  # fmt: skip
 
 # ---------------------------------------------------------------------------
@@ -183,6 +184,9 @@ ROW_TASKS = 32
 #: (docs/perf-notes/layernorm-pipelined-forward.md).
 PIPELINE_MIN_WIDTH = 256
 PIPELINE_MAX_ROW_BYTES = 4096
+#: Bytes per element from which the forward pipelines: 16-bit rows run the two loops,
+#: 0.73-0.88x the pipelined time (docs/perf-notes/layernorm-pipelined-forward.md).
+PIPELINE_MIN_ITEMSIZE = 4
 #: Tensors of at most this many elements run the serial build: below it a
 #: parallel launch costs more than the work (docs/perf-notes/small-call-overhead.md).
 SERIAL_MAX_ELEMENTS = 16384
@@ -208,7 +212,7 @@ def plan_schedule(params, pass_id, num_threads, itemsize, has_weight, has_bias, 
     num_threads : int
         Threads of the calling thread's parallel regions.
     itemsize : int
-        Bytes per element of the data (4 or 8).
+        Bytes per element of the data (2, 4 or 8).
     has_weight, has_bias : bool
         Whether the call has a weight and a bias.
     in_place : bool
@@ -257,7 +261,7 @@ def _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bi
         pipelined = spec.flags & CENTERED and has_weight and has_bias and not in_place
         pipelined = pipelined and spec.activation in (IDENTITY, RELU, LEAKY_RELU)
         if strategy == ONE_BLOCK and pipelined and PIPELINE_MIN_WIDTH <= width:
-            if width * itemsize <= PIPELINE_MAX_ROW_BYTES:
+            if PIPELINE_MIN_ITEMSIZE <= itemsize and width * itemsize <= PIPELINE_MAX_ROW_BYTES:
                 strategy = PIPELINED
                 chunk = (nstats + ROW_TASKS - 1) // ROW_TASKS
     elif pass_id == BACKWARD:
