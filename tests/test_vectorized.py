@@ -16,7 +16,12 @@ inner loops") lists the loops and their vector widths.
 from __future__ import annotations
 
 import inspect
+import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import numba
 import pytest
@@ -273,43 +278,84 @@ KERNEL_VECTOR_LOOPS = {
 }
 
 
-@pytest.mark.parametrize(
-    "storage_type", [types.float32, types.uint16, types.int16], ids=["float32", "bfloat16", "float16"]
-)
-@pytest.mark.parametrize("name", sorted(KERNEL_VECTOR_LOOPS))
-def test_kernels_keep_their_vectorized_loops(name, storage_type):
-    """The loops stay vectorized once inlined into the kernels (float64 counts as float32).
+#: The CPU model (LLVM's ``-mcpu``, Numba's ``NUMBA_CPU_NAME``) the kernels' counts are
+#: pinned to.  LLVM's cost model depends on it: compiled for Intel AVX-512 models
+#: (skylake-avx512, icelake-server, rocketlake), ``rows_backward`` has one vectorized loop
+#: fewer (the float64 partials of ``_param_partials``, COLUMN_TILES path).  So the kernels
+#: are compiled for this model in a subprocess, whatever the host (with the host's
+#: features; compiled, never run), and a count changes only when the code does.
+PINNED_CPU = "znver4"
 
-    Also with 16-bit data (the integer views of ``_kernels/storage.py``, float32 parameters):
-    the conversions are in the loops, which keep at least float32's count.
-    """
-    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(_compiled(name).py_func)
+#: The storage types of the kernels' data, by dtype name (16-bit floats as their integer views).
+STORAGE_TYPES = {"float32": types.float32, "bfloat16": types.uint16, "float16": types.int16}
+
+
+def _kernel_signature(name, storage_type):
+    """Numba signature of kernel ``name`` for data of ``storage_type`` (float32 parameters)."""
     data = types.Array(storage_type, 1, "C")
     par = types.Array(types.float32, 1, "C")  # weight, bias, skip_bias and their gradients
     stats = types.Array(types.float64, 1, "C")
     spec = (types.int64,) * 5 + (types.float64, types.int64, types.float64)  # KernelSpec fields
     params = types.Tuple(spec + (types.int64,) * len(K.Schedule._fields))
     if name == "rows_skip_forward":  # x, skip, skip_bias, weight, bias, h, y
-        signature = (data, data, par, par, par, data, data, stats, stats, params)
-    elif name == "rows_skip_bias_backward":  # dh, dskip_bias
-        signature = (data, par, params)
-    elif name.endswith("batch_stats"):  # x, mean, m2
-        signature = (data, stats, stats, params)
-    elif name.endswith("backward_reduce"):  # dy, x, mean, rstd, sum_dy, sum_dy_xhat
-        signature = (data, data, stats, stats, stats, stats, params)
-    elif name.endswith("backward_apply"):  # dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx
-        signature = (data, data, par, stats, stats, stats, stats, types.float64, data, params)
-    elif name.endswith("backward"):  # dy, x, weight, mean, rstd, dx, dweight, dbias
-        signature = (data, data, par, stats, stats, data, par, par, params)
-    elif name.endswith("inference"):  # x, weight, bias, residual, grad, y
-        signature = (data, par, par, data, data, data, stats, stats, params)
-    else:  # x, weight, bias, residual, y
-        signature = (data, par, par, data, data, stats, stats, params)
-    dispatcher.compile(signature)
-    loops, widths = _vector_loops(dispatcher.inspect_llvm(signature))
+        return (data, data, par, par, par, data, data, stats, stats, params)
+    if name == "rows_skip_bias_backward":  # dh, dskip_bias
+        return (data, par, params)
+    if name.endswith("batch_stats"):  # x, mean, m2
+        return (data, stats, stats, params)
+    if name.endswith("backward_reduce"):  # dy, x, mean, rstd, sum_dy, sum_dy_xhat
+        return (data, data, stats, stats, stats, stats, params)
+    if name.endswith("backward_apply"):  # dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx
+        return (data, data, par, stats, stats, stats, stats, types.float64, data, params)
+    if name.endswith("backward"):  # dy, x, weight, mean, rstd, dx, dweight, dbias
+        return (data, data, par, stats, stats, data, par, par, params)
+    if name.endswith("inference"):  # x, weight, bias, residual, grad, y
+        return (data, par, par, data, data, data, stats, stats, params)
+    return (data, par, par, data, data, stats, stats, params)  # x, weight, bias, residual, y
+
+
+def kernel_loop_counts():
+    """``{"kernel/dtype": (vectorized loops, widths)}`` of the kernels of KERNEL_VECTOR_LOOPS, this CPU."""
+    counts = {}
+    for name in KERNEL_VECTOR_LOOPS:
+        for dtype, storage_type in STORAGE_TYPES.items():
+            dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(_compiled(name).py_func)
+            signature = _kernel_signature(name, storage_type)
+            dispatcher.compile(signature)
+            counts[f"{name}/{dtype}"] = _vector_loops(dispatcher.inspect_llvm(signature))
+    return counts
+
+
+@pytest.fixture(scope="module")
+def pinned_kernel_loops():
+    """:func:`kernel_loop_counts` compiled for :data:`PINNED_CPU`, in a subprocess."""
+    code = (
+        "import json, sys; sys.path.insert(0, sys.argv[1]); import test_vectorized as t; "
+        "print(json.dumps(t.kernel_loop_counts()))"
+    )
+    tests = pathlib.Path(__file__).resolve().parent
+    env = {**os.environ, "NUMBA_CPU_NAME": PINNED_CPU}
+    env.pop("NUMBA_CPU_FEATURES", None)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tests)], capture_output=True, text=True, env=env, timeout=1800
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", sorted(STORAGE_TYPES))
+@pytest.mark.parametrize("name", sorted(KERNEL_VECTOR_LOOPS))
+def test_kernels_keep_their_vectorized_loops(pinned_kernel_loops, name, dtype):
+    """The loops stay vectorized once inlined into the kernels (float64 counts as float32).
+
+    Also with 16-bit data (the integer views of ``_kernels/storage.py``, float32 parameters):
+    the conversions are in the loops, which keep at least float32's count.  Compiled for
+    :data:`PINNED_CPU`.
+    """
+    loops, widths = pinned_kernel_loops[f"{name}/{dtype}"]
     assert loops >= KERNEL_VECTOR_LOOPS[name], (
-        f"{name} ({storage_type}): {loops} vectorized loops, expected {KERNEL_VECTOR_LOOPS[name]}; "
-        f"vector widths {widths}"
+        f"{name} ({dtype}, -mcpu={PINNED_CPU}): {loops} vectorized loops, expected "
+        f"{KERNEL_VECTOR_LOOPS[name]}; vector widths {widths}"
     )
 
 
