@@ -53,10 +53,14 @@ def test_ddp_with_sync_batch_norm_trains_as_one_process_and_plain_batch_norm_doe
     assert result.returncode == 0, result.stderr[-4000:]
     runs = json.loads(result.stdout)["runs"]
     one, sync, plain = runs["one process"], runs["SyncBatchNorm"], runs["per-process BatchNorm"]
-    assert one["max_weight_difference"] == 0.0
+    assert one["max_weight_difference"] == 0.0 and one["max_weight_difference_first_step"] == 0.0
     assert abs(sync["accuracy"] - one["accuracy"]) <= 1.0, runs
     assert min(one["accuracy"], sync["accuracy"]) > 90.0, runs
-    # the same computation up to rounding, which two epochs of SGD amplify a little ...
-    assert sync["max_weight_difference"] < 1e-3, runs
-    # ... and per-process statistics are another computation
-    assert plain["max_weight_difference"] > 100 * sync["max_weight_difference"], runs
+    # after one step: the same computation up to rounding (1.5e-8 measured; torch's
+    # convolutions round differently for 8 images on 1 thread than for 16 on 2) ...
+    assert sync["max_weight_difference_first_step"] < 1e-6, runs
+    # ... and per-process statistics are another computation (1.5e-3 measured)
+    assert plain["max_weight_difference_first_step"] > 1000 * sync["max_weight_difference_first_step"], runs
+    # SGD amplifies the rounding, by a factor that depends on the CPU (after two epochs:
+    # 6e-5 on a Zen 4, 2.8e-2 on a Rocket Lake Xeon), but less than another computation
+    assert plain["max_weight_difference"] > sync["max_weight_difference"], runs
