@@ -79,7 +79,7 @@ def _train(model, data, epochs, seed, rank=0, world=1):
         optimizer.step()
         times.append(time.perf_counter() - begin)
         if first is None:
-            first = _weights(model.module if hasattr(model, "module") else model)
+            first = _weights(model)  # a DDP wrapper yields its module's parameters
     return times, first
 
 

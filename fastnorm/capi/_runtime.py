@@ -37,8 +37,10 @@ TABLE_ORDER = [
 AFTER_FORK_PARALLEL = 1
 AFTER_FORK_SERIAL = 2
 
-#: Number of slots after the cfuncs: set/get_num_threads, the pool size, the after-fork mode.
-THREADING_SLOTS = 4
+#: Slots :func:`fill_table` writes after the cfuncs of :data:`TABLE_ORDER`, in order (the
+#: threading layer's ``set_num_threads``, ``get_num_threads``, the pool size, what a forked
+#: child runs); ``fastnorm_generated.h`` names them ``SLOT_<name>``.
+THREADING_SLOTS = ("SET_THREADS", "GET_THREADS", "MAX_THREADS", "AFTER_FORK")
 
 #: Keeps the loaded cfuncs (and their machine code) alive for the process lifetime.
 _KEEP_ALIVE = []
@@ -93,7 +95,7 @@ def fill_table(table, table_len, owns_interpreter=False):
         If the C and Python sides disagree on the table layout.
     """
     global _owns_interpreter
-    expected = len(TABLE_ORDER) + THREADING_SLOTS
+    expected = len(TABLE_ORDER) + len(THREADING_SLOTS)
     if table_len != expected:
         raise RuntimeError(f"libfastnorm expects {table_len} table slots, the runtime provides {expected}")
     _owns_interpreter = bool(owns_interpreter)

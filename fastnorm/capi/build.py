@@ -48,12 +48,6 @@ GENERATED_HEADER = "fastnorm_generated.h"
 #: Kernel flags of :mod:`fastnorm._kernels` exported to C as ``K_<name>``.
 _KERNEL_FLAGS = ("BATCH", "CENTERED", "PER_ELEMENT", "CHANNELS_LAST")
 
-#: Slots that :func:`fastnorm.capi._runtime.fill_table` writes after the cfuncs of
-#: ``TABLE_ORDER``, in its order (threading layer ``set_num_threads``,
-#: ``get_num_threads``, pool size, what a forked child runs); tests/test_capi.py
-#: checks them against it.
-_THREADING_SLOTS = ("SET_THREADS", "GET_THREADS", "MAX_THREADS", "AFTER_FORK")
-
 #: Values of the ``AFTER_FORK`` slot, exported to C under the same names.
 _AFTER_FORK_VALUES = ("AFTER_FORK_PARALLEL", "AFTER_FORK_SERIAL")
 
@@ -185,7 +179,7 @@ def generated_constants():
     from . import _runtime
 
     constants = {f"K_{name}": int(getattr(_kernels, name)) for name in _KERNEL_FLAGS}
-    slots = [f"{op}_{dtype}".upper() for op, dtype in _runtime.TABLE_ORDER] + list(_THREADING_SLOTS)
+    slots = [f"{op}_{dtype}".upper() for op, dtype in _runtime.TABLE_ORDER] + list(_runtime.THREADING_SLOTS)
     if len(set(slots)) != len(slots):
         raise RuntimeError(f"duplicate table slots: {slots}")
     constants.update({f"SLOT_{name}": index for index, name in enumerate(slots)})
