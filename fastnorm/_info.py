@@ -52,6 +52,7 @@ def _threading_info():
         "num_threads": threads,
         "max_threads": int(numba.config.NUMBA_NUM_THREADS),
         "tbb": _threading.TBB_STATUS,
+        "torch_openmp": _threading.OPENMP_STATUS,
         "fork_safe": fork_safe,
         "serial_after_fork": _threading.serial_after_fork(),
     }
@@ -124,6 +125,8 @@ def show_config(as_dict: bool = False) -> dict[str, dict[str, Any]] | None:
             (``numba.get_num_threads()``, or ``NUMBA_NUM_THREADS`` before the
             pool starts); ``max_threads``: the pool size; ``tbb``: whether
             fastnorm loaded the ``tbb`` package's library, and why not;
+            ``torch_openmp``: ``"shared with torch: <path>"`` when the kernels
+            run on torch's OpenMP runtime, or why not (``docs/api.md``, Threads);
             ``fork_safe``: whether a forked child can run the parallel
             kernels; ``serial_after_fork``: whether this process is such a
             child of a GNU OpenMP process and runs the serial builds instead

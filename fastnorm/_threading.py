@@ -29,6 +29,23 @@ with :func:`os.register_at_fork` marks such a child (:func:`serial_after_fork`);
 does the same arithmetic in the same order (results stay bitwise identical),
 and warns once (:func:`warn_serial_fallback`).  The C ABI does the same with
 ``pthread_atfork`` (see :mod:`fastnorm.capi._runtime`).
+
+With PyTorch: torch's OpenMP threads
+------------------------------------
+When torch is imported before Numba's pool starts (``import torch`` before
+``import fastnorm``, or ``import fastnorm.torch`` before the first
+multithreaded call), :func:`share_torch_openmp` starts Numba's OpenMP layer
+on the GNU OpenMP runtime bundled with torch, so that fastnorm's parallel
+regions run on torch's own worker threads.  Two pools on the same cores
+contend: torch's idle OpenMP workers busy-wait after every torch operation
+(libgomp's default spin), and a TBB pool's workers then wait for a core.
+ResNet-18 training steps took 1.05-1.08x torch's with fastnorm's norms on
+TBB and 1.00-1.01x on the shared runtime
+(docs/perf-notes/threading-with-torch.md).  Numba's OpenMP start sets the
+runtime's thread count, so torch's count is put back after it.  An explicit
+``NUMBA_THREADING_LAYER`` wins.  A child forked from such a process runs the
+serial builds, as above; it warns only if torch would run more than one
+thread there (a DataLoader worker runs one).
 """
 
 from __future__ import annotations
@@ -51,6 +68,7 @@ __all__ = [
     "gnu_openmp",
     "layer_status",
     "load_tbb",
+    "share_torch_openmp",
     "serial_after_fork",
     "warn_serial_fallback",
 ]
@@ -66,6 +84,9 @@ TBB_LIBRARY: str | None = None
 
 #: Why :data:`TBB_LIBRARY` is what it is (shown by :func:`fastnorm.show_config`).
 TBB_STATUS = "not attempted"
+
+#: What :func:`share_torch_openmp` did (shown by :func:`fastnorm.show_config`).
+OPENMP_STATUS = "not shared: torch was not imported"
 
 _serial_after_fork = False
 _warned = False
@@ -123,6 +144,66 @@ def load_tbb():
     TBB_LIBRARY = path
     TBB_STATUS = f"loaded {path}"
     return path
+
+
+def _torch_openmp_library(torch):
+    """Path of the GNU OpenMP runtime in torch's ``lib`` folder, or ``None``."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(torch.__file__)), "lib")
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return None
+    for name in names:
+        if name.startswith("libgomp") and ".so" in name:
+            return os.path.join(folder, name)
+    return None
+
+
+def share_torch_openmp():
+    """Start Numba's pool on torch's OpenMP runtime, if torch is loaded and the pool has not started.
+
+    Called at import of :mod:`fastnorm` and of :mod:`fastnorm.torch`.  Does
+    nothing when torch is not imported, when ``NUMBA_THREADING_LAYER`` is set,
+    when Numba's pool already runs (its layer is chosen), or when torch
+    bundles no GNU OpenMP runtime.  torch's thread count
+    (``torch.get_num_threads()``) is the same before and after.
+
+    Returns
+    -------
+    bool
+        Whether the pool now runs on torch's OpenMP runtime.
+    """
+    global OPENMP_STATUS, TBB_STATUS
+    torch = sys.modules.get("torch")
+    if torch is None or not hasattr(torch, "get_num_threads"):
+        OPENMP_STATUS = "not shared: torch was not imported"
+        return False
+    if "NUMBA_THREADING_LAYER" in os.environ:
+        OPENMP_STATUS = f"not shared: NUMBA_THREADING_LAYER={os.environ['NUMBA_THREADING_LAYER']!r}"
+        return False
+    if parallel._is_initialized:
+        OPENMP_STATUS = f"not shared: Numba's pool had already started ({numba.threading_layer()})"
+        return False
+    path = _torch_openmp_library(torch)
+    if path is None:
+        OPENMP_STATUS = "not shared: torch bundles no GNU OpenMP runtime (libgomp)"
+        return False
+    requested = numba.config.THREADING_LAYER
+    torch_threads = torch.get_num_threads()
+    try:
+        # Global, so that Numba's omppool binds its GOMP_* and omp_* symbols to it.
+        ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        numba.config.THREADING_LAYER = "omp"
+        parallel._launch_threads()
+    except (OSError, ValueError) as error:
+        numba.config.THREADING_LAYER = requested
+        OPENMP_STATUS = f"not shared: {error}"
+        return False
+    finally:
+        torch.set_num_threads(torch_threads)  # omppool's start sets the runtime's count
+    OPENMP_STATUS = f"shared with torch: {path}"
+    TBB_STATUS = "not loaded: the kernels run on torch's OpenMP runtime"
+    return True
 
 
 def layer_status():
@@ -213,11 +294,18 @@ def _after_fork_in_child():
 
 
 def warn_serial_fallback():
-    """Warn once per process that the kernels run single-threaded (forked child of OpenMP)."""
+    """Warn once per process that the kernels run single-threaded (forked child of OpenMP).
+
+    No warning where torch runs one thread too (``torch.get_num_threads() == 1``,
+    as in a DataLoader worker): the serial builds are then what was asked for.
+    """
     global _warned
     if _warned:
         return
     _warned = True
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "get_num_threads") and torch.get_num_threads() == 1:
+        return
     # Point the warning at the first frame outside the fastnorm package.
     frame, level = sys._getframe(0), 1
     while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
@@ -225,13 +313,15 @@ def warn_serial_fallback():
     warnings.warn(
         "fastnorm: this process was forked from one that ran Numba's GNU OpenMP threading layer, "
         "which cannot run in a forked child; fastnorm runs its kernels single-threaded here "
-        "(same results, bitwise). Install the 'tbb' extra (pip install 'fastnorm[tbb]') for "
-        "multithreaded kernels in forked processes.",
+        "(same results, bitwise). For multithreaded kernels in forked processes, install the "
+        "'tbb' extra (pip install 'fastnorm[tbb]'); in a process that imports torch, also set "
+        "NUMBA_THREADING_LAYER=tbb (fastnorm otherwise shares torch's OpenMP runtime).",
         RuntimeWarning,
         stacklevel=level,
     )
 
 
-load_tbb()
+if not share_torch_openmp():
+    load_tbb()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)

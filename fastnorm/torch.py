@@ -37,8 +37,12 @@ import torch.nn.functional as torch_functional
 from torch.autograd.function import once_differentiable
 
 import fastnorm
+from fastnorm import _threading
 from fastnorm import functional as _np_functional
 from fastnorm.spec import NormSpec, check_epilogue, check_eps, check_positive_int
+
+# The kernels run on torch's OpenMP threads unless Numba's pool already runs (see _threading).
+_threading.share_torch_openmp()
 
 __all__ = [
     "BatchNorm1d",

@@ -7,7 +7,9 @@ PyTorch DataLoader with two workers, in this process (the default install's
 layer: TBB with the ``tbb`` package, see ``fastnorm/_threading.py``) and in
 subprocesses with ``NUMBA_THREADING_LAYER`` forced to ``omp`` (GNU OpenMP,
 whose parallel regions kill a forked child: fastnorm runs the serial builds
-there and warns once) and to ``workqueue``.  The C ABI's fork test is in
+there and warns once, unless torch runs one thread there, as in a DataLoader
+worker) and to ``workqueue``.  A process that imports torch shares torch's
+OpenMP runtime (``tests/test_torch_openmp.py``).  The C ABI's fork test is in
 ``tests/test_capi.py``.
 
 Run as a script (``python tests/test_fork.py SCENARIO...``), this module runs
@@ -336,7 +338,8 @@ def test_dataloader_workers_match_parent():
     assert report["start_method"] == "fork"
     assert report["digests"] == report["parent"] * 2
     assert len(report["pids"]) == 2 and os.getpid() not in report["pids"]
-    assert len(report["warnings"]) == (2 if _threading.fork_unsafe() else 0)  # once per worker
+    # A DataLoader worker runs torch on one thread: the serial builds warn nothing there.
+    assert report["warnings"] == []
 
 
 @pytest.mark.torch
@@ -404,8 +407,9 @@ def test_forced_omp_dataloader_workers_match_parent():
     assert facts["layer"] == "omp" and report["start_method"] == "fork"
     assert report["digests"] == report["parent"] * 2
     assert len(report["pids"]) == 2
-    assert len(report["warnings"]) == 2  # once in each worker
-    assert all("single-threaded" in message for message in report["warnings"])
+    # The workers ran the serial builds (the same bits, above) without a warning: torch runs
+    # one thread in a DataLoader worker, so one thread is what was asked for there.
+    assert report["warnings"] == []
 
 
 if __name__ == "__main__":
