@@ -3,10 +3,10 @@
 Each case runs in a fresh process, because the threading layer is chosen once
 per process.  Checked: the layer and what ``show_config`` says, that no second
 pool of threads appears beside torch's, that torch's thread count is the same
-before and after, that an explicit ``NUMBA_THREADING_LAYER`` wins, and that a
-process forked from one sharing the runtime gets bitwise the parent's results
-from the serial builds (the forked-children machinery is tested for every
-layer in ``tests/test_fork.py``).
+before and after, that concurrent callers get the same bits, that an explicit
+``NUMBA_THREADING_LAYER`` wins, and that a process forked from one sharing the
+runtime gets bitwise the parent's results from the serial builds (the
+forked-children machinery is tested for every layer in ``tests/test_fork.py``).
 """
 
 from __future__ import annotations
@@ -52,12 +52,22 @@ PROBE = textwrap.dedent(
     y = fastnorm.group_norm(x, 8)
     after_fastnorm = tasks()
     torch.set_num_threads(torch_threads)
+    import threading  # concurrent callers: each Python thread launches its own OpenMP team
+    concurrent = []
+    def work():
+        concurrent.extend(np.array_equal(fastnorm.group_norm(x, 8), y) for _ in range(10))
+    workers = [threading.Thread(target=work) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
     report = {
         "layer": numba.threading_layer(),
         "threading": fastnorm.show_config(as_dict=True)["threading"],
         "tasks": [with_torch, after_fastnorm],
         "torch_threads": torch.get_num_threads(),
         "digest": hashlib.sha256(y.tobytes()).hexdigest(),
+        "concurrent": concurrent,
     }
     read, write = os.pipe()
     pid = os.fork()
@@ -110,6 +120,8 @@ def test_the_kernels_run_on_torchs_openmp_threads(order, torch_threads):
     assert after_fastnorm == with_torch, report["tasks"]
     # Starting Numba's OpenMP layer sets the runtime's thread count; torch's is put back.
     assert report["torch_threads"] == torch_threads
+    # 4 Python threads calling at once get the serial call's bits, 40 times.
+    assert report["concurrent"] == [True] * 40
 
 
 def test_a_forked_child_runs_the_serial_builds_with_the_parents_bits():
