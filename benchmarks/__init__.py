@@ -102,7 +102,7 @@ Markdown, plot), :mod:`.cli` (the command line); the scripts :mod:`.fused`
 the installed library: ``fastnorm`` never imports it.
 """
 
-from .baselines.floor import floor_add, floor_copy
+from .baselines.floor import floor_add, floor_add_stream, floor_copy, floor_copy_stream
 from .cases import (
     DEFAULT_DTYPES,
     DTYPES,
@@ -180,7 +180,9 @@ __all__ = [
     "select_cases",
     "make_workload",
     "floor_copy",
+    "floor_copy_stream",
     "floor_add",
+    "floor_add_stream",
     "optional_torch",
     "load_onednn",
     "set_threads",

@@ -101,6 +101,19 @@ def _median_ratio(numerator, denominator):
     return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
+def _best_floor(samples, with_memcpy):
+    """Per round, the fastest pass with the floor's traffic: ordinary or streaming stores, or memcpy.
+
+    ``memcpy`` (one ``np.copyto``) moves a forward's or inference's traffic,
+    not a backward's.  Timed in the same rounds, so the round's minimum is a
+    fair floor for that round (docs/perf-notes/traffic-floor-and-scaling.md).
+    """
+    names = [n for n in ("floor_plain", "floor_stream") if n in samples]
+    if with_memcpy:
+        names.append("memcpy")
+    return [min(times) for times in zip(*(samples[n] for n in names), strict=True)]
+
+
 def measure_case(
     case,
     rounds=11,
@@ -126,7 +139,10 @@ def measure_case(
         Include torch when it is importable.
     seed : int
     with_floor : bool
-        Also time the pass's traffic floor (:func:`floor_copy`, :func:`floor_add`).
+        Also time the pass's traffic floor: ``floor`` is, per round, the
+        fastest of :func:`floor_copy` / :func:`floor_add`, their streaming-store
+        variants, and (forward and inference) ``memcpy``; the two variants are
+        kept as ``floor_plain`` and ``floor_stream``.
     with_onednn : bool
         Also time oneDNN where it has the case (see :func:`make_workload`).
     with_onnxruntime : bool
@@ -149,12 +165,16 @@ def measure_case(
     if workload.torch is not None:
         entries.append(("torch", workload.torch, threads))
     if with_floor:
-        entries.append(("floor", workload.floor, threads))
+        entries.append(("floor_plain", workload.floor, threads))
+        if workload.floor_stream is not None:
+            entries.append(("floor_stream", workload.floor_stream, threads))
     if workload.onednn is not None:
         entries.append(("onednn", workload.onednn, threads))
     if getattr(workload, "onnxruntime", None) is not None:
         entries.append(("onnxruntime", workload.onnxruntime, threads))
     samples = interleaved(entries, rounds, target_s)
+    if with_floor:
+        samples["floor"] = _best_floor(samples, case.pass_ in ("fwd", "inf"))
 
     def ratio(name):
         return _median_ratio(samples["fastnorm"], samples[name]) if name in samples else None

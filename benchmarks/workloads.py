@@ -8,7 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .baselines.floor import floor_add, floor_add3_twice, floor_add_twice, floor_copy
+from .baselines.floor import (
+    floor_add,
+    floor_add3_twice,
+    floor_add_stream,
+    floor_add_twice,
+    floor_copy,
+    floor_copy_stream,
+)
 from .baselines.torch import _torch_callable, _torch_epilogue_callable, half_baseline_reason
 from .cases import _ROW_KINDS, EPILOGUE_PASSES, EPS, KINDS, RMS_EPS, group_count
 from .runtime import load_onednn, optional_torch
@@ -33,6 +40,11 @@ class Workload:
         on the same tensors, writing into the memcpy buffer (on their
         ``uint16`` views for 16-bit data: the floor moves bytes, the integer
         add of the backward floor stands for any elementwise work).
+    floor_stream : callable or None
+        The same floor with non-temporal stores (:func:`floor_copy_stream`,
+        :func:`floor_add_stream`); ``None`` for the epilogue passes.  The
+        bench's floor is the faster of the two in each round (and of
+        ``memcpy`` for a forward or inference pass).
     onednn : callable or None
         The same pass in oneDNN on preallocated buffers (:mod:`.baselines.onednn`);
         ``None`` when not asked for or oneDNN has no primitive for the case.
@@ -53,6 +65,7 @@ class Workload:
     memcpy: Callable[[], object]
     torch: Callable[[], object] | None = None
     floor: Callable[[], object] | None = None
+    floor_stream: Callable[[], object] | None = None
     onednn: Callable[[], object] | None = None
     onnxruntime: Callable[[], object] | None = None
     inputs: dict = dataclasses.field(default_factory=dict)
@@ -162,12 +175,18 @@ def make_workload(case, seed=0, with_torch=True, with_onednn=False, with_onnxrun
         def floor():
             floor_add(x_flat, dy_flat, scratch)
 
+        def floor_stream():
+            floor_add_stream(x_flat, dy_flat, scratch)
+
     else:
 
         def floor():
             floor_copy(x_flat, scratch)
 
-    workload = Workload(fastnorm=fast, memcpy=memcpy, floor=floor)
+        def floor_stream():
+            floor_copy_stream(x_flat, scratch)
+
+    workload = Workload(fastnorm=fast, memcpy=memcpy, floor=floor, floor_stream=floor_stream)
     torch = optional_torch() if with_torch else None
     if torch is not None:
         workload.torch_skip = half_baseline_reason(torch, case)

@@ -9,10 +9,12 @@ import dataclasses
 import io
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
 
+import numba
 import numpy as np
 import pytest
 
@@ -381,27 +383,65 @@ def test_floor_ratio_in_json_markdown_and_table(tmp_path):
     assert "median speed-up over 1 cases: fastnorm 1.80, torch 1.50" in md_path.read_text()
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", ["float32", "float64", "uint16"])
 @pytest.mark.parametrize("size", [0, 1, 63, 64, 65, 100_003])
-def test_floor_kernels_copy_and_add(dtype, size):
-    """The traffic-floor kernels do the whole pass's reads and writes (every chunk, odd sizes)."""
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_floor_kernels_copy_and_add(dtype, size, offset):
+    """Both floor variants do the whole pass's reads and writes (every chunk, odd sizes, any alignment).
+
+    The streaming kernels store the 64-byte-aligned middle of each chunk with
+    their vector loop and the ends with ordinary stores: views starting 0, 1
+    and 3 elements into an allocation move that boundary.
+    """
     rng = np.random.default_rng(size)
-    a = rng.standard_normal(size).astype(dtype)
-    b = rng.standard_normal(size).astype(dtype)
-    out = np.full(size, np.nan, dtype)
-    bench.floor_copy(a, out)
-    np.testing.assert_array_equal(out, a)
-    out[:] = np.nan
-    bench.floor_add(a, b, out)
-    np.testing.assert_array_equal(out, a + b)
+
+    def operand():  # uint16: sums below 2**16, which pure Python (NUMBA_DISABLE_JIT=1) checks
+        return (rng.uniform(0, 1000, size + offset)).astype(dtype)[offset:]
+
+    a, b = operand(), operand()
+    out = np.empty(size + offset, dtype)[offset:]
+    for copy, add in ((bench.floor_copy, bench.floor_add), (bench.floor_copy_stream, bench.floor_add_stream)):
+        out[:] = 7
+        copy(a, out)
+        np.testing.assert_array_equal(out, a)
+        out[:] = 7
+        add(a, b, out)
+        np.testing.assert_array_equal(out, a + b)
+
+
+@pytest.mark.jit
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction names")
+def test_streaming_floor_kernels_emit_non_temporal_stores():
+    """The point of the variant: its machine code stores with ``vmovnt*`` (the plain floor's does not).
+
+    Compiled afresh (Numba cannot inspect code loaded from its cache).
+    """
+    from fastnorm._config import JIT_OPTIONS
+
+    a = np.ones(4096, np.float32)
+    expected = ((bench.floor_copy_stream, True), (bench.floor_add_stream, True), (bench.floor_copy, False))
+    for kernel, streams in expected:
+        fresh = numba.njit(**{**JIT_OPTIONS, "cache": False}, parallel=True)(kernel.py_func)
+        args = (a, np.empty_like(a)) if "copy" in kernel.__name__ else (a, a, np.empty_like(a))
+        fresh(*args)
+        assert ("vmovnt" in fresh.inspect_asm(fresh.signatures[0])) is streams, kernel.__name__
 
 
 def test_measure_with_floor_and_scaling():
-    """A real (tiny, one-round) measurement carries the floor ratio and the floor's speed-up."""
+    """A real (tiny, one-round) measurement carries the floor ratio and the floor's speed-up.
+
+    The floor is the round's fastest pass with its traffic: the ordinary and
+    the streaming floor for a backward, and also memcpy for a forward.
+    """
     tiny = case("ln-bwd-nchw-f64-1x768")
     got = bench.measure_case(tiny, rounds=1, threads=1, target_s=1e-5, with_torch=False, with_floor=True)
-    assert set(got.times) == {"fastnorm", "memcpy", "floor"}
+    assert set(got.times) == {"fastnorm", "memcpy", "floor", "floor_plain", "floor_stream"}
+    assert got.times["floor"] == min(got.times["floor_plain"], got.times["floor_stream"])
     assert got.vs_floor > 0 and got.vs_torch is None
+    forward = bench.measure_case(
+        case("ln-fwd-nchw-f64-1x768"), rounds=1, threads=1, target_s=1e-5, with_torch=False, with_floor=True
+    )
+    assert forward.times["floor"] == min(forward.times[k] for k in ("floor_plain", "floor_stream", "memcpy"))
     assert bench.measure_case(tiny, rounds=1, threads=1, target_s=1e-5, with_torch=False).vs_floor is None
     threads = min(2, bench.max_threads())
     scaling = bench.measure_scaling(tiny, threads, rounds=1, target_s=1e-5, with_torch=False)

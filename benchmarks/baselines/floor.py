@@ -1,8 +1,19 @@
-"""The traffic floor of a pass: parallel kernels that read its inputs and write its output once."""
+"""The traffic floor of a pass: parallel kernels that read its inputs and write its output once.
+
+Each floor comes in two variants, timed side by side: ordinary stores
+(:func:`floor_copy`, :func:`floor_add`), and non-temporal (streaming) stores
+(:func:`floor_copy_stream`, :func:`floor_add_stream`), which write a cache line
+without first reading it and which Numba cannot emit from a vectorized loop:
+:func:`_stream_copy` and :func:`_stream_add` write their loops in LLVM vector
+IR (docs/perf-notes/traffic-floor-and-scaling.md).
+"""
 
 from __future__ import annotations
 
-from numba import prange
+import numba
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
 
 from fastnorm._config import glue, helper, kernel
 
@@ -16,6 +27,106 @@ def _floor_chunk(size, t):
     step = (size + FLOOR_CHUNKS - 1) // FLOOR_CHUNKS
     lo = min(size, t * step)
     return lo, min(size, lo + step)
+
+
+#: Bytes of one streaming store (a 512-bit vector) and the alignment it needs.
+STREAM_BYTES = 64
+
+
+def _stream_loop(context, builder, signature, args, combine):
+    """Emit ``dst[i:i+V] = combine(sources[i:i+V])`` for ``i = 0, V, ..`` with non-temporal stores.
+
+    ``args`` are the destination array and the source arrays (1-D, contiguous,
+    same dtype, at least the destination's length); ``V`` elements make
+    :data:`STREAM_BYTES`.  The destination's data must be :data:`STREAM_BYTES`-
+    aligned and its length a multiple of ``V`` (the caller stores the rest).
+    """
+    dtype = signature.args[0].dtype
+    element = context.get_value_type(dtype)
+    width = STREAM_BYTES // context.get_abi_sizeof(element)
+    vector = ir.VectorType(element, width)
+    i64 = ir.IntType(64)
+    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args, strict=True)]
+    count = builder.udiv(arrays[0].nitems, ir.Constant(i64, width))
+    entry = builder.block
+    loop = builder.append_basic_block("stream.loop")
+    done = builder.append_basic_block("stream.done")
+    builder.cbranch(builder.icmp_unsigned(">", count, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    offset = builder.mul(k, ir.Constant(i64, width))
+
+    def address(array):
+        return builder.bitcast(builder.gep(array.data, [offset]), vector.as_pointer())
+
+    values = [builder.load(address(a), align=context.get_abi_sizeof(element)) for a in arrays[1:]]
+    store = builder.store(combine(builder, dtype, values), address(arrays[0]), align=STREAM_BYTES)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+    k_next = builder.add(k, ir.Constant(i64, 1))
+    k.add_incoming(k_next, loop)
+    builder.cbranch(builder.icmp_unsigned("<", k_next, count), loop, done)
+    builder.position_at_end(done)
+    fence = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
+    builder.call(fence, [])
+    return context.get_dummy_value()
+
+
+@intrinsic
+def _stream_copy(typingctx, dst, src):
+    """``dst[:] = src[:dst.size]`` with non-temporal vector stores (see :func:`_stream_loop`)."""
+
+    def codegen(context, builder, signature, args):
+        return _stream_loop(context, builder, signature, args, lambda builder, dtype, values: values[0])
+
+    return types.void(dst, src), codegen
+
+
+@intrinsic
+def _stream_add(typingctx, dst, a, b):
+    """``dst[:] = a + b`` with non-temporal vector stores (see :func:`_stream_loop`)."""
+
+    def add(builder, dtype, values):
+        if isinstance(dtype, types.Float):
+            return builder.fadd(*values)
+        return builder.add(*values)
+
+    def codegen(context, builder, signature, args):
+        return _stream_loop(context, builder, signature, args, add)
+
+    return types.void(dst, a, b), codegen
+
+
+@intrinsic
+def _address(typingctx, array):
+    """Return the address of ``array``'s data, as an integer."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, ir.IntType(64))
+
+    return types.intp(array), codegen
+
+
+if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the same stores in Python (no streaming)
+
+    def _stream_copy(dst, src):  # noqa: F811
+        dst[:] = src[: dst.size]
+
+    def _stream_add(dst, a, b):  # noqa: F811
+        dst[:] = a[: dst.size] + b[: dst.size]
+
+    def _address(array):  # noqa: F811
+        return array.ctypes.data
+
+
+@glue
+def _stream_split(dst):
+    """``(head, body)``: elements before ``dst``'s first aligned one, and the aligned run after them."""
+    itemsize = dst.itemsize
+    head = min(dst.size, ((STREAM_BYTES - _address(dst) % STREAM_BYTES) % STREAM_BYTES) // itemsize)
+    per_vector = STREAM_BYTES // itemsize
+    return head, (dst.size - head) // per_vector * per_vector
 
 
 @helper
@@ -47,6 +158,39 @@ def floor_copy(src, dst):
     for t in prange(FLOOR_CHUNKS):
         lo, hi = _floor_chunk(src.size, t)
         _copy_span(src[lo:hi], dst[lo:hi])
+
+
+@kernel
+def floor_copy_stream(src, dst):
+    """:func:`floor_copy` with non-temporal stores for the 64-byte-aligned part of each chunk.
+
+    Parameters
+    ----------
+    src, dst : ndarray, 1-D, same size and dtype (float32, float64, or 16-bit views)
+    """
+    for t in prange(FLOOR_CHUNKS):
+        lo, hi = _floor_chunk(src.size, t)
+        head, body = _stream_split(dst[lo:hi])
+        _copy_span(src[lo : lo + head], dst[lo : lo + head])
+        _stream_copy(dst[lo + head : lo + head + body], src[lo + head : lo + head + body])
+        _copy_span(src[lo + head + body : hi], dst[lo + head + body : hi])
+
+
+@kernel
+def floor_add_stream(a, b, out):
+    """:func:`floor_add` with non-temporal stores for the 64-byte-aligned part of each chunk.
+
+    Parameters
+    ----------
+    a, b, out : ndarray, 1-D, same size and dtype
+    """
+    for t in prange(FLOOR_CHUNKS):
+        lo, hi = _floor_chunk(a.size, t)
+        head, body = _stream_split(out[lo:hi])
+        _add_span(a[lo : lo + head], b[lo : lo + head], out[lo : lo + head])
+        mid = slice(lo + head, lo + head + body)
+        _stream_add(out[mid], a[mid], b[mid])
+        _add_span(a[lo + head + body : hi], b[lo + head + body : hi], out[lo + head + body : hi])
 
 
 @kernel
