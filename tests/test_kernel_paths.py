@@ -270,7 +270,7 @@ def test_channels_last_elementwise_steps_of_several_rows_are_bitwise_one_row_ste
     assert rows_per_block % tile_rows != 0 or (spatial - rows_per_block) % tile_rows != 0
     for vectors, run in ((3, channels_last._cl_normalize_block), (4, channels_last._cl_dx_block)):
         coef = rng.standard_normal(vectors * channels).astype(dtype)
-        tiled = channels_last._cl_tile(coef, vectors, channels, tile_rows)
+        tiled = channels_last._cl_tile(coef, channels, tile_rows)
         assert tiled.size == vectors * channels * tile_rows
         outs = []
         for c, rows in ((coef, 1), (tiled, tile_rows)):

@@ -16,6 +16,7 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from fastnorm._config import glue, helper, kernel
+from fastnorm._kernels.storage import STREAM_BYTES, stream_split
 
 #: Fixed chunks of the traffic-floor kernels (independent of the thread count).
 FLOOR_CHUNKS = 64
@@ -27,10 +28,6 @@ def _floor_chunk(size, t):
     step = (size + FLOOR_CHUNKS - 1) // FLOOR_CHUNKS
     lo = min(size, t * step)
     return lo, min(size, lo + step)
-
-
-#: Bytes of one streaming store (a 512-bit vector) and the alignment it needs.
-STREAM_BYTES = 64
 
 
 def _stream_loop(context, builder, signature, args, combine):
@@ -97,17 +94,6 @@ def _stream_add(typingctx, dst, a, b):
     return types.void(dst, a, b), codegen
 
 
-@intrinsic
-def _address(typingctx, array):
-    """Return the address of ``array``'s data, as an integer."""
-
-    def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        return builder.ptrtoint(data, ir.IntType(64))
-
-    return types.intp(array), codegen
-
-
 if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the same stores in Python (no streaming)
 
     def _stream_copy(dst, src):  # noqa: F811
@@ -115,18 +101,6 @@ if numba.config.DISABLE_JIT:  # NUMBA_DISABLE_JIT=1: the same stores in Python (
 
     def _stream_add(dst, a, b):  # noqa: F811
         dst[:] = a[: dst.size] + b[: dst.size]
-
-    def _address(array):  # noqa: F811
-        return array.ctypes.data
-
-
-@glue
-def _stream_split(dst):
-    """``(head, body)``: elements before ``dst``'s first aligned one, and the aligned run after them."""
-    itemsize = dst.itemsize
-    head = min(dst.size, ((STREAM_BYTES - _address(dst) % STREAM_BYTES) % STREAM_BYTES) // itemsize)
-    per_vector = STREAM_BYTES // itemsize
-    return head, (dst.size - head) // per_vector * per_vector
 
 
 @helper
@@ -170,7 +144,7 @@ def floor_copy_stream(src, dst):
     """
     for t in prange(FLOOR_CHUNKS):
         lo, hi = _floor_chunk(src.size, t)
-        head, body = _stream_split(dst[lo:hi])
+        head, body = stream_split(dst[lo:hi])
         _copy_span(src[lo : lo + head], dst[lo : lo + head])
         _stream_copy(dst[lo + head : lo + head + body], src[lo + head : lo + head + body])
         _copy_span(src[lo + head + body : hi], dst[lo + head + body : hi])
@@ -186,7 +160,7 @@ def floor_add_stream(a, b, out):
     """
     for t in prange(FLOOR_CHUNKS):
         lo, hi = _floor_chunk(a.size, t)
-        head, body = _stream_split(out[lo:hi])
+        head, body = stream_split(out[lo:hi])
         _add_span(a[lo : lo + head], b[lo : lo + head], out[lo : lo + head])
         mid = slice(lo + head, lo + head + body)
         _stream_add(out[mid], a[mid], b[mid])

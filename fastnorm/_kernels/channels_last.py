@@ -27,7 +27,7 @@ from .numerics import (
     _moments_two_pass,
 )
 from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule
-from .storage import compute_empty, load, store
+from .storage import STREAM_BYTES, compute_empty, load, store, stream_affine, stream_split
 
 # ---------------------------------------------------------------------------
 # Blocks of rows
@@ -186,8 +186,8 @@ def _cl_set_coefs(weight, bias, stats, coef, spec, set_index):
 
 
 @helper
-def _cl_tile(coef, vectors, nc, tile_rows):
-    """``coef`` (``vectors`` per-channel vectors of one set) with each vector repeated ``tile_rows`` times.
+def _cl_tile(coef, nc, tile_rows):
+    """``coef`` (per-channel vectors of ``nc``, of every set) with each vector repeated ``tile_rows`` times.
 
     A compiled call, not inlined: inside a parallel kernel Numba would turn
     each slice copy into a parallel loop of its own
@@ -196,8 +196,8 @@ def _cl_tile(coef, vectors, nc, tile_rows):
     if tile_rows == 1:
         return coef
     span = tile_rows * nc
-    tiled = np.empty(vectors * span, coef.dtype)
-    for j in range(vectors):
+    tiled = np.empty(coef.size * tile_rows, coef.dtype)
+    for j in range(coef.size // nc):  # every vector of every set
         for r in range(tile_rows):
             tiled[j * span + r * nc : j * span + (r + 1) * nc] = coef[j * nc : (j + 1) * nc]
     return tiled
@@ -238,6 +238,25 @@ def _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows,
             for i in range(count):
                 z = (load(xs, i) - mean[i]) * scale[i] + shift[i]
                 store(ys, i, _rectify(z, slope) if fused else z)
+
+
+@glue
+def _cl_stream_block(x, y, mean, scale, shift, off, count, span):
+    """Plain normalize of ``count`` elements from ``off``, the aligned middle with non-temporal stores.
+
+    ``mean``, ``scale`` and ``shift`` hold two repetitions of the block's
+    ``span``-periodic coefficient vectors (:func:`~.storage.stream_affine`);
+    the same values as :func:`_cl_store_rows` (docs/perf-notes/streaming-stores.md).
+    """
+    xs = x[off : off + count]
+    ys = y[off : off + count]
+    head, body = stream_split(ys)
+    for i in range(head):  # head < one vector <= span
+        store(ys, i, (load(xs, i) - mean[i]) * scale[i] + shift[i])
+    stream_affine(ys[head : head + body], xs[head : head + body], mean, scale, shift, head % span, span)
+    for i in range(head + body, count):
+        j = i % span
+        store(ys, i, (load(xs, i) - mean[j]) * scale[j] + shift[j])
 
 
 @helper
@@ -312,8 +331,24 @@ def _cl_forward_split(x, weight, bias, residual, y, work, chan, stats, coef, spe
 
 @glue
 def _cl_normalize(x, residual, grad, y, coef, spec, schedule):
-    """Normalize every block with the sets' coefficients, ``schedule.tile_rows`` rows per step."""
-    tiled = _cl_tile(coef, 3, spec.channels, schedule.tile_rows)
+    """Normalize every block with the sets' coefficients, ``schedule.tile_rows`` rows per step.
+
+    With ``schedule.stream``, a plain pass whose steps span at least one
+    vector stores each block through :func:`_cl_stream_block`, from
+    coefficient vectors repeated over two steps.
+    """
+    plain, _, _ = _store_mode(spec, grad, residual, x)
+    span = schedule.tile_rows * spec.channels
+    if schedule.stream and plain and span * x.itemsize >= STREAM_BYTES:
+        doubled = _cl_tile(coef, spec.channels, 2 * schedule.tile_rows)
+        for blk in prange(spec.batch * schedule.nblocks):
+            off, rows, base, span2 = _cl_steps(spec, schedule, blk, 2 * schedule.tile_rows, 3)
+            mean = doubled[base : base + span2]
+            scale = doubled[base + span2 : base + 2 * span2]
+            shift = doubled[base + 2 * span2 : base + 3 * span2]
+            _cl_stream_block(x, y, mean, scale, shift, off, rows * spec.channels, span)
+        return
+    tiled = _cl_tile(coef, spec.channels, schedule.tile_rows)
     for blk in prange(spec.batch * schedule.nblocks):
         _cl_normalize_block(x, residual, grad, y, tiled, spec, schedule, blk, schedule.tile_rows)
 
@@ -530,7 +565,7 @@ def _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule):
 @glue
 def _cl_split_dx(dy, x, dx, coef, spec, schedule):
     """``dx`` of every block from the coefficient vectors, ``schedule.tile_rows`` rows per step."""
-    tiled = _cl_tile(coef, 4, spec.channels, schedule.tile_rows)
+    tiled = _cl_tile(coef, spec.channels, schedule.tile_rows)
     for blk in prange(spec.batch * schedule.nblocks):
         _cl_dx_block(dy, x, dx, tiled, spec, schedule, blk, schedule.tile_rows)
 

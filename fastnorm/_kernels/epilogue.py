@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 from .._config import glue, helper
-from .storage import compute, load, store
+from .storage import compute, load, store, stream_affine, stream_split
 from .vmath import exp, tanh
 
 #: Activation codes of ``KernelSpec.activation``, by the public name.
@@ -235,6 +235,27 @@ def _normalize(x, y, off, count, mean, scale, shift):
     scale_x = compute(xs, scale)
     shift_x = _fold(shift, scale, mean_lo, xs)
     for i in range(count):
+        store(ys, i, (load(xs, i) - mean_hi) * scale_x + shift_x)
+
+
+@glue
+def _normalize_streamed(x, y, off, count, mean, scale, shift):
+    """:func:`_normalize` storing the span's 64-byte-aligned middle with non-temporal stores.
+
+    The same values (:func:`~.storage.stream_affine` does the loop's
+    arithmetic in vector form); for outputs far larger than the cache, which
+    are not read again soon (docs/perf-notes/streaming-stores.md).
+    """
+    xs = x[off : off + count]
+    ys = y[off : off + count]
+    mean_hi, mean_lo = _split(xs, mean)
+    scale_x = compute(xs, scale)
+    shift_x = _fold(shift, scale, mean_lo, xs)
+    head, body = stream_split(ys)
+    for i in range(head):
+        store(ys, i, (load(xs, i) - mean_hi) * scale_x + shift_x)
+    stream_affine(ys[head : head + body], xs[head : head + body], mean_hi, scale_x, shift_x, 0, 1)
+    for i in range(head + body, count):
         store(ys, i, (load(xs, i) - mean_hi) * scale_x + shift_x)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, kernel
-from .epilogue import _dx_span, _normalize, _normalize_fused, _store_mode
+from .epilogue import _dx_span, _normalize, _normalize_fused, _normalize_streamed, _store_mode
 from .numerics import (
     _block_plane,
     _dots,
@@ -147,14 +147,16 @@ def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, s
         off, count, _ = _cf_block_span(spec, plane, b)
         scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
         group_mean = mean[k] if centered else 0.0
-        if plain:
+        if plain and schedule.stream:
+            _normalize_streamed(x, y, off, count, group_mean, scale, shift)
+        elif plain:
             _normalize(x, y, off, count, group_mean, scale, shift)
         else:
             _normalize_fused(x, residual, grad, y, off, count, group_mean, scale, shift, spec)
 
 
 @glue
-def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
+def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, stream):
     """``ONE_BLOCK``: per group, its moments in one pass, then its planes normalized while hot.
 
     A fused group is contiguous (its ``D`` planes follow each other), so a
@@ -167,7 +169,9 @@ def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec):
         for c in range(plane, plane + spec.channels // spec.groups):
             scale, shift = _cf_plane_coefs(weight, bias, spec, group_rstd, c)
             off = c * spec.spatial
-            if plain:
+            if plain and stream:
+                _normalize_streamed(x, y, off, spec.spatial, group_mean, scale, shift)
+            elif plain:
                 _normalize(x, y, off, spec.spatial, group_mean, scale, shift)
             else:
                 _normalize_fused(x, residual, x[:0], y, off, spec.spatial, group_mean, scale, shift, spec)
@@ -188,7 +192,9 @@ def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedu
                 scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
                 for b in range(nblocks):
                     off, count, _ = _cf_block_span(spec, plane, b)
-                    if plain:
+                    if plain and schedule.stream:
+                        _normalize_streamed(x, y, off, count, mean[k], scale, shift)
+                    elif plain:
                         _normalize(x, y, off, count, mean[k], scale, shift)
                     else:
                         _normalize_fused(x, residual, x[:0], y, off, count, mean[k], scale, shift, spec)
@@ -236,7 +242,7 @@ def planes_forward(x, weight, bias, residual, y, mean, rstd, params):
     spec = KernelSpec(*params[:8])
     schedule = Schedule(*params[8:])
     if schedule.strategy == ONE_BLOCK:
-        _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec)
+        _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, schedule.stream)
     elif schedule.strategy == FUSED:
         _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule)
     else:

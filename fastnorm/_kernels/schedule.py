@@ -15,6 +15,7 @@ in ``docs/perf-notes/``.
 
 from __future__ import annotations
 
+import platform
 from collections import namedtuple
 
 from .._config import glue, helper
@@ -27,8 +28,8 @@ __all__ = [
     "FORWARD", "FUSED", "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "MOMENTS", "ONE_BLOCK",
     "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_ITEMSIZE", "PIPELINE_MIN_WIDTH",
     "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS", "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD",
-    "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT", "KernelSpec", "Schedule", "num_stats", "plan_schedule",
-    "schedule_of",
+    "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT", "STREAM_MIN_BYTES", "KernelSpec", "Schedule", "num_stats",
+    "plan_schedule", "schedule_of",
 ]  # fmt: skip
 
 # ---------------------------------------------------------------------------
@@ -119,7 +120,8 @@ ROW_CHUNKS = 5
 COLUMN_TILES = 6
 
 Schedule = namedtuple(
-    "Schedule", ["view", "strategy", "parallel", "nblocks", "block", "tile_rows", "chunk", "quarters"]
+    "Schedule",
+    ["view", "strategy", "parallel", "nblocks", "block", "tile_rows", "chunk", "quarters", "stream"],
 )
 Schedule.__doc__ = """How a kernel call runs; chosen by :func:`plan_schedule` only.
 
@@ -144,6 +146,9 @@ quarters : int
     Channels-last moments: 1 to take the four rows of a step from the
     block's quarters, 0 for four consecutive rows (the backward dot products
     always take quarters).
+stream : int
+    1 to store the normalized output with non-temporal stores where the pass
+    has no epilogue (``STREAM_MIN_BYTES``), else 0.
 """
 
 #: Number of KernelSpec fields at the head of a kernel's flat parameter tuple.
@@ -187,6 +192,11 @@ PIPELINE_MAX_ROW_BYTES = 4096
 #: Bytes per element from which the forward pipelines: 16-bit rows run the two loops,
 #: 0.73-0.88x the pipelined time (docs/perf-notes/layernorm-pipelined-forward.md).
 PIPELINE_MIN_ITEMSIZE = 4
+#: Forward and inference passes whose float32 or float64 output has at least this many
+#: bytes store it with non-temporal stores (x86-64 only), which skip reading each line
+#: before writing it; smaller outputs stay in the cache for the next layer
+#: (docs/perf-notes/streaming-stores.md).
+STREAM_MIN_BYTES = 16 * 2**20 if platform.machine() in ("x86_64", "AMD64") else 2**62
 #: Tensors of at most this many elements run the serial build: below it a
 #: parallel launch costs more than the work (docs/perf-notes/small-call-overhead.md).
 SERIAL_MAX_ELEMENTS = 16384
@@ -227,10 +237,13 @@ def plan_schedule(params, pass_id, num_threads, itemsize, has_weight, has_bias, 
     size = spec.batch * spec.channels * spec.spatial
     parallel = 1 if size > SERIAL_MAX_ELEMENTS else 0
     nstats = num_stats(spec)
+    stream = 0
+    if (pass_id == FORWARD or pass_id == INFERENCE) and size * itemsize >= STREAM_MIN_BYTES and itemsize >= 4:
+        stream = 1
     if spec.flags & PER_ELEMENT:
         return _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bias, in_place)
     if spec.flags & CHANNELS_LAST:
-        return _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsize)
+        return _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsize, stream)
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
     strategy = ELEMENTWISE
     if pass_id != INFERENCE:
@@ -240,7 +253,7 @@ def plan_schedule(params, pass_id, num_threads, itemsize, has_weight, has_bias, 
         strategy = FUSED if fused else SPLIT
         if fused and pass_id == FORWARD and (spec.channels // spec.groups) * spec.spatial <= BLOCK:
             strategy = ONE_BLOCK
-    return (PLANES, strategy, parallel, nblocks, BLOCK, 1, 0, 0)
+    return (PLANES, strategy, parallel, nblocks, BLOCK, 1, 0, 0, stream)
 
 
 @helper
@@ -269,11 +282,11 @@ def _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bi
         if nstats >= 4 * ROW_CHUNK:
             strategy = ROW_CHUNKS
             chunk = max(ROW_CHUNK, (nstats + ROW_TASKS - 1) // ROW_TASKS)
-    return (ROWS, strategy, parallel, nblocks, BLOCK, 1, chunk, 0)
+    return (ROWS, strategy, parallel, nblocks, BLOCK, 1, chunk, 0, 0)
 
 
 @helper
-def _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsize):
+def _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsize, stream):
     """:func:`plan_schedule` of channels-last (N, S, C) buffers."""
     rows_per_block = max(BLOCK // spec.channels, CL_MIN_ROWS)
     nblocks = (spec.spatial + rows_per_block - 1) // rows_per_block
@@ -288,7 +301,9 @@ def _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsi
     if strategy != FUSED and sets <= 1 and spec.channels <= CL_TILE_MAX_CHANNELS:
         tile_rows = max(1, CL_TILE_BYTES // itemsize // spec.channels)
     quarters = 1 if spec.channels * itemsize > CL_CONSECUTIVE_ROW_BYTES else 0
-    return (CHANNELS_LAST_VIEW, strategy, parallel, nblocks, rows_per_block, tile_rows, 0, quarters)
+    # The fused forward normalizes each set's blocks in its own task, without streaming.
+    stream = stream if strategy != FUSED else 0
+    return (CHANNELS_LAST_VIEW, strategy, parallel, nblocks, rows_per_block, tile_rows, 0, quarters, stream)
 
 
 def schedule_of(params):

@@ -117,6 +117,48 @@ def _is_16bit(array_type):
     return array_type.dtype in (types.uint16, types.int16)
 
 
+def _const(like, value):
+    """``value`` as a constant of ``like``'s LLVM type, repeated over its lanes for a vector."""
+    if isinstance(like, ir.VectorType):
+        return ir.Constant(like, [ir.Constant(like.element, value)] * like.count)
+    return ir.Constant(like, value)
+
+
+def _lanes(element, like):
+    """``element`` (an LLVM scalar type), or a vector of it with ``like``'s lane count."""
+    return ir.VectorType(element, like.count) if isinstance(like, ir.VectorType) else element
+
+
+def _widen_ir(builder, bits, storage):
+    """LLVM IR of :func:`widen` for a scalar or vector ``bits`` of Numba type ``storage``."""
+    if storage == types.uint16:
+        wide = builder.shl(builder.zext(bits, _lanes(_I32, bits.type)), _const(_lanes(_I32, bits.type), 16))
+        return builder.bitcast(wide, _lanes(ir.FloatType(), bits.type))
+    if storage == types.int16:
+        half = builder.bitcast(bits, _lanes(ir.HalfType(), bits.type))
+        return builder.fpext(half, _lanes(ir.FloatType(), bits.type))
+    return bits
+
+
+def _narrow_ir(builder, value32, storage):
+    """LLVM IR of :func:`narrow` of a scalar or vector in the compute type of ``storage``."""
+    if storage == types.uint16:
+        i32 = _lanes(_I32, value32.type)
+        bits = builder.bitcast(value32, i32)
+        high = builder.lshr(bits, _const(i32, 16))
+        odd = builder.and_(high, _const(i32, 1))
+        rounded = builder.lshr(builder.add(bits, builder.add(odd, _const(i32, 0x7FFF))), _const(i32, 16))
+        # a float compare finds a NaN in one vector operation (0.89x the store loop's time
+        # of an integer magnitude compare, docs/perf-notes/bfloat16-conversion.md)
+        is_nan = builder.fcmp_unordered("uno", value32, value32)
+        nan = builder.or_(high, _const(i32, 0x40))
+        return builder.trunc(builder.select(is_nan, nan, rounded), _lanes(_I16, value32.type))
+    if storage == types.int16:
+        half = builder.fptrunc(value32, _lanes(ir.HalfType(), value32.type))
+        return builder.bitcast(half, _lanes(_I16, value32.type))
+    return value32
+
+
 # The type dispatch is in intrinsics, whose code is emitted into the loop itself, and
 # the array access in the glue functions load / store, inlined at Numba IR level like the
 # rest of the loop helpers.  A compiled call in the loop body (an overload, even of a
@@ -125,17 +167,10 @@ def _is_16bit(array_type):
 @intrinsic
 def _widen(typingctx, bits):
     """Compile :func:`widen` for the scalar type of ``bits``."""
-    if bits == types.uint16:
+    if bits in (types.uint16, types.int16):
 
         def codegen(context, builder, signature, args):
-            wide = builder.shl(builder.zext(args[0], _I32), ir.Constant(_I32, 16))
-            return builder.bitcast(wide, ir.FloatType())
-
-        return types.float32(bits), codegen
-    if bits == types.int16:
-
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+            return _widen_ir(builder, args[0], signature.args[0])
 
         return types.float32(bits), codegen
     if isinstance(bits, types.Float):
@@ -147,30 +182,13 @@ def _widen(typingctx, bits):
 def _narrow(typingctx, dtype, value):
     """Compile :func:`narrow` for an array's ``dtype``: :func:`bfloat16_bits`'s rule in LLVM IR."""
     element = getattr(dtype, "dtype", None)
-    if element == types.uint16:
+    if element in (types.uint16, types.int16):
 
         def codegen(context, builder, signature, args):
             value32 = context.cast(builder, args[1], signature.args[1], types.float32)
-            bits = builder.bitcast(value32, _I32)
-            high = builder.lshr(bits, ir.Constant(_I32, 16))
-            odd = builder.and_(high, ir.Constant(_I32, 1))
-            rounded = builder.lshr(
-                builder.add(bits, builder.add(odd, ir.Constant(_I32, 0x7FFF))), ir.Constant(_I32, 16)
-            )
-            # a float compare finds a NaN in one vector operation (0.89x the store loop's time
-            # of an integer magnitude compare, docs/perf-notes/bfloat16-conversion.md)
-            is_nan = builder.fcmp_unordered("uno", value32, value32)
-            nan = builder.or_(high, ir.Constant(_I32, 0x40))
-            return builder.trunc(builder.select(is_nan, nan, rounded), _I16)
+            return _narrow_ir(builder, value32, element)
 
-        return types.uint16(dtype, value), codegen
-    if element == types.int16:
-
-        def codegen(context, builder, signature, args):
-            value32 = context.cast(builder, args[1], signature.args[1], types.float32)
-            return builder.bitcast(builder.fptrunc(value32, ir.HalfType()), _I16)
-
-        return types.int16(dtype, value), codegen
+        return element(dtype, value), codegen
     if isinstance(element, types.Float):
 
         def codegen(context, builder, signature, args):
@@ -180,9 +198,149 @@ def _narrow(typingctx, dtype, value):
     return None
 
 
+#: Bytes of one non-temporal store (a 512-bit vector), and the alignment it needs.
+STREAM_BYTES = 64
+
+
+@intrinsic
+def _stream_affine(typingctx, ys, xs, mean, scale, shift, start, period):
+    """``ys[i] = (xs[i] - mean) * scale + shift`` with non-temporal vector stores, then ``sfence``.
+
+    ``mean``, ``scale`` and ``shift`` are each a scalar of the compute type or
+    an array of it: per-element coefficients that repeat with ``period``,
+    element ``i`` taking entry ``(start + i) % period`` (the arrays hold two
+    periods, so that a vector starting in the first one is read whole; ``period``
+    at least one vector).  The arithmetic is :func:`~.epilogue._normalize`'s
+    in vector form: a subtraction and a fused multiply-add, as LLVM contracts
+    the scalar loop, then :func:`narrow`'s rounding.  ``ys``'s data must be
+    :data:`STREAM_BYTES`-aligned and its length a multiple of
+    ``STREAM_BYTES / itemsize``; the other arrays are read unaligned.
+    """
+    storage = ys.dtype
+    if not isinstance(ys, types.Array) or xs.dtype != storage:
+        return None
+
+    def codegen(context, builder, signature, args):
+        compute_type = types.float32 if storage in (types.uint16, types.int16) else storage
+        stored = context.get_value_type(storage)
+        width = STREAM_BYTES // context.get_abi_sizeof(stored)
+        i64 = ir.IntType(64)
+        vector = ir.VectorType(stored, width)
+        value_vector = ir.VectorType(context.get_value_type(compute_type), width)
+        arrays = [
+            context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
+            for t, a in zip(signature.args, args, strict=True)
+        ]
+        # scalar coefficients: one splat each, before the loop
+        i32 = ir.IntType(32)
+        undef = ir.Constant(value_vector, ir.Undefined)
+        zeros = ir.Constant(ir.VectorType(i32, width), [ir.Constant(i32, 0)] * width)
+        splats = []
+        for t, a in zip(signature.args[2:], args[2:], strict=True):
+            if isinstance(t, types.Array):
+                splats.append(None)
+            else:
+                first = builder.insert_element(
+                    undef, context.cast(builder, a, t, compute_type), ir.Constant(i32, 0)
+                )
+                splats.append(builder.shuffle_vector(first, undef, zeros))
+        count = builder.udiv(arrays[0].nitems, ir.Constant(i64, width))
+        entry = builder.block
+        loop = builder.append_basic_block("stream.loop")
+        done = builder.append_basic_block("stream.done")
+        builder.cbranch(builder.icmp_unsigned(">", count, ir.Constant(i64, 0)), loop, done)
+        start_index = context.cast(builder, args[5], signature.args[5], types.int64)
+        period = context.cast(builder, args[6], signature.args[6], types.int64)
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        c = builder.phi(i64)  # (start + k * width) % period: where the coefficients of vector k start
+        c.add_incoming(start_index, entry)
+        offset = builder.mul(k, ir.Constant(i64, width))
+
+        def at(array, element_vector, index=offset):
+            return builder.bitcast(builder.gep(array.data, [index]), element_vector.as_pointer())
+
+        x = _widen_ir(
+            builder, builder.load(at(arrays[1], vector), align=context.get_abi_sizeof(stored)), storage
+        )
+        coefs = []
+        for array, splat in zip(arrays[2:], splats, strict=True):
+            if array is None:
+                coefs.append(splat)
+            else:
+                coefs.append(
+                    builder.load(
+                        at(array, value_vector, c), align=context.get_abi_sizeof(value_vector.element)
+                    )
+                )
+        centered = builder.fsub(x, coefs[0])
+        element_name = "f32" if value_vector.element == ir.FloatType() else "f64"
+        fma = builder.module.declare_intrinsic(
+            f"llvm.fma.v{width}{element_name}", fnty=ir.FunctionType(value_vector, [value_vector] * 3)
+        )
+        value = _narrow_ir(builder, builder.call(fma, [centered, coefs[1], coefs[2]]), storage)
+        store = builder.store(value, at(arrays[0], vector), align=STREAM_BYTES)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        k_next = builder.add(k, ir.Constant(i64, 1))
+        k.add_incoming(k_next, loop)
+        c_step = builder.add(c, ir.Constant(i64, width))
+        wrapped = builder.icmp_signed(">=", c_step, period)
+        c.add_incoming(builder.select(wrapped, builder.sub(c_step, period), c_step), loop)
+        builder.cbranch(builder.icmp_unsigned("<", k_next, count), loop, done)
+        builder.position_at_end(done)
+        fence = builder.module.declare_intrinsic(
+            "llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), [])
+        )
+        builder.call(fence, [])
+        return context.get_dummy_value()
+
+    return types.void(ys, xs, mean, scale, shift, start, period), codegen
+
+
+@intrinsic
+def _address(typingctx, array):
+    """Return the address of ``array``'s data, as an integer."""
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        return builder.ptrtoint(data, ir.IntType(64))
+
+    return types.intp(array), codegen
+
+
+@glue
+def stream_split(ys):
+    """Return ``(head, body)``: elements before ``ys``'s first aligned one, and whole vectors after.
+
+    Aligned to :data:`STREAM_BYTES`; ``body`` is what :func:`stream_affine` stores.
+    """
+    itemsize = ys.itemsize
+    head = min(ys.size, ((STREAM_BYTES - address(ys) % STREAM_BYTES) % STREAM_BYTES) // itemsize)
+    per_vector = STREAM_BYTES // itemsize
+    return head, (ys.size - head) // per_vector * per_vector
+
+
+def stream_affine(ys, xs, mean, scale, shift, start, period):
+    """Pure-Python :func:`_stream_affine` (``NUMBA_DISABLE_JIT=1``): the same values, ordinary stores."""
+
+    def at(coef, i):
+        return coef[(start + i) % period] if isinstance(coef, np.ndarray) else coef
+
+    for i in range(ys.size):
+        ys[i] = narrow(ys.dtype, (widen(xs[i]) - at(mean, i)) * at(scale, i) + at(shift, i))
+
+
+def address(array):
+    """Return the address of ``array``'s data (pure Python; compiled: :func:`_address`)."""
+    return array.ctypes.data
+
+
 if not numba.config.DISABLE_JIT:
     widen = _widen  # noqa: F811 -- compiled code: the intrinsics
     narrow = _narrow  # noqa: F811
+    stream_affine = _stream_affine  # noqa: F811
+    address = _address  # noqa: F811
 
 
 @glue
