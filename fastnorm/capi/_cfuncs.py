@@ -201,7 +201,7 @@ def _ol_param_store(ptr, n, data, param16, values):
 def _serial(schedule, num_threads):
     """``schedule`` with its ``parallel`` field 0 when ``num_threads`` is 0 (serial build, same bits)."""
     if num_threads < 1:
-        return (schedule[0], schedule[1], 0, schedule[3], schedule[4], schedule[5], schedule[6], schedule[7])
+        return schedule[:2] + (0,) + schedule[3:]
     return schedule
 
 
