@@ -246,17 +246,15 @@ def _normalize_streamed(x, y, off, count, mean, scale, shift):
     arithmetic in vector form); for outputs far larger than the cache, which
     are not read again soon (docs/perf-notes/streaming-stores.md).
     """
-    xs = x[off : off + count]
-    ys = y[off : off + count]
-    mean_hi, mean_lo = _split(xs, mean)
-    scale_x = compute(xs, scale)
-    shift_x = _fold(shift, scale, mean_lo, xs)
-    head, body = stream_split(ys)
-    for i in range(head):
-        store(ys, i, (load(xs, i) - mean_hi) * scale_x + shift_x)
-    stream_affine(ys[head : head + body], xs[head : head + body], mean_hi, scale_x, shift_x, 0, 1)
-    for i in range(head + body, count):
-        store(ys, i, (load(xs, i) - mean_hi) * scale_x + shift_x)
+    head, body = stream_split(y[off : off + count])
+    _normalize(x, y, off, head, mean, scale, shift)
+    mid = off + head
+    mean_hi, mean_lo = _split(x, mean)
+    scale_x = compute(x, scale)
+    stream_affine(
+        y[mid : mid + body], x[mid : mid + body], mean_hi, scale_x, _fold(shift, scale, mean_lo, x), 0, 1
+    )
+    _normalize(x, y, mid + body, count - head - body, mean, scale, shift)
 
 
 @helper
