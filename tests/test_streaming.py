@@ -22,6 +22,7 @@ import fastnorm
 import fastnorm._kernels as K
 from fastnorm import _plan
 from fastnorm._kernels import channels_last, planes
+from fastnorm._kernels import rows as rows_kernels
 
 pytestmark = pytest.mark.jit  # the streaming stores are LLVM IR; pure Python has none
 
@@ -95,12 +96,53 @@ def test_streamed_normalize_is_bitwise_the_plain_one(kernel_pass, kind, layout, 
             assert not np.array_equal(plain, np.full_like(plain, 7))
 
 
+def _run_rows(kernel_pass, rows, width, dtype, offset, with_bias, centered, stream):
+    rng = np.random.default_rng(11)
+    x = _data((rows, width), dtype, "nchw", offset, rng).reshape(-1)
+    compute = np.float64 if dtype == "float64" else np.float32
+    weight = rng.standard_normal(width).astype(compute)
+    bias = rng.standard_normal(width).astype(compute) if with_bias else np.empty(0, compute)
+    flags = K.PER_ELEMENT | (K.CENTERED if centered else 0)
+    params = tuple(K.KernelSpec(rows, 1, width, 1, flags, 1e-5))
+    schedule = list(K.plan_schedule(params, kernel_pass, 2, x.itemsize, True, with_bias, False))
+    schedule[-1] = stream
+    mean = rng.standard_normal(rows) + 1 if centered else np.zeros(rows)
+    rstd = rng.uniform(0.2, 2.0, rows)
+    out = np.full(x.size + offset, 7, x.dtype)[offset:]
+    empty = x[:0]
+    full = params + tuple(schedule)
+    if kernel_pass == K.INFERENCE:
+        rows_kernels.rows_inference(x, weight, bias, empty, empty, out, mean, rstd, full)
+    else:
+        rows_kernels.rows_forward(x, weight, bias, empty, out, np.empty(rows), np.empty(rows), full)
+    return out, K.Schedule(*schedule)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kernel_pass", [K.INFERENCE, K.FORWARD], ids=["inference", "forward"])
+def test_streamed_rows_are_bitwise_the_plain_ones(kernel_pass, dtype):
+    """LayerNorm (weight and bias) and RMSNorm (weight only) rows, every non-pipelined strategy."""
+    strategies = set()
+    # 40 rows: one block each; 5000 wide: fused (several blocks); 6 rows: split
+    for rows, width in ((40, 1500), (40, 5000), (6, 700), (6, 9000)):
+        for with_bias, centered in ((True, True), (False, False)):
+            for offset in (0, 3):
+                plain, schedule = _run_rows(kernel_pass, rows, width, dtype, offset, with_bias, centered, 0)
+                streamed, _ = _run_rows(kernel_pass, rows, width, dtype, offset, with_bias, centered, 1)
+                assert plain.tobytes() == streamed.tobytes(), (rows, width, with_bias, offset, schedule)
+                assert not np.array_equal(plain, np.full_like(plain, 7))
+                strategies.add(schedule.strategy)
+    if kernel_pass == K.FORWARD:
+        assert strategies >= {K.ONE_BLOCK, K.FUSED, K.SPLIT}, strategies
+
+
 @pytest.mark.parametrize("pass_id", [K.FORWARD, K.INFERENCE, K.BACKWARD])
 @pytest.mark.parametrize("itemsize", [2, 4, 8])
 def test_streaming_is_chosen_by_output_size_only(pass_id, itemsize):
-    """From STREAM_MIN_BYTES of output, forward and inference stream; not a backward, rows or fused CL.
+    """From STREAM_MIN_BYTES of output, forward and inference stream; not a backward or a fused CL pass.
 
-    Nor 16-bit data (not measured). The thread count changes nothing.
+    Nor 16-bit data (not measured), nor the pipelined row forward. The thread
+    count changes nothing.
     """
     elements = K.STREAM_MIN_BYTES // itemsize
     x86 = platform.machine() in ("x86_64", "AMD64")
@@ -113,15 +155,14 @@ def test_streaming_is_chosen_by_output_size_only(pass_id, itemsize):
         at = K.KernelSpec(n, c, s, g, flags, 1e-5)
         below = K.KernelSpec(n, c, s - 1, g, flags, 1e-5)
         for threads in (1, 2, 64):
-            stream_at = K.Schedule(
-                *K.plan_schedule(tuple(at), pass_id, threads, itemsize, True, True, False)
-            ).stream
-            stream_below = K.Schedule(
-                *K.plan_schedule(tuple(below), pass_id, threads, itemsize, True, True, False)
-            ).stream
-            expected = x86 and itemsize >= 4 and pass_id != K.BACKWARD and not flags & K.PER_ELEMENT
-            assert stream_at == int(expected), (flags, pass_id, threads)
-            assert stream_below == 0
+            schedule_at, schedule_below = (
+                K.Schedule(*K.plan_schedule(tuple(k), pass_id, threads, itemsize, True, True, False))
+                for k in (at, below)
+            )
+            # the pipelined row forward normalizes inside its moments loop: never streamed
+            expected = x86 and itemsize >= 4 and pass_id != K.BACKWARD and schedule_at.strategy != K.PIPELINED
+            assert schedule_at.stream == int(expected), (flags, pass_id, threads)
+            assert schedule_below.stream == 0
     fused = K.KernelSpec(64, 64, elements // 4096, 64, K.CENTERED | K.CHANNELS_LAST, 1e-5)
     schedule = K.Schedule(*K.plan_schedule(tuple(fused), K.FORWARD, 2, itemsize, True, True, False))
     assert schedule.strategy == K.FUSED and schedule.stream == 0

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 from .._config import glue, helper
-from .storage import compute, load, store, stream_affine, stream_split
+from .storage import compute, load, store, stream_affine, stream_rows, stream_split
 from .vmath import exp, tanh
 
 #: Activation codes of ``KernelSpec.activation``, by the public name.
@@ -313,6 +313,25 @@ def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
     else:
         for i in range(count):
             store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * rstd_x)
+
+
+@glue
+def _normalize_per_element_streamed(x, y, weight, bias, off, count, s0, mean, rstd):
+    """:func:`_normalize_per_element` with a weight, the span's aligned middle with non-temporal stores.
+
+    The same values (:func:`~.storage.stream_rows`); see :func:`_normalize_streamed`.
+    """
+    head, body = stream_split(y[off : off + count])
+    _normalize_per_element(x, y, weight, bias, off, head, s0, mean, rstd)
+    mid, s_mid = off + head, s0 + head
+    mean_hi, mean_lo = _split(x, mean)
+    ws = weight[s_mid : s_mid + body]
+    ys, xs = y[mid : mid + body], x[mid : mid + body]
+    if bias.size > 0:
+        stream_rows(ys, xs, ws, bias[s_mid : s_mid + body], mean_hi, mean_lo, compute(x, rstd), 0, body)
+    else:  # a scalar bias: none added
+        stream_rows(ys, xs, ws, compute(x, 0.0), mean_hi, mean_lo, compute(x, rstd), 0, body)
+    _normalize_per_element(x, y, weight, bias, mid + body, count - head - body, s_mid + body, mean, rstd)
 
 
 @helper

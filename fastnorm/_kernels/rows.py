@@ -27,6 +27,7 @@ from .epilogue import (
     _dx_row_span,
     _normalize_per_element,
     _normalize_per_element_fused,
+    _normalize_per_element_streamed,
     _rectify,
     _split,
     _store_mode,
@@ -182,7 +183,9 @@ def _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, schedu
         row, b = _block_plane(blk, nblocks)
         off, count, s0 = _cf_block_span(spec, row, b)
         row_mean = mean[row] if centered else 0.0
-        if plain:
+        if plain and schedule.stream and weight.size > 0:
+            _normalize_per_element_streamed(x, y, weight, bias, off, count, s0, row_mean, rstd[row])
+        elif plain:
             _normalize_per_element(x, y, weight, bias, off, count, s0, row_mean, rstd[row])
         else:
             _normalize_per_element_fused(
@@ -208,7 +211,7 @@ def _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, chun
 
 
 @glue
-def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip):
+def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip, stream):
     """``ONE_BLOCK``: one task per row of at most ``BLOCK`` elements: moments, then normalize."""
     plain, _, _ = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
@@ -216,7 +219,9 @@ def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip
             _add_skip_rows(skip[0], skip[1], skip[2], skip[3], spec.spatial, k, k + 1)
         row, row_mean, row_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
         off, width = row * spec.spatial, spec.spatial
-        if plain:
+        if plain and stream and weight.size > 0:
+            _normalize_per_element_streamed(x, y, weight, bias, off, width, 0, row_mean, row_rstd)
+        elif plain:
             _normalize_per_element(x, y, weight, bias, off, width, 0, row_mean, row_rstd)
         else:
             _normalize_per_element_fused(
@@ -236,7 +241,9 @@ def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule
         _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         for b in range(nblocks):
             off, count, s0 = _cf_block_span(spec, k, b)
-            if plain:
+            if plain and schedule.stream and weight.size > 0:
+                _normalize_per_element_streamed(x, y, weight, bias, off, count, s0, mean[k], rstd[k])
+            elif plain:
                 _normalize_per_element(x, y, weight, bias, off, count, s0, mean[k], rstd[k])
             else:
                 _normalize_per_element_fused(
@@ -312,7 +319,7 @@ def _rows_forward(x, weight, bias, residual, y, mean, rstd, params, skip):
     if schedule.strategy == PIPELINED:
         _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, schedule.chunk, skip)
     elif schedule.strategy == ONE_BLOCK:
-        _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip)
+        _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip, schedule.stream)
     elif schedule.strategy == FUSED:
         _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule, skip)
     else:

@@ -241,7 +241,8 @@ def plan_schedule(params, pass_id, num_threads, itemsize, has_weight, has_bias, 
     if (pass_id == FORWARD or pass_id == INFERENCE) and size * itemsize >= STREAM_MIN_BYTES and itemsize >= 4:
         stream = 1
     if spec.flags & PER_ELEMENT:
-        return _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bias, in_place)
+        flags = (has_weight, has_bias, in_place)
+        return _rows_schedule(spec, pass_id, parallel, nstats, itemsize, *flags, stream)
     if spec.flags & CHANNELS_LAST:
         return _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsize, stream)
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
@@ -257,7 +258,7 @@ def plan_schedule(params, pass_id, num_threads, itemsize, has_weight, has_bias, 
 
 
 @helper
-def _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bias, in_place):
+def _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bias, in_place, stream):
     """:func:`plan_schedule` of LayerNorm / RMSNorm rows."""
     width = spec.spatial
     nblocks = (width + BLOCK - 1) // BLOCK
@@ -282,7 +283,9 @@ def _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bi
         if nstats >= 4 * ROW_CHUNK:
             strategy = ROW_CHUNKS
             chunk = max(ROW_CHUNK, (nstats + ROW_TASKS - 1) // ROW_TASKS)
-    return (ROWS, strategy, parallel, nblocks, BLOCK, 1, chunk, 0, 0)
+    # The pipelined forward normalizes a row in the loop that sums the next one: not streamed.
+    stream = stream if strategy != PIPELINED else 0
+    return (ROWS, strategy, parallel, nblocks, BLOCK, 1, chunk, 0, stream)
 
 
 @helper

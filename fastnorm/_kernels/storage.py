@@ -202,6 +202,86 @@ def _narrow(typingctx, dtype, value):
 STREAM_BYTES = 64
 
 
+def _stream_loop(context, builder, signature, args, combine):
+    """Emit the loop of :func:`_stream_affine` / :func:`_stream_rows`; ``combine`` is its arithmetic.
+
+    ``args`` are ``ys``, ``xs``, the coefficients (scalars, splat once, or
+    arrays, loaded as vectors at the wrapping index), ``start`` and ``period``.
+    ``combine(builder, x, coefs, fma)`` returns the compute-type vector to store.
+    """
+    storage = signature.args[0].dtype
+    compute_type = types.float32 if storage in (types.uint16, types.int16) else storage
+    stored = context.get_value_type(storage)
+    width = STREAM_BYTES // context.get_abi_sizeof(stored)
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    vector = ir.VectorType(stored, width)
+    value_vector = ir.VectorType(context.get_value_type(compute_type), width)
+    coef_types, coef_args = signature.args[2:-2], args[2:-2]
+    arrays = [
+        context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:2], args[:2], strict=True)
+    ]
+    undef = ir.Constant(value_vector, ir.Undefined)
+    zeros = ir.Constant(ir.VectorType(i32, width), [ir.Constant(i32, 0)] * width)
+    coef_arrays, splats = [], []
+    for t, a in zip(coef_types, coef_args, strict=True):
+        if isinstance(t, types.Array):
+            coef_arrays.append(context.make_array(t)(context, builder, a))
+            splats.append(None)
+        else:
+            first = builder.insert_element(
+                undef, context.cast(builder, a, t, compute_type), ir.Constant(i32, 0)
+            )
+            coef_arrays.append(None)
+            splats.append(builder.shuffle_vector(first, undef, zeros))
+    start_index = context.cast(builder, args[-2], signature.args[-2], types.int64)
+    period = context.cast(builder, args[-1], signature.args[-1], types.int64)
+    count = builder.udiv(arrays[0].nitems, ir.Constant(i64, width))
+    entry = builder.block
+    loop = builder.append_basic_block("stream.loop")
+    done = builder.append_basic_block("stream.done")
+    builder.cbranch(builder.icmp_unsigned(">", count, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    c = builder.phi(i64)  # (start + k * width) % period: where the coefficients of vector k start
+    c.add_incoming(start_index, entry)
+    offset = builder.mul(k, ir.Constant(i64, width))
+
+    def at(array, element_vector, index):
+        return builder.bitcast(builder.gep(array.data, [index]), element_vector.as_pointer())
+
+    x = _widen_ir(
+        builder, builder.load(at(arrays[1], vector, offset), align=context.get_abi_sizeof(stored)), storage
+    )
+    coefs = [
+        splat
+        if array is None
+        else builder.load(at(array, value_vector, c), align=context.get_abi_sizeof(value_vector.element))
+        for array, splat in zip(coef_arrays, splats, strict=True)
+    ]
+    element_name = "f32" if value_vector.element == ir.FloatType() else "f64"
+    fma = builder.module.declare_intrinsic(
+        f"llvm.fma.v{width}{element_name}", fnty=ir.FunctionType(value_vector, [value_vector] * 3)
+    )
+    value = _narrow_ir(builder, combine(builder, x, coefs, fma), storage)
+    store = builder.store(value, at(arrays[0], vector, offset), align=STREAM_BYTES)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
+    k_next = builder.add(k, ir.Constant(i64, 1))
+    k.add_incoming(k_next, loop)
+    c_step = builder.add(c, ir.Constant(i64, width))
+    wrapped = builder.icmp_signed(">=", c_step, period)
+    c.add_incoming(builder.select(wrapped, builder.sub(c_step, period), c_step), loop)
+    builder.cbranch(builder.icmp_unsigned("<", k_next, count), loop, done)
+    builder.position_at_end(done)
+    fence = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
+    builder.call(fence, [])
+    return context.get_dummy_value()
+
+
+def _streamable(ys, xs):
+    return isinstance(ys, types.Array) and isinstance(xs, types.Array) and xs.dtype == ys.dtype
+
+
 @intrinsic
 def _stream_affine(typingctx, ys, xs, mean, scale, shift, start, period):
     """``ys[i] = (xs[i] - mean) * scale + shift`` with non-temporal vector stores, then ``sfence``.
@@ -216,86 +296,43 @@ def _stream_affine(typingctx, ys, xs, mean, scale, shift, start, period):
     :data:`STREAM_BYTES`-aligned and its length a multiple of
     ``STREAM_BYTES / itemsize``; the other arrays are read unaligned.
     """
-    storage = ys.dtype
-    if not isinstance(ys, types.Array) or xs.dtype != storage:
+    if not _streamable(ys, xs):
         return None
 
+    def combine(builder, x, coefs, fma):
+        return builder.call(fma, [builder.fsub(x, coefs[0]), coefs[1], coefs[2]])
+
     def codegen(context, builder, signature, args):
-        compute_type = types.float32 if storage in (types.uint16, types.int16) else storage
-        stored = context.get_value_type(storage)
-        width = STREAM_BYTES // context.get_abi_sizeof(stored)
-        i64 = ir.IntType(64)
-        vector = ir.VectorType(stored, width)
-        value_vector = ir.VectorType(context.get_value_type(compute_type), width)
-        arrays = [
-            context.make_array(t)(context, builder, a) if isinstance(t, types.Array) else None
-            for t, a in zip(signature.args, args, strict=True)
-        ]
-        # scalar coefficients: one splat each, before the loop
-        i32 = ir.IntType(32)
-        undef = ir.Constant(value_vector, ir.Undefined)
-        zeros = ir.Constant(ir.VectorType(i32, width), [ir.Constant(i32, 0)] * width)
-        splats = []
-        for t, a in zip(signature.args[2:], args[2:], strict=True):
-            if isinstance(t, types.Array):
-                splats.append(None)
-            else:
-                first = builder.insert_element(
-                    undef, context.cast(builder, a, t, compute_type), ir.Constant(i32, 0)
-                )
-                splats.append(builder.shuffle_vector(first, undef, zeros))
-        count = builder.udiv(arrays[0].nitems, ir.Constant(i64, width))
-        entry = builder.block
-        loop = builder.append_basic_block("stream.loop")
-        done = builder.append_basic_block("stream.done")
-        builder.cbranch(builder.icmp_unsigned(">", count, ir.Constant(i64, 0)), loop, done)
-        start_index = context.cast(builder, args[5], signature.args[5], types.int64)
-        period = context.cast(builder, args[6], signature.args[6], types.int64)
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        k.add_incoming(ir.Constant(i64, 0), entry)
-        c = builder.phi(i64)  # (start + k * width) % period: where the coefficients of vector k start
-        c.add_incoming(start_index, entry)
-        offset = builder.mul(k, ir.Constant(i64, width))
-
-        def at(array, element_vector, index=offset):
-            return builder.bitcast(builder.gep(array.data, [index]), element_vector.as_pointer())
-
-        x = _widen_ir(
-            builder, builder.load(at(arrays[1], vector), align=context.get_abi_sizeof(stored)), storage
-        )
-        coefs = []
-        for array, splat in zip(arrays[2:], splats, strict=True):
-            if array is None:
-                coefs.append(splat)
-            else:
-                coefs.append(
-                    builder.load(
-                        at(array, value_vector, c), align=context.get_abi_sizeof(value_vector.element)
-                    )
-                )
-        centered = builder.fsub(x, coefs[0])
-        element_name = "f32" if value_vector.element == ir.FloatType() else "f64"
-        fma = builder.module.declare_intrinsic(
-            f"llvm.fma.v{width}{element_name}", fnty=ir.FunctionType(value_vector, [value_vector] * 3)
-        )
-        value = _narrow_ir(builder, builder.call(fma, [centered, coefs[1], coefs[2]]), storage)
-        store = builder.store(value, at(arrays[0], vector), align=STREAM_BYTES)
-        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
-        k_next = builder.add(k, ir.Constant(i64, 1))
-        k.add_incoming(k_next, loop)
-        c_step = builder.add(c, ir.Constant(i64, width))
-        wrapped = builder.icmp_signed(">=", c_step, period)
-        c.add_incoming(builder.select(wrapped, builder.sub(c_step, period), c_step), loop)
-        builder.cbranch(builder.icmp_unsigned("<", k_next, count), loop, done)
-        builder.position_at_end(done)
-        fence = builder.module.declare_intrinsic(
-            "llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), [])
-        )
-        builder.call(fence, [])
-        return context.get_dummy_value()
+        return _stream_loop(context, builder, signature, args, combine)
 
     return types.void(ys, xs, mean, scale, shift, start, period), codegen
+
+
+@intrinsic
+def _stream_rows(typingctx, ys, xs, weight, bias, mean_hi, mean_lo, rstd, start, period):
+    """``ys[i] = ((xs[i] - mean_hi) - mean_lo) * (rstd * weight[i]) + bias[i]``, streamed.
+
+    :func:`~.epilogue._normalize_per_element`'s weight-and-bias arithmetic
+    (without a bias when ``bias`` is a scalar: it is then not added), in the
+    loop of :func:`_stream_affine`, whose contract ``ys`` follows.  ``weight``
+    and ``bias`` are read from ``start``, wrapping at ``period``.
+    """
+    if not _streamable(ys, xs):
+        return None
+    with_bias = isinstance(bias, types.Array)
+
+    def combine(builder, x, coefs, fma):
+        weight_v, bias_v, mean_hi_v, mean_lo_v, rstd_v = coefs
+        centered = builder.fsub(builder.fsub(x, mean_hi_v), mean_lo_v)
+        scale = builder.fmul(rstd_v, weight_v)
+        if with_bias:
+            return builder.call(fma, [centered, scale, bias_v])
+        return builder.fmul(centered, scale)
+
+    def codegen(context, builder, signature, args):
+        return _stream_loop(context, builder, signature, args, combine)
+
+    return types.void(ys, xs, weight, bias, mean_hi, mean_lo, rstd, start, period), codegen
 
 
 @intrinsic
@@ -331,6 +368,14 @@ def stream_affine(ys, xs, mean, scale, shift, start, period):
         ys[i] = narrow(ys.dtype, (widen(xs[i]) - at(mean, i)) * at(scale, i) + at(shift, i))
 
 
+def stream_rows(ys, xs, weight, bias, mean_hi, mean_lo, rstd, start, period):
+    """Pure-Python :func:`_stream_rows` (``NUMBA_DISABLE_JIT=1``): the same values, ordinary stores."""
+    for i in range(ys.size):
+        j = (start + i) % period
+        value = ((widen(xs[i]) - mean_hi) - mean_lo) * (rstd * weight[j])
+        ys[i] = narrow(ys.dtype, value + bias[j] if isinstance(bias, np.ndarray) else value)
+
+
 def address(array):
     """Return the address of ``array``'s data (pure Python; compiled: :func:`_address`)."""
     return array.ctypes.data
@@ -340,6 +385,7 @@ if not numba.config.DISABLE_JIT:
     widen = _widen  # noqa: F811 -- compiled code: the intrinsics
     narrow = _narrow  # noqa: F811
     stream_affine = _stream_affine  # noqa: F811
+    stream_rows = _stream_rows  # noqa: F811
     address = _address  # noqa: F811
 
 
