@@ -16,7 +16,7 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from fastnorm._config import glue, helper, kernel
-from fastnorm._kernels.storage import STREAM_BYTES, stream_split
+from fastnorm._kernels.storage import STREAM_BYTES, emit_stream_loop, stream_split, vector_at
 
 #: Fixed chunks of the traffic-floor kernels (independent of the thread count).
 FLOOR_CHUNKS = 64
@@ -37,35 +37,24 @@ def _stream_loop(context, builder, signature, args, combine):
     same dtype, at least the destination's length); ``V`` elements make
     :data:`STREAM_BYTES`.  The destination's data must be :data:`STREAM_BYTES`-
     aligned and its length a multiple of ``V`` (the caller stores the rest).
+    The loop is the kernels' (:func:`~fastnorm._kernels.storage.emit_stream_loop`).
     """
     dtype = signature.args[0].dtype
     element = context.get_value_type(dtype)
     width = STREAM_BYTES // context.get_abi_sizeof(element)
     vector = ir.VectorType(element, width)
-    i64 = ir.IntType(64)
-    arrays = [context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args, strict=True)]
-    count = builder.udiv(arrays[0].nitems, ir.Constant(i64, width))
-    entry = builder.block
-    loop = builder.append_basic_block("stream.loop")
-    done = builder.append_basic_block("stream.done")
-    builder.cbranch(builder.icmp_unsigned(">", count, ir.Constant(i64, 0)), loop, done)
-    builder.position_at_end(loop)
-    k = builder.phi(i64)
-    k.add_incoming(ir.Constant(i64, 0), entry)
-    offset = builder.mul(k, ir.Constant(i64, width))
+    dst, *sources = (
+        context.make_array(t)(context, builder, a) for t, a in zip(signature.args, args, strict=True)
+    )
 
-    def address(array):
-        return builder.bitcast(builder.gep(array.data, [offset]), vector.as_pointer())
+    def body(builder, offset, state):
+        values = [
+            builder.load(vector_at(builder, a, offset, vector), align=context.get_abi_sizeof(element))
+            for a in sources
+        ]
+        return combine(builder, dtype, values)
 
-    values = [builder.load(address(a), align=context.get_abi_sizeof(element)) for a in arrays[1:]]
-    store = builder.store(combine(builder, dtype, values), address(arrays[0]), align=STREAM_BYTES)
-    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
-    k_next = builder.add(k, ir.Constant(i64, 1))
-    k.add_incoming(k_next, loop)
-    builder.cbranch(builder.icmp_unsigned("<", k_next, count), loop, done)
-    builder.position_at_end(done)
-    fence = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
-    builder.call(fence, [])
+    emit_stream_loop(builder, dst, width, body)
     return context.get_dummy_value()
 
 

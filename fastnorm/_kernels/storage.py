@@ -202,6 +202,51 @@ def _narrow(typingctx, dtype, value):
 STREAM_BYTES = 64
 
 
+def emit_stream_loop(builder, dst, width, body, carried=()):
+    """Emit ``dst[o : o + width] = body(o, state)`` for ``o = 0, width, ..``: non-temporal stores, ``sfence``.
+
+    The loop skeleton shared by the storage kernels' streamed loops and the
+    benchmark's streaming floor.  ``dst`` is a Numba array structure whose data
+    is :data:`STREAM_BYTES`-aligned; whole vectors of ``width`` elements are
+    stored (``dst.nitems // width`` of them; the caller stores the rest).
+    ``body(builder, offset, state)`` emits the vector to store at element
+    ``offset``; ``carried`` holds ``(initial, step)`` pairs of loop-carried
+    values, ``state`` their current values, ``step(builder, value)`` the next.
+    """
+    i32, i64 = ir.IntType(32), ir.IntType(64)
+    count = builder.udiv(dst.nitems, ir.Constant(i64, width))
+    entry = builder.block
+    loop = builder.append_basic_block("stream.loop")
+    done = builder.append_basic_block("stream.done")
+    builder.cbranch(builder.icmp_unsigned(">", count, ir.Constant(i64, 0)), loop, done)
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    state = []
+    for initial, _ in carried:
+        value = builder.phi(initial.type)
+        value.add_incoming(initial, entry)
+        state.append(value)
+    offset = builder.mul(k, ir.Constant(i64, width))
+    vector = body(builder, offset, state)
+    target = builder.bitcast(builder.gep(dst.data, [offset]), vector.type.as_pointer())
+    store = builder.store(vector, target, align=STREAM_BYTES)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
+    k_next = builder.add(k, ir.Constant(i64, 1))
+    k.add_incoming(k_next, loop)
+    for value, (_, step) in zip(state, carried, strict=True):
+        value.add_incoming(step(builder, value), loop)
+    builder.cbranch(builder.icmp_unsigned("<", k_next, count), loop, done)
+    builder.position_at_end(done)
+    fence = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
+    builder.call(fence, [])
+
+
+def vector_at(builder, array, offset, vector_type):
+    """Pointer to the ``vector_type`` at element ``offset`` of Numba array structure ``array``."""
+    return builder.bitcast(builder.gep(array.data, [offset]), vector_type.as_pointer())
+
+
 def _stream_loop(context, builder, signature, args, combine):
     """Emit the loop of :func:`_stream_affine` / :func:`_stream_rows`; ``combine`` is its arithmetic.
 
@@ -217,9 +262,9 @@ def _stream_loop(context, builder, signature, args, combine):
     vector = ir.VectorType(stored, width)
     value_vector = ir.VectorType(context.get_value_type(compute_type), width)
     coef_types, coef_args = signature.args[2:-2], args[2:-2]
-    arrays = [
+    ys, xs = (
         context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:2], args[:2], strict=True)
-    ]
+    )
     undef = ir.Constant(value_vector, ir.Undefined)
     zeros = ir.Constant(ir.VectorType(i32, width), [ir.Constant(i32, 0)] * width)
     coef_arrays, splats = [], []
@@ -235,46 +280,33 @@ def _stream_loop(context, builder, signature, args, combine):
             splats.append(builder.shuffle_vector(first, undef, zeros))
     start_index = context.cast(builder, args[-2], signature.args[-2], types.int64)
     period = context.cast(builder, args[-1], signature.args[-1], types.int64)
-    count = builder.udiv(arrays[0].nitems, ir.Constant(i64, width))
-    entry = builder.block
-    loop = builder.append_basic_block("stream.loop")
-    done = builder.append_basic_block("stream.done")
-    builder.cbranch(builder.icmp_unsigned(">", count, ir.Constant(i64, 0)), loop, done)
-    builder.position_at_end(loop)
-    k = builder.phi(i64)
-    k.add_incoming(ir.Constant(i64, 0), entry)
-    c = builder.phi(i64)  # (start + k * width) % period: where the coefficients of vector k start
-    c.add_incoming(start_index, entry)
-    offset = builder.mul(k, ir.Constant(i64, width))
-
-    def at(array, element_vector, index):
-        return builder.bitcast(builder.gep(array.data, [index]), element_vector.as_pointer())
-
-    x = _widen_ir(
-        builder, builder.load(at(arrays[1], vector, offset), align=context.get_abi_sizeof(stored)), storage
-    )
-    coefs = [
-        splat
-        if array is None
-        else builder.load(at(array, value_vector, c), align=context.get_abi_sizeof(value_vector.element))
-        for array, splat in zip(coef_arrays, splats, strict=True)
-    ]
     element_name = "f32" if value_vector.element == ir.FloatType() else "f64"
     fma = builder.module.declare_intrinsic(
         f"llvm.fma.v{width}{element_name}", fnty=ir.FunctionType(value_vector, [value_vector] * 3)
     )
-    value = _narrow_ir(builder, combine(builder, x, coefs, fma), storage)
-    store = builder.store(value, at(arrays[0], vector, offset), align=STREAM_BYTES)
-    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
-    k_next = builder.add(k, ir.Constant(i64, 1))
-    k.add_incoming(k_next, loop)
-    c_step = builder.add(c, ir.Constant(i64, width))
-    wrapped = builder.icmp_signed(">=", c_step, period)
-    c.add_incoming(builder.select(wrapped, builder.sub(c_step, period), c_step), loop)
-    builder.cbranch(builder.icmp_unsigned("<", k_next, count), loop, done)
-    builder.position_at_end(done)
-    fence = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
-    builder.call(fence, [])
+
+    def body(builder, offset, state):
+        (c,) = state  # (start + offset) % period: where the coefficients of this vector start
+        x = _widen_ir(
+            builder,
+            builder.load(vector_at(builder, xs, offset, vector), align=context.get_abi_sizeof(stored)),
+            storage,
+        )
+        coefs = [
+            splat
+            if array is None
+            else builder.load(
+                vector_at(builder, array, c, value_vector), align=context.get_abi_sizeof(value_vector.element)
+            )
+            for array, splat in zip(coef_arrays, splats, strict=True)
+        ]
+        return _narrow_ir(builder, combine(builder, x, coefs, fma), storage)
+
+    def wrap(builder, c):
+        c_step = builder.add(c, ir.Constant(i64, width))
+        return builder.select(builder.icmp_signed(">=", c_step, period), builder.sub(c_step, period), c_step)
+
+    emit_stream_loop(builder, ys, width, body, carried=[(start_index, wrap)])
     return context.get_dummy_value()
 
 
