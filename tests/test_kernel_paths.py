@@ -436,3 +436,47 @@ def test_thread_dependence_does_not_vary_with_the_call_variant(name):
         for variant in [(w, b, p) for w in (False, True) for b in (False, True) for p in (False, True)]:
             at = [K.plan_schedule(plan.kernel_params, pass_id, t, 4, *variant) for t in (1, 2, 3, 64)]
             assert (len(set(at)) > 1) == plan.thread_dependent[pass_id], (pass_id, variant)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize(
+    ("kind", "shape", "arg"), [("batch_norm", (6, 24, 13, 11), 0), ("group_norm", (3, 8, 33, 40), 4)]
+)
+def test_split_passes_give_the_same_bits_for_any_number_of_shares(kind, shape, arg, channels_last):
+    """``Schedule.shares`` (a share of blocks per thread, walked backwards by a second pass) changes no bit.
+
+    The split forward, inference and backward kernels run with 0 (one block
+    per task, in order), 1, 2, 3 and 64 shares; every output equals the
+    0-shares run's bitwise.  The planner sets one share per thread for
+    parallel split passes below ``STREAM_MIN_BYTES`` and none otherwise.
+    """
+    if channels_last:
+        shape = (shape[0], *shape[2:], shape[1])
+    x, dy, weight, bias = _data(kind, shape, arg, channels_last, np.float32)
+    spec = _spec(kind, arg, channels_last)
+    plan = _plan(x, spec, True)
+    k = plan.kernel_params
+    outs = {}
+    for pass_id in (K.FORWARD, K.BACKWARD):
+        schedule = K.Schedule(*K.plan_schedule(k, pass_id, 2, 4, True, True, False))
+        assert schedule.strategy == K.SPLIT and schedule.shares == 2
+        for threads in (1, 3):
+            assert K.plan_schedule(k, pass_id, threads, 4, True, True, False)[-1] == threads
+        big = K.KernelSpec(*k)._replace(batch=K.STREAM_MIN_BYTES // 4 // (k[1] * k[2]) + 1)
+        assert K.plan_schedule(tuple(big), pass_id, 2, 4, True, True, False)[-1] == 0
+    assert K.plan_schedule(k, K.INFERENCE, 2, 4, True, True, False)[-1] == 0
+    xf, dyf = x.ravel(), dy.ravel()
+    nstats = plan.stats_size
+    forward = K.select(K.FORWARD, k + tuple(_schedule(plan.kspec, K.FORWARD, 2)))
+    backward = K.select(K.BACKWARD, k + tuple(_schedule(plan.kspec, K.BACKWARD, 2)))
+    for shares in (0, 1, 2, 3, 64):
+        fwd = k + tuple(_schedule(plan.kspec, K.FORWARD, 2)._replace(shares=shares))
+        bwd = k + tuple(_schedule(plan.kspec, K.BACKWARD, 2)._replace(shares=shares))
+        y, mean, rstd = np.empty_like(xf), np.empty(nstats), np.empty(nstats)
+        forward(xf, weight, bias, xf[:0], y, mean, rstd, fwd)
+        dx, dweight, dbias = np.empty_like(xf), np.empty_like(weight), np.empty_like(bias)
+        backward(dyf, xf, weight, mean, rstd, dx, dweight, dbias, bwd)
+        outs[shares] = [a.tobytes() for a in (y, mean, rstd, dx, dweight, dbias)]
+    assert not np.isnan(np.frombuffer(outs[0][0], np.float32)).any()
+    for shares in (1, 2, 3, 64):
+        assert outs[shares] == outs[0], f"shares={shares}"

@@ -94,7 +94,7 @@ def _signature(name, dtype):
     work = types.Array(types.float64, 1, "C")
     i64, f64 = types.int64, types.float64
     spec = numba.typeof(K.KernelSpec(1, 1, 1, 1, 0, 1e-5))
-    schedule = numba.typeof(K.Schedule(0, 0, 0, 1, 1, 1, 0, 0, 0))
+    schedule = numba.typeof(K.Schedule(0, 0, 0, 1, 1, 1, 0, 0, 0, 0))
     return {
         "_moments": (data, i64, i64, i64),
         "_moments_two_pass": (data, i64),

@@ -26,7 +26,7 @@ from .numerics import (
     _merge,
     _moments_two_pass,
 )
-from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule
+from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule, share, task_count
 from .storage import STREAM_BYTES, compute_empty, load, store, stream_affine, stream_split
 
 # ---------------------------------------------------------------------------
@@ -42,6 +42,13 @@ def _cl_block(spec, schedule, blk):
     row0 = (blk - n * schedule.nblocks) * rows_per_block
     rows = min(rows_per_block, spec.spatial - row0)
     return (n * spec.spatial + row0) * spec.channels, rows, n
+
+
+@glue
+def _cl_tasks(spec, schedule):
+    """Return ``(tasks, blocks)``: a split pass's tasks over all blocks (:func:`~.schedule.task_count`)."""
+    blocks = spec.batch * schedule.nblocks
+    return task_count(schedule, blocks), blocks
 
 
 @glue
@@ -313,8 +320,11 @@ def _cl_forward_fused(x, weight, bias, residual, y, work, chan, stats, coef, spe
 @glue
 def _cl_split_statistics(x, work, chan, stats, spec, schedule):
     """Block moments in parallel, then the set and group merges into ``stats``."""
-    for blk in prange(spec.batch * schedule.nblocks):
-        _cl_block_moments(x, work, spec, schedule, blk)
+    tasks, blocks = _cl_tasks(spec, schedule)
+    for t in prange(tasks):
+        lo, hi = share(t, tasks, blocks)
+        for blk in range(lo, hi):
+            _cl_block_moments(x, work, spec, schedule, blk)
     for s in prange(stats.size // 2 // spec.groups):
         _cl_set_stats(work, chan, stats, spec, schedule, s)
 
@@ -335,22 +345,28 @@ def _cl_normalize(x, residual, grad, y, coef, spec, schedule):
 
     With ``schedule.stream``, a plain pass whose steps span at least one
     vector stores each block through :func:`_cl_stream_block`, from
-    coefficient vectors repeated over two steps.
+    coefficient vectors repeated over two steps.  The blocks run as the
+    second pass of :func:`_cl_tasks` (each share backwards).
     """
     plain, _, _ = _store_mode(spec, grad, residual, x)
     span = schedule.tile_rows * spec.channels
+    tasks, blocks = _cl_tasks(spec, schedule)
     if schedule.stream and plain and span * x.itemsize >= STREAM_BYTES:
         doubled = _cl_tile(coef, spec.channels, 2 * schedule.tile_rows)
-        for blk in prange(spec.batch * schedule.nblocks):
-            off, rows, base, span2 = _cl_steps(spec, schedule, blk, 2 * schedule.tile_rows, 3)
-            mean = doubled[base : base + span2]
-            scale = doubled[base + span2 : base + 2 * span2]
-            shift = doubled[base + 2 * span2 : base + 3 * span2]
-            _cl_stream_block(x, y, mean, scale, shift, off, rows * spec.channels, span)
+        for t in prange(tasks):
+            lo, hi = share(t, tasks, blocks)
+            for i in range(hi - lo):
+                off, rows, base, span2 = _cl_steps(spec, schedule, hi - 1 - i, 2 * schedule.tile_rows, 3)
+                mean = doubled[base : base + span2]
+                scale = doubled[base + span2 : base + 2 * span2]
+                shift = doubled[base + 2 * span2 : base + 3 * span2]
+                _cl_stream_block(x, y, mean, scale, shift, off, rows * spec.channels, span)
         return
     tiled = _cl_tile(coef, spec.channels, schedule.tile_rows)
-    for blk in prange(spec.batch * schedule.nblocks):
-        _cl_normalize_block(x, residual, grad, y, tiled, spec, schedule, blk, schedule.tile_rows)
+    for t in prange(tasks):
+        lo, hi = share(t, tasks, blocks)
+        for i in range(hi - lo):
+            _cl_normalize_block(x, residual, grad, y, tiled, spec, schedule, hi - 1 - i, schedule.tile_rows)
 
 
 @kernel
@@ -556,18 +572,27 @@ def _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule):
     sets = chan_mean.size // spec.channels
     for s in range(sets):
         _cl_set_means(mean, chan_mean, spec, s)
-    for blk in prange(spec.batch * schedule.nblocks):
-        _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk)
+    tasks, blocks = _cl_tasks(spec, schedule)
+    for t in prange(tasks):
+        lo, hi = share(t, tasks, blocks)
+        for blk in range(lo, hi):
+            _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk)
     for s in prange(sets):
         _cl_sum_set(work, chan, spec, schedule, s)
 
 
 @glue
 def _cl_split_dx(dy, x, dx, coef, spec, schedule):
-    """``dx`` of every block from the coefficient vectors, ``schedule.tile_rows`` rows per step."""
+    """``dx`` of every block from the coefficient vectors, ``schedule.tile_rows`` rows per step.
+
+    The blocks run as the second pass of :func:`_cl_tasks` (each share backwards).
+    """
     tiled = _cl_tile(coef, spec.channels, schedule.tile_rows)
-    for blk in prange(spec.batch * schedule.nblocks):
-        _cl_dx_block(dy, x, dx, tiled, spec, schedule, blk, schedule.tile_rows)
+    tasks, blocks = _cl_tasks(spec, schedule)
+    for t in prange(tasks):
+        lo, hi = share(t, tasks, blocks)
+        for i in range(hi - lo):
+            _cl_dx_block(dy, x, dx, tiled, spec, schedule, hi - 1 - i, schedule.tile_rows)
 
 
 @glue

@@ -32,7 +32,7 @@ from .numerics import (
     _plane_stat_index,
     _stat_index,
 )
-from .schedule import BLOCK, CENTERED, FUSED, ONE_BLOCK, KernelSpec, Schedule
+from .schedule import BLOCK, CENTERED, FUSED, ONE_BLOCK, KernelSpec, Schedule, share, task_count
 
 # ---------------------------------------------------------------------------
 # Blocks of a plane (shared with the row view)
@@ -90,12 +90,20 @@ def _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k):
 
 
 @glue
-def _cf_split_statistics(x, mean, rstd, spec, nblocks):
-    """Every group's statistics: block moments in parallel over blocks, then merges over groups."""
+def _cf_split_statistics(x, mean, rstd, spec, schedule):
+    """Every group's statistics: block moments in parallel over blocks, then merges over groups.
+
+    The blocks run as the first pass of :func:`~.schedule.task_count`.
+    """
+    nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * spec.channels * nblocks)
-    for blk in prange(spec.batch * spec.channels * nblocks):
-        plane, b = _block_plane(blk, nblocks)
-        _cf_moments_block(x, work, spec, nblocks, plane, b)
+    blocks = spec.batch * spec.channels * nblocks
+    tasks = task_count(schedule, blocks)
+    for t in prange(tasks):
+        lo, hi = share(t, tasks, blocks)
+        for blk in range(lo, hi):
+            plane, b = _block_plane(blk, nblocks)
+            _cf_moments_block(x, work, spec, nblocks, plane, b)
     for k in prange(mean.size):
         _cf_merge_group(work, mean, rstd, spec, nblocks, k)
 
@@ -136,23 +144,28 @@ def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, s
 
     The elementwise loop is called directly, with the per-channel scale and
     shift computed per block outside it
-    (docs/perf-notes/per-plane-overhead-and-inlining.md).
+    (docs/perf-notes/per-plane-overhead-and-inlining.md).  The blocks run as
+    the second pass of :func:`~.schedule.task_count` (each share backwards).
     """
     nblocks = schedule.nblocks
     centered = spec.flags & CENTERED != 0
     plain, _, _ = _store_mode(spec, grad, residual, x)
-    for blk in prange(spec.batch * spec.channels * nblocks):
-        plane, b = _block_plane(blk, nblocks)
-        k = _plane_stat_index(spec, plane)
-        off, count, _ = _cf_block_span(spec, plane, b)
-        scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
-        group_mean = mean[k] if centered else 0.0
-        if plain and schedule.stream:
-            _normalize_streamed(x, y, off, count, group_mean, scale, shift)
-        elif plain:
-            _normalize(x, y, off, count, group_mean, scale, shift)
-        else:
-            _normalize_fused(x, residual, grad, y, off, count, group_mean, scale, shift, spec)
+    blocks = spec.batch * spec.channels * nblocks
+    tasks = task_count(schedule, blocks)
+    for t in prange(tasks):
+        lo, hi = share(t, tasks, blocks)
+        for i in range(hi - lo):
+            plane, b = _block_plane(hi - 1 - i, nblocks)
+            k = _plane_stat_index(spec, plane)
+            off, count, _ = _cf_block_span(spec, plane, b)
+            scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
+            group_mean = mean[k] if centered else 0.0
+            if plain and schedule.stream:
+                _normalize_streamed(x, y, off, count, group_mean, scale, shift)
+            elif plain:
+                _normalize(x, y, off, count, group_mean, scale, shift)
+            else:
+                _normalize_fused(x, residual, grad, y, off, count, group_mean, scale, shift, spec)
 
 
 @glue
@@ -203,7 +216,7 @@ def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedu
 @glue
 def _planes_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule):
     """``SPLIT``: block moments in parallel, then the group merges, then the normalize pass."""
-    _cf_split_statistics(x, mean, rstd, spec, schedule.nblocks)
+    _cf_split_statistics(x, mean, rstd, spec, schedule)
     _cf_normalize_planes(x, weight, bias, residual, x[:0], y, mean, rstd, spec, schedule)
 
 
@@ -350,28 +363,38 @@ def _planes_backward_fused(dy, x, weight, dx, coef, work, spec, nblocks):
 
 
 @glue
-def _cf_split_dots(dy, x, work, coef, spec, nblocks):
-    """Store the dot products of every block in ``work`` (parallel over blocks)."""
-    for blk in prange(spec.batch * spec.channels * nblocks):
-        plane, b = _block_plane(blk, nblocks)
-        _cf_dots_block(dy, x, work, coef, spec, nblocks, plane, b, _plane_stat_index(spec, plane))
+def _cf_split_dots(dy, x, work, coef, spec, schedule):
+    """Store the dot products of every block in ``work`` (the first pass of :func:`~.schedule.task_count`)."""
+    nblocks = schedule.nblocks
+    blocks = spec.batch * spec.channels * nblocks
+    tasks = task_count(schedule, blocks)
+    for t in prange(tasks):
+        lo, hi = share(t, tasks, blocks)
+        for blk in range(lo, hi):
+            plane, b = _block_plane(blk, nblocks)
+            _cf_dots_block(dy, x, work, coef, spec, nblocks, plane, b, _plane_stat_index(spec, plane))
 
 
 @glue
-def _cf_split_dx(dy, x, weight, dx, coef, spec, nblocks):
-    """``dx`` of every block from the groups' coefficients (parallel over blocks)."""
-    for blk in prange(spec.batch * spec.channels * nblocks):
-        plane, b = _block_plane(blk, nblocks)
-        _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, _plane_stat_index(spec, plane))
+def _cf_split_dx(dy, x, weight, dx, coef, spec, schedule):
+    """``dx`` of every block from the groups' coefficients (second pass of :func:`~.schedule.task_count`)."""
+    nblocks = schedule.nblocks
+    blocks = spec.batch * spec.channels * nblocks
+    tasks = task_count(schedule, blocks)
+    for t in prange(tasks):
+        lo, hi = share(t, tasks, blocks)
+        for i in range(hi - lo):
+            plane, b = _block_plane(hi - 1 - i, nblocks)
+            _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, _plane_stat_index(spec, plane))
 
 
 @glue
-def _planes_backward_split(dy, x, weight, dx, coef, work, spec, nblocks):
+def _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule):
     """``SPLIT``: dot products over blocks, coefficients over groups, ``dx`` over blocks."""
-    _cf_split_dots(dy, x, work, coef, spec, nblocks)
+    _cf_split_dots(dy, x, work, coef, spec, schedule)
     for k in prange(coef.size // 4):
-        _cf_group_coefs(weight, work, coef, spec, nblocks, k)
-    _cf_split_dx(dy, x, weight, dx, coef, spec, nblocks)
+        _cf_group_coefs(weight, work, coef, spec, schedule.nblocks, k)
+    _cf_split_dx(dy, x, weight, dx, coef, spec, schedule)
 
 
 @glue
@@ -429,7 +452,7 @@ def planes_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     if schedule.strategy == FUSED:
         _planes_backward_fused(dy, x, weight, dx, coef, work, spec, schedule.nblocks)
     else:
-        _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule.nblocks)
+        _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule)
     if dweight.size > 0 or dbias.size > 0:
         _planes_param_grads(work, coef, dweight, dbias, spec, schedule.nblocks)
 
@@ -461,7 +484,7 @@ def planes_batch_stats(x, mean, m2, params):
     are merged first (:func:`fastnorm.merge_stats`).
     """
     spec = KernelSpec(*params[:8])
-    _cf_split_statistics(x, mean, m2, spec, Schedule(*params[8:]).nblocks)
+    _cf_split_statistics(x, mean, m2, spec, Schedule(*params[8:]))
 
 
 @kernel
@@ -486,11 +509,11 @@ def planes_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat, params):
     ``dweight``.
     """
     spec = KernelSpec(*params[:8])
-    nblocks = Schedule(*params[8:]).nblocks
-    work = np.empty(2 * spec.batch * spec.channels * nblocks)
+    schedule = Schedule(*params[8:])
+    work = np.empty(2 * spec.batch * spec.channels * schedule.nblocks)
     coef = _group_coef_table(mean, rstd, spec)
-    _cf_split_dots(dy, x, work, coef, spec, nblocks)
-    _planes_param_grads(work, coef, sum_dy_xhat, sum_dy, spec, nblocks)
+    _cf_split_dots(dy, x, work, coef, spec, schedule)
+    _planes_param_grads(work, coef, sum_dy_xhat, sum_dy, spec, schedule.nblocks)
 
 
 @kernel
@@ -519,4 +542,4 @@ def planes_backward_apply(dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count,
     for c in range(spec.channels):
         w = weight[c] if weight.size > 0 else 1.0
         coef[4 * c + 2], coef[4 * c + 3] = _dx_coefs_of_sums(w, sum_dy[c], sum_dy_xhat[c], rstd[c], count)
-    _cf_split_dx(dy, x, weight, dx, coef, spec, Schedule(*params[8:]).nblocks)
+    _cf_split_dx(dy, x, weight, dx, coef, spec, Schedule(*params[8:]))

@@ -263,7 +263,7 @@ def _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule
             row, b = _block_plane(blk, nblocks)
             off, count, s0 = _cf_block_span(spec, row, b)
             _add_skip_span(skip[0], skip[1], skip[2], skip[3], off, count, s0)
-    _cf_split_statistics(x, mean, rstd, spec, schedule.nblocks)
+    _cf_split_statistics(x, mean, rstd, spec, schedule)
     _rows_normalize(x, weight, bias, residual, x[:0], y, mean, rstd, spec, schedule)
 
 

@@ -29,7 +29,7 @@ __all__ = [
     "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_ITEMSIZE", "PIPELINE_MIN_WIDTH",
     "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS", "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD",
     "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT", "STREAM_MIN_BYTES", "KernelSpec", "Schedule", "num_stats",
-    "plan_schedule", "schedule_of",
+    "plan_schedule", "schedule_of", "share", "task_count",
 ]  # fmt: skip
 
 # ---------------------------------------------------------------------------
@@ -121,7 +121,8 @@ COLUMN_TILES = 6
 
 Schedule = namedtuple(
     "Schedule",
-    ["view", "strategy", "parallel", "nblocks", "block", "tile_rows", "chunk", "quarters", "stream"],
+    ["view", "strategy", "parallel", "nblocks", "block", "tile_rows", "chunk", "quarters", "stream"]
+    + ["shares"],
 )
 Schedule.__doc__ = """How a kernel call runs; chosen by :func:`plan_schedule` only.
 
@@ -149,6 +150,12 @@ quarters : int
 stream : int
     1 to store the normalized output with non-temporal stores where the pass
     has no epilogue (``STREAM_MIN_BYTES``), else 0.
+shares : int
+    Channels-last split passes: the number of contiguous shares of the block
+    list, one per thread; the first pass walks each share forwards and the
+    second backwards, so that a thread first re-reads the blocks it read last
+    (docs/perf-notes/two-pass-reverse-order.md).  0: one block per task, in
+    order (every other schedule).
 """
 
 #: Number of KernelSpec fields at the head of a kernel's flat parameter tuple.
@@ -203,6 +210,22 @@ SERIAL_MAX_ELEMENTS = 16384
 
 
 @glue
+def share(t, shares, count):
+    """Return ``(lo, hi)``: items of contiguous share ``t`` of ``shares`` over ``count`` items."""
+    return t * count // shares, (t + 1) * count // shares
+
+
+@glue
+def task_count(schedule, blocks):
+    """Tasks of a split pass over ``blocks`` blocks: ``schedule.shares``, or one per block without shares.
+
+    Task ``t`` runs the blocks of :func:`share` ``(t, tasks, blocks)``:
+    forwards in a first pass, backwards in a second.
+    """
+    return schedule.shares if schedule.shares > 0 else blocks
+
+
+@glue
 def num_stats(spec):
     """Return the number of (mean, rstd) pairs a kernel call produces or consumes."""
     sets = 1 if spec.flags & BATCH else spec.batch
@@ -254,7 +277,22 @@ def plan_schedule(params, pass_id, num_threads, itemsize, has_weight, has_bias, 
         strategy = FUSED if fused else SPLIT
         if fused and pass_id == FORWARD and (spec.channels // spec.groups) * spec.spatial <= BLOCK:
             strategy = ONE_BLOCK
-    return (PLANES, strategy, parallel, nblocks, BLOCK, 1, 0, 0, stream)
+    blocks = spec.batch * spec.channels * nblocks
+    shares = _shares(strategy, parallel, num_threads, blocks, size * itemsize)
+    return (PLANES, strategy, parallel, nblocks, BLOCK, 1, 0, 0, stream, shares)
+
+
+@glue
+def _shares(strategy, parallel, num_threads, blocks, nbytes):
+    """``Schedule.shares``: a share of blocks per thread for parallel split passes below ``STREAM_MIN_BYTES``.
+
+    The second pass then first re-reads what its thread read last, while the
+    tail of the first pass can still be in cache; results do not depend on it
+    (docs/perf-notes/two-pass-reverse-order.md).
+    """
+    if strategy == SPLIT and parallel and nbytes < STREAM_MIN_BYTES:
+        return min(num_threads, blocks)
+    return 0
 
 
 @helper
@@ -285,7 +323,7 @@ def _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bi
             chunk = max(ROW_CHUNK, (nstats + ROW_TASKS - 1) // ROW_TASKS)
     # The pipelined forward normalizes a row in the loop that sums the next one: not streamed.
     stream = stream if strategy != PIPELINED else 0
-    return (ROWS, strategy, parallel, nblocks, BLOCK, 1, chunk, 0, stream)
+    return (ROWS, strategy, parallel, nblocks, BLOCK, 1, chunk, 0, stream, 0)
 
 
 @helper
@@ -306,7 +344,10 @@ def _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsi
     quarters = 1 if spec.channels * itemsize > CL_CONSECUTIVE_ROW_BYTES else 0
     # The fused forward normalizes each set's blocks in its own task, without streaming.
     stream = stream if strategy != FUSED else 0
-    return (CHANNELS_LAST_VIEW, strategy, parallel, nblocks, rows_per_block, tile_rows, 0, quarters, stream)
+    nbytes = spec.batch * spec.spatial * spec.channels * itemsize
+    shares = _shares(strategy, parallel, num_threads, spec.batch * nblocks, nbytes)
+    layout = (CHANNELS_LAST_VIEW, strategy, parallel, nblocks, rows_per_block, tile_rows, 0, quarters)
+    return (*layout, stream, shares)
 
 
 def schedule_of(params):
