@@ -90,6 +90,13 @@ def _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k):
 
 
 @glue
+def _cf_tasks(spec, schedule):
+    """Return ``(tasks, blocks)``: a split pass's tasks over every block (:func:`~.schedule.task_count`)."""
+    blocks = spec.batch * spec.channels * schedule.nblocks
+    return task_count(schedule, blocks), blocks
+
+
+@glue
 def _cf_split_statistics(x, mean, rstd, spec, schedule):
     """Every group's statistics: block moments in parallel over blocks, then merges over groups.
 
@@ -97,8 +104,7 @@ def _cf_split_statistics(x, mean, rstd, spec, schedule):
     """
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * spec.channels * nblocks)
-    blocks = spec.batch * spec.channels * nblocks
-    tasks = task_count(schedule, blocks)
+    tasks, blocks = _cf_tasks(spec, schedule)
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
         for blk in range(lo, hi):
@@ -150,8 +156,7 @@ def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, s
     nblocks = schedule.nblocks
     centered = spec.flags & CENTERED != 0
     plain, _, _ = _store_mode(spec, grad, residual, x)
-    blocks = spec.batch * spec.channels * nblocks
-    tasks = task_count(schedule, blocks)
+    tasks, blocks = _cf_tasks(spec, schedule)
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
         for i in range(hi - lo):
@@ -366,8 +371,7 @@ def _planes_backward_fused(dy, x, weight, dx, coef, work, spec, nblocks):
 def _cf_split_dots(dy, x, work, coef, spec, schedule):
     """Store the dot products of every block in ``work`` (the first pass of :func:`~.schedule.task_count`)."""
     nblocks = schedule.nblocks
-    blocks = spec.batch * spec.channels * nblocks
-    tasks = task_count(schedule, blocks)
+    tasks, blocks = _cf_tasks(spec, schedule)
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
         for blk in range(lo, hi):
@@ -379,8 +383,7 @@ def _cf_split_dots(dy, x, work, coef, spec, schedule):
 def _cf_split_dx(dy, x, weight, dx, coef, spec, schedule):
     """``dx`` of every block from the groups' coefficients (second pass of :func:`~.schedule.task_count`)."""
     nblocks = schedule.nblocks
-    blocks = spec.batch * spec.channels * nblocks
-    tasks = task_count(schedule, blocks)
+    tasks, blocks = _cf_tasks(spec, schedule)
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
         for i in range(hi - lo):
