@@ -414,17 +414,25 @@ def test_channels_last_fused_sets_are_bitwise_the_split_phases(restore_threads):
         assert K.schedule_of(_kernel_call(plan, K.FORWARD, 6)[1]).strategy == K.SPLIT
 
 
-def test_only_parallel_channels_last_plans_with_few_sets_depend_on_threads():
+def test_only_parallel_split_plans_depend_on_threads():
+    """Thread-dependent plans: parallel split training passes below ``STREAM_MIN_BYTES`` (one share
+    of blocks per thread), and channels-last training passes with a few sets (fused or split)."""
+
     def thread_dependent(shape, spec):
         return _plan(np.empty(shape, np.float32), spec, True).thread_dependent
 
-    gn_cl = fastnorm.NormSpec.group_norm(2, channels_last=True)
-    assert thread_dependent((6, 3000, 8), gn_cl) == (True, False, True)
+    split = (True, False, True)
     none = (False, False, False)
+    gn_cl = fastnorm.NormSpec.group_norm(2, channels_last=True)
+    assert thread_dependent((6, 3000, 8), gn_cl) == split
     assert thread_dependent((6, 30, 8), gn_cl) == none  # serial build
     assert thread_dependent((40, 300, 8), gn_cl) == none  # >= FUSE_MIN_GROUPS sets: always fused
-    assert thread_dependent((6, 8, 3000), fastnorm.NormSpec.group_norm(2)) == none  # channels-first
-    assert thread_dependent((6, 3000, 8), fastnorm.NormSpec.batch_norm(channels_last=True)) == none  # one set
+    assert thread_dependent((6, 8, 3000), fastnorm.NormSpec.group_norm(2)) == split  # channels-first split
+    assert thread_dependent((6, 64, 3000), fastnorm.NormSpec.group_norm(32)) == none  # channels-first fused
+    assert thread_dependent((6, 3000, 8), fastnorm.NormSpec.batch_norm(channels_last=True)) == split
+    big = K.STREAM_MIN_BYTES // 4  # elements of a float32 tensor at the streaming size: no shares
+    assert thread_dependent((4, big // 8, 2), fastnorm.NormSpec.batch_norm(channels_last=True)) == none
+    assert thread_dependent((4, 2, big // 8), fastnorm.NormSpec.batch_norm()) == none
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
