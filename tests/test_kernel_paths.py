@@ -469,10 +469,10 @@ def test_split_passes_give_the_same_bits_for_any_number_of_shares(kind, shape, a
         schedule = K.Schedule(*K.plan_schedule(k, pass_id, 2, 4, True, True, False))
         assert schedule.strategy == K.SPLIT and schedule.shares == 2
         for threads in (1, 3):
-            assert K.plan_schedule(k, pass_id, threads, 4, True, True, False)[-1] == threads
+            assert _schedule(plan.kspec, pass_id, threads).shares == threads
         big = K.KernelSpec(*k)._replace(batch=K.STREAM_MIN_BYTES // 4 // (k[1] * k[2]) + 1)
-        assert K.plan_schedule(tuple(big), pass_id, 2, 4, True, True, False)[-1] == 0
-    assert K.plan_schedule(k, K.INFERENCE, 2, 4, True, True, False)[-1] == 0
+        assert _schedule(big, pass_id, 2).shares == 0
+    assert _schedule(plan.kspec, K.INFERENCE, 2).shares == 0
     xf, dyf = x.ravel(), dy.ravel()
     nstats = plan.stats_size
     forward = K.select(K.FORWARD, k + tuple(_schedule(plan.kspec, K.FORWARD, 2)))

@@ -66,8 +66,8 @@ def _run(kernel_pass, kind, layout, shape, dtype, offset, stream):
     nstats = K.num_stats(K.KernelSpec(*params))
     mean = rng.standard_normal(nstats) + 1
     rstd = rng.uniform(0.2, 2.0, nstats)
-    schedule = list(K.plan_schedule(params, kernel_pass, 2, x.itemsize, True, True, False))
-    schedule[-1] = stream
+    schedule = K.Schedule(*K.plan_schedule(params, kernel_pass, 2, x.itemsize, True, True, False))
+    schedule = schedule._replace(stream=stream)  # forced on or off, by name
     flat = x.reshape(-1)
     out = np.full(flat.size + offset, 7, flat.dtype)[offset:]
     weight_arg = param if dtype in ("float32", "float64") else weight.astype(np.float32)
@@ -80,7 +80,8 @@ def _run(kernel_pass, kind, layout, shape, dtype, offset, stream):
     else:
         kernel = planes.planes_forward if layout == "nchw" else channels_last.channels_last_forward
         kernel(flat, weight_arg, bias_arg, empty, out, mean, rstd, full)
-    return out, K.Schedule(*schedule)
+    assert K.schedule_of(full).stream == stream
+    return out, schedule
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -104,8 +105,8 @@ def _run_rows(kernel_pass, rows, width, dtype, offset, with_bias, centered, stre
     bias = rng.standard_normal(width).astype(compute) if with_bias else np.empty(0, compute)
     flags = K.PER_ELEMENT | (K.CENTERED if centered else 0)
     params = tuple(K.KernelSpec(rows, 1, width, 1, flags, 1e-5))
-    schedule = list(K.plan_schedule(params, kernel_pass, 2, x.itemsize, True, with_bias, False))
-    schedule[-1] = stream
+    schedule = K.Schedule(*K.plan_schedule(params, kernel_pass, 2, x.itemsize, True, with_bias, False))
+    schedule = schedule._replace(stream=stream)  # forced on or off, by name
     mean = rng.standard_normal(rows) + 1 if centered else np.zeros(rows)
     rstd = rng.uniform(0.2, 2.0, rows)
     out = np.full(x.size + offset, 7, x.dtype)[offset:]
@@ -115,7 +116,8 @@ def _run_rows(kernel_pass, rows, width, dtype, offset, with_bias, centered, stre
         rows_kernels.rows_inference(x, weight, bias, empty, empty, out, mean, rstd, full)
     else:
         rows_kernels.rows_forward(x, weight, bias, empty, out, np.empty(rows), np.empty(rows), full)
-    return out, K.Schedule(*schedule)
+    assert K.schedule_of(full).stream == stream
+    return out, schedule
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
