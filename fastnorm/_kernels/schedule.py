@@ -121,8 +121,7 @@ COLUMN_TILES = 6
 
 Schedule = namedtuple(
     "Schedule",
-    ["view", "strategy", "parallel", "nblocks", "block", "tile_rows", "chunk", "quarters", "stream"]
-    + ["shares"],
+    "view strategy parallel nblocks block tile_rows chunk quarters stream shares",
 )
 Schedule.__doc__ = """How a kernel call runs; chosen by :func:`plan_schedule` only.
 
@@ -151,9 +150,10 @@ stream : int
     1 to store the normalized output with non-temporal stores where the pass
     has no epilogue (``STREAM_MIN_BYTES``), else 0.
 shares : int
-    Channels-last split passes: the number of contiguous shares of the block
-    list, one per thread; the first pass walks each share forwards and the
-    second backwards, so that a thread first re-reads the blocks it read last
+    Parallel ``SPLIT`` training passes below ``STREAM_MIN_BYTES`` (planes and
+    channels-last): the number of contiguous shares of the block list, one per
+    thread; the first pass walks each share forwards and the second backwards,
+    so that a thread first re-reads the blocks it read last
     (docs/perf-notes/two-pass-reverse-order.md).  0: one block per task, in
     order (every other schedule).
 """
