@@ -182,14 +182,18 @@ def _cl_set_coefs(weight, bias, stats, coef, spec, set_index):
     nc = spec.channels
     d = nc // spec.groups
     base = 3 * nc * set_index
-    for c in range(nc):
-        k = set_index * spec.groups + c // d
+    has_weight = weight.size > 0
+    has_bias = bias.size > 0
+    # group by group: one split of the mean per group, no division per channel
+    for g in range(spec.groups):
+        k = set_index * spec.groups + g
         mean_hi, mean_lo = _split(coef, stats[2 * k])
         rstd = stats[2 * k + 1]
-        scale = rstd * weight[c] if weight.size > 0 else rstd
-        coef[base + c] = mean_hi
-        coef[base + nc + c] = scale
-        coef[base + 2 * nc + c] = _fold(bias[c] if bias.size > 0 else 0.0, scale, mean_lo, coef)
+        for c in range(g * d, (g + 1) * d):
+            scale = rstd * weight[c] if has_weight else rstd
+            coef[base + c] = mean_hi
+            coef[base + nc + c] = scale
+            coef[base + 2 * nc + c] = _fold(bias[c] if has_bias else 0.0, scale, mean_lo, coef)
 
 
 @helper

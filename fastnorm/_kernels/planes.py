@@ -32,7 +32,18 @@ from .numerics import (
     _plane_stat_index,
     _stat_index,
 )
-from .schedule import BLOCK, CENTERED, FUSED, ONE_BLOCK, KernelSpec, Schedule, share, task_count
+from .schedule import (
+    BATCH,
+    BLOCK,
+    CENTERED,
+    ELEMENTWISE,
+    FUSED,
+    ONE_BLOCK,
+    KernelSpec,
+    Schedule,
+    share,
+    task_count,
+)
 
 # ---------------------------------------------------------------------------
 # Blocks of a plane (shared with the row view)
@@ -156,6 +167,26 @@ def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, s
     nblocks = schedule.nblocks
     centered = spec.flags & CENTERED != 0
     plain, _, _ = _store_mode(spec, grad, residual, x)
+    d = spec.channels // spec.groups
+    if schedule.strategy == ELEMENTWISE and nblocks == 1 and d > 1 and not spec.flags & BATCH:
+        # GroupNorm inference over small planes: a group's planes are consecutive, so one
+        # task per group, without the index arithmetic of a task per plane.
+        has_weight = weight.size > 0
+        has_bias = bias.size > 0
+        for k in prange(mean.size):
+            n0, _, c0, _ = _group(spec, k)
+            group_mean = mean[k] if centered else 0.0
+            for c in range(c0, c0 + d):
+                scale = rstd[k] * weight[c] if has_weight else rstd[k]
+                shift = bias[c] if has_bias else 0.0
+                off = (n0 * spec.channels + c) * spec.spatial
+                if plain and schedule.stream:
+                    _normalize_streamed(x, y, off, spec.spatial, group_mean, scale, shift)
+                elif plain:
+                    _normalize(x, y, off, spec.spatial, group_mean, scale, shift)
+                else:
+                    _normalize_fused(x, residual, grad, y, off, spec.spatial, group_mean, scale, shift, spec)
+        return
     tasks, blocks = _cf_tasks(spec, schedule)
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
@@ -182,11 +213,15 @@ def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, st
     several planes; its statistics go straight to ``mean``, ``rstd``.
     """
     plain, _, _ = _store_mode(spec, x[:0], residual, x)
+    has_weight = weight.size > 0
+    has_bias = bias.size > 0
     for k in prange(mean.size):
         plane, group_mean, group_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
-        for c in range(plane, plane + spec.channels // spec.groups):
-            scale, shift = _cf_plane_coefs(weight, bias, spec, group_rstd, c)
-            off = c * spec.spatial
+        c0 = plane % spec.channels  # the group's planes are consecutive channels
+        for j in range(spec.channels // spec.groups):
+            scale = group_rstd * weight[c0 + j] if has_weight else group_rstd
+            shift = bias[c0 + j] if has_bias else 0.0
+            off = (plane + j) * spec.spatial
             if plain and stream:
                 _normalize_streamed(x, y, off, spec.spatial, group_mean, scale, shift)
             elif plain:

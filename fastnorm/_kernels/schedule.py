@@ -337,6 +337,11 @@ def _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsi
         fused = sets >= FUSE_MIN_GROUPS
         if parallel and 1 < sets < FUSE_MIN_GROUPS and sets >= FUSE_SETS_PER_THREAD * num_threads:
             fused = True  # a thread's samples are still in L3 when read again
+        if sets > 1 and nblocks == 1:
+            # one block per set: the split passes would have no more tasks than the
+            # fused one, and two more parallel regions and a serial set-up between them
+            # (docs/perf-notes/fused-vs-split-schedules.md)
+            fused = True
         strategy = FUSED if fused else SPLIT
     tile_rows = 1
     if strategy != FUSED and sets <= 1 and spec.channels <= CL_TILE_MAX_CHANNELS:
