@@ -487,16 +487,15 @@ def backward(
         dresidual = dy_array.copy()  # dresidual = dy, which out=dy is about to overwrite with dx
     params = None
     if dx_flat.size:
+        epilogue = None
         if spec.activation is not None:
-            # dz = dy * act'(z) by the inference kernel's epilogue, then the norm's backward on dz
             dz, dz_flat = _output(x, plan, None)
-            variant = (weight is not None) * 4 + (bias is not None) * 2
-            kernel, params = _kernel_call(plan, K.INFERENCE, variant)
-            kernel(x_flat, weight_flat, bias_flat, residual_flat, dy_flat, dz_flat, mean, rstd, params)
-            dy_flat = dz_flat
+            epilogue = (bias_flat, residual_flat, dz_flat, bias is not None)
             dresidual = dz if has_residual else None
-        kernel, params = _kernel_call(plan, K.BACKWARD, (weight is not None) * 4 + in_place)
-        kernel(
+        params = _backward_kernels(
+            plan,
+            weight is not None,
+            in_place,
             dy_flat,
             x_flat,
             weight_flat,
@@ -505,7 +504,7 @@ def backward(
             dx_flat,
             empty if dweight is None else dweight.ravel(),
             empty if dbias is None else dbias.ravel(),
-            params,
+            epilogue,
         )
     dweight, dbias = _param_grads_in_weight_dtype(dweight, dbias, weight, x.dtype)
     if stats.h is not None:
@@ -513,6 +512,26 @@ def backward(
     if dresidual is None:
         return tuple.__new__(Gradients, (dx, dweight, dbias))
     return Gradients(dx, dweight, dbias, dresidual)
+
+
+def _backward_kernels(
+    plan, has_weight, in_place, dy, x, weight, mean, rstd, dx, dweight, dbias, epilogue=None
+):
+    """Run the backward kernels of one call on flat kernel views; return the backward's parameters.
+
+    ``epilogue = (bias, residual, dz, has_bias)`` with ``spec.activation``:
+    first ``dz = dy * act'(z)`` into ``dz`` by the inference kernel's
+    epilogue, then the norm's backward on ``dz``.  :func:`backward` and
+    ``fastnorm.torch``'s prepared passes call it.
+    """
+    if epilogue is not None:
+        bias, residual, dz, has_bias = epilogue
+        kernel, params = _kernel_call(plan, K.INFERENCE, has_weight * 4 + has_bias * 2)
+        kernel(x, weight, bias, residual, dy, dz, mean, rstd, params)
+        dy = dz
+    kernel, params = _kernel_call(plan, K.BACKWARD, has_weight * 4 + in_place)
+    kernel(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
+    return params
 
 
 def _param_grads_in_weight_dtype(dweight, dbias, weight, data_dtype):

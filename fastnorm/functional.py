@@ -90,17 +90,23 @@ def _in_place_running(array):
     return native and array.dtype.isnative and array.flags.c_contiguous
 
 
-def _update_running(running, batch_mean, batch_var, count, factor):
+def _update_running(running, batch_mean, batch_var, count, factor, eps=None):
     """Update ``running = (1 - factor) * running + factor * batch`` (unbiased variance).
 
     By the compiled :func:`fastnorm._kernels.update_running_stats`, which the C
-    ABI's ``fastnorm_update_running_stats`` calls too.  ``count > 1``: checked
-    by the callers.
+    ABI's ``fastnorm_update_running_stats`` calls too; with ``eps``,
+    ``batch_var`` is the batch's ``rstd`` and the variance is recovered from
+    it (:func:`_variance`) by :func:`fastnorm._kernels.update_running_from_rstd`
+    in the same call.  ``count > 1``: checked by the callers.
     """
     # the arrays themselves when contiguous in a kernel dtype; else float64 copies, written back
     buffers = [r if _in_place_running(r) else r.astype(np.float64) for r in running]
     batch = [np.ascontiguousarray(v, np.float64) for v in (batch_mean, batch_var)]
-    K.update_running_stats(*(_as_storage(b) for b in buffers), *batch, float(count), float(factor))
+    storage = [_as_storage(b) for b in buffers]
+    if eps is None:
+        K.update_running_stats(*storage, *batch, float(count), float(factor))
+    else:
+        K.update_running_from_rstd(*storage, *batch, float(eps), float(count), float(factor))
     for array, buffer in zip(running, buffers, strict=True):
         if buffer is not array:
             array[...] = buffer
@@ -211,7 +217,7 @@ def batch_norm(
         counter += 1
     if running is not None:
         factor = momentum if momentum is not None else 1.0 / float(counter.reshape(-1)[0])
-        _update_running(running, stats.mean, _variance(stats.rstd, spec.eps), plan.group_size, factor)
+        _update_running(running, stats.mean, stats.rstd, plan.group_size, factor, spec.eps)
     return y
 
 

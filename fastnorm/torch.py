@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 
 import numpy as np
 import torch
@@ -37,8 +38,12 @@ import torch.nn.functional as torch_functional
 from torch.autograd.function import once_differentiable
 
 import fastnorm
+from fastnorm import _kernels as K
 from fastnorm import _threading
 from fastnorm import functional as _np_functional
+from fastnorm._buffers import _check_like_x, _check_param, _kernel_view
+from fastnorm._plan import _EMPTY, _kernel_call, _plan
+from fastnorm.core import _backward_kernels
 from fastnorm.spec import NormSpec, check_epilogue, check_eps, check_positive_int
 
 # The kernels run on torch's OpenMP threads unless Numba's pool already runs (see _threading).
@@ -68,6 +73,8 @@ __all__ = [
 ]
 
 _FLOAT_TYPES = {torch.float32, torch.float64, torch.float16, torch.bfloat16}
+#: The dtypes whose tensors the kernels read through ``tensor.numpy()`` (16-bit ones take a view).
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def _array(tensor):
@@ -311,18 +318,26 @@ def _forward_setup(ctx, inputs, output):
     ctx.backward_pass = _backward_op
 
 
-def _forward_backward(ctx, dy, _dmean, _drstd):
-    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias, dresidual = ctx.backward_pass(dy, x, weight, bias, residual, mean, rstd, *ctx.params)
-    if residual is not None and ctx.params[3] is None:
+def _input_grads(grads, dy, weight, bias, residual, activation):
+    """Autograd's gradients of ``(x, weight, bias, residual)`` from a backward pass's ``grads``.
+
+    ``grads = (dx, dweight, dbias, dresidual)``; ``None`` for an absent input.
+    """
+    dx, dweight, dbias, dresidual = grads
+    if residual is not None and activation is None:
         dresidual = dy  # no activation: the residual's gradient is y's
     return (
         dx,
         None if weight is None else dweight,
         None if bias is None else dbias,
         None if residual is None else dresidual,
-        *[None] * len(ctx.params),
     )
+
+
+def _forward_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, residual, mean, rstd = ctx.saved_tensors
+    grads = ctx.backward_pass(dy, x, weight, bias, residual, mean, rstd, *ctx.params)
+    return *_input_grads(grads, dy, weight, bias, residual, ctx.params[3]), *[None] * len(ctx.params)
 
 
 _forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
@@ -412,9 +427,222 @@ def _check_inputs(x, weight, bias, residual, activation, negative_slope):
 
 
 def _normalize(kind, arg, eps, x, weight, bias, residual, activation, negative_slope):
-    """Check the tensors and run the training pass: ``(y, mean, rstd)``."""
+    """Check the tensors and run the training pass: ``(y, mean, rstd)``.
+
+    Eagerly, a geometry seen before runs its prepared pass (:func:`_prepared_pass`),
+    whose ``mean`` and ``rstd`` are NumPy arrays (tensors on the general route).
+    """
+    if _USE_PREPARED and not torch.compiler.is_compiling():
+        prepared = _prepared_pass(kind, arg, eps, x, weight, bias, residual, activation, negative_slope)
+        if prepared is not None:
+            stats = []  # the forward's (mean, rstd), as NumPy arrays
+            y = _PreparedTraining.apply(x, weight, bias, residual, prepared, stats)
+            return y, *stats
     negative_slope = _check_inputs(x, weight, bias, residual, activation, negative_slope)
     return _run(_forward_op, _Forward, x, weight, bias, residual, kind, arg, eps, activation, negative_slope)
+
+
+# ---------------------------------------------------------------------------
+# Prepared eager training passes: the checks and the plan once per geometry
+# ---------------------------------------------------------------------------
+# A model calls each layer with the same geometry every step, and inside a model every
+# line of Python between two kernels runs with cold caches: the path from a module's
+# call to its kernels costs several times its hot-loop time there
+# (docs/perf-notes/torch-eager-dispatch.md). A prepared pass keeps what the geometry
+# decides (the checks passed, the plan, the kernel variants) and, per call, only takes
+# the tensors' NumPy views, allocates the outputs and calls the kernels: the same
+# kernels with the same parameters as the general route, so the same bits.
+
+#: Whether eager training calls look their prepared pass up (the tests switch it off
+#: to compare both routes bit for bit).
+_USE_PREPARED = True
+#: Prepared passes by call signature (the key of :func:`_prepared_pass`); ``None`` for the signatures
+#: that take the general route (other dtypes, copies). Only calls that passed every
+#: check are stored, so a hit proves the tensors passed them.
+_PREPARED: dict = {}
+_PREPARED_SIZE = 256
+#: Tensor types whose calls are prepared (a subclass may change what a view reads).
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _signature(tensor):
+    """Return what a prepared pass assumes of a tensor argument: type, dtype, shape, strides, CPU."""
+    if tensor is None:
+        return None
+    return type(tensor), tensor.dtype, tensor.shape, tensor.stride(), tensor.is_cpu
+
+
+def _flat(tensor):
+    """Return the flat NumPy view of a dense tensor's memory, in memory order (the kernel's here)."""
+    return tensor.detach().numpy().ravel("K")
+
+
+def _prepared_pass(kind, arg, eps, x, weight, bias, residual, activation, negative_slope):
+    """Return the :class:`_PreparedPass` of a training call, or ``None`` for the general route.
+
+    A new signature runs the general route's checks first (a bad call raises
+    their errors and is not stored).
+    """
+    try:
+        key = (kind, arg, eps, activation, negative_slope, *map(_signature, (x, weight, bias, residual)))
+        return _PREPARED[key]
+    except KeyError:
+        pass
+    except (AttributeError, TypeError):  # not tensors, or unhashable: the general route says why
+        return None
+    prepared = _PreparedPass.build(kind, arg, eps, x, weight, bias, residual, activation, negative_slope)
+    if len(_PREPARED) >= _PREPARED_SIZE:
+        _PREPARED.clear()
+    _PREPARED[key] = prepared
+    return prepared
+
+
+class _PreparedPass:
+    """The training pass of one call signature: its plan and kernel variants, checked once.
+
+    ``forward`` and ``backward`` take the tensors of that signature and call the
+    kernels that :func:`fastnorm.forward` and :func:`fastnorm.backward` call
+    for them (:func:`fastnorm._plan._kernel_call`), with outputs from torch's
+    allocator; float32 and float64 tensors of one dtype, dense in the kernel's
+    order, with contiguous parameters and a residual laid out like ``x``.
+    """
+
+    __slots__ = ("plan", "dtype", "activation", "forward_variant")
+
+    @classmethod
+    def build(cls, kind, arg, eps, x, weight, bias, residual, activation, negative_slope):
+        """Check a call as the general route does; its prepared pass, or ``None`` if it needs that route."""
+        negative_slope = _check_inputs(x, weight, bias, residual, activation, negative_slope)
+        tensors = [t for t in (x, weight, bias, residual) if t is not None]
+        if (
+            any(type(t) not in _PLAIN_TENSORS or t.dtype != x.dtype for t in tensors)
+            or x.dtype not in _KERNEL_DTYPES
+            or x.numel() == 0
+            or _kernel_layout(x, x, kind) is not x  # read after a copy
+            or (residual is not None and residual.stride() != x.stride())
+            or any(p is not None and not p.is_contiguous() for p in (weight, bias))
+        ):
+            return None
+        spec = _spec(kind, arg, eps, activation, negative_slope)
+        array = _array(x)
+        plan = _plan(array, spec, True)  # raises as fastnorm.forward does
+        for param, name in ((weight, "weight"), (bias, "bias")):
+            _check_param(_array(param), name, plan, array.dtype)
+        if residual is not None:
+            _check_like_x(_array(residual), "residual", array, plan)
+        if not np.shares_memory(_flat(x), _kernel_view(array, plan)):
+            return None
+        self = cls()
+        self.plan, self.dtype, self.activation = plan, array.dtype, activation
+        self.forward_variant = (weight is not None) * 4 + (bias is not None) * 2
+        return self
+
+    def forward(self, x, weight, bias, residual):
+        """``(y, mean, rstd)`` of the training pass, as :func:`fastnorm.forward` computes them.
+
+        ``mean`` and ``rstd`` are NumPy arrays of the statistics' shape.
+        """
+        plan = self.plan
+        y = torch.empty_like(x)  # x is dense: y gets its strides
+        mean = np.empty(plan.stats_shape)
+        rstd = np.empty(plan.stats_shape)
+        empty = _EMPTY[self.dtype]
+        kernel, params = _kernel_call(plan, K.FORWARD, self.forward_variant)
+        kernel(
+            _flat(x),
+            empty if weight is None else _flat(weight),
+            empty if bias is None else _flat(bias),
+            empty if residual is None else _flat(residual),
+            _flat(y),
+            mean.reshape(-1),
+            rstd.reshape(-1),
+            params,
+        )
+        return y, mean, rstd
+
+    def backward(self, dy, x, weight, bias, residual, mean, rstd):
+        """``(dx, dweight, dbias, dresidual)`` as :func:`_backward_impl`: empty where not computed.
+
+        ``mean`` and ``rstd`` are those of :meth:`forward`.
+        """
+        plan = self.plan
+        if dy.stride() != x.stride():
+            dy = torch.empty_like(x).copy_(dy)
+        x_flat, dy_flat = _flat(x), _flat(dy)
+        empty = _EMPTY[self.dtype]
+        weight_flat = empty if weight is None else _flat(weight)
+        mean, rstd = mean.reshape(-1), rstd.reshape(-1)
+        dresidual = x.new_empty(0)
+        epilogue = None
+        if self.activation is not None:
+            dz = torch.empty_like(x)
+            bias_flat = empty if bias is None else _flat(bias)
+            residual_flat = empty if residual is None else _flat(residual)
+            epilogue = (bias_flat, residual_flat, _flat(dz), bias is not None)
+            if residual is not None:
+                dresidual = dz
+        dx = torch.empty_like(x)
+        dweight = None if weight is None else np.zeros(plan.param_shape, self.dtype)
+        dbias = None if bias is None else np.zeros(plan.param_shape, self.dtype)
+        _backward_kernels(
+            plan,
+            weight is not None,
+            False,
+            dy_flat,
+            x_flat,
+            weight_flat,
+            mean,
+            rstd,
+            _flat(dx),
+            empty if dweight is None else dweight.reshape(-1),
+            empty if dbias is None else dbias.reshape(-1),
+            epilogue,
+        )
+        return (
+            dx,
+            x.new_empty(0) if dweight is None else torch.from_numpy(dweight),
+            x.new_empty(0) if dbias is None else torch.from_numpy(dbias),
+            dresidual,
+        )
+
+
+def _prepared_forward(ctx, x, weight, bias, residual, prepared, stats):
+    y, mean, rstd = prepared.forward(x, weight, bias, residual)
+    ctx.save_for_backward(x, weight, bias, residual)
+    ctx.prepared, ctx.mean, ctx.rstd = prepared, mean, rstd
+    stats += mean, rstd
+    return y
+
+
+def _prepared_backward(ctx, dy):
+    x, weight, bias, residual = ctx.saved_tensors
+    grads = ctx.prepared.backward(dy, x, weight, bias, residual, ctx.mean, ctx.rstd)
+    return *_input_grads(grads, dy, weight, bias, residual, ctx.prepared.activation), None, None
+
+
+#: The training pass through a :class:`_PreparedPass`, with :func:`_forward_backward`'s
+#: gradients. Its one output is ``y``: the statistics stay NumPy arrays, kept in ``ctx``
+#: and appended to the list ``stats`` for the running-statistics update. Named as the
+#: general route's Function, so that the profiler shows ``fastnorm_forward`` and
+#: ``fastnorm_forwardBackward`` on both routes.
+_PreparedTraining = type(
+    "fastnorm_forward",
+    (torch.autograd.Function,),
+    {
+        "forward": staticmethod(_prepared_forward),
+        "backward": staticmethod(once_differentiable(_prepared_backward)),
+    },
+)
+
+
+def _forget_prepared():
+    """In a forked child that must run serial builds, drop the parent's prepared passes (their plans)."""
+    if _threading.serial_after_fork():
+        _PREPARED.clear()
+
+
+if hasattr(os, "register_at_fork"):  # after fastnorm._plan's handler (imported first)
+    os.register_at_fork(after_in_child=_forget_prepared)
 
 
 def _normalize_with(running, eps, x, weight, bias, residual, activation, negative_slope):
@@ -443,30 +671,35 @@ def _running_pair(running_mean, running_var, x):
     return running_mean, running_var
 
 
-@torch.no_grad()
 def _update_running(running, mean, rstd, eps, count, factor, per_instance=False):
     """Update ``running = (1 - factor) * running + factor * batch`` in float64 (unbiased variance).
 
     The batch variance is recovered from ``rstd`` (never below 0); with
     ``per_instance`` (InstanceNorm's ``(N, C)`` statistics) the batch's are
     their averages over the instances, as torch's.  Eagerly by the NumPy API's
-    update (the compiled ``fastnorm._kernels.update_running_stats``, about 10 us
-    where the torch operations take 30); under torch.compile by the same IEEE
-    operations as torch operations, which trace.
+    compiled update (``fastnorm._kernels.update_running_from_rstd``, which
+    writes contiguous buffers in place; about 6 us where the torch operations
+    take 30); under torch.compile by the same IEEE operations as torch
+    operations, which trace.
     """
     if torch.compiler.is_compiling():
-        var = torch.clamp(1.0 / torch.square(rstd) - eps, min=0.0)
-        if per_instance:
-            mean, var = mean.mean(0), var.mean(0)
-        running_mean, running_var = running
-        unbiased = var * (count / (count - 1))
-        running_mean.copy_((1.0 - factor) * running_mean.to(torch.float64) + factor * mean)
-        running_var.copy_((1.0 - factor) * running_var.to(torch.float64) + factor * unbiased)
+        with torch.no_grad():
+            var = torch.clamp(1.0 / torch.square(rstd) - eps, min=0.0)
+            if per_instance:
+                mean, var = mean.mean(0), var.mean(0)
+            running_mean, running_var = running
+            unbiased = var * (count / (count - 1))
+            running_mean.copy_((1.0 - factor) * running_mean.to(torch.float64) + factor * mean)
+            running_var.copy_((1.0 - factor) * running_var.to(torch.float64) + factor * unbiased)
         return
-    mean, var = mean.numpy(), _np_functional._variance(rstd.numpy(), eps)
+    if isinstance(mean, torch.Tensor):  # the general route's (a prepared pass gives arrays)
+        mean, rstd = mean.detach().numpy(), rstd.detach().numpy()
+    running = tuple(_array(r) for r in running)
     if per_instance:
-        mean, var = mean.mean(axis=0), var.mean(axis=0)
-    _np_functional._update_running(tuple(_array(r) for r in running), mean, var, count, factor)
+        var = _np_functional._variance(rstd, eps)
+        _np_functional._update_running(running, mean.mean(axis=0), var.mean(axis=0), count, factor)
+    else:  # the variance recovered from rstd in the compiled update
+        _np_functional._update_running(running, mean, rstd, count, factor, eps)
 
 
 def batch_norm(

@@ -283,3 +283,27 @@ def test_nan_inf_propagate_to_affected_groups_only(case, layout, where, bad):
     if where == "x":
         assert not np.all(np.isfinite(y)), "the poisoned group must not be finite"
         assert np.isfinite(y).sum() > 0, "the other groups must stay finite"
+
+
+def test_update_running_from_rstd_is_the_numpy_variance_bit_for_bit():
+    """The compiled update from ``rstd`` recovers ``var = max(1 / rstd**2 - eps, 0)`` rounded as
+    NumPy's ``np.maximum(1.0 / np.square(rstd) - eps, 0.0)``: the same running statistics, to
+    the bit, as the update from that variance, with NaN kept and ``rstd`` of 0, inf or
+    exactly ``1 / sqrt(eps)`` (variance 0, negative) included."""
+    from fastnorm import _kernels as K
+
+    rng = np.random.default_rng(7)
+    eps = 1e-5
+    special = [1 / np.sqrt(eps), np.nextafter(1 / np.sqrt(eps), np.inf), np.inf, 0.0, np.nan, 1e200, 3e-160]
+    rstd = np.concatenate([rng.uniform(0.1, 1e3, 60), special])
+    mean = rng.standard_normal(rstd.size)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # rstd of 1e200, 0 and NaN
+        var = np.maximum(1.0 / np.square(rstd) - eps, 0.0)
+    assert (var == 0).any() and np.isnan(var).any() and np.isinf(var).any()
+    for dtype, bits in ((np.float32, np.uint32), (np.float64, np.uint64)):
+        start = rng.standard_normal((2, rstd.size)).astype(dtype)
+        got, want = start.copy(), start.copy()
+        K.update_running_from_rstd(got[0], got[1], mean, rstd, eps, 37.0, 0.1)
+        K.update_running_stats(want[0], want[1], mean, var, 37.0, 0.1)
+        worst = np.flatnonzero(got.view(bits) != want.view(bits))
+        assert worst.size == 0, (dtype, got.ravel()[worst[:5]], want.ravel()[worst[:5]])

@@ -390,6 +390,167 @@ def test_eager_function_and_custom_op_routes_give_the_same_bits(name, monkeypatc
         assert torch.equal(got, want), name
 
 
+#: name -> (call(x, residual), input shape, dtype, memory format of x, residual given,
+#: whether the call is prepared): the eager training calls, prepared and general.
+PREPARED_CALLS = {
+    "batch_norm relu residual": (
+        lambda x, r: ft.BatchNorm2d(6, activation="relu")(x, r),
+        (4, 6, 5, 3),
+        torch.float32,
+        torch.channels_last,
+        True,
+        True,
+    ),
+    "batch_norm residual": (
+        lambda x, r: ft.BatchNorm2d(6).double()(x, r),
+        (4, 6, 5, 3),
+        torch.float64,
+        None,
+        True,
+        True,
+    ),
+    "batch_norm no affine": (
+        lambda x, r: ft.BatchNorm3d(6, affine=False)(x),
+        (2, 6, 3, 4, 2),
+        torch.float32,
+        torch.channels_last_3d,
+        False,
+        True,
+    ),
+    "instance_norm": (
+        lambda x, r: ft.InstanceNorm1d(6, affine=True, track_running_stats=True)(x),
+        (3, 6, 7),
+        torch.float32,
+        None,
+        False,
+        True,
+    ),
+    "group_norm silu": (
+        lambda x, r: ft.GroupNorm(3, 6, activation="silu")(x),
+        (3, 6, 5, 4),
+        torch.float32,
+        torch.channels_last,
+        False,
+        True,
+    ),
+    "layer_norm 2-D shape": (
+        lambda x, r: ft.LayerNorm((4, 5)).double()(x),
+        (3, 4, 5),
+        torch.float64,
+        None,
+        False,
+        True,
+    ),
+    "rms_norm residual": (
+        lambda x, r: ft.rms_norm(x, 8, torch.linspace(0.5, 2, 8, requires_grad=True), residual=r),
+        (5, 8),
+        torch.float32,
+        None,
+        True,
+        True,
+    ),
+    "layer_norm channels-last input": (
+        lambda x, r: ft.LayerNorm((5, 3))(x),
+        (4, 6, 5, 3),
+        torch.float32,
+        torch.channels_last,
+        False,
+        False,
+    ),
+    "batch_norm bfloat16": (
+        lambda x, r: ft.BatchNorm2d(6)(x),
+        (4, 6, 5, 3),
+        torch.bfloat16,
+        None,
+        False,
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PREPARED_CALLS))
+@pytest.mark.parametrize("dy_format", ["like x", "c order"])
+def test_prepared_and_general_routes_give_the_same_bits(name, dy_format, monkeypatch):
+    """An eager training call whose signature was seen before runs its prepared pass (checks and
+    plan once per geometry); switched off, the general route.  Outputs, every gradient (through
+    a residual too, and with dy in another memory order than x) and the running statistics are
+    bitwise those of the general route; the calls that need a copy or a 16-bit view are not
+    prepared."""
+    pytest.importorskip("ml_dtypes")
+    call, shape, dtype, memory_format, with_residual, prepared = PREPARED_CALLS[name]
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1).to(dtype)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    residual = torch.randn(shape, generator=gen, dtype=dtype).contiguous(
+        memory_format=memory_format or torch.contiguous_format
+    )
+    dy = torch.randn(shape, generator=gen, dtype=dtype)
+    if dy_format == "like x":
+        dy = dy.contiguous(memory_format=memory_format or torch.contiguous_format)
+    results = []
+    for use_prepared in (True, False):
+        monkeypatch.setattr(ft, "_USE_PREPARED", use_prepared)
+        ft._PREPARED.clear()
+        torch.manual_seed(0)  # the modules' parameters
+        leaf = x.clone().requires_grad_()
+        leaf_residual = residual.clone().requires_grad_() if with_residual else None
+        runs = []
+        for _ in range(2):  # twice: a prepared pass is looked up the second time
+            module_call = call(leaf, leaf_residual)
+            y = module_call
+            grads = torch.autograd.grad(y, [leaf] + ([leaf_residual] if with_residual else []), dy)
+            runs.append((y.detach(), grads))
+        was_prepared = any(p is not None for p in ft._PREPARED.values())
+        assert was_prepared == (use_prepared and prepared), name
+        results.append(runs)
+    for (y, grads), (y_general, grads_general) in zip(*results, strict=True):
+        assert torch.equal(y, y_general), name
+        assert y.stride() == y_general.stride(), name
+        for got, want in zip(grads, grads_general, strict=True):
+            assert got.stride() == want.stride(), name
+            assert torch.equal(got, want), name
+        if prepared:  # outputs and gradients in x's memory format
+            assert all(t.stride() == x.stride() for t in (y, *grads)), name
+
+
+@pytest.mark.parametrize("name", ["batch_norm train", "group_norm", "layer_norm"])
+def test_prepared_modules_update_parameters_and_running_statistics_as_the_general_route(name, monkeypatch):
+    """Module calls, prepared and general: the parameters' gradients and the running statistics
+    after three steps are bitwise the same."""
+    module, shape, memory_format = _route_models()[name]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    results = []
+    for use_prepared in (True, False):
+        monkeypatch.setattr(ft, "_USE_PREPARED", use_prepared)
+        model = copy.deepcopy(module)
+        for _ in range(3):
+            model(x).square().sum().backward()
+        results.append([t.clone() for t in (*model.buffers(), *(p.grad for p in model.parameters()))])
+    for got, want in zip(*results, strict=True):
+        assert torch.equal(got, want), name
+
+
+def test_a_prepared_signature_still_checks_new_arguments(monkeypatch):
+    """A call that differs from a prepared one in a tensor's shape, dtype, strides or type is
+    checked again: a wrong weight raises the general route's error, after a good call on the
+    same input."""
+    x = torch.randn(4, 6, 5, 3)
+    weight, bias = torch.ones(6), torch.zeros(6)
+    ft.batch_norm(x, None, None, weight, bias, True)
+    ft.batch_norm(x, None, None, weight, bias, True)
+    with pytest.raises(ValueError, match=r"weight.shape=\(5,\)"):
+        ft.batch_norm(x, None, None, torch.ones(5), bias, True)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        ft.batch_norm(x, None, None, np.ones(6, np.float32), bias, True)
+    with pytest.raises(ValueError, match="activation"):
+        ft.batch_norm(x, None, None, weight, bias, True, activation="nope")
+    y = ft.batch_norm(x, None, None, weight.double(), bias, True)  # 64-bit weight: general route
+    torch.testing.assert_close(y, F.batch_norm(x, None, None, weight, bias, True), rtol=3e-5, atol=3e-5)
+
+
 # inductor's own import of torch.jit code warns (torch 2.13), nothing of fastnorm's
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_torch_compile_runs_the_kernels_without_a_graph_break():

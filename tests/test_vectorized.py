@@ -241,6 +241,8 @@ def test_every_loop_helper_is_listed():
         "_cl_stream_block",
         "merge_rank_moments",  # over channels and ranks: a few numbers per rank (split BatchNorm)
         "update_running_stats",  # over channels, once per training step
+        "update_running_from_rstd",  # the same, from rstd
+        "_update_running",  # their loop
     }, sorted(helpers - set(VECTOR_LOOPS))
 
 

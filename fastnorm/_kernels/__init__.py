@@ -45,7 +45,7 @@ from .dispatch import (
     select,
 )
 from .epilogue import ACTIVATIONS
-from .numerics import CANCELLATION_LIMIT, merge_rank_moments, update_running_stats
+from .numerics import CANCELLATION_LIMIT, merge_rank_moments, update_running_from_rstd, update_running_stats
 from .schedule import *  # noqa: F403 -- the constants, KernelSpec, Schedule, plan_schedule
 from .schedule import __all__ as _schedule_names
 from .storage import VIEWS, bfloat16_bits
@@ -55,6 +55,7 @@ __all__ = [
     "CANCELLATION_LIMIT",
     "KERNELS",
     "merge_rank_moments",
+    "update_running_from_rstd",
     "update_running_stats",
     "run_backward",
     "run_backward_apply",
