@@ -60,6 +60,12 @@ float16); ``python -m benchmarks.half`` (:mod:`.half`) times it and prints the
 16-bit/float32 and fastnorm/torch ratios.  torch runs its own 16-bit CPU kernels
 in "mixed" mode (float32 weight and bias), oneDNN its bfloat16 primitives.
 
+``--networks`` selects the layers of real networks instead (:data:`NETWORK_CASES`,
+size ``net``, every pass, float32 unless ``--dtypes``): ResNet-50's BatchNorm stages at
+batch 8, Stable Diffusion's UNet GroupNorm (C = 320, 640, 1280), style-transfer
+InstanceNorm, ConvNeXt-T's channels-last LayerNorm as rows of C, ViT LayerNorm rows and
+LLaMA RMSNorm rows of 2048-8192.  They are opt-in like the 16-bit dtypes.
+
 With ``--onednn`` it also times oneDNN's primitives (``libdnnl`` from the
 ``onednn-cpu-gomp`` wheel, through :mod:`benchmarks.baselines.onednn`) on preallocated
 buffers, where oneDNN 3.2 has one: BatchNorm (both layouts), InstanceNorm
@@ -112,6 +118,7 @@ from .cases import (
     HALF_SET,
     KINDS,
     LAYOUTS,
+    NETWORK_CASES,
     PASSES,
     QUICK_SHAPES,
     SIZES,
@@ -171,6 +178,7 @@ __all__ = [
     "DEFAULT_DTYPES",
     "HALF_DTYPES",
     "HALF_SET",
+    "NETWORK_CASES",
     "SIZES",
     "QUICK_SHAPES",
     "TORCH_SPINCOUNT",

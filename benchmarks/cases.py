@@ -74,6 +74,34 @@ HALF_SET = (
 )
 HALF_SET_PASSES = ("fwd", "bwd")
 HALF_SET_DTYPES = ("float32", "bfloat16", "float16")
+#: Layers of real networks (``--networks``, :func:`select_cases`'s ``networks``), every
+#: pass: ``(kind, layouts, shape, where the layer is from)``.  Opt-in like the 16-bit
+#: dtypes (float32 unless ``dtypes`` is given): the default sweep and the gates keep
+#: their cases.  LayerNorm over the channels of a channels-last tensor (ConvNeXt) is
+#: rows of ``C``: ``(N*H*W, C)``.
+NETWORK_CASES = (
+    ("bn", LAYOUTS, (8, 256, 56, 56), "ResNet-50 stage 1, batch 8"),
+    ("bn", LAYOUTS, (8, 512, 28, 28), "ResNet-50 stage 2"),
+    ("bn", LAYOUTS, (8, 1024, 14, 14), "ResNet-50 stage 3"),
+    ("bn", LAYOUTS, (8, 2048, 7, 7), "ResNet-50 stage 4"),
+    ("gn", LAYOUTS, (2, 320, 64, 64), "Stable Diffusion UNet, 64x64 latents"),
+    ("gn", LAYOUTS, (2, 640, 32, 32), "Stable Diffusion UNet"),
+    ("gn", LAYOUTS, (2, 1280, 16, 16), "Stable Diffusion UNet"),
+    ("gn", LAYOUTS, (2, 1280, 8, 8), "Stable Diffusion UNet, middle block"),
+    ("in", LAYOUTS, (4, 64, 128, 128), "style transfer, 256x256 images"),
+    ("in", LAYOUTS, (4, 128, 64, 64), "style transfer"),
+    ("ln", ("nchw",), (25088, 96), "ConvNeXt-T stage 1 (channels-last 8x56x56x96)"),
+    ("ln", ("nchw",), (6272, 192), "ConvNeXt-T stage 2"),
+    ("ln", ("nchw",), (1568, 384), "ConvNeXt-T stage 3"),
+    ("ln", ("nchw",), (392, 768), "ConvNeXt-T stage 4"),
+    ("ln", ("nchw",), (12608, 768), "ViT-B/16, batch 64 (64x197 tokens)"),
+    ("ln", ("nchw",), (6304, 1024), "ViT-L/16, batch 32"),
+    ("rms", ("nchw",), (4096, 2048), "LLaMA-style rows of 2048"),
+    ("rms", ("nchw",), (2048, 4096), "LLaMA-7B rows"),
+    ("rms", ("nchw",), (1024, 8192), "LLaMA-70B rows"),
+)
+#: The size label of the network cases.
+NETWORK_SIZE = "net"
 #: Shapes of the ``--quick`` subset (with float32 only unless ``--dtypes`` is given).
 QUICK_SHAPES = frozenset({(8, 64, 32, 32), (32, 64, 56, 56), (512, 768), (4096, 768)})
 #: Minimum tensor size of the ``--scaling`` report.
@@ -183,7 +211,7 @@ def numpy_dtype(name):
     return np.dtype(name)
 
 
-def all_cases(half=False):
+def all_cases(half=False, networks=False):
     """Every benchmark case, in a fixed order.
 
     Parameters
@@ -191,6 +219,9 @@ def all_cases(half=False):
     half : bool
         Also the plain passes in the 16-bit dtypes (:data:`HALF_DTYPES`), after
         their float32/float64 twins; the epilogue cases stay float32.
+    networks : bool
+        Also the network layers of :data:`NETWORK_CASES` (size ``"net"``), at
+        the end, in every dtype of the selection (16-bit ones with ``half``).
 
     Returns
     -------
@@ -211,6 +242,12 @@ def all_cases(half=False):
         for suffix in ("fwd", "fb"):
             for layout in layouts:
                 cases.append(Case(kind, f"{epilogue}_{suffix}", layout, "float32", "large", shape))
+    if networks:
+        for kind, layouts, shape, _ in NETWORK_CASES:
+            for pass_ in PASSES:
+                for layout in layouts:
+                    for dtype in dtypes:
+                        cases.append(Case(kind, pass_, layout, dtype, NETWORK_SIZE, shape))
     return cases
 
 
@@ -256,7 +293,15 @@ def _check_choices(values, allowed, what):
 
 
 def select_cases(
-    kinds=None, passes=None, layouts=None, dtypes=None, sizes=None, quick=False, ids=None, half_set=False
+    kinds=None,
+    passes=None,
+    layouts=None,
+    dtypes=None,
+    sizes=None,
+    quick=False,
+    ids=None,
+    half_set=False,
+    networks=False,
 ):
     """Filter :func:`all_cases`; ``None`` means no restriction.
 
@@ -279,6 +324,9 @@ def select_cases(
         Keep only the cases of :data:`HALF_SET`, in :data:`HALF_SET_DTYPES`
         unless ``dtypes`` is given and :data:`HALF_SET_PASSES` unless
         ``passes`` is given.
+    networks : bool
+        Keep only the network layers (:data:`NETWORK_CASES`), float32 unless
+        ``dtypes`` is given.  Their ids are known to ``ids`` too.
 
     Returns
     -------
@@ -293,14 +341,16 @@ def select_cases(
     passes = _check_choices(passes, PASSES + EPILOGUE_PASSES, "pass")
     layouts = _check_choices(layouts, LAYOUTS, "layout")
     dtypes = _check_choices(_normalize_dtypes(dtypes), DTYPES, "dtype")
-    sizes = _check_choices(sizes, SIZES, "size")
+    sizes = _check_choices(sizes, (*SIZES, NETWORK_SIZE), "size")
     half_keys = set(half_set_keys()) if half_set else None
     if half_set:
         dtypes = set(HALF_SET_DTYPES) if dtypes is None else dtypes
         passes = set(HALF_SET_PASSES) if passes is None else passes
-    if quick and dtypes is None:
+    if (quick or networks) and dtypes is None:
         dtypes = {"float32"}
-    cases = all_cases(half=dtypes is not None or ids is not None)
+    if networks:
+        sizes = {NETWORK_SIZE}
+    cases = all_cases(half=dtypes is not None or ids is not None, networks=networks or ids is not None)
     if ids is not None:
         ids = set(ids)
         unknown = ids - {c.id for c in cases}

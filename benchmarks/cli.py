@@ -73,6 +73,14 @@ def build_parser():
             "python -m benchmarks.half prints their 16-bit/float32 ratios"
         ),
     )
+    sel.add_argument(
+        "--networks",
+        action="store_true",
+        help=(
+            "the layers of real networks instead (ResNet-50 BN, Stable Diffusion UNet GN, style-transfer "
+            "IN, ConvNeXt and ViT LN, LLaMA RMS rows), every pass, float32 unless --dtypes"
+        ),
+    )
     sel.add_argument("--list", action="store_true", help="list the selected case ids and exit")
     run = parser.add_argument_group("measurement")
     run.add_argument(
@@ -269,6 +277,7 @@ def main(argv=None):
             args.quick,
             _split(args.cases),
             half_set=args.half,
+            networks=args.networks,
         )
     except ValueError as exc:
         parser.error(str(exc))

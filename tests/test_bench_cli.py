@@ -820,6 +820,37 @@ def test_torch_is_imported_with_a_short_openmp_spin():
     assert _spincount_after_optional_torch(env) == ["777"] * 2
 
 
+# --------------------------------------------------------------------------- network layers
+
+
+def test_network_cases_are_opt_in_and_cover_the_layers_named():
+    """--networks: ResNet-50 BN, UNet GN at C = 320/640/1280, style-transfer IN, ConvNeXt/ViT LN and
+    LLaMA RMS rows of 2048-8192, every pass, float32 unless dtypes; never in the default sweep."""
+    default_ids = {c.id for c in bench.all_cases()}
+    cases = bench.select_cases(networks=True)
+    assert cases and not default_ids & {c.id for c in cases}
+    assert not [c for c in bench.select_cases() if c.size == "net"]
+    assert {c.dtype for c in cases} == {"float32"} and {c.size for c in cases} == {"net"}
+    assert {c.pass_ for c in cases} == set(bench.PASSES)
+    assert {c.shape[1] for c in cases if c.kind == "gn"} == {320, 640, 1280}
+    assert {c.shape[1] for c in cases if c.kind == "rms"} == {2048, 4096, 8192}
+    assert {c.layout for c in cases if c.kind in ("bn", "gn", "in")} == set(bench.LAYOUTS)
+    assert len(cases) == sum(3 * len(layouts) for _, layouts, _, _ in bench.NETWORK_CASES)
+    (one,) = bench.select_cases(ids=["gn-bwd-nhwc-f32-2x1280x8x8"])
+    assert one.size == "net" and one.memory_shape == (2, 8, 8, 1280)
+    narrowed = bench.select_cases(networks=True, kinds=["rms"], passes=["fwd"], dtypes=["f64"])
+    assert [c.id for c in narrowed] == [
+        "rms-fwd-nchw-f64-4096x2048",
+        "rms-fwd-nchw-f64-2048x4096",
+        "rms-fwd-nchw-f64-1024x8192",
+    ]
+
+
+def test_main_lists_the_network_cases(capsys):
+    assert bench.main(["--list", "--networks", "--kinds", "in", "--passes", "inf", "--layouts", "nhwc"]) == 0
+    assert capsys.readouterr().out.split() == ["in-inf-nhwc-f32-4x64x128x128", "in-inf-nhwc-f32-4x128x64x64"]
+
+
 # --------------------------------------------------------------------------- 16-bit dtypes
 
 HALF_CASE = "ln-bwd-nchw-bf16-512x768"
