@@ -58,7 +58,7 @@ VECTOR_LOOPS = {
     "_normalize_row_sum_next": 4,
     # the rows loop: first moments (shifted sums, two-pass fallback), the pipelined loops and
     # the last row's normalize (_pipelined_task runs it once per constant pair of flags; its
-    # loops count in rows_forward)
+    # loops count in rows_forward_with_skip)
     "_pipelined_rows": 16,
     # the pre-norm skip add, with and without the skip bias; its gradient's column sums
     "_add_skip_span": 2,
@@ -261,7 +261,7 @@ def test_inner_loops_are_vectorized(name, dtype):
 #: The activations' loops are not among them: they run in the epilogue's compiled store
 #: helpers (``_normalize_fused``, ``_normalize_per_element_fused``, counted above).
 KERNEL_VECTOR_LOOPS = {
-    "rows_forward": 64,
+    "rows_forward_with_skip": 68,  # rows_forward and rows_skip_forward call it
     "rows_inference": 24,
     "rows_backward": 24,
     "planes_forward": 26,
@@ -270,7 +270,6 @@ KERNEL_VECTOR_LOOPS = {
     "channels_last_forward": 33,
     "channels_last_inference": 23,
     "channels_last_backward": 18,
-    "rows_skip_forward": 68,
     "rows_skip_bias_backward": 3,
     # BatchNorm split across processes
     "planes_batch_stats": 4,
@@ -301,8 +300,8 @@ def _kernel_signature(name, storage_type):
     stats = types.Array(types.float64, 1, "C")
     spec = (types.int64,) * 5 + (types.float64, types.int64, types.float64)  # KernelSpec fields
     params = types.Tuple(spec + (types.int64,) * len(K.Schedule._fields))
-    if name == "rows_skip_forward":  # x, skip, skip_bias, weight, bias, h, y
-        return (data, data, par, par, par, data, data, stats, stats, params)
+    if name == "rows_forward_with_skip":  # x, skip, skip_bias, weight, bias, residual, h, y
+        return (data, data, par, par, par, data, data, data, stats, stats, params)
     if name == "rows_skip_bias_backward":  # dh, dskip_bias
         return (data, par, params)
     if name.endswith("batch_stats"):  # x, mean, m2

@@ -32,7 +32,14 @@ from .planes import (
     planes_forward,
     planes_inference,
 )
-from .rows import rows_backward, rows_forward, rows_inference, rows_skip_bias_backward, rows_skip_forward
+from .rows import (
+    rows_backward,
+    rows_forward,
+    rows_forward_with_skip,
+    rows_inference,
+    rows_skip_bias_backward,
+    rows_skip_forward,
+)
 from .schedule import (
     BACKWARD,
     BACKWARD_APPLY,
@@ -49,26 +56,32 @@ from .schedule import (
 )
 
 
-def _serial_build(parallel_kernel):
+def _serial_build(parallel_kernel, **serial_callees):
     """Compile the same source as ``parallel_kernel`` without threads.
 
     The clone gets its own ``__qualname__`` so that Numba's on-disk cache keeps
-    the two builds apart.
+    the two builds apart.  ``serial_callees`` rebinds global names for the
+    clone: a function that calls a kernel (:func:`~.rows.rows_forward`) calls
+    the kernel's serial build in its own.
     """
     # With NUMBA_DISABLE_JIT=1 the decorators return the plain function.
     func = getattr(parallel_kernel, "py_func", parallel_kernel)
+    scope = {**func.__globals__, **serial_callees} if serial_callees else func.__globals__
     clone = types.FunctionType(
-        func.__code__, func.__globals__, func.__name__ + "_serial", func.__defaults__, func.__closure__
+        func.__code__, scope, func.__name__ + "_serial", func.__defaults__, func.__closure__
     )
     clone.__qualname__ = func.__qualname__ + "_serial"
     clone.__doc__ = f"Single-threaded build of :func:`{func.__name__}` (same source)."
     return helper(clone)
 
 
-rows_forward_serial = _serial_build(rows_forward)
+rows_forward_with_skip_serial = _serial_build(rows_forward_with_skip)
+rows_forward_serial = _serial_build(rows_forward, rows_forward_with_skip=rows_forward_with_skip_serial)
+rows_skip_forward_serial = _serial_build(
+    rows_skip_forward, rows_forward_with_skip=rows_forward_with_skip_serial
+)
 rows_inference_serial = _serial_build(rows_inference)
 rows_backward_serial = _serial_build(rows_backward)
-rows_skip_forward_serial = _serial_build(rows_skip_forward)
 rows_skip_bias_backward_serial = _serial_build(rows_skip_bias_backward)
 planes_forward_serial = _serial_build(planes_forward)
 planes_inference_serial = _serial_build(planes_inference)

@@ -147,12 +147,32 @@ def _cf_group_one_block(x, mean, rstd, spec, k):
 
 
 @glue
-def _cf_plane_coefs(weight, bias, spec, rstd, plane):
-    """``(scale, shift)`` of a per-channel plane: ``rstd * weight[c]`` and ``bias[c]``."""
-    c = plane % spec.channels
+def _channel_coefs(weight, bias, rstd, c):
+    """``(scale, shift)`` of channel ``c``: ``rstd * weight[c]`` and ``bias[c]`` (1 and 0 without them)."""
     scale = rstd * weight[c] if weight.size > 0 else rstd
     shift = bias[c] if bias.size > 0 else 0.0
     return scale, shift
+
+
+@glue
+def _cf_plane_coefs(weight, bias, spec, rstd, plane):
+    """``(scale, shift)`` of a per-channel plane (:func:`_channel_coefs` of its channel)."""
+    return _channel_coefs(weight, bias, rstd, plane % spec.channels)
+
+
+@glue
+def _normalize_plane_span(x, residual, grad, y, off, count, mean, scale, shift, spec, plain, stream):
+    """Normalize ``count`` elements at ``off`` of one plane: streamed, plain, or with the epilogue.
+
+    ``plain`` is :func:`~.epilogue._store_mode`'s, ``stream`` the schedule's;
+    every plane loop of the channels-first forward and inference stores through here.
+    """
+    if plain and stream:
+        _normalize_streamed(x, y, off, count, mean, scale, shift)
+    elif plain:
+        _normalize(x, y, off, count, mean, scale, shift)
+    else:
+        _normalize_fused(x, residual, grad, y, off, count, mean, scale, shift, spec)
 
 
 @glue
@@ -171,21 +191,26 @@ def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, s
     if schedule.strategy == ELEMENTWISE and nblocks == 1 and d > 1 and not spec.flags & BATCH:
         # GroupNorm inference over small planes: a group's planes are consecutive, so one
         # task per group, without the index arithmetic of a task per plane.
-        has_weight = weight.size > 0
-        has_bias = bias.size > 0
         for k in prange(mean.size):
             n0, _, c0, _ = _group(spec, k)
             group_mean = mean[k] if centered else 0.0
             for c in range(c0, c0 + d):
-                scale = rstd[k] * weight[c] if has_weight else rstd[k]
-                shift = bias[c] if has_bias else 0.0
+                scale, shift = _channel_coefs(weight, bias, rstd[k], c)
                 off = (n0 * spec.channels + c) * spec.spatial
-                if plain and schedule.stream:
-                    _normalize_streamed(x, y, off, spec.spatial, group_mean, scale, shift)
-                elif plain:
-                    _normalize(x, y, off, spec.spatial, group_mean, scale, shift)
-                else:
-                    _normalize_fused(x, residual, grad, y, off, spec.spatial, group_mean, scale, shift, spec)
+                _normalize_plane_span(
+                    x,
+                    residual,
+                    grad,
+                    y,
+                    off,
+                    spec.spatial,
+                    group_mean,
+                    scale,
+                    shift,
+                    spec,
+                    plain,
+                    schedule.stream,
+                )
         return
     tasks, blocks = _cf_tasks(spec, schedule)
     for t in prange(tasks):
@@ -196,12 +221,9 @@ def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, s
             off, count, _ = _cf_block_span(spec, plane, b)
             scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
             group_mean = mean[k] if centered else 0.0
-            if plain and schedule.stream:
-                _normalize_streamed(x, y, off, count, group_mean, scale, shift)
-            elif plain:
-                _normalize(x, y, off, count, group_mean, scale, shift)
-            else:
-                _normalize_fused(x, residual, grad, y, off, count, group_mean, scale, shift, spec)
+            _normalize_plane_span(
+                x, residual, grad, y, off, count, group_mean, scale, shift, spec, plain, schedule.stream
+            )
 
 
 @glue
@@ -213,21 +235,15 @@ def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, st
     several planes; its statistics go straight to ``mean``, ``rstd``.
     """
     plain, _, _ = _store_mode(spec, x[:0], residual, x)
-    has_weight = weight.size > 0
-    has_bias = bias.size > 0
     for k in prange(mean.size):
         plane, group_mean, group_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
         c0 = plane % spec.channels  # the group's planes are consecutive channels
         for j in range(spec.channels // spec.groups):
-            scale = group_rstd * weight[c0 + j] if has_weight else group_rstd
-            shift = bias[c0 + j] if has_bias else 0.0
+            scale, shift = _channel_coefs(weight, bias, group_rstd, c0 + j)
             off = (plane + j) * spec.spatial
-            if plain and stream:
-                _normalize_streamed(x, y, off, spec.spatial, group_mean, scale, shift)
-            elif plain:
-                _normalize(x, y, off, spec.spatial, group_mean, scale, shift)
-            else:
-                _normalize_fused(x, residual, x[:0], y, off, spec.spatial, group_mean, scale, shift, spec)
+            _normalize_plane_span(
+                x, residual, x[:0], y, off, spec.spatial, group_mean, scale, shift, spec, plain, stream
+            )
 
 
 @glue
@@ -245,12 +261,9 @@ def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedu
                 scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
                 for b in range(nblocks):
                     off, count, _ = _cf_block_span(spec, plane, b)
-                    if plain and schedule.stream:
-                        _normalize_streamed(x, y, off, count, mean[k], scale, shift)
-                    elif plain:
-                        _normalize(x, y, off, count, mean[k], scale, shift)
-                    else:
-                        _normalize_fused(x, residual, x[:0], y, off, count, mean[k], scale, shift, spec)
+                    _normalize_plane_span(
+                        x, residual, x[:0], y, off, count, mean[k], scale, shift, spec, plain, schedule.stream
+                    )
 
 
 @glue

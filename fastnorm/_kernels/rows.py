@@ -197,15 +197,14 @@ def _rows_normalize(x, weight, bias, residual, grad, y, mean, rstd, spec, schedu
 def _rows_forward_pipelined(x, weight, bias, residual, y, mean, rstd, spec, chunk, skip):
     """``PIPELINED``: tasks of ``chunk`` rows, each normalizing a row while summing the next.
 
-    ``skip`` is the prologue's ``(source, skip, skip_bias, h)`` (:func:`rows_skip_forward`;
-    empty arrays for none): ``x`` is then ``h``, which each task first writes.  ``h``
-    is passed apart from ``x`` so that a read-only ``x`` types (empty ``y[:0]`` without
-    a skip).
+    ``skip`` is the prologue's ``(source, skip, skip_bias, h)``
+    (:func:`rows_forward_with_skip`; ``skip`` empty for none): ``x`` is then ``h``,
+    which each task first writes.
     """
     nrows = mean.size
     for t in prange((nrows + chunk - 1) // chunk):
         k1 = min(nrows, (t + 1) * chunk)
-        if skip[0].size > 0:
+        if skip[1].size > 0:
             _add_skip_rows(skip[0], skip[1], skip[2], skip[3], spec.spatial, t * chunk, k1)
         _pipelined_task(x, weight, bias, residual, y, spec, mean, rstd, t * chunk, k1)
 
@@ -215,7 +214,7 @@ def _rows_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, skip
     """``ONE_BLOCK``: one task per row of at most ``BLOCK`` elements: moments, then normalize."""
     plain, _, _ = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
-        if skip[0].size > 0:
+        if skip[1].size > 0:
             _add_skip_rows(skip[0], skip[1], skip[2], skip[3], spec.spatial, k, k + 1)
         row, row_mean, row_rstd = _cf_group_one_block(x, mean, rstd, spec, k)
         off, width = row * spec.spatial, spec.spatial
@@ -236,7 +235,7 @@ def _rows_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule
     work = np.empty(2 * spec.batch * nblocks)
     plain, _, _ = _store_mode(spec, x[:0], residual, x)
     for k in prange(mean.size):
-        if skip[0].size > 0:
+        if skip[1].size > 0:
             _add_skip_rows(skip[0], skip[1], skip[2], skip[3], spec.spatial, k, k + 1)
         _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
         for b in range(nblocks):
@@ -257,7 +256,7 @@ def _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule
 
     The skip prologue is one more parallel pass over the blocks, first.
     """
-    if skip[0].size > 0:
+    if skip[1].size > 0:
         nblocks = schedule.nblocks
         for blk in prange(spec.batch * nblocks):
             row, b = _block_plane(blk, nblocks)
@@ -268,13 +267,41 @@ def _rows_forward_split(x, weight, bias, residual, y, mean, rstd, spec, schedule
 
 
 @kernel
+def rows_forward_with_skip(x, skip, skip_bias, weight, bias, residual, h, y, mean, rstd, params):
+    """Training forward pass of LayerNorm / RMSNorm rows, after a skip add when ``skip`` is not empty.
+
+    The one compiled body of :func:`rows_forward` and :func:`rows_skip_forward`,
+    which call it: a second kernel with the same strategies inlined would
+    double their compile time, for one branch per task.
+
+    Parameters
+    ----------
+    x : 1-D array
+        The input, ``R * K`` elements in row order; with a skip, the first summand.
+    skip : 1-D array
+        The second summand (as ``x``), or empty for no skip add.
+    skip_bias : 1-D array
+        Added to every row of the sum (length ``K``), or empty.
+    weight, bias, residual, y, mean, rstd, params
+        As in :func:`rows_forward`; ``y`` must not overlap ``h``.
+    h : 1-D array
+        With a skip, output: ``x + skip + skip_bias``, the tensor normalized (and
+        the input of :func:`rows_backward`); may be ``x`` or ``skip`` itself.
+        Empty without one.
+    """
+    source = h if skip.size > 0 else x
+    _rows_forward(source, weight, bias, residual, y, mean, rstd, params, (x, skip, skip_bias, h))
+
+
+@helper
 def rows_forward(x, weight, bias, residual, y, mean, rstd, params):
     """Training forward pass of LayerNorm / RMSNorm on an (R, K) buffer.
 
     Parameters are those of :func:`~.planes.planes_forward` for a buffer of
     ``R`` rows of ``K`` elements, with per-element ``weight`` and ``bias``
     (length ``K``) and one ``mean``, ``rstd`` per row (the mean is 0 and
-    ``rstd = 1 / sqrt(mean(x**2) + eps)`` for RMSNorm).
+    ``rstd = 1 / sqrt(mean(x**2) + eps)`` for RMSNorm).  Runs
+    :func:`rows_forward_with_skip` without a skip.
 
     Notes
     -----
@@ -282,10 +309,10 @@ def rows_forward(x, weight, bias, residual, y, mean, rstd, params):
     Normalization uses the centered form ``(x - mean) * (rstd * weight) +
     bias``, so that a constant row maps exactly to ``bias``.
     """
-    _rows_forward(x, weight, bias, residual, y, mean, rstd, params, (x[:0], x[:0], x[:0], y[:0]))
+    rows_forward_with_skip(x, x[:0], bias[:0], weight, bias, residual, y[:0], y, mean, rstd, params)
 
 
-@kernel
+@helper
 def rows_skip_forward(x, skip, skip_bias, weight, bias, h, y, mean, rstd, params):
     """Training forward pass of LayerNorm / RMSNorm rows after a skip add: ``h = x + skip (+ skip_bias)``.
 
@@ -306,9 +333,10 @@ def rows_skip_forward(x, skip, skip_bias, weight, bias, h, y, mean, rstd, params
     -----
     ONNX Runtime's ``SkipLayerNormalization`` (and its simplified RMS form):
     each task writes ``h`` for its rows, then normalizes them while they are
-    in cache, so ``h`` costs one store and no second trip to memory.
+    in cache, so ``h`` costs one store and no second trip to memory.  Runs
+    :func:`rows_forward_with_skip` without a residual.
     """
-    _rows_forward(h, weight, bias, x[:0], y, mean, rstd, params, (x, skip, skip_bias, h))
+    rows_forward_with_skip(x, skip, skip_bias, weight, bias, x[:0], h, y, mean, rstd, params)
 
 
 @glue
