@@ -34,7 +34,9 @@ _SHARED_SCOPES = {"tests/test_capi_fuzz.py": "tests/test_capi.py"}
 
 
 #: Modules whose tests are units of work of their own (the fuzzer's run for minutes; the
-#: vectorization check's each compile a kernel without the cache).
+#: vectorization check's each compile a helper without the cache).  Not a module with a
+#: costly module-scoped fixture: each worker that runs one of its tests builds the fixture
+#: (``tests/test_vectorized_kernels.py`` is one unit for that reason).
 _SPLIT_MODULES = {"tests/test_fuzz_api.py", "tests/test_vectorized.py"}
 
 
@@ -66,10 +68,15 @@ def pytest_xdist_make_scheduler(config, log):
     return ModuleScheduling(config, log)
 
 
-#: Modules that run first, longest first (the C library's build and fuzzing, the Python
-#: fuzzer, the vectorization check's uncached builds), so that no worker is left with a long
-#: one at the end.
-_FIRST = ("tests/test_capi.py", "tests/test_fuzz_api.py", "tests/test_vectorized.py")
+#: Modules that run first, longest first (the C library's build and fuzzing, the kernels'
+#: uncached builds for the vectorization check, the Python fuzzer, the loop helpers'
+#: uncached builds), so that no worker is left with a long one at the end.
+_FIRST = (
+    "tests/test_capi.py",
+    "tests/test_vectorized_kernels.py",
+    "tests/test_fuzz_api.py",
+    "tests/test_vectorized.py",
+)
 
 
 def _run_order(item):
