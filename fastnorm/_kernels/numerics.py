@@ -268,21 +268,6 @@ def _stat_index(spec, n, c):
 
 
 @glue
-def _plane_stat_index(spec, plane):
-    """:func:`_stat_index` of plane ``plane = n * C + c``.
-
-    Without integer division for one channel (LayerNorm / RMSNorm rows): two
-    64-bit divisions cost as much as normalizing a row of a few elements.
-    """
-    if spec.channels == 1:
-        return 0 if spec.flags & BATCH else np.int64(plane)
-    if spec.groups == spec.channels and not spec.flags & BATCH:
-        return np.int64(plane)  # InstanceNorm: one statistics pair per plane
-    n = plane // spec.channels
-    return _stat_index(spec, n, plane - n * spec.channels)
-
-
-@glue
 def _block_plane(blk, nblocks):
     """``(plane, block)`` of flat block index ``blk`` (no division for one block per plane)."""
     if nblocks == 1:

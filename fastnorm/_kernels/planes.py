@@ -29,7 +29,6 @@ from .numerics import (
     _group,
     _merge,
     _moments,
-    _plane_stat_index,
     _stat_index,
 )
 from .schedule import (
@@ -108,6 +107,37 @@ def _cf_tasks(spec, schedule):
 
 
 @glue
+def _block_position(spec, nblocks, blk):
+    """``(plane, block, sample, channel)`` of flat block index ``blk``: where a counted walk starts."""
+    plane, b = _block_plane(blk, nblocks)
+    n = plane // spec.channels
+    return plane, b, n, plane - n * spec.channels
+
+
+@glue
+def _next_block(spec, nblocks, plane, b, n, c, step):
+    """Return the position one block after (``step = 1``) or before (``-1``) ``(plane, b, n, c)``.
+
+    Counted, not derived from the flat index: a share's walk over small planes
+    divides once, not once or twice per plane
+    (docs/perf-notes/per-plane-overhead-and-inlining.md).
+    """
+    b += step
+    if 0 <= b < nblocks:
+        return plane, b, n, c
+    b = 0 if step > 0 else nblocks - 1
+    plane += step
+    c += step
+    if c == spec.channels:
+        c = 0
+        n += 1
+    elif c < 0:
+        c = spec.channels - 1
+        n -= 1
+    return plane, b, n, c
+
+
+@glue
 def _cf_split_statistics(x, mean, rstd, spec, schedule):
     """Every group's statistics: block moments in parallel over blocks, then merges over groups.
 
@@ -141,6 +171,11 @@ def _cf_group_one_block(x, mean, rstd, spec, k):
     return plane, group_mean, group_rstd
 
 
+#: Channels per task of the inference over one-block BatchNorm/InstanceNorm planes
+#: (:func:`_cf_normalize_planes`): one division per task instead of per plane.
+_TASK_CHANNELS = 64
+
+
 # ---------------------------------------------------------------------------
 # Training forward and inference
 # ---------------------------------------------------------------------------
@@ -152,27 +187,6 @@ def _channel_coefs(weight, bias, rstd, c):
     scale = rstd * weight[c] if weight.size > 0 else rstd
     shift = bias[c] if bias.size > 0 else 0.0
     return scale, shift
-
-
-@glue
-def _cf_plane_coefs(weight, bias, spec, rstd, plane):
-    """``(scale, shift)`` of a per-channel plane (:func:`_channel_coefs` of its channel)."""
-    return _channel_coefs(weight, bias, rstd, plane % spec.channels)
-
-
-@glue
-def _normalize_plane_span(x, residual, grad, y, off, count, mean, scale, shift, spec, plain, stream):
-    """Normalize ``count`` elements at ``off`` of one plane: streamed, plain, or with the epilogue.
-
-    ``plain`` is :func:`~.epilogue._store_mode`'s, ``stream`` the schedule's;
-    every plane loop of the channels-first forward and inference stores through here.
-    """
-    if plain and stream:
-        _normalize_streamed(x, y, off, count, mean, scale, shift)
-    elif plain:
-        _normalize(x, y, off, count, mean, scale, shift)
-    else:
-        _normalize_fused(x, residual, grad, y, off, count, mean, scale, shift, spec)
 
 
 @glue
@@ -189,41 +203,59 @@ def _cf_normalize_planes(x, weight, bias, residual, grad, y, mean, rstd, spec, s
     plain, _, _ = _store_mode(spec, grad, residual, x)
     d = spec.channels // spec.groups
     if schedule.strategy == ELEMENTWISE and nblocks == 1 and d > 1 and not spec.flags & BATCH:
-        # GroupNorm inference over small planes: a group's planes are consecutive, so one
-        # task per group, without the index arithmetic of a task per plane.
+        # GroupNorm inference over one-block planes: a group's planes are consecutive, so
+        # one task per group, without the index arithmetic of a task per plane.
         for k in prange(mean.size):
             n0, _, c0, _ = _group(spec, k)
             group_mean = mean[k] if centered else 0.0
             for c in range(c0, c0 + d):
                 scale, shift = _channel_coefs(weight, bias, rstd[k], c)
                 off = (n0 * spec.channels + c) * spec.spatial
-                _normalize_plane_span(
-                    x,
-                    residual,
-                    grad,
-                    y,
-                    off,
-                    spec.spatial,
-                    group_mean,
-                    scale,
-                    shift,
-                    spec,
-                    plain,
-                    schedule.stream,
-                )
+                if plain and schedule.stream:
+                    _normalize_streamed(x, y, off, spec.spatial, group_mean, scale, shift)
+                elif plain:
+                    _normalize(x, y, off, spec.spatial, group_mean, scale, shift)
+                else:
+                    _normalize_fused(x, residual, grad, y, off, spec.spatial, group_mean, scale, shift, spec)
+        return
+    if schedule.strategy == ELEMENTWISE and nblocks == 1 and d == 1:
+        # BatchNorm / InstanceNorm inference over one-block planes: a task walks
+        # _TASK_CHANNELS consecutive planes of one sample, the channel and statistics
+        # indices counted, not derived per plane (no division).  A GroupNorm task in
+        # this loop, with its statistics index fixed, took 1.2x the loop above.
+        per_sample = (spec.channels + _TASK_CHANNELS - 1) // _TASK_CHANNELS
+        for t in prange(spec.batch * per_sample):
+            n = t // per_sample
+            c0 = (t - n * per_sample) * _TASK_CHANNELS
+            k0 = _stat_index(spec, n, c0)
+            for j in range(min(spec.channels - c0, _TASK_CHANNELS)):
+                k = k0 + j
+                scale, shift = _channel_coefs(weight, bias, rstd[k], c0 + j)
+                off = (n * spec.channels + c0 + j) * spec.spatial
+                plane_mean = mean[k] if centered else 0.0
+                if plain and schedule.stream:
+                    _normalize_streamed(x, y, off, spec.spatial, plane_mean, scale, shift)
+                elif plain:
+                    _normalize(x, y, off, spec.spatial, plane_mean, scale, shift)
+                else:
+                    _normalize_fused(x, residual, grad, y, off, spec.spatial, plane_mean, scale, shift, spec)
         return
     tasks, blocks = _cf_tasks(spec, schedule)
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
-        for i in range(hi - lo):
-            plane, b = _block_plane(hi - 1 - i, nblocks)
-            k = _plane_stat_index(spec, plane)
+        plane, b, n, c = _block_position(spec, nblocks, hi - 1)
+        for _ in range(hi - lo):
+            k = _stat_index(spec, n, c)
             off, count, _ = _cf_block_span(spec, plane, b)
-            scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
+            scale, shift = _channel_coefs(weight, bias, rstd[k], c)
             group_mean = mean[k] if centered else 0.0
-            _normalize_plane_span(
-                x, residual, grad, y, off, count, group_mean, scale, shift, spec, plain, schedule.stream
-            )
+            if plain and schedule.stream:
+                _normalize_streamed(x, y, off, count, group_mean, scale, shift)
+            elif plain:
+                _normalize(x, y, off, count, group_mean, scale, shift)
+            else:
+                _normalize_fused(x, residual, grad, y, off, count, group_mean, scale, shift, spec)
+            plane, b, n, c = _next_block(spec, nblocks, plane, b, n, c, -1)
 
 
 @glue
@@ -241,9 +273,12 @@ def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, st
         for j in range(spec.channels // spec.groups):
             scale, shift = _channel_coefs(weight, bias, group_rstd, c0 + j)
             off = (plane + j) * spec.spatial
-            _normalize_plane_span(
-                x, residual, x[:0], y, off, spec.spatial, group_mean, scale, shift, spec, plain, stream
-            )
+            if plain and stream:
+                _normalize_streamed(x, y, off, spec.spatial, group_mean, scale, shift)
+            elif plain:
+                _normalize(x, y, off, spec.spatial, group_mean, scale, shift)
+            else:
+                _normalize_fused(x, residual, x[:0], y, off, spec.spatial, group_mean, scale, shift, spec)
 
 
 @glue
@@ -258,12 +293,15 @@ def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedu
         for n in range(n0, n0 + samples):
             for c in range(c0, c0 + d):
                 plane = n * spec.channels + c
-                scale, shift = _cf_plane_coefs(weight, bias, spec, rstd[k], plane)
+                scale, shift = _channel_coefs(weight, bias, rstd[k], c)
                 for b in range(nblocks):
                     off, count, _ = _cf_block_span(spec, plane, b)
-                    _normalize_plane_span(
-                        x, residual, x[:0], y, off, count, mean[k], scale, shift, spec, plain, schedule.stream
-                    )
+                    if plain and schedule.stream:
+                        _normalize_streamed(x, y, off, count, mean[k], scale, shift)
+                    elif plain:
+                        _normalize(x, y, off, count, mean[k], scale, shift)
+                    else:
+                        _normalize_fused(x, residual, x[:0], y, off, count, mean[k], scale, shift, spec)
 
 
 @glue
@@ -372,8 +410,8 @@ def _cf_group_coefs(weight, work, coef, spec, nblocks, k):
 
 
 @glue
-def _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, k):
-    """Write ``dx`` of block ``b`` of ``plane`` from group ``k``'s coefficients ``coef[4k : 4k+4]``.
+def _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, k, c):
+    """Write ``dx`` of block ``b`` of ``plane`` (channel ``c``) from group ``k``'s ``coef[4k : 4k+4]``.
 
     The slices are local variables: passed as call arguments of the inlined
     loop, each plane paid reference-count calls (1.4 us more on (1, 64, 64);
@@ -384,7 +422,6 @@ def _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, k):
     xs = x[off : off + count]
     dys = dy[off : off + count]
     dxs = dx[off : off + count]
-    c = plane % spec.channels
     a = rstd * weight[c] if weight.size > 0 else rstd
     _dx_span(dys, xs, dxs, a, kx, k0, mean)
 
@@ -412,7 +449,7 @@ def _planes_backward_fused(dy, x, weight, dx, coef, work, spec, nblocks):
         for n in range(n0, n0 + samples):
             for c in range(c0, c0 + d):
                 for b in range(nblocks):
-                    _cf_dx_block_k(dy, x, weight, dx, coef, spec, n * spec.channels + c, b, k)
+                    _cf_dx_block_k(dy, x, weight, dx, coef, spec, n * spec.channels + c, b, k, c)
 
 
 @glue
@@ -422,9 +459,10 @@ def _cf_split_dots(dy, x, work, coef, spec, schedule):
     tasks, blocks = _cf_tasks(spec, schedule)
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
-        for blk in range(lo, hi):
-            plane, b = _block_plane(blk, nblocks)
-            _cf_dots_block(dy, x, work, coef, spec, nblocks, plane, b, _plane_stat_index(spec, plane))
+        plane, b, n, c = _block_position(spec, nblocks, lo)
+        for _ in range(hi - lo):
+            _cf_dots_block(dy, x, work, coef, spec, nblocks, plane, b, _stat_index(spec, n, c))
+            plane, b, n, c = _next_block(spec, nblocks, plane, b, n, c, 1)
 
 
 @glue
@@ -434,9 +472,10 @@ def _cf_split_dx(dy, x, weight, dx, coef, spec, schedule):
     tasks, blocks = _cf_tasks(spec, schedule)
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
-        for i in range(hi - lo):
-            plane, b = _block_plane(hi - 1 - i, nblocks)
-            _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, _plane_stat_index(spec, plane))
+        plane, b, n, c = _block_position(spec, nblocks, hi - 1)
+        for _ in range(hi - lo):
+            _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, _stat_index(spec, n, c), c)
+            plane, b, n, c = _next_block(spec, nblocks, plane, b, n, c, -1)
 
 
 @glue
