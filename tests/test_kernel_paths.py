@@ -488,3 +488,35 @@ def test_split_passes_give_the_same_bits_for_any_number_of_shares(kind, shape, a
     assert not np.isnan(np.frombuffer(outs[0][0], np.float32)).any()
     for shares in (1, 2, 3, 64):
         assert outs[shares] == outs[0], f"shares={shares}"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["batch_norm", "instance_norm"])
+def test_inference_over_one_block_planes_runs_tasks_of_channels(kind, dtype, restore_threads):
+    """BN/IN inference over one-block planes, in tasks of 64 channels of a sample, is the reference's.
+
+    130 channels: two whole tasks and a partial one per sample.  The serial
+    build and the parallel one on 1 and 2 threads give the same bits.
+    """
+    shape = (3, 130, 7, 7)
+    spec = _spec(kind, None, False)
+    x, _, weight, bias = _data(kind, shape, None, False, dtype)
+    _, stats = fastnorm.forward(x, spec, weight, bias)
+    plan = _plan(x, spec, True)
+    schedule = _schedule(plan.kspec, K.INFERENCE, itemsize=x.itemsize)
+    assert schedule.strategy == K.ELEMENTWISE and schedule.nblocks == 1
+    mean = np.broadcast_to(stats.mean.reshape(-1, 130)[..., None, None], shape)
+    rstd = np.broadcast_to(stats.rstd.reshape(-1, 130)[..., None, None], shape)
+    per_channel = (1, 130, 1, 1)
+    y_ref = (x.astype(np.float64) - mean) * rstd * weight.reshape(per_channel) + bias.reshape(per_channel)
+    outputs = []
+    for parallel, threads in ((0, 1), (1, 1), (1, 2)):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        params = plan.kernel_params + tuple(schedule._replace(parallel=parallel))
+        y = np.empty(x.size, dtype)
+        empty = np.empty(0, dtype)
+        kernel = K.select(K.INFERENCE, params)
+        kernel(x.ravel(), weight, bias, empty, empty, y, stats.mean.ravel(), stats.rstd.ravel(), params)
+        naive.assert_close(y.reshape(shape), y_ref, dtype=dtype, k=64, err_msg=f"{kind} parallel={parallel}")
+        outputs.append(y)
+    assert all(y.tobytes() == outputs[0].tobytes() for y in outputs)
