@@ -101,6 +101,14 @@ def _tensor(array):
     return torch.from_numpy(array)
 
 
+def _gradient(x, grad, dtype):
+    """Return ``grad`` as a tensor of ``dtype``, or a fresh empty tensor if not computed.
+
+    Fresh: a custom op's outputs must not alias one another.
+    """
+    return x.new_empty(0) if grad is None else _tensor(grad).to(dtype)
+
+
 def _check_tensor(tensor, name, optional=True):
     """Raise ``TypeError`` / ``ValueError`` naming ``tensor`` unless it is a floating CPU tensor."""
     if tensor is None and optional:
@@ -289,11 +297,11 @@ def _backward_impl(
         out=_array(dx),
     )
     _, dweight, dbias = grads
-    return (  # a fresh empty tensor for each gradient not computed (outputs must not alias)
+    return (
         dx,
-        x.new_empty(0) if dweight is None else _tensor(dweight).to(weight.dtype),
-        x.new_empty(0) if dbias is None else _tensor(dbias).to(bias.dtype),
-        _tensor(grads.dresidual) if fused and residual is not None else x.new_empty(0),
+        _gradient(x, dweight, None if weight is None else weight.dtype),
+        _gradient(x, dbias, None if bias is None else bias.dtype),
+        _gradient(x, grads.dresidual if fused and residual is not None else None, x.dtype),
     )
 
 
@@ -598,12 +606,7 @@ class _PreparedPass:
             empty if dbias is None else dbias.reshape(-1),
             epilogue,
         )
-        return (
-            dx,
-            x.new_empty(0) if dweight is None else torch.from_numpy(dweight),
-            x.new_empty(0) if dbias is None else torch.from_numpy(dbias),
-            dresidual,
-        )
+        return dx, _gradient(x, dweight, x.dtype), _gradient(x, dbias, x.dtype), dresidual
 
 
 def _prepared_forward(ctx, x, weight, bias, residual, prepared, stats):
