@@ -42,7 +42,8 @@ DTYPES = (np.float32, np.float64)
 #: name -> (kind, shape, groups or normalized_ndim, channels_last).
 PATH_CASES = {
     # name: (kind, shape, groups/normalized_ndim, channels_last)
-    "bn-split-cf-many-channels": ("batch_norm", (3, 40, 5, 7), None, False),
+    # BatchNorm training passes fused in tiles of channels (5 channels, 8 tiles)
+    "bn-fused-cf-channel-tiles": ("batch_norm", (3, 40, 5, 7), None, False),
     "bn-split-cf-multiblock": ("batch_norm", (2, 3, 70, 70), None, False),
     "bn-split-cl": ("batch_norm", (4, 9, 9, 6), None, True),
     "bn-cl-multiblock": ("batch_norm", (2, 70, 70, 3), None, True),

@@ -520,3 +520,54 @@ def test_inference_over_one_block_planes_runs_tasks_of_channels(kind, dtype, res
         naive.assert_close(y.reshape(shape), y_ref, dtype=dtype, k=64, err_msg=f"{kind} parallel={parallel}")
         outputs.append(y)
     assert all(y.tobytes() == outputs[0].tobytes() for y in outputs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "tile", "nblocks"),
+    [((3, 42, 5, 7), 5, 1), ((2, 40, 70, 70), 1, 2), ((4, 64, 4, 4), 8, 1)],
+    ids=["partial-tile", "multiblock", "small-planes"],
+)
+def test_batch_norm_channel_tiles_give_the_split_passes_bits(shape, tile, nblocks, dtype, restore_threads):
+    """BatchNorm's fused channels-first passes, in tiles of channels, equal the split passes bitwise.
+
+    The planner fuses BatchNorm training passes in tiles of channels walked
+    sample by sample (``CHANNEL_TILE_BYTES``, ``MIN_CHANNEL_TILES``); the
+    same kernels run with the split schedule must give the same ``y``,
+    ``mean``, ``rstd``, ``dx``, ``dweight`` and ``dbias``, serial and parallel
+    on 1 and 2 threads.  (3, 42, 5, 7) ends with a partial tile of 2
+    channels; (2, 40, 70, 70) has two blocks per plane.  The outputs are also
+    checked against the float64 reference.
+    """
+    spec = _spec("batch_norm", None, False)
+    x, dy, weight, bias = _data("batch_norm", shape, None, False, dtype)
+    plan = _plan(x, spec, True)
+    k = plan.kernel_params
+    fused = {p: _schedule(plan.kspec, p, 2, x.itemsize) for p in (K.FORWARD, K.BACKWARD)}
+    for schedule in fused.values():
+        assert (schedule.strategy, schedule.chunk, schedule.nblocks) == (K.FUSED, tile, nblocks)
+    split = {p: s._replace(strategy=K.SPLIT, chunk=0, shares=2) for p, s in fused.items()}
+    xf, dyf = x.ravel(), dy.ravel()
+    outputs = {}
+    for name, schedules in (("fused", fused), ("split", split)):
+        for parallel, threads in ((0, 1), (1, 1), (1, 2)):
+            numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+            fwd = k + tuple(schedules[K.FORWARD]._replace(parallel=parallel))
+            bwd = k + tuple(schedules[K.BACKWARD]._replace(parallel=parallel))
+            y, mean, rstd = np.empty_like(xf), np.empty(shape[1]), np.empty(shape[1])
+            K.select(K.FORWARD, fwd)(xf, weight, bias, xf[:0], y, mean, rstd, fwd)
+            dx, dweight, dbias = np.empty_like(xf), np.empty_like(weight), np.empty_like(bias)
+            K.select(K.BACKWARD, bwd)(dyf, xf, weight, mean, rstd, dx, dweight, dbias, bwd)
+            outputs[name, parallel, threads] = [a.tobytes() for a in (y, mean, rstd, dx, dweight, dbias)]
+    first = outputs["fused", 0, 1]
+    for key, got in outputs.items():
+        assert got == first, key
+    y_ref, _, _ = naive.forward(x, "batch_norm", weight, bias)
+    dx_ref, dweight_ref, dbias_ref = naive.backward(dy, x, "batch_norm", weight)
+    y, _, _, dx, dweight, dbias = (
+        np.frombuffer(b, dtype if i in (0, 3, 4, 5) else np.float64) for i, b in enumerate(first)
+    )
+    naive.assert_close(y.reshape(shape), y_ref, dtype=dtype, k=64, err_msg="y")
+    naive.assert_close(dx.reshape(shape), dx_ref, dtype=dtype, k=64, err_msg="dx")
+    naive.assert_close(dweight, dweight_ref, dtype=dtype, k=64, err_msg="dweight")
+    naive.assert_close(dbias, dbias_ref, dtype=dtype, k=64, err_msg="dbias")

@@ -282,26 +282,53 @@ def _planes_forward_one_block(x, weight, bias, residual, y, mean, rstd, spec, st
 
 
 @glue
+def _fused_tile(spec, schedule, t, groups):
+    """``(k0, k1, n0, samples, c0, d)``: fused task ``t``'s groups ``[k0, k1)``, samples and channels.
+
+    A task takes ``schedule.chunk`` consecutive groups: one for GroupNorm and
+    InstanceNorm, a tile of channels for BatchNorm, whose groups all span the
+    whole batch (docs/perf-notes/fused-vs-split-schedules.md).  Group
+    ``k0 + j`` has channels ``c0 + j*d .. c0 + (j+1)*d``: counted, no division
+    per plane.
+    """
+    k0 = t * schedule.chunk
+    n0, samples, c0, d = _group(spec, k0)
+    return k0, min(groups, k0 + schedule.chunk), n0, samples, c0, d
+
+
+@glue
 def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedule):
-    """``FUSED``: one task per group reads it once and normalizes it while it is in cache."""
+    """``FUSED``: one task per tile of groups reads it once and normalizes it while it is in cache.
+
+    A BatchNorm tile walks sample by sample over its channels' planes, which
+    are consecutive in memory; the moments and merges are those of the split
+    passes, so the results are the same bits.
+    """
     nblocks = schedule.nblocks
     work = np.empty(2 * spec.batch * spec.channels * nblocks)
     plain, _, _ = _store_mode(spec, x[:0], residual, x)
-    for k in prange(mean.size):
-        _cf_group_statistics(x, work, mean, rstd, spec, nblocks, k)
-        n0, samples, c0, d = _group(spec, k)
+    for t in prange((mean.size + schedule.chunk - 1) // schedule.chunk):
+        k0, k1, n0, samples, c0, d = _fused_tile(spec, schedule, t, mean.size)
         for n in range(n0, n0 + samples):
-            for c in range(c0, c0 + d):
-                plane = n * spec.channels + c
-                scale, shift = _channel_coefs(weight, bias, rstd[k], c)
+            for c in range(c0, c0 + (k1 - k0) * d):
                 for b in range(nblocks):
-                    off, count, _ = _cf_block_span(spec, plane, b)
-                    if plain and schedule.stream:
-                        _normalize_streamed(x, y, off, count, mean[k], scale, shift)
-                    elif plain:
-                        _normalize(x, y, off, count, mean[k], scale, shift)
-                    else:
-                        _normalize_fused(x, residual, x[:0], y, off, count, mean[k], scale, shift, spec)
+                    _cf_moments_block(x, work, spec, nblocks, n * spec.channels + c, b)
+        for k in range(k0, k1):
+            _cf_merge_group(work, mean, rstd, spec, nblocks, k)
+        for n in range(n0, n0 + samples):
+            for j in range(k1 - k0):
+                k = k0 + j
+                for c in range(c0 + j * d, c0 + (j + 1) * d):
+                    plane = n * spec.channels + c
+                    scale, shift = _channel_coefs(weight, bias, rstd[k], c)
+                    for b in range(nblocks):
+                        off, count, _ = _cf_block_span(spec, plane, b)
+                        if plain and schedule.stream:
+                            _normalize_streamed(x, y, off, count, mean[k], scale, shift)
+                        elif plain:
+                            _normalize(x, y, off, count, mean[k], scale, shift)
+                        else:
+                            _normalize_fused(x, residual, x[:0], y, off, count, mean[k], scale, shift, spec)
 
 
 @glue
@@ -437,19 +464,29 @@ def _group_coef_table(mean, rstd, spec):
 
 
 @glue
-def _planes_backward_fused(dy, x, weight, dx, coef, work, spec, nblocks):
-    """``FUSED``: one task per group: dot products, coefficients, then ``dx`` while in cache."""
-    for k in prange(coef.size // 4):
-        n0, samples, c0, d = _group(spec, k)
+def _planes_backward_fused(dy, x, weight, dx, coef, work, spec, schedule):
+    """``FUSED``: one task per tile of groups: dot products, coefficients, then ``dx`` while in cache.
+
+    Tiles as in :func:`_planes_forward_fused`; the same bits as the split passes.
+    """
+    nblocks = schedule.nblocks
+    groups = coef.size // 4
+    for t in prange((groups + schedule.chunk - 1) // schedule.chunk):
+        k0, k1, n0, samples, c0, d = _fused_tile(spec, schedule, t, groups)
         for n in range(n0, n0 + samples):
-            for c in range(c0, c0 + d):
-                for b in range(nblocks):
-                    _cf_dots_block(dy, x, work, coef, spec, nblocks, n * spec.channels + c, b, k)
-        _cf_group_coefs(weight, work, coef, spec, nblocks, k)
+            for j in range(k1 - k0):
+                k = k0 + j
+                for c in range(c0 + j * d, c0 + (j + 1) * d):
+                    for b in range(nblocks):
+                        _cf_dots_block(dy, x, work, coef, spec, nblocks, n * spec.channels + c, b, k)
+        for k in range(k0, k1):
+            _cf_group_coefs(weight, work, coef, spec, nblocks, k)
         for n in range(n0, n0 + samples):
-            for c in range(c0, c0 + d):
-                for b in range(nblocks):
-                    _cf_dx_block_k(dy, x, weight, dx, coef, spec, n * spec.channels + c, b, k, c)
+            for j in range(k1 - k0):
+                k = k0 + j
+                for c in range(c0 + j * d, c0 + (j + 1) * d):
+                    for b in range(nblocks):
+                        _cf_dx_block_k(dy, x, weight, dx, coef, spec, n * spec.channels + c, b, k, c)
 
 
 @glue
@@ -540,7 +577,7 @@ def planes_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     work = np.empty(2 * spec.batch * spec.channels * schedule.nblocks)
     coef = _group_coef_table(mean, rstd, spec)
     if schedule.strategy == FUSED:
-        _planes_backward_fused(dy, x, weight, dx, coef, work, spec, schedule.nblocks)
+        _planes_backward_fused(dy, x, weight, dx, coef, work, spec, schedule)
     else:
         _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule)
     if dweight.size > 0 or dbias.size > 0:

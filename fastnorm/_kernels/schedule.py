@@ -23,13 +23,14 @@ from .epilogue import IDENTITY, LEAKY_RELU, RELU
 
 __all__ = [
     "BACKWARD", "BACKWARD_APPLY", "BACKWARD_REDUCE", "BATCH", "BATCH_STATS", "BLOCK", "CENTERED",
-    "CHANNELS_LAST", "CHANNELS_LAST_VIEW", "CL_CONSECUTIVE_ROW_BYTES", "CL_MIN_ROWS", "CL_TILE_BYTES",
-    "CL_TILE_MAX_CHANNELS", "COLUMN_TILE", "COLUMN_TILES", "ELEMENTWISE",
-    "FORWARD", "FUSED", "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "MOMENTS", "ONE_BLOCK",
-    "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_ITEMSIZE", "PIPELINE_MIN_WIDTH",
-    "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS", "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD",
-    "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT", "STREAM_MIN_BYTES", "KernelSpec", "Schedule", "num_stats",
-    "plan_schedule", "schedule_of", "share", "task_count",
+    "CHANNELS_LAST", "CHANNELS_LAST_VIEW", "CHANNEL_TILE_BYTES", "CL_CONSECUTIVE_ROW_BYTES",
+    "CL_MIN_ROWS", "CL_TILE_BYTES", "CL_TILE_MAX_CHANNELS", "COLUMN_TILE", "COLUMN_TILES", "ELEMENTWISE",
+    "FORWARD", "FUSED", "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "MIN_CHANNEL_TILES",
+    "MOMENTS", "ONE_BLOCK", "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES",
+    "PIPELINE_MIN_ITEMSIZE", "PIPELINE_MIN_WIDTH", "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS",
+    "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD", "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT",
+    "STREAM_MIN_BYTES", "TILE_CACHE_BYTES", "KernelSpec", "Schedule", "num_stats", "plan_schedule",
+    "schedule_of", "share", "task_count",
 ]  # fmt: skip
 
 # ---------------------------------------------------------------------------
@@ -141,7 +142,9 @@ block : int
 tile_rows : int
     Channels-last elementwise passes: rows per step (1 elsewhere).
 chunk : int
-    Rows per task of the ``PIPELINED`` and ``ROW_CHUNKS`` row schedules (0 elsewhere).
+    Rows per task of the ``PIPELINED`` and ``ROW_CHUNKS`` row schedules; groups per
+    task of the ``FUSED`` channels-first passes (a tile of channels for BatchNorm,
+    else 1); 0 elsewhere.
 quarters : int
     Channels-last moments: 1 to take the four rows of a step from the
     block's quarters, 0 for four consecutive rows (the backward dot products
@@ -171,6 +174,14 @@ FUSE_MIN_GROUPS = 32
 #: Channels-last training passes with 2 .. FUSE_MIN_GROUPS-1 statistics sets
 #: also fuse from this many sets per thread on (same arithmetic, same order).
 FUSE_SETS_PER_THREAD = 4
+#: BatchNorm's fused channels-first training passes: bytes of each sample's run of
+#: consecutive planes in a task's tile of channels, ...
+CHANNEL_TILE_BYTES = 4096
+#: ... at least this many tiles, ...
+MIN_CHANNEL_TILES = 8
+#: ... and at most this many bytes of a tile's planes over the batch (one tensor); a
+#: larger tile runs the split passes (docs/perf-notes/fused-vs-split-schedules.md).
+TILE_CACHE_BYTES = 512 * 1024
 #: Fewest rows of a channels-last reduction block: every block ends with a
 #: per-channel finish that costs about 16 rows of accumulation
 #: (docs/perf-notes/channels-last-row-streams.md).
@@ -270,16 +281,39 @@ def plan_schedule(params, pass_id, num_threads, itemsize, has_weight, has_bias, 
         return _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsize, stream)
     nblocks = (spec.spatial + BLOCK - 1) // BLOCK
     strategy = ELEMENTWISE
+    tile = 1
     if pass_id != INFERENCE:
-        # A BatchNorm group is N planes far apart: never fused (the prefetcher
-        # loses the stream; docs/perf-notes/fused-vs-split-schedules.md).
-        fused = nstats >= FUSE_MIN_GROUPS and not spec.flags & BATCH
+        fused = nstats >= FUSE_MIN_GROUPS
+        if spec.flags & BATCH:
+            # A BatchNorm group is N planes far apart: a fused task takes a tile of
+            # channels and walks it sample by sample, so that its reads are runs of
+            # CHANNEL_TILE_BYTES; while the tile fits in TILE_CACHE_BYTES its second
+            # pass reads the cache (docs/perf-notes/fused-vs-split-schedules.md).
+            plane_bytes = spec.spatial * itemsize
+            tile = max(1, min(CHANNEL_TILE_BYTES // plane_bytes, spec.channels // MIN_CHANNEL_TILES))
+            fused = fused and spec.batch * tile * plane_bytes <= TILE_CACHE_BYTES
         strategy = FUSED if fused else SPLIT
-        if fused and pass_id == FORWARD and (spec.channels // spec.groups) * spec.spatial <= BLOCK:
+        if (
+            fused
+            and pass_id == FORWARD
+            and not spec.flags & BATCH
+            and (spec.channels // spec.groups) * spec.spatial <= BLOCK
+        ):
             strategy = ONE_BLOCK
     blocks = spec.batch * spec.channels * nblocks
     shares = _shares(strategy, parallel, num_threads, blocks, size * itemsize)
-    return (PLANES, strategy, parallel, nblocks, BLOCK, 1, 0, 0, stream, shares)
+    return (
+        PLANES,
+        strategy,
+        parallel,
+        nblocks,
+        BLOCK,
+        1,
+        tile if strategy == FUSED else 0,
+        0,
+        stream,
+        shares,
+    )
 
 
 @glue
