@@ -244,6 +244,10 @@ def _group(spec, k):
         if spec.flags & BATCH:
             return 0, spec.batch, 0, spec.channels
         return np.int64(k), 1, 0, spec.channels
+    if spec.groups == spec.channels and spec.flags & BATCH:
+        # BatchNorm: group k is channel k (no division: a BatchNorm task merges or
+        # finishes one group per channel)
+        return 0, spec.batch, np.int64(k), 1
     d = spec.channels // spec.groups
     c0 = (k % spec.groups) * d
     if spec.flags & BATCH:

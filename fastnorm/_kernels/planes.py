@@ -287,13 +287,20 @@ def _fused_tile(spec, schedule, t, groups):
 
     A task takes ``schedule.chunk`` consecutive groups: one for GroupNorm and
     InstanceNorm, a tile of channels for BatchNorm, whose groups all span the
-    whole batch (docs/perf-notes/fused-vs-split-schedules.md).  Group
-    ``k0 + j`` has channels ``c0 + j*d .. c0 + (j+1)*d``: counted, no division
-    per plane.
+    whole batch (docs/perf-notes/fused-vs-split-schedules.md).  A tile of
+    more than one group has one channel per group (``d == 1``), so the task's
+    channels are ``c0 .. c0 + (k1 - k0) * d`` and channel ``c`` belongs to group
+    :func:`_tile_group` ``(k0, c0, d, c)``: counted, no division per plane.
     """
     k0 = t * schedule.chunk
     n0, samples, c0, d = _group(spec, k0)
     return k0, min(groups, k0 + schedule.chunk), n0, samples, c0, d
+
+
+@glue
+def _tile_group(k0, c0, d, c):
+    """Group of channel ``c`` in a tile from :func:`_fused_tile`: ``k0 + (c - c0)`` (BatchNorm), or ``k0``."""
+    return k0 + (c - c0) if d == 1 else k0
 
 
 @glue
@@ -316,19 +323,18 @@ def _planes_forward_fused(x, weight, bias, residual, y, mean, rstd, spec, schedu
         for k in range(k0, k1):
             _cf_merge_group(work, mean, rstd, spec, nblocks, k)
         for n in range(n0, n0 + samples):
-            for j in range(k1 - k0):
-                k = k0 + j
-                for c in range(c0 + j * d, c0 + (j + 1) * d):
-                    plane = n * spec.channels + c
-                    scale, shift = _channel_coefs(weight, bias, rstd[k], c)
-                    for b in range(nblocks):
-                        off, count, _ = _cf_block_span(spec, plane, b)
-                        if plain and schedule.stream:
-                            _normalize_streamed(x, y, off, count, mean[k], scale, shift)
-                        elif plain:
-                            _normalize(x, y, off, count, mean[k], scale, shift)
-                        else:
-                            _normalize_fused(x, residual, x[:0], y, off, count, mean[k], scale, shift, spec)
+            for c in range(c0, c0 + (k1 - k0) * d):
+                k = _tile_group(k0, c0, d, c)
+                plane = n * spec.channels + c
+                scale, shift = _channel_coefs(weight, bias, rstd[k], c)
+                for b in range(nblocks):
+                    off, count, _ = _cf_block_span(spec, plane, b)
+                    if plain and schedule.stream:
+                        _normalize_streamed(x, y, off, count, mean[k], scale, shift)
+                    elif plain:
+                        _normalize(x, y, off, count, mean[k], scale, shift)
+                    else:
+                        _normalize_fused(x, residual, x[:0], y, off, count, mean[k], scale, shift, spec)
 
 
 @glue
@@ -464,29 +470,52 @@ def _group_coef_table(mean, rstd, spec):
 
 
 @glue
-def _planes_backward_fused(dy, x, weight, dx, coef, work, spec, schedule):
+def _cf_dots_plane(dy, x, work, coef, spec, nblocks, plane, k):
+    """:func:`_cf_dots_block` of every block of ``plane``; a one-block plane without the block loop."""
+    if nblocks == 1:
+        _cf_dots_block(dy, x, work, coef, spec, 1, plane, 0, k)
+    else:
+        for b in range(nblocks):
+            _cf_dots_block(dy, x, work, coef, spec, nblocks, plane, b, k)
+
+
+@glue
+def _cf_dx_plane(dy, x, weight, dx, coef, spec, nblocks, plane, k, c):
+    """:func:`_cf_dx_block_k` of every block of ``plane``; a one-block plane without the block loop."""
+    if nblocks == 1:
+        _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, 0, k, c)
+    else:
+        for b in range(nblocks):
+            _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, k, c)
+
+
+@glue
+def _planes_backward_fused(dy, x, weight, dx, dweight, dbias, coef, work, spec, schedule):
     """``FUSED``: one task per tile of groups: dot products, coefficients, then ``dx`` while in cache.
 
-    Tiles as in :func:`_planes_forward_fused`; the same bits as the split passes.
+    Tiles as in :func:`_planes_forward_fused`; the same bits as the split
+    passes.  A BatchNorm tile also writes its channels' ``dweight`` and
+    ``dbias`` (:func:`_channel_param_grads`).
     """
     nblocks = schedule.nblocks
     groups = coef.size // 4
     for t in prange((groups + schedule.chunk - 1) // schedule.chunk):
         k0, k1, n0, samples, c0, d = _fused_tile(spec, schedule, t, groups)
+        c1 = c0 + (k1 - k0) * d
         for n in range(n0, n0 + samples):
-            for j in range(k1 - k0):
-                k = k0 + j
-                for c in range(c0 + j * d, c0 + (j + 1) * d):
-                    for b in range(nblocks):
-                        _cf_dots_block(dy, x, work, coef, spec, nblocks, n * spec.channels + c, b, k)
+            for c in range(c0, c1):
+                _cf_dots_plane(
+                    dy, x, work, coef, spec, nblocks, n * spec.channels + c, _tile_group(k0, c0, d, c)
+                )
         for k in range(k0, k1):
             _cf_group_coefs(weight, work, coef, spec, nblocks, k)
+        if spec.flags & BATCH:
+            for c in range(c0, c1):
+                _channel_param_grads(work, coef, dweight, dbias, spec, nblocks, c)
         for n in range(n0, n0 + samples):
-            for j in range(k1 - k0):
-                k = k0 + j
-                for c in range(c0 + j * d, c0 + (j + 1) * d):
-                    for b in range(nblocks):
-                        _cf_dx_block_k(dy, x, weight, dx, coef, spec, n * spec.channels + c, b, k, c)
+            for c in range(c0, c1):
+                k = _tile_group(k0, c0, d, c)
+                _cf_dx_plane(dy, x, weight, dx, coef, spec, nblocks, n * spec.channels + c, k, c)
 
 
 @glue
@@ -525,22 +554,31 @@ def _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule):
 
 
 @glue
+def _channel_param_grads(work, coef, dweight, dbias, spec, nblocks, c):
+    """``dweight[c] = sum over samples of rstd * sum(dy * (x - mean))``, ``dbias[c] = sum(dy)``.
+
+    Each skipped when empty.
+    """
+    sum_dy = 0.0
+    sum_dy_xhat = 0.0
+    for n in range(spec.batch):
+        partial_dy_xc = 0.0
+        blk0 = (n * spec.channels + c) * nblocks
+        for b in range(nblocks):
+            sum_dy += work[2 * (blk0 + b)]
+            partial_dy_xc += work[2 * (blk0 + b) + 1]
+        sum_dy_xhat += coef[4 * _stat_index(spec, n, c) + 1] * partial_dy_xc
+    if dweight.size > 0:
+        dweight[c] = sum_dy_xhat
+    if dbias.size > 0:
+        dbias[c] = sum_dy
+
+
+@glue
 def _planes_param_grads(work, coef, dweight, dbias, spec, nblocks):
-    """``dweight[c] = sum over samples of rstd * sum(dy * (x - mean))``, ``dbias[c] = sum(dy)``."""
+    """:func:`_channel_param_grads` of every channel, in parallel."""
     for c in prange(spec.channels):
-        sum_dy = 0.0
-        sum_dy_xhat = 0.0
-        for n in range(spec.batch):
-            partial_dy_xc = 0.0
-            blk0 = (n * spec.channels + c) * nblocks
-            for b in range(nblocks):
-                sum_dy += work[2 * (blk0 + b)]
-                partial_dy_xc += work[2 * (blk0 + b) + 1]
-            sum_dy_xhat += coef[4 * _stat_index(spec, n, c) + 1] * partial_dy_xc
-        if dweight.size > 0:
-            dweight[c] = sum_dy_xhat
-        if dbias.size > 0:
-            dbias[c] = sum_dy
+        _channel_param_grads(work, coef, dweight, dbias, spec, nblocks, c)
 
 
 @kernel
@@ -576,11 +614,12 @@ def planes_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     schedule = Schedule(*params[8:])
     work = np.empty(2 * spec.batch * spec.channels * schedule.nblocks)
     coef = _group_coef_table(mean, rstd, spec)
-    if schedule.strategy == FUSED:
-        _planes_backward_fused(dy, x, weight, dx, coef, work, spec, schedule)
+    fused = schedule.strategy == FUSED
+    if fused:
+        _planes_backward_fused(dy, x, weight, dx, dweight, dbias, coef, work, spec, schedule)
     else:
         _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule)
-    if dweight.size > 0 or dbias.size > 0:
+    if (dweight.size > 0 or dbias.size > 0) and not (fused and spec.flags & BATCH):
         _planes_param_grads(work, coef, dweight, dbias, spec, schedule.nblocks)
 
 
