@@ -571,3 +571,50 @@ def test_batch_norm_channel_tiles_give_the_split_passes_bits(shape, tile, nblock
     naive.assert_close(dx.reshape(shape), dx_ref, dtype=dtype, k=64, err_msg="dx")
     naive.assert_close(dweight, dweight_ref, dtype=dtype, k=64, err_msg="dweight")
     naive.assert_close(dbias, dbias_ref, dtype=dtype, k=64, err_msg="dbias")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["batch_norm", "group_norm"])
+def test_channels_last_channel_chunks_equal_whole_rows(kind, dtype, restore_threads):
+    """Channels-last rows walked in chunks of channels give each channel the bits of whole rows.
+
+    Rows of 1100 channels exceed ``CL_CHUNK_BYTES`` per coefficient vector
+    (float32 and float64), so the normalize and ``dx`` passes walk them in
+    chunks of channels.  BatchNorm's channels, and GroupNorm's groups of 100
+    channels, are independent: a call over a slice of at most 500 channels
+    (whole rows, one chunk) must give those channels' ``y``, statistics,
+    inference output, ``dx``, ``dweight`` and ``dbias`` bit for bit, on 1
+    and 2 threads.  299 rows per sample: blocks of 256 and 43 rows (a
+    leftover past the four-row steps).
+    """
+    assert 1100 * np.dtype(dtype).itemsize > K.CL_CHUNK_BYTES
+    groups = 11 if kind == "group_norm" else None
+    spec = _spec(kind, groups, True)
+    x, dy, weight, bias = _data(kind, (2, 13, 23, 1100), None, True, dtype)
+    parts = [(0, 500), (500, 1000), (1000, 1100)]
+
+    def run(xs, dys, w, b, s):
+        y, stats = fastnorm.forward(xs, s, w, b)
+        inf = fastnorm.forward_inference(xs, stats, s, w, b)
+        grads = fastnorm.backward(dys, xs, stats, s, w, bias=b)
+        return y, stats.mean, stats.rstd, inf, grads.dx, grads.dweight, grads.dbias
+
+    for threads in (1, 2):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        whole = run(x, dy, weight, bias, spec)
+        for a, b in parts:
+            part_spec = _spec(kind, (b - a) // 100 if groups else None, True)
+            sl = np.s_[..., a:b]
+            got = run(
+                np.ascontiguousarray(x[sl]), np.ascontiguousarray(dy[sl]), weight[a:b], bias[a:b], part_spec
+            )
+            for name, w_arr, p_arr in zip(
+                ("y", "mean", "rstd", "inference", "dx", "dweight", "dbias"), whole, got, strict=True
+            ):
+                if name in ("mean", "rstd"):
+                    w_arr = w_arr[..., a // 100 : b // 100] if groups else w_arr[a:b]
+                else:
+                    w_arr = w_arr[..., a:b]
+                assert np.array_equal(w_arr, p_arr, equal_nan=True), (name, a, b, threads)
+    y_ref, _, _ = naive.forward(x, kind, weight, bias, **_ref_kwargs(kind, groups, True))
+    naive.assert_close(whole[0], y_ref, dtype=dtype, k=64, err_msg="y")

@@ -26,7 +26,7 @@ from .numerics import (
     _merge,
     _moments_two_pass,
 )
-from .schedule import BATCH, CENTERED, FUSED, KernelSpec, Schedule, share, task_count
+from .schedule import BATCH, CENTERED, CL_CHUNK_BYTES, FUSED, KernelSpec, Schedule, share, task_count
 from .storage import STREAM_BYTES, compute_empty, load, store, stream_affine, stream_split
 
 # ---------------------------------------------------------------------------
@@ -228,6 +228,17 @@ def _cl_steps(spec, schedule, blk, tile_rows, vectors):
 
 
 @glue
+def _cl_chunk(nc, tile_rows, coef):
+    """Channels per chunk of an elementwise pass over rows of ``nc``: ``CL_CHUNK_BYTES`` of ``coef``'s dtype.
+
+    ``nc`` (one chunk) when a step spans several rows (``tile_rows > 1``) or
+    the rows are short (docs/perf-notes/channels-last-channel-chunks.md).
+    """
+    width = CL_CHUNK_BYTES // coef.itemsize
+    return nc if tile_rows > 1 or nc <= width else width
+
+
+@glue
 def _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, with_residual, fused, slope):
     """``y = rectify?((x - mean) * scale + shift (+ residual))`` over ``rows`` rows from ``off``.
 
@@ -235,20 +246,23 @@ def _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows,
     every loop is compiled for one case (a branch per step of a few channels
     costs as much as the step).
     """
-    for r0 in range(0, rows, tile_rows):
-        o = off + r0 * nc
-        count = min(tile_rows, rows - r0) * nc
-        xs = x[o : o + count]
-        ys = y[o : o + count]
-        if with_residual:
-            rs = residual[o : o + count]
-            for i in range(count):
-                z = (load(xs, i) - mean[i]) * scale[i] + shift[i] + load(rs, i)
-                store(ys, i, _rectify(z, slope) if fused else z)
-        else:
-            for i in range(count):
-                z = (load(xs, i) - mean[i]) * scale[i] + shift[i]
-                store(ys, i, _rectify(z, slope) if fused else z)
+    width = _cl_chunk(nc, tile_rows, mean)
+    for c0 in range(0, nc, width):
+        cmean, cscale, cshift = mean[c0:], scale[c0:], shift[c0:]
+        for r0 in range(0, rows, tile_rows):
+            o = off + r0 * nc + c0
+            count = (min(tile_rows, rows - r0) - 1) * nc + min(width, nc - c0)
+            xs = x[o : o + count]
+            ys = y[o : o + count]
+            if with_residual:
+                rs = residual[o : o + count]
+                for i in range(count):
+                    z = (load(xs, i) - cmean[i]) * cscale[i] + cshift[i] + load(rs, i)
+                    store(ys, i, _rectify(z, slope) if fused else z)
+            else:
+                for i in range(count):
+                    z = (load(xs, i) - cmean[i]) * cscale[i] + cshift[i]
+                    store(ys, i, _rectify(z, slope) if fused else z)
 
 
 @glue
@@ -537,14 +551,17 @@ def _cl_dx_block(dy, x, dx, coef, spec, schedule, blk, tile_rows):
     a = coef[base + span : base + 2 * span]
     kx = coef[base + 2 * span : base + 3 * span]
     k0 = coef[base + 3 * span : base + 4 * span]
-    for r0 in range(0, rows, tile_rows):
-        o = off + r0 * nc
-        count = min(tile_rows, rows - r0) * nc
-        xs = x[o : o + count]
-        dys = dy[o : o + count]
-        dxs = dx[o : o + count]
-        for i in range(count):
-            store(dxs, i, a[i] * load(dys, i) - kx[i] * (load(xs, i) - mean[i]) - k0[i])
+    width = _cl_chunk(nc, tile_rows, coef)
+    for c0 in range(0, nc, width):
+        cmean, ca, ckx, ck0 = mean[c0:], a[c0:], kx[c0:], k0[c0:]
+        for r0 in range(0, rows, tile_rows):
+            o = off + r0 * nc + c0
+            count = (min(tile_rows, rows - r0) - 1) * nc + min(width, nc - c0)
+            xs = x[o : o + count]
+            dys = dy[o : o + count]
+            dxs = dx[o : o + count]
+            for i in range(count):
+                store(dxs, i, ca[i] * load(dys, i) - ckx[i] * (load(xs, i) - cmean[i]) - ck0[i])
 
 
 @glue

@@ -23,7 +23,7 @@ from .epilogue import IDENTITY, LEAKY_RELU, RELU
 
 __all__ = [
     "BACKWARD", "BACKWARD_APPLY", "BACKWARD_REDUCE", "BATCH", "BATCH_STATS", "BLOCK", "CENTERED",
-    "CHANNELS_LAST", "CHANNELS_LAST_VIEW", "CHANNEL_TILE_BYTES", "CL_CONSECUTIVE_ROW_BYTES",
+    "CHANNELS_LAST", "CHANNELS_LAST_VIEW", "CHANNEL_TILE_BYTES", "CL_CHUNK_BYTES", "CL_CONSECUTIVE_ROW_BYTES",
     "CL_MIN_ROWS", "CL_TILE_BYTES", "CL_TILE_MAX_CHANNELS", "COLUMN_TILE", "COLUMN_TILES", "ELEMENTWISE",
     "FORWARD", "FUSED", "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "MIN_CHANNEL_TILES",
     "MOMENTS", "ONE_BLOCK", "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES",
@@ -196,6 +196,11 @@ CL_CONSECUTIVE_ROW_BYTES = 256
 CL_TILE_MAX_CHANNELS = 32
 #: Bytes of ``x`` per step of those passes.
 CL_TILE_BYTES = 1024
+#: Channels-last passes over rows longer than this many bytes of one per-channel
+#: vector walk the rows in chunks of channels of that size, every row of a block per
+#: chunk, so that the chunk's vectors stay in L1 (the same arithmetic per element, in
+#: the same order: the same bits; docs/perf-notes/channels-last-channel-chunks.md).
+CL_CHUNK_BYTES = 4096
 #: Columns per task of the few-long-rows parameter-gradient reduction.
 COLUMN_TILE = 2048
 #: Fewest rows per ROW_CHUNKS task; that schedule runs from 4 * ROW_CHUNK rows on.
