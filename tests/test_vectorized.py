@@ -238,6 +238,10 @@ def test_every_loop_helper_is_listed():
         "update_running_stats",  # over channels, once per training step
         "update_running_from_rstd",  # the same, from rstd
         "_update_running",  # their loop
+        # per plane, over its blocks (one call of the block loop each)
+        "_cf_dots_plane",
+        "_cf_dx_plane",
+        "_channel_param_grads",  # one channel's block partials over the batch
     }, sorted(helpers - set(VECTOR_LOOPS))
 
 

@@ -576,9 +576,26 @@ def _channel_param_grads(work, coef, dweight, dbias, spec, nblocks, c):
 
 @glue
 def _planes_param_grads(work, coef, dweight, dbias, spec, nblocks):
-    """:func:`_channel_param_grads` of every channel, in parallel."""
+    """:func:`_channel_param_grads` of every channel, in parallel.
+
+    Spelled out, not a call of :func:`_channel_param_grads`: inlined into this
+    parallel loop, the sum over blocks lost its vector form
+    (``tests/test_vectorized_kernels.py``, ``planes_backward_reduce``).
+    """
     for c in prange(spec.channels):
-        _channel_param_grads(work, coef, dweight, dbias, spec, nblocks, c)
+        sum_dy = 0.0
+        sum_dy_xhat = 0.0
+        for n in range(spec.batch):
+            partial_dy_xc = 0.0
+            blk0 = (n * spec.channels + c) * nblocks
+            for b in range(nblocks):
+                sum_dy += work[2 * (blk0 + b)]
+                partial_dy_xc += work[2 * (blk0 + b) + 1]
+            sum_dy_xhat += coef[4 * _stat_index(spec, n, c) + 1] * partial_dy_xc
+        if dweight.size > 0:
+            dweight[c] = sum_dy_xhat
+        if dbias.size > 0:
+            dbias[c] = sum_dy
 
 
 @kernel
