@@ -3,13 +3,14 @@
 The data is rounded to the 16-bit format first, and the reference is computed
 in float64 from those rounded values (and the parameters the call was given),
 then rounded once to the storage format: the *exactly rounded* result.
-fastnorm computes in float32 (statistics in float64) and rounds once, so each
-element must be that value or one unit in the last place (ulp) of the format
-next to it.  The one allowance: an element whose float32 arithmetic error,
-measured against the size of the terms that cancel to give it (``scale``),
-exceeds half an ulp of its own tiny value may differ by more, within
-``32 * eps(float32) * scale``.  Every test counts the elements that are
-exact, one ulp off, and beyond (``-s`` prints the table).
+fastnorm computes in float32 (block sums in float32, merged and kept in
+float64: docs/guarantees.md) and rounds once, so each element must be that
+value or one unit in the last place (ulp) of the format next to it.  The one
+allowance: an element whose float32 arithmetic error, measured against the
+size of the terms that cancel to give it (``scale``), exceeds half an ulp of
+its own tiny value may differ by more, within ``32 * eps(float32) * scale``.
+Every test counts the elements that are exact, one ulp off, and beyond
+(``-s`` prints the table).
 """
 
 from __future__ import annotations
@@ -145,8 +146,11 @@ def test_forward_inference_backward(case, name, param, layout):
     y, stats = fastnorm.forward(x, spec, weight, bias)
     y_ref, mean_ref, rstd_ref = naive.forward(exact["x"], case.kind, exact["weight"], exact["bias"], **kw)
     assert_rounded(to_ref_layout(y, layout, case), y_ref, dtype, np.abs(y_ref).max(), f"y {label}")
-    naive.assert_close(stats.mean, mean_ref, dtype=np.float64, k=64, scale=np.abs(exact["x"]).max())
-    naive.assert_close(stats.rstd, rstd_ref, dtype=np.float32, k=4)
+    # A block's sums run in float32 (docs/guarantees.md): the mean to a few float32
+    # ulps of the data's scale; the variance loses up to log2(16) bits more to the
+    # cancellation a one-pass block accepts (numerics.CANCELLATION_LIMIT_FLOAT32).
+    naive.assert_close(stats.mean, mean_ref, dtype=np.float32, k=8, scale=np.abs(exact["x"]).max())
+    naive.assert_close(stats.rstd, rstd_ref, dtype=np.float32, k=32)
 
     # the residual is added in the store loop: one rounding of the float32 sum
     y_res, _ = fastnorm.forward(x, spec, weight, bias, residual=residual)

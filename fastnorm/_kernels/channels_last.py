@@ -18,16 +18,17 @@ from numba import prange
 from .._config import glue, helper, kernel
 from .epilogue import _activate_stored, _dx_constants, _fold, _rectify, _split, _store_mode
 from .numerics import (
-    CANCELLATION_LIMIT,
+    _dots_finish,
     _dx_coefs,
     _dx_coefs_of_sums,
     _finish,
     _group,
     _merge,
     _moments_two_pass,
+    cancellation_limit,
 )
 from .schedule import BATCH, CENTERED, CL_CHUNK_BYTES, FUSED, KernelSpec, Schedule, share, task_count
-from .storage import STREAM_BYTES, compute_empty, load, store, stream_affine, stream_split
+from .storage import STREAM_BYTES, acc, compute_empty, load, store, stream_affine, stream_split
 
 # ---------------------------------------------------------------------------
 # Blocks of rows
@@ -91,35 +92,38 @@ def _cl_block_moments(x, work, spec, schedule, blk):
     # rows, or one row from each quarter of the block (schedule.quarters;
     # docs/perf-notes/channels-last-row-streams.md).  The rows are read
     # through one slice of the block: as four slices they need more runtime
-    # alias checks than LLVM allows.
+    # alias checks than LLVM allows.  A step's four deviations and their sums
+    # are in the accumulation type (float32 for 16-bit data), the per-channel
+    # sums over the block in float64.
     quarter = rows // 4
     consecutive = schedule.quarters == 0
     xb = x[off : off + rows * nc]
     for j in range(quarter):
         o0, o1, o2, o3 = _four_rows(j, quarter, nc, consecutive)
         for c in range(nc):
-            shift_c = np.float64(load(first, c)) if centered else 0.0
-            d0 = load(xb, o0 + c) - shift_c
-            d1 = load(xb, o1 + c) - shift_c
-            d2 = load(xb, o2 + c) - shift_c
-            d3 = load(xb, o3 + c) - shift_c
+            shift_c = acc(xb, load(first, c) if centered else 0.0)
+            d0 = acc(xb, load(xb, o0 + c)) - shift_c
+            d1 = acc(xb, load(xb, o1 + c)) - shift_c
+            d2 = acc(xb, load(xb, o2 + c)) - shift_c
+            d3 = acc(xb, load(xb, o3 + c)) - shift_c
             mean[c] += (d0 + d1) + (d2 + d3)
             m2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
     for row in range(4 * quarter, rows):
         xr = x[off + row * nc : off + (row + 1) * nc]
         for c in range(nc):
-            dev = load(xr, c) - (np.float64(load(first, c)) if centered else 0.0)
+            dev = acc(xr, load(xr, c)) - acc(xr, load(first, c) if centered else 0.0)
             mean[c] += dev
             m2[c] += dev * dev
     if not centered:
         mean[:] = 0.0
         return
+    limit = cancellation_limit(x)
     for c in range(nc):
         sum_dev = mean[c]
         sum_sq = m2[c]
         m2[c] = sum_sq - sum_dev * sum_dev / rows
         mean[c] = load(first, c) + sum_dev / rows
-        if sum_sq > CANCELLATION_LIMIT * m2[c]:
+        if sum_sq > limit * m2[c]:
             mean[c], m2[c] = _moments_two_pass(x[off + c : off + rows * nc : nc], rows)
 
 
@@ -458,28 +462,32 @@ def _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk):
     # Four rows per step, one from each quarter of the block (each array read
     # through one slice, see _cl_block_moments): the accumulators are loaded
     # and stored once per four rows (docs/perf-notes/channels-last-row-streams.md).
+    # A step's products are in the accumulation type (float32 for 16-bit data),
+    # about the mean in that type; the rest of the mean is taken off at the end (_dots).
     quarter = rows // 4
     xb = x[off : off + rows * nc]
     dyb = dy[off : off + rows * nc]
     for j in range(quarter):
         o0, o1, o2, o3 = _four_rows(j, quarter, nc, False)
         for c in range(nc):
-            mean_c = mean[c]
+            mean_c = acc(xb, mean[c])
             dy0 = load(dyb, o0 + c)
             dy1 = load(dyb, o1 + c)
             dy2 = load(dyb, o2 + c)
             dy3 = load(dyb, o3 + c)
             sum_dy[c] += (dy0 + dy1) + (dy2 + dy3)
-            sum_dy_xc[c] += (dy0 * (load(xb, o0 + c) - mean_c) + dy1 * (load(xb, o1 + c) - mean_c)) + (
-                dy2 * (load(xb, o2 + c) - mean_c) + dy3 * (load(xb, o3 + c) - mean_c)
-            )
+            sum_dy_xc[c] += (
+                dy0 * (acc(xb, load(xb, o0 + c)) - mean_c) + dy1 * (acc(xb, load(xb, o1 + c)) - mean_c)
+            ) + (dy2 * (acc(xb, load(xb, o2 + c)) - mean_c) + dy3 * (acc(xb, load(xb, o3 + c)) - mean_c))
     for row in range(4 * quarter, rows):
         xr = x[off + row * nc : off + (row + 1) * nc]
         dyr = dy[off + row * nc : off + (row + 1) * nc]
         for c in range(nc):
             dy_c = load(dyr, c)  # loaded once: see _row_dots_and_partials
             sum_dy[c] += dy_c
-            sum_dy_xc[c] += dy_c * (load(xr, c) - mean[c])
+            sum_dy_xc[c] += dy_c * (acc(xr, load(xr, c)) - acc(xr, mean[c]))
+    for c in range(nc):
+        sum_dy[c], sum_dy_xc[c] = _dots_finish(sum_dy[c], sum_dy_xc[c], mean[c], acc(x, mean[c]))
 
 
 @helper

@@ -1,9 +1,12 @@
 """Numerics shared by every kernel family: moments, merges, dot products, group geometry.
 
-Moments are accumulated in float64 over fixed blocks, each in one pass with
-sums shifted by its first element (two passes when that would cancel too
-many bits), and merged with Chan et al.'s pairwise update in a fixed order
-(docs/perf-notes/reduction-blocks-and-determinism.md).  Everything here is
+Moments are accumulated over fixed blocks, each in one pass with sums
+shifted by its first element (two passes when that would cancel too many
+bits), and merged in float64 with Chan et al.'s pairwise update in a fixed
+order (docs/perf-notes/reduction-blocks-and-determinism.md).  A block's sums
+run in the accumulation type of the data's storage (:func:`.storage.acc`):
+float64 for float32 and float64 data, float32 for 16-bit data
+(docs/perf-notes/16-bit-float32-accumulation.md).  Everything here is
 inlined into the kernels (``glue``) except the rare two-pass fallback and the
 merge.
 """
@@ -11,14 +14,32 @@ merge.
 from __future__ import annotations
 
 import numpy as np
+from numba.extending import overload
 
 from .._config import exact_helper, glue, helper
 from .schedule import BATCH, CENTERED, MOMENTS
-from .storage import load, store
+from .storage import BFLOAT16_VIEW, FLOAT16_VIEW, _is_16bit, acc, load, store
 
 #: A one-pass (shifted) block moment that lost more than log2 of this many bits
 #: to cancellation is recomputed with two passes.
 CANCELLATION_LIMIT = 1024.0
+#: The same limit for sums accumulated in float32 (16-bit data): 4 bits of the
+#: float32 sums' 24 may cancel, so the block's ``m2`` keeps a relative error
+#: of about ``16 * (block / lanes) * 2**-24``, far below a float16 ulp.
+CANCELLATION_LIMIT_FLOAT32 = 16.0
+
+
+def cancellation_limit(like):
+    """Return the cancellation limit for sums in the accumulation type of ``like``'s storage."""
+    if like.dtype in (BFLOAT16_VIEW, FLOAT16_VIEW):
+        return CANCELLATION_LIMIT_FLOAT32
+    return CANCELLATION_LIMIT
+
+
+@overload(cancellation_limit)
+def _ol_cancellation_limit(like):
+    limit = CANCELLATION_LIMIT_FLOAT32 if _is_16bit(like) else CANCELLATION_LIMIT
+    return lambda like: limit
 
 
 # ---------------------------------------------------------------------------
@@ -124,6 +145,7 @@ def _finish(count, mean, m2, flags, eps):
 def _moments(x, off, count, centered):
     """Moments of ``x[off:off+count]`` in float64: ``(mean, sum((x - mean)**2))``.
 
+    The sums run in the accumulation type of ``x``'s storage (:func:`.storage.acc`).
     One pass over the block with sums shifted by its first element ``K``:
     ``mean = K + sum(x-K)/n``, ``m2 = sum((x-K)**2) - sum(x-K)**2/n``.  The
     subtraction can only lose accuracy when ``K`` is far from the block mean
@@ -136,15 +158,16 @@ def _moments(x, off, count, centered):
     """
     xs = x[off : off + count]
     if not centered:
-        sum_sq = 0.0
+        sum_sq = acc(xs, 0.0)
         for i in range(count):
-            sum_sq += load(xs, i) * np.float64(load(xs, i))
-        return 0.0, sum_sq
-    shift = np.float64(load(xs, 0))
-    sum_dev = 0.0
-    sum_sq = 0.0
+            value = acc(xs, load(xs, i))
+            sum_sq += value * value
+        return 0.0, np.float64(sum_sq)
+    shift = acc(xs, load(xs, 0))
+    sum_dev = acc(xs, 0.0)
+    sum_sq = acc(xs, 0.0)
     for i in range(count):
-        dev = load(xs, i) - shift
+        dev = acc(xs, load(xs, i)) - shift
         sum_dev += dev
         sum_sq += dev * dev
     return _shifted_moments(xs, count, shift, sum_dev, sum_sq)
@@ -152,11 +175,16 @@ def _moments(x, off, count, centered):
 
 @glue
 def _shifted_moments(xs, count, shift, sum_dev, sum_sq):
-    """Finish :func:`_moments` from the sums of ``xs - shift`` and of its squares."""
+    """Finish :func:`_moments` from the sums of ``xs - shift`` and of its squares, in float64.
+
+    The two-pass fallback (:func:`cancellation_limit`) sums in float64.
+    """
+    sum_dev = np.float64(sum_dev)
+    sum_sq = np.float64(sum_sq)
     m2 = sum_sq - sum_dev * sum_dev / count
-    if sum_sq > CANCELLATION_LIMIT * m2:
+    if sum_sq > cancellation_limit(xs) * m2:
         return _moments_two_pass(xs, count)
-    return shift + sum_dev / count, m2
+    return np.float64(shift) + sum_dev / count, m2
 
 
 @helper
@@ -182,15 +210,23 @@ def _moments_two_pass(xs, count):
 
 @glue
 def _dots(dy, x, off, count, mean):
-    """``sum(dy)`` and ``sum(dy * (x - mean))`` over ``[off, off+count)``."""
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` over ``[off, off+count)``, in float64.
+
+    Summed in the accumulation type of ``x``'s storage (:func:`.storage.acc`)
+    from ``x - mean_hi``, ``mean_hi`` the mean in that type; the rest of the
+    mean, ``mean_lo`` (0 in float64), is taken off the sums once at the end:
+    ``sum(dy * (x - mean)) = sum(dy * (x - mean_hi)) - mean_lo * sum(dy)``.
+    """
     xs = x[off : off + count]
     dys = dy[off : off + count]
-    sum_dy = 0.0
-    sum_dy_xc = 0.0
+    mean_hi = acc(xs, mean)
+    sum_dy = acc(xs, 0.0)
+    sum_dy_xc = acc(xs, 0.0)
     for i in range(count):
-        sum_dy += np.float64(load(dys, i))  # as in _moments_two_pass
-        sum_dy_xc += load(dys, i) * (load(xs, i) - mean)
-    return sum_dy, sum_dy_xc
+        dy_i = acc(xs, load(dys, i))
+        sum_dy += dy_i
+        sum_dy_xc += dy_i * (acc(xs, load(xs, i)) - mean_hi)
+    return _dots_finish(sum_dy, sum_dy_xc, mean, mean_hi)
 
 
 @glue
@@ -199,12 +235,24 @@ def _dots_weighted(dy, x, weight, off, count, s0, mean):
     xs = x[off : off + count]
     dys = dy[off : off + count]
     ws = weight[s0 : s0 + count]
-    sum_g = 0.0
-    sum_g_xc = 0.0
+    mean_hi = acc(xs, mean)
+    sum_g = acc(xs, 0.0)
+    sum_g_xc = acc(xs, 0.0)
     for i in range(count):
-        g = load(dys, i) * ws[i]
+        g = acc(xs, load(dys, i) * ws[i])
         sum_g += g
-        sum_g_xc += g * (load(xs, i) - mean)
+        sum_g_xc += g * (acc(xs, load(xs, i)) - mean_hi)
+    return _dots_finish(sum_g, sum_g_xc, mean, mean_hi)
+
+
+@glue
+def _dots_finish(sum_g, sum_g_xc, mean, mean_hi):
+    """Return the float64 ``(sum(g), sum(g * (x - mean)))`` from sums taken about ``mean_hi``."""
+    sum_g = np.float64(sum_g)
+    sum_g_xc = np.float64(sum_g_xc)
+    mean_lo = mean - np.float64(mean_hi)
+    if mean_lo != 0.0 and np.isfinite(mean_lo):  # only ever when summed in float32
+        sum_g_xc -= mean_lo * sum_g
     return sum_g, sum_g_xc
 
 

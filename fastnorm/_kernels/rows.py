@@ -35,6 +35,7 @@ from .epilogue import (
 from .numerics import (
     _block_plane,
     _dots,
+    _dots_finish,
     _dots_weighted,
     _dx_coefs,
     _finish,
@@ -59,7 +60,7 @@ from .schedule import (
     KernelSpec,
     Schedule,
 )
-from .storage import compute, load, store
+from .storage import acc, compute, load, store
 
 # ---------------------------------------------------------------------------
 # Training forward and inference
@@ -387,29 +388,32 @@ def _row_dots_and_partials(dys, xs, ws, acc_dy, acc_dy_xhat, mean, rstd):
     same pass adds the span's ``dy`` and ``dy * xhat`` to the per-position
     partial sums ``acc_dy``, ``acc_dy_xhat``.
     """
-    sum_g = 0.0
-    sum_g_xc = 0.0
+    # the row sums in the accumulation type, about the mean in that type (as _dots)
+    mean_hi = acc(xs, mean)
+    rstd_a = acc(xs, rstd)
+    sum_g = acc(xs, 0.0)
+    sum_g_xc = acc(xs, 0.0)
     # Each input element is loaded once, before the stores: Numba tells LLVM
     # nothing about aliasing, so a `dys[i]` written after `acc_dy[i] += ...`
     # is loaded (and converted to float64) again.
     if ws.size > 0:
         for i in range(xs.size):
             dy_i = load(dys, i)
-            xc = load(xs, i) - mean
+            xc = acc(xs, load(xs, i)) - mean_hi
             g = dy_i * ws[i]
             acc_dy[i] += dy_i
-            acc_dy_xhat[i] += dy_i * xc * rstd
+            acc_dy_xhat[i] += dy_i * xc * rstd_a
             sum_g += g
             sum_g_xc += g * xc
     else:
         for i in range(xs.size):
             dy_i = load(dys, i)
-            xc = load(xs, i) - mean
+            xc = acc(xs, load(xs, i)) - mean_hi
             acc_dy[i] += dy_i
-            acc_dy_xhat[i] += dy_i * xc * rstd
+            acc_dy_xhat[i] += dy_i * xc * rstd_a
             sum_g += dy_i
             sum_g_xc += dy_i * xc
-    return sum_g, sum_g_xc
+    return _dots_finish(sum_g, sum_g_xc, mean, mean_hi)
 
 
 @glue

@@ -3,8 +3,11 @@
 A kernel reads a data array only through :func:`load` and writes it only
 through :func:`store`; its elementwise arithmetic runs in the *compute type*
 of the storage (:func:`compute`): float32 for float32, bfloat16 and float16
-data, float64 for float64 data.  Statistics and reductions stay float64 for
-every storage type.
+data, float64 for float64 data.  Its reductions over elements run in the
+*accumulation type* (:func:`accumulate`): float64 for float32 and float64
+data, float32 for 16-bit data, whose 8 or 11 significant bits a float32 sum
+over one block keeps (docs/perf-notes/16-bit-float32-accumulation.md).
+Blocks merge, and statistics are kept, in float64 for every storage type.
 
 Numba has neither a bfloat16 nor a float16 type, so 16-bit data reaches the
 kernels as a 16-bit integer view of the same memory, and the view's integer
@@ -97,6 +100,17 @@ def narrow(dtype, value):
             return np.uint16(((bits >> 16) & 0x8000) | 0x7E00 | ((bits >> 13) & 0x3FF)).view(np.int16)
         return np.float16(np.float32(value)).view(np.int16)
     return value
+
+
+def accumulate(dtype, value):
+    """``value`` in the accumulation type of a ``dtype`` array: float32 for 16-bit bits, else float64.
+
+    Pure-Python version; compiled: the intrinsic :func:`_accumulate` (a type
+    cast, vectorized in a loop).
+    """
+    if dtype in (BFLOAT16_VIEW, FLOAT16_VIEW):
+        return np.float32(value)
+    return np.float64(value)
 
 
 def compute(like, value):
@@ -196,6 +210,20 @@ def _narrow(typingctx, dtype, value):
 
         return element(dtype, value), codegen
     return None
+
+
+@intrinsic
+def _accumulate(typingctx, dtype, value):
+    """Compile :func:`accumulate` for an array's ``dtype``."""
+    element = getattr(dtype, "dtype", None)
+    if element is None or not isinstance(value, (types.Float, types.Integer)):
+        return None
+    target = types.float32 if element in (types.uint16, types.int16) else types.float64
+
+    def codegen(context, builder, signature, args):
+        return context.cast(builder, args[1], signature.args[1], target)
+
+    return target(dtype, value), codegen
 
 
 #: Bytes of one non-temporal store (a 512-bit vector), and the alignment it needs.
@@ -416,6 +444,7 @@ def address(array):
 if not numba.config.DISABLE_JIT:
     widen = _widen  # noqa: F811 -- compiled code: the intrinsics
     narrow = _narrow  # noqa: F811
+    accumulate = _accumulate  # noqa: F811
     stream_affine = _stream_affine  # noqa: F811
     stream_rows = _stream_rows  # noqa: F811
     address = _address  # noqa: F811
@@ -425,6 +454,12 @@ if not numba.config.DISABLE_JIT:
 def load(a, i):
     """``a[i]`` in the compute type of ``a``'s storage (float32 for a 16-bit view)."""
     return widen(a[i])
+
+
+@glue
+def acc(a, value):
+    """``value`` in the accumulation type of ``a``'s storage (:func:`accumulate`)."""
+    return accumulate(a.dtype, value)
 
 
 @glue
