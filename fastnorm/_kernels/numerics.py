@@ -3,10 +3,10 @@
 Moments are accumulated over fixed blocks, each in one pass with sums
 shifted by its first element (two passes when that would cancel too many
 bits), and merged in float64 with Chan et al.'s pairwise update in a fixed
-order (docs/perf-notes/reduction-blocks-and-determinism.md).  A block's sums
-run in the accumulation type of the data's storage (:func:`.storage.acc`):
-float64 for float32 and float64 data, float32 for 16-bit data
-(docs/perf-notes/16-bit-float32-accumulation.md).  Everything here is
+order (docs/perf-notes/reduction-blocks-and-determinism.md).  The dot products
+that set only ``dx`` run in the accumulation type of the data's storage
+(:func:`.storage.acc`): float64 for float32 and float64 data, float32 for
+16-bit data (docs/perf-notes/16-bit-float32-accumulation.md).  Everything here is
 inlined into the kernels (``glue``) except the rare two-pass fallback and the
 merge.
 """
@@ -145,7 +145,6 @@ def _finish(count, mean, m2, flags, eps):
 def _moments(x, off, count, centered):
     """Moments of ``x[off:off+count]`` in float64: ``(mean, sum((x - mean)**2))``.
 
-    The sums run in the accumulation type of ``x``'s storage (:func:`.storage.acc`).
     One pass over the block with sums shifted by its first element ``K``:
     ``mean = K + sum(x-K)/n``, ``m2 = sum((x-K)**2) - sum(x-K)**2/n``.  The
     subtraction can only lose accuracy when ``K`` is far from the block mean
@@ -154,20 +153,22 @@ def _moments(x, off, count, centered):
     (:func:`_moments_two_pass`), so the result is always as accurate as a
     centered computation.  A constant block gets exactly its value as mean and
     0 as sum of squares.  Without ``centered`` (RMSNorm) returns
-    ``(0, sum(x**2))``: no ``inf - inf`` when ``x`` holds an inf.
+    ``(0, sum(x**2))``: no ``inf - inf`` when ``x`` holds an inf.  float64
+    for 16-bit data too: summed in float32, the statistics left float32
+    ``dweight`` farther from the reference than torch's
+    (docs/perf-notes/16-bit-float32-accumulation.md).
     """
     xs = x[off : off + count]
     if not centered:
-        sum_sq = acc(xs, 0.0)
+        sum_sq = 0.0
         for i in range(count):
-            value = acc(xs, load(xs, i))
-            sum_sq += value * value
-        return 0.0, np.float64(sum_sq)
-    shift = acc(xs, load(xs, 0))
-    sum_dev = acc(xs, 0.0)
-    sum_sq = acc(xs, 0.0)
+            sum_sq += load(xs, i) * np.float64(load(xs, i))
+        return 0.0, sum_sq
+    shift = np.float64(load(xs, 0))
+    sum_dev = 0.0
+    sum_sq = 0.0
     for i in range(count):
-        dev = acc(xs, load(xs, i)) - shift
+        dev = load(xs, i) - shift
         sum_dev += dev
         sum_sq += dev * dev
     return _shifted_moments(xs, count, shift, sum_dev, sum_sq)
@@ -175,16 +176,11 @@ def _moments(x, off, count, centered):
 
 @glue
 def _shifted_moments(xs, count, shift, sum_dev, sum_sq):
-    """Finish :func:`_moments` from the sums of ``xs - shift`` and of its squares, in float64.
-
-    The two-pass fallback (:func:`cancellation_limit`) sums in float64.
-    """
-    sum_dev = np.float64(sum_dev)
-    sum_sq = np.float64(sum_sq)
+    """Finish :func:`_moments` from the sums of ``xs - shift`` and of its squares."""
     m2 = sum_sq - sum_dev * sum_dev / count
-    if sum_sq > cancellation_limit(xs) * m2:
+    if sum_sq > CANCELLATION_LIMIT * m2:
         return _moments_two_pass(xs, count)
-    return np.float64(shift) + sum_dev / count, m2
+    return shift + sum_dev / count, m2
 
 
 @helper
@@ -212,26 +208,30 @@ def _moments_two_pass(xs, count):
 def _dots(dy, x, off, count, mean):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` over ``[off, off+count)``, in float64.
 
-    Summed in the accumulation type of ``x``'s storage (:func:`.storage.acc`)
-    from ``x - mean_hi``, ``mean_hi`` the mean in that type; the rest of the
-    mean, ``mean_lo`` (0 in float64), is taken off the sums once at the end:
-    ``sum(dy * (x - mean)) = sum(dy * (x - mean_hi)) - mean_lo * sum(dy)``.
+    float64 for 16-bit data too: a channels-first plane's sums are its
+    ``dweight`` / ``dbias`` terms, which float32 sums left up to 11 float32
+    ulps from the reference, farther than torch's
+    (docs/perf-notes/16-bit-float32-accumulation.md).
     """
     xs = x[off : off + count]
     dys = dy[off : off + count]
-    mean_hi = acc(xs, mean)
-    sum_dy = acc(xs, 0.0)
-    sum_dy_xc = acc(xs, 0.0)
+    sum_dy = 0.0
+    sum_dy_xc = 0.0
     for i in range(count):
-        dy_i = acc(xs, load(dys, i))
-        sum_dy += dy_i
-        sum_dy_xc += dy_i * (acc(xs, load(xs, i)) - mean_hi)
-    return _dots_finish(sum_dy, sum_dy_xc, mean, mean_hi)
+        sum_dy += np.float64(load(dys, i))  # as in _moments_two_pass
+        sum_dy_xc += load(dys, i) * (load(xs, i) - mean)
+    return sum_dy, sum_dy_xc
 
 
 @glue
 def _dots_weighted(dy, x, weight, off, count, s0, mean):
-    """:func:`_dots` of ``g = dy * weight[s0 + i]`` (per-element affine)."""
+    """:func:`_dots` of ``g = dy * weight[s0 + i]`` (per-element affine), for ``dx`` only.
+
+    Summed in the accumulation type of ``x``'s storage (:func:`.storage.acc`)
+    from ``x - mean_hi``, ``mean_hi`` the mean in that type; the rest of the
+    mean, ``mean_lo`` (0 in float64), is taken off the sums once at the end
+    (:func:`_dots_finish`).
+    """
     xs = x[off : off + count]
     dys = dy[off : off + count]
     ws = weight[s0 : s0 + count]
