@@ -89,7 +89,7 @@ def _check_equal(world, rank, dtype, failures):
             ("dbias (sum over ranks)", grads[1], br.grad),
         ]
         for what, got, want in checks:
-            got = got.detach().to(torch.float64)
+            got, want = got.detach().to(torch.float64), want.detach()
             scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
             err = float((got - want).abs().max()) / scale if want.numel() else 0.0
             if not err <= tol:
@@ -105,10 +105,17 @@ def _check_ddp(rank, failures):
     """One step of a small model in DistributedDataParallel: every rank ends with the same weights."""
     from fastnorm.torch import convert_sync_batchnorm
 
+    # DDP gets a group of its own.  torch 2.13's DDP keeps its process group
+    # alive after destroy_process_group: if that group's gloo thread frees the
+    # work of a Python-owned tensor while the interpreter exits, the process
+    # aborts ("terminate called without an active exception",
+    # pytorch/pytorch#179291).  Here the last collective (the gather below) is
+    # on the default group, which destroy_process_group does tear down.
+    group = dist.new_group(backend="gloo")
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
-    model = convert_sync_batchnorm(model)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    model = convert_sync_batchnorm(model, group)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, process_group=group)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     x = torch.randn(4 + rank, 3, 8, 8, generator=torch.Generator().manual_seed(rank))
     ddp(x).square().mean().backward()
