@@ -18,7 +18,6 @@ from numba import prange
 from .._config import glue, helper, kernel
 from .epilogue import _activate_stored, _dx_constants, _fold, _rectify, _split, _store_mode
 from .numerics import (
-    _dots_finish,
     _dx_coefs,
     _dx_coefs_of_sums,
     _finish,
@@ -26,6 +25,7 @@ from .numerics import (
     _merge,
     _moments_two_pass,
     cancellation_limit,
+    finish_channel_dots,
 )
 from .schedule import BATCH, CENTERED, CL_CHUNK_BYTES, FUSED, KernelSpec, Schedule, share, task_count
 from .storage import STREAM_BYTES, acc, compute_empty, load, store, stream_affine, stream_split
@@ -463,7 +463,8 @@ def _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk):
     # through one slice, see _cl_block_moments): the accumulators are loaded
     # and stored once per four rows (docs/perf-notes/channels-last-row-streams.md).
     # A step's products are in the accumulation type (float32 for 16-bit data),
-    # about the mean in that type; the rest of the mean is taken off at the end (_dots).
+    # about the mean in that type; the rest of the mean is taken off at the end
+    # (finish_channel_dots).
     quarter = rows // 4
     xb = x[off : off + rows * nc]
     dyb = dy[off : off + rows * nc]
@@ -486,8 +487,7 @@ def _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk):
             dy_c = load(dyr, c)  # loaded once: see _row_dots_and_partials
             sum_dy[c] += dy_c
             sum_dy_xc[c] += dy_c * (acc(xr, load(xr, c)) - acc(xr, mean[c]))
-    for c in range(nc):
-        sum_dy[c], sum_dy_xc[c] = _dots_finish(sum_dy[c], sum_dy_xc[c], mean[c], acc(x, mean[c]))
+    finish_channel_dots(sum_dy, sum_dy_xc, mean, x)
 
 
 @helper

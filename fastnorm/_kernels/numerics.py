@@ -256,6 +256,29 @@ def _dots_finish(sum_g, sum_g_xc, mean, mean_hi):
     return sum_g, sum_g_xc
 
 
+def finish_channel_dots(sum_dy, sum_dy_xc, mean, like):
+    """Apply :func:`_dots_finish` to per-channel sums taken about ``acc(like, mean[c])``, in place.
+
+    A no-op unless ``like``'s storage is 16-bit: only float32 sums are taken
+    about a rounded mean (compiled away for float32/float64 data).
+    """
+    if like.dtype in (BFLOAT16_VIEW, FLOAT16_VIEW):
+        for c in range(mean.shape[0]):
+            sum_dy[c], sum_dy_xc[c] = _dots_finish(sum_dy[c], sum_dy_xc[c], mean[c], acc(like, mean[c]))
+
+
+@overload(finish_channel_dots)
+def _ol_finish_channel_dots(sum_dy, sum_dy_xc, mean, like):
+    if not _is_16bit(like):
+        return lambda sum_dy, sum_dy_xc, mean, like: None
+
+    def finish(sum_dy, sum_dy_xc, mean, like):
+        for c in range(mean.shape[0]):
+            sum_dy[c], sum_dy_xc[c] = _dots_finish(sum_dy[c], sum_dy_xc[c], mean[c], acc(like, mean[c]))
+
+    return finish
+
+
 @glue
 def _dx_coefs(sum_g, sum_g_xc, rstd, m, flags):
     """``(kx, k0)`` of :func:`_dx_span` for a group of ``m`` elements.
