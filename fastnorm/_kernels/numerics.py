@@ -1,12 +1,13 @@
 """Numerics shared by every kernel family: moments, merges, dot products, group geometry.
 
-Moments are accumulated over fixed blocks, each in one pass with sums
-shifted by its first element (two passes when that would cancel too many
+Moments are accumulated in float64 over fixed blocks, each in one pass with
+sums shifted by its first element (two passes when that would cancel too many
 bits), and merged in float64 with Chan et al.'s pairwise update in a fixed
-order (docs/perf-notes/reduction-blocks-and-determinism.md).  The dot products
-that set only ``dx`` run in the accumulation type of the data's storage
-(:func:`.storage.acc`): float64 for float32 and float64 data, float32 for
-16-bit data (docs/perf-notes/16-bit-float32-accumulation.md).  Everything here is
+order (docs/perf-notes/reduction-blocks-and-determinism.md).  Two kinds of sum
+run in the accumulation type of the data's storage (:func:`.storage.acc`:
+float64 for float32 and float64 data, float32 for 16-bit data): the
+channels-last steps of four rows, chained in float64, and the row dot products
+that set only ``dx`` (docs/perf-notes/16-bit-float32-accumulation.md).  Everything here is
 inlined into the kernels (``glue``) except the rare two-pass fallback and the
 merge.
 """
@@ -23,9 +24,11 @@ from .storage import BFLOAT16_VIEW, FLOAT16_VIEW, _is_16bit, acc, load, store
 #: A one-pass (shifted) block moment that lost more than log2 of this many bits
 #: to cancellation is recomputed with two passes.
 CANCELLATION_LIMIT = 1024.0
-#: The same limit for sums accumulated in float32 (16-bit data): 4 bits of the
-#: float32 sums' 24 may cancel, so the block's ``m2`` keeps a relative error
-#: of about ``16 * (block / lanes) * 2**-24``, far below a float16 ulp.
+#: The limit where the terms are float32 (16-bit data, channels-last steps of
+#: four rows, summed into float64): each step's sum of squares carries a few
+#: float32 roundings, so with 4 bits cancelled the block's ``m2`` keeps a
+#: relative error of about ``16 * 3 * 2**-24`` (3e-6), far below a float16 ulp
+#: (4.9e-4).
 CANCELLATION_LIMIT_FLOAT32 = 16.0
 
 
