@@ -232,6 +232,7 @@ def test_every_loop_helper_is_listed():
         "_add_skip_rows",  # calls _add_skip_span per row
         "_cl_forward_split",  # its loop sets up coefficients per statistics set (the phases are helpers)
         "_cl_store_dx_coefs",  # over the channels of one group
+        "_finish_channel_dots_loop",  # a correction per channel of a block, 16-bit data only
         # the head and tail of a streamed block (under one vector each); the middle is a vector-IR loop
         "_cl_stream_block",
         "merge_rank_moments",  # over channels and ranks: a few numbers per rank (split BatchNorm)
