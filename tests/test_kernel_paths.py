@@ -251,7 +251,7 @@ def _schedule(kspec, pass_id, threads=1, itemsize=4):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("channels", [3, 16, 32])
+@pytest.mark.parametrize("channels", [3, 16, 32, 64])
 def test_channels_last_elementwise_steps_of_several_rows_are_bitwise_one_row_steps(channels, dtype):
     """BatchNorm's channels-last normalize and dx over several rows per step equal one row per step.
 
@@ -283,6 +283,23 @@ def test_channels_last_elementwise_steps_of_several_rows_are_bitwise_one_row_ste
             outs.append(out)
         assert not np.isnan(outs[0]).any()
         assert outs[0].tobytes() == outs[1].tobytes()
+
+
+@pytest.mark.parametrize("pass_id", [K.FORWARD, K.INFERENCE, K.BACKWARD])
+def test_channels_last_tiles_by_channels_and_tensor_bytes(pass_id):
+    """BatchNorm channels-last passes tile rows up to 32 channels, and up to 64 below CL_TILE_CACHE_BYTES."""
+    flags = K.CENTERED | K.BATCH | K.CHANNELS_LAST
+    cached_rows = K.CL_TILE_CACHE_BYTES // 4 // 8 - 1  # float32, N = 8: just below the bound
+    cases = ((32, False, True), (64, True, True), (64, False, False), (128, True, False))
+    for channels, cached, tiled in cases:
+        spatial = cached_rows // channels if cached else 2 * cached_rows // channels
+        spec = K.KernelSpec(8, channels, spatial, channels, flags, 1e-5)
+        assert (8 * spatial * channels * 4 < K.CL_TILE_CACHE_BYTES) == cached
+        tile_rows = _schedule(spec, pass_id, threads=2).tile_rows
+        assert tile_rows == (K.CL_TILE_BYTES // 4 // channels if tiled else 1), (channels, cached, tile_rows)
+    # InstanceNorm: 8 statistics sets, one row per step
+    instance = K.KernelSpec(8, 64, 64, 64, K.CENTERED | K.CHANNELS_LAST, 1e-5)
+    assert _schedule(instance, pass_id, threads=2).tile_rows == 1
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -24,13 +24,13 @@ from .epilogue import IDENTITY, LEAKY_RELU, RELU
 __all__ = [
     "BACKWARD", "BACKWARD_APPLY", "BACKWARD_REDUCE", "BATCH", "BATCH_STATS", "BLOCK", "CENTERED",
     "CHANNELS_LAST", "CHANNELS_LAST_VIEW", "CHANNEL_TILE_BYTES", "CL_CHUNK_BYTES", "CL_CONSECUTIVE_ROW_BYTES",
-    "CL_MIN_ROWS", "CL_TILE_BYTES", "CL_TILE_MAX_CHANNELS", "COLUMN_TILE", "COLUMN_TILES", "ELEMENTWISE",
-    "FORWARD", "FUSED", "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "MIN_CHANNEL_TILES",
-    "MOMENTS", "ONE_BLOCK", "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES",
-    "PIPELINE_MIN_ITEMSIZE", "PIPELINE_MIN_WIDTH", "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS",
-    "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD", "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT",
-    "STREAM_MIN_BYTES", "TILE_CACHE_BYTES", "KernelSpec", "Schedule", "num_stats", "plan_schedule",
-    "schedule_of", "share", "task_count",
+    "CL_MIN_ROWS", "CL_TILE_BYTES", "CL_TILE_CACHE_BYTES", "CL_TILE_MAX_CHANNELS",
+    "CL_TILE_MAX_CHANNELS_CACHED", "COLUMN_TILE", "COLUMN_TILES", "ELEMENTWISE", "FORWARD", "FUSED",
+    "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "MIN_CHANNEL_TILES", "MOMENTS", "ONE_BLOCK",
+    "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_ITEMSIZE", "PIPELINE_MIN_WIDTH",
+    "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS", "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD",
+    "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT", "STREAM_MIN_BYTES", "TILE_CACHE_BYTES", "KernelSpec", "Schedule",
+    "num_stats", "plan_schedule", "schedule_of", "share", "task_count",
 ]  # fmt: skip
 
 # ---------------------------------------------------------------------------
@@ -192,8 +192,13 @@ CL_MIN_ROWS = 256
 CL_CONSECUTIVE_ROW_BYTES = 256
 #: BatchNorm's channels-last elementwise passes over at most this many
 #: channels step over CL_TILE_BYTES of rows at once, with the coefficient
-#: vectors repeated (docs/perf-notes/channels-last-small-channel-tiles.md).
+#: vectors repeated (docs/perf-notes/channels-last-small-channel-tiles.md), ...
 CL_TILE_MAX_CHANNELS = 32
+#: ... and over at most this many while the tensor is smaller than
+#: CL_TILE_CACHE_BYTES: a pass from the cache is bound by each row's loop set-up,
+#: one from memory is not.
+CL_TILE_MAX_CHANNELS_CACHED = 64
+CL_TILE_CACHE_BYTES = 16 * 2**20
 #: Bytes of ``x`` per step of those passes.
 CL_TILE_BYTES = 1024
 #: Channels-last passes over rows longer than this many bytes of one per-channel
@@ -382,13 +387,14 @@ def _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsi
             # (docs/perf-notes/fused-vs-split-schedules.md)
             fused = True
         strategy = FUSED if fused else SPLIT
+    nbytes = spec.batch * spec.spatial * spec.channels * itemsize
+    tile_channels = CL_TILE_MAX_CHANNELS_CACHED if nbytes < CL_TILE_CACHE_BYTES else CL_TILE_MAX_CHANNELS
     tile_rows = 1
-    if strategy != FUSED and sets <= 1 and spec.channels <= CL_TILE_MAX_CHANNELS:
+    if strategy != FUSED and sets <= 1 and spec.channels <= tile_channels:
         tile_rows = max(1, CL_TILE_BYTES // itemsize // spec.channels)
     quarters = 1 if spec.channels * itemsize > CL_CONSECUTIVE_ROW_BYTES else 0
     # The fused forward normalizes each set's blocks in its own task, without streaming.
     stream = stream if strategy != FUSED else 0
-    nbytes = spec.batch * spec.spatial * spec.channels * itemsize
     shares = _shares(strategy, parallel, num_threads, spec.batch * nblocks, nbytes)
     layout = (CHANNELS_LAST_VIEW, strategy, parallel, nblocks, rows_per_block, tile_rows, 0, quarters)
     return (*layout, stream, shares)
