@@ -302,6 +302,48 @@ def test_channels_last_tiles_by_channels_and_tensor_bytes(pass_id):
     assert _schedule(instance, pass_id, threads=2).tile_rows == 1
 
 
+@pytest.mark.parametrize("activation", [K.epilogue.IDENTITY, K.epilogue.RELU])
+@pytest.mark.parametrize("storage, channels", [("float32", 32), ("bfloat16", 64)])
+@pytest.mark.parametrize("groups", [8, None])  # GroupNorm(8), InstanceNorm
+def test_channels_last_fused_forward_tiles_each_set_bitwise(storage, channels, groups, activation):
+    """The fused channels-last forward over rows of <= 128 bytes tiles each set's vectors.
+
+    Same bits as one row per step: ``y``, ``mean`` and ``rstd``.
+    """
+    rng = np.random.default_rng(5)
+    n, spatial = 32, 301 + 4096 // channels  # 32 sets: FUSED; a partial last block and step
+    groups = groups or channels
+    spec = K.KernelSpec(n, channels, spatial, groups, K.CENTERED | K.CHANNELS_LAST, 1e-5, activation)
+    values = 3.0 + rng.standard_normal(n * spatial * channels)
+    if storage == "bfloat16":
+        ml_dtypes = pytest.importorskip("ml_dtypes")
+        x = values.astype(ml_dtypes.bfloat16).view(np.uint16)
+    else:
+        x = values.astype(np.float32)
+    weight = rng.standard_normal(channels).astype(np.float32)
+    bias = rng.standard_normal(channels).astype(np.float32)
+    if storage == "bfloat16":
+        weight, bias = (
+            weight.astype(ml_dtypes.bfloat16).view(np.uint16),
+            bias.astype(ml_dtypes.bfloat16).view(np.uint16),
+        )
+    schedule = _schedule(spec, K.FORWARD, threads=2, itemsize=x.itemsize)
+    assert schedule.strategy == K.FUSED
+    assert schedule.tile_rows == K.CL_TILE_BYTES // x.itemsize // channels > 1
+    unwritten = 0x7FC0 if storage == "bfloat16" else np.nan
+    outs = []
+    for tiles in (schedule, schedule._replace(tile_rows=1)):
+        y = np.full_like(x, unwritten)
+        mean, rstd = np.empty(n * groups), np.empty(n * groups)
+        channels_last.channels_last_forward(x, weight, bias, x[:0], y, mean, rstd, tuple(spec) + tuple(tiles))
+        outs.append((y, mean, rstd))
+    assert not np.isnan(outs[0][1]).any()
+    y = outs[0][0]
+    assert (y != unwritten).all() if storage == "bfloat16" else not np.isnan(y).any()
+    for tiled, one_row in zip(*outs, strict=True):
+        assert tiled.tobytes() == one_row.tobytes()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_serial_and_parallel_builds_agree(dtype):
     """Same source, two builds: results agree to rounding (each shape always uses one)."""

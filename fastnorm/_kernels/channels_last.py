@@ -7,7 +7,8 @@ for BatchNorm) and then per group, in a fixed order.  The strategies
 (:mod:`.schedule`): ``FUSED`` -- one task per statistics set; ``SPLIT`` --
 parallel over blocks, then sets, then blocks.  The elementwise passes use
 per-channel coefficient vectors (in the input's dtype), tiled over several
-rows per step for few channels (``Schedule.tile_rows``).
+rows per step for few channels (``Schedule.tile_rows``; the fused forward
+tiles each set's vectors in its task).
 """
 
 from __future__ import annotations
@@ -218,6 +219,16 @@ def _cl_tile(coef, nc, tile_rows):
     return tiled
 
 
+@helper
+def _cl_tile_set(coef, tiled, nc, tile_rows, set_index):
+    """:func:`_cl_tile` of one set's three normalize vectors, into ``tiled`` (the fused forward's tasks)."""
+    span = tile_rows * nc
+    for j in range(3 * set_index, 3 * set_index + 3):
+        for r in range(tile_rows):
+            for c in range(nc):
+                tiled[j * span + r * nc + c] = coef[j * nc + c]
+
+
 @glue
 def _cl_steps(spec, schedule, blk, tile_rows, vectors):
     """Return ``(offset, rows, base, span)`` of block ``blk`` for an elementwise pass.
@@ -330,13 +341,18 @@ def _cl_set_stats(work, chan, stats, spec, schedule, set_index):
 def _cl_forward_fused(x, weight, bias, residual, y, work, chan, stats, coef, spec, schedule):
     """``FUSED``: one task per statistics set: block moments, merges, coefficients, normalize."""
     no_grad = x[:0]
+    tile_rows = schedule.tile_rows
+    tiled = coef if tile_rows == 1 else np.empty(coef.size * tile_rows, coef.dtype)
     for n in prange(stats.size // 2 // spec.groups):
         for b in range(schedule.nblocks):
             _cl_block_moments(x, work, spec, schedule, n * schedule.nblocks + b)
         _cl_set_stats(work, chan, stats, spec, schedule, n)
         _cl_set_coefs(weight, bias, stats, coef, spec, n)
+        if tile_rows > 1:
+            _cl_tile_set(coef, tiled, spec.channels, tile_rows, n)
         for b in range(schedule.nblocks):
-            _cl_normalize_block(x, residual, no_grad, y, coef, spec, schedule, n * schedule.nblocks + b, 1)
+            blk = n * schedule.nblocks + b
+            _cl_normalize_block(x, residual, no_grad, y, tiled, spec, schedule, blk, tile_rows)
 
 
 @glue

@@ -24,7 +24,7 @@ from .epilogue import IDENTITY, LEAKY_RELU, RELU
 __all__ = [
     "BACKWARD", "BACKWARD_APPLY", "BACKWARD_REDUCE", "BATCH", "BATCH_STATS", "BLOCK", "CENTERED",
     "CHANNELS_LAST", "CHANNELS_LAST_VIEW", "CHANNEL_TILE_BYTES", "CL_CHUNK_BYTES", "CL_CONSECUTIVE_ROW_BYTES",
-    "CL_MIN_ROWS", "CL_TILE_BYTES", "CL_TILE_CACHE_BYTES", "CL_TILE_MAX_CHANNELS",
+    "CL_FUSED_TILE_ROW_BYTES", "CL_MIN_ROWS", "CL_TILE_BYTES", "CL_TILE_CACHE_BYTES", "CL_TILE_MAX_CHANNELS",
     "CL_TILE_MAX_CHANNELS_CACHED", "COLUMN_TILE", "COLUMN_TILES", "ELEMENTWISE", "FORWARD", "FUSED",
     "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "MIN_CHANNEL_TILES", "MOMENTS", "ONE_BLOCK",
     "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_ITEMSIZE", "PIPELINE_MIN_WIDTH",
@@ -140,7 +140,8 @@ nblocks : int
 block : int
     Elements per block (``BLOCK``), or rows per channels-last block.
 tile_rows : int
-    Channels-last elementwise passes: rows per step (1 elsewhere).
+    Channels-last elementwise passes: rows per step (1 elsewhere; the fused
+    backward's ``dx`` takes one row per step).
 chunk : int
     Rows per task of the ``PIPELINED`` and ``ROW_CHUNKS`` row schedules; groups per
     task of the ``FUSED`` channels-first passes (a tile of channels for BatchNorm,
@@ -199,6 +200,10 @@ CL_TILE_MAX_CHANNELS = 32
 #: one from memory is not.
 CL_TILE_MAX_CHANNELS_CACHED = 64
 CL_TILE_CACHE_BYTES = 16 * 2**20
+#: The fused channels-last forward (one task per statistics set) tiles the normalize
+#: of rows of at most this many bytes, each task its own set's vectors: 16-bit rows
+#: of 64 channels are bound by the row loop's set-up, float32 rows of 64 are not.
+CL_FUSED_TILE_ROW_BYTES = 128
 #: Bytes of ``x`` per step of those passes.
 CL_TILE_BYTES = 1024
 #: Channels-last passes over rows longer than this many bytes of one per-channel
@@ -391,6 +396,8 @@ def _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsi
     tile_channels = CL_TILE_MAX_CHANNELS_CACHED if nbytes < CL_TILE_CACHE_BYTES else CL_TILE_MAX_CHANNELS
     tile_rows = 1
     if strategy != FUSED and sets <= 1 and spec.channels <= tile_channels:
+        tile_rows = max(1, CL_TILE_BYTES // itemsize // spec.channels)
+    if strategy == FUSED and pass_id == FORWARD and spec.channels * itemsize <= CL_FUSED_TILE_ROW_BYTES:
         tile_rows = max(1, CL_TILE_BYTES // itemsize // spec.channels)
     quarters = 1 if spec.channels * itemsize > CL_CONSECUTIVE_ROW_BYTES else 0
     # The fused forward normalizes each set's blocks in its own task, without streaming.
