@@ -37,7 +37,8 @@ KERNEL_VECTOR_LOOPS = {
     "planes_forward": 26,
     "planes_inference": 16,
     "planes_backward": 15,
-    "channels_last_forward": 33,
+    # the coefficient tiles (_cl_tile_into) are copied by memmove calls, not vector loops
+    "channels_last_forward": 30,
     "channels_last_inference": 23,
     "channels_last_backward": 18,
     "rows_skip_bias_backward": 3,

@@ -203,30 +203,27 @@ def _cl_set_coefs(weight, bias, stats, coef, spec, set_index):
 
 @helper
 def _cl_tile(coef, nc, tile_rows):
-    """``coef`` (per-channel vectors of ``nc``, of every set) with each vector repeated ``tile_rows`` times.
-
-    A compiled call, not inlined: inside a parallel kernel Numba would turn
-    each slice copy into a parallel loop of its own
-    (docs/perf-notes/channels-last-small-channel-tiles.md).
-    """
+    """``coef`` (per-channel vectors of ``nc``, of every set), each vector repeated ``tile_rows`` times."""
     if tile_rows == 1:
         return coef
-    span = tile_rows * nc
     tiled = np.empty(coef.size * tile_rows, coef.dtype)
-    for j in range(coef.size // nc):  # every vector of every set
-        for r in range(tile_rows):
-            tiled[j * span + r * nc : j * span + (r + 1) * nc] = coef[j * nc : (j + 1) * nc]
+    _cl_tile_into(coef, tiled, nc, tile_rows, 0, coef.size // nc)
     return tiled
 
 
 @helper
-def _cl_tile_set(coef, tiled, nc, tile_rows, set_index):
-    """:func:`_cl_tile` of one set's three normalize vectors, into ``tiled`` (the fused forward's tasks)."""
+def _cl_tile_into(coef, tiled, nc, tile_rows, first, last):
+    """Write ``coef``'s vectors ``first .. last - 1`` (``nc`` long) into ``tiled``, ``tile_rows`` times each.
+
+    :func:`_cl_tile` tiles every vector; a fused forward task tiles its own
+    set's three.  A compiled call, not inlined: inside a parallel kernel
+    Numba would turn each slice copy into a parallel loop of its own
+    (docs/perf-notes/channels-last-small-channel-tiles.md).
+    """
     span = tile_rows * nc
-    for j in range(3 * set_index, 3 * set_index + 3):
+    for j in range(first, last):
         for r in range(tile_rows):
-            for c in range(nc):
-                tiled[j * span + r * nc + c] = coef[j * nc + c]
+            tiled[j * span + r * nc : j * span + (r + 1) * nc] = coef[j * nc : (j + 1) * nc]
 
 
 @glue
@@ -349,7 +346,7 @@ def _cl_forward_fused(x, weight, bias, residual, y, work, chan, stats, coef, spe
         _cl_set_stats(work, chan, stats, spec, schedule, n)
         _cl_set_coefs(weight, bias, stats, coef, spec, n)
         if tile_rows > 1:
-            _cl_tile_set(coef, tiled, spec.channels, tile_rows, n)
+            _cl_tile_into(coef, tiled, spec.channels, tile_rows, 3 * n, 3 * n + 3)
         for b in range(schedule.nblocks):
             blk = n * schedule.nblocks + b
             _cl_normalize_block(x, residual, no_grad, y, tiled, spec, schedule, blk, tile_rows)

@@ -394,11 +394,11 @@ def _channels_last_schedule(spec, pass_id, parallel, nstats, num_threads, itemsi
         strategy = FUSED if fused else SPLIT
     nbytes = spec.batch * spec.spatial * spec.channels * itemsize
     tile_channels = CL_TILE_MAX_CHANNELS_CACHED if nbytes < CL_TILE_CACHE_BYTES else CL_TILE_MAX_CHANNELS
-    tile_rows = 1
-    if strategy != FUSED and sets <= 1 and spec.channels <= tile_channels:
-        tile_rows = max(1, CL_TILE_BYTES // itemsize // spec.channels)
-    if strategy == FUSED and pass_id == FORWARD and spec.channels * itemsize <= CL_FUSED_TILE_ROW_BYTES:
-        tile_rows = max(1, CL_TILE_BYTES // itemsize // spec.channels)
+    if strategy == FUSED:
+        tiled = pass_id == FORWARD and spec.channels * itemsize <= CL_FUSED_TILE_ROW_BYTES
+    else:
+        tiled = sets <= 1 and spec.channels <= tile_channels
+    tile_rows = max(1, CL_TILE_BYTES // itemsize // spec.channels) if tiled else 1
     quarters = 1 if spec.channels * itemsize > CL_CONSECUTIVE_ROW_BYTES else 0
     # The fused forward normalizes each set's blocks in its own task, without streaming.
     stream = stream if strategy != FUSED else 0
