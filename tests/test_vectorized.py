@@ -224,7 +224,6 @@ def test_every_loop_helper_is_listed():
         "_cl_set_coefs",
         "_cl_set_means",
         "_cl_group_coefs",
-        "_cl_tile",  # allocates the tiled vectors and calls _cl_tile_into, once per call
         "_cl_tile_into",  # repeats a few per-channel vectors, once per call or fused task
         "_cl_set_stats",
         "_cf_group_statistics",  # calls _moments over a group's blocks
