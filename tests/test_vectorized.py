@@ -39,9 +39,8 @@ VECTOR_LOOPS = {
     # the plain loop; the residual's (rectified or not) and the rectified one in a compiled call
     "_normalize": 1,
     "_normalize_fused": 3,
-    # one loop per combination of weight and bias present / absent; with a residual or a
-    # rectifier, a compiled call (its loops, plus the versions LLVM makes of the generic ones)
-    "_normalize_per_element": 4,
+    # with a residual or a rectifier, a compiled call (its loops, plus the versions LLVM makes
+    # of the generic ones); the plain case is affine_rows' explicit vector code (counted)
     "_normalize_per_element_rectified": 5,
     # (the four source loops, the generic rectified one in three versions)
     "_normalize_per_element_residual": 6,
@@ -80,7 +79,9 @@ VECTOR_LOOPS = {
     "_cl_dx_block": 1,
 }
 
-_VECTOR_BODY = re.compile(r"^vector\.body[\d.]*:", re.MULTILINE)
+#: LLVM's vectorized loops, and the explicit vector loops of ``storage.affine_rows`` (which
+#: stay vector code by construction; test_affine_rows_is_explicit_vector_code checks them).
+_VECTOR_BODY = re.compile(r"^(?:vector\.body|affine_rows\.loop)[\d.]*:", re.MULTILINE)
 _VECTOR_OP = re.compile(r"= (?:fadd|fsub|fmul|fdiv|fpext|fptrunc|call)[^=\n]*?<(\d+) x (float|double)>")
 
 
@@ -255,6 +256,36 @@ def test_inner_loops_are_vectorized(name, dtype):
     )
     # at least 256-bit vectors: 8 float32 or 4 float64 lanes (x86-64 with AVX or better)
     assert widths.get("float", 0) >= 8 or widths.get("double", 0) >= 4, f"{name} ({dtype}): {widths}"
+
+
+@pytest.mark.parametrize(
+    "storage_type, lanes",
+    [
+        (types.float32, "16 x float"),
+        (types.float64, "8 x double"),
+        (types.uint16, "16 x i16"),
+        (types.int16, "16 x half"),
+    ],
+    ids=["float32", "float64", "bfloat16", "float16"],
+)
+def test_affine_rows_is_explicit_vector_code(storage_type, lanes):
+    """LayerNorm's plain normalize (``_normalize_per_element``) is ``storage.affine_rows``'s vector IR.
+
+    One loop of whole 512-bit vectors and one masked vector for the rest, per
+    combination of weight and bias present or absent (four), and no loop left
+    to LLVM's vectorizer, whose alias checks and remainder loops it replaces.
+    """
+    data = types.Array(storage_type, 1, "C")
+    param = types.Array(types.float64 if storage_type == types.float64 else types.float32, 1, "C")
+    i64, f64 = types.int64, types.float64
+    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(_compiled("_normalize_per_element").py_func)
+    signature = (data, data, param, param, i64, i64, i64, f64, f64)
+    dispatcher.compile(signature)
+    ir = dispatcher.inspect_llvm(signature)
+    assert len(re.findall(r"^affine_rows\.loop[\d.]*:", ir, re.MULTILINE)) == 4
+    assert "call void @llvm.masked.store" in ir  # LLVM merges the four cases' into one
+    assert f"store <{lanes}>" in ir
+    assert not re.search(r"^vector\.body", ir, re.MULTILINE)
 
 
 def _convert(src, dst):

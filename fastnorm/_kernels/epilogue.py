@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 from .._config import glue, helper
-from .storage import compute, load, store, stream_affine, stream_rows, stream_split
+from .storage import affine_rows, compute, load, store, stream_affine, stream_rows, stream_split
 from .vmath import exp, tanh
 
 #: Activation codes of ``KernelSpec.activation``, by the public name.
@@ -293,26 +293,13 @@ def _normalize_fused(x, residual, grad, y, off, count, mean, scale, shift, spec)
 def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
     """``y = (x - mean) * (rstd * weight[s]) + bias[s]``, ``s = s0 + i`` (LayerNorm).
 
-    In ``x``'s dtype as ``((x - mean_hi) - mean_lo) * (rstd * weight[s]) + bias[s]``.
+    In ``x``'s dtype as ``((x - mean_hi) - mean_lo) * (rstd * weight[s]) + bias[s]``,
+    in explicit vector code (:func:`~.storage.affine_rows`; an empty ``weight``
+    or ``bias`` is none).  ``y`` is ``x`` or does not overlap it (the API's
+    checks).
     """
-    xs = x[off : off + count]
-    ys = y[off : off + count]
-    ws = weight[s0 : s0 + count]
-    bs = bias[s0 : s0 + count]
-    mean_hi, mean_lo = _split(xs, mean)
-    rstd_x = compute(xs, rstd)
-    if weight.size > 0 and bias.size > 0:
-        for i in range(count):
-            store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * ws[i]) + bs[i])
-    elif weight.size > 0:
-        for i in range(count):
-            store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * (rstd_x * ws[i]))
-    elif bias.size > 0:
-        for i in range(count):
-            store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * rstd_x + bs[i])
-    else:
-        for i in range(count):
-            store(ys, i, ((load(xs, i) - mean_hi) - mean_lo) * rstd_x)
+    mean_hi, mean_lo = _split(x, mean)
+    affine_rows(y, x, weight, bias, off, s0, count, mean_hi, mean_lo, compute(x, rstd))
 
 
 @glue

@@ -395,6 +395,164 @@ def _stream_rows(typingctx, ys, xs, weight, bias, mean_hi, mean_lo, rstd, start,
     return types.void(ys, xs, weight, bias, mean_hi, mean_lo, rstd, start, period), codegen
 
 
+#: Bytes of one vector of :func:`_affine_rows` (a 512-bit vector: 16 float32 lanes).
+ROW_VECTOR_BYTES = 64
+
+
+def _masked_access(builder, name, vector, mask_type):
+    """Declare ``llvm.masked.load`` / ``llvm.masked.store`` for ``vector`` (a 0-address-space pointer)."""
+    if isinstance(vector.element, ir.IntType):
+        element = f"i{vector.element.width}"
+    else:
+        element = "f32" if vector.element == ir.FloatType() else "f64"
+    i32 = ir.IntType(32)
+    suffix = f"v{vector.count}{element}.p0"
+    if name == "load":
+        fnty = ir.FunctionType(vector, [vector.as_pointer(), i32, mask_type, vector])
+    else:
+        fnty = ir.FunctionType(ir.VoidType(), [vector, vector.as_pointer(), i32, mask_type])
+    return builder.module.declare_intrinsic(f"llvm.masked.{name}.{suffix}", fnty=fnty)
+
+
+@intrinsic
+def _affine_rows(typingctx, y, x, weight, bias, off, s0, count, mean_hi, mean_lo, rstd):
+    """``y[off+i] = ((x[off+i] - mean_hi) - mean_lo) * (rstd * weight[s0+i]) + bias[s0+i]``, ``i < count``.
+
+    :func:`~.epilogue._normalize_per_element`'s arithmetic, operation for
+    operation (the product and sum fused, as LLVM contracts the scalar loop),
+    with ordinary stores: whole vectors of :data:`ROW_VECTOR_BYTES`, then one
+    masked vector for the rest.  An empty ``weight`` (``bias``) is none: the
+    scale is then ``rstd`` (no bias is added, the product is not fused); the
+    four cases are four loops behind one branch, emitted here.  ``y`` may be
+    ``x`` itself; any other overlap is the caller's to exclude, as no alias
+    check is made.
+
+    Why explicit code: LLVM's vectorization of the scalar loop versions it for
+    aliasing and leaves a narrower remainder loop, and four call sites of the
+    loop (one per case) kept Numba from pruning the reference counting of the
+    arrays passed in; on rows of 64-384 elements these cost more than the
+    arithmetic (docs/perf-notes/per-plane-overhead-and-inlining.md).
+    """
+    if not _streamable(y, x) or not isinstance(weight, types.Array) or not isinstance(bias, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        storage = signature.args[0].dtype
+        compute_type = types.float32 if storage in (types.uint16, types.int16) else storage
+        stored = context.get_value_type(storage)
+        stored_align = context.get_abi_sizeof(stored)
+        element = context.get_value_type(compute_type)
+        width = ROW_VECTOR_BYTES // context.get_abi_sizeof(element)
+        i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+        vector = ir.VectorType(stored, width)
+        value_vector = ir.VectorType(element, width)
+        value_align = context.get_abi_sizeof(element)
+        mask_type = ir.VectorType(i1, width)
+        y_a, x_a, w_a, b_a = (
+            context.make_array(t)(context, builder, a)
+            for t, a in zip(signature.args[:4], args[:4], strict=True)
+        )
+        off_v, s0_v, count_v = (
+            context.cast(builder, a, t, types.int64)
+            for a, t in zip(args[4:7], signature.args[4:7], strict=True)
+        )
+        undef = ir.Constant(value_vector, ir.Undefined)
+        zeros = ir.Constant(ir.VectorType(i32, width), [ir.Constant(i32, 0)] * width)
+
+        def splat(value, value_type):
+            first = builder.insert_element(
+                undef, context.cast(builder, value, value_type, compute_type), ir.Constant(i32, 0)
+            )
+            return builder.shuffle_vector(first, undef, zeros)
+
+        mean_hi_v, mean_lo_v, rstd_v = (
+            splat(a, t) for a, t in zip(args[7:], signature.args[7:], strict=True)
+        )
+        fma = builder.module.declare_intrinsic(
+            f"llvm.fma.v{width}{'f32' if compute_type == types.float32 else 'f64'}",
+            fnty=ir.FunctionType(value_vector, [value_vector] * 3),
+        )
+
+        def load(array, offset, vtype, align, mask):
+            pointer = vector_at(builder, array, offset, vtype)
+            if mask is None:
+                return builder.load(pointer, align=align)
+            masked = _masked_access(builder, "load", vtype, mask_type)
+            return builder.call(
+                masked, [pointer, ir.Constant(i32, align), mask, ir.Constant(vtype, ir.Undefined)]
+            )
+
+        def step(offset, mask, with_weight, with_bias):
+            x_offset, p_offset = builder.add(offset, off_v), builder.add(offset, s0_v)
+            centered = builder.fsub(
+                builder.fsub(
+                    _widen_ir(builder, load(x_a, x_offset, vector, stored_align, mask), storage), mean_hi_v
+                ),
+                mean_lo_v,
+            )
+            scale = rstd_v
+            if with_weight:
+                scale = builder.fmul(rstd_v, load(w_a, p_offset, value_vector, value_align, mask))
+            if with_bias:
+                value = builder.call(
+                    fma, [centered, scale, load(b_a, p_offset, value_vector, value_align, mask)]
+                )
+            else:
+                value = builder.fmul(centered, scale)
+            result = _narrow_ir(builder, value, storage)
+            pointer = vector_at(builder, y_a, x_offset, vector)
+            if mask is None:
+                builder.store(result, pointer, align=stored_align)
+            else:
+                masked = _masked_access(builder, "store", vector, mask_type)
+                builder.call(masked, [result, pointer, ir.Constant(i32, stored_align), mask])
+
+        whole = builder.udiv(count_v, ir.Constant(i64, width))
+        rest_offset = builder.mul(whole, ir.Constant(i64, width))
+        left = builder.sub(count_v, rest_offset)
+        lanes = ir.Constant(ir.VectorType(i64, width), [ir.Constant(i64, j) for j in range(width)])
+        undef64 = ir.Constant(ir.VectorType(i64, width), ir.Undefined)
+        left_v = builder.shuffle_vector(
+            builder.insert_element(undef64, left, ir.Constant(i32, 0)), undef64, zeros
+        )
+        tail_mask = builder.icmp_unsigned("<", lanes, left_v)
+
+        def loops(with_weight, with_bias):
+            entry = builder.block
+            loop = builder.append_basic_block("affine_rows.loop")
+            rest = builder.append_basic_block("affine_rows.rest")
+            builder.cbranch(builder.icmp_unsigned(">", whole, ir.Constant(i64, 0)), loop, rest)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            k.add_incoming(ir.Constant(i64, 0), entry)
+            step(builder.mul(k, ir.Constant(i64, width)), None, with_weight, with_bias)
+            k_next = builder.add(k, ir.Constant(i64, 1))
+            k.add_incoming(k_next, loop)
+            builder.cbranch(builder.icmp_unsigned("<", k_next, whole), loop, rest)
+            builder.position_at_end(rest)
+            with builder.if_then(builder.icmp_unsigned(">", left, ir.Constant(i64, 0))):
+                step(rest_offset, tail_mask, with_weight, with_bias)
+
+        has_weight = builder.icmp_signed(">", w_a.nitems, ir.Constant(i64, 0))
+        has_bias = builder.icmp_signed(">", b_a.nitems, ir.Constant(i64, 0))
+        with builder.if_else(has_weight) as (weighted, unweighted):
+            with weighted:
+                with builder.if_else(has_bias) as (biased, unbiased):
+                    with biased:
+                        loops(True, True)
+                    with unbiased:
+                        loops(True, False)
+            with unweighted:
+                with builder.if_else(has_bias) as (biased, unbiased):
+                    with biased:
+                        loops(False, True)
+                    with unbiased:
+                        loops(False, False)
+        return context.get_dummy_value()
+
+    return types.void(y, x, weight, bias, off, s0, count, mean_hi, mean_lo, rstd), codegen
+
+
 @intrinsic
 def _address(typingctx, array):
     """Return the address of ``array``'s data, as an integer."""
@@ -436,6 +594,16 @@ def stream_rows(ys, xs, weight, bias, mean_hi, mean_lo, rstd, start, period):
         ys[i] = narrow(ys.dtype, value + bias[j] if isinstance(bias, np.ndarray) else value)
 
 
+def affine_rows(y, x, weight, bias, off, s0, count, mean_hi, mean_lo, rstd):
+    """Pure-Python :func:`_affine_rows` (``NUMBA_DISABLE_JIT=1``): the same values."""
+    with_weight = weight.size > 0
+    with_bias = bias.size > 0
+    for i in range(count):
+        scale = rstd * weight[s0 + i] if with_weight else rstd
+        value = ((widen(x[off + i]) - mean_hi) - mean_lo) * scale
+        y[off + i] = narrow(y.dtype, value + bias[s0 + i] if with_bias else value)
+
+
 def address(array):
     """Return the address of ``array``'s data (pure Python; compiled: :func:`_address`)."""
     return array.ctypes.data
@@ -447,6 +615,7 @@ if not numba.config.DISABLE_JIT:
     accumulate = _accumulate  # noqa: F811
     stream_affine = _stream_affine  # noqa: F811
     stream_rows = _stream_rows  # noqa: F811
+    affine_rows = _affine_rows  # noqa: F811
     address = _address  # noqa: F811
 
 
