@@ -36,8 +36,8 @@ VECTOR_LOOPS = {
     "_moments_two_pass": 2,
     "_dots": 1,
     "_dots_weighted": 1,
-    # the plain loop; the residual's (rectified or not) and the rectified one in a compiled call
-    "_normalize": 1,
+    # the residual's loop (rectified or not) and the rectified one in a compiled call; the
+    # plain one is affine_span's explicit vector code (counted)
     "_normalize_fused": 3,
     # with a residual or a rectifier, a compiled call (its loops, plus the versions LLVM makes
     # of the generic ones); the plain case is affine_rows' explicit vector code (counted)
@@ -79,9 +79,9 @@ VECTOR_LOOPS = {
     "_cl_dx_block": 1,
 }
 
-#: LLVM's vectorized loops, and the explicit vector loops of ``storage.affine_rows`` (which
-#: stay vector code by construction; test_affine_rows_is_explicit_vector_code checks them).
-_VECTOR_BODY = re.compile(r"^(?:vector\.body|affine_rows\.loop)[\d.]*:", re.MULTILINE)
+#: LLVM's vectorized loops, and the explicit vector loops of ``storage.affine_rows`` and
+#: ``storage.affine_span`` (vector code by construction; test_affine_loops_are_explicit_vector_code).
+_VECTOR_BODY = re.compile(r"^(?:vector\.body|affine_rows\.loop|affine_span\.loop)[\d.]*:", re.MULTILINE)
 _VECTOR_OP = re.compile(r"= (?:fadd|fsub|fmul|fdiv|fpext|fptrunc|call)[^=\n]*?<(\d+) x (float|double)>")
 
 
@@ -268,21 +268,28 @@ def test_inner_loops_are_vectorized(name, dtype):
     ],
     ids=["float32", "float64", "bfloat16", "float16"],
 )
-def test_affine_rows_is_explicit_vector_code(storage_type, lanes):
-    """LayerNorm's plain normalize (``_normalize_per_element``) is ``storage.affine_rows``'s vector IR.
+@pytest.mark.parametrize("name, loops", [("_normalize_per_element", 4), ("_normalize", 1)])
+def test_affine_loops_are_explicit_vector_code(name, loops, storage_type, lanes):
+    """The plain normalize loops are ``storage.affine_rows`` / ``affine_span``'s vector IR.
 
-    One loop of whole 512-bit vectors and one masked vector for the rest, per
-    combination of weight and bias present or absent (four), and no loop left
-    to LLVM's vectorizer, whose alias checks and remainder loops it replaces.
+    LayerNorm's (``_normalize_per_element``): one loop of whole 512-bit vectors
+    and one masked vector for the rest per combination of weight and bias
+    present or absent (four); the channels-first one (``_normalize``): one.
+    No loop is left to LLVM's vectorizer, whose alias checks and remainder
+    loops these replace.
     """
     data = types.Array(storage_type, 1, "C")
     param = types.Array(types.float64 if storage_type == types.float64 else types.float32, 1, "C")
     i64, f64 = types.int64, types.float64
-    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(_compiled("_normalize_per_element").py_func)
-    signature = (data, data, param, param, i64, i64, i64, f64, f64)
+    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(_compiled(name).py_func)
+    if name == "_normalize":  # x, y, off, count, mean, scale, shift
+        signature = (data, data, i64, i64, f64, f64, f64)
+    else:  # x, y, weight, bias, off, count, s0, mean, rstd
+        signature = (data, data, param, param, i64, i64, i64, f64, f64)
     dispatcher.compile(signature)
     ir = dispatcher.inspect_llvm(signature)
-    assert len(re.findall(r"^affine_rows\.loop[\d.]*:", ir, re.MULTILINE)) == 4
+    label = "affine_rows" if name == "_normalize_per_element" else "affine_span"
+    assert len(re.findall(rf"^{label}\.loop[\d.]*:", ir, re.MULTILINE)) == loops
     assert "call void @llvm.masked.store" in ir  # LLVM merges the four cases' into one
     assert f"store <{lanes}>" in ir
     assert not re.search(r"^vector\.body", ir, re.MULTILINE)

@@ -37,8 +37,9 @@ KERNEL_VECTOR_LOOPS = {
     "rows_forward_with_skip": 90,
     "rows_inference": 34,
     "rows_backward": 24,
-    "planes_forward": 26,
-    "planes_inference": 16,
+    # counting affine_span's explicit loop per inlined call of _normalize
+    "planes_forward": 30,
+    "planes_inference": 19,
     "planes_backward": 15,
     # one build of _cl_normalize_block (the fused forward passes tile_rows, no literal 1)
     # and tile copies by memmove (_cl_tile_into): no loop of a compiled function is lost

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 
 from .._config import glue, helper
-from .storage import affine_rows, compute, load, store, stream_affine, stream_rows, stream_split
+from .storage import affine_rows, affine_span, compute, load, store, stream_affine, stream_rows, stream_split
 from .vmath import exp, tanh
 
 #: Activation codes of ``KernelSpec.activation``, by the public name.
@@ -227,15 +227,12 @@ def _fold(constant, factor, mean_lo, like):
 def _normalize(x, y, off, count, mean, scale, shift):
     """``y = (x - mean) * scale + shift`` over ``[off, off+count)``, in ``x``'s dtype.
 
-    Computed as ``(x - mean_hi) * scale + (shift - mean_lo * scale)``.
+    Computed as ``(x - mean_hi) * scale + (shift - mean_lo * scale)``, in
+    explicit vector code (:func:`~.storage.affine_span`).  ``y`` is ``x`` or
+    does not overlap it (the API's checks).
     """
-    xs = x[off : off + count]
-    ys = y[off : off + count]
-    mean_hi, mean_lo = _split(xs, mean)
-    scale_x = compute(xs, scale)
-    shift_x = _fold(shift, scale, mean_lo, xs)
-    for i in range(count):
-        store(ys, i, (load(xs, i) - mean_hi) * scale_x + shift_x)
+    mean_hi, mean_lo = _split(x, mean)
+    affine_span(y, x, off, count, mean_hi, compute(x, scale), _fold(shift, scale, mean_lo, x))
 
 
 @glue
@@ -299,7 +296,7 @@ def _normalize_per_element(x, y, weight, bias, off, count, s0, mean, rstd):
     checks).
     """
     mean_hi, mean_lo = _split(x, mean)
-    affine_rows(y, x, weight, bias, off, s0, count, mean_hi, mean_lo, compute(x, rstd))
+    affine_rows(y, x, weight, bias, off, count, s0, mean_hi, mean_lo, compute(x, rstd))
 
 
 @glue

@@ -414,143 +414,193 @@ def _masked_access(builder, name, vector, mask_type):
     return builder.module.declare_intrinsic(f"llvm.masked.{name}.{suffix}", fnty=fnty)
 
 
+class _SpanLoop:
+    """LLVM IR of a loop over a span ``[off, off + count)`` of ``y`` and ``x``, in explicit vectors.
+
+    Whole vectors of :data:`ROW_VECTOR_BYTES` (16 float32 lanes, 8 float64),
+    then one masked vector for the rest: no alias check and no remainder loop,
+    which LLVM's vectorization of the scalar loop pays per span.  ``emit(step)``
+    emits one such loop, ``step(offset, mask)`` the work of the vector at
+    ``offset`` (``mask`` ``None`` for a whole one); :meth:`load`, :meth:`store`
+    and :meth:`splat` are its pieces.  Used by :func:`_affine_rows` and
+    :func:`_affine_span` (docs/perf-notes/per-plane-overhead-and-inlining.md).
+    """
+
+    def __init__(self, context, builder, storage, off, count):
+        self.context, self.builder, self.storage = context, builder, storage
+        self.compute_type = types.float32 if storage in (types.uint16, types.int16) else storage
+        stored = context.get_value_type(storage)
+        element = context.get_value_type(self.compute_type)
+        self.stored_align = context.get_abi_sizeof(stored)
+        self.value_align = context.get_abi_sizeof(element)
+        self.width = width = ROW_VECTOR_BYTES // self.value_align
+        self.i32, i64 = ir.IntType(32), ir.IntType(64)
+        self.vector = ir.VectorType(stored, width)
+        self.value_vector = ir.VectorType(element, width)
+        self.mask_type = ir.VectorType(ir.IntType(1), width)
+        self.zeros = ir.Constant(ir.VectorType(self.i32, width), [ir.Constant(self.i32, 0)] * width)
+        self.off, self.count = off, count
+        self.whole = builder.udiv(count, ir.Constant(i64, width))
+        self.rest_offset = builder.mul(self.whole, ir.Constant(i64, width))
+        self.left = builder.sub(count, self.rest_offset)
+        lanes = ir.Constant(ir.VectorType(i64, width), [ir.Constant(i64, j) for j in range(width)])
+        undef64 = ir.Constant(ir.VectorType(i64, width), ir.Undefined)
+        left_v = builder.shuffle_vector(
+            builder.insert_element(undef64, self.left, ir.Constant(self.i32, 0)), undef64, self.zeros
+        )
+        self.tail_mask = builder.icmp_unsigned("<", lanes, left_v)
+        self.fma = builder.module.declare_intrinsic(
+            f"llvm.fma.v{width}{'f32' if self.compute_type == types.float32 else 'f64'}",
+            fnty=ir.FunctionType(self.value_vector, [self.value_vector] * 3),
+        )
+
+    def splat(self, value, value_type):
+        """``value`` converted to the compute type, in every lane."""
+        builder = self.builder
+        undef = ir.Constant(self.value_vector, ir.Undefined)
+        cast = self.context.cast(builder, value, value_type, self.compute_type)
+        return builder.shuffle_vector(
+            builder.insert_element(undef, cast, ir.Constant(self.i32, 0)), undef, self.zeros
+        )
+
+    def load(self, array, offset, mask, stored=False):
+        """Load the vector at element ``offset``: data widened (``stored``), or compute-type values."""
+        builder, i32 = self.builder, self.i32
+        vtype, align = (self.vector, self.stored_align) if stored else (self.value_vector, self.value_align)
+        pointer = vector_at(builder, array, offset, vtype)
+        if mask is None:
+            value = builder.load(pointer, align=align)
+        else:
+            masked = _masked_access(builder, "load", vtype, self.mask_type)
+            value = builder.call(
+                masked, [pointer, ir.Constant(i32, align), mask, ir.Constant(vtype, ir.Undefined)]
+            )
+        return _widen_ir(builder, value, self.storage) if stored else value
+
+    def store(self, array, offset, value, mask):
+        """Round the compute-type ``value`` to the storage and store it at element ``offset``."""
+        builder = self.builder
+        result = _narrow_ir(builder, value, self.storage)
+        pointer = vector_at(builder, array, offset, self.vector)
+        if mask is None:
+            builder.store(result, pointer, align=self.stored_align)
+        else:
+            masked = _masked_access(builder, "store", self.vector, self.mask_type)
+            builder.call(masked, [result, pointer, ir.Constant(self.i32, self.stored_align), mask])
+
+    def emit(self, step, name):
+        """Emit the loop of whole vectors, then the masked one; ``step(offset, mask)`` (0-based offsets)."""
+        builder, i64 = self.builder, ir.IntType(64)
+        entry = builder.block
+        loop = builder.append_basic_block(f"{name}.loop")
+        rest = builder.append_basic_block(f"{name}.rest")
+        builder.cbranch(builder.icmp_unsigned(">", self.whole, ir.Constant(i64, 0)), loop, rest)
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        step(builder.mul(k, ir.Constant(i64, self.width)), None)
+        k_next = builder.add(k, ir.Constant(i64, 1))
+        k.add_incoming(k_next, loop)
+        builder.cbranch(builder.icmp_unsigned("<", k_next, self.whole), loop, rest)
+        builder.position_at_end(rest)
+        with builder.if_then(builder.icmp_unsigned(">", self.left, ir.Constant(i64, 0))):
+            step(self.rest_offset, self.tail_mask)
+
+
+def _span_arrays(context, builder, signature, args, n):
+    """Return the first ``n`` arguments as array structures, and the next two (offset, count) as int64."""
+    arrays = [
+        context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:n], args[:n], strict=True)
+    ]
+    off, count = (
+        context.cast(builder, a, t, types.int64)
+        for a, t in zip(args[n : n + 2], signature.args[n : n + 2], strict=True)
+    )
+    return arrays, off, count
+
+
 @intrinsic
-def _affine_rows(typingctx, y, x, weight, bias, off, s0, count, mean_hi, mean_lo, rstd):
+def _affine_rows(typingctx, y, x, weight, bias, off, count, s0, mean_hi, mean_lo, rstd):
     """``y[off+i] = ((x[off+i] - mean_hi) - mean_lo) * (rstd * weight[s0+i]) + bias[s0+i]``, ``i < count``.
 
     :func:`~.epilogue._normalize_per_element`'s arithmetic, operation for
     operation (the product and sum fused, as LLVM contracts the scalar loop),
-    with ordinary stores: whole vectors of :data:`ROW_VECTOR_BYTES`, then one
-    masked vector for the rest.  An empty ``weight`` (``bias``) is none: the
-    scale is then ``rstd`` (no bias is added, the product is not fused); the
-    four cases are four loops behind one branch, emitted here.  ``y`` may be
-    ``x`` itself; any other overlap is the caller's to exclude, as no alias
-    check is made.
-
-    Why explicit code: LLVM's vectorization of the scalar loop versions it for
-    aliasing and leaves a narrower remainder loop, and four call sites of the
-    loop (one per case) kept Numba from pruning the reference counting of the
-    arrays passed in; on rows of 64-384 elements these cost more than the
-    arithmetic (docs/perf-notes/per-plane-overhead-and-inlining.md).
+    in the explicit vector loop of :class:`_SpanLoop`.  An empty ``weight``
+    (``bias``) is none: the scale is then ``rstd`` (no bias is added, the
+    product is not fused); the four cases are four loops behind one branch,
+    emitted here.  ``y`` may be ``x`` itself; any other overlap is the
+    caller's to exclude, as no alias check is made.  Spans are offsets into
+    the whole arrays, not slices, and the branch is inside: four call sites of
+    the loop, one per case, kept Numba from pruning the reference counting of
+    the arrays passed in (docs/perf-notes/per-plane-overhead-and-inlining.md).
     """
     if not _streamable(y, x) or not isinstance(weight, types.Array) or not isinstance(bias, types.Array):
         return None
 
     def codegen(context, builder, signature, args):
-        storage = signature.args[0].dtype
-        compute_type = types.float32 if storage in (types.uint16, types.int16) else storage
-        stored = context.get_value_type(storage)
-        stored_align = context.get_abi_sizeof(stored)
-        element = context.get_value_type(compute_type)
-        width = ROW_VECTOR_BYTES // context.get_abi_sizeof(element)
-        i1, i32, i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
-        vector = ir.VectorType(stored, width)
-        value_vector = ir.VectorType(element, width)
-        value_align = context.get_abi_sizeof(element)
-        mask_type = ir.VectorType(i1, width)
-        y_a, x_a, w_a, b_a = (
-            context.make_array(t)(context, builder, a)
-            for t, a in zip(signature.args[:4], args[:4], strict=True)
-        )
-        off_v, s0_v, count_v = (
-            context.cast(builder, a, t, types.int64)
-            for a, t in zip(args[4:7], signature.args[4:7], strict=True)
-        )
-        undef = ir.Constant(value_vector, ir.Undefined)
-        zeros = ir.Constant(ir.VectorType(i32, width), [ir.Constant(i32, 0)] * width)
-
-        def splat(value, value_type):
-            first = builder.insert_element(
-                undef, context.cast(builder, value, value_type, compute_type), ir.Constant(i32, 0)
-            )
-            return builder.shuffle_vector(first, undef, zeros)
-
+        (y_a, x_a, w_a, b_a), off, count = _span_arrays(context, builder, signature, args, 4)
+        s0 = context.cast(builder, args[6], signature.args[6], types.int64)
+        span = _SpanLoop(context, builder, signature.args[0].dtype, off, count)
         mean_hi_v, mean_lo_v, rstd_v = (
-            splat(a, t) for a, t in zip(args[7:], signature.args[7:], strict=True)
+            span.splat(a, t) for a, t in zip(args[7:], signature.args[7:], strict=True)
         )
-        fma = builder.module.declare_intrinsic(
-            f"llvm.fma.v{width}{'f32' if compute_type == types.float32 else 'f64'}",
-            fnty=ir.FunctionType(value_vector, [value_vector] * 3),
-        )
-
-        def load(array, offset, vtype, align, mask):
-            pointer = vector_at(builder, array, offset, vtype)
-            if mask is None:
-                return builder.load(pointer, align=align)
-            masked = _masked_access(builder, "load", vtype, mask_type)
-            return builder.call(
-                masked, [pointer, ir.Constant(i32, align), mask, ir.Constant(vtype, ir.Undefined)]
-            )
-
-        def step(offset, mask, with_weight, with_bias):
-            x_offset, p_offset = builder.add(offset, off_v), builder.add(offset, s0_v)
-            centered = builder.fsub(
-                builder.fsub(
-                    _widen_ir(builder, load(x_a, x_offset, vector, stored_align, mask), storage), mean_hi_v
-                ),
-                mean_lo_v,
-            )
-            scale = rstd_v
-            if with_weight:
-                scale = builder.fmul(rstd_v, load(w_a, p_offset, value_vector, value_align, mask))
-            if with_bias:
-                value = builder.call(
-                    fma, [centered, scale, load(b_a, p_offset, value_vector, value_align, mask)]
-                )
-            else:
-                value = builder.fmul(centered, scale)
-            result = _narrow_ir(builder, value, storage)
-            pointer = vector_at(builder, y_a, x_offset, vector)
-            if mask is None:
-                builder.store(result, pointer, align=stored_align)
-            else:
-                masked = _masked_access(builder, "store", vector, mask_type)
-                builder.call(masked, [result, pointer, ir.Constant(i32, stored_align), mask])
-
-        whole = builder.udiv(count_v, ir.Constant(i64, width))
-        rest_offset = builder.mul(whole, ir.Constant(i64, width))
-        left = builder.sub(count_v, rest_offset)
-        lanes = ir.Constant(ir.VectorType(i64, width), [ir.Constant(i64, j) for j in range(width)])
-        undef64 = ir.Constant(ir.VectorType(i64, width), ir.Undefined)
-        left_v = builder.shuffle_vector(
-            builder.insert_element(undef64, left, ir.Constant(i32, 0)), undef64, zeros
-        )
-        tail_mask = builder.icmp_unsigned("<", lanes, left_v)
 
         def loops(with_weight, with_bias):
-            entry = builder.block
-            loop = builder.append_basic_block("affine_rows.loop")
-            rest = builder.append_basic_block("affine_rows.rest")
-            builder.cbranch(builder.icmp_unsigned(">", whole, ir.Constant(i64, 0)), loop, rest)
-            builder.position_at_end(loop)
-            k = builder.phi(i64)
-            k.add_incoming(ir.Constant(i64, 0), entry)
-            step(builder.mul(k, ir.Constant(i64, width)), None, with_weight, with_bias)
-            k_next = builder.add(k, ir.Constant(i64, 1))
-            k.add_incoming(k_next, loop)
-            builder.cbranch(builder.icmp_unsigned("<", k_next, whole), loop, rest)
-            builder.position_at_end(rest)
-            with builder.if_then(builder.icmp_unsigned(">", left, ir.Constant(i64, 0))):
-                step(rest_offset, tail_mask, with_weight, with_bias)
+            def step(offset, mask):
+                x_offset, p_offset = builder.add(offset, off), builder.add(offset, s0)
+                x_v = span.load(x_a, x_offset, mask, stored=True)
+                centered = builder.fsub(builder.fsub(x_v, mean_hi_v), mean_lo_v)
+                scale = builder.fmul(rstd_v, span.load(w_a, p_offset, mask)) if with_weight else rstd_v
+                if with_bias:
+                    value = builder.call(span.fma, [centered, scale, span.load(b_a, p_offset, mask)])
+                else:
+                    value = builder.fmul(centered, scale)
+                span.store(y_a, x_offset, value, mask)
 
-        has_weight = builder.icmp_signed(">", w_a.nitems, ir.Constant(i64, 0))
-        has_bias = builder.icmp_signed(">", b_a.nitems, ir.Constant(i64, 0))
-        with builder.if_else(has_weight) as (weighted, unweighted):
-            with weighted:
-                with builder.if_else(has_bias) as (biased, unbiased):
+            span.emit(step, "affine_rows")
+
+        zero = ir.Constant(ir.IntType(64), 0)
+        has_bias = builder.icmp_signed(">", b_a.nitems, zero)
+        with builder.if_else(builder.icmp_signed(">", w_a.nitems, zero)) as (weighted, unweighted):
+            for with_weight, branch in ((True, weighted), (False, unweighted)):
+                with branch, builder.if_else(has_bias) as (biased, unbiased):
                     with biased:
-                        loops(True, True)
+                        loops(with_weight, True)
                     with unbiased:
-                        loops(True, False)
-            with unweighted:
-                with builder.if_else(has_bias) as (biased, unbiased):
-                    with biased:
-                        loops(False, True)
-                    with unbiased:
-                        loops(False, False)
+                        loops(with_weight, False)
         return context.get_dummy_value()
 
-    return types.void(y, x, weight, bias, off, s0, count, mean_hi, mean_lo, rstd), codegen
+    return types.void(y, x, weight, bias, off, count, s0, mean_hi, mean_lo, rstd), codegen
+
+
+@intrinsic
+def _affine_span(typingctx, y, x, off, count, mean_hi, scale, shift):
+    """``y[off+i] = (x[off+i] - mean_hi) * scale + shift``, ``i < count``: the loop of ``_normalize``.
+
+    The same operations (a subtraction, then the product and sum fused, as
+    LLVM contracts the scalar loop) in the explicit vector loop of
+    :class:`_SpanLoop`.  ``y`` may be ``x`` itself; any other overlap is the
+    caller's to exclude.
+    """
+    if not _streamable(y, x):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (y_a, x_a), off, count = _span_arrays(context, builder, signature, args, 2)
+        span = _SpanLoop(context, builder, signature.args[0].dtype, off, count)
+        mean_hi_v, scale_v, shift_v = (
+            span.splat(a, t) for a, t in zip(args[4:], signature.args[4:], strict=True)
+        )
+
+        def step(offset, mask):
+            x_offset = builder.add(offset, off)
+            centered = builder.fsub(span.load(x_a, x_offset, mask, stored=True), mean_hi_v)
+            span.store(y_a, x_offset, builder.call(span.fma, [centered, scale_v, shift_v]), mask)
+
+        span.emit(step, "affine_span")
+        return context.get_dummy_value()
+
+    return types.void(y, x, off, count, mean_hi, scale, shift), codegen
 
 
 @intrinsic
@@ -594,7 +644,7 @@ def stream_rows(ys, xs, weight, bias, mean_hi, mean_lo, rstd, start, period):
         ys[i] = narrow(ys.dtype, value + bias[j] if isinstance(bias, np.ndarray) else value)
 
 
-def affine_rows(y, x, weight, bias, off, s0, count, mean_hi, mean_lo, rstd):
+def affine_rows(y, x, weight, bias, off, count, s0, mean_hi, mean_lo, rstd):
     """Pure-Python :func:`_affine_rows` (``NUMBA_DISABLE_JIT=1``): the same values."""
     with_weight = weight.size > 0
     with_bias = bias.size > 0
@@ -602,6 +652,12 @@ def affine_rows(y, x, weight, bias, off, s0, count, mean_hi, mean_lo, rstd):
         scale = rstd * weight[s0 + i] if with_weight else rstd
         value = ((widen(x[off + i]) - mean_hi) - mean_lo) * scale
         y[off + i] = narrow(y.dtype, value + bias[s0 + i] if with_bias else value)
+
+
+def affine_span(y, x, off, count, mean_hi, scale, shift):
+    """Pure-Python :func:`_affine_span` (``NUMBA_DISABLE_JIT=1``): the same values."""
+    for i in range(off, off + count):
+        y[i] = narrow(y.dtype, (widen(x[i]) - mean_hi) * scale + shift)
 
 
 def address(array):
@@ -616,6 +672,7 @@ if not numba.config.DISABLE_JIT:
     stream_affine = _stream_affine  # noqa: F811
     stream_rows = _stream_rows  # noqa: F811
     affine_rows = _affine_rows  # noqa: F811
+    affine_span = _affine_span  # noqa: F811
     address = _address  # noqa: F811
 
 
