@@ -79,9 +79,12 @@ VECTOR_LOOPS = {
     "_cl_dx_block": 1,
 }
 
-#: LLVM's vectorized loops, and the explicit vector loops of ``storage.affine_rows`` and
-#: ``storage.affine_span`` (vector code by construction; test_affine_loops_are_explicit_vector_code).
-_VECTOR_BODY = re.compile(r"^(?:vector\.body|affine_rows\.loop|affine_span\.loop)[\d.]*:", re.MULTILINE)
+#: LLVM's vectorized loops, and the explicit vector loops of ``storage.affine_rows``,
+#: ``affine_span`` and ``affine_dx_span`` (vector code by construction;
+#: test_affine_loops_are_explicit_vector_code).
+_VECTOR_BODY = re.compile(
+    r"^(?:vector\.body|affine_rows\.loop|affine_span\.loop|affine_dx_span\.loop)[\d.]*:", re.MULTILINE
+)
 _VECTOR_OP = re.compile(r"= (?:fadd|fsub|fmul|fdiv|fpext|fptrunc|call)[^=\n]*?<(\d+) x (float|double)>")
 
 
@@ -258,6 +261,10 @@ def test_inner_loops_are_vectorized(name, dtype):
     assert widths.get("float", 0) >= 8 or widths.get("double", 0) >= 4, f"{name} ({dtype}): {widths}"
 
 
+def _dx_block(dx, dy, x, off, count, a, kx, mean, k0):
+    storage.affine_dx_span(dx, dy, x, off, count, a, kx, mean, k0)
+
+
 @pytest.mark.parametrize(
     "storage_type, lanes",
     [
@@ -268,27 +275,39 @@ def test_inner_loops_are_vectorized(name, dtype):
     ],
     ids=["float32", "float64", "bfloat16", "float16"],
 )
-@pytest.mark.parametrize("name, loops", [("_normalize_per_element", 4), ("_normalize", 1)])
-def test_affine_loops_are_explicit_vector_code(name, loops, storage_type, lanes):
-    """The plain normalize loops are ``storage.affine_rows`` / ``affine_span``'s vector IR.
+@pytest.mark.parametrize(
+    "name, loops, label",
+    [
+        ("_normalize_per_element", 4, "affine_rows"),
+        ("_normalize", 1, "affine_span"),
+        ("_dx_block", 1, "affine_dx_span"),
+    ],
+)
+def test_affine_loops_are_explicit_vector_code(name, loops, label, storage_type, lanes):
+    """The plain normalize loops and the channels-first ``dx`` block are ``storage.affine_*``'s vector IR.
 
-    LayerNorm's (``_normalize_per_element``): one loop of whole 512-bit vectors
-    and one masked vector for the rest per combination of weight and bias
-    present or absent (four); the channels-first one (``_normalize``): one.
-    No loop is left to LLVM's vectorizer, whose alias checks and remainder
-    loops these replace.
+    LayerNorm's normalize (``_normalize_per_element``): one loop of whole
+    512-bit vectors and one masked vector for the rest per combination of
+    weight and bias present or absent (four); the channels-first one
+    (``_normalize``) and the ``dx`` of a channels-first block
+    (``affine_dx_span``, as ``planes._cf_dx_block_k`` calls it): one.  No loop
+    is left to LLVM's vectorizer, whose alias checks and remainder loops these
+    replace.
     """
     data = types.Array(storage_type, 1, "C")
     param = types.Array(types.float64 if storage_type == types.float64 else types.float32, 1, "C")
     i64, f64 = types.int64, types.float64
-    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(_compiled(name).py_func)
+    function = _dx_block if name == "_dx_block" else _compiled(name).py_func
+    dispatcher = numba.njit(**{**JIT_OPTIONS, "cache": False})(function)
+    compute = types.float64 if storage_type == types.float64 else types.float32
     if name == "_normalize":  # x, y, off, count, mean, scale, shift
         signature = (data, data, i64, i64, f64, f64, f64)
+    elif name == "_dx_block":  # dx, dy, x, off, count, a, kx, mean_hi, k0
+        signature = (data, data, data, i64, i64, compute, compute, compute, compute)
     else:  # x, y, weight, bias, off, count, s0, mean, rstd
         signature = (data, data, param, param, i64, i64, i64, f64, f64)
     dispatcher.compile(signature)
     ir = dispatcher.inspect_llvm(signature)
-    label = "affine_rows" if name == "_normalize_per_element" else "affine_span"
     assert len(re.findall(rf"^{label}\.loop[\d.]*:", ir, re.MULTILINE)) == loops
     assert "call void @llvm.masked.store" in ir  # LLVM merges the four cases' into one
     assert f"store <{lanes}>" in ir

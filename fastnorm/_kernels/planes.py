@@ -19,7 +19,7 @@ import numpy as np
 from numba import prange
 
 from .._config import glue, kernel
-from .epilogue import _dx_span, _normalize, _normalize_fused, _normalize_streamed, _store_mode
+from .epilogue import _dx_constants, _normalize, _normalize_fused, _normalize_streamed, _store_mode
 from .numerics import (
     _block_plane,
     _dots,
@@ -43,6 +43,7 @@ from .schedule import (
     share,
     task_count,
 )
+from .storage import affine_dx_span, compute
 
 # ---------------------------------------------------------------------------
 # Blocks of a plane (shared with the row view)
@@ -452,11 +453,9 @@ def _cf_dx_block_k(dy, x, weight, dx, coef, spec, plane, b, k, c):
     """
     mean, rstd, kx, k0 = coef[4 * k], coef[4 * k + 1], coef[4 * k + 2], coef[4 * k + 3]
     off, count, _ = _cf_block_span(spec, plane, b)
-    xs = x[off : off + count]
-    dys = dy[off : off + count]
-    dxs = dx[off : off + count]
     a = rstd * weight[c] if weight.size > 0 else rstd
-    _dx_span(dys, xs, dxs, a, kx, k0, mean)
+    mean_hi, kx_x, k0_x = _dx_constants(x, mean, kx, k0)
+    affine_dx_span(dx, dy, x, off, count, compute(x, a), kx_x, mean_hi, k0_x)
 
 
 @glue

@@ -604,6 +604,38 @@ def _affine_span(typingctx, y, x, off, count, mean_hi, scale, shift):
 
 
 @intrinsic
+def _affine_dx_span(typingctx, dx, dy, x, off, count, a, kx, mean_hi, k0):
+    """``dx[j] = (a * dy[j] - kx * (x[j] - mean_hi)) - k0``, ``j = off + i``, ``i < count``.
+
+    The loop of ``_dx_span`` in the explicit vector loop of :class:`_SpanLoop`,
+    with the operations LLVM makes of the scalar loop: ``kx * (x - mean_hi)``
+    rounded, fused into ``a * dy``, then ``k0`` subtracted.  ``dx`` may be
+    ``dy`` itself; any other overlap is the caller's to exclude.
+    """
+    if not (_streamable(dx, x) and isinstance(dy, types.Array) and dy.dtype == dx.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (dx_a, dy_a, x_a), off, count = _span_arrays(context, builder, signature, args, 3)
+        span = _SpanLoop(context, builder, signature.args[0].dtype, off, count)
+        a_v, kx_v, mean_hi_v, k0_v = (
+            span.splat(v, t) for v, t in zip(args[5:], signature.args[5:], strict=True)
+        )
+
+        def step(offset, mask):
+            at = builder.add(offset, off)
+            centered = builder.fmul(builder.fsub(span.load(x_a, at, mask, stored=True), mean_hi_v), kx_v)
+            dy_v = span.load(dy_a, at, mask, stored=True)
+            fused = builder.call(span.fma, [a_v, dy_v, builder.fneg(centered)])
+            span.store(dx_a, at, builder.fsub(fused, k0_v), mask)
+
+        span.emit(step, "affine_dx_span")
+        return context.get_dummy_value()
+
+    return types.void(dx, dy, x, off, count, a, kx, mean_hi, k0), codegen
+
+
+@intrinsic
 def _address(typingctx, array):
     """Return the address of ``array``'s data, as an integer."""
 
@@ -644,6 +676,12 @@ def stream_rows(ys, xs, weight, bias, mean_hi, mean_lo, rstd, start, period):
         ys[i] = narrow(ys.dtype, value + bias[j] if isinstance(bias, np.ndarray) else value)
 
 
+def affine_dx_span(dx, dy, x, off, count, a, kx, mean_hi, k0):
+    """Pure-Python :func:`_affine_dx_span` (``NUMBA_DISABLE_JIT=1``): the same values, unfused."""
+    for i in range(off, off + count):
+        dx[i] = narrow(dx.dtype, a * widen(dy[i]) - kx * (widen(x[i]) - mean_hi) - k0)
+
+
 def affine_rows(y, x, weight, bias, off, count, s0, mean_hi, mean_lo, rstd):
     """Pure-Python :func:`_affine_rows` (``NUMBA_DISABLE_JIT=1``): the same values."""
     with_weight = weight.size > 0
@@ -673,6 +711,7 @@ if not numba.config.DISABLE_JIT:
     stream_rows = _stream_rows  # noqa: F811
     affine_rows = _affine_rows  # noqa: F811
     affine_span = _affine_span  # noqa: F811
+    affine_dx_span = _affine_dx_span  # noqa: F811
     address = _address  # noqa: F811
 
 
