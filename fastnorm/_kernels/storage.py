@@ -395,7 +395,7 @@ def _stream_rows(typingctx, ys, xs, weight, bias, mean_hi, mean_lo, rstd, start,
     return types.void(ys, xs, weight, bias, mean_hi, mean_lo, rstd, start, period), codegen
 
 
-#: Bytes of one vector of :func:`_affine_rows` (a 512-bit vector: 16 float32 lanes).
+#: Bytes of one vector of :class:`_SpanLoop` (a 512-bit vector: 16 float32 lanes).
 ROW_VECTOR_BYTES = 64
 
 
@@ -422,8 +422,9 @@ class _SpanLoop:
     which LLVM's vectorization of the scalar loop pays per span.  ``emit(step)``
     emits one such loop, ``step(offset, mask)`` the work of the vector at
     ``offset`` (``mask`` ``None`` for a whole one); :meth:`load`, :meth:`store`
-    and :meth:`splat` are its pieces.  Used by :func:`_affine_rows` and
-    :func:`_affine_span` (docs/perf-notes/per-plane-overhead-and-inlining.md).
+    and :meth:`splat` are its pieces.  Used by :func:`_affine_rows`,
+    :func:`_affine_span` and :func:`_affine_dx_span`
+    (docs/perf-notes/per-plane-overhead-and-inlining.md).
     """
 
     def __init__(self, context, builder, storage, off, count):
