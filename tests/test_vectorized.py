@@ -79,12 +79,9 @@ VECTOR_LOOPS = {
     "_cl_dx_block": 1,
 }
 
-#: LLVM's vectorized loops, and the explicit vector loops of ``storage.affine_rows``,
-#: ``affine_span`` and ``affine_dx_span`` (vector code by construction;
-#: test_affine_loops_are_explicit_vector_code).
-_VECTOR_BODY = re.compile(
-    r"^(?:vector\.body|affine_rows\.loop|affine_span\.loop|affine_dx_span\.loop)[\d.]*:", re.MULTILINE
-)
+#: LLVM's vectorized loops, and the explicit vector loops of ``storage``'s ``affine_*``
+#: intrinsics (vector code by construction; test_affine_loops_are_explicit_vector_code).
+_VECTOR_BODY = re.compile(r"^(?:vector\.body|affine_\w+\.loop)[\d.]*:", re.MULTILINE)
 _VECTOR_OP = re.compile(r"= (?:fadd|fsub|fmul|fdiv|fpext|fptrunc|call)[^=\n]*?<(\d+) x (float|double)>")
 
 

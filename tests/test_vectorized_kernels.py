@@ -37,10 +37,11 @@ KERNEL_VECTOR_LOOPS = {
     "rows_forward_with_skip": 90,
     "rows_inference": 34,
     "rows_backward": 24,
-    # counting affine_span's explicit loop per inlined call of _normalize
+    # counting affine_span's explicit loop per inlined call of _normalize, and affine_dx_span's
+    # per inlined call of _cf_dx_block_k
     "planes_forward": 30,
     "planes_inference": 19,
-    "planes_backward": 15,
+    "planes_backward": 18,
     # one build of _cl_normalize_block (the fused forward passes tile_rows, no literal 1)
     # and tile copies by memmove (_cl_tile_into): no loop of a compiled function is lost
     "channels_last_forward": 30,

@@ -275,6 +275,22 @@ def vector_at(builder, array, offset, vector_type):
     return builder.bitcast(builder.gep(array.data, [offset]), vector_type.as_pointer())
 
 
+def _splat_ir(builder, vector_type, value):
+    """``value`` (of ``vector_type``'s element type) in every lane of a ``vector_type``."""
+    i32 = ir.IntType(32)
+    undef = ir.Constant(vector_type, ir.Undefined)
+    zeros = ir.Constant(ir.VectorType(i32, vector_type.count), [ir.Constant(i32, 0)] * vector_type.count)
+    return builder.shuffle_vector(builder.insert_element(undef, value, ir.Constant(i32, 0)), undef, zeros)
+
+
+def _fma_ir(builder, vector_type):
+    """Declare and return ``llvm.fma`` of ``vector_type`` (float32 or float64 lanes)."""
+    element = "f32" if vector_type.element == ir.FloatType() else "f64"
+    return builder.module.declare_intrinsic(
+        f"llvm.fma.v{vector_type.count}{element}", fnty=ir.FunctionType(vector_type, [vector_type] * 3)
+    )
+
+
 def _stream_loop(context, builder, signature, args, combine):
     """Emit the loop of :func:`_stream_affine` / :func:`_stream_rows`; ``combine`` is its arithmetic.
 
@@ -286,32 +302,24 @@ def _stream_loop(context, builder, signature, args, combine):
     compute_type = types.float32 if storage in (types.uint16, types.int16) else storage
     stored = context.get_value_type(storage)
     width = STREAM_BYTES // context.get_abi_sizeof(stored)
-    i32, i64 = ir.IntType(32), ir.IntType(64)
+    i64 = ir.IntType(64)
     vector = ir.VectorType(stored, width)
     value_vector = ir.VectorType(context.get_value_type(compute_type), width)
     coef_types, coef_args = signature.args[2:-2], args[2:-2]
     ys, xs = (
         context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:2], args[:2], strict=True)
     )
-    undef = ir.Constant(value_vector, ir.Undefined)
-    zeros = ir.Constant(ir.VectorType(i32, width), [ir.Constant(i32, 0)] * width)
     coef_arrays, splats = [], []
     for t, a in zip(coef_types, coef_args, strict=True):
         if isinstance(t, types.Array):
             coef_arrays.append(context.make_array(t)(context, builder, a))
             splats.append(None)
         else:
-            first = builder.insert_element(
-                undef, context.cast(builder, a, t, compute_type), ir.Constant(i32, 0)
-            )
             coef_arrays.append(None)
-            splats.append(builder.shuffle_vector(first, undef, zeros))
+            splats.append(_splat_ir(builder, value_vector, context.cast(builder, a, t, compute_type)))
     start_index = context.cast(builder, args[-2], signature.args[-2], types.int64)
     period = context.cast(builder, args[-1], signature.args[-1], types.int64)
-    element_name = "f32" if value_vector.element == ir.FloatType() else "f64"
-    fma = builder.module.declare_intrinsic(
-        f"llvm.fma.v{width}{element_name}", fnty=ir.FunctionType(value_vector, [value_vector] * 3)
-    )
+    fma = _fma_ir(builder, value_vector)
 
     def body(builder, offset, state):
         (c,) = state  # (start + offset) % period: where the coefficients of this vector start
@@ -439,30 +447,20 @@ class _SpanLoop:
         self.vector = ir.VectorType(stored, width)
         self.value_vector = ir.VectorType(element, width)
         self.mask_type = ir.VectorType(ir.IntType(1), width)
-        self.zeros = ir.Constant(ir.VectorType(self.i32, width), [ir.Constant(self.i32, 0)] * width)
         self.off, self.count = off, count
         self.whole = builder.udiv(count, ir.Constant(i64, width))
         self.rest_offset = builder.mul(self.whole, ir.Constant(i64, width))
         self.left = builder.sub(count, self.rest_offset)
         lanes = ir.Constant(ir.VectorType(i64, width), [ir.Constant(i64, j) for j in range(width)])
-        undef64 = ir.Constant(ir.VectorType(i64, width), ir.Undefined)
-        left_v = builder.shuffle_vector(
-            builder.insert_element(undef64, self.left, ir.Constant(self.i32, 0)), undef64, self.zeros
+        self.tail_mask = builder.icmp_unsigned(
+            "<", lanes, _splat_ir(builder, ir.VectorType(i64, width), self.left)
         )
-        self.tail_mask = builder.icmp_unsigned("<", lanes, left_v)
-        self.fma = builder.module.declare_intrinsic(
-            f"llvm.fma.v{width}{'f32' if self.compute_type == types.float32 else 'f64'}",
-            fnty=ir.FunctionType(self.value_vector, [self.value_vector] * 3),
-        )
+        self.fma = _fma_ir(builder, self.value_vector)
 
     def splat(self, value, value_type):
         """``value`` converted to the compute type, in every lane."""
-        builder = self.builder
-        undef = ir.Constant(self.value_vector, ir.Undefined)
-        cast = self.context.cast(builder, value, value_type, self.compute_type)
-        return builder.shuffle_vector(
-            builder.insert_element(undef, cast, ir.Constant(self.i32, 0)), undef, self.zeros
-        )
+        cast = self.context.cast(self.builder, value, value_type, self.compute_type)
+        return _splat_ir(self.builder, self.value_vector, cast)
 
     def load(self, array, offset, mask, stored=False):
         """Load the vector at element ``offset``: data widened (``stored``), or compute-type values."""
