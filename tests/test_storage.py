@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from fastnorm._config import JIT_OPTIONS
+from fastnorm._kernels import storage
 from fastnorm._kernels.storage import load, store
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -132,6 +133,49 @@ def test_f32_to_bf16_rounds_like_ml_dtypes(name, bits):
     with np.errstate(invalid="ignore", over="ignore"):
         desired = _bf16_nan_rule(bits, values.astype(BF16).view(np.uint16))
     _assert_bits_equal(out, desired, bits, f"float32 -> bfloat16 ({name})")
+
+
+@numba.njit(**{**JIT_OPTIONS, "cache": False})
+def _convert_explicit(src, dst):
+    """``dst = src`` through the explicit vector loop's store (``storage.affine_rows``).
+
+    ``y = ((x - 0) - 0) * (1 * 1) + b`` with ``x = -0`` and ``b = src`` is
+    ``src`` exactly, signed zeros included; a signaling NaN comes out quiet,
+    as the store itself makes it.
+    """
+    x = np.full(dst.size, 0x8000, np.uint16)
+    weight = np.ones(dst.size, np.float32)
+    storage.affine_rows(dst, x, weight, src, 0, dst.size, 0, 0.0, 0.0, 1.0)
+
+
+@pytest.mark.jit
+@pytest.mark.parametrize(
+    "name, bits",
+    [
+        ("ties", _ties_and_neighbours(BF16)),
+        ("random", _random_f32()),
+        ("every bfloat16", ALL_BITS.astype(np.uint32) << 16),
+        ("subnormal", _random_f32(1 << 16, seed=7) & np.uint32(0x807FFFFF)),
+        (
+            "edges",
+            np.array([0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF, 0x00007FFF, 0x00008000, 0x80008000], np.uint32),
+        ),
+    ],
+)
+@pytest.mark.parametrize("count", [None, 29], ids=["all", "29"])
+def test_explicit_vector_store_rounds_like_the_scalar_one(name, bits, count):
+    """The explicit vector loops' bfloat16 store (``_SpanLoop.store``) gives the scalar store's bits.
+
+    On a CPU with AVX512-BF16 it rounds with ``vcvtneps2bf16`` and takes the
+    integer rounding for a vector holding a subnormal, which the instruction
+    flushes to zero: subnormals, ties, NaN payloads and signed zeros, whole
+    vectors and a masked last one (``count`` 29: one whole, 13 masked lanes).
+    """
+    bits = bits[:count]
+    values = _f32(bits)
+    out = np.empty(values.size, np.uint16)
+    _convert_explicit(np.ascontiguousarray(values), out)
+    _assert_bits_equal(out, storage.bfloat16_bits(values), bits, f"explicit float32 -> bfloat16 ({name})")
 
 
 def test_f32_to_bf16_rounding_cases():

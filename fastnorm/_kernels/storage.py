@@ -173,6 +173,59 @@ def _narrow_ir(builder, value32, storage):
     return value32
 
 
+class _BFloat(ir.Type):
+    """LLVM's ``bfloat`` type, which llvmlite's IR builder does not define."""
+
+    def _to_string(self):
+        return "bfloat"
+
+    def __eq__(self, other):
+        return isinstance(other, _BFloat)
+
+    def __hash__(self):
+        return hash(_BFloat)
+
+
+def _has_bf16_instructions(context):
+    """Whether the code is compiled for a CPU with AVX512-BF16 (``vcvtneps2bf16``)."""
+    features = getattr(context.codegen(), "_tm_features", "") or ""
+    return "+avx512bf16" in features.split(",")
+
+
+def _narrow_bf16_vector_ir(builder, value32, mask):
+    """bfloat16 bits of the float32 vector ``value32``: :func:`_narrow_ir`'s, by ``vcvtneps2bf16``.
+
+    The instruction rounds to nearest even and quiets a NaN as :func:`_narrow_ir`
+    does, but flushes subnormal inputs to zero; a vector holding a subnormal
+    (``llvm.is.fpclass``, ``vfpclassps``; among the lanes of ``mask`` when
+    given) takes :func:`_narrow_ir`'s integer rounding instead, behind a branch
+    (docs/perf-notes/bfloat16-conversion.md).
+    """
+    lanes = value32.type.count
+    fpclass = builder.module.declare_intrinsic(
+        f"llvm.is.fpclass.v{lanes}f32",
+        fnty=ir.FunctionType(ir.VectorType(ir.IntType(1), lanes), [value32.type, _I32]),
+    )
+    subnormal = builder.call(fpclass, [value32, ir.Constant(_I32, 0x90)])  # fcNegSubnormal | fcPosSubnormal
+    if mask is not None:
+        subnormal = builder.select(mask, subnormal, ir.Constant(subnormal.type, [0] * lanes))
+    any_subnormal = builder.icmp_unsigned(
+        "!=", builder.bitcast(subnormal, ir.IntType(lanes)), ir.Constant(ir.IntType(lanes), 0)
+    )
+    with builder.if_else(any_subnormal, likely=False) as (exact, fast):
+        with exact:
+            exact_bits = _narrow_ir(builder, value32, types.uint16)
+            exact_block = builder.block
+        with fast:
+            rounded = builder.fptrunc(value32, ir.VectorType(_BFloat(), lanes))
+            fast_bits = builder.bitcast(rounded, ir.VectorType(_I16, lanes))
+            fast_block = builder.block
+    bits = builder.phi(fast_bits.type)
+    bits.add_incoming(exact_bits, exact_block)
+    bits.add_incoming(fast_bits, fast_block)
+    return bits
+
+
 # The type dispatch is in intrinsics, whose code is emitted into the loop itself, and
 # the array access in the glue functions load / store, inlined at Numba IR level like the
 # rest of the loop helpers.  A compiled call in the loop body (an overload, even of a
@@ -456,6 +509,7 @@ class _SpanLoop:
             "<", lanes, _splat_ir(builder, ir.VectorType(i64, width), self.left)
         )
         self.fma = _fma_ir(builder, self.value_vector)
+        self.bf16_instructions = storage == types.uint16 and _has_bf16_instructions(context)
 
     def splat(self, value, value_type):
         """``value`` converted to the compute type, in every lane."""
@@ -479,7 +533,10 @@ class _SpanLoop:
     def store(self, array, offset, value, mask):
         """Round the compute-type ``value`` to the storage and store it at element ``offset``."""
         builder = self.builder
-        result = _narrow_ir(builder, value, self.storage)
+        if self.bf16_instructions:
+            result = _narrow_bf16_vector_ir(builder, value, mask)
+        else:
+            result = _narrow_ir(builder, value, self.storage)
         pointer = vector_at(builder, array, offset, self.vector)
         if mask is None:
             builder.store(result, pointer, align=self.stored_align)
@@ -499,7 +556,7 @@ class _SpanLoop:
         k.add_incoming(ir.Constant(i64, 0), entry)
         step(builder.mul(k, ir.Constant(i64, self.width)), None)
         k_next = builder.add(k, ir.Constant(i64, 1))
-        k.add_incoming(k_next, loop)
+        k.add_incoming(k_next, builder.block)  # the step may end in another block
         builder.cbranch(builder.icmp_unsigned("<", k_next, self.whole), loop, rest)
         builder.position_at_end(rest)
         with builder.if_then(builder.icmp_unsigned(">", self.left, ir.Constant(i64, 0))):
