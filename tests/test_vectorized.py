@@ -74,6 +74,8 @@ VECTOR_LOOPS = {
     # the rows of a block, with and without the residual, rectified or not (flags not constant:
     # LLVM versions the step loop for some of them)
     "_cl_store_rows": 3,
+    # the plain store: affine_coefs' explicit loop per chunk and step
+    "_cl_store_rows_plain": 1,
     # four rows from the block's quarters per step, one row per step (the rows left over)
     "_cl_block_dots": 2,
     "_cl_sum_set": 1,
@@ -81,13 +83,17 @@ VECTOR_LOOPS = {
 }
 
 #: LLVM's vectorized loops, and the explicit vector loops of ``storage``'s ``affine_*``
-#: intrinsics (vector code by construction; test_affine_loops_are_explicit_vector_code).
-_VECTOR_BODY = re.compile(r"^(?:vector\.body|affine_\w+\.loop)[\d.]*:", re.MULTILINE)
+#: intrinsics (vector code by construction; test_affine_loops_are_explicit_vector_code),
+#: also where LLVM unswitched a loop around one (``.us``; not its unrolling remainder,
+#: ``.epil``, nor its preheaders).
+_EXPLICIT_LOOP = r"\.loop(?:\.us\d*)?[\d.]*:"
+_VECTOR_BODY = re.compile(rf"^(?:vector\.body[\d.]*:|affine_\w+{_EXPLICIT_LOOP})", re.MULTILINE)
 _VECTOR_OP = re.compile(r"= (?:fadd|fsub|fmul|fdiv|fpext|fptrunc|call)[^=\n]*?<(\d+) x (float|double)>")
 
 
 def _signature(name, dtype):
     data = types.Array(dtype, 1, "C")
+    compute = types.Array(types.float32 if dtype in (types.uint16, types.int16) else dtype, 1, "C")
     work = types.Array(types.float64, 1, "C")
     i64, f64 = types.int64, types.float64
     spec = numba.typeof(K.KernelSpec(1, 1, 1, 1, 0, 1e-5))
@@ -158,6 +164,7 @@ def _signature(name, dtype):
             types.boolean,
             dtype,
         ),
+        "_cl_store_rows_plain": (data, data, compute, i64, i64, i64, i64, i64, i64),
         "_pipelined_task": (data, data, data, data, data, spec, work, work, i64, i64),
         "_act_loop": (data, data, i64, f64),
         "_add_skip_span": (data, data, data, data, i64, i64, i64),
@@ -279,6 +286,7 @@ def _dx_block(dx, dy, x, off, count, a, kx, mean, k0):
         ("_normalize_per_element", 4, "affine_rows"),
         ("_normalize", 1, "affine_span"),
         ("_dx_block", 1, "affine_dx_span"),
+        ("_cl_store_rows_plain", 1, "affine_coefs"),
     ],
 )
 def test_affine_loops_are_explicit_vector_code(name, loops, label, storage_type, lanes):
@@ -287,8 +295,9 @@ def test_affine_loops_are_explicit_vector_code(name, loops, label, storage_type,
     LayerNorm's normalize (``_normalize_per_element``): one loop of whole
     512-bit vectors and one masked vector for the rest per combination of
     weight and bias present or absent (four); the channels-first one
-    (``_normalize``) and the ``dx`` of a channels-first block
-    (``affine_dx_span``, as ``planes._cf_dx_block_k`` calls it): one.  No loop
+    (``_normalize``), the ``dx`` of a channels-first block (``affine_dx_span``,
+    as ``planes._cf_dx_block_k`` calls it) and the plain store of a
+    channels-last block (``affine_coefs``): one.  No loop
     is left to LLVM's vectorizer, whose alias checks and remainder loops these
     replace.
     """
@@ -302,11 +311,13 @@ def test_affine_loops_are_explicit_vector_code(name, loops, label, storage_type,
         signature = (data, data, i64, i64, f64, f64, f64)
     elif name == "_dx_block":  # dx, dy, x, off, count, a, kx, mean_hi, k0
         signature = (data, data, data, i64, i64, compute, compute, compute, compute)
+    elif name == "_cl_store_rows_plain":  # x, y, coef, base, span, off, rows, nc, tile_rows
+        signature = (data, data, types.Array(compute, 1, "C"), i64, i64, i64, i64, i64, i64)
     else:  # x, y, weight, bias, off, count, s0, mean, rstd
         signature = (data, data, param, param, i64, i64, i64, f64, f64)
     dispatcher.compile(signature)
     ir = dispatcher.inspect_llvm(signature)
-    assert len(re.findall(rf"^{label}\.loop[\d.]*:", ir, re.MULTILINE)) == loops
+    assert len(re.findall(rf"^{label}{_EXPLICIT_LOOP}", ir, re.MULTILINE)) == loops
     assert "call void @llvm.masked.store" in ir  # LLVM merges the four cases' into one
     assert f"store <{lanes}>" in ir
     assert not re.search(r"^vector\.body", ir, re.MULTILINE)

@@ -29,7 +29,7 @@ from .numerics import (
     finish_channel_dots,
 )
 from .schedule import BATCH, CENTERED, CL_CHUNK_BYTES, FUSED, KernelSpec, Schedule, share, task_count
-from .storage import STREAM_BYTES, acc, compute_empty, load, store, stream_affine, stream_split
+from .storage import STREAM_BYTES, acc, affine_coefs, compute_empty, load, store, stream_affine, stream_split
 
 # ---------------------------------------------------------------------------
 # Blocks of rows
@@ -278,6 +278,23 @@ def _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows,
 
 
 @glue
+def _cl_store_rows_plain(x, y, coef, base, span, off, rows, nc, tile_rows):
+    """:func:`_cl_store_rows` without residual or rectifier, by :func:`.storage.affine_coefs`.
+
+    The coefficient vectors are read at their offsets in ``coef`` (the
+    block's set at ``base``, each ``span`` long), not through slices; each
+    chunk and step is one explicit vector loop, with no alias check or
+    remainder loop per step (docs/perf-notes/per-plane-overhead-and-inlining.md).
+    """
+    width = _cl_chunk(nc, tile_rows, coef)
+    for c0 in range(0, nc, width):
+        for r0 in range(0, rows, tile_rows):
+            o = off + r0 * nc + c0
+            count = (min(tile_rows, rows - r0) - 1) * nc + min(width, nc - c0)
+            affine_coefs(y, x, o, count, coef, base + c0, base + span + c0, base + 2 * span + c0)
+
+
+@glue
 def _cl_stream_block(x, y, mean, scale, shift, off, count, span):
     """Plain normalize of ``count`` elements from ``off``, the aligned middle with non-temporal stores.
 
@@ -317,7 +334,7 @@ def _cl_normalize_block(x, residual, grad, y, coef, spec, schedule, blk, tile_ro
     elif fused:
         _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, False, True, slope)
     else:
-        _cl_store_rows(x, residual, y, mean, scale, shift, off, rows, nc, tile_rows, False, False, slope)
+        _cl_store_rows_plain(x, y, coef, base, span, off, rows, nc, tile_rows)
     _activate_stored(y[off : off + rows * nc], grad, off, rows * nc, spec.activation, slope, fused)
 
 

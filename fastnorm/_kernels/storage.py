@@ -484,7 +484,7 @@ class _SpanLoop:
     emits one such loop, ``step(offset, mask)`` the work of the vector at
     ``offset`` (``mask`` ``None`` for a whole one); :meth:`load`, :meth:`store`
     and :meth:`splat` are its pieces.  Used by :func:`_affine_rows`,
-    :func:`_affine_span` and :func:`_affine_dx_span`
+    :func:`_affine_span`, :func:`_affine_coefs` and :func:`_affine_dx_span`
     (docs/perf-notes/per-plane-overhead-and-inlining.md).
     """
 
@@ -660,6 +660,43 @@ def _affine_span(typingctx, y, x, off, count, mean_hi, scale, shift):
 
 
 @intrinsic
+def _affine_coefs(typingctx, y, x, off, count, coef, mean_at, scale_at, shift_at):
+    """``y[off+i] = (x[off+i] - coef[mean_at+i]) * coef[scale_at+i] + coef[shift_at+i]``, ``i < count``.
+
+    The plain store of a channels-last block (``_cl_store_rows``: per-channel
+    coefficient vectors, at three offsets of one array in the compute type),
+    with the same operations (the subtraction, then the product and sum
+    fused, as LLVM contracts the scalar loop) in the explicit vector loop of
+    :class:`_SpanLoop`.  ``y`` may be ``x`` itself; any other overlap is the
+    caller's to exclude.
+    """
+    if not (_streamable(y, x) and isinstance(coef, types.Array)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (y_a, x_a), off, count = _span_arrays(context, builder, signature, args, 2)
+        coef_a = context.make_array(signature.args[4])(context, builder, args[4])
+        mean_at, scale_at, shift_at = (
+            context.cast(builder, a, t, types.int64)
+            for a, t in zip(args[5:], signature.args[5:], strict=True)
+        )
+        span = _SpanLoop(context, builder, signature.args[0].dtype, off, count)
+
+        def step(offset, mask):
+            x_offset = builder.add(offset, off)
+            mean, scale, shift = (
+                span.load(coef_a, builder.add(offset, at), mask) for at in (mean_at, scale_at, shift_at)
+            )
+            centered = builder.fsub(span.load(x_a, x_offset, mask, stored=True), mean)
+            span.store(y_a, x_offset, builder.call(span.fma, [centered, scale, shift]), mask)
+
+        span.emit(step, "affine_coefs")
+        return context.get_dummy_value()
+
+    return types.void(y, x, off, count, coef, mean_at, scale_at, shift_at), codegen
+
+
+@intrinsic
 def _affine_dx_span(typingctx, dx, dy, x, off, count, a, kx, mean_hi, k0):
     """``dx[j] = (a * dy[j] - kx * (x[j] - mean_hi)) - k0``, ``j = off + i``, ``i < count``.
 
@@ -748,6 +785,13 @@ def affine_rows(y, x, weight, bias, off, count, s0, mean_hi, mean_lo, rstd):
         y[off + i] = narrow(y.dtype, value + bias[s0 + i] if with_bias else value)
 
 
+def affine_coefs(y, x, off, count, coef, mean_at, scale_at, shift_at):
+    """Pure-Python :func:`_affine_coefs` (``NUMBA_DISABLE_JIT=1``): the same values."""
+    for i in range(count):
+        value = (widen(x[off + i]) - coef[mean_at + i]) * coef[scale_at + i] + coef[shift_at + i]
+        y[off + i] = narrow(y.dtype, value)
+
+
 def affine_span(y, x, off, count, mean_hi, scale, shift):
     """Pure-Python :func:`_affine_span` (``NUMBA_DISABLE_JIT=1``): the same values."""
     for i in range(off, off + count):
@@ -767,6 +811,7 @@ if not numba.config.DISABLE_JIT:
     stream_rows = _stream_rows  # noqa: F811
     affine_rows = _affine_rows  # noqa: F811
     affine_span = _affine_span  # noqa: F811
+    affine_coefs = _affine_coefs  # noqa: F811
     affine_dx_span = _affine_dx_span  # noqa: F811
     address = _address  # noqa: F811
 
