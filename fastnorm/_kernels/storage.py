@@ -197,8 +197,8 @@ def _narrow_bf16_vector_ir(builder, value32, mask):
 
     The instruction rounds to nearest even and quiets a NaN as :func:`_narrow_ir`
     does, but flushes subnormal inputs to zero; a vector holding a subnormal
-    (``llvm.is.fpclass``, ``vfpclassps``; among the lanes of ``mask`` when
-    given) takes :func:`_narrow_ir`'s integer rounding instead, behind a branch
+    (``llvm.is.fpclass``; among the lanes of ``mask`` when given) takes
+    :func:`_narrow_ir`'s integer rounding instead, behind a branch
     (docs/perf-notes/bfloat16-conversion.md).
     """
     lanes = value32.type.count
@@ -663,8 +663,9 @@ def _affine_span(typingctx, y, x, off, count, mean_hi, scale, shift):
 def _affine_coefs(typingctx, y, x, off, count, coef, mean_at, scale_at, shift_at):
     """``y[off+i] = (x[off+i] - coef[mean_at+i]) * coef[scale_at+i] + coef[shift_at+i]``, ``i < count``.
 
-    The plain store of a channels-last block (``_cl_store_rows``: per-channel
-    coefficient vectors, at three offsets of one array in the compute type),
+    The plain store of a channels-last block (``_cl_store_rows_plain``:
+    per-channel coefficient vectors, at three offsets of one array in the
+    compute type),
     with the same operations (the subtraction, then the product and sum
     fused, as LLVM contracts the scalar loop) in the explicit vector loop of
     :class:`_SpanLoop`.  ``y`` may be ``x`` itself; any other overlap is the
