@@ -29,7 +29,17 @@ from .numerics import (
     finish_channel_dots,
 )
 from .schedule import BATCH, CENTERED, CL_CHUNK_BYTES, FUSED, KernelSpec, Schedule, share, task_count
-from .storage import STREAM_BYTES, acc, affine_coefs, compute_empty, load, store, stream_affine, stream_split
+from .storage import (
+    STREAM_BYTES,
+    acc,
+    affine_coefs,
+    affine_dx_coefs,
+    compute_empty,
+    load,
+    store,
+    stream_affine,
+    stream_split,
+)
 
 # ---------------------------------------------------------------------------
 # Blocks of rows
@@ -119,6 +129,18 @@ def _cl_block_moments(x, work, spec, schedule, blk):
         mean[:] = 0.0
         return
     limit = cancellation_limit(x)
+    # Count the channels that need the two-pass recomputation first: without its
+    # call in the loop, the common finish is vectorized
+    # (docs/perf-notes/channels-last-per-channel-finish.md).
+    recompute = 0
+    for c in range(nc):
+        recompute += m2[c] > limit * (m2[c] - mean[c] * mean[c] / rows)
+    if recompute == 0:
+        for c in range(nc):
+            sum_dev = mean[c]
+            m2[c] = m2[c] - sum_dev * sum_dev / rows
+            mean[c] = load(first, c) + sum_dev / rows
+        return
     for c in range(nc):
         sum_dev = mean[c]
         sum_sq = m2[c]
@@ -189,6 +211,20 @@ def _cl_set_coefs(weight, bias, stats, coef, spec, set_index):
     base = 3 * nc * set_index
     has_weight = weight.size > 0
     has_bias = bias.size > 0
+    if d == 1:
+        # One channel per group: the loop below with its inner loop of one channel,
+        # as one loop (docs/perf-notes/channels-last-per-channel-finish.md).
+        set_stats = stats[2 * nc * set_index : 2 * nc * (set_index + 1)]
+        mean_his = coef[base : base + nc]
+        scales = coef[base + nc : base + 2 * nc]
+        shifts = coef[base + 2 * nc : base + 3 * nc]
+        for c in range(nc):
+            mean_hi, mean_lo = _split(coef, set_stats[2 * c])
+            scale = set_stats[2 * c + 1] * weight[c] if has_weight else set_stats[2 * c + 1]
+            mean_his[c] = mean_hi
+            scales[c] = scale
+            shifts[c] = _fold(bias[c] if has_bias else 0.0, scale, mean_lo, coef)
+        return
     # group by group: one split of the mean per group, no division per channel
     for g in range(spec.groups):
         k = set_index * spec.groups + g
@@ -347,6 +383,19 @@ def _cl_normalize_block(x, residual, grad, y, coef, spec, schedule, blk, tile_ro
 def _cl_set_stats(work, chan, stats, spec, schedule, set_index):
     """Merge one set's block moments per channel, then per group into ``stats``."""
     count = _cl_merge_set(work, chan, spec, schedule, set_index)
+    if spec.groups == spec.channels:
+        # One channel per group: the merge of _cl_group_stats returns the channel's
+        # moments as they are, so this is its _finish, in one vectorized loop
+        # (docs/perf-notes/channels-last-per-channel-finish.md).
+        nc = spec.channels
+        mean = chan[2 * nc * set_index : 2 * nc * set_index + nc]
+        m2 = chan[2 * nc * set_index + nc : 2 * nc * (set_index + 1)]
+        out = stats[2 * nc * set_index : 2 * nc * (set_index + 1)]
+        flags = spec.flags
+        eps = spec.eps
+        for c in range(nc):
+            out[2 * c], out[2 * c + 1] = _finish(count, mean[c], m2[c], flags, eps)
+        return
     for g in range(spec.groups):
         _cl_group_stats(chan, count, stats, spec, set_index * spec.groups + g)
 
@@ -565,6 +614,35 @@ def _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k):
     _cl_store_dx_coefs(weight, mean, rstd, coef, spec, k, kx, k0)
 
 
+@helper
+def _cl_set_dx_coefs(weight, mean, rstd, chan, coef, spec, set_index):
+    """Dx coefficients of every group of one set (:func:`_cl_group_coefs`).
+
+    With one channel per group (BatchNorm, InstanceNorm) this is
+    :func:`_cl_group_coefs`' arithmetic for ``d = 1`` in one loop over the
+    channels, which LLVM vectorizes, instead of a call per channel
+    (docs/perf-notes/channels-last-per-channel-finish.md).
+    """
+    nc = spec.channels
+    if spec.groups != nc:
+        for g in range(spec.groups):
+            _cl_group_coefs(weight, mean, rstd, chan, coef, spec, set_index * spec.groups + g)
+        return
+    m = float((spec.batch if spec.flags & BATCH else 1) * spec.spatial)
+    base = 4 * nc * set_index
+    for c in range(nc):
+        k = set_index * nc + c
+        w = weight[c] if weight.size > 0 else 1.0
+        sum_g = 0.0 + w * chan[2 * nc * set_index + c]
+        sum_g_xc = 0.0 + w * chan[2 * nc * set_index + nc + c]
+        kx, k0 = _dx_coefs(sum_g, sum_g_xc, rstd[k], m, spec.flags)
+        mean_hi, kx_x, k0_x = _dx_constants(coef, mean[k] if spec.flags & CENTERED else 0.0, kx, k0)
+        coef[base + c] = mean_hi
+        coef[base + nc + c] = rstd[k] * weight[c] if weight.size > 0 else rstd[k]
+        coef[base + 2 * nc + c] = kx_x
+        coef[base + 3 * nc + c] = k0_x
+
+
 @glue
 def _cl_store_dx_coefs(weight, mean, rstd, coef, spec, k, kx, k0):
     """Store group ``k``'s ``kx``, ``k0`` in its channels' coefficient vectors (:func:`_cl_group_coefs`)."""
@@ -585,21 +663,14 @@ def _cl_dx_block(dy, x, dx, coef, spec, schedule, blk, tile_rows):
     """``dx`` of block ``blk``, ``tile_rows`` rows per step (``coef`` tiled by :func:`_cl_tile`)."""
     nc = spec.channels
     off, rows, base, span = _cl_steps(spec, schedule, blk, tile_rows, 4)
-    mean = coef[base : base + span]
-    a = coef[base + span : base + 2 * span]
-    kx = coef[base + 2 * span : base + 3 * span]
-    k0 = coef[base + 3 * span : base + 4 * span]
     width = _cl_chunk(nc, tile_rows, coef)
     for c0 in range(0, nc, width):
-        cmean, ca, ckx, ck0 = mean[c0:], a[c0:], kx[c0:], k0[c0:]
+        at = base + c0
         for r0 in range(0, rows, tile_rows):
             o = off + r0 * nc + c0
             count = (min(tile_rows, rows - r0) - 1) * nc + min(width, nc - c0)
-            xs = x[o : o + count]
-            dys = dy[o : o + count]
-            dxs = dx[o : o + count]
-            for i in range(count):
-                store(dxs, i, ca[i] * load(dys, i) - ckx[i] * (load(xs, i) - cmean[i]) - ck0[i])
+            # the coefficient vectors at their offsets in coef, as _cl_store_rows_plain's
+            affine_dx_coefs(dx, dy, x, o, count, coef, at, at + span, at + 2 * span, at + 3 * span)
 
 
 @glue
@@ -610,8 +681,7 @@ def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coe
         for b in range(schedule.nblocks):
             _cl_block_dots(dy, x, work, chan_mean, spec, schedule, n * schedule.nblocks + b)
         _cl_sum_set(work, chan, spec, schedule, n)
-        for g in range(spec.groups):
-            _cl_group_coefs(weight, mean, rstd, chan, coef, spec, n * spec.groups + g)
+        _cl_set_dx_coefs(weight, mean, rstd, chan, coef, spec, n)
         for b in range(schedule.nblocks):
             _cl_dx_block(dy, x, dx, coef, spec, schedule, n * schedule.nblocks + b, 1)
 
@@ -620,8 +690,12 @@ def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coe
 def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule):
     """``SPLIT``: dot products over blocks, sums over sets, coefficients over groups, ``dx`` over blocks."""
     _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule)
-    for k in prange(mean.size):
-        _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k)
+    if spec.groups == spec.channels:
+        for s in prange(mean.size // spec.groups):
+            _cl_set_dx_coefs(weight, mean, rstd, chan, coef, spec, s)
+    else:
+        for k in prange(mean.size):
+            _cl_group_coefs(weight, mean, rstd, chan, coef, spec, k)
     _cl_split_dx(dy, x, dx, coef, spec, schedule)
 
 

@@ -482,9 +482,10 @@ class _SpanLoop:
     then one masked vector for the rest: no alias check and no remainder loop,
     which LLVM's vectorization of the scalar loop pays per span.  ``emit(step)``
     emits one such loop, ``step(offset, mask)`` the work of the vector at
-    ``offset`` (``mask`` ``None`` for a whole one); :meth:`load`, :meth:`store`
-    and :meth:`splat` are its pieces.  Used by :func:`_affine_rows`,
-    :func:`_affine_span`, :func:`_affine_coefs` and :func:`_affine_dx_span`
+    ``offset`` (``mask`` ``None`` for a whole one); :meth:`load`, :meth:`store`,
+    :meth:`store_dx` and :meth:`splat` are its pieces.  Used by
+    :func:`_affine_rows`, :func:`_affine_span`, :func:`_affine_coefs`,
+    :func:`_affine_dx_span` and :func:`_affine_dx_coefs`
     (docs/perf-notes/per-plane-overhead-and-inlining.md).
     """
 
@@ -543,6 +544,18 @@ class _SpanLoop:
         else:
             masked = _masked_access(builder, "store", self.vector, self.mask_type)
             builder.call(masked, [result, pointer, ir.Constant(self.i32, self.stored_align), mask])
+
+    def store_dx(self, dx, dy, x, at, mask, coefs):
+        """Store ``dx = (a * dy - kx * (x - mean)) - k0`` at element ``at``, ``coefs = (a, kx, mean, k0)``.
+
+        ``kx * (x - mean)`` rounded, fused into ``a * dy``, then ``k0``
+        subtracted: the operations LLVM makes of the scalar ``dx`` loop.
+        """
+        builder = self.builder
+        a, kx, mean, k0 = coefs
+        centered = builder.fmul(builder.fsub(self.load(x, at, mask, stored=True), mean), kx)
+        fused = builder.call(self.fma, [a, self.load(dy, at, mask, stored=True), builder.fneg(centered)])
+        self.store(dx, at, builder.fsub(fused, k0), mask)
 
     def emit(self, step, name):
         """Emit the loop of whole vectors, then the masked one; ``step(offset, mask)`` (0-based offsets)."""
@@ -717,16 +730,47 @@ def _affine_dx_span(typingctx, dx, dy, x, off, count, a, kx, mean_hi, k0):
         )
 
         def step(offset, mask):
-            at = builder.add(offset, off)
-            centered = builder.fmul(builder.fsub(span.load(x_a, at, mask, stored=True), mean_hi_v), kx_v)
-            dy_v = span.load(dy_a, at, mask, stored=True)
-            fused = builder.call(span.fma, [a_v, dy_v, builder.fneg(centered)])
-            span.store(dx_a, at, builder.fsub(fused, k0_v), mask)
+            span.store_dx(dx_a, dy_a, x_a, builder.add(offset, off), mask, (a_v, kx_v, mean_hi_v, k0_v))
 
         span.emit(step, "affine_dx_span")
         return context.get_dummy_value()
 
     return types.void(dx, dy, x, off, count, a, kx, mean_hi, k0), codegen
+
+
+@intrinsic
+def _affine_dx_coefs(typingctx, dx, dy, x, off, count, coef, mean_at, a_at, kx_at, k0_at):
+    """``dx[j] = (a * dy[j] - kx * (x[j] - mean)) - k0``, ``j = off + i``, ``i < count``.
+
+    The ``dx`` of a channels-last block (``_cl_dx_block``): ``mean``, ``a``,
+    ``kx`` and ``k0`` are per-channel coefficient vectors, element ``i`` of
+    each at its offset of one array in the compute type.  The operations are
+    :func:`_affine_dx_span`'s, in the explicit vector loop of
+    :class:`_SpanLoop`.  ``dx`` may be ``dy`` itself; any other overlap is the
+    caller's to exclude.
+    """
+    if not (_streamable(dx, x) and isinstance(dy, types.Array) and dy.dtype == dx.dtype):
+        return None
+    if not isinstance(coef, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (dx_a, dy_a, x_a), off, count = _span_arrays(context, builder, signature, args, 3)
+        coef_a = context.make_array(signature.args[5])(context, builder, args[5])
+        offsets = [
+            context.cast(builder, a, t, types.int64)
+            for a, t in zip(args[6:], signature.args[6:], strict=True)
+        ]
+        span = _SpanLoop(context, builder, signature.args[0].dtype, off, count)
+
+        def step(offset, mask):
+            mean, a, kx, k0 = (span.load(coef_a, builder.add(offset, o), mask) for o in offsets)
+            span.store_dx(dx_a, dy_a, x_a, builder.add(offset, off), mask, (a, kx, mean, k0))
+
+        span.emit(step, "affine_dx_coefs")
+        return context.get_dummy_value()
+
+    return types.void(dx, dy, x, off, count, coef, mean_at, a_at, kx_at, k0_at), codegen
 
 
 @intrinsic
@@ -776,6 +820,15 @@ def affine_dx_span(dx, dy, x, off, count, a, kx, mean_hi, k0):
         dx[i] = narrow(dx.dtype, a * widen(dy[i]) - kx * (widen(x[i]) - mean_hi) - k0)
 
 
+def affine_dx_coefs(dx, dy, x, off, count, coef, mean_at, a_at, kx_at, k0_at):
+    """Pure-Python :func:`_affine_dx_coefs` (``NUMBA_DISABLE_JIT=1``): the same values, unfused."""
+    for i in range(count):
+        value = coef[a_at + i] * widen(dy[off + i]) - coef[kx_at + i] * (
+            widen(x[off + i]) - coef[mean_at + i]
+        )
+        dx[off + i] = narrow(dx.dtype, value - coef[k0_at + i])
+
+
 def affine_rows(y, x, weight, bias, off, count, s0, mean_hi, mean_lo, rstd):
     """Pure-Python :func:`_affine_rows` (``NUMBA_DISABLE_JIT=1``): the same values."""
     with_weight = weight.size > 0
@@ -814,6 +867,7 @@ if not numba.config.DISABLE_JIT:
     affine_span = _affine_span  # noqa: F811
     affine_coefs = _affine_coefs  # noqa: F811
     affine_dx_span = _affine_dx_span  # noqa: F811
+    affine_dx_coefs = _affine_dx_coefs  # noqa: F811
     address = _address  # noqa: F811
 
 
