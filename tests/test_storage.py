@@ -270,3 +270,59 @@ def test_pure_python_load_store_agree(view):
     with np.errstate(invalid="ignore", over="ignore"):
         stored_py = _to_16(pattern, view, _convert_py)
     _assert_bits_equal(_to_16(pattern, view), stored_py, pattern.view(np.uint32), "jit == pure Python")
+
+
+# ---------------------------------------------------------------------------
+# Sums in steps (16-bit block moments)
+# ---------------------------------------------------------------------------
+
+
+@numba.njit(**{**JIT_OPTIONS, "cache": False})
+def _step_sums(x, off, count, shift):
+    return storage.step_sums(x, off, count, shift)
+
+
+@numba.njit(**{**JIT_OPTIONS, "cache": False})
+def _step_dots(dy, x, off, count, mean_hi):
+    return storage.step_dots(dy, x, off, count, mean_hi)
+
+
+@pytest.mark.parametrize(
+    "dtype", [BF16, np.float16, np.float32, np.float64], ids=["bf16", "f16", "f32", "f64"]
+)
+def test_step_sums_match_numpy_and_float64(dtype):
+    """``step_sums`` and ``step_dots`` (explicit vector code) give their NumPy versions' bits.
+
+    Spans of every remainder shape (a masked last vector, one to three whole
+    vectors left over, whole steps only, shorter than a vector), at offsets
+    that are not vector-aligned, shifted by the first element and unshifted
+    (the uncentered sum of squares).  Against the exact float64 sums of the
+    same stored values: ``sum(d*d)`` within a few float32 roundings of its
+    size, ``sum(d)`` within a few roundings of ``sum(|d|)``.
+    """
+    rng = np.random.default_rng(7)
+    stored = (rng.standard_normal(5000) * 3 + 10).astype(dtype)
+    view = {BF16: np.uint16, np.dtype(np.float16): np.int16}.get(np.dtype(dtype))
+    view = stored if view is None else stored.view(view)
+    values = stored.astype(np.float64)
+    grad = rng.standard_normal(5000).astype(dtype)
+    grad_view = grad if view is stored else grad.view(view.dtype)
+    grads = grad.astype(np.float64)
+    eps = 2.0**-52 if dtype == np.float64 else 2.0**-24
+    spans = [(0, 1), (3, 15), (1, 16), (5, 17), (0, 63), (2, 64), (7, 65), (0, 100), (9, 191), (0, 4096)]
+    spans.append((11, 4989))
+    for off, count in spans:
+        for shift in (0.0, float(values[off])):
+            compiled = _step_sums(view, off, count, shift)
+            python = storage.numpy_step_sums(view, off, count, shift)
+            assert np.array_equal(np.array(compiled), np.array(python)), (off, count, shift, compiled, python)
+            d = values[off : off + count] - np.float64(np.float32(shift) if dtype != np.float64 else shift)
+            assert abs(compiled[0] - d.sum()) <= 8 * eps * np.abs(d).sum(), (off, count, shift)
+            assert abs(compiled[1] - (d * d).sum()) <= 8 * eps * (d * d).sum(), (off, count, shift)
+            dots = _step_dots(grad_view, view, off, count, shift)
+            assert np.array_equal(
+                np.array(dots), np.array(storage.numpy_step_dots(grad_view, view, off, count, shift))
+            )
+            g = grads[off : off + count]
+            assert abs(dots[0] - g.sum()) <= 8 * eps * np.abs(g).sum(), (off, count, shift)
+            assert abs(dots[1] - (g * d).sum()) <= 8 * eps * np.abs(g * d).sum(), (off, count, shift)

@@ -94,7 +94,7 @@ VECTOR_LOOPS = {
 #: also where LLVM unswitched a loop around one (``.us``; not its unrolling remainder,
 #: ``.epil``, nor its preheaders).
 _EXPLICIT_LOOP = r"\.loop(?:\.us\d*)?[\d.]*:"
-_VECTOR_BODY = re.compile(rf"^(?:vector\.body[\d.]*:|affine_\w+{_EXPLICIT_LOOP})", re.MULTILINE)
+_VECTOR_BODY = re.compile(rf"^(?:vector\.body[\d.]*:|(?:affine_\w+|step_sums){_EXPLICIT_LOOP})", re.MULTILINE)
 _VECTOR_OP = re.compile(r"= (?:fadd|fsub|fmul|fdiv|fpext|fptrunc|call)[^=\n]*?<(\d+) x (float|double)>")
 
 
@@ -347,7 +347,7 @@ def test_affine_loops_are_explicit_vector_code(name, loops, label, storage_type,
     # bfloat16 on a CPU with AVX512-BF16: vcvtneps2bf16 (LLVM's fptrunc to bfloat), the
     # integer rounding behind the subnormal check (tests/test_storage.py checks the bits)
     if storage_type == types.uint16 and storage._has_bf16_instructions(cpu_target.target_context):
-        assert "to <16 x bfloat>" in ir and "@llvm.is.fpclass.v16f32" in ir
+        assert "to <16 x bfloat>" in ir and "@llvm.x86.avx512.fpclass.ps.512" in ir
 
 
 def _convert(src, dst):
@@ -379,3 +379,21 @@ def test_the_check_sees_a_scalar_loop():
     """Control: without reassociation a float64 reduction cannot vectorize, and the count shows it."""
     assert _vector_loops(_optimized_ir("_dots", types.float32))[0] == 1
     assert _vector_loops(_optimized_ir("_dots", types.float32, fastmath=set()))[0] == 0
+
+
+@pytest.mark.parametrize("storage_type", [types.uint16, types.int16], ids=["bfloat16", "float16"])
+def test_16bit_moments_sum_in_explicit_steps(storage_type):
+    """16-bit block moments and dot products are ``storage.step_sums`` / ``step_dots``' vector IR.
+
+    Four vectors' deviations and squares summed in float32 per step, chained in
+    float64 (docs/perf-notes/16-bit-float32-accumulation.md); the two-pass
+    fallback is LLVM's vectorized float64 loop, as for float32 data.
+    """
+    ir = _optimized_ir("_moments", storage_type)
+    assert len(re.findall(rf"^step_sums{_EXPLICIT_LOOP}", ir, re.MULTILINE)) == 2
+    assert "fadd arcp <16 x float>" in ir and "fpext <16 x float>" in ir
+    assert _vector_loops(ir)[0] == VECTOR_LOOPS["_moments"]
+    # the channels-first dot products: one loop of steps, no loop left to LLVM
+    ir = _optimized_ir("_dots", storage_type)
+    assert len(re.findall(rf"^step_sums{_EXPLICIT_LOOP}", ir, re.MULTILINE)) == 1
+    assert not re.search(r"^vector\.body", ir, re.MULTILINE)

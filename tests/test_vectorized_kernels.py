@@ -61,6 +61,16 @@ KERNEL_VECTOR_LOOPS = {
     "channels_last_backward_apply": 1,
 }
 
+#: The 16-bit builds whose count differs from KERNEL_VECTOR_LOOPS: their block moments and
+#: dot products are explicit loops of steps (``storage.step_sums`` / ``step_dots``, counted),
+#: which LLVM merges where the float32 build keeps two vectorized loops (the centered and
+#: uncentered sums of ``_moments`` differ only by the shift; read off the loop labels).
+KERNEL_VECTOR_LOOPS_16BIT = {
+    "rows_forward_with_skip": 89,  # 11 loops of steps for 12 of LLVM's
+    "planes_forward": 28,  # 4 for 6
+    "planes_backward": 16,  # 1 for 3
+}
+
 
 #: The CPU model (LLVM's ``-mcpu``, Numba's ``NUMBA_CPU_NAME``) the kernels' counts are
 #: pinned to.  LLVM's cost model depends on it: compiled for Intel AVX-512 models
@@ -133,11 +143,14 @@ def test_kernels_keep_their_vectorized_loops(pinned_kernel_loops, name, dtype):
     """The loops stay vectorized once inlined into the kernels (float64 counts as float32).
 
     Also with 16-bit data (the integer views of ``_kernels/storage.py``, float32 parameters):
-    the conversions are in the loops, which keep at least float32's count.  Compiled for
-    :data:`PINNED_CPU`.
+    the conversions are in the loops, which keep at least float32's count, or
+    :data:`KERNEL_VECTOR_LOOPS_16BIT`'s.  Compiled for :data:`PINNED_CPU`.
     """
     loops, widths = pinned_kernel_loops[f"{name}/{dtype}"]
-    assert loops >= KERNEL_VECTOR_LOOPS[name], (
+    expected = KERNEL_VECTOR_LOOPS[name]
+    if dtype != "float32":
+        expected = KERNEL_VECTOR_LOOPS_16BIT.get(name, expected)
+    assert loops >= expected, (
         f"{name} ({dtype}, -mcpu={PINNED_CPU}): {loops} vectorized loops, expected "
-        f"{KERNEL_VECTOR_LOOPS[name]}; vector widths {widths}"
+        f"{expected}; vector widths {widths}"
     )

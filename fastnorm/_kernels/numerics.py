@@ -3,11 +3,12 @@
 Moments are accumulated in float64 over fixed blocks, each in one pass with
 sums shifted by its first element (two passes when that would cancel too many
 bits), and merged in float64 with Chan et al.'s pairwise update in a fixed
-order (docs/perf-notes/reduction-blocks-and-determinism.md).  Two kinds of sum
+order (docs/perf-notes/reduction-blocks-and-determinism.md).  Some sums
 run in the accumulation type of the data's storage (:func:`.storage.acc`:
-float64 for float32 and float64 data, float32 for 16-bit data): the
-channels-last steps of four rows, chained in float64, and the row dot products
-that set only ``dx`` (docs/perf-notes/16-bit-float32-accumulation.md).  Everything here is
+float64 for float32 and float64 data, float32 for 16-bit data): the steps of
+four vectors of the channels-first and row block moments and dot products and of
+four rows of the channels-last sums, each chained in float64, and the row dot
+products that set only ``dx`` (docs/perf-notes/16-bit-float32-accumulation.md).  Everything here is
 inlined into the kernels (``glue``) except the rare two-pass fallback and the
 merge.
 """
@@ -19,7 +20,7 @@ from numba.extending import overload
 
 from .._config import exact_helper, glue, helper
 from .schedule import BATCH, CENTERED, MOMENTS
-from .storage import BFLOAT16_VIEW, FLOAT16_VIEW, _is_16bit, acc, load, store
+from .storage import BFLOAT16_VIEW, FLOAT16_VIEW, _is_16bit, acc, load, step_dots, step_sums, store
 
 #: A one-pass (shifted) block moment that lost more than log2 of this many bits
 #: to cancellation is recomputed with two passes.
@@ -43,6 +44,21 @@ def cancellation_limit(like):
 def _ol_cancellation_limit(like):
     limit = CANCELLATION_LIMIT_FLOAT32 if _is_16bit(like) else CANCELLATION_LIMIT
     return lambda like: limit
+
+
+def in_steps(like):
+    """Whether block moments of ``like``'s storage are summed in steps (:func:`.storage.step_sums`).
+
+    True for 16-bit data, whose steps run in float32; float32 and float64 data
+    widen every element to float64.  A compile-time constant in compiled code.
+    """
+    return like.dtype in (BFLOAT16_VIEW, FLOAT16_VIEW)
+
+
+@overload(in_steps)
+def _ol_in_steps(like):
+    steps = _is_16bit(like)
+    return lambda like: steps
 
 
 # ---------------------------------------------------------------------------
@@ -156,18 +172,25 @@ def _moments(x, off, count, centered):
     (:func:`_moments_two_pass`), so the result is always as accurate as a
     centered computation.  A constant block gets exactly its value as mean and
     0 as sum of squares.  Without ``centered`` (RMSNorm) returns
-    ``(0, sum(x**2))``: no ``inf - inf`` when ``x`` holds an inf.  float64
-    for 16-bit data too: summed in float32, the statistics left float32
-    ``dweight`` farther from the reference than torch's
-    (docs/perf-notes/16-bit-float32-accumulation.md).
+    ``(0, sum(x**2))``: no ``inf - inf`` when ``x`` holds an inf.  16-bit
+    data sums in steps (:func:`.storage.step_sums`): four vectors'
+    deviations and squares added in float32, the steps in float64, and the
+    two-pass fallback from 4 lost bits (:func:`cancellation_limit`).  Whole
+    blocks summed in float32 had left float32 ``dweight`` farther from the
+    reference than torch's (docs/perf-notes/16-bit-float32-accumulation.md).
     """
     xs = x[off : off + count]
     if not centered:
+        if in_steps(xs):
+            return 0.0, step_sums(xs, 0, count, 0.0)[1]
         sum_sq = 0.0
         for i in range(count):
             sum_sq += load(xs, i) * np.float64(load(xs, i))
         return 0.0, sum_sq
     shift = np.float64(load(xs, 0))
+    if in_steps(xs):
+        sum_dev, sum_sq = step_sums(xs, 0, count, shift)
+        return _shifted_moments(xs, count, shift, sum_dev, sum_sq)
     sum_dev = 0.0
     sum_sq = 0.0
     for i in range(count):
@@ -181,7 +204,7 @@ def _moments(x, off, count, centered):
 def _shifted_moments(xs, count, shift, sum_dev, sum_sq):
     """Finish :func:`_moments` from the sums of ``xs - shift`` and of its squares."""
     m2 = sum_sq - sum_dev * sum_dev / count
-    if sum_sq > CANCELLATION_LIMIT * m2:
+    if sum_sq > cancellation_limit(xs) * m2:
         return _moments_two_pass(xs, count)
     return shift + sum_dev / count, m2
 
@@ -211,11 +234,18 @@ def _moments_two_pass(xs, count):
 def _dots(dy, x, off, count, mean):
     """``sum(dy)`` and ``sum(dy * (x - mean))`` over ``[off, off+count)``, in float64.
 
-    float64 for 16-bit data too: a channels-first plane's sums are its
-    ``dweight`` / ``dbias`` terms, which float32 sums left 6 to 23 float32
-    ulps from the reference, farther than torch's
+    16-bit data sums in steps (:func:`.storage.step_dots`: four vectors'
+    products in float32, the steps in float64) about ``mean_hi``, the mean in
+    float32, and takes ``mean_lo * sum(dy)`` off at the end
+    (:func:`_dots_finish`).  A channels-first plane's sums are its
+    ``dweight`` / ``dbias`` terms: whole blocks summed in float32 had left
+    them 6 to 23 float32 ulps from the reference, farther than torch's
     (docs/perf-notes/16-bit-float32-accumulation.md).
     """
+    if in_steps(x):
+        mean_hi = acc(x, mean)
+        sum_dy, sum_dy_xc = step_dots(dy, x, off, count, mean_hi)
+        return _dots_finish(sum_dy, sum_dy_xc, mean, mean_hi)
     xs = x[off : off + count]
     dys = dy[off : off + count]
     sum_dy = 0.0

@@ -6,8 +6,10 @@ of the storage (:func:`compute`): float32 for float32, bfloat16 and float16
 data, float64 for float64 data.  Its reductions over elements run in the
 *accumulation type* (:func:`accumulate`): float64 for float32 and float64
 data, float32 for 16-bit data, whose 8 or 11 significant bits a float32 sum
-over one block keeps (docs/perf-notes/16-bit-float32-accumulation.md).
-Blocks merge, and statistics are kept, in float64 for every storage type.
+of a few terms keeps: a step of four vectors (:func:`step_sums`) or of four
+channels-last rows, added to float64 sums
+(docs/perf-notes/16-bit-float32-accumulation.md).  Blocks merge, and
+statistics are kept, in float64 for every storage type.
 
 Numba has neither a bfloat16 nor a float16 type, so 16-bit data reaches the
 kernels as a 16-bit integer view of the same memory, and the view's integer
@@ -187,9 +189,9 @@ class _BFloat(ir.Type):
 
 
 def _has_bf16_instructions(context):
-    """Whether the code is compiled for a CPU with AVX512-BF16 (``vcvtneps2bf16``)."""
-    features = getattr(context.codegen(), "_tm_features", "") or ""
-    return "+avx512bf16" in features.split(",")
+    """Whether the code is compiled for AVX512-BF16 (``vcvtneps2bf16``) and AVX512-DQ (``vfpclassps``)."""
+    features = (getattr(context.codegen(), "_tm_features", "") or "").split(",")
+    return "+avx512bf16" in features and "+avx512dq" in features
 
 
 def _narrow_bf16_vector_ir(builder, value32, mask):
@@ -197,16 +199,26 @@ def _narrow_bf16_vector_ir(builder, value32, mask):
 
     The instruction rounds to nearest even and quiets a NaN as :func:`_narrow_ir`
     does, but flushes subnormal inputs to zero; a vector holding a subnormal
-    (``llvm.is.fpclass``; among the lanes of ``mask`` when given) takes
-    :func:`_narrow_ir`'s integer rounding instead, behind a branch
-    (docs/perf-notes/bfloat16-conversion.md).
+    (among the lanes of ``mask`` when given) takes :func:`_narrow_ir`'s integer
+    rounding instead, behind a branch (docs/perf-notes/bfloat16-conversion.md).
+    The test is AVX512-DQ's ``vfpclassps`` on a 16-lane vector (one
+    instruction; LLVM lowers ``llvm.is.fpclass`` to three integer operations
+    here), ``llvm.is.fpclass`` on other widths.
     """
     lanes = value32.type.count
-    fpclass = builder.module.declare_intrinsic(
-        f"llvm.is.fpclass.v{lanes}f32",
-        fnty=ir.FunctionType(ir.VectorType(ir.IntType(1), lanes), [value32.type, _I32]),
-    )
-    subnormal = builder.call(fpclass, [value32, ir.Constant(_I32, 0x90)])  # fcNegSubnormal | fcPosSubnormal
+    if lanes == 16:
+        fpclass = builder.module.declare_intrinsic(
+            "llvm.x86.avx512.fpclass.ps.512",
+            fnty=ir.FunctionType(ir.VectorType(ir.IntType(1), lanes), [value32.type, _I32]),
+        )
+        subnormal = builder.call(fpclass, [value32, ir.Constant(_I32, 0x20)])  # denormal
+    else:
+        fpclass = builder.module.declare_intrinsic(
+            f"llvm.is.fpclass.v{lanes}f32",
+            fnty=ir.FunctionType(ir.VectorType(ir.IntType(1), lanes), [value32.type, _I32]),
+        )
+        # fcNegSubnormal | fcPosSubnormal
+        subnormal = builder.call(fpclass, [value32, ir.Constant(_I32, 0x90)])
     if mask is not None:
         subnormal = builder.select(mask, subnormal, ir.Constant(subnormal.type, [0] * lanes))
     any_subnormal = builder.icmp_unsigned(
@@ -283,6 +295,32 @@ def _accumulate(typingctx, dtype, value):
 STREAM_BYTES = 64
 
 
+def _open_loop(builder, trips, name, after):
+    """Branch into a new counted loop block ``name`` when ``trips > 0``, else to a new block ``after``.
+
+    Returns ``(entry, loop, after_block, k)`` with the builder at the top of
+    the loop, ``k`` its trip index (an i64 phi from 0); :func:`_close_loop`
+    ends it.  The loop skeleton of every explicit loop here.
+    """
+    i64 = ir.IntType(64)
+    entry = builder.block
+    loop = builder.append_basic_block(name)
+    after_block = builder.append_basic_block(after)
+    builder.cbranch(builder.icmp_unsigned(">", trips, ir.Constant(i64, 0)), loop, after_block)
+    builder.position_at_end(loop)
+    k = builder.phi(i64)
+    k.add_incoming(ir.Constant(i64, 0), entry)
+    return entry, loop, after_block, k
+
+
+def _close_loop(builder, k, trips, loop, after_block):
+    """End a loop of :func:`_open_loop`: the next ``k``, back to ``loop`` while below ``trips``."""
+    k_next = builder.add(k, ir.Constant(ir.IntType(64), 1))
+    k.add_incoming(k_next, builder.block)  # the body may end in another block
+    builder.cbranch(builder.icmp_unsigned("<", k_next, trips), loop, after_block)
+    builder.position_at_end(after_block)
+
+
 def emit_stream_loop(builder, dst, width, body, carried=()):
     """Emit ``dst[o : o + width] = body(o, state)`` for ``o = 0, width, ..``: non-temporal stores, ``sfence``.
 
@@ -296,13 +334,7 @@ def emit_stream_loop(builder, dst, width, body, carried=()):
     """
     i32, i64 = ir.IntType(32), ir.IntType(64)
     count = builder.udiv(dst.nitems, ir.Constant(i64, width))
-    entry = builder.block
-    loop = builder.append_basic_block("stream.loop")
-    done = builder.append_basic_block("stream.done")
-    builder.cbranch(builder.icmp_unsigned(">", count, ir.Constant(i64, 0)), loop, done)
-    builder.position_at_end(loop)
-    k = builder.phi(i64)
-    k.add_incoming(ir.Constant(i64, 0), entry)
+    entry, loop, done, k = _open_loop(builder, count, "stream.loop", "stream.done")
     state = []
     for initial, _ in carried:
         value = builder.phi(initial.type)
@@ -313,12 +345,9 @@ def emit_stream_loop(builder, dst, width, body, carried=()):
     target = builder.bitcast(builder.gep(dst.data, [offset]), vector.type.as_pointer())
     store = builder.store(vector, target, align=STREAM_BYTES)
     store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(i32, 1)]))
-    k_next = builder.add(k, ir.Constant(i64, 1))
-    k.add_incoming(k_next, loop)
     for value, (_, step) in zip(state, carried, strict=True):
         value.add_incoming(step(builder, value), loop)
-    builder.cbranch(builder.icmp_unsigned("<", k_next, count), loop, done)
-    builder.position_at_end(done)
+    _close_loop(builder, k, count, loop, done)
     fence = builder.module.declare_intrinsic("llvm.x86.sse.sfence", fnty=ir.FunctionType(ir.VoidType(), []))
     builder.call(fence, [])
 
@@ -560,18 +589,9 @@ class _SpanLoop:
     def emit(self, step, name):
         """Emit the loop of whole vectors, then the masked one; ``step(offset, mask)`` (0-based offsets)."""
         builder, i64 = self.builder, ir.IntType(64)
-        entry = builder.block
-        loop = builder.append_basic_block(f"{name}.loop")
-        rest = builder.append_basic_block(f"{name}.rest")
-        builder.cbranch(builder.icmp_unsigned(">", self.whole, ir.Constant(i64, 0)), loop, rest)
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        k.add_incoming(ir.Constant(i64, 0), entry)
+        _, loop, rest, k = _open_loop(builder, self.whole, f"{name}.loop", f"{name}.rest")
         step(builder.mul(k, ir.Constant(i64, self.width)), None)
-        k_next = builder.add(k, ir.Constant(i64, 1))
-        k.add_incoming(k_next, builder.block)  # the step may end in another block
-        builder.cbranch(builder.icmp_unsigned("<", k_next, self.whole), loop, rest)
-        builder.position_at_end(rest)
+        _close_loop(builder, k, self.whole, loop, rest)
         with builder.if_then(builder.icmp_unsigned(">", self.left, ir.Constant(i64, 0))):
             step(self.rest_offset, self.tail_mask)
 
@@ -773,6 +793,156 @@ def _affine_dx_coefs(typingctx, dx, dy, x, off, count, coef, mean_at, a_at, kx_a
     return types.void(dx, dy, x, off, count, coef, mean_at, a_at, kx_at, k0_at), codegen
 
 
+#: Vectors of :func:`_step_sums` summed in the compute type before they are added in float64.
+STEP_VECTORS = 4
+
+
+#: Fast-math flags of the operations whose order and rounding must stay as written: Numba's
+#: fastmath pass (``reassoc``, ``contract``) leaves an instruction alone that has a flag, and
+#: ``arcp`` only concerns divisions.
+_AS_WRITTEN = ("arcp",)
+
+
+def _indices(i32, start, count):
+    """Return the constant ``<count x i32>`` vector ``start, start + 1, ...`` (a shuffle mask)."""
+    return ir.Constant(ir.VectorType(i32, count), list(range(start, start + count)))
+
+
+def _tree_sum_ir(builder, vector):
+    """Sum the lanes of ``vector`` pairwise: halves added until one lane is left."""
+    i32 = ir.IntType(32)
+    lanes = vector.type.count
+    while lanes > 1:
+        half = lanes // 2
+        low, high = (builder.shuffle_vector(vector, vector, _indices(i32, a, half)) for a in (0, half))
+        vector, lanes = builder.fadd(low, high, flags=_AS_WRITTEN), half
+    return builder.extract_element(vector, ir.Constant(i32, 0))
+
+
+def _emit_steps(context, builder, span, terms):
+    """Emit the loop of :func:`_step_sums` / :func:`_step_dots`; return the float64 tuple of its two sums.
+
+    ``terms(at, mask)`` returns the two compute-type vectors of the vector at
+    element ``at`` of the arrays (``mask`` ``None`` for a whole one), with
+    operations from :data:`_AS_WRITTEN`; masked-off lanes are set to zero here.
+    """
+    width, i64 = span.width, ir.IntType(64)
+    sum_vector = ir.VectorType(ir.DoubleType(), width)
+    zero_sum = ir.Constant(sum_vector, [ir.Constant(ir.DoubleType(), 0.0)] * width)
+    zero = ir.Constant(span.value_vector, [ir.Constant(span.value_vector.element, 0.0)] * width)
+    lanes = ir.Constant(ir.VectorType(i64, width), [ir.Constant(i64, j) for j in range(width)])
+
+    def add(a, b):
+        return builder.fadd(a, b, flags=_AS_WRITTEN)
+
+    def step(start, left):
+        """Return the step's two compute-type sums; ``left`` elements remain (``None``: all)."""
+        pairs = []
+        for j in range(STEP_VECTORS):
+            at = builder.add(span.off, builder.add(start, ir.Constant(i64, width * j)))
+            mask = None
+            if left is not None:
+                in_vector = builder.sub(left, ir.Constant(i64, width * j))
+                mask = builder.icmp_signed(
+                    "<", lanes, _splat_ir(builder, ir.VectorType(i64, width), in_vector)
+                )
+            pair = terms(at, mask)
+            pairs.append(pair if mask is None else [builder.select(mask, t, zero) for t in pair])
+        return [add(add(pairs[0][t], pairs[1][t]), add(pairs[2][t], pairs[3][t])) for t in (0, 1)]
+
+    def widen(value):
+        return value if value.type == sum_vector else builder.fpext(value, sum_vector)
+
+    per_step = ir.Constant(i64, width * STEP_VECTORS)
+    steps = builder.udiv(span.count, per_step)
+    entry, loop, rest, k = _open_loop(builder, steps, "step_sums.loop", "step_sums.rest")
+    sums = [builder.phi(sum_vector) for _ in range(2)]
+    for acc_phi in sums:
+        acc_phi.add_incoming(zero_sum, entry)
+    added = [add(a, widen(t)) for a, t in zip(sums, step(builder.mul(k, per_step), None), strict=True)]
+    for acc_phi, value in zip(sums, added, strict=True):
+        acc_phi.add_incoming(value, loop)
+    _close_loop(builder, k, steps, loop, rest)
+    before = [builder.phi(sum_vector) for _ in range(2)]
+    for phi, value in zip(before, added, strict=True):
+        phi.add_incoming(zero_sum, entry)
+        phi.add_incoming(value, loop)
+    done = builder.mul(steps, per_step)
+    with builder.if_then(builder.icmp_unsigned(">", span.count, done)):
+        last = [
+            add(b, widen(t)) for b, t in zip(before, step(done, builder.sub(span.count, done)), strict=True)
+        ]
+        tail_block = builder.block
+    totals = []
+    for b, value in zip(before, last, strict=True):
+        phi = builder.phi(sum_vector)
+        phi.add_incoming(b, rest)
+        phi.add_incoming(value, tail_block)
+        totals.append(phi)
+    results = [_tree_sum_ir(builder, total) for total in totals]
+    return context.make_tuple(builder, types.UniTuple(types.float64, 2), results)
+
+
+@intrinsic
+def _step_sums(typingctx, x, off, count, shift):
+    """``(sum(d), sum(d * d))`` in float64, ``d = x[off+i] - shift``, in steps of four vectors.
+
+    Each step takes :data:`STEP_VECTORS` vectors of :data:`ROW_VECTOR_BYTES`
+    (64 elements of 16-bit data), forms ``d`` and its square in the compute
+    type (float32 for 16-bit data), adds the four vectors lane by lane,
+    ``(d0 + d1) + (d2 + d3)``, in that type, and adds that to float64 lane
+    sums; the last step's missing elements are zeros.  The lane sums are then
+    added pairwise (lanes ``i`` and ``i + 8``, then ``i + 4``, ...).  The
+    order is fixed by ``count`` alone.  ``shift`` is converted to the compute
+    type (``0.0`` gives the plain sums).  Widening every element to float64
+    doubles the vector operations of a sum, which bound the 16-bit moments
+    (docs/perf-notes/16-bit-float32-accumulation.md).  The operations run as
+    written, neither fused nor reordered (:data:`_AS_WRITTEN`), so that
+    :func:`numpy_step_sums` computes the same values in NumPy.
+    """
+    if not isinstance(x, types.Array):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (x_a,), off, count = _span_arrays(context, builder, signature, args, 1)
+        span = _SpanLoop(context, builder, signature.args[0].dtype, off, count)
+        shift_v = span.splat(args[3], signature.args[3])
+
+        def terms(at, mask):
+            d = builder.fsub(span.load(x_a, at, mask, stored=True), shift_v, flags=_AS_WRITTEN)
+            return d, builder.fmul(d, d, flags=_AS_WRITTEN)
+
+        return _emit_steps(context, builder, span, terms)
+
+    return types.UniTuple(types.float64, 2)(x, off, count, shift), codegen
+
+
+@intrinsic
+def _step_dots(typingctx, dy, x, off, count, mean_hi):
+    """``(sum(dy), sum(dy * (x - mean_hi)))`` in float64 over ``[off, off+count)``, in steps.
+
+    The products ``dy * (x - mean_hi)`` are formed in the compute type and
+    summed as :func:`_step_sums` sums its terms (:func:`numpy_step_dots` in
+    NumPy); ``mean_hi`` is converted to the compute type.
+    """
+    if not (isinstance(x, types.Array) and isinstance(dy, types.Array) and dy.dtype == x.dtype):
+        return None
+
+    def codegen(context, builder, signature, args):
+        (dy_a, x_a), off, count = _span_arrays(context, builder, signature, args, 2)
+        span = _SpanLoop(context, builder, signature.args[1].dtype, off, count)
+        mean_v = span.splat(args[4], signature.args[4])
+
+        def terms(at, mask):
+            dy_v = span.load(dy_a, at, mask, stored=True)
+            centered = builder.fsub(span.load(x_a, at, mask, stored=True), mean_v, flags=_AS_WRITTEN)
+            return dy_v, builder.fmul(dy_v, centered, flags=_AS_WRITTEN)
+
+        return _emit_steps(context, builder, span, terms)
+
+    return types.UniTuple(types.float64, 2)(dy, x, off, count, mean_hi), codegen
+
+
 @intrinsic
 def _address(typingctx, array):
     """Return the address of ``array``'s data, as an integer."""
@@ -852,6 +1022,55 @@ def affine_span(y, x, off, count, mean_hi, scale, shift):
         y[i] = narrow(y.dtype, (widen(x[i]) - mean_hi) * scale + shift)
 
 
+def _compute_values(x, off, count):
+    """``x[off:off+count]`` in its compute type, in NumPy: float32 for 16-bit views."""
+    span = np.asarray(x[off : off + count])
+    if span.dtype == BFLOAT16_VIEW:
+        return (span.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    if span.dtype == FLOAT16_VIEW:
+        return span.view(np.float16).astype(np.float32)
+    return span
+
+
+def _numpy_steps(first, second):
+    """Return the float64 sums of two arrays of compute-type terms, in :func:`_step_sums`' order."""
+    width = ROW_VECTOR_BYTES // first.itemsize
+    per_step = width * STEP_VECTORS
+    sums = []
+    for terms in (first, second):
+        padded = np.zeros(-(-terms.size // per_step) * per_step, terms.dtype)
+        padded[: terms.size] = terms
+        lanes = np.zeros(width)
+        for start in range(0, padded.size, per_step):
+            t0, t1, t2, t3 = (
+                padded[start + width * j : start + width * (j + 1)] for j in range(STEP_VECTORS)
+            )
+            lanes = lanes + ((t0 + t1) + (t2 + t3)).astype(np.float64)
+        while lanes.size > 1:
+            lanes = lanes[: lanes.size // 2] + lanes[lanes.size // 2 :]
+        sums.append(float(lanes[0]))
+    return sums[0], sums[1]
+
+
+def step_sums(x, off, count, shift):
+    """Pure-Python :func:`_step_sums` (``NUMBA_DISABLE_JIT=1``): the same values."""
+    values = _compute_values(x, off, count)
+    d = values - values.dtype.type(shift)
+    return _numpy_steps(d, d * d)
+
+
+def step_dots(dy, x, off, count, mean_hi):
+    """Pure-Python :func:`_step_dots` (``NUMBA_DISABLE_JIT=1``): the same values."""
+    dys, xs = _compute_values(dy, off, count), _compute_values(x, off, count)
+    return _numpy_steps(dys, dys * (xs - xs.dtype.type(mean_hi)))
+
+
+#: :func:`step_sums` and :func:`step_dots` in NumPy under any ``NUMBA_DISABLE_JIT`` (tests
+#: compare them with the compiled ones).
+numpy_step_sums = step_sums
+numpy_step_dots = step_dots
+
+
 def address(array):
     """Return the address of ``array``'s data (pure Python; compiled: :func:`_address`)."""
     return array.ctypes.data
@@ -869,6 +1088,8 @@ if not numba.config.DISABLE_JIT:
     affine_dx_span = _affine_dx_span  # noqa: F811
     affine_dx_coefs = _affine_dx_coefs  # noqa: F811
     address = _address  # noqa: F811
+    step_sums = _step_sums  # noqa: F811
+    step_dots = _step_dots  # noqa: F811
 
 
 @glue
