@@ -637,10 +637,21 @@ def _cl_set_dx_coefs(weight, mean, rstd, chan, coef, spec, set_index):
         sum_g_xc = 0.0 + w * chan[2 * nc * set_index + nc + c]
         kx, k0 = _dx_coefs(sum_g, sum_g_xc, rstd[k], m, spec.flags)
         mean_hi, kx_x, k0_x = _dx_constants(coef, mean[k] if spec.flags & CENTERED else 0.0, kx, k0)
-        coef[base + c] = mean_hi
-        coef[base + nc + c] = rstd[k] * weight[c] if weight.size > 0 else rstd[k]
-        coef[base + 2 * nc + c] = kx_x
-        coef[base + 3 * nc + c] = k0_x
+        _cl_put_dx_coefs(weight, rstd[k], coef, nc, base, c, (mean_hi, kx_x, k0_x))
+
+
+@glue
+def _cl_put_dx_coefs(weight, r, coef, nc, base, c, constants):
+    """Store channel ``c``'s ``dx`` coefficients in the set's four vectors at ``base``.
+
+    ``constants`` is the group's ``(mean_hi, kx, k0)`` of :func:`_dx_constants`;
+    the scale is ``r * weight[c]`` (``r`` the group's ``rstd``).
+    """
+    mean_hi, kx_x, k0_x = constants
+    coef[base + c] = mean_hi
+    coef[base + nc + c] = r * weight[c] if weight.size > 0 else r
+    coef[base + 2 * nc + c] = kx_x
+    coef[base + 3 * nc + c] = k0_x
 
 
 @glue
@@ -648,14 +659,10 @@ def _cl_store_dx_coefs(weight, mean, rstd, coef, spec, k, kx, k0):
     """Store group ``k``'s ``kx``, ``k0`` in its channels' coefficient vectors (:func:`_cl_group_coefs`)."""
     _, _, c0, d = _group(spec, k)
     nc = spec.channels
-    r = rstd[k]
-    mean_hi, kx_x, k0_x = _dx_constants(coef, mean[k] if spec.flags & CENTERED else 0.0, kx, k0)
+    constants = _dx_constants(coef, mean[k] if spec.flags & CENTERED else 0.0, kx, k0)
     base = 4 * nc * (k // spec.groups)
     for c in range(c0, c0 + d):
-        coef[base + c] = mean_hi
-        coef[base + nc + c] = r * weight[c] if weight.size > 0 else r
-        coef[base + 2 * nc + c] = kx_x
-        coef[base + 3 * nc + c] = k0_x
+        _cl_put_dx_coefs(weight, rstd[k], coef, nc, base, c, constants)
 
 
 @helper

@@ -201,24 +201,15 @@ def _narrow_bf16_vector_ir(builder, value32, mask):
     does, but flushes subnormal inputs to zero; a vector holding a subnormal
     (among the lanes of ``mask`` when given) takes :func:`_narrow_ir`'s integer
     rounding instead, behind a branch (docs/perf-notes/bfloat16-conversion.md).
-    The test is AVX512-DQ's ``vfpclassps`` on a 16-lane vector (one
-    instruction; LLVM lowers ``llvm.is.fpclass`` to three integer operations
-    here), ``llvm.is.fpclass`` on other widths.
+    The test is AVX512-DQ's ``vfpclassps`` (one instruction; LLVM lowers the
+    generic ``llvm.is.fpclass`` to three integer operations here).
     """
     lanes = value32.type.count
-    if lanes == 16:
-        fpclass = builder.module.declare_intrinsic(
-            "llvm.x86.avx512.fpclass.ps.512",
-            fnty=ir.FunctionType(ir.VectorType(ir.IntType(1), lanes), [value32.type, _I32]),
-        )
-        subnormal = builder.call(fpclass, [value32, ir.Constant(_I32, 0x20)])  # denormal
-    else:
-        fpclass = builder.module.declare_intrinsic(
-            f"llvm.is.fpclass.v{lanes}f32",
-            fnty=ir.FunctionType(ir.VectorType(ir.IntType(1), lanes), [value32.type, _I32]),
-        )
-        # fcNegSubnormal | fcPosSubnormal
-        subnormal = builder.call(fpclass, [value32, ir.Constant(_I32, 0x90)])
+    fpclass = builder.module.declare_intrinsic(
+        f"llvm.x86.avx512.fpclass.ps.{32 * lanes}",
+        fnty=ir.FunctionType(ir.VectorType(ir.IntType(1), lanes), [value32.type, _I32]),
+    )
+    subnormal = builder.call(fpclass, [value32, ir.Constant(_I32, 0x20)])  # denormal
     if mask is not None:
         subnormal = builder.select(mask, subnormal, ir.Constant(subnormal.type, [0] * lanes))
     any_subnormal = builder.icmp_unsigned(
