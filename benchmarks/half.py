@@ -37,7 +37,7 @@ import statistics
 
 from benchmarks.baselines.onednn import supports
 from benchmarks.cases import HALF_DTYPES, HALF_SET_PASSES, KINDS, Case, _normalize_dtypes, half_set_keys
-from benchmarks.runtime import load_onednn, max_threads, optional_torch, reuse_freed_memory, set_threads
+from benchmarks.runtime import max_threads, start_baselines
 from benchmarks.timing import interleaved
 from benchmarks.workloads import make_workload
 
@@ -211,18 +211,8 @@ def main(argv=None):
         Arguments (default ``sys.argv[1:]``).
     """
     args = _parse_args(argv)
-    torch = None if args.no_torch else optional_torch()  # first: it sets GOMP_SPINCOUNT
-    onednn_version = None
-    if not args.no_onednn:
-        from benchmarks.baselines import onednn
-
-        try:
-            onednn_version = ".".join(map(str, load_onednn().version))
-        except onednn.OneDNNError as exc:
-            print(f"note: oneDNN not timed: {exc}")
-    reused = reuse_freed_memory()
-    threads = args.threads or max_threads()
-    set_threads(threads)
+    baselines = start_baselines(not args.no_torch, not args.no_onednn, args.threads)
+    torch, onednn_version, reused, threads = baselines
     rows, notes = measure(
         args.rounds, args.kinds, args.passes, args.dtypes, torch is not None, onednn_version is not None
     )

@@ -116,3 +116,40 @@ def max_threads():
     import numba
 
     return int(numba.config.NUMBA_NUM_THREADS)
+
+
+def start_baselines(with_torch, with_onednn, threads=None):
+    """Set up a comparison's process: torch, oneDNN, the allocator and the thread count, in that order.
+
+    torch is imported first (it sets ``GOMP_SPINCOUNT``); oneDNN is loaded with
+    the same short spin (a note is printed when it cannot be); freed memory is
+    reused (:func:`reuse_freed_memory`); Numba, torch and oneDNN get ``threads``.
+
+    Parameters
+    ----------
+    with_torch, with_onednn : bool
+    threads : int, optional
+        Default: all (:func:`max_threads`).
+
+    Returns
+    -------
+    torch : module or None
+    onednn_version : str or None
+        ``None`` when oneDNN was not asked for or cannot be loaded.
+    reused : bool
+        Whether freed memory is reused.
+    threads : int
+    """
+    torch = optional_torch() if with_torch else None
+    onednn_version = None
+    if with_onednn:
+        from .baselines import onednn
+
+        try:
+            onednn_version = ".".join(map(str, load_onednn().version))
+        except onednn.OneDNNError as exc:
+            print(f"note: oneDNN not timed: {exc}")
+    reused = reuse_freed_memory()
+    threads = threads or max_threads()
+    set_threads(threads)
+    return torch, onednn_version, reused, threads

@@ -11,7 +11,8 @@ Functional (``torch.nn.functional`` names and semantics, NumPy arrays):
 :func:`skip_layer_norm`, :func:`skip_rms_norm`.
 
 Explicit passes: :class:`NormSpec`, :func:`forward`, :func:`forward_inference`,
-:func:`backward`, :class:`Stats`, :class:`Gradients`.
+:func:`backward`, :class:`Stats`, :class:`Gradients`; :func:`prepare` checks one of
+these calls once and returns a callable that repeats it on the same memory.
 
 BatchNorm over a batch split across processes (the passes around a collective;
 :mod:`fastnorm.distributed`, :mod:`fastnorm.mpi`): :func:`batch_stats`,
@@ -29,7 +30,7 @@ PyTorch (CPU tensors, autograd, ``torch.nn`` modules): ``fastnorm.torch``, which
 # First: loads the tbb package's library before anything can start Numba's pool.
 from . import _threading  # noqa: F401
 from ._info import show_config
-from .core import Gradients, Stats, backward, forward, forward_inference
+from .core import Gradients, Stats, backward, forward, forward_inference, prepare
 from .distributed import (
     batch_norm_backward_apply,
     batch_norm_backward_reduce,
@@ -58,6 +59,7 @@ __all__ = [
     "forward",
     "forward_inference",
     "backward",
+    "prepare",
     "batch_norm",
     "instance_norm",
     "layer_norm",

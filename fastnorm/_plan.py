@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import weakref
 from dataclasses import dataclass
 
 import numba
@@ -349,7 +350,7 @@ def _new_plan(kspec, x, kernel_axes, param_shape, stats_shape, group_size):
         != K.plan_schedule(params, pass_id, 1 << 20, itemsize, True, True, False)
         for pass_id in (K.FORWARD, K.INFERENCE, K.BACKWARD)
     )
-    return _Plan(
+    plan = _Plan(
         kspec,
         params,
         itemsize,
@@ -364,6 +365,13 @@ def _new_plan(kspec, x, kernel_axes, param_shape, stats_shape, group_size):
         math.prod(stats_shape),
         group_size,
     )
+    _LIVE_PLANS[id(plan)] = plan
+    return plan
+
+
+#: Every plan still referenced, by ``id``: the plan cache's, and those that prepared calls
+#: (:func:`fastnorm.prepare`) hold.  :func:`_forget_kernel_calls` resets their kernel choices.
+_LIVE_PLANS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _kernel_call(plan, pass_id, variant):
@@ -403,9 +411,16 @@ def _new_call(plan, pass_id, variant, threads):
 
 
 def _forget_kernel_calls():
-    """In a forked child that must run serial builds, drop the parent's cached kernel choices."""
+    """In a forked child that must run serial builds, drop the parent's cached kernel choices.
+
+    Plans held outside the cache (by prepared calls) forget theirs in place:
+    their next call asks the planner again, which picks the serial builds.
+    """
     if _threading.serial_after_fork():
         _PLAN_CACHE.clear()
+        for plan in list(_LIVE_PLANS.values()):
+            plan.calls[:] = [None] * len(plan.calls)
+            plan.thread_calls.clear()
 
 
 if hasattr(os, "register_at_fork"):  # after _threading's handler, which it imports first

@@ -7,7 +7,10 @@ and leave every argument untouched.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -35,7 +38,7 @@ from ._plan import (
 )
 from .spec import NormSpec
 
-__all__ = ["Gradients", "Stats", "forward", "forward_inference", "backward"]
+__all__ = ["Gradients", "Stats", "forward", "forward_inference", "backward", "prepare"]
 
 
 @dataclass(frozen=True)
@@ -249,13 +252,23 @@ def forward(
     blocks (Chan et al. merge), so results do not depend on the thread count.
     """
     if skip is not None or skip_bias is not None or sum_out is not None:
-        return _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out, dtype)
-    y, mean, rstd = _forward(x, spec, weight, bias, out, residual, dtype)
-    return y, _new_stats(mean, rstd, bias is not None, residual is not None)
+        state = _skip_forward_state(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out, dtype)
+        return _run_skip_forward(state)
+    state = _forward_state(x, spec, weight, bias, out, residual, dtype)
+    _run_forward(state)
+    return state[-3], _new_stats(state[-2], state[-1], bias is not None, residual is not None)
 
 
-def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out, dtype):
-    """:func:`forward` with the pre-norm skip add: ``h = x + skip (+ skip_bias)``, then the norm of ``h``."""
+def _skip_forward_state(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out, dtype):
+    """Check a :func:`forward` call with the pre-norm skip add: ``h = x + skip (+ skip_bias)``, then its norm.
+
+    Returns the state that :func:`_run_skip_forward` runs.  Each pass has such
+    a pair: ``_*_state`` checks and allocates, ``_run_*`` calls the kernels;
+    the public function runs one state once and :func:`prepare` keeps it.  The
+    state's top-level arrays are exactly the memory the kernels read and write.
+    A flat tuple, not a closure: closures cost the public call 0.6-1.6 us
+    (docs/perf-notes/small-call-overhead.md).
+    """
     if not isinstance(spec, NormSpec):
         raise TypeError(f"spec must be a fastnorm.NormSpec, got {type(spec).__name__}")
     if skip is None:
@@ -292,23 +305,30 @@ def _skip_forward(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out
         _check_copied_params(y, given_params)
         if sum_out is not None and _check_alias(y_flat, h_flat, h_flat, empty, empty, _NO_STATS, _NO_STATS):
             raise ValueError("out and sum_out are the same memory; pass separate buffers")
+    stats = _new_stats(mean, rstd, bias is not None, False, h, skip_bias is not None)
+    variant = (weight is not None) * 4 + (bias is not None) * 2
+    arrays = (
+        x_flat,
+        skip_flat,
+        skip_bias_flat,
+        weight_flat,
+        bias_flat,
+        h_flat,
+        y_flat,
+        mean.ravel(),
+        rstd.ravel(),
+    )
+    return (plan, variant, *arrays, y, stats)
+
+
+def _run_skip_forward(state):
+    """Run :func:`_skip_forward_state`'s kernels; return ``(y, stats)``."""
+    plan, variant, x, skip, skip_bias, weight, bias, h, y_flat, mean, rstd, y, stats = state
     if plan.stats_size:
         # y is never h's memory: the strategies read h while writing y (not in place)
-        _, params = _kernel_call(plan, K.FORWARD, (weight is not None) * 4 + (bias is not None) * 2)
-        kernel = K.select(K.SKIP_FORWARD, params)
-        kernel(
-            x_flat,
-            skip_flat,
-            skip_bias_flat,
-            weight_flat,
-            bias_flat,
-            h_flat,
-            y_flat,
-            mean.ravel(),
-            rstd.ravel(),
-            params,
-        )
-    return y, _new_stats(mean, rstd, bias is not None, False, h, skip_bias is not None)
+        _, params = _kernel_call(plan, K.FORWARD, variant)
+        K.select(K.SKIP_FORWARD, params)(x, skip, skip_bias, weight, bias, h, y_flat, mean, rstd, params)
+    return y, stats
 
 
 def _forward(x, spec, weight, bias, out, residual=None, dtype=None):
@@ -316,21 +336,47 @@ def _forward(x, spec, weight, bias, out, residual=None, dtype=None):
 
     The functional API returns only ``y``; a ``Stats`` costs 0.25 us a call.
     """
+    state = _forward_state(x, spec, weight, bias, out, residual, dtype)
+    _run_forward(state)
+    return state[-3:]
+
+
+def _forward_state(x, spec, weight, bias, out, residual, dtype):
+    """Check a training forward call without a skip (see :func:`_skip_forward_state`).
+
+    The state ends with ``(y, mean, rstd)``.
+    """
     x, plan = _prepare_input(x, spec, True, dtype)
     prepared = _prepare_forward(x, plan, weight, bias, residual, out)
     weight_flat, bias_flat, residual_flat, x_flat, y, y_flat, in_place = prepared
     mean = np.empty(plan.stats_shape)
     rstd = np.empty(plan.stats_shape)
+    # BN, LN, RMS: mean is flat already (a ravel view costs about 0.07 us)
+    mean_flat, rstd_flat = (mean, rstd) if mean.ndim == 1 else (mean.ravel(), rstd.ravel())
+    # weight / bias given: non-empty whenever a kernel runs
+    variant = (weight is not None) * 4 + (bias is not None) * 2 + in_place
+    return (
+        plan,
+        variant,
+        x_flat,
+        weight_flat,
+        bias_flat,
+        residual_flat,
+        y_flat,
+        mean_flat,
+        rstd_flat,
+        y,
+        mean,
+        rstd,
+    )
+
+
+def _run_forward(state):
+    """Run :func:`_forward_state`'s kernel."""
+    plan, variant, x_flat, weight_flat, bias_flat, residual_flat, y_flat, mean, rstd, _, _, _ = state
     if plan.stats_size:
-        # weight / bias given: non-empty whenever a kernel runs
-        kernel, params = _kernel_call(
-            plan, K.FORWARD, (weight is not None) * 4 + (bias is not None) * 2 + in_place
-        )
-        if mean.ndim == 1:  # BN, LN, RMS: no ravel views to build (about 0.07 us each)
-            kernel(x_flat, weight_flat, bias_flat, residual_flat, y_flat, mean, rstd, params)
-        else:
-            kernel(x_flat, weight_flat, bias_flat, residual_flat, y_flat, mean.ravel(), rstd.ravel(), params)
-    return y, mean, rstd
+        kernel, params = _kernel_call(plan, K.FORWARD, variant)
+        kernel(x_flat, weight_flat, bias_flat, residual_flat, y_flat, mean, rstd, params)
 
 
 def forward_inference(
@@ -368,14 +414,25 @@ def forward_inference(
     bias``, one multiply-add per element after the subtraction (then the
     residual and the activation, as in :func:`forward`).
     """
+    return _run_inference(_inference_state(x, stats, spec, weight, bias, residual, out, dtype))
+
+
+def _inference_state(x, stats, spec, weight, bias, residual, out, dtype):
+    """Check a :func:`forward_inference` call (see :func:`_skip_forward_state`)."""
     x, plan = _prepare_input(x, spec, False, dtype)
     mean, rstd = _stats_arrays(stats, plan)
     prepared = _prepare_forward(x, plan, weight, bias, residual, out, (mean, rstd))
     weight_flat, bias_flat, residual_flat, x_flat, y, y_flat, in_place = prepared
+    variant = (weight is not None) * 4 + (bias is not None) * 2 + in_place
+    no_grad = _empty_data(x.dtype)
+    return (plan, variant, x_flat, weight_flat, bias_flat, residual_flat, no_grad, y_flat, mean, rstd, y)
+
+
+def _run_inference(state):
+    """Run :func:`_inference_state`'s kernel; return ``y``."""
+    plan, variant, x_flat, weight_flat, bias_flat, residual_flat, no_grad, y_flat, mean, rstd, y = state
     if y_flat.size:
-        variant = (weight is not None) * 4 + (bias is not None) * 2 + in_place
         kernel, params = _kernel_call(plan, K.INFERENCE, variant)
-        no_grad = _empty_data(x.dtype)
         kernel(x_flat, weight_flat, bias_flat, residual_flat, no_grad, y_flat, mean, rstd, params)
     return y
 
@@ -455,6 +512,16 @@ def backward(
     gradient at the activation's input (``dy`` without one); derived in
     ``docs/math.md``.
     """
+    return _run_backward(_backward_state(dy, x, stats, spec, weight, bias, residual, with_bias, out, dtype))
+
+
+def _backward_state(dy, x, stats, spec, weight, bias, residual, with_bias, out, dtype):
+    """Check a :func:`backward` call (see :func:`_skip_forward_state`).
+
+    ``dweight``, ``dbias``, and ``dz`` with an activation, are allocated here
+    and written by every run.  ``dy`` itself, which a run may copy as
+    ``dresidual``, is kept inside a nested tuple: not a kernel view.
+    """
     x, plan = _prepare_input(x, spec, True, dtype)
     if type(dy) is np.ndarray and dy.dtype == x.dtype and dy.shape == x.shape:
         dy_array = dy
@@ -482,19 +549,43 @@ def backward(
         _check_copied_params(dx, ((weight, weight_flat),))
     dweight = np.zeros(plan.param_shape, weight_flat.dtype) if weight is not None else None
     dbias = np.zeros(plan.param_shape, weight_flat.dtype) if with_bias else None
+    dweight_flat = empty if dweight is None else dweight.ravel()
+    dbias_flat = empty if dbias is None else dbias.ravel()
     dresidual = dy_array if has_residual else None
-    if has_residual and spec.activation is None and (dx is dy_array or np.shares_memory(dx, dy_array)):
-        dresidual = dy_array.copy()  # dresidual = dy, which out=dy is about to overwrite with dx
+    # dresidual = dy, which out=dy is about to overwrite with dx: a copy taken before the kernels
+    copy_dresidual = (
+        has_residual and spec.activation is None and (dx is dy_array or np.shares_memory(dx, dy_array))
+    )
+    epilogue = dz_flat = None
+    if spec.activation is None:
+        bias_flat = residual_flat = None
+    else:
+        dz, dz_flat = _output(x, plan, None)
+        epilogue = (bias_flat, residual_flat, dz_flat, bias is not None)
+        dresidual = dz if has_residual else None
+    # the nested tuples hold the user's arrays, which need not be kernel views
+    return (
+        plan, weight is not None, in_place, dy_flat, x_flat, weight_flat, mean, rstd, dx_flat,
+        dweight_flat, dbias_flat, bias_flat, residual_flat, dz_flat, epilogue, dx, stats,
+        (dy_array, copy_dresidual, dresidual), (dweight, dbias, weight, x.dtype),
+    )  # fmt: skip
+
+
+def _run_backward(state):
+    """Run :func:`_backward_state`'s kernels; return the :class:`Gradients`."""
+    (
+        plan, has_weight, in_place, dy_flat, x_flat, weight_flat, mean, rstd, dx_flat, dweight_flat,
+        dbias_flat, _, _, _, epilogue, dx, stats, residual_grad, param_grads,
+    ) = state  # fmt: skip
+    dy_array, copy_dresidual, dresidual = residual_grad
+    dweight, dbias, weight, data_dtype = param_grads
     params = None
+    if copy_dresidual:
+        dresidual = dy_array.copy()  # dresidual = dy, which out=dy is about to overwrite with dx
     if dx_flat.size:
-        epilogue = None
-        if spec.activation is not None:
-            dz, dz_flat = _output(x, plan, None)
-            epilogue = (bias_flat, residual_flat, dz_flat, bias is not None)
-            dresidual = dz if has_residual else None
         params = _backward_kernels(
             plan,
-            weight is not None,
+            has_weight,
             in_place,
             dy_flat,
             x_flat,
@@ -502,16 +593,145 @@ def backward(
             mean,
             rstd,
             dx_flat,
-            empty if dweight is None else dweight.ravel(),
-            empty if dbias is None else dbias.ravel(),
+            dweight_flat,
+            dbias_flat,
             epilogue,
         )
-    dweight, dbias = _param_grads_in_weight_dtype(dweight, dbias, weight, x.dtype)
+    dweight, dbias = _param_grads_in_weight_dtype(dweight, dbias, weight, data_dtype)
     if stats.h is not None:
         return Gradients(dx, dweight, dbias, dresidual, dx, _skip_bias_grad(dx_flat, plan, stats, params))
     if dresidual is None:
         return tuple.__new__(Gradients, (dx, dweight, dbias))
     return Gradients(dx, dweight, dbias, dresidual)
+
+
+def prepare(function: Callable, /, *args: Any, **kwargs: Any) -> Callable[[], Any]:
+    """Check a call of :func:`forward`, :func:`forward_inference` or :func:`backward` once.
+
+    Returns a callable that runs the same call again, on the same memory,
+    without checking the arguments again: what a oneDNN primitive bound to
+    its buffers, or an FFTW plan, is to its library.  Use it where one call
+    repeats on the same arrays (a serving loop, a benchmark, a layer with
+    persistent buffers) and the per-call checks cost as much as the kernel
+    (tiny tensors, tensors that fit in the cache).
+
+    Parameters
+    ----------
+    function : {fastnorm.forward, fastnorm.forward_inference, fastnorm.backward}
+        The call to prepare.
+    *args, **kwargs
+        Its arguments, as the function takes them; every check and error of
+        the function applies here.
+
+    Returns
+    -------
+    callable
+        Takes no arguments.  Each call reads the arrays' current contents,
+        writes the same output arrays and returns what ``function`` returns:
+        the same ``y`` and ``Stats`` objects (forward), the same ``y``
+        (inference), a new ``Gradients`` of the same ``dx`` / ``dweight`` /
+        ``dbias`` arrays (backward).  Outputs that the call allocated (no
+        ``out=``) are allocated here, once, and overwritten by every run.
+        The results are bitwise those of ``function(*args, **kwargs)``.
+
+    Raises
+    ------
+    TypeError
+        ``function`` is not one of the three, or an array argument is not a
+        ``numpy.ndarray``.
+    ValueError
+        An array that the kernels would read through a copy: another dtype
+        than theirs (16-bit parameters are widened to float32), memory that
+        is not dense in ``x``'s kernel order, or misaligned memory.  A
+        prepared call binds memory, and a copy would go stale.
+
+    Notes
+    -----
+    The callable holds references to the arrays, so their memory stays
+    valid; a caller that resizes or reshapes an array in place still gets
+    the memory that was checked.  The thread count is looked up per run (as
+    in every call), so ``numba.set_num_threads`` applies, and in a
+    forked child that must run serial kernels the prepared call does too.
+    Like the functions, a prepared call may run from several threads at once
+    only on disjoint outputs.
+    """
+    builder = _CALL_BUILDERS.get(function)
+    if builder is None:
+        name = getattr(function, "__qualname__", type(function).__name__)
+        raise TypeError(
+            f"prepare takes fastnorm.forward, fastnorm.forward_inference or fastnorm.backward, got {name}"
+        )
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.apply_defaults()
+    arguments = bound.arguments
+    state, run = builder(arguments)
+    unread = set()
+    if function is backward:
+        stats, spec = arguments["stats"], arguments["spec"]
+        if stats.h is not None:
+            unread.add("x")  # the backward reads stats.h; x only fixes the geometry
+        if spec.activation is None:
+            unread.update(("bias", "residual"))  # read only to recompute the activation's input
+    views = [value for value in state if isinstance(value, np.ndarray)]
+    for name, value in arguments.items():
+        if name in unread or value is None or isinstance(value, (NormSpec, str, bool)):
+            continue
+        if isinstance(value, Stats):
+            members = {f"{name}.mean": value.mean, f"{name}.rstd": value.rstd, f"{name}.h": value.h}
+        else:
+            members = {name: value}
+        for label, array in members.items():
+            if array is not None:
+                _check_bound(label, array, views)
+    run.__name__ = run.__qualname__ = f"prepared_{function.__name__}"
+    return run
+
+
+def _prepare_forward_call(arguments):
+    """:func:`prepare`'s ``(state, run)`` for :func:`forward`."""
+    if any(arguments[name] is not None for name in ("skip", "skip_bias", "sum_out")):
+        state = _skip_forward_state(**arguments)
+        return state, lambda: _run_skip_forward(state)
+    a = arguments
+    state = _forward_state(a["x"], a["spec"], a["weight"], a["bias"], a["out"], a["residual"], a["dtype"])
+    result = (state[-3], _new_stats(state[-2], state[-1], a["bias"] is not None, a["residual"] is not None))
+
+    def run():
+        _run_forward(state)
+        return result
+
+    return state, run
+
+
+def _prepare_inference_call(arguments):
+    """:func:`prepare`'s ``(state, run)`` for :func:`forward_inference`."""
+    state = _inference_state(**arguments)
+    return state, lambda: _run_inference(state)
+
+
+def _prepare_backward_call(arguments):
+    """:func:`prepare`'s ``(state, run)`` for :func:`backward`."""
+    state = _backward_state(**arguments)
+    return state, lambda: _run_backward(state)
+
+
+def _check_bound(name, array, views):
+    """Refuse an argument of :func:`prepare` that the kernels do not read or write in place."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(
+            f"prepare binds arrays by their memory: {name} must be a numpy.ndarray, "
+            f"got {type(array).__name__}"
+        )
+    address = array.__array_interface__["data"][0]
+    for view in views:
+        if view.__array_interface__["data"][0] == address and view.nbytes == array.nbytes:
+            return
+    if array.nbytes:
+        raise ValueError(
+            f"{name} (dtype {array.dtype}, shape {array.shape}, strides {array.strides}) would be read "
+            "through a copy, which a prepared call would not refresh: pass it in the kernels' dtype "
+            "(float32 parameters for 16-bit data), dense in x's memory order, aligned"
+        )
 
 
 def _backward_kernels(
@@ -572,3 +792,11 @@ def _epilogue_inputs(x, plan, stats, bias, residual):
     bias_flat = _check_param(bias, "bias", plan, x.dtype)
     residual_flat = _empty_data(x.dtype) if residual is None else _check_like_x(residual, "residual", x, plan)
     return bias_flat, residual_flat
+
+
+#: The check-and-bind step of each function :func:`prepare` takes (same argument names).
+_CALL_BUILDERS = {
+    forward: _prepare_forward_call,
+    forward_inference: _prepare_inference_call,
+    backward: _prepare_backward_call,
+}

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import benchmarks as bench
-from benchmarks import cli, report
+import fastnorm
+from benchmarks import cli, report, runtime
 
 CASE = "bn-fwd-nchw-f32-8x64x32x32"
 OTHER = "ln-bwd-nchw-f64-512x768"
@@ -1032,13 +1033,55 @@ def test_half_table_formatting_and_options(monkeypatch, capsys):
     monkeypatch.setattr(
         half, "measure", lambda *a, **k: ([("x", samples)], ["a-f16: no torch baseline: why"])
     )
-    monkeypatch.setattr(half, "reuse_freed_memory", lambda: True)
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: True)
     half.main(["--rounds", "1", "--no-torch", "--no-onednn", "--threads", "1"])
     out = capsys.readouterr().out
     assert "| x | 2.10 |" in out and "- no torch baseline: why: a-f16" in out
     for bad in (["--dtypes", "f64"], ["--kinds", "xx"], ["--passes", "skip_fwd"], ["--rounds", "0"]):
         with pytest.raises(SystemExit):
             half.main(bad)
+
+
+def test_prepared_table_formatting_and_options(monkeypatch, capsys):
+    from benchmarks import prepared
+
+    samples = {"public": [8e-6, 10e-6], "prepared": [3e-6, 3e-6], "onednn": [4e-6, 6e-6]}
+    table = prepared.format_rows([("bn-fwd-nhwc-f32-1x64x8x8", samples)])
+    header, _, row = table.splitlines()
+    # public/prepared times in us; prepared/public = median(3/8, 3/10); public/oneDNN = median(2, 5/3)
+    assert row == "| bn-fwd-nhwc-f32-1x64x8x8 | 9.0 | 3.0 | 0.34 | 5.0 | 1.83 | 0.62 | - | - |"
+    assert len(header.split("|")) == len(row.split("|"))
+    calls = []
+
+    def measure(*args):
+        calls.append(args)
+        return [("x", samples)]
+
+    monkeypatch.setattr(prepared, "measure", measure)
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: True)
+    prepared.main(["--rounds", "2", "--no-torch", "--no-onednn", "--threads", "1", "--kinds", "ln"])
+    assert calls == [(2, ["ln"], ["fwd", "inf", "bwd"], ["tiny", "mid"], False, False)]
+    assert "| x | 9.0 | 3.0 |" in capsys.readouterr().out
+    for bad in (["--kinds", "xx"], ["--sizes", "huge"], ["--passes", "skip_fwd"], ["--rounds", "0"]):
+        with pytest.raises(SystemExit):
+            prepared.main(bad)
+
+
+def test_prepared_workload_matches_the_public_call():
+    """The bench's prepared callable runs the case's call: same bits as the public one."""
+    for case in bench.select_cases(ids=["bn-bwd-nhwc-f32-1x64x8x8", "ln-fwd-nchw-f32-512x768"]):
+        workload = bench.make_workload(case, with_torch=False)
+        expected = [np.copy(a) for a in _outputs(workload.fastnorm())]
+        assert all(np.array_equal(a, b) for a, b in zip(_outputs(workload.prepared()), expected, strict=True))
+
+
+def _outputs(result):
+    """The arrays of a pass's result: y, (y, stats) or Gradients."""
+    if isinstance(result, np.ndarray):
+        return [result]
+    if isinstance(result[1], fastnorm.Stats):
+        return [result[0], result[1].mean, result[1].rstd]
+    return [a for a in result if a is not None]
 
 
 # --------------------------------------------------------------------------- ONNX Runtime (--onnxruntime)
