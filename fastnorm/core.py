@@ -652,8 +652,9 @@ def prepare(function: Callable, /, *args: Any, **kwargs: Any) -> Callable[[], An
     the memory that was checked.  The thread count is looked up per run (as
     in every call), so ``numba.set_num_threads`` applies, and in a
     forked child that must run serial kernels the prepared call does too.
-    Like the functions, a prepared call may run from several threads at once
-    only on disjoint outputs.
+    Prepared calls with disjoint outputs may run in several threads at once,
+    as the functions may; one prepared call must not run in two threads at
+    once, since both runs would write its outputs.
     """
     builder = _CALL_BUILDERS.get(function)
     if builder is None:

@@ -426,8 +426,16 @@ def _cl_split_statistics(x, work, chan, stats, spec, schedule):
         lo, hi = share(t, tasks, blocks)
         for blk in range(lo, hi):
             _cl_block_moments(x, work, spec, schedule, blk)
-    for s in prange(stats.size // 2 // spec.groups):
-        _cl_set_stats(work, chan, stats, spec, schedule, s)
+    # One set (BatchNorm) is merged serially: a parallel loop of one iteration
+    # cannot share it and costs a parallel region, 20-30 us measured here
+    # (docs/perf-notes/channels-last-per-channel-finish.md).  The same rule
+    # holds for every per-set loop of the split passes.
+    sets = stats.size // 2 // spec.groups
+    if sets == 1:
+        _cl_set_stats(work, chan, stats, spec, schedule, 0)
+    else:
+        for s in prange(sets):
+            _cl_set_stats(work, chan, stats, spec, schedule, s)
 
 
 @glue
@@ -697,7 +705,9 @@ def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coe
 def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule):
     """``SPLIT``: dot products over blocks, sums over sets, coefficients over groups, ``dx`` over blocks."""
     _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule)
-    if spec.groups == spec.channels:
+    if mean.size == spec.channels and spec.groups == spec.channels:  # one set: serial (_cl_split_statistics)
+        _cl_set_dx_coefs(weight, mean, rstd, chan, coef, spec, 0)
+    elif spec.groups == spec.channels:
         for s in prange(mean.size // spec.groups):
             _cl_set_dx_coefs(weight, mean, rstd, chan, coef, spec, s)
     else:
@@ -717,8 +727,11 @@ def _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule):
         lo, hi = share(t, tasks, blocks)
         for blk in range(lo, hi):
             _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk)
-    for s in prange(sets):
-        _cl_sum_set(work, chan, spec, schedule, s)
+    if sets == 1:  # serial: see _cl_split_statistics
+        _cl_sum_set(work, chan, spec, schedule, 0)
+    else:
+        for s in prange(sets):
+            _cl_sum_set(work, chan, spec, schedule, s)
 
 
 @glue
@@ -737,9 +750,22 @@ def _cl_split_dx(dy, x, dx, coef, spec, schedule):
 
 @glue
 def _cl_param_grads(rstd, chan, dweight, dbias, spec, sets):
-    """``dweight[c]`` = sum over sets of rstd * sum(dy * (x - mean)), ``dbias[c] = sum(dy)``."""
+    """``dweight[c]`` = sum over sets of rstd * sum(dy * (x - mean)), ``dbias[c] = sum(dy)``.
+
+    Serial for one set (BatchNorm), a few operations per channel: a parallel
+    loop would cost more than it shares (see :func:`_cl_split_statistics`).
+    That loop is the other's without the sum over sets (``0.0 +`` the one
+    term, the same bits), so that LLVM vectorizes it.
+    """
     nc = spec.channels
     d = nc // spec.groups
+    if sets == 1:
+        for c in range(nc):
+            if dweight.size > 0:
+                dweight[c] = 0.0 + rstd[c // d] * chan[nc + c]
+            if dbias.size > 0:
+                dbias[c] = 0.0 + chan[c]
+        return
     for c in prange(nc):
         sum_dy = 0.0
         sum_dy_xhat = 0.0
