@@ -37,7 +37,7 @@ import statistics
 
 from benchmarks.baselines.onednn import supports
 from benchmarks.cases import HALF_DTYPES, HALF_SET_PASSES, KINDS, Case, _normalize_dtypes, half_set_keys
-from benchmarks.runtime import max_threads, start_baselines
+from benchmarks.runtime import add_comparison_options, check_comparison_options, start_baselines
 from benchmarks.timing import interleaved
 from benchmarks.workloads import make_workload
 
@@ -178,15 +178,12 @@ def format_rows(rows):
 
 def _parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.half", description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds per row (default 11)")
-    parser.add_argument("--threads", type=int, help="Numba, torch and oneDNN threads (default all)")
+    add_comparison_options(parser, "row")
     parser.add_argument("--kinds", help=f"comma-separated, of {','.join(KINDS)} (default all)")
     parser.add_argument("--passes", default=",".join(HALF_SET_PASSES), help="fwd,inf,bwd (default fwd,bwd)")
     parser.add_argument(
         "--dtypes", default="bf16,f16", help="16-bit dtypes beside float32 (default bf16,f16)"
     )
-    parser.add_argument("--no-torch", action="store_true", help="do not time torch")
-    parser.add_argument("--no-onednn", action="store_true", help="do not time oneDNN")
     args = parser.parse_args(argv)
     args.kinds = None if args.kinds is None else set(args.kinds.split(","))
     args.passes = [p for p in args.passes.split(",") if p]
@@ -197,8 +194,7 @@ def _parse_args(argv=None):
         parser.error(f"--kinds: choose from {', '.join(KINDS)}")
     if not set(args.passes) <= {"fwd", "inf", "bwd"}:
         parser.error("--passes: choose from fwd, inf, bwd")
-    if args.rounds < 1 or (args.threads is not None and not 1 <= args.threads <= max_threads()):
-        parser.error(f"--rounds must be >= 1 and --threads within 1..{max_threads()}")
+    check_comparison_options(parser, args)
     return args
 
 

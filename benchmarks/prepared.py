@@ -29,7 +29,7 @@ import argparse
 from benchmarks.baselines.onednn import supports
 from benchmarks.cases import KINDS, SIZES, select_cases
 from benchmarks.half import _median_ms, _ratio
-from benchmarks.runtime import max_threads, start_baselines
+from benchmarks.runtime import add_comparison_options, check_comparison_options, start_baselines
 from benchmarks.timing import interleaved
 from benchmarks.workloads import make_workload
 
@@ -94,15 +94,12 @@ def _parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.prepared", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds per case (default 11)")
-    parser.add_argument("--threads", type=int, help="Numba, torch and oneDNN threads (default all)")
+    add_comparison_options(parser, "case")
     parser.add_argument(
         "--kinds", default="bn,ln", help=f"comma-separated, of {','.join(KINDS)} (default bn,ln)"
     )
     parser.add_argument("--passes", default="fwd,inf,bwd", help="comma-separated (default fwd,inf,bwd)")
     parser.add_argument("--sizes", default="tiny,mid", help="tiny, mid, large (default tiny,mid)")
-    parser.add_argument("--no-torch", action="store_true", help="do not time torch")
-    parser.add_argument("--no-onednn", action="store_true", help="do not time oneDNN")
     args = parser.parse_args(argv)
     args.kinds, args.passes, args.sizes = (
         value.split(",") for value in (args.kinds, args.passes, args.sizes)
@@ -114,8 +111,7 @@ def _parse_args(argv=None):
     ):
         if not set(values) <= set(allowed):
             parser.error(f"{option}: choose from {', '.join(allowed)}")
-    if args.rounds < 1 or (args.threads is not None and not 1 <= args.threads <= max_threads()):
-        parser.error(f"--rounds must be >= 1 and --threads within 1..{max_threads()}")
+    check_comparison_options(parser, args)
     return args
 
 

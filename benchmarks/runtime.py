@@ -153,3 +153,17 @@ def start_baselines(with_torch, with_onednn, threads=None):
     threads = threads or max_threads()
     set_threads(threads)
     return torch, onednn_version, reused, threads
+
+
+def add_comparison_options(parser, unit):
+    """Add ``--rounds``, ``--threads``, ``--no-torch``, ``--no-onednn`` (``unit``: what a round times)."""
+    parser.add_argument("--rounds", type=int, default=11, help=f"interleaved rounds per {unit} (default 11)")
+    parser.add_argument("--threads", type=int, help="Numba, torch and oneDNN threads (default all)")
+    parser.add_argument("--no-torch", action="store_true", help="do not time torch")
+    parser.add_argument("--no-onednn", action="store_true", help="do not time oneDNN")
+
+
+def check_comparison_options(parser, args):
+    """Refuse (``parser.error``) the options of :func:`add_comparison_options` out of range."""
+    if args.rounds < 1 or (args.threads is not None and not 1 <= args.threads <= max_threads()):
+        parser.error(f"--rounds must be >= 1 and --threads within 1..{max_threads()}")
