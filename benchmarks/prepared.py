@@ -62,7 +62,7 @@ def measure(rounds, kinds, passes, sizes, with_torch=True, with_onednn=True):
     rows = []
     for case in select_cases(kinds=kinds, passes=passes, sizes=sizes, dtypes=["float32"]):
         onednn = with_onednn and supports(KINDS[case.kind], case.layout, case.numpy_dtype)
-        workload = make_workload(case, with_torch=with_torch, with_onednn=onednn)
+        workload = make_workload(case, with_torch=with_torch, with_onednn=onednn, with_prepared=True)
         entries = [("public", workload.fastnorm, None), ("prepared", workload.prepared, None)]
         if workload.onednn is not None:
             entries.append(("onednn", workload.onednn, None))

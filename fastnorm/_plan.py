@@ -413,11 +413,10 @@ def _new_call(plan, pass_id, variant, threads):
 def _forget_kernel_calls():
     """In a forked child that must run serial builds, drop the parent's cached kernel choices.
 
-    Plans held outside the cache (by prepared calls) forget theirs in place:
-    their next call asks the planner again, which picks the serial builds.
+    Every plan, in the cache or held by a prepared call, forgets them in
+    place: its next call asks the planner again, which picks the serial builds.
     """
     if _threading.serial_after_fork():
-        _PLAN_CACHE.clear()
         for plan in list(_LIVE_PLANS.values()):
             plan.calls[:] = [None] * len(plan.calls)
             plan.thread_calls.clear()

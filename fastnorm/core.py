@@ -256,7 +256,7 @@ def forward(
         return _run_skip_forward(state)
     state = _forward_state(x, spec, weight, bias, out, residual, dtype)
     _run_forward(state)
-    return state[-3], _new_stats(state[-2], state[-1], bias is not None, residual is not None)
+    return _forward_result(state, bias is not None, residual is not None)
 
 
 def _skip_forward_state(x, spec, weight, bias, residual, skip, skip_bias, sum_out, out, dtype):
@@ -369,6 +369,11 @@ def _forward_state(x, spec, weight, bias, out, residual, dtype):
         mean,
         rstd,
     )
+
+
+def _forward_result(state, has_bias, has_residual):
+    """Return :func:`forward`'s ``(y, Stats)`` for ``state`` (without a skip)."""
+    return state[-3], _new_stats(state[-2], state[-1], has_bias, has_residual)
 
 
 def _run_forward(state):
@@ -665,14 +670,7 @@ def prepare(function: Callable, /, *args: Any, **kwargs: Any) -> Callable[[], An
     bound = inspect.signature(function).bind(*args, **kwargs)
     bound.apply_defaults()
     arguments = bound.arguments
-    state, run = builder(arguments)
-    unread = set()
-    if function is backward:
-        stats, spec = arguments["stats"], arguments["spec"]
-        if stats.h is not None:
-            unread.add("x")  # the backward reads stats.h; x only fixes the geometry
-        if spec.activation is None:
-            unread.update(("bias", "residual"))  # read only to recompute the activation's input
+    state, run, unread = builder(arguments)
     views = [value for value in state if isinstance(value, np.ndarray)]
     for name, value in arguments.items():
         if name in unread or value is None or isinstance(value, (NormSpec, str, bool)):
@@ -689,31 +687,44 @@ def prepare(function: Callable, /, *args: Any, **kwargs: Any) -> Callable[[], An
 
 
 def _prepare_forward_call(arguments):
-    """:func:`prepare`'s ``(state, run)`` for :func:`forward`."""
+    """:func:`prepare`'s ``(state, run, unread)`` for :func:`forward`.
+
+    ``unread`` names the array arguments the call does not read (none here).
+    """
     if any(arguments[name] is not None for name in ("skip", "skip_bias", "sum_out")):
         state = _skip_forward_state(**arguments)
-        return state, lambda: _run_skip_forward(state)
+        return state, lambda: _run_skip_forward(state), ()
     a = arguments
     state = _forward_state(a["x"], a["spec"], a["weight"], a["bias"], a["out"], a["residual"], a["dtype"])
-    result = (state[-3], _new_stats(state[-2], state[-1], a["bias"] is not None, a["residual"] is not None))
+    result = _forward_result(state, a["bias"] is not None, a["residual"] is not None)
 
     def run():
         _run_forward(state)
         return result
 
-    return state, run
+    return state, run, ()
 
 
 def _prepare_inference_call(arguments):
-    """:func:`prepare`'s ``(state, run)`` for :func:`forward_inference`."""
+    """:func:`prepare`'s ``(state, run, unread)`` for :func:`forward_inference`."""
     state = _inference_state(**arguments)
-    return state, lambda: _run_inference(state)
+    return state, lambda: _run_inference(state), ()
 
 
 def _prepare_backward_call(arguments):
-    """:func:`prepare`'s ``(state, run)`` for :func:`backward`."""
+    """:func:`prepare`'s ``(state, run, unread)`` for :func:`backward`.
+
+    After a skip add the backward reads ``stats.h``, and ``x`` only fixes the
+    geometry; ``bias`` and ``residual`` are read only to recompute an
+    activation's input.
+    """
     state = _backward_state(**arguments)
-    return state, lambda: _run_backward(state)
+    unread = []
+    if arguments["stats"].h is not None:
+        unread.append("x")
+    if arguments["spec"].activation is None:
+        unread += ["bias", "residual"]
+    return state, lambda: _run_backward(state), unread
 
 
 def _check_bound(name, array, views):

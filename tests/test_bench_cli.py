@@ -1070,7 +1070,8 @@ def test_prepared_table_formatting_and_options(monkeypatch, capsys):
 def test_prepared_workload_matches_the_public_call():
     """The bench's prepared callable runs the case's call: same bits as the public one."""
     for case in bench.select_cases(ids=["bn-bwd-nhwc-f32-1x64x8x8", "ln-fwd-nchw-f32-512x768"]):
-        workload = bench.make_workload(case, with_torch=False)
+        assert bench.make_workload(case, with_torch=False).prepared is None  # only on request
+        workload = bench.make_workload(case, with_torch=False, with_prepared=True)
         expected = [np.copy(a) for a in _outputs(workload.fastnorm())]
         assert all(np.array_equal(a, b) for a, b in zip(_outputs(workload.prepared()), expected, strict=True))
 
