@@ -69,6 +69,9 @@ def _loaded_onednn():
 def set_threads(threads):
     """Use ``threads`` threads in Numba and, when they are loaded, torch and oneDNN.
 
+    With torch loaded and Numba's pool not yet started, the pool starts on
+    torch's OpenMP runtime first (:func:`fastnorm._threading.share_torch_openmp`).
+
     Parameters
     ----------
     threads : int
@@ -76,6 +79,11 @@ def set_threads(threads):
     """
     import numba
 
+    from fastnorm import _threading
+
+    # Setting Numba's thread count starts its pool: with torch loaded, on torch's OpenMP
+    # runtime, as for a user of both (docs/perf-notes/threading-with-torch.md).
+    _threading.share_torch_openmp_before_start()
     numba.set_num_threads(threads)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)

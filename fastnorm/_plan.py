@@ -337,6 +337,9 @@ def _epilogue_fields(spec):
 
 def _new_plan(kspec, x, kernel_axes, param_shape, stats_shape, group_size):
     """Complete a :class:`_Plan` with what follows from its geometry (axis orders, schedules)."""
+    # Every kernel call has a plan, made before Numba's pool can start: torch imported
+    # after fastnorm still shares its OpenMP runtime (docs/perf-notes/threading-with-torch.md).
+    _threading.share_torch_openmp_before_start()
     shape = x.shape
     if kernel_axes is None:
         output_axes, kernel_shape = None, tuple(shape)

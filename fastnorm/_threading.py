@@ -32,9 +32,9 @@ and warns once (:func:`warn_serial_fallback`).  The C ABI does the same with
 
 With PyTorch: torch's OpenMP threads
 ------------------------------------
-When torch is imported before Numba's pool starts (``import torch`` before
-``import fastnorm``, or ``import fastnorm.torch`` before the first
-multithreaded call), :func:`share_torch_openmp` starts Numba's OpenMP layer
+When torch is imported before Numba's pool starts (before fastnorm's first
+multithreaded call, in any order of the imports), :func:`share_torch_openmp`
+starts Numba's OpenMP layer
 on the GNU OpenMP runtime bundled with torch, so that fastnorm's parallel
 regions run on torch's own worker threads.  Two pools on the same cores
 contend: torch's idle OpenMP workers busy-wait after every torch operation
@@ -69,6 +69,7 @@ __all__ = [
     "layer_status",
     "load_tbb",
     "share_torch_openmp",
+    "share_torch_openmp_before_start",
     "serial_after_fork",
     "warn_serial_fallback",
 ]
@@ -204,6 +205,17 @@ def share_torch_openmp():
     OPENMP_STATUS = f"shared with torch: {path}"
     TBB_STATUS = "not loaded: the kernels run on torch's OpenMP runtime"
     return True
+
+
+def share_torch_openmp_before_start():
+    """Run :func:`share_torch_openmp` if torch is loaded and Numba's pool has not started.
+
+    Called whenever a plan is made (:func:`fastnorm._plan._new_plan`), so that
+    torch imported after fastnorm, but before its first kernel ran, still gets
+    its runtime shared.  Once the pool runs this is one attribute test.
+    """
+    if not parallel._is_initialized and "torch" in sys.modules:
+        share_torch_openmp()
 
 
 def layer_status():

@@ -35,6 +35,10 @@ PROBE = textwrap.dedent(
         import torch
         torch.set_num_threads(torch_threads)
         import fastnorm
+    elif order == "torch-after-fastnorm":  # torch imported before the first kernel ran
+        import fastnorm
+        import torch
+        torch.set_num_threads(torch_threads)
     else:  # fastnorm first, then fastnorm.torch before any kernel ran
         import fastnorm
         import torch
@@ -106,7 +110,9 @@ def run_probe(order, torch_threads, layer=None):
     return json.loads(result.stdout.splitlines()[-1])
 
 
-@pytest.mark.parametrize("order", ["torch-first", "fastnorm.torch-before-the-first-call"])
+@pytest.mark.parametrize(
+    "order", ["torch-first", "torch-after-fastnorm", "fastnorm.torch-before-the-first-call"]
+)
 @pytest.mark.parametrize("torch_threads", [1, 2])
 def test_the_kernels_run_on_torchs_openmp_threads(order, torch_threads):
     report = run_probe(order, torch_threads)
@@ -144,6 +150,25 @@ def test_an_explicit_threading_layer_wins():
     assert report["threading"]["torch_openmp"] == "not shared: NUMBA_THREADING_LAYER='tbb'"
     assert report["child"]["digest"] == report["digest"] and report["child"]["serial_after_fork"] is False
     assert report["tasks"][1] > report["tasks"][0]  # TBB's own workers, beside torch's team
+
+
+def test_torch_imported_after_the_first_kernel_is_not_shared():
+    """Once Numba's pool runs (here TBB or OpenMP of its own), it is kept, and show_config says why."""
+    probe = (
+        "import fastnorm, numpy as np, numba\n"
+        "fastnorm.layer_norm(np.ones((64, 768), np.float32), 768)\n"
+        "layer = numba.threading_layer()\n"
+        "import torch\n"
+        "fastnorm.layer_norm(np.ones((32, 512), np.float32), 512)\n"
+        "import fastnorm.torch\n"
+        "assert numba.threading_layer() == layer, layer\n"
+        "print(fastnorm.show_config(as_dict=True)['threading']['torch_openmp'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    command = [sys.executable, "-c", probe]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith("not shared: Numba's pool had already started"), result.stdout
 
 
 def test_without_torch_nothing_is_shared():
