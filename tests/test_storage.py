@@ -21,6 +21,7 @@ import pytest
 
 from fastnorm._config import JIT_OPTIONS
 from fastnorm._kernels import storage
+from fastnorm._kernels.numerics import _moments, _shifted_moments
 from fastnorm._kernels.storage import load, store
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
@@ -285,6 +286,115 @@ def _step_sums(x, off, count, shift):
 @numba.njit(**{**JIT_OPTIONS, "cache": False})
 def _step_dots(dy, x, off, count, mean_hi):
     return storage.step_dots(dy, x, off, count, mean_hi)
+
+
+@numba.njit(**{**JIT_OPTIONS, "cache": False})
+def _dot_sums(x, off, count):
+    return storage.dot_sums(x, off, count)
+
+
+@numba.njit(**{**JIT_OPTIONS, "cache": False})
+def _block_moments(x, off, count, centered):
+    return _moments(x, off, count, centered)
+
+
+@numba.njit(**{**JIT_OPTIONS, "cache": False})
+def _steps_moments(xs, count, centered):
+    """``_moments`` of 16-bit data without the dot-product sums: the steps and their fallback."""
+    if not centered:
+        return 0.0, storage.step_sums(xs, 0, count, 0.0)[1]
+    shift = np.float64(load(xs, 0))
+    sum_dev, sum_sq = storage.step_sums(xs, 0, count, shift)
+    return _shifted_moments(xs, count, shift, sum_dev, sum_sq)
+
+
+HAS_BF16_DOT = storage._host_has_bf16_dot()
+
+
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="the host has no AVX512-BF16: dot_sums returns zeros")
+def test_dot_sums_give_the_instructions_bits_as_numpy_and_float64():
+    """``dot_sums`` (``vdpbf16ps``) gives its NumPy emulation's bits, within a few float32 roundings.
+
+    Every remainder shape at unaligned offsets; data over a wide range of
+    exponents with subnormals among them (flushed to zero by the instruction:
+    the emulation must flush the same lanes), and float32 products that
+    underflow.  Against the exact float64 sums of the same values.
+    """
+    rng = np.random.default_rng(11)
+    tiny = np.array([1e-39, -3e-40, 5e-41], np.float32).astype(BF16)
+    for scale in ("unit", "wide"):
+        if scale == "unit":
+            stored = (rng.standard_normal(5000) * 3 + 1).astype(BF16)
+        else:
+            exponent = rng.integers(-70, 40, 5000)
+            stored = (rng.uniform(1, 2, 5000) * rng.choice([-1, 1], 5000) * 2.0**exponent).astype(BF16)
+            stored[rng.integers(0, 5000, 300)] = tiny[rng.integers(0, 3, 300)]
+        view = stored.view(np.uint16)
+        values = stored.astype(np.float64)
+        normal = np.where(np.abs(values) < np.finfo(np.float32).tiny, 0.0, values)
+        short = [(0, 1), (3, 15), (1, 32), (5, 33), (0, 63), (2, 64), (7, 65), (0, 100), (9, 191)]
+        for off, count in short + [(off + 11, 4096 + count) for off, count in short]:
+            compiled = _dot_sums(view, off, count)
+            python = storage.numpy_dot_sums(view, off, count)
+            assert np.array_equal(np.array(compiled), np.array(python)), (scale, off, count, compiled, python)
+            if scale == "unit":
+                v = normal[off : off + count]
+                eps = 2.0**-24
+                assert abs(compiled[0] - v.sum()) <= 8 * eps * np.abs(v).sum(), (off, count)
+                assert abs(compiled[1] - (v * v).sum()) <= 8 * eps * (v * v).sum(), (off, count)
+
+
+def test_dot_sums_are_zeros_where_they_do_not_compile():
+    """float16 views (and any storage but bfloat16 bits) get ``(0, 0)``: no block takes them."""
+    for array in (np.ones(100, np.float16).view(np.int16), np.ones(100, np.float32)):
+        assert _dot_sums(array, 0, 100) == (0.0, 0.0)
+        assert storage.numpy_dot_sums(array, 0, 100) == (0.0, 0.0)
+
+
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="the host has no AVX512-BF16")
+def test_bfloat16_moments_take_the_dot_sums_only_where_they_suit():
+    """``_moments`` of bfloat16 blocks: the dot-product sums for ordinary blocks, the steps otherwise.
+
+    Ordinary blocks (offset up to 3 standard deviations) give the dot sums'
+    statistics, within a few float32 eps of the float64 ones; a constant
+    block, one far from 0 relative to its spread (more than 4 bits lost),
+    values whose squares would overflow or underflow float32, and NaN / inf
+    give exactly what the steps give (their statistics unchanged by this path).
+    """
+    rng = np.random.default_rng(3)
+    eps = 2.0**-24
+
+    for offset in (0.0, 1.0, 3.0):
+        stored = (rng.standard_normal(3136) + offset).astype(BF16)
+        view = stored.view(np.uint16)
+        values = stored.astype(np.float64)
+        total, sum_sq = _dot_sums(view, 0, values.size)
+        mean, m2 = _block_moments(view, 0, values.size, True)
+        assert (mean, m2) == (total / values.size, sum_sq - total * total / values.size), offset
+        assert abs(mean - values.mean()) <= 8 * eps * np.abs(values).max()
+        assert abs(m2 - ((values - values.mean()) ** 2).sum()) <= 32 * eps * m2
+        assert _block_moments(view, 0, values.size, False) == (0.0, sum_sq)
+    cases = {
+        "constant": np.full(3136, 1.5),
+        "far from 0": rng.standard_normal(3136) + 20.0,
+        "squares overflow": rng.standard_normal(3136) * 1e30,
+        "squares underflow": rng.standard_normal(3136) * 1e-35,
+        "nan": np.where(np.arange(3136) == 7, np.nan, rng.standard_normal(3136)),
+        "inf": np.where(np.arange(3136) == 7, np.inf, rng.standard_normal(3136)),
+    }
+    for name, data in cases.items():
+        view = data.astype(BF16).view(np.uint16)
+        for centered in (True, False):
+            if name == "far from 0" and not centered:
+                continue  # the plain sum of squares loses nothing: the dot sums are kept
+            got = _block_moments(view, 0, view.size, centered)
+            if name == "constant" and centered:
+                assert got == (1.5, 0.0)
+                continue
+            expected = _steps_moments(view, view.size, centered)
+            assert np.array_equal(np.array(got), np.array(expected), equal_nan=True), (name, centered, got)
+            if name in ("nan", "inf"):
+                assert not np.isfinite(got[1]), (name, got)
 
 
 @pytest.mark.parametrize(
