@@ -819,7 +819,6 @@ def _emit_steps(context, builder, span, terms):
     """
     width, i64 = span.width, ir.IntType(64)
     sum_vector = ir.VectorType(ir.DoubleType(), width)
-    zero_sum = ir.Constant(sum_vector, [ir.Constant(ir.DoubleType(), 0.0)] * width)
     zero = ir.Constant(span.value_vector, [ir.Constant(span.value_vector.element, 0.0)] * width)
     lanes = ir.Constant(ir.VectorType(i64, width), [ir.Constant(i64, j) for j in range(width)])
 
@@ -844,13 +843,35 @@ def _emit_steps(context, builder, span, terms):
     def widen(value):
         return value if value.type == sum_vector else builder.fpext(value, sum_vector)
 
-    per_step = ir.Constant(i64, width * STEP_VECTORS)
-    steps = builder.udiv(span.count, per_step)
-    entry, loop, rest, k = _open_loop(builder, steps, "step_sums.loop", "step_sums.rest")
+    def widened_step(start, left):
+        return [widen(t) for t in step(start, left)]
+
+    return _emit_lane_sums(context, builder, span.count, width * STEP_VECTORS, sum_vector, widened_step)
+
+
+def _emit_lane_sums(context, builder, count, per_step, sum_vector, step):
+    """Emit a loop adding ``step(start, left)``'s two vectors to two float64 lane sums; return their totals.
+
+    The loop skeleton of :func:`_step_sums`, :func:`_step_dots` and
+    :func:`_dot_sums`: whole steps of ``per_step`` elements (``left`` is
+    ``None``), then one step with ``left`` elements remaining when ``count``
+    is not a multiple; ``step`` returns two ``sum_vector`` (float64) vectors.
+    The lanes are added pairwise at the end; the float64 tuple of the two
+    totals is returned.  The order is fixed by ``count`` alone.
+    """
+    i64 = ir.IntType(64)
+    zero_sum = ir.Constant(sum_vector, [ir.Constant(ir.DoubleType(), 0.0)] * sum_vector.count)
+
+    def add(a, b):
+        return builder.fadd(a, b, flags=_AS_WRITTEN)
+
+    per_step = ir.Constant(i64, per_step)
+    steps = builder.udiv(count, per_step)
+    entry, loop, rest, k = _open_loop(builder, steps, "lane_sums.loop", "lane_sums.rest")
     sums = [builder.phi(sum_vector) for _ in range(2)]
     for acc_phi in sums:
         acc_phi.add_incoming(zero_sum, entry)
-    added = [add(a, widen(t)) for a, t in zip(sums, step(builder.mul(k, per_step), None), strict=True)]
+    added = [add(a, t) for a, t in zip(sums, step(builder.mul(k, per_step), None), strict=True)]
     for acc_phi, value in zip(sums, added, strict=True):
         acc_phi.add_incoming(value, loop)
     _close_loop(builder, k, steps, loop, rest)
@@ -859,10 +880,8 @@ def _emit_steps(context, builder, span, terms):
         phi.add_incoming(zero_sum, entry)
         phi.add_incoming(value, loop)
     done = builder.mul(steps, per_step)
-    with builder.if_then(builder.icmp_unsigned(">", span.count, done)):
-        last = [
-            add(b, widen(t)) for b, t in zip(before, step(done, builder.sub(span.count, done)), strict=True)
-        ]
+    with builder.if_then(builder.icmp_unsigned(">", count, done)):
+        last = [add(b, t) for b, t in zip(before, step(done, builder.sub(count, done)), strict=True)]
         tail_block = builder.block
     totals = []
     for b, value in zip(before, last, strict=True):
@@ -962,7 +981,6 @@ def _dot_sums(typingctx, x, off, count):
         )
         masked_load = _masked_access(builder, "load", bits_v, mask_type)
         zero32 = ir.Constant(f32v, [ir.Constant(ir.FloatType(), 0.0)] * _DOT_LANES)
-        zero64 = ir.Constant(f64v, [ir.Constant(f64, 0.0)] * _DOT_LANES)
         ones = builder.bitcast(ir.Constant(bits_v, [ir.Constant(_I16, _BFLOAT16_ONE)] * width), bf16_v)
         zeros = ir.Constant(bits_v, [ir.Constant(_I16, 0)] * width)
         lanes = ir.Constant(ir.VectorType(i64, width), [ir.Constant(i64, j) for j in range(width)])
@@ -987,35 +1005,10 @@ def _dot_sums(typingctx, x, off, count):
                 squares = builder.call(dot, [squares, values, values])
             return total, squares
 
-        def add(a, b):
-            return builder.fadd(a, builder.fpext(b, f64v), flags=_AS_WRITTEN)
+        def widened_step(start, left):
+            return [builder.fpext(t, f64v) for t in step(start, left)]
 
-        per_step = ir.Constant(i64, width * DOT_VECTORS)
-        steps = builder.udiv(count, per_step)
-        entry, loop, rest, k = _open_loop(builder, steps, "dot_sums.loop", "dot_sums.rest")
-        sums = [builder.phi(f64v) for _ in range(2)]
-        for phi in sums:
-            phi.add_incoming(zero64, entry)
-        added = [add(a, t) for a, t in zip(sums, step(builder.mul(k, per_step), None), strict=True)]
-        for phi, value in zip(sums, added, strict=True):
-            phi.add_incoming(value, loop)
-        _close_loop(builder, k, steps, loop, rest)
-        before = [builder.phi(f64v) for _ in range(2)]
-        for phi, value in zip(before, added, strict=True):
-            phi.add_incoming(zero64, entry)
-            phi.add_incoming(value, loop)
-        done = builder.mul(steps, per_step)
-        with builder.if_then(builder.icmp_unsigned(">", count, done)):
-            last = [add(b, t) for b, t in zip(before, step(done, builder.sub(count, done)), strict=True)]
-            tail_block = builder.block
-        totals = []
-        for b, value in zip(before, last, strict=True):
-            phi = builder.phi(f64v)
-            phi.add_incoming(b, rest)
-            phi.add_incoming(value, tail_block)
-            totals.append(phi)
-        results = [_tree_sum_ir(builder, total) for total in totals]
-        return context.make_tuple(builder, signature.return_type, results)
+        return _emit_lane_sums(context, builder, count, width * DOT_VECTORS, f64v, widened_step)
 
     return types.UniTuple(types.float64, 2)(x, off, count), codegen
 
