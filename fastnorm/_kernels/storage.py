@@ -846,10 +846,12 @@ def _emit_steps(context, builder, span, terms):
     def widened_step(start, left):
         return [widen(t) for t in step(start, left)]
 
-    return _emit_lane_sums(context, builder, span.count, width * STEP_VECTORS, sum_vector, widened_step)
+    return _emit_lane_sums(
+        context, builder, span.count, width * STEP_VECTORS, sum_vector, widened_step, "step_sums"
+    )
 
 
-def _emit_lane_sums(context, builder, count, per_step, sum_vector, step):
+def _emit_lane_sums(context, builder, count, per_step, sum_vector, step, name):
     """Emit a loop adding ``step(start, left)``'s two vectors to two float64 lane sums; return their totals.
 
     The loop skeleton of :func:`_step_sums`, :func:`_step_dots` and
@@ -857,7 +859,8 @@ def _emit_lane_sums(context, builder, count, per_step, sum_vector, step):
     ``None``), then one step with ``left`` elements remaining when ``count``
     is not a multiple; ``step`` returns two ``sum_vector`` (float64) vectors.
     The lanes are added pairwise at the end; the float64 tuple of the two
-    totals is returned.  The order is fixed by ``count`` alone.
+    totals is returned.  The order is fixed by ``count`` alone.  The loop's
+    blocks are labelled ``name.loop`` / ``name.rest`` (tests count them).
     """
     i64 = ir.IntType(64)
     zero_sum = ir.Constant(sum_vector, [ir.Constant(ir.DoubleType(), 0.0)] * sum_vector.count)
@@ -867,7 +870,7 @@ def _emit_lane_sums(context, builder, count, per_step, sum_vector, step):
 
     per_step = ir.Constant(i64, per_step)
     steps = builder.udiv(count, per_step)
-    entry, loop, rest, k = _open_loop(builder, steps, "lane_sums.loop", "lane_sums.rest")
+    entry, loop, rest, k = _open_loop(builder, steps, f"{name}.loop", f"{name}.rest")
     sums = [builder.phi(sum_vector) for _ in range(2)]
     for acc_phi in sums:
         acc_phi.add_incoming(zero_sum, entry)
@@ -1008,7 +1011,7 @@ def _dot_sums(typingctx, x, off, count):
         def widened_step(start, left):
             return [builder.fpext(t, f64v) for t in step(start, left)]
 
-        return _emit_lane_sums(context, builder, count, width * DOT_VECTORS, f64v, widened_step)
+        return _emit_lane_sums(context, builder, count, width * DOT_VECTORS, f64v, widened_step, "dot_sums")
 
     return types.UniTuple(types.float64, 2)(x, off, count), codegen
 
