@@ -39,6 +39,8 @@ pure-Python :func:`widen` / :func:`narrow` used under ``NUMBA_DISABLE_JIT=1``).
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from llvmlite import ir
@@ -526,9 +528,7 @@ class _SpanLoop:
         self.rest_offset = builder.mul(self.whole, ir.Constant(i64, width))
         self.left = builder.sub(count, self.rest_offset)
         lanes = ir.Constant(ir.VectorType(i64, width), [ir.Constant(i64, j) for j in range(width)])
-        self.tail_mask = builder.icmp_unsigned(
-            "<", lanes, _splat_ir(builder, ir.VectorType(i64, width), self.left)
-        )
+        self.tail_mask = _tail_mask(builder, lanes, self.left, 0)
         self.fma = _fma_ir(builder, self.value_vector)
         self.bf16_instructions = storage == types.uint16 and _has_bf16_instructions(context)
 
@@ -810,6 +810,16 @@ def _tree_sum_ir(builder, vector):
     return builder.extract_element(vector, ir.Constant(i32, 0))
 
 
+def _tail_mask(builder, lanes, left, first):
+    """Return the mask of a step's vector from element ``first``: its lanes among the ``left`` elements.
+
+    ``lanes`` is the constant int64 vector ``0, 1, ...``; the mask is ``lanes <
+    left - first``, signed (no lane when ``first >= left``).
+    """
+    in_vector = builder.sub(left, ir.Constant(ir.IntType(64), first))
+    return builder.icmp_signed("<", lanes, _splat_ir(builder, lanes.type, in_vector))
+
+
 def _emit_steps(context, builder, span, terms):
     """Emit the loop of :func:`_step_sums` / :func:`_step_dots`; return the float64 tuple of its two sums.
 
@@ -830,12 +840,7 @@ def _emit_steps(context, builder, span, terms):
         pairs = []
         for j in range(STEP_VECTORS):
             at = builder.add(span.off, builder.add(start, ir.Constant(i64, width * j)))
-            mask = None
-            if left is not None:
-                in_vector = builder.sub(left, ir.Constant(i64, width * j))
-                mask = builder.icmp_signed(
-                    "<", lanes, _splat_ir(builder, ir.VectorType(i64, width), in_vector)
-                )
+            mask = None if left is None else _tail_mask(builder, lanes, left, width * j)
             pair = terms(at, mask)
             pairs.append(pair if mask is None else [builder.select(mask, t, zero) for t in pair])
         return [add(add(pairs[0][t], pairs[1][t]), add(pairs[2][t], pairs[3][t])) for t in (0, 1)]
@@ -998,10 +1003,7 @@ def _dot_sums(typingctx, x, off, count):
                 if left is None:
                     bits = builder.load(pointer, align=2)
                 else:
-                    in_vector = builder.sub(left, ir.Constant(i64, width * j))
-                    mask = builder.icmp_signed(
-                        "<", lanes, _splat_ir(builder, ir.VectorType(i64, width), in_vector)
-                    )
+                    mask = _tail_mask(builder, lanes, left, width * j)
                     bits = builder.call(masked_load, [pointer, ir.Constant(_I32, 2), mask, zeros])
                 values = builder.bitcast(bits, bf16_v)
                 total = builder.call(dot, [total, values, ones])
@@ -1164,6 +1166,7 @@ def step_dots(dy, x, off, count, mean_hi):
     return _numpy_steps(dys, dys * (xs - xs.dtype.type(mean_hi)))
 
 
+@functools.cache
 def _host_has_bf16_dot():
     """Whether this host has AVX512-BF16 and AVX512-DQ (:func:`_dot_sums` compiles to ``vdpbf16ps``)."""
     from llvmlite import binding
