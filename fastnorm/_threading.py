@@ -165,8 +165,8 @@ def share_torch_openmp():
 
     Called at import of :mod:`fastnorm` and of :mod:`fastnorm.torch`.  Does
     nothing when torch is not imported, when ``NUMBA_THREADING_LAYER`` is set,
-    when Numba's pool already runs (its layer is chosen), or when torch
-    bundles no GNU OpenMP runtime.  torch's thread count
+    when Numba's pool already runs (its layer is chosen; shared by an earlier
+    call, it stays so), or when torch bundles no GNU OpenMP runtime.  torch's thread count
     (``torch.get_num_threads()``) is the same before and after.
 
     Returns
@@ -183,6 +183,8 @@ def share_torch_openmp():
         OPENMP_STATUS = f"not shared: NUMBA_THREADING_LAYER={os.environ['NUMBA_THREADING_LAYER']!r}"
         return False
     if parallel._is_initialized:
+        if OPENMP_STATUS.startswith("shared with torch: "):
+            return True  # started here by an earlier call (import fastnorm, then fastnorm.torch)
         OPENMP_STATUS = f"not shared: Numba's pool had already started ({numba.threading_layer()})"
         return False
     path = _torch_openmp_library(torch)

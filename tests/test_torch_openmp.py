@@ -35,6 +35,11 @@ PROBE = textwrap.dedent(
         import torch
         torch.set_num_threads(torch_threads)
         import fastnorm
+    elif order == "torch-first-then-fastnorm.torch":  # shared at import of fastnorm, kept
+        import torch
+        torch.set_num_threads(torch_threads)
+        import fastnorm
+        import fastnorm.torch
     elif order == "torch-after-fastnorm":  # torch imported before the first kernel ran
         import fastnorm
         import torch
@@ -111,7 +116,13 @@ def run_probe(order, torch_threads, layer=None):
 
 
 @pytest.mark.parametrize(
-    "order", ["torch-first", "torch-after-fastnorm", "fastnorm.torch-before-the-first-call"]
+    "order",
+    [
+        "torch-first",
+        "torch-first-then-fastnorm.torch",
+        "torch-after-fastnorm",
+        "fastnorm.torch-before-the-first-call",
+    ],
 )
 @pytest.mark.parametrize("torch_threads", [1, 2])
 def test_the_kernels_run_on_torchs_openmp_threads(order, torch_threads):
