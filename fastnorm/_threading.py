@@ -89,6 +89,9 @@ TBB_STATUS = "not attempted"
 #: What :func:`share_torch_openmp` did (shown by :func:`fastnorm.show_config`).
 OPENMP_STATUS = "not shared: torch was not imported"
 
+#: How :data:`OPENMP_STATUS` starts once the pool runs on torch's runtime (then the path).
+_SHARED = "shared with torch: "
+
 _serial_after_fork = False
 _warned = False
 
@@ -166,8 +169,8 @@ def share_torch_openmp():
     Called at import of :mod:`fastnorm` and of :mod:`fastnorm.torch`.  Does
     nothing when torch is not imported, when ``NUMBA_THREADING_LAYER`` is set,
     when Numba's pool already runs (its layer is chosen; shared by an earlier
-    call, it stays so), or when torch bundles no GNU OpenMP runtime.  torch's thread count
-    (``torch.get_num_threads()``) is the same before and after.
+    call, it stays so), or when torch bundles no GNU OpenMP runtime.  torch's
+    thread count (``torch.get_num_threads()``) is the same before and after.
 
     Returns
     -------
@@ -183,7 +186,7 @@ def share_torch_openmp():
         OPENMP_STATUS = f"not shared: NUMBA_THREADING_LAYER={os.environ['NUMBA_THREADING_LAYER']!r}"
         return False
     if parallel._is_initialized:
-        if OPENMP_STATUS.startswith("shared with torch: "):
+        if OPENMP_STATUS.startswith(_SHARED):
             return True  # started here by an earlier call (import fastnorm, then fastnorm.torch)
         OPENMP_STATUS = f"not shared: Numba's pool had already started ({numba.threading_layer()})"
         return False
@@ -204,7 +207,7 @@ def share_torch_openmp():
         return False
     finally:
         torch.set_num_threads(torch_threads)  # omppool's start sets the runtime's count
-    OPENMP_STATUS = f"shared with torch: {path}"
+    OPENMP_STATUS = _SHARED + path
     TBB_STATUS = "not loaded: the kernels run on torch's OpenMP runtime"
     return True
 
