@@ -565,7 +565,9 @@ def _backward_state(dy, x, stats, spec, weight, bias, residual, with_bias, out, 
     if spec.activation is None:
         bias_flat = residual_flat = None
     else:
-        dz, dz_flat = _output(x, plan, None)
+        # dz is dresidual after a residual add; otherwise it is written into dx's memory
+        # (unless dx is x's or dy's) and the backward runs in place (_backward_kernels)
+        dz, dz_flat = _output(x, plan, None) if has_residual or in_place else (dx, dx_flat)
         epilogue = (bias_flat, residual_flat, dz_flat, bias is not None)
         dresidual = dz if has_residual else None
     # the nested tuples hold the user's arrays, which need not be kernel views
@@ -753,14 +755,17 @@ def _backward_kernels(
 
     ``epilogue = (bias, residual, dz, has_bias)`` with ``spec.activation``:
     first ``dz = dy * act'(z)`` into ``dz`` by the inference kernel's
-    epilogue, then the norm's backward on ``dz``.  :func:`backward` and
-    ``fastnorm.torch``'s prepared passes call it.
+    epilogue, then the norm's backward on ``dz``, in place when ``dz`` is
+    ``dx`` (the backward then reads the ``dz`` just written from the lines it
+    writes ``dx`` to).  :func:`backward` and ``fastnorm.torch``'s prepared
+    passes call it.
     """
     if epilogue is not None:
         bias, residual, dz, has_bias = epilogue
         kernel, params = _kernel_call(plan, K.INFERENCE, has_weight * 4 + has_bias * 2)
         kernel(x, weight, bias, residual, dy, dz, mean, rstd, params)
         dy = dz
+        in_place = in_place or dz is dx
     kernel, params = _kernel_call(plan, K.BACKWARD, has_weight * 4 + in_place)
     kernel(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
     return params

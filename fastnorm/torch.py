@@ -581,15 +581,18 @@ class _PreparedPass:
         weight_flat = empty if weight is None else _flat(weight)
         mean, rstd = mean.reshape(-1), rstd.reshape(-1)
         dresidual = x.new_empty(0)
+        dx = torch.empty_like(x)
+        dx_flat = _flat(dx)
         epilogue = None
         if self.activation is not None:
-            dz = torch.empty_like(x)
+            # dz is the residual's gradient, or written into dx's memory (_backward_kernels)
+            dz_flat = dx_flat
+            if residual is not None:
+                dresidual = torch.empty_like(x)
+                dz_flat = _flat(dresidual)
             bias_flat = empty if bias is None else _flat(bias)
             residual_flat = empty if residual is None else _flat(residual)
-            epilogue = (bias_flat, residual_flat, _flat(dz), bias is not None)
-            if residual is not None:
-                dresidual = dz
-        dx = torch.empty_like(x)
+            epilogue = (bias_flat, residual_flat, dz_flat, bias is not None)
         dweight = None if weight is None else np.zeros(plan.param_shape, self.dtype)
         dbias = None if bias is None else np.zeros(plan.param_shape, self.dtype)
         _backward_kernels(
@@ -601,7 +604,7 @@ class _PreparedPass:
             weight_flat,
             mean,
             rstd,
-            _flat(dx),
+            dx_flat,
             empty if dweight is None else dweight.reshape(-1),
             empty if dbias is None else dbias.reshape(-1),
             epilogue,

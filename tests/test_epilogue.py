@@ -250,6 +250,38 @@ def test_relu_kink_follows_torch(case):
         np.testing.assert_array_equal(grads.dresidual, dy * expected)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    ("case", "layout"), _params([bn(2, 3, 8), gn(2, 2, 4, 6), ln(1, 4, 8), ln(1, 64, 768)])
+)
+def test_rectifiers_of_infinities_and_nan_follow_torch(case, layout, dtype):
+    """``relu(-inf)`` is 0 (not ``-inf * 0``), ``relu(+inf)`` inf, ``relu(NaN)`` NaN; leaky ReLU scales -inf.
+
+    An infinite residual makes ``z`` infinite in an otherwise finite group;
+    the gradients follow torch's ``threshold_backward`` and
+    ``leaky_relu_backward``: 0 (ReLU) or ``dy * slope`` where ``z <= 0``, ``dy``
+    where ``z`` is +inf or (ReLU) NaN.
+    """
+    (x, dy, w, b, r, cl), _ = _problem(case, dtype, layout, "relu", True, key=("inf",))
+    r = r.copy(order="K")
+    where = np.unravel_index(np.arange(3), r.shape)
+    r[where] = [-np.inf, np.inf, np.nan]
+    for act, low in (("relu", 0.0), ("leaky_relu", -np.inf)):
+        spec = _spec(case, cl, act, 0.25)
+        y, stats = fastnorm.forward(x, spec, w, b, residual=r)
+        np.testing.assert_array_equal(y[where], [low, np.inf, np.nan])
+        finite = np.ones(y.shape, bool)
+        finite[where] = False
+        assert np.all(np.isfinite(y[finite])), f"{act}: the infinities stay where they are"
+        yi = fastnorm.forward_inference(x, stats, spec, w, b, residual=r)
+        assert yi.tobytes() == y.tobytes()
+        grads = fastnorm.backward(dy, x, stats, spec, w, bias=b, residual=r)
+        low_grad = 0.0 if act == "relu" else dy[where][0] * dtype(0.25)
+        nan_grad = dy[where][2] if act == "relu" else dy[where][2] * dtype(0.25)
+        np.testing.assert_array_equal(grads.dresidual[where], [low_grad, dy[where][1], nan_grad])
+        assert np.all(np.isfinite(grads.dx)), f"{act}: the residual's infinities do not reach dx"
+
+
 @pytest.mark.parametrize("act", ["sigmoid", "tanh", "silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_saturated_activations_have_no_nan(act, dtype):
@@ -437,6 +469,48 @@ def test_rectifiers_in_the_store_loops_equal_the_activation_after_them(case, lay
         assert y.tobytes() == expected.astype(np.float32).tobytes()
         zi = fastnorm.forward_inference(x, stats, plain, weight, bias, residual=r)
         assert zi.tobytes() == z.tobytes()
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize(("case", "layout"), _params([*SMALL, *STRATEGIES]))
+def test_rectifier_gradients_in_the_store_loops_follow_torch(case, layout, act, with_residual):
+    """The backward's ``dz = dy * act'(z)``, taken in the store loop, bit for bit torch's formulas.
+
+    ``z`` is the identity epilogue's output: ReLU's ``dz`` is 0 where ``z <= 0``
+    and ``dy`` elsewhere (NaN ``z`` included, as ``threshold_backward``), leaky
+    ReLU's ``dy`` where ``z > 0`` and ``dy * slope`` elsewhere.  ``dy`` holds
+    infinities, NaN and -0.  Without a residual, ``dz`` is written into ``dx``'s
+    memory and the backward runs there: ``dx`` equals the plain backward of ``dz``.
+    """
+    (x, dy, w, b, r, cl), _ = _problem(case, np.float32, layout, act, with_residual)
+    dy = dy.copy(order="K")
+    dy[np.unravel_index(np.arange(4), dy.shape)] = [np.inf, -np.inf, np.nan, -0.0]
+    if with_residual:
+        r = r.copy(order="K")
+        r[np.unravel_index(np.arange(4, 8), r.shape)] = [np.nan, 1e30, -1e30, 0.0]
+    slope = np.float32(0.125)
+    fused = _spec(case, cl, act, float(slope))
+    plain = _spec(case, cl, None)
+    y, stats = fastnorm.forward(x, fused, w, b, residual=r)
+    z = fastnorm.forward_inference(x, stats, plain, w, b, residual=r)
+    with np.errstate(invalid="ignore"):
+        if act == "relu":
+            expected = np.where(z <= 0, np.float32(0.0), dy)
+        else:
+            expected = np.where(z > 0, dy, dy * slope)
+    grads = fastnorm.backward(dy, x, stats, fused, w, bias=b, residual=r)
+    plain_stats = fastnorm.forward(x, plain, w, b, residual=r)[1]
+    reference = fastnorm.backward(expected, x, plain_stats, plain, w, with_bias=True)
+    tag = f"{case} {layout} {act} residual={with_residual}"
+    assert grads.dx.tobytes() == reference.dx.tobytes(), f"{tag}: dx"
+    for name in ("dweight", "dbias"):
+        got, want = getattr(grads, name), getattr(reference, name)
+        assert (got is None) == (want is None) and (got is None or got.tobytes() == want.tobytes()), (
+            f"{tag}: {name}"
+        )
+    if with_residual:
+        assert grads.dresidual.tobytes() == expected.tobytes(), f"{tag}: dresidual"
 
 
 # ---------------------------------------------------------------------------

@@ -75,9 +75,9 @@ VECTOR_LOOPS = {
     # _cl_merge_set's loop, then the finish of one channel per group (BatchNorm,
     # InstanceNorm), centered or not (2)
     "_cl_set_stats": 3,
-    # the rows of a block, with and without the residual, rectified or not (flags not constant:
-    # LLVM versions the step loop for some of them)
-    "_cl_store_rows": 3,
+    # the rows of a block, with and without the residual, rectified or not, or the rectifier's
+    # gradient (flags not constant: LLVM versions the step loop for some of them)
+    "_cl_store_rows": 4,
     # the plain store: affine_coefs' explicit loop per chunk and step
     "_cl_store_rows_plain": 1,
     # four rows from the block's quarters per step, one row per step (the rows left over)
@@ -161,15 +161,16 @@ def _signature(name, dtype):
             data,
             data,
             data,
-            data,
-            data,
+            compute,
             i64,
             i64,
             i64,
             i64,
+            i64,
+            spec,
             types.boolean,
             types.boolean,
-            dtype,
+            types.boolean,
         ),
         "_cl_store_rows_plain": (data, data, compute, i64, i64, i64, i64, i64, i64),
         "_pipelined_task": (data, data, data, data, data, spec, work, work, i64, i64),

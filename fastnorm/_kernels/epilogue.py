@@ -51,12 +51,17 @@ _GELU_KAPPA = 0.044715
 
 @glue
 def _rectify(z, slope):
-    """ReLU (``slope`` 0) or leaky ReLU: ``z if z > 0 else slope * z + 0``.
+    """ReLU (``slope`` 0) or leaky ReLU: ``z`` where ``z > 0`` or NaN, else ``slope * z + 0``, or 0 for ReLU.
 
-    The ``+ 0`` makes ReLU's ``-0`` torch's ``+0``; NaN stays NaN.
+    torch's values: ReLU gives ``+0`` for ``-0`` and for ``-inf`` (where
+    ``-inf * 0`` would be NaN); NaN stays NaN.  A leaky ReLU of slope 0 is
+    ReLU (torch gives NaN for its ``-inf``).  ``slope`` is loop-invariant: the
+    loops compute both forms and select.
     """
     zero = type(z)(0.0)
-    return z if z > zero else z * slope + zero
+    if not z <= zero:
+        return z
+    return z * slope + zero if slope != zero else zero
 
 
 @glue
@@ -133,6 +138,14 @@ def _act_grad(z, dy, code, slope):
         right_grad = t(0.5) * z * (t(1.0) - th * th) * inner_grad
         return dy * (left_grad + right_grad)
     return dy
+
+
+@glue
+def _rectify_grad(z, dy, slope, leaky):
+    """``dy * act'(z)`` of ReLU, or of leaky ReLU when ``leaky``, in a store loop (:func:`_act_grad`)."""
+    if leaky:
+        return _act_grad(z, dy, LEAKY_RELU, slope)
+    return _act_grad(z, dy, RELU, slope)
 
 
 @glue

@@ -135,6 +135,11 @@ def _is_16bit(array_type):
     return array_type.dtype in (types.uint16, types.int16)
 
 
+def is_16bit(like):
+    """Whether ``like`` holds 16-bit data (a :data:`VIEWS` view); a compile-time constant in compiled code."""
+    return like.dtype in (BFLOAT16_VIEW, FLOAT16_VIEW)
+
+
 def _const(like, value):
     """``value`` as a constant of ``like``'s LLVM type, repeated over its lanes for a vector."""
     if isinstance(like, ir.VectorType):
@@ -1260,6 +1265,12 @@ def _ol_compute(like, value):
     if _is_16bit(like):
         return lambda like, value: np.float32(value)
     return lambda like, value: like.dtype.type(value)
+
+
+@overload(is_16bit)
+def _ol_is_16bit(like):
+    sixteen = _is_16bit(like)
+    return lambda like: sixteen
 
 
 @overload(compute_empty)

@@ -267,8 +267,15 @@ def _make_backward(key):
         in_place = dxa.ctypes.data == dya.ctypes.data or dxa.ctypes.data == xa.ctypes.data
         grad = dya
         if activation != 0:
-            # dz into dresidual, or a workspace when there is none or it is dy's memory
-            dz = dra if ndr > 0 and dra.ctypes.data != dya.ctypes.data else np.empty_like(xa)
+            # dz into dresidual; without one, into dx's memory and the backward runs in place
+            # there (as fastnorm.backward); a workspace when dresidual is dy's memory, or dx x's or dy's
+            if ndr > 0 and dra.ctypes.data != dya.ctypes.data:
+                dz = dra
+            elif ndr == 0 and not in_place:
+                dz = dxa
+                in_place = True
+            else:
+                dz = np.empty_like(xa)
             params = _params(spec, K.INFERENCE, num_threads, xa.itemsize, nw > 0, nb > 0, False)
             ba = _param_in(b, nb, xa, param16)
             K.run_forward(K.INFERENCE, xa, wa, ba, carray(r, nr), dya, dz, meana, rstda, params)
