@@ -20,7 +20,18 @@ from numba.extending import overload
 
 from .._config import exact_helper, glue, helper
 from .schedule import BATCH, CENTERED, MOMENTS
-from .storage import BFLOAT16_VIEW, FLOAT16_VIEW, _is_16bit, acc, dot_sums, load, step_dots, step_sums, store
+from .storage import (
+    BFLOAT16_VIEW,
+    FLOAT16_VIEW,
+    _is_16bit,
+    acc,
+    dot_sums,
+    is_16bit,
+    load,
+    step_dots,
+    step_sums,
+    store,
+)
 
 #: A one-pass (shifted) block moment that lost more than log2 of this many bits
 #: to cancellation is recomputed with two passes.
@@ -53,19 +64,10 @@ def _ol_cancellation_limit(like):
     return lambda like: limit
 
 
-def in_steps(like):
-    """Whether block moments of ``like``'s storage are summed in steps (:func:`.storage.step_sums`).
-
-    True for 16-bit data, whose steps run in float32; float32 and float64 data
-    widen every element to float64.  A compile-time constant in compiled code.
-    """
-    return like.dtype in (BFLOAT16_VIEW, FLOAT16_VIEW)
-
-
-@overload(in_steps)
-def _ol_in_steps(like):
-    steps = _is_16bit(like)
-    return lambda like: steps
+#: Whether block moments of ``like``'s storage are summed in steps (:func:`.storage.step_sums`):
+#: for 16-bit data, whose steps run in float32; float32 and float64 data widen every element
+#: to float64.  :func:`.storage.is_16bit` itself, a compile-time constant in compiled code.
+in_steps = is_16bit
 
 
 # ---------------------------------------------------------------------------
