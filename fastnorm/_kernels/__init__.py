@@ -43,6 +43,7 @@ from .dispatch import (
     run_skip_bias_backward,
     run_skip_forward,
     select,
+    select_rectified_backward,
 )
 from .epilogue import ACTIVATIONS
 from .numerics import CANCELLATION_LIMIT, merge_rank_moments, update_running_from_rstd, update_running_stats
@@ -65,6 +66,7 @@ __all__ = [
     "run_skip_bias_backward",
     "run_skip_forward",
     "select",
+    "select_rectified_backward",
     "VIEWS",
     "bfloat16_bits",
     *_schedule_names,

@@ -546,6 +546,13 @@ def channels_last_inference(x, weight, bias, residual, grad, y, mean, rstd, para
     See :func:`~.planes.planes_inference`.
     """
     spec = KernelSpec(*params[:8])
+    coef = _cl_given_coefs(x, weight, bias, mean, rstd, spec)
+    _cl_normalize(x, residual, grad, y, coef, spec, Schedule(*params[8:]))
+
+
+@helper
+def _cl_given_coefs(x, weight, bias, mean, rstd, spec):
+    """Every set's ``mean_hi, scale, shift`` vectors (:func:`_cl_set_coefs`) from given statistics."""
     nstats = mean.size
     sets = nstats // spec.groups
     stats = np.empty(2 * nstats)
@@ -555,7 +562,7 @@ def channels_last_inference(x, weight, bias, residual, grad, y, mean, rstd, para
     coef = compute_empty(x, 3 * spec.channels * sets)
     for s in range(sets):
         _cl_set_coefs(weight, bias, stats, coef, spec, s)
-    _cl_normalize(x, residual, grad, y, coef, spec, Schedule(*params[8:]))
+    return coef
 
 
 # ---------------------------------------------------------------------------
@@ -571,6 +578,37 @@ def _cl_set_means(mean, chan_mean, spec, set_index):
     base = nc * set_index
     for c in range(nc):
         chan_mean[base + c] = mean[set_index * spec.groups + c // d] if spec.flags & CENTERED else 0.0
+
+
+@helper
+def _cl_block_rectified_grad(x, residual, grad, dz, zcoef, spec, schedule, blk):
+    """``dz = grad * rectify'(z)`` over the rows of block ``blk``, ``z`` as the forward stored it.
+
+    ``zcoef`` holds the forward's untiled coefficient vectors
+    (:func:`_cl_given_coefs`); the loop is the inference kernel's
+    (:func:`_cl_store_rows`), so ``dz`` has its bits.
+    """
+    off, rows, base, span = _cl_steps(spec, schedule, blk, 1, 3)
+    if residual.size > 0:
+        _cl_store_rows(x, residual, grad, dz, zcoef, base, span, off, rows, 1, spec, True, True, True)
+    else:
+        _cl_store_rows(x, residual, grad, dz, zcoef, base, span, off, rows, 1, spec, False, True, True)
+
+
+@glue
+def _cl_block_backward_dots(dy, x, work, chan_mean, spec, schedule, blk, rectifier):
+    """:func:`_cl_block_dots` of block ``blk``; first, with a ``rectifier``, its ``dy`` from ``grad``.
+
+    ``rectifier = (grad, residual, zcoef)``: ``grad`` empty for a plain
+    backward; otherwise the block's ``dy = grad * rectify'(z)`` is written
+    (:func:`_cl_block_rectified_grad`) and reduced while in cache: ``dz``
+    is never read back from memory for the dot products
+    (docs/perf-notes/fused-epilogue.md).
+    """
+    grad, residual, zcoef = rectifier
+    if not is_16bit(x) and grad.size > 0:
+        _cl_block_rectified_grad(x, residual, grad, dy, zcoef, spec, schedule, blk)
+    _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk)
 
 
 @helper
@@ -727,12 +765,13 @@ def _cl_dx_block(dy, x, dx, coef, spec, schedule, blk, tile_rows):
 
 
 @glue
-def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule):
+def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, rectifier):
     """``FUSED``: one task per set: dot products, sums, coefficients, then ``dx``."""
     for n in prange(chan_mean.size // spec.channels):
         _cl_set_means(mean, chan_mean, spec, n)
         for b in range(schedule.nblocks):
-            _cl_block_dots(dy, x, work, chan_mean, spec, schedule, n * schedule.nblocks + b)
+            blk = n * schedule.nblocks + b
+            _cl_block_backward_dots(dy, x, work, chan_mean, spec, schedule, blk, rectifier)
         _cl_sum_set(work, chan, spec, schedule, n)
         _cl_set_dx_coefs(weight, mean, rstd, chan, coef, spec, n)
         for b in range(schedule.nblocks):
@@ -740,9 +779,9 @@ def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coe
 
 
 @glue
-def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule):
+def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, rectifier):
     """``SPLIT``: dot products over blocks, sums over sets, coefficients over groups, ``dx`` over blocks."""
-    _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule)
+    _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule, rectifier)
     if mean.size == spec.channels and spec.groups == spec.channels:  # one set: serial (_cl_split_statistics)
         _cl_set_dx_coefs(weight, mean, rstd, chan, coef, spec, 0)
     elif spec.groups == spec.channels:
@@ -755,8 +794,11 @@ def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coe
 
 
 @glue
-def _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule):
-    """Every set's per-channel dot products into ``chan``: blocks in parallel, then sums over sets."""
+def _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule, rectifier):
+    """Every set's per-channel dot products into ``chan``: blocks in parallel, then sums over sets.
+
+    ``rectifier`` as :func:`_cl_block_backward_dots`'s.
+    """
     sets = chan_mean.size // spec.channels
     for s in range(sets):
         _cl_set_means(mean, chan_mean, spec, s)
@@ -764,7 +806,7 @@ def _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule):
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
         for blk in range(lo, hi):
-            _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk)
+            _cl_block_backward_dots(dy, x, work, chan_mean, spec, schedule, blk, rectifier)
     if sets == 1:  # serial: see _cl_split_statistics
         _cl_sum_set(work, chan, spec, schedule, 0)
     else:
@@ -822,6 +864,32 @@ def channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params
 
     Parameters and Notes as :func:`~.planes.planes_backward`.
     """
+    _cl_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params, (dy[:0], x[:0], compute_empty(x, 0)))
+
+
+@kernel
+def channels_last_backward_rectified(
+    grad, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params
+):
+    """Backward pass through ``relu`` / ``leaky_relu(norm(x) (+ residual))`` on an (N, S, C) buffer.
+
+    ``dz = grad * rectify'(z)`` is written into ``dz`` (``dx``'s memory, or
+    the residual's gradient) block by block inside the backward's first pass,
+    which reduces each block while it is in cache; then the pass writes ``dx``
+    as :func:`channels_last_backward` does from ``dz``: the same schedule and
+    the same bits as the inference kernel's ``dz`` followed by that kernel, with
+    one read of ``grad``, ``x`` and ``residual`` and one write of ``dz`` in
+    place of the ``dz`` kernel's pass (docs/perf-notes/fused-epilogue.md).
+    Float32 and float64 data, ``spec.activation`` ReLU or leaky ReLU.
+    """
+    spec = KernelSpec(*params[:8])
+    zcoef = _cl_given_coefs(x, weight, bias, mean, rstd, spec)
+    _cl_backward(dz, x, weight, mean, rstd, dx, dweight, dbias, params, (grad, residual, zcoef))
+
+
+@glue
+def _cl_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params, rectifier):
+    """Run the backward kernels' body; ``rectifier`` as :func:`_cl_block_backward_dots`'s."""
     spec = KernelSpec(*params[:8])
     schedule = Schedule(*params[8:])
     nc = spec.channels
@@ -831,9 +899,13 @@ def channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params
     chan_mean = np.empty(nc * sets)
     coef = compute_empty(x, 4 * nc * sets)
     if schedule.strategy == FUSED:
-        _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule)
+        _cl_backward_fused(
+            dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, rectifier
+        )
     else:
-        _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule)
+        _cl_backward_split(
+            dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, rectifier
+        )
     if dweight.size > 0 or dbias.size > 0:
         _cl_param_grads(rstd, chan, dweight, dbias, spec, sets)
 
@@ -873,7 +945,7 @@ def channels_last_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat, params
     work = np.empty(2 * nc * spec.batch * schedule.nblocks)
     chan = np.empty(2 * nc)
     chan_mean = np.empty(nc)
-    _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule)
+    _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule, (dy[:0], x[:0], compute_empty(x, 0)))
     _cl_param_grads(rstd, chan, sum_dy_xhat, sum_dy, spec, 1)
 
 

@@ -19,11 +19,13 @@ from .._config import helper
 from .channels_last import (
     channels_last_backward,
     channels_last_backward_apply,
+    channels_last_backward_rectified,
     channels_last_backward_reduce,
     channels_last_batch_stats,
     channels_last_forward,
     channels_last_inference,
 )
+from .epilogue import LEAKY_RELU, RELU
 from .planes import (
     planes_backward,
     planes_backward_apply,
@@ -89,6 +91,7 @@ planes_backward_serial = _serial_build(planes_backward)
 channels_last_forward_serial = _serial_build(channels_last_forward)
 channels_last_inference_serial = _serial_build(channels_last_inference)
 channels_last_backward_serial = _serial_build(channels_last_backward)
+channels_last_backward_rectified_serial = _serial_build(channels_last_backward_rectified)
 planes_batch_stats_serial = _serial_build(planes_batch_stats)
 planes_backward_reduce_serial = _serial_build(planes_backward_reduce)
 planes_backward_apply_serial = _serial_build(planes_backward_apply)
@@ -141,6 +144,21 @@ KERNELS = {
 def select(pass_id, params):
     """Return the kernel of :data:`KERNELS` for a pass and a flat ``spec + schedule`` tuple."""
     return KERNELS[pass_id, params[SPEC_FIELDS], params[SPEC_FIELDS + 2]]
+
+
+def select_rectified_backward(params, itemsize):
+    """Return the kernel of the backward through ``params``' rectifier in one pass, or ``None``.
+
+    ``params`` are a ``BACKWARD`` call's; channels-last float32/float64 data
+    with ReLU or leaky ReLU have :func:`~.channels_last.channels_last_backward_rectified`
+    (its parallel or serial build, as the schedule says), with the same
+    schedule and bits as the ``dz`` pass followed by the backward kernel.
+    """
+    if params[SPEC_FIELDS] != CHANNELS_LAST_VIEW or itemsize == 2 or params[6] not in (RELU, LEAKY_RELU):
+        return None
+    if params[SPEC_FIELDS + 2]:
+        return channels_last_backward_rectified
+    return channels_last_backward_rectified_serial
 
 
 @helper
