@@ -757,18 +757,18 @@ def _backward_kernels(
     first ``dz = dy * act'(z)`` into ``dz`` by the inference kernel's
     epilogue, then the norm's backward on ``dz``, in place when ``dz`` is
     ``dx`` (the backward then reads the ``dz`` just written from the lines it
-    writes ``dx`` to).  Where one kernel does both with the backward's
-    schedule (:func:`~fastnorm._kernels.select_rectified_backward`), it runs
-    instead: the same bits.  :func:`backward` and ``fastnorm.torch``'s
-    prepared passes call it.
+    writes ``dx`` to).  The channels-last view does both in one kernel with
+    the backward's schedule
+    (:func:`~fastnorm._kernels.select_epilogue_backward`), with the same
+    values.  :func:`backward` and ``fastnorm.torch``'s prepared passes call it.
     """
     if epilogue is not None:
         bias, residual, dz, has_bias = epilogue
         in_place = in_place or dz is dx
         kernel, params = _kernel_call(plan, K.BACKWARD, has_weight * 4 + in_place)
-        rectified = K.select_rectified_backward(params, plan.itemsize)
-        if rectified is not None:
-            rectified(dy, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params)
+        one_kernel = K.select_epilogue_backward(params)
+        if one_kernel is not None:
+            one_kernel(dy, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params)
             return params
         kernel, params = _kernel_call(plan, K.INFERENCE, has_weight * 4 + has_bias * 2)
         kernel(x, weight, bias, residual, dy, dz, mean, rstd, params)

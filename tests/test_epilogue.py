@@ -513,6 +513,50 @@ def test_rectifier_gradients_in_the_store_loops_follow_torch(case, layout, act, 
         assert grads.dresidual.tobytes() == expected.tobytes(), f"{tag}: dresidual"
 
 
+_ONE_KERNEL_CASES = [c for c in [*SMALL, *STRATEGIES] if c.per_channel]
+_CL_LAYOUTS = ("cl", "cl_memory")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("act", [a for a in ACTS if a is not None])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("layout", _CL_LAYOUTS)
+@pytest.mark.parametrize("case", _ONE_KERNEL_CASES, ids=str)
+def test_one_kernel_backward_through_an_activation_equals_two(
+    case, layout, act, with_residual, dtype, monkeypatch
+):
+    """Channels-last: the backward through an activation in one kernel, bit for bit two.
+
+    ``channels_last_backward_epilogue`` writes
+    each block's ``dz = dy * act'(z)`` inside the backward's first pass; the
+    result must be the inference kernel's ``dz`` followed by the backward
+    kernel (the route taken when ``select_epilogue_backward`` names no kernel),
+    for every activation, with and without a residual, with ``dx`` in a fresh
+    buffer and in ``dy``'s memory (16-bit data take no activation yet).
+    """
+    from fastnorm import _kernels
+
+    (x, dy, w, b, r, cl), _ = _problem(case, dtype, layout, act, with_residual)
+    spec = _spec(case, cl, act, 0.125)
+    _, stats = fastnorm.forward(x, spec, w, b, residual=r)
+    chosen = []
+    select = _kernels.select_epilogue_backward
+    monkeypatch.setattr(
+        _kernels, "select_epilogue_backward", lambda params: chosen.append(select(params)) or chosen[-1]
+    )
+    one = fastnorm.backward(dy, x, stats, spec, w, bias=b, residual=r)
+    dy_memory = dy.copy(order="K")
+    in_dy = fastnorm.backward(dy_memory, x, stats, spec, w, bias=b, residual=r, out=dy_memory)
+    assert len(chosen) == 2 and None not in chosen, chosen
+    monkeypatch.setattr(_kernels, "select_epilogue_backward", lambda params: None)
+    two = fastnorm.backward(dy, x, stats, spec, w, bias=b, residual=r)
+    tag = f"{case} {layout} {act} {np.dtype(dtype)} residual={with_residual}"
+    for name in ("dx", "dweight", "dbias", "dresidual"):
+        for got in (one, in_dy):
+            a, e = getattr(got, name), getattr(two, name)
+            assert (a is None) == (e is None) and (a is None or a.tobytes() == e.tobytes()), f"{tag}: {name}"
+
+
 # ---------------------------------------------------------------------------
 # Fuzzing the new arguments (hypothesis, fixed seed)
 # ---------------------------------------------------------------------------

@@ -250,6 +250,7 @@ def test_every_loop_helper_is_listed():
         "_cf_group_coefs",
         "_cl_group_stats",
         "_cl_set_coefs",
+        "_cl_given_coefs",  # the sets' coefficient vectors of given statistics, once per call
         "_cl_set_means",
         "_cl_group_coefs",
         "_cl_tile_into",  # repeats a few per-channel vectors, once per call or fused task

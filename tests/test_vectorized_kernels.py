@@ -101,6 +101,8 @@ def _kernel_signature(name, storage_type):
         return (data, data, stats, stats, stats, stats, params)
     if name.endswith("backward_apply"):  # dy, x, weight, mean, rstd, sum_dy, sum_dy_xhat, count, dx
         return (data, data, par, stats, stats, stats, stats, types.float64, data, params)
+    if name.endswith("backward_epilogue"):  # grad, x, weight, bias, residual, dz, mean, rstd, dx, dw, db
+        return (data, data, par, par, data, data, stats, stats, data, par, par, params)
     if name.endswith("backward"):  # dy, x, weight, mean, rstd, dx, dweight, dbias
         return (data, data, par, stats, stats, data, par, par, params)
     if name.endswith("inference"):  # x, weight, bias, residual, grad, y

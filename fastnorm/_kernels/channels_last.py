@@ -580,34 +580,20 @@ def _cl_set_means(mean, chan_mean, spec, set_index):
         chan_mean[base + c] = mean[set_index * spec.groups + c // d] if spec.flags & CENTERED else 0.0
 
 
-@helper
-def _cl_block_rectified_grad(x, residual, grad, dz, zcoef, spec, schedule, blk):
-    """``dz = grad * rectify'(z)`` over the rows of block ``blk``, ``z`` as the forward stored it.
-
-    ``zcoef`` holds the forward's untiled coefficient vectors
-    (:func:`_cl_given_coefs`); the loop is the inference kernel's
-    (:func:`_cl_store_rows`), so ``dz`` has its bits.
-    """
-    off, rows, base, span = _cl_steps(spec, schedule, blk, 1, 3)
-    if residual.size > 0:
-        _cl_store_rows(x, residual, grad, dz, zcoef, base, span, off, rows, 1, spec, True, True, True)
-    else:
-        _cl_store_rows(x, residual, grad, dz, zcoef, base, span, off, rows, 1, spec, False, True, True)
-
-
 @glue
-def _cl_block_backward_dots(dy, x, work, chan_mean, spec, schedule, blk, rectifier):
-    """:func:`_cl_block_dots` of block ``blk``; first, with a ``rectifier``, its ``dy`` from ``grad``.
+def _cl_block_backward_dots(dy, x, work, chan_mean, spec, schedule, blk, epilogue):
+    """:func:`_cl_block_dots` of block ``blk``; first, with an ``epilogue``, the block's ``dy``.
 
-    ``rectifier = (grad, residual, zcoef)``: ``grad`` empty for a plain
-    backward; otherwise the block's ``dy = grad * rectify'(z)`` is written
-    (:func:`_cl_block_rectified_grad`) and reduced while in cache: ``dz``
-    is never read back from memory for the dot products
-    (docs/perf-notes/fused-epilogue.md).
+    ``epilogue = (grad, residual, zcoef)``: ``grad`` empty for a plain
+    backward; otherwise the block's ``dy = grad * act'(z)`` is written by the
+    inference kernel's block code (:func:`_cl_normalize_block`, ``z`` from
+    the untiled ``zcoef`` of :func:`_cl_given_coefs`, so ``dy`` has its bits)
+    and reduced while in cache: it is not read back from memory for the dot
+    products (docs/perf-notes/fused-epilogue.md).
     """
-    grad, residual, zcoef = rectifier
-    if not is_16bit(x) and grad.size > 0:
-        _cl_block_rectified_grad(x, residual, grad, dy, zcoef, spec, schedule, blk)
+    grad, residual, zcoef = epilogue
+    if grad.size > 0:
+        _cl_normalize_block(x, residual, grad, dy, zcoef, spec, schedule, blk, 1)
     _cl_block_dots(dy, x, work, chan_mean, spec, schedule, blk)
 
 
@@ -765,13 +751,13 @@ def _cl_dx_block(dy, x, dx, coef, spec, schedule, blk, tile_rows):
 
 
 @glue
-def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, rectifier):
+def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, epilogue):
     """``FUSED``: one task per set: dot products, sums, coefficients, then ``dx``."""
     for n in prange(chan_mean.size // spec.channels):
         _cl_set_means(mean, chan_mean, spec, n)
         for b in range(schedule.nblocks):
             blk = n * schedule.nblocks + b
-            _cl_block_backward_dots(dy, x, work, chan_mean, spec, schedule, blk, rectifier)
+            _cl_block_backward_dots(dy, x, work, chan_mean, spec, schedule, blk, epilogue)
         _cl_sum_set(work, chan, spec, schedule, n)
         _cl_set_dx_coefs(weight, mean, rstd, chan, coef, spec, n)
         for b in range(schedule.nblocks):
@@ -779,9 +765,9 @@ def _cl_backward_fused(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coe
 
 
 @glue
-def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, rectifier):
+def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, epilogue):
     """``SPLIT``: dot products over blocks, sums over sets, coefficients over groups, ``dx`` over blocks."""
-    _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule, rectifier)
+    _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule, epilogue)
     if mean.size == spec.channels and spec.groups == spec.channels:  # one set: serial (_cl_split_statistics)
         _cl_set_dx_coefs(weight, mean, rstd, chan, coef, spec, 0)
     elif spec.groups == spec.channels:
@@ -794,10 +780,10 @@ def _cl_backward_split(dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coe
 
 
 @glue
-def _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule, rectifier):
+def _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule, epilogue):
     """Every set's per-channel dot products into ``chan``: blocks in parallel, then sums over sets.
 
-    ``rectifier`` as :func:`_cl_block_backward_dots`'s.
+    ``epilogue`` as :func:`_cl_block_backward_dots`'s.
     """
     sets = chan_mean.size // spec.channels
     for s in range(sets):
@@ -806,7 +792,7 @@ def _cl_split_dots(dy, x, mean, work, chan, chan_mean, spec, schedule, rectifier
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
         for blk in range(lo, hi):
-            _cl_block_backward_dots(dy, x, work, chan_mean, spec, schedule, blk, rectifier)
+            _cl_block_backward_dots(dy, x, work, chan_mean, spec, schedule, blk, epilogue)
     if sets == 1:  # serial: see _cl_split_statistics
         _cl_sum_set(work, chan, spec, schedule, 0)
     else:
@@ -868,19 +854,19 @@ def channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params
 
 
 @kernel
-def channels_last_backward_rectified(
+def channels_last_backward_epilogue(
     grad, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params
 ):
-    """Backward pass through ``relu`` / ``leaky_relu(norm(x) (+ residual))`` on an (N, S, C) buffer.
+    """Backward pass through ``act(norm(x) (+ residual))`` on an (N, S, C) buffer, in one kernel.
 
-    ``dz = grad * rectify'(z)`` is written into ``dz`` (``dx``'s memory, or
-    the residual's gradient) block by block inside the backward's first pass,
-    which reduces each block while it is in cache; then the pass writes ``dx``
-    as :func:`channels_last_backward` does from ``dz``: the same schedule and
-    the same bits as the inference kernel's ``dz`` followed by that kernel, with
-    one read of ``grad``, ``x`` and ``residual`` and one write of ``dz`` in
-    place of the ``dz`` kernel's pass (docs/perf-notes/fused-epilogue.md).
-    Float32 and float64 data, ``spec.activation`` ReLU or leaky ReLU.
+    ``dz = grad * act'(z)`` is written into ``dz`` (``dx``'s memory, or the
+    residual's gradient) block by block inside the backward's first pass,
+    which reduces each block while it is in cache; the ``dx`` pass then reads
+    ``dz`` as :func:`channels_last_backward` reads ``dy``.  The values of the
+    inference kernel's ``dz`` followed by that kernel, with the backward's
+    schedule, and one read of ``grad``, ``x`` (and ``residual``) and one
+    write of ``dz`` in place of a pass of their own
+    (docs/perf-notes/fused-epilogue.md).
     """
     spec = KernelSpec(*params[:8])
     zcoef = _cl_given_coefs(x, weight, bias, mean, rstd, spec)
@@ -888,8 +874,8 @@ def channels_last_backward_rectified(
 
 
 @glue
-def _cl_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params, rectifier):
-    """Run the backward kernels' body; ``rectifier`` as :func:`_cl_block_backward_dots`'s."""
+def _cl_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params, epilogue):
+    """Run the backward kernels' body; ``epilogue`` as :func:`_cl_block_backward_dots`'s."""
     spec = KernelSpec(*params[:8])
     schedule = Schedule(*params[8:])
     nc = spec.channels
@@ -900,11 +886,11 @@ def _cl_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params, rectifie
     coef = compute_empty(x, 4 * nc * sets)
     if schedule.strategy == FUSED:
         _cl_backward_fused(
-            dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, rectifier
+            dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, epilogue
         )
     else:
         _cl_backward_split(
-            dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, rectifier
+            dy, x, weight, mean, rstd, dx, work, chan, chan_mean, coef, spec, schedule, epilogue
         )
     if dweight.size > 0 or dbias.size > 0:
         _cl_param_grads(rstd, chan, dweight, dbias, spec, sets)

@@ -2,8 +2,9 @@
 
 Each kernel family has a parallel build and a serial build of the same source
 (:func:`_serial_build`); :data:`KERNELS` maps ``(pass, view, parallel)`` to
-the build, for the Python API, and :func:`run_forward`,
-:func:`run_backward` and the skip add's :func:`run_skip_forward` /
+the build, for the Python API, and :func:`run_forward`, :func:`run_backward`,
+:func:`run_backward_epilogue` (:data:`EPILOGUE_BACKWARD`'s) and the skip add's
+:func:`run_skip_forward` /
 :func:`run_skip_bias_backward` make the same choice inside compiled code, for
 the C ABI's cfuncs (a compiled function cannot index a table of functions).
 :func:`run_batch_stats`, :func:`run_backward_reduce` and
@@ -19,13 +20,12 @@ from .._config import helper
 from .channels_last import (
     channels_last_backward,
     channels_last_backward_apply,
-    channels_last_backward_rectified,
+    channels_last_backward_epilogue,
     channels_last_backward_reduce,
     channels_last_batch_stats,
     channels_last_forward,
     channels_last_inference,
 )
-from .epilogue import LEAKY_RELU, RELU
 from .planes import (
     planes_backward,
     planes_backward_apply,
@@ -91,7 +91,7 @@ planes_backward_serial = _serial_build(planes_backward)
 channels_last_forward_serial = _serial_build(channels_last_forward)
 channels_last_inference_serial = _serial_build(channels_last_inference)
 channels_last_backward_serial = _serial_build(channels_last_backward)
-channels_last_backward_rectified_serial = _serial_build(channels_last_backward_rectified)
+channels_last_backward_epilogue_serial = _serial_build(channels_last_backward_epilogue)
 planes_batch_stats_serial = _serial_build(planes_batch_stats)
 planes_backward_reduce_serial = _serial_build(planes_backward_reduce)
 planes_backward_apply_serial = _serial_build(planes_backward_apply)
@@ -140,25 +140,30 @@ KERNELS = {
     (BACKWARD_APPLY, CHANNELS_LAST_VIEW, 1): channels_last_backward_apply,
 }
 
+#: ``{(view, parallel): kernel}`` of the backward through an activation in one kernel
+#: (:func:`select_epilogue_backward`), with the ``BACKWARD`` schedule: the channels-last view
+#: only (planes of a few dozen elements paid 1.1-1.2x in their plain backward for the
+#: per-block branch; docs/perf-notes/fused-epilogue.md).
+EPILOGUE_BACKWARD = {
+    (CHANNELS_LAST_VIEW, 0): channels_last_backward_epilogue_serial,
+    (CHANNELS_LAST_VIEW, 1): channels_last_backward_epilogue,
+}
+
 
 def select(pass_id, params):
     """Return the kernel of :data:`KERNELS` for a pass and a flat ``spec + schedule`` tuple."""
     return KERNELS[pass_id, params[SPEC_FIELDS], params[SPEC_FIELDS + 2]]
 
 
-def select_rectified_backward(params, itemsize):
-    """Return the kernel of the backward through ``params``' rectifier in one pass, or ``None``.
+def select_epilogue_backward(params):
+    """Return the kernel of the backward through ``params``' epilogue in one kernel, or ``None``.
 
-    ``params`` are a ``BACKWARD`` call's; channels-last float32/float64 data
-    with ReLU or leaky ReLU have :func:`~.channels_last.channels_last_backward_rectified`
-    (its parallel or serial build, as the schedule says), with the same
-    schedule and bits as the ``dz`` pass followed by the backward kernel.
+    ``params`` are a ``BACKWARD`` call's.  The channels-last view has one
+    (:func:`~.channels_last.channels_last_backward_epilogue`; the parallel or
+    serial build, as the schedule says): the values of the inference kernel's
+    ``dz`` followed by the backward kernel, with the backward's schedule.
     """
-    if params[SPEC_FIELDS] != CHANNELS_LAST_VIEW or itemsize == 2 or params[6] not in (RELU, LEAKY_RELU):
-        return None
-    if params[SPEC_FIELDS + 2]:
-        return channels_last_backward_rectified
-    return channels_last_backward_rectified_serial
+    return EPILOGUE_BACKWARD.get((params[SPEC_FIELDS], params[SPEC_FIELDS + 2]))
 
 
 @helper
@@ -216,6 +221,19 @@ def run_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
         channels_last_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
     else:
         channels_last_backward_serial(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
+
+
+@helper
+def run_backward_epilogue(grad, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params):
+    """Run the kernel of :data:`EPILOGUE_BACKWARD` for ``params`` (compiled; the channels-last view)."""
+    if params[10]:
+        channels_last_backward_epilogue(
+            grad, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params
+        )
+    else:
+        channels_last_backward_epilogue_serial(
+            grad, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params
+        )
 
 
 @helper

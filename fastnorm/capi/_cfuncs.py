@@ -245,8 +245,9 @@ def _make_forward(key, pass_id):
 def _make_backward(key):
     """Backward cfunc: the norm's backward on ``dz`` (``dy``, or ``dy * act'(z)`` with an activation).
 
-    ``dz`` comes from the inference kernel's gradient epilogue, as in
-    :func:`fastnorm.backward`.
+    ``dz`` comes from the inference kernel's gradient epilogue, or, on the
+    channels-last view, from the one backward kernel that writes it block by
+    block (``K.run_backward_epilogue``), as in :func:`fastnorm.backward`.
     """
 
     def backward(
@@ -276,8 +277,19 @@ def _make_backward(key):
                 in_place = True
             else:
                 dz = np.empty_like(xa)
-            params = _params(spec, K.INFERENCE, num_threads, xa.itemsize, nw > 0, nb > 0, False)
             ba = _param_in(b, nb, xa, param16)
+            params = _params(spec, K.BACKWARD, num_threads, xa.itemsize, nw > 0, False, in_place)
+            if params[8] == K.CHANNELS_LAST_VIEW:  # the view; one kernel, as core._backward_kernels
+                dwa = _param_out(dw, ndw, xa, param16)
+                dba = _param_out(db, ndb, xa, param16)
+                ra = carray(r, nr)
+                K.run_backward_epilogue(dya, xa, wa, ba, ra, dz, meana, rstda, dxa, dwa, dba, params)
+                _param_store(dw, ndw, xa, param16, dwa)
+                _param_store(db, ndb, xa, param16, dba)
+                if ndr > 0 and dra.ctypes.data != dz.ctypes.data:
+                    dra[:] = dz  # dresidual is dy's memory: the workspace's dz, now that dy is read
+                return 1
+            params = _params(spec, K.INFERENCE, num_threads, xa.itemsize, nw > 0, nb > 0, False)
             K.run_forward(K.INFERENCE, xa, wa, ba, carray(r, nr), dya, dz, meana, rstda, params)
             grad = dz
         elif ndr > 0 and dra.ctypes.data != dya.ctypes.data:
