@@ -51,6 +51,9 @@ KERNEL_VECTOR_LOOPS = {
     # counted in test_vectorized.py); LLVM no longer makes a vectorized version of
     # _cl_param_grads' loop for an empty range of sets, which never runs (13 until then)
     "channels_last_backward": 12,
+    # the backward through an activation: also the inference kernel's block code
+    # (_cl_normalize_block, a compiled call) for each block's dz
+    "channels_last_backward_epilogue": 44,
     "rows_skip_bias_backward": 3,
     # BatchNorm split across processes
     "planes_batch_stats": 4,
@@ -69,6 +72,8 @@ KERNEL_VECTOR_LOOPS_16BIT = {
     "rows_forward_with_skip": 89,  # 11 loops of steps for 12 of LLVM's
     "planes_forward": 28,  # 4 for 6
     "planes_backward": 16,  # 1 for 3
+    # 16-bit blocks keep z stored, then dz over the block: no rectifier-gradient store loops
+    "channels_last_backward_epilogue": 41,
 }
 
 
