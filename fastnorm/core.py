@@ -765,15 +765,15 @@ def _backward_kernels(
     if epilogue is not None:
         bias, residual, dz, has_bias = epilogue
         in_place = in_place or dz is dx
-        kernel, params = _kernel_call(plan, K.BACKWARD, has_weight * 4 + in_place)
+    kernel, params = _kernel_call(plan, K.BACKWARD, has_weight * 4 + in_place)
+    if epilogue is not None:
         one_kernel = K.select_epilogue_backward(params)
         if one_kernel is not None:
             one_kernel(dy, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params)
             return params
-        kernel, params = _kernel_call(plan, K.INFERENCE, has_weight * 4 + has_bias * 2)
-        kernel(x, weight, bias, residual, dy, dz, mean, rstd, params)
+        dz_kernel, dz_params = _kernel_call(plan, K.INFERENCE, has_weight * 4 + has_bias * 2)
+        dz_kernel(x, weight, bias, residual, dy, dz, mean, rstd, dz_params)
         dy = dz
-    kernel, params = _kernel_call(plan, K.BACKWARD, has_weight * 4 + in_place)
     kernel(dy, x, weight, mean, rstd, dx, dweight, dbias, params)
     return params
 

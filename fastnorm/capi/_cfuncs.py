@@ -271,33 +271,29 @@ def _make_backward(key):
             # dz into dresidual; without one, into dx's memory and the backward runs in place
             # there (as fastnorm.backward); a workspace when dresidual is dy's memory, or dx x's or dy's
             if ndr > 0 and dra.ctypes.data != dya.ctypes.data:
-                dz = dra
+                grad = dra
             elif ndr == 0 and not in_place:
-                dz = dxa
+                grad = dxa
                 in_place = True
             else:
-                dz = np.empty_like(xa)
-            ba = _param_in(b, nb, xa, param16)
-            params = _params(spec, K.BACKWARD, num_threads, xa.itemsize, nw > 0, False, in_place)
-            if params[8] == K.CHANNELS_LAST_VIEW:  # the view; one kernel, as core._backward_kernels
-                dwa = _param_out(dw, ndw, xa, param16)
-                dba = _param_out(db, ndb, xa, param16)
-                ra = carray(r, nr)
-                K.run_backward_epilogue(dya, xa, wa, ba, ra, dz, meana, rstda, dxa, dwa, dba, params)
-                _param_store(dw, ndw, xa, param16, dwa)
-                _param_store(db, ndb, xa, param16, dba)
-                if ndr > 0 and dra.ctypes.data != dz.ctypes.data:
-                    dra[:] = dz  # dresidual is dy's memory: the workspace's dz, now that dy is read
-                return 1
-            params = _params(spec, K.INFERENCE, num_threads, xa.itemsize, nw > 0, nb > 0, False)
-            K.run_forward(K.INFERENCE, xa, wa, ba, carray(r, nr), dya, dz, meana, rstda, params)
-            grad = dz
+                grad = np.empty_like(xa)
         elif ndr > 0 and dra.ctypes.data != dya.ctypes.data:
             dra[:] = dya  # dresidual = dy, before dx may overwrite dy
         params = _params(spec, K.BACKWARD, num_threads, xa.itemsize, nw > 0, False, in_place)
         dwa = _param_out(dw, ndw, xa, param16)
         dba = _param_out(db, ndb, xa, param16)
-        K.run_backward(grad, xa, wa, meana, rstda, dxa, dwa, dba, params)
+        # channels-last: dz (grad) written block by block inside the backward (core._backward_kernels)
+        one_kernel = activation != 0 and params[8] == K.CHANNELS_LAST_VIEW
+        if activation != 0:
+            ba = _param_in(b, nb, xa, param16)
+            ra = carray(r, nr)
+            if one_kernel:
+                K.run_backward_epilogue(dya, xa, wa, ba, ra, grad, meana, rstda, dxa, dwa, dba, params)
+            else:
+                dz_params = _params(spec, K.INFERENCE, num_threads, xa.itemsize, nw > 0, nb > 0, False)
+                K.run_forward(K.INFERENCE, xa, wa, ba, ra, dya, grad, meana, rstda, dz_params)
+        if not one_kernel:
+            K.run_backward(grad, xa, wa, meana, rstda, dxa, dwa, dba, params)
         _param_store(dw, ndw, xa, param16, dwa)
         _param_store(db, ndb, xa, param16, dba)
         if ndr > 0 and dra.ctypes.data != grad.ctypes.data and dra.ctypes.data == dya.ctypes.data:
