@@ -757,7 +757,7 @@ def _backward_kernels(
     first ``dz = dy * act'(z)`` into ``dz`` by the inference kernel's
     epilogue, then the norm's backward on ``dz``, in place when ``dz`` is
     ``dx`` (the backward then reads the ``dz`` just written from the lines it
-    writes ``dx`` to).  The channels-last view does both in one kernel with
+    writes ``dx`` to).  The planes and channels-last views do both in one kernel with
     the backward's schedule
     (:func:`~fastnorm._kernels.select_epilogue_backward`), with the same
     values.  :func:`backward` and ``fastnorm.torch``'s prepared passes call it.

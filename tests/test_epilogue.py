@@ -514,20 +514,18 @@ def test_rectifier_gradients_in_the_store_loops_follow_torch(case, layout, act, 
 
 
 _ONE_KERNEL_CASES = [c for c in [*SMALL, *STRATEGIES] if c.per_channel]
-_CL_LAYOUTS = ("cl", "cl_memory")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("act", [a for a in ACTS if a is not None])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("layout", _CL_LAYOUTS)
-@pytest.mark.parametrize("case", _ONE_KERNEL_CASES, ids=str)
+@pytest.mark.parametrize("case, layout", _params(_ONE_KERNEL_CASES))
 def test_one_kernel_backward_through_an_activation_equals_two(
     case, layout, act, with_residual, dtype, monkeypatch
 ):
-    """Channels-last: the backward through an activation in one kernel, bit for bit two.
+    """Planes and channels-last: the backward through an activation in one kernel, bit for bit two.
 
-    ``channels_last_backward_epilogue`` writes
+    ``planes_backward_epilogue`` and ``channels_last_backward_epilogue`` write
     each block's ``dz = dy * act'(z)`` inside the backward's first pass; the
     result must be the inference kernel's ``dz`` followed by the backward
     kernel (the route taken when ``select_epilogue_backward`` names no kernel),

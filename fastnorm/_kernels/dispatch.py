@@ -29,6 +29,7 @@ from .channels_last import (
 from .planes import (
     planes_backward,
     planes_backward_apply,
+    planes_backward_epilogue,
     planes_backward_reduce,
     planes_batch_stats,
     planes_forward,
@@ -88,6 +89,7 @@ rows_skip_bias_backward_serial = _serial_build(rows_skip_bias_backward)
 planes_forward_serial = _serial_build(planes_forward)
 planes_inference_serial = _serial_build(planes_inference)
 planes_backward_serial = _serial_build(planes_backward)
+planes_backward_epilogue_serial = _serial_build(planes_backward_epilogue)
 channels_last_forward_serial = _serial_build(channels_last_forward)
 channels_last_inference_serial = _serial_build(channels_last_inference)
 channels_last_backward_serial = _serial_build(channels_last_backward)
@@ -141,10 +143,12 @@ KERNELS = {
 }
 
 #: ``{(view, parallel): kernel}`` of the backward through an activation in one kernel
-#: (:func:`select_epilogue_backward`), with the ``BACKWARD`` schedule: the channels-last view
-#: only (planes of a few dozen elements paid 1.1-1.2x in their plain backward for the
-#: per-block branch; docs/perf-notes/fused-epilogue.md).
+#: (:func:`select_epilogue_backward`), with the ``BACKWARD`` schedule: the planes and the
+#: channels-last views; rows (LayerNorm, RMSNorm) run the ``dz`` pass, then the backward
+#: (docs/perf-notes/fused-epilogue.md).
 EPILOGUE_BACKWARD = {
+    (PLANES, 0): planes_backward_epilogue_serial,
+    (PLANES, 1): planes_backward_epilogue,
     (CHANNELS_LAST_VIEW, 0): channels_last_backward_epilogue_serial,
     (CHANNELS_LAST_VIEW, 1): channels_last_backward_epilogue,
 }
@@ -158,8 +162,9 @@ def select(pass_id, params):
 def select_epilogue_backward(params):
     """Return the kernel of the backward through ``params``' epilogue in one kernel, or ``None``.
 
-    ``params`` are a ``BACKWARD`` call's.  The channels-last view has one
-    (:func:`~.channels_last.channels_last_backward_epilogue`; the parallel or
+    ``params`` are a ``BACKWARD`` call's.  The planes and channels-last views
+    have one (:func:`~.planes.planes_backward_epilogue`,
+    :func:`~.channels_last.channels_last_backward_epilogue`; the parallel or
     serial build, as the schedule says): the values of the inference kernel's
     ``dz`` followed by the backward kernel, with the backward's schedule.
     """
@@ -225,8 +230,17 @@ def run_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
 
 @helper
 def run_backward_epilogue(grad, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params):
-    """Run the kernel of :data:`EPILOGUE_BACKWARD` for ``params`` (compiled; the channels-last view)."""
-    if params[10]:
+    """Run the kernel of :data:`EPILOGUE_BACKWARD` for ``params`` (compiled; planes or channels-last)."""
+    if params[8] == PLANES:
+        if params[10]:
+            planes_backward_epilogue(
+                grad, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params
+            )
+        else:
+            planes_backward_epilogue_serial(
+                grad, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params
+            )
+    elif params[10]:
         channels_last_backward_epilogue(
             grad, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params
         )

@@ -479,6 +479,17 @@ def _cf_dots_plane(dy, x, work, coef, spec, nblocks, plane, k):
 
 
 @glue
+def _cf_dz_span(x, grad, residual, weight, bias, dz, coef, spec, off, count, k, c):
+    """Write ``dz = grad * act'(z)`` over ``[off, off + count)`` of channel ``c``, group ``k``.
+
+    The inference kernel's code for the span (:func:`_normalize_fused` with
+    ``grad``), with the group's ``coef[4k : 4k+2]`` = (mean or 0, rstd).
+    """
+    scale, shift = _channel_coefs(weight, bias, coef[4 * k + 1], c)
+    _normalize_fused(x, residual, grad, dz, off, count, coef[4 * k], scale, shift, spec)
+
+
+@glue
 def _cf_dx_plane(dy, x, weight, dx, coef, spec, nblocks, plane, k, c):
     """:func:`_cf_dx_block_k` of every block of ``plane``; a one-block plane without the block loop."""
     if nblocks == 1:
@@ -489,23 +500,31 @@ def _cf_dx_plane(dy, x, weight, dx, coef, spec, nblocks, plane, k, c):
 
 
 @glue
-def _planes_backward_fused(dy, x, weight, dx, dweight, dbias, coef, work, spec, schedule):
+def _planes_backward_fused(dy, x, weight, dx, dweight, dbias, coef, work, spec, schedule, epilogue):
     """``FUSED``: one task per tile of groups: dot products, coefficients, then ``dx`` while in cache.
 
     Tiles as in :func:`_planes_forward_fused`; the same bits as the split
     passes.  A BatchNorm tile also writes its channels' ``dweight`` and
-    ``dbias`` (:func:`_channel_param_grads`).
+    ``dbias`` (:func:`_channel_param_grads`).  With an ``epilogue`` (as
+    :func:`_cf_split_dots`'s), the tile's ``dz`` is written first, plane by
+    plane, and its dot products read it from the cache.
     """
     nblocks = schedule.nblocks
     groups = coef.size // 4
     for t in prange((groups + schedule.chunk - 1) // schedule.chunk):
         k0, k1, n0, samples, c0, d = _fused_tile(spec, schedule, t, groups)
         c1 = c0 + (k1 - k0) * d
+        if epilogue is not None:  # the tile's dz, kept in cache for its dot products
+            grad, residual, bias = epilogue
+            for n in range(n0, n0 + samples):
+                for c in range(c0, c1):
+                    off = (n * spec.channels + c) * spec.spatial
+                    k = _tile_group(k0, c0, d, c)
+                    _cf_dz_span(x, grad, residual, weight, bias, dy, coef, spec, off, spec.spatial, k, c)
         for n in range(n0, n0 + samples):
             for c in range(c0, c1):
-                _cf_dots_plane(
-                    dy, x, work, coef, spec, nblocks, n * spec.channels + c, _tile_group(k0, c0, d, c)
-                )
+                k = _tile_group(k0, c0, d, c)
+                _cf_dots_plane(dy, x, work, coef, spec, nblocks, n * spec.channels + c, k)
         for k in range(k0, k1):
             _cf_group_coefs(weight, work, coef, spec, nblocks, k)
         if spec.flags & BATCH:
@@ -518,15 +537,28 @@ def _planes_backward_fused(dy, x, weight, dx, dweight, dbias, coef, work, spec, 
 
 
 @glue
-def _cf_split_dots(dy, x, work, coef, spec, schedule):
-    """Store the dot products of every block in ``work`` (the first pass of :func:`~.schedule.task_count`)."""
+def _cf_split_dots(dy, x, weight, work, coef, spec, schedule, epilogue):
+    """Store the dot products of every block in ``work`` (the first pass of :func:`~.schedule.task_count`).
+
+    ``epilogue``: ``None``, or ``(grad, residual, bias)`` of
+    :func:`planes_backward_epilogue`, and then each block's ``dy`` is first
+    written as ``grad * act'(z)`` (:func:`_cf_dz_span`).  ``None`` is a
+    compile-time constant: the plain backward has no branch per block (one
+    cost 1.1-1.2x on 49-element planes; docs/perf-notes/fused-epilogue.md).
+    """
     nblocks = schedule.nblocks
     tasks, blocks = _cf_tasks(spec, schedule)
     for t in prange(tasks):
         lo, hi = share(t, tasks, blocks)
         plane, b, n, c = _block_position(spec, nblocks, lo)
+        if epilogue is not None:  # unpacked once per task, not per block
+            grad, residual, bias = epilogue
         for _ in range(hi - lo):
-            _cf_dots_block(dy, x, work, coef, spec, nblocks, plane, b, _stat_index(spec, n, c))
+            k = _stat_index(spec, n, c)
+            if epilogue is not None:
+                off, count, _ = _cf_block_span(spec, plane, b)
+                _cf_dz_span(x, grad, residual, weight, bias, dy, coef, spec, off, count, k, c)
+            _cf_dots_block(dy, x, work, coef, spec, nblocks, plane, b, k)
             plane, b, n, c = _next_block(spec, nblocks, plane, b, n, c, 1)
 
 
@@ -544,9 +576,9 @@ def _cf_split_dx(dy, x, weight, dx, coef, spec, schedule):
 
 
 @glue
-def _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule):
+def _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule, epilogue):
     """``SPLIT``: dot products over blocks, coefficients over groups, ``dx`` over blocks."""
-    _cf_split_dots(dy, x, work, coef, spec, schedule)
+    _cf_split_dots(dy, x, weight, work, coef, spec, schedule, epilogue)
     for k in prange(coef.size // 4):
         _cf_group_coefs(weight, work, coef, spec, schedule.nblocks, k)
     _cf_split_dx(dy, x, weight, dx, coef, spec, schedule)
@@ -626,15 +658,36 @@ def planes_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params):
     ``dweight = sum(dy * xhat)``, ``dbias = sum(dy)`` over all but the
     channel.  See ``docs/math.md``.
     """
+    _planes_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params, None)
+
+
+@kernel
+def planes_backward_epilogue(grad, x, weight, bias, residual, dz, mean, rstd, dx, dweight, dbias, params):
+    """Backward pass through ``act(norm(x) (+ residual))`` on an (N, C, S) buffer, in one kernel.
+
+    As :func:`~.channels_last.channels_last_backward_epilogue`: ``dz = grad *
+    act'(z)`` is written into ``dz`` (``dx``'s memory, or the residual's
+    gradient) block by block inside the backward's first pass, which reduces
+    each block while it is in cache; the ``dx`` pass then reads ``dz``.  The
+    values of :func:`planes_inference`'s ``dz`` followed by
+    :func:`planes_backward`, with the backward's schedule
+    (docs/perf-notes/fused-epilogue.md).
+    """
+    _planes_backward(dz, x, weight, mean, rstd, dx, dweight, dbias, params, (grad, residual, bias))
+
+
+@glue
+def _planes_backward(dy, x, weight, mean, rstd, dx, dweight, dbias, params, epilogue):
+    """Run the backward kernels' body; ``epilogue`` as :func:`_cf_split_dots`'s."""
     spec = KernelSpec(*params[:8])
     schedule = Schedule(*params[8:])
     work = np.empty(2 * spec.batch * spec.channels * schedule.nblocks)
     coef = _group_coef_table(mean, rstd, spec)
     fused = schedule.strategy == FUSED
     if fused:
-        _planes_backward_fused(dy, x, weight, dx, dweight, dbias, coef, work, spec, schedule)
+        _planes_backward_fused(dy, x, weight, dx, dweight, dbias, coef, work, spec, schedule, epilogue)
     else:
-        _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule)
+        _planes_backward_split(dy, x, weight, dx, coef, work, spec, schedule, epilogue)
     if (dweight.size > 0 or dbias.size > 0) and not (fused and spec.flags & BATCH):
         _planes_param_grads(work, coef, dweight, dbias, spec, schedule.nblocks)
 
@@ -694,7 +747,7 @@ def planes_backward_reduce(dy, x, mean, rstd, sum_dy, sum_dy_xhat, params):
     schedule = Schedule(*params[8:])
     work = np.empty(2 * spec.batch * spec.channels * schedule.nblocks)
     coef = _group_coef_table(mean, rstd, spec)
-    _cf_split_dots(dy, x, work, coef, spec, schedule)
+    _cf_split_dots(dy, x, x[:0], work, coef, spec, schedule, None)
     _planes_param_grads(work, coef, sum_dy_xhat, sum_dy, spec, schedule.nblocks)
 
 

@@ -245,9 +245,10 @@ def _make_forward(key, pass_id):
 def _make_backward(key):
     """Backward cfunc: the norm's backward on ``dz`` (``dy``, or ``dy * act'(z)`` with an activation).
 
-    ``dz`` comes from the inference kernel's gradient epilogue, or, on the
-    channels-last view, from the one backward kernel that writes it block by
-    block (``K.run_backward_epilogue``), as in :func:`fastnorm.backward`.
+    ``dz`` comes from the inference kernel's gradient epilogue (rows), or, on
+    the planes and channels-last views, from the one backward kernel that
+    writes it block by block (``K.run_backward_epilogue``), as in
+    :func:`fastnorm.backward`.
     """
 
     def backward(
@@ -282,8 +283,9 @@ def _make_backward(key):
         params = _params(spec, K.BACKWARD, num_threads, xa.itemsize, nw > 0, False, in_place)
         dwa = _param_out(dw, ndw, xa, param16)
         dba = _param_out(db, ndb, xa, param16)
-        # channels-last: dz (grad) written block by block inside the backward (core._backward_kernels)
-        one_kernel = activation != 0 and params[8] == K.CHANNELS_LAST_VIEW
+        # planes, channels-last: dz (grad) written block by block inside the backward
+        # (core._backward_kernels)
+        one_kernel = activation != 0 and params[8] != K.ROWS
         if activation != 0:
             ba = _param_in(b, nb, xa, param16)
             ra = carray(r, nr)
