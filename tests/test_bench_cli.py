@@ -956,6 +956,14 @@ def test_half_memcpy_and_floor_move_the_16_bit_bytes():
     workload.floor()
 
 
+def _host_has_avx512_core():
+    from llvmlite import binding
+
+    features = binding.get_host_cpu_features()
+    return all(features.get(f) for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+
+
+@pytest.mark.skipif(not _host_has_avx512_core(), reason="oneDNN's bfloat16 kernels need AVX-512")
 def test_half_onednn_bf16_matches_fastnorm():
     """oneDNN's bfloat16 primitives (f32 scale/shift) compute the same pass as fastnorm's bf16 kernels."""
     ml_dtypes = pytest.importorskip("ml_dtypes")

@@ -343,13 +343,22 @@ def test_affine_loops_are_explicit_vector_code(name, loops, label, storage_type,
     dispatcher.compile(signature)
     ir = dispatcher.inspect_llvm(signature)
     assert len(re.findall(rf"^{label}{_EXPLICIT_LOOP}", ir, re.MULTILINE)) == loops
-    assert "call void @llvm.masked.store" in ir  # LLVM merges the four cases' into one
+    # LLVM merges the four cases' masked stores into one; a 16-bit one only with AVX-512BW
+    # (vmovdqu16): on an AVX2 host LLVM expands it into scalar stores
+    if storage_type not in (types.uint16, types.int16) or _host_features().get("avx512bw"):
+        assert "call void @llvm.masked.store" in ir
     assert f"store <{lanes}>" in ir
     assert not re.search(r"^vector\.body", ir, re.MULTILINE)
     # bfloat16 on a CPU with AVX512-BF16: vcvtneps2bf16 (LLVM's fptrunc to bfloat), the
     # integer rounding behind the subnormal check (tests/test_storage.py checks the bits)
     if storage_type == types.uint16 and storage._has_bf16_instructions(cpu_target.target_context):
         assert "to <16 x bfloat>" in ir and "@llvm.x86.avx512.fpclass.ps.512" in ir
+
+
+def _host_features():
+    from llvmlite import binding
+
+    return binding.get_host_cpu_features()
 
 
 def _convert(src, dst):

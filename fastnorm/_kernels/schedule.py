@@ -27,7 +27,8 @@ __all__ = [
     "CL_FUSED_TILE_ROW_BYTES", "CL_MIN_ROWS", "CL_TILE_BYTES", "CL_TILE_CACHE_BYTES", "CL_TILE_MAX_CHANNELS",
     "CL_TILE_MAX_CHANNELS_CACHED", "COLUMN_TILE", "COLUMN_TILES", "ELEMENTWISE", "FORWARD", "FUSED",
     "FUSE_MIN_GROUPS", "FUSE_SETS_PER_THREAD", "INFERENCE", "MIN_CHANNEL_TILES", "MOMENTS", "ONE_BLOCK",
-    "PER_ELEMENT", "PIPELINED", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_ITEMSIZE", "PIPELINE_MIN_WIDTH",
+    "PER_ELEMENT", "PIPELINED", "PIPELINE_HOST", "PIPELINE_MAX_ROW_BYTES", "PIPELINE_MIN_ITEMSIZE",
+    "PIPELINE_MIN_WIDTH",
     "PLANES", "ROWS", "ROW_CHUNK", "ROW_CHUNKS", "ROW_TASKS", "SERIAL_MAX_ELEMENTS", "SKIP_BIAS_BACKWARD",
     "SKIP_FORWARD", "SPEC_FIELDS", "SPLIT", "STREAM_MIN_BYTES", "TILE_CACHE_BYTES", "KernelSpec", "Schedule",
     "num_stats", "plan_schedule", "schedule_of", "share", "task_count",
@@ -225,6 +226,20 @@ PIPELINE_MAX_ROW_BYTES = 4096
 #: Bytes per element from which the forward pipelines: 16-bit rows run the two loops,
 #: 0.73-0.88x the pipelined time (docs/perf-notes/layernorm-pipelined-forward.md).
 PIPELINE_MIN_ITEMSIZE = 4
+
+
+def _host_has_avx512():
+    """Whether this host has AVX-512 (``avx512f``), read from LLVM's host features."""
+    from llvmlite import binding
+
+    return bool(binding.get_host_cpu_features().get("avx512f"))
+
+
+#: Whether the PIPELINED forward may run on this host: it gives the two loops' bits where
+#: LLVM vectorizes both loops' float64 sums at AVX-512's 8 lanes; on an AVX2 host (4
+#: lanes) their orders differ, and an in-place call (two loops) would not match an
+#: out-of-place one (docs/perf-notes/layernorm-pipelined-forward.md).
+PIPELINE_HOST = _host_has_avx512()
 #: Forward and inference passes whose float32 or float64 output has at least this many
 #: bytes store it with non-temporal stores (x86-64 only), which skip reading each line
 #: before writing it; smaller outputs stay in the cache for the next layer
@@ -361,7 +376,7 @@ def _rows_schedule(spec, pass_id, parallel, nstats, itemsize, has_weight, has_bi
         # The pipelined loop applies a rectifier at most (docs/perf-notes/fused-epilogue.md).
         pipelined = spec.flags & CENTERED and has_weight and has_bias and not in_place
         pipelined = pipelined and spec.activation in (IDENTITY, RELU, LEAKY_RELU)
-        if strategy == ONE_BLOCK and pipelined and PIPELINE_MIN_WIDTH <= width:
+        if strategy == ONE_BLOCK and pipelined and PIPELINE_HOST and PIPELINE_MIN_WIDTH <= width:
             if PIPELINE_MIN_ITEMSIZE <= itemsize and width * itemsize <= PIPELINE_MAX_ROW_BYTES:
                 strategy = PIPELINED
                 chunk = (nstats + ROW_TASKS - 1) // ROW_TASKS
