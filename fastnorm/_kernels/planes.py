@@ -667,8 +667,9 @@ def planes_backward_epilogue(grad, x, weight, bias, residual, dz, mean, rstd, dx
 
     As :func:`~.channels_last.channels_last_backward_epilogue`: ``dz = grad *
     act'(z)`` is written into ``dz`` (``dx``'s memory, or the residual's
-    gradient) block by block inside the backward's first pass, which reduces
-    each block while it is in cache; the ``dx`` pass then reads ``dz``.  The
+    gradient) inside the backward's first pass, per fused tile or per block of
+    a split task, which reduces it while it is in cache; the ``dx`` pass then
+    reads ``dz``.  The
     values of :func:`planes_inference`'s ``dz`` followed by
     :func:`planes_backward`, with the backward's schedule
     (docs/perf-notes/fused-epilogue.md).
